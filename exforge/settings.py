@@ -1,0 +1,130 @@
+"""Settings from `EXFORGE_*` environment variables and an optional `exforge.toml`.
+
+Environment variables win over the TOML file, which wins over the defaults. A service
+whose URL is unset is served by the embedded stack (see `exforge.stack`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "EXFORGE_"
+CONFIG_FILE_ENV = "EXFORGE_CONFIG"
+
+PositiveInt = Annotated[int, Field(gt=0)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+class SettingsError(ValueError):
+    """A setting has an invalid value; the message names the variable."""
+
+
+class Settings(BaseSettings):
+    """Every knob of exforge. Field `foo_bar` is read from `EXFORGE_FOO_BAR`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    data_dir: Path = Field(Path(".data"), description="Pid files, logs, file store, SQLite.")
+    kafka_bootstrap: str | None = Field(
+        None, description="host:port of an external Kafka; unset: embedded Tansu broker."
+    )
+    embedded_kafka_port: Port = Field(19092, description="Port of the embedded broker.")
+    topic_prefix: str = Field("exforge.", description="Prefix of every topic name.")
+    topic_partitions: PositiveInt = Field(4, description="Partitions of each created topic.")
+    store_url: str | None = Field(
+        None, description="file:///path or s3://bucket; unset: file store in the data dir."
+    )
+    s3_endpoint: str | None = Field(None, description="host:port of the S3 endpoint.")
+    s3_access_key: str | None = Field(None, description="S3 access key.")
+    s3_secret_key: str | None = Field(None, description="S3 secret key.")
+    s3_secure: bool = Field(True, description="Use TLS for the S3 endpoint.")
+    s3_region: str | None = Field(None, description="S3 region, if the endpoint needs one.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; unset: SQLite file in the data dir."
+    )
+    triton_url: str | None = Field(None, description="Triton gRPC endpoint (serving).")
+    hex_api_url: str | None = Field(None, description="Hex API base URL (hex source).")
+    hex_repo_url: str | None = Field(None, description="Hex repository base URL.")
+    github_api_url: str | None = Field(None, description="GitHub API base URL.")
+    github_token: str | None = Field(None, description="GitHub token for the GraphQL API.")
+    shard_samples: PositiveInt = Field(512, description="Samples per training shard.")
+    dataset: str = Field("elixir", description="Dataset name used in shard keys.")
+    claim_check_bytes: PositiveInt = Field(
+        64 * 1024, description="Payloads larger than this go to the store, by reference."
+    )
+    idle_seconds: float = Field(
+        3.0, gt=0, description="Quiet time after which a stage counts as idle."
+    )
+    metrics_port: Port = Field(9464, description="Worker Prometheus /metrics port; 0: off.")
+    log_level: str = Field("INFO", description="Log level of the worker and CLI.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = Path(os.environ.get(CONFIG_FILE_ENV, "exforge.toml"))
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_file),
+        )
+
+    @property
+    def root(self) -> Path:
+        return self.data_dir.resolve()
+
+    @property
+    def bootstrap(self) -> str:
+        return self.kafka_bootstrap or f"127.0.0.1:{self.embedded_kafka_port}"
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or (self.root / "store").as_uri()
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.root / 'exforge.db'}"
+
+    @property
+    def worker_group(self) -> str:
+        """Consumer group (and Faust app id) of the stage worker."""
+        return f"{self.topic_prefix}worker"
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_prefix}{name}"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build settings, turning a validation failure into one line naming the variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            problems.append(f"{ENV_PREFIX}{field.upper()}: {error['msg']}")
+        raise SettingsError("; ".join(problems)) from None
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(variable, default, description) for every setting, for docs and `--help`."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else str(field.default)
+        rows.append((f"{ENV_PREFIX}{name.upper()}", default, field.description or ""))
+    return rows

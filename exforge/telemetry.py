@@ -1,0 +1,48 @@
+"""Prometheus metrics of the stage worker; names are referenced by deploy/ (keep in sync)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+MESSAGES_IN = Counter(
+    "exforge_messages_in_total", "Messages consumed by a stage.", ["stage"]
+)
+MESSAGES_OUT = Counter(
+    "exforge_messages_out_total", "Messages produced by a stage.", ["stage", "topic"]
+)
+DLQ_MESSAGES = Counter(
+    "exforge_dlq_messages_total", "Messages a stage sent to the DLQ.", ["stage", "error_class"]
+)
+DROPPED = Counter(
+    "exforge_dropped_total", "Items a stage dropped on purpose, by reason.", ["stage", "reason"]
+)
+STAGE_LATENCY = Histogram(
+    "exforge_stage_latency_seconds",
+    "Time a stage spends on one message.",
+    ["stage"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CONSUMER_LAG = Gauge(
+    "exforge_consumer_lag",
+    "Messages not yet consumed by the worker group.",
+    ["group", "topic", "partition"],
+)
+SHARDS_WRITTEN = Counter(
+    "exforge_shards_written_total", "Training shards sealed.", ["dataset", "stage", "split"]
+)
+
+METRIC_NAMES = (
+    "exforge_messages_in_total",
+    "exforge_messages_out_total",
+    "exforge_dlq_messages_total",
+    "exforge_dropped_total",
+    "exforge_stage_latency_seconds",
+    "exforge_consumer_lag",
+    "exforge_shards_written_total",
+)
+
+
+def serve_metrics(port: int) -> None:
+    """Expose /metrics on all interfaces of `port` (0 disables it)."""
+    if port:
+        start_http_server(port)

@@ -1,0 +1,52 @@
+"""The topic catalogue: every topic exforge uses, its key, its record and its policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from schemas.records import (
+    DeadLetter,
+    InstructionSample,
+    ModelVersionEvent,
+    ParsedFile,
+    RawPackage,
+    Record,
+    SourceRequest,
+    TrainingEvent,
+    TrainingShard,
+)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    key: str
+    value: type[Record]
+    partitions: int | None = None  # None: the `topic_partitions` setting
+    cleanup_policy: Literal["delete", "compact"] = "delete"
+    internal: bool = False  # repartition topics between stages, not for external producers
+
+
+CATALOGUE: tuple[TopicSpec, ...] = (
+    TopicSpec("sources.requests", "source id", SourceRequest),
+    TopicSpec("raw.packages", "source id", RawPackage),
+    TopicSpec(
+        "files.candidates", "sha256 of normalised content", ParsedFile, internal=True
+    ),
+    TopicSpec("parsed.files", "sha256 of normalised content", ParsedFile),
+    TopicSpec("instruction.samples", "sample id", InstructionSample),
+    TopicSpec("training.shards", "dataset/stage", TrainingShard, partitions=1),
+    TopicSpec("training.events", "run id", TrainingEvent),
+    TopicSpec("models.versions", "model name", ModelVersionEvent, partitions=1),
+    TopicSpec("dlq", "original key", DeadLetter),
+)
+
+BY_NAME: dict[str, TopicSpec] = {spec.name: spec for spec in CATALOGUE}
+
+
+def spec(name: str) -> TopicSpec:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown topic {name!r}; known: {', '.join(BY_NAME)}") from None

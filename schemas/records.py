@@ -1,0 +1,240 @@
+"""Topic records: the contract between stages and with external producers.
+
+Every record carries `schema_version`. Values travel as JSON; large payloads travel by
+reference to the object store (claim check) and never inline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_VERSION = 1
+
+SourceKind = Literal["dir", "hex", "github", "book"]
+Sha256 = str
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Record(BaseModel):
+    """Base of all topic records: strict about unknown fields, versioned."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    schema_version: int = Field(SCHEMA_VERSION, ge=1, le=SCHEMA_VERSION)
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Record:
+        return cls.model_validate_json(data)
+
+
+class SourceRequest(Record):
+    """Ask the ingest stage to collect one source."""
+
+    source_id: str = Field(
+        description="e.g. hex:jason@1.4.4, github:owner/repo@sha, book:<sha256>, dir:name@version",
+        pattern=r"^(dir|hex|github|book):.+",
+    )
+    kind: SourceKind
+    name: str = Field(min_length=1)
+    version: str = Field(min_length=1)
+    license: str | None = Field(None, description="Declared license, free text or SPDX id.")
+    archive_key: str | None = Field(
+        None, description="Object-store key of an archive already uploaded (dir, book)."
+    )
+    sha256: Sha256 | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$", description="Expected sha256 of the archive."
+    )
+    url: str | None = Field(None, description="Where to fetch the archive from (hex, github).")
+    options: dict[str, str] = Field(default_factory=dict)
+    requested_at: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _source_id_matches_kind(self) -> SourceRequest:
+        if not self.source_id.startswith(f"{self.kind}:"):
+            raise ValueError(f"source_id {self.source_id!r} does not start with {self.kind}:")
+        return self
+
+
+class RawPackage(Record):
+    """A fetched, checksum-verified archive, stored content-addressed."""
+
+    source_id: str
+    kind: SourceKind
+    name: str
+    version: str
+    license: str | None = None
+    archive_key: str
+    sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=0)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    fetched_at: datetime = Field(default_factory=utcnow)
+
+
+class FunctionInfo(BaseModel):
+    """One function or macro definition (all clauses of one name/arity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    module: str
+    name: str
+    arity: int = Field(ge=0)
+    kind: Literal["def", "defp", "defmacro", "defmacrop"]
+    doc: str | None = None
+    head: str = Field(description="Source of the first clause's head, e.g. `def get(key)`.")
+    source: str = Field(description="Source of every clause of this name/arity.")
+    start_line: int = Field(ge=1)
+    end_line: int = Field(ge=1)
+
+    @property
+    def public(self) -> bool:
+        return self.kind in ("def", "defmacro")
+
+
+class ModuleInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    moduledoc: str | None = None
+    start_line: int = Field(ge=1)
+    end_line: int = Field(ge=1)
+
+
+class ParsedFile(Record):
+    """One kept Elixir file with its analysis; content inline or by reference."""
+
+    sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of normalised content")
+    source_id: str
+    path: str
+    license: str | None = None
+    kind: Literal["elixir_file", "book_segment"] = "elixir_file"
+    content: str | None = Field(None, description="Inline content, when small.")
+    content_ref: str | None = Field(None, description="Object-store key, when large.")
+    size_bytes: int = Field(ge=0)
+    lines: int = Field(ge=0)
+    modules: list[ModuleInfo] = Field(default_factory=list)
+    functions: list[FunctionInfo] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _content_or_ref(self) -> ParsedFile:
+        if (self.content is None) == (self.content_ref is None):
+            raise ValueError("exactly one of content and content_ref must be set")
+        return self
+
+
+class Turn(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    from_: Literal["system", "human", "gpt"] = Field(alias="from")
+    value: str = Field(min_length=1)
+
+
+class SourceRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source_id: str
+    path: str
+    sha256: Sha256
+    start_line: int | None = None
+    end_line: int | None = None
+
+
+class SampleMeta(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(description="Generator that made the sample, e.g. doc_to_code.")
+    stage: int = Field(ge=1, le=3, description="Curriculum stage.")
+    difficulty: int = Field(1, ge=1, le=5)
+    license: str | None = None
+    concepts: list[str] = Field(default_factory=list)
+    source_refs: list[SourceRef] = Field(default_factory=list)
+
+
+class InstructionSample(Record):
+    """A ShareGPT conversation with its provenance; the id is a hash of the content."""
+
+    sample_id: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
+    conversations: list[Turn] = Field(min_length=2)
+    meta: SampleMeta
+
+    @staticmethod
+    def content_id(conversations: list[Turn], kind: str) -> str:
+        """Content hash: the same conversation of the same kind always has the same id."""
+        canonical = json.dumps(
+            [kind, [[t.from_, t.value] for t in conversations]], ensure_ascii=False
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def sharegpt(self) -> dict[str, Any]:
+        """The sample as one ShareGPT JSON object (what shards hold)."""
+        return {
+            "id": self.sample_id,
+            "conversations": [t.model_dump(by_alias=True) for t in self.conversations],
+            "meta": self.meta.model_dump(exclude_none=True),
+        }
+
+
+class TrainingShard(Record):
+    """A sealed shard of samples in the store."""
+
+    dataset: str
+    stage: int = Field(ge=1, le=3)
+    split: Literal["train", "validation"]
+    index: int = Field(ge=0)
+    key: str = Field(description="Object-store key of the .jsonl.zst shard.")
+    manifest_key: str
+    samples: int = Field(ge=0)
+    tokens: int = Field(ge=0, description="Token count (0 until tokenised).")
+    sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the shard object.")
+
+
+class TrainingEvent(Record):
+    run_id: str
+    event: Literal["started", "progress", "stage", "checkpoint", "validation", "finished", "failed"]
+    step: int = Field(0, ge=0)
+    stage: int | None = Field(None, ge=1, le=3)
+    metrics: dict[str, float] = Field(default_factory=dict)
+    checkpoint_key: str | None = None
+    message: str | None = None
+    at: datetime = Field(default_factory=utcnow)
+
+
+class ModelVersionEvent(Record):
+    name: str
+    version: int = Field(ge=1)
+    action: Literal["registered", "promoted", "rolled_back", "retired", "split"]
+    status: Literal["registered", "staging", "production", "retired"]
+    base_model: str | None = None
+    adapter_key: str | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+    at: datetime = Field(default_factory=utcnow)
+
+
+class DeadLetter(Record):
+    """A message a stage could not process, with why and where its bytes are kept."""
+
+    stage: str
+    topic: str
+    partition: int = Field(ge=0)
+    offset: int = Field(ge=0)
+    key: str | None = None
+    error_class: str
+    error_message: str
+    payload_ref: str = Field(description="Object-store key of the original message value.")
+    payload_sha256: Sha256
+    detail: dict[str, str] = Field(default_factory=dict)
+    failed_at: datetime = Field(default_factory=utcnow)
+
+    @property
+    def dead_letter_id(self) -> str:
+        return f"{self.topic}:{self.partition}:{self.offset}"

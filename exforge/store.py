@@ -13,7 +13,7 @@ import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from exforge.settings import Settings
 
@@ -91,21 +91,25 @@ class FileStore(ObjectStore):
     def get(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        if path.is_file():  # a "directory" key is no object: nothing to delete, as on S3
+            path.unlink(missing_ok=True)
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        for path in sorted(self.root.rglob("*")):
+        keys = []
+        for path in self.root.rglob("*"):
             if path.is_file() and not path.name.startswith(".tmp-"):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    yield key
+                    keys.append(key)
+        yield from sorted(keys)  # plain string order, as S3 lists (not Path's per-part order)
 
 
 class S3Store(ObjectStore):
@@ -176,7 +180,7 @@ def open_store(settings: Settings) -> ObjectStore:
     """The store named by `EXFORGE_STORE_URL` (default: files under the data dir)."""
     url = urlparse(settings.resolved_store_url)
     if url.scheme == "file":
-        return FileStore(Path(url.path))
+        return FileStore(Path(unquote(url.path)))
     if url.scheme == "s3":
         if not settings.s3_endpoint:
             raise StoreError("EXFORGE_STORE_URL is s3://… but EXFORGE_S3_ENDPOINT is unset")

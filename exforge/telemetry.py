@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-MESSAGES_IN = Counter(
-    "exforge_messages_in_total", "Messages consumed by a stage.", ["stage"]
-)
+MESSAGES_IN = Counter("exforge_messages_in_total", "Messages consumed by a stage.", ["stage"])
 MESSAGES_OUT = Counter(
     "exforge_messages_out_total", "Messages produced by a stage.", ["stage", "topic"]
 )

@@ -31,9 +31,7 @@ class TopicSpec:
 CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("sources.requests", "source id", SourceRequest),
     TopicSpec("raw.packages", "source id", RawPackage),
-    TopicSpec(
-        "files.candidates", "sha256 of normalised content", ParsedFile, internal=True
-    ),
+    TopicSpec("files.candidates", "sha256 of normalised content", ParsedFile, internal=True),
     TopicSpec("parsed.files", "sha256 of normalised content", ParsedFile),
     TopicSpec("instruction.samples", "sample id", InstructionSample),
     TopicSpec("training.shards", "dataset/stage", TrainingShard, partitions=1),
@@ -41,6 +39,15 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("models.versions", "model name", ModelVersionEvent, partitions=1),
     TopicSpec("dlq", "original key", DeadLetter),
 )
+
+# Stage agent → the topic it consumes (all in the worker's consumer group).
+STAGE_INPUTS: dict[str, str] = {
+    "ingest": "sources.requests",
+    "parse": "raw.packages",
+    "dedup": "files.candidates",
+    "instruct": "parsed.files",
+    "shard": "instruction.samples",
+}
 
 BY_NAME: dict[str, TopicSpec] = {spec.name: spec for spec in CATALOGUE}
 

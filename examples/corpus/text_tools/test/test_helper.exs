@@ -1,0 +1,2 @@
+# Doctests run from the individual test files via `doctest`.
+ExUnit.start()

@@ -1,0 +1,395 @@
+"""The `exforge` command line (Typer + rich). Every command that reads state takes --json."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from exforge import __version__
+from exforge.settings import Settings, SettingsError, describe_settings, load_settings
+
+app = typer.Typer(
+    help="exforge: collect Elixir, turn it into training data, fine-tune, serve, evaluate.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+stack_app = typer.Typer(help="Start, check and stop the embedded stack.", no_args_is_help=True)
+topics_app = typer.Typer(help="The catalogue topics.", no_args_is_help=True)
+ingest_app = typer.Typer(help="Ask the pipeline to collect sources.", no_args_is_help=True)
+dlq_app = typer.Typer(help="Dead letters: what failed, why, and replay.", no_args_is_help=True)
+dataset_app = typer.Typer(help="The training data the pipeline produced.", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+app.add_typer(topics_app, name="topics")
+app.add_typer(ingest_app, name="ingest")
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(dataset_app, name="dataset")
+
+console = Console()
+errors = Console(stderr=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        errors.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    view = Table(title=title)
+    for column in columns:
+        view.add_column(column)
+    for row in rows:
+        view.add_row(*("" if cell is None else str(cell) for cell in row))
+    console.print(view)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        console.print(f"exforge {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True)
+    ] = False,
+) -> None:
+    """exforge: teach a code LLM Elixir. Settings come from EXFORGE_* variables and
+    exforge.toml; `exforge settings` lists them."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@app.command("settings")
+def settings_command(as_json: JsonFlag = False) -> None:
+    """List every setting with its current value and default."""
+    current = settings().model_dump(mode="json")
+    rows = [
+        [var, current[var.removeprefix("EXFORGE_").lower()], default, doc]
+        for var, default, doc in describe_settings()
+    ]
+    for row in rows:
+        if "SECRET" in row[0] or "TOKEN" in row[0]:
+            row[1] = "***" if row[1] else None
+    if as_json:
+        emit_json({row[0]: {"value": row[1], "default": row[2]} for row in rows})
+    else:
+        table("settings", ["variable", "value", "default", "meaning"], rows)
+
+
+# ----------------------------------------------------------------------------- stack
+
+
+def print_parts(parts: list[Any], as_json: bool) -> None:
+    if as_json:
+        emit_json({part.name: part.as_dict() for part in parts})
+        return
+    table(
+        "stack",
+        ["part", "healthy", "embedded", "endpoint", "detail"],
+        [[p.name, "yes" if p.healthy else "NO", p.embedded, p.endpoint, p.detail] for p in parts],
+    )
+
+
+@stack_app.command("up")
+def stack_up(as_json: JsonFlag = False) -> None:
+    """Start the embedded broker (unless EXFORGE_KAFKA_BOOTSTRAP is set), create the
+    topics, prepare the store and the database."""
+    from exforge import stack
+
+    try:
+        parts = stack.up(settings())
+    except stack.StackError as exc:
+        raise fail(str(exc)) from None
+    print_parts(parts, as_json)
+    if not all(part.healthy for part in parts):
+        raise typer.Exit(1)
+
+
+@stack_app.command("status")
+def stack_status(as_json: JsonFlag = False) -> None:
+    """Prove each part with a real request: Metadata, store put/get/delete, SELECT 1."""
+    from exforge import stack
+
+    parts = stack.status(settings())
+    print_parts(parts, as_json)
+    if not all(part.healthy for part in parts):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop the embedded broker (its in-memory topics go with it)."""
+    from exforge import stack
+
+    stopped = stack.down(settings())
+    console.print("embedded broker stopped" if stopped else "no embedded broker was running")
+
+
+# ---------------------------------------------------------------------------- topics
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create the catalogue topics that do not exist yet."""
+    from exforge.kafka import create_topics
+
+    created = asyncio.run(create_topics(settings()))
+    console.print(
+        f"created {len(created)} topic(s)" + (": " + ", ".join(created) if created else "")
+    )
+
+
+@topics_app.command("list")
+def topics_list(as_json: JsonFlag = False) -> None:
+    """The catalogue with each topic's partitions on the broker."""
+    from exforge.kafka import list_topics, topic_name
+    from schemas.catalogue import CATALOGUE
+
+    config = settings()
+    present = asyncio.run(list_topics(config))
+    rows = []
+    for spec in CATALOGUE:
+        name = topic_name(config, spec)
+        rows.append(
+            {
+                "topic": name,
+                "key": spec.key,
+                "value": spec.value.__name__,
+                "partitions": present.get(name),
+                "internal": spec.internal,
+            }
+        )
+    if as_json:
+        emit_json(rows)
+    else:
+        table("topics", list(rows[0]), [list(r.values()) for r in rows])
+
+
+# ---------------------------------------------------------------------------- ingest
+
+
+@ingest_app.command("dir")
+def ingest_dir(
+    path: Annotated[Path, typer.Argument(help="A Mix project directory.")],
+    name: Annotated[str | None, typer.Option(help="Package name (default: from mix.exs).")] = None,
+    version: Annotated[str | None, typer.Option(help="Version (default: from mix.exs).")] = None,
+    license: Annotated[
+        str | None, typer.Option(help="License (default: from mix.exs package licenses).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Pack a local Mix project into the store and request its ingestion."""
+    from exforge.kafka import produce
+    from exforge.store import open_store
+    from streams.sources.local import NotAProject, upload_directory
+
+    config = settings()
+    try:
+        request = upload_directory(open_store(config), path, name, version, license)
+    except NotAProject as exc:
+        raise fail(str(exc), 2) from None
+    asyncio.run(produce(config, "sources.requests", [(request.source_id, request)]))
+    summary = {
+        "source_id": request.source_id,
+        "archive_key": request.archive_key,
+        "sha256": request.sha256,
+        "license": request.license,
+    }
+    if as_json:
+        emit_json(summary)
+    else:
+        console.print(f"requested [bold]{request.source_id}[/] ({request.archive_key})")
+
+
+# ---------------------------------------------------------------------------- worker
+
+
+@app.command("worker")
+def worker(
+    stages: Annotated[
+        str, typer.Option(help="Comma-separated stages to run: ingest,parse,instruct,shard.")
+    ] = "ingest,parse,instruct,shard",
+    until_idle: Annotated[
+        bool, typer.Option("--until-idle", help="Exit 0 once the pipeline is idle.")
+    ] = False,
+) -> None:
+    """Run the Faust stage worker."""
+    from streams.worker import run_worker
+
+    config = settings()
+    chosen = [s.strip() for s in stages.split(",") if s.strip()]
+    try:
+        code = run_worker(config, chosen, until_idle)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    raise typer.Exit(code)
+
+
+# ------------------------------------------------------------------------ lag and DLQ
+
+
+@app.command("lag")
+def lag(as_json: JsonFlag = False) -> None:
+    """Committed offset, end offset and lag per consumer group, topic and partition."""
+    from exforge.kafka import consumer_lag
+
+    rows = asyncio.run(consumer_lag(settings()))
+    data = [
+        {
+            "group": r.group,
+            "topic": r.topic,
+            "partition": r.partition,
+            "committed": r.committed,
+            "end": r.end,
+            "lag": r.lag,
+        }
+        for r in rows
+    ]
+    if as_json:
+        emit_json(data)
+    else:
+        table(
+            "consumer lag",
+            ["group", "topic", "partition", "committed", "end", "lag"],
+            [list(r.values()) for r in data],
+        )
+
+
+@dlq_app.command("list")
+def dlq_list(as_json: JsonFlag = False) -> None:
+    """Every dead letter: where it came from, which stage failed, and why."""
+    from exforge.dlq import list_dead_letters
+
+    entries = asyncio.run(list_dead_letters(settings()))
+    if as_json:
+        emit_json([{"id": e.offset, **e.letter.model_dump(mode="json")} for e in entries])
+        return
+    table(
+        f"dead letters ({len(entries)})",
+        ["id", "stage", "from", "key", "error", "message", "detail"],
+        [
+            [
+                e.offset,
+                e.letter.stage,
+                e.letter.dead_letter_id,
+                e.letter.key,
+                e.letter.error_class,
+                e.letter.error_message,
+                ", ".join(f"{k}={v}" for k, v in e.letter.detail.items()),
+            ]
+            for e in entries
+        ],
+    )
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: Annotated[
+        list[str] | None, typer.Argument(help="DLQ ids (partition:offset) from `dlq list`.")
+    ] = None,
+    stage: Annotated[str | None, typer.Option(help="Only letters of this stage.")] = None,
+    error_class: Annotated[str | None, typer.Option(help="Only this error class.")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+) -> None:
+    """Send the original messages back to their topics (processing is idempotent)."""
+    from exforge.dlq import list_dead_letters, replay, select_letters
+    from exforge.store import open_store
+
+    if not (ids or stage or error_class or all_):
+        raise fail("say what to replay: ids, --stage, --error-class or --all", 2)
+    config = settings()
+    entries = asyncio.run(list_dead_letters(config))
+    chosen = select_letters(entries, ids or (), stage, error_class)
+    unknown = set(ids or ()) - {e.offset for e in entries}
+    if unknown:
+        raise fail(f"no dead letter with id {', '.join(sorted(unknown))}", 2)
+    count = asyncio.run(replay(config, open_store(config), chosen))
+    console.print(f"replayed {count} message(s)")
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+@dataset_app.command("stats")
+def dataset_stats(as_json: JsonFlag = False) -> None:
+    """Packages, files kept and dropped (by reason), samples, shards."""
+    from exforge.dataset import stats
+    from exforge.db import open_database
+
+    data = stats(open_database(settings()))
+    if as_json:
+        emit_json(data)
+        return
+    files, samples, shards = data["files"], data["samples"], data["shards"]
+    rows = [
+        ["packages", data["packages"]],
+        ["files seen", files["seen"]],
+        ["files kept", files["kept"]],
+        *[[f"  dropped: {reason}", n] for reason, n in files["dropped_by_reason"].items()],
+        ["samples", samples["total"]],
+        *[[f"  kind: {kind}", n] for kind, n in samples["by_kind"].items()],
+        *[[f"  split: {split}", n] for split, n in samples["by_split"].items()],
+        ["samples pending", samples["pending"]],
+        ["shards", shards["total"]],
+        ["samples in shards", shards["samples"]],
+    ]
+    table("dataset", ["what", "count"], rows)
+
+
+# ---------------------------------------------------------------------------- doctor
+
+
+@app.command("doctor")
+def doctor(as_json: JsonFlag = False) -> None:
+    """Dependency versions, GPU or CPU fallback, Elixir, and reachability of each service."""
+    from exforge.doctor import diagnose
+
+    report = diagnose(settings())
+    if as_json:
+        emit_json(report)
+    else:
+        table(
+            "versions",
+            ["package", "version"],
+            [[k, v or "not installed"] for k, v in report["versions"].items()],
+        )
+        accel = report["accelerator"]
+        console.print(f"accelerator: {accel['device']} {accel.get('detail', '')}")
+        table(
+            "checks",
+            ["check", "ok", "detail", "fix"],
+            [
+                [c["name"], "yes" if c["ok"] else "NO", c["detail"], c["fix"]]
+                for c in report["checks"]
+            ],
+        )
+    if not report["healthy"]:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,146 @@
+"""The ledger database (SQLAlchemy 2, Alembic migrations): what each stage has recorded.
+
+Rows are keyed by content or by source position, so a redelivered message rewrites the
+same row: counts stay exact under at-least-once delivery.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    DateTime,
+    Engine,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from exforge.settings import Settings
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Package(Base):
+    """A source archive the ingest stage verified and passed on."""
+
+    __tablename__ = "packages"
+
+    source_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str] = mapped_column(String(256))
+    version: Mapped[str] = mapped_column(String(128))
+    license: Mapped[str | None] = mapped_column(String(256))
+    archive_key: Mapped[str] = mapped_column(String(1024))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class FileOutcome(Base):
+    """What became of one file of one package: kept, or dropped with a reason."""
+
+    __tablename__ = "file_outcomes"
+
+    source_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    path: Mapped[str] = mapped_column(String(1024), primary_key=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), index=True)
+    kept: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Sample(Base):
+    """An instruction sample staged for sharding; `shard_index` is set once sealed."""
+
+    __tablename__ = "samples"
+
+    sample_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(128))
+    stage: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[str] = mapped_column(Text)
+    shard_index: Mapped[int | None] = mapped_column(Integer, index=True)
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Shard(Base):
+    """A sealed shard; `published` once its `TrainingShard` event reached the broker."""
+
+    __tablename__ = "shards"
+    __table_args__ = (UniqueConstraint("dataset", "stage", "split", "shard_index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    dataset: Mapped[str] = mapped_column(String(128))
+    stage: Mapped[int] = mapped_column(Integer)
+    split: Mapped[str] = mapped_column(String(16))
+    shard_index: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(1024))
+    samples: Mapped[int] = mapped_column(Integer)
+    tokens: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    published: Mapped[bool] = mapped_column(Boolean, default=False)
+    sealed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+def alembic_config(url: str) -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own is deferred).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers go on while the worker writes; busy_timeout queues writers.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # IMMEDIATE takes the write lock up front: two workers sealing shards serialise
+    # instead of both reading the same pending rows (PostgreSQL uses FOR UPDATE).
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@cache
+def engine_for(url: str) -> Engine:
+    """One engine per URL per process, migrated to the latest schema."""
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+    with engine.begin() as connection:
+        config = alembic_config(url)
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+    return engine
+
+
+def open_database(settings: Settings) -> Engine:
+    return engine_for(settings.resolved_database_url)

@@ -1,0 +1,197 @@
+"""Kafka plumbing shared by the CLI and the worker: topics, producing, reading, lag."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+from exforge.settings import Settings
+from schemas.catalogue import CATALOGUE, STAGE_INPUTS, TopicSpec
+from schemas.records import Record
+
+CLIENT_ID = "exforge"
+REQUEST_TIMEOUT_MS = 15_000
+
+
+def topic_name(settings: Settings, spec: TopicSpec | str) -> str:
+    return settings.topic(spec if isinstance(spec, str) else spec.name)
+
+
+@asynccontextmanager
+async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.bootstrap,
+        client_id=CLIENT_ID,
+        request_timeout_ms=REQUEST_TIMEOUT_MS,
+    )
+    await admin.start()
+    try:
+        yield admin
+    finally:
+        await admin.close()
+
+
+@asynccontextmanager
+async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
+    # Tansu rejects InitProducerId, so idempotence stays off; effects are idempotent instead.
+    client = AIOKafkaProducer(
+        bootstrap_servers=settings.bootstrap,
+        client_id=CLIENT_ID,
+        enable_idempotence=False,
+        acks="all",
+        max_request_size=8 * 1024 * 1024,
+        request_timeout_ms=REQUEST_TIMEOUT_MS,
+    )
+    await client.start()
+    try:
+        yield client
+    finally:
+        await client.stop()
+
+
+async def produce(
+    settings: Settings, topic: str, items: Iterable[tuple[str, Record | bytes]]
+) -> int:
+    """Send (key, record) pairs to a catalogue topic and wait until the broker has them."""
+    count = 0
+    async with producer(settings) as client:
+        for key, value in items:
+            data = value if isinstance(value, bytes) else value.to_bytes()
+            await client.send_and_wait(topic_name(settings, topic), data, key=key.encode())
+            count += 1
+    return count
+
+
+async def create_topics(settings: Settings) -> list[str]:
+    """Create the catalogue topics that are missing; return the names created."""
+    async with admin_client(settings) as admin:
+        existing = set(await admin.list_topics())
+        missing = [
+            NewTopic(
+                topic_name(settings, spec),
+                spec.partitions or settings.topic_partitions,
+                1,
+                topic_configs={"cleanup.policy": spec.cleanup_policy},
+            )
+            for spec in CATALOGUE
+            if topic_name(settings, spec) not in existing
+        ]
+        if missing:
+            response = await admin.create_topics(missing)
+            errors = [
+                f"{name}: {message or code}"
+                for name, code, message in response.topic_errors
+                if code not in (0, 36)  # 36: TOPIC_ALREADY_EXISTS (a racing creator)
+            ]
+            if errors:
+                raise RuntimeError("could not create topics: " + "; ".join(errors))
+        return [topic.name for topic in missing]
+
+
+async def list_topics(settings: Settings) -> dict[str, int]:
+    """Topic name → partition count, for the topics under the configured prefix."""
+    async with metadata_consumer(settings) as consumer:
+        return {
+            topic: len(consumer.partitions_for_topic(topic) or ())
+            for topic in sorted(await consumer.topics())
+            if topic.startswith(settings.topic_prefix)
+        }
+
+
+@asynccontextmanager
+async def metadata_consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        client_id=CLIENT_ID,
+        enable_auto_commit=False,
+        request_timeout_ms=REQUEST_TIMEOUT_MS,
+    )
+    await consumer.start()
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def read_all(settings: Settings, topic: str) -> list[ConsumerRecord]:
+    """Every record of a catalogue topic, from the beginning to the current end."""
+    name = topic_name(settings, topic)
+    async with metadata_consumer(settings) as consumer:
+        partitions = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
+        if not partitions:
+            return []
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        ends = await consumer.end_offsets(partitions)
+        records: list[ConsumerRecord] = []
+        remaining = {tp for tp in partitions if ends[tp] > 0}
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=1000)
+            for tp, messages in batch.items():
+                records.extend(m for m in messages if m.offset < ends[tp])
+                if await consumer.position(tp) >= ends[tp]:
+                    remaining.discard(tp)
+        return sorted(records, key=lambda r: (r.partition, r.offset))
+
+
+@dataclass(frozen=True)
+class LagRow:
+    group: str
+    topic: str
+    partition: int
+    committed: int | None
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return self.end - (self.committed or 0)
+
+
+async def consumer_lag(settings: Settings, groups: Iterable[str] | None = None) -> list[LagRow]:
+    """Committed offset, end offset and lag per group/topic/partition of exforge topics."""
+    async with admin_client(settings) as admin, metadata_consumer(settings) as consumer:
+        if groups is None:
+            listed = await admin.list_consumer_groups()
+            groups = sorted(g for g, *_ in listed if g.startswith(settings.topic_prefix))
+        topics = [t for t in await consumer.topics() if t.startswith(settings.topic_prefix)]
+        partitions = [
+            TopicPartition(t, p) for t in sorted(topics) for p in consumer.partitions_for_topic(t)
+        ]
+        ends = await consumer.end_offsets(partitions) if partitions else {}
+        rows: list[LagRow] = []
+        for group in groups:
+            # The broker here answers OffsetFetch only with explicit partitions.
+            offsets = await admin.list_consumer_group_offsets(group, partitions=partitions)
+            for tp in partitions:
+                meta = offsets.get(tp)
+                committed = meta.offset if meta is not None and meta.offset >= 0 else None
+                if committed is None and ends[tp] == 0:
+                    continue
+                if committed is None and not _group_reads(group, tp.topic, settings):
+                    continue
+                rows.append(LagRow(group, tp.topic, tp.partition, committed, ends[tp]))
+        return rows
+
+
+def _group_reads(group: str, topic: str, settings: Settings) -> bool:
+    """Whether an uncommitted partition counts as lag for this group (the worker reads
+    every stage input; other groups only what they committed on)."""
+    return group == settings.worker_group and topic in {
+        topic_name(settings, name) for name in STAGE_INPUTS.values()
+    }
+
+
+async def ping(settings: Settings, timeout: float = 5.0) -> int:
+    """A real Metadata request; returns the number of brokers."""
+
+    async def _metadata() -> int:
+        async with metadata_consumer(settings) as consumer:
+            await consumer.topics()
+            return len(consumer._client.cluster.brokers())
+
+    return await asyncio.wait_for(_metadata(), timeout)

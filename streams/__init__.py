@@ -1,0 +1,1 @@
+"""The stream stages: Faust agents between the catalogue topics, and their pure logic."""

@@ -1,0 +1,514 @@
+"""Elixir syntax analysis on tree-sitter-elixir: modules, functions and their docs.
+
+Pure functions, no I/O. `analyse` parses a file once and reads modules (`defmodule`,
+`defprotocol`, `defimpl`), their `@moduledoc`, and the functions and macros defined
+directly in each module body (plus inside top-level `if`/`unless` blocks of that body),
+grouped by (name, arity, kind) with the `@doc` that precedes the first clause.
+
+Conventions:
+
+* Line numbers are 1-based and inclusive.
+* `FunctionInfo.source` is the text of every clause, each de-indented by the column its
+  `def` starts at, joined with a blank line; `head` is de-indented the same way.
+* Docs are the string values Elixir would store: heredocs lose the indentation of their
+  closing delimiter and keep their final newline; escapes are processed except in
+  uppercase sigils (`~S`). `@doc false`, a missing doc and a doc that is not a literal
+  give None; an interpolated doc is kept with its `#{...}` source text.
+* Definitions whose name is computed (`def unquote(name)(x)`) are skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass, field
+
+import tree_sitter_elixir
+from tree_sitter import Language, Node, Parser, Query, QueryCursor
+
+from schemas.records import FunctionInfo, ModuleInfo
+
+__all__ = ["LANGUAGE", "FileAnalysis", "analyse", "normalise"]
+
+LANGUAGE: Language = Language(tree_sitter_elixir.language())
+
+_MODULE_QUERY: Query = Query(
+    LANGUAGE,
+    '(call target: (identifier) @kw (#any-of? @kw "defmodule" "defprotocol" "defimpl")) @mod',
+)
+
+_DEF_KINDS: frozenset[str] = frozenset({"def", "defp", "defmacro", "defmacrop"})
+_CONDITIONALS: frozenset[str] = frozenset({"if", "unless"})
+_SKIPPED_STATEMENTS: frozenset[str] = frozenset({"comment"})
+_STRING_TYPES: frozenset[str] = frozenset({"string", "charlist"})
+_HEREDOC_DELIMITERS: frozenset[str] = frozenset({'"""', "'''"})
+_DOC_SIGILS: frozenset[str] = frozenset({"S", "s"})
+
+_local = threading.local()
+
+
+def _parser() -> Parser:
+    """One parser per thread (parsers are not thread-safe); the language is shared."""
+    parser: Parser | None = getattr(_local, "parser", None)
+    if parser is None:
+        parser = Parser(LANGUAGE)
+        _local.parser = parser
+    return parser
+
+
+@dataclass(frozen=True)
+class FileAnalysis:
+    modules: list[ModuleInfo] = field(default_factory=list)
+    functions: list[FunctionInfo] = field(default_factory=list)
+    has_errors: bool = False
+    lines: int = 0
+
+
+def normalise(source: str) -> str:
+    """Canonical text for exact-duplicate hashing.
+
+    `\\r\\n` and `\\r` become `\\n`, a leading byte-order mark is dropped, trailing
+    whitespace is stripped from every line, leading and trailing blank lines are removed
+    and the result ends with exactly one newline ("" when nothing is left).
+    """
+    text = source.replace("\r\n", "\n").replace("\r", "\n")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    lines = [line.rstrip() for line in text.split("\n")]
+    start = 0
+    end = len(lines)
+    while start < end and not lines[start]:
+        start += 1
+    while end > start and not lines[end - 1]:
+        end -= 1
+    if start == end:
+        return ""
+    return "\n".join(lines[start:end]) + "\n"
+
+
+def analyse(source: str) -> FileAnalysis:
+    """Parse one Elixir file and extract its modules and functions."""
+    data = source.encode("utf-8", "surrogatepass")
+    tree = _parser().parse(data)
+    root = tree.root_node
+    lines = source.count("\n") + (1 if source and not source.endswith("\n") else 0)
+    modules, functions = _Extractor(data).run(root)
+    return FileAnalysis(
+        modules=modules, functions=functions, has_errors=root.has_error, lines=lines
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _arguments(call: Node) -> Node | None:
+    for child in call.children:
+        if child.type == "arguments":
+            return child
+    return None
+
+
+def _first_named(node: Node) -> Node | None:
+    for child in node.named_children:
+        if child.type not in _SKIPPED_STATEMENTS:
+            return child
+    return None
+
+
+def _statements(node: Node) -> list[Node]:
+    """The statements of a `do_block`/`else_block`/parenthesised block (comments dropped)."""
+    return [
+        child
+        for child in node.named_children
+        if child.type not in _SKIPPED_STATEMENTS and not child.type.endswith("_block")
+    ]
+
+
+def _keyword_value(args: Node, key: str) -> Node | None:
+    """The value of `key:` in the trailing keyword list of call arguments."""
+    for child in args.named_children:
+        if child.type != "keywords":
+            continue
+        for pair in child.named_children:
+            if pair.type != "pair":
+                continue
+            key_node = pair.child_by_field_name("key")
+            if key_node is not None and key_node.text is not None:
+                if key_node.text.rstrip().rstrip(b":").decode() == key:
+                    return pair.child_by_field_name("value")
+    return None
+
+
+def _dedent_heredoc(raw: str) -> str:
+    """Elixir's heredoc rule: drop the opening line, strip up to the closing indentation."""
+    lines = raw.split("\n")
+    if len(lines) < 2:
+        return raw
+    closing = lines[-1].rstrip("\r")
+    indent = len(closing) if not closing.strip(" \t") else 0
+    out: list[str] = []
+    for line in lines[1:-1]:
+        line = line.removesuffix("\r")
+        if indent:
+            lead = len(line) - len(line.lstrip(" \t"))
+            line = line[min(lead, indent) :]
+        out.append(line)
+        out.append("\n")
+    return "".join(out)
+
+
+_ESCAPE = re.compile(
+    r"\\(x\{[0-9a-fA-F]+\}|x[0-9a-fA-F]{1,2}|u\{[0-9a-fA-F]+\}|u[0-9a-fA-F]{4}|\r?\n|.)",
+    re.DOTALL,
+)
+_SIMPLE_ESCAPES: dict[str, str] = {
+    "a": "\a",
+    "b": "\b",
+    "d": "\x7f",
+    "e": "\x1b",
+    "f": "\f",
+    "n": "\n",
+    "r": "\r",
+    "s": " ",
+    "t": "\t",
+    "v": "\v",
+    "0": "\0",
+}
+
+
+def _escape_value(match: re.Match[str]) -> str:
+    esc = match.group(1)
+    if len(esc) > 1 and esc[0] in "xu":
+        digits = esc[1:].strip("{}")
+        try:
+            return chr(int(digits, 16))
+        except (ValueError, OverflowError):
+            return esc
+    if esc in ("\n", "\r\n"):
+        return ""  # line continuation
+    return _SIMPLE_ESCAPES.get(esc, esc)
+
+
+def _unescape(text: str) -> str:
+    return _ESCAPE.sub(_escape_value, text) if "\\" in text else text
+
+
+def _dedent_block(text: str, indent: int) -> str:
+    """Strip up to `indent` leading blanks from every line but the first."""
+    if not indent or "\n" not in text:
+        return text
+    lines = text.split("\n")
+    for i in range(1, len(lines)):
+        line = lines[i]
+        lead = len(line) - len(line.lstrip(" \t"))
+        if lead:
+            lines[i] = line[min(lead, indent) :]
+    return "\n".join(lines)
+
+
+def _signature(head: Node) -> tuple[str, int] | None:
+    """(name, arity) of a definition head; None when the name is computed."""
+    node: Node | None = head
+    while node is not None and node.type == "binary_operator":
+        op = node.child_by_field_name("operator")
+        if op is None or op.type != "when":
+            break
+        node = node.child_by_field_name("left")
+    if node is None:
+        return None
+    kind = node.type
+    name: str | None = None
+    arity = 0
+    if kind == "call":
+        target = node.child_by_field_name("target")
+        if target is None or target.type != "identifier" or target.text is None:
+            return None
+        name = target.text.decode()
+        args = _arguments(node)
+        if args is not None:
+            arity = sum(1 for c in args.named_children if c.type not in _SKIPPED_STATEMENTS)
+    elif kind == "identifier":
+        name = node.text.decode() if node.text is not None else None
+    elif kind in ("binary_operator", "unary_operator"):
+        op = node.child_by_field_name("operator")
+        name = op.type if op is not None else None
+        arity = 2 if kind == "binary_operator" else 1
+    if not name or name.startswith("unquote"):
+        return None
+    return name, arity
+
+
+def _clean_alias(text: str) -> str:
+    return "".join(text.split())
+
+
+def _strip_elixir_prefix(name: str) -> str:
+    return name[7:] if name.startswith("Elixir.") else name
+
+
+@dataclass
+class _Group:
+    module: str
+    name: str
+    arity: int
+    kind: str
+    doc: str | None
+    head: str
+    sources: list[str]
+    start_line: int
+    end_line: int
+    start_byte: int
+
+
+class _Extractor:
+    """Walks one parsed file; holds the source bytes for slicing."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def text(self, start: int, end: int) -> str:
+        return self.data[start:end].decode("utf-8", "replace")
+
+    def node_text(self, node: Node) -> str:
+        return self.text(node.start_byte, node.end_byte)
+
+    # ---------------------------------------------------------------- modules
+
+    def run(self, root: Node) -> tuple[list[ModuleInfo], list[FunctionInfo]]:
+        found = QueryCursor(_MODULE_QUERY).captures(root).get("mod", [])
+        found.sort(key=lambda n: n.start_byte)
+        modules: list[ModuleInfo] = []
+        groups: list[_Group] = []
+        stack: list[tuple[int, str]] = []  # (end_byte, full name) of enclosing modules
+        seen: set[int] = set()
+        for node in found:
+            if node.start_byte in seen:  # defensive: one call, one module
+                continue
+            seen.add(node.start_byte)
+            while stack and stack[-1][0] <= node.start_byte:
+                stack.pop()
+            parent = stack[-1][1] if stack else None
+            target = node.child_by_field_name("target")
+            args = _arguments(node)
+            if target is None or target.text is None or args is None:
+                continue
+            name = self.module_name(target.text.decode(), args, parent)
+            if name is None:
+                continue
+            body = self.module_body(node, args)
+            moduledoc = self.collect(body, name, groups)
+            modules.append(
+                ModuleInfo(
+                    name=name,
+                    moduledoc=moduledoc,
+                    start_line=node.start_point.row + 1,
+                    end_line=node.end_point.row + 1,
+                )
+            )
+            stack.append((node.end_byte, name))
+        groups.sort(key=lambda g: g.start_byte)
+        functions = [
+            FunctionInfo(
+                module=g.module,
+                name=g.name,
+                arity=g.arity,
+                kind=g.kind,  # type: ignore[arg-type]
+                doc=g.doc,
+                head=g.head,
+                source="\n\n".join(g.sources),
+                start_line=g.start_line,
+                end_line=g.end_line,
+            )
+            for g in groups
+        ]
+        return modules, functions
+
+    def alias_name(self, node: Node, parent: str | None) -> str | None:
+        """An alias-like expression as an absolute module name (no nesting applied)."""
+        kind = node.type
+        if kind == "alias":
+            return _strip_elixir_prefix(_clean_alias(self.node_text(node)))
+        if kind == "identifier" and node.text == b"__MODULE__":
+            return parent
+        if kind == "dot":
+            left = node.child_by_field_name("left")
+            right = node.child_by_field_name("right")
+            if (
+                left is not None
+                and right is not None
+                and left.text == b"__MODULE__"
+                and right.type == "alias"
+            ):
+                if parent is None:
+                    return None
+                return f"{parent}.{_clean_alias(self.node_text(right))}"
+        if kind == "atom":
+            return _strip_elixir_prefix(self.node_text(node)[1:])
+        if kind == "quoted_atom":
+            content = [c for c in node.named_children if c.type == "quoted_content"]
+            return _strip_elixir_prefix("".join(self.node_text(c) for c in content))
+        text = self.node_text(node).strip()
+        return text or None
+
+    def module_name(self, keyword: str, args: Node, parent: str | None) -> str | None:
+        first = _first_named(args)
+        if first is None or first.type == "keywords":
+            return None
+        if keyword == "defimpl":
+            protocol = self.alias_name(first, parent)
+            target = _keyword_value(args, "for")
+            impl_for = parent if target is None else self.alias_name(target, parent)
+            if protocol is None:
+                return None
+            return f"{protocol}.{impl_for}" if impl_for else protocol
+        if first.type == "alias" and parent is not None:
+            alias = _clean_alias(self.node_text(first))
+            if not alias.startswith("Elixir."):
+                return f"{parent}.{alias}"
+        return self.alias_name(first, parent)
+
+    def module_body(self, call: Node, args: Node) -> list[Node]:
+        for child in call.children:
+            if child.type == "do_block":
+                return _statements(child)
+        value = _keyword_value(args, "do")
+        if value is None:
+            return []
+        if value.type == "block":
+            return _statements(value)
+        return [value]
+
+    # -------------------------------------------------------------- functions
+
+    def collect(self, statements: list[Node], module: str, groups: list[_Group]) -> str | None:
+        """Record the definitions among `statements`; return the module's `@moduledoc`."""
+        by_key: dict[tuple[str, int, str], _Group] = {}
+        state: dict[str, str | None] = {"doc": None, "moduledoc": None}
+        self._statements(statements, module, by_key, groups, state)
+        return state["moduledoc"]
+
+    def _statements(
+        self,
+        statements: list[Node],
+        module: str,
+        by_key: dict[tuple[str, int, str], _Group],
+        groups: list[_Group],
+        state: dict[str, str | None],
+    ) -> None:
+        for stmt in statements:
+            kind = stmt.type
+            if kind == "unary_operator":
+                self._attribute(stmt, state)
+                continue
+            if kind != "call":
+                continue
+            target = stmt.child_by_field_name("target")
+            if target is None or target.type != "identifier" or target.text is None:
+                continue
+            keyword = target.text.decode()
+            if keyword in _DEF_KINDS or keyword == "defdelegate":
+                doc = state["doc"]
+                state["doc"] = None
+                self._clause(stmt, keyword, module, doc, by_key, groups)
+            elif keyword in _CONDITIONALS:
+                for child in stmt.children:
+                    if child.type == "do_block":
+                        self._statements(_statements(child), module, by_key, groups, state)
+                        for sub in child.children:
+                            if sub.type == "else_block":
+                                self._statements(_statements(sub), module, by_key, groups, state)
+            elif keyword.startswith("def"):
+                state["doc"] = None
+
+    def _attribute(self, stmt: Node, state: dict[str, str | None]) -> None:
+        operator = stmt.child_by_field_name("operator")
+        operand = stmt.child_by_field_name("operand")
+        if operator is None or operator.type != "@" or operand is None:
+            return
+        if operand.type != "call":
+            return
+        target = operand.child_by_field_name("target")
+        if target is None or target.type != "identifier":
+            return
+        name = target.text
+        if name not in (b"doc", b"moduledoc"):
+            return
+        args = _arguments(operand)
+        value = _first_named(args) if args is not None else None
+        if value is None or value.type in ("keywords", "list"):
+            return  # metadata such as `@doc since: "1.2"` leaves the doc alone
+        key = "doc" if name == b"doc" else "moduledoc"
+        state[key] = self.literal(value)
+
+    def literal(self, node: Node) -> str | None:
+        """The value of a string, charlist or `~S`/`~s` sigil literal; None otherwise."""
+        kind = node.type
+        raw_mode = False
+        if kind == "sigil":
+            sigil_name = next((c for c in node.children if c.type == "sigil_name"), None)
+            if sigil_name is None or sigil_name.text is None:
+                return None
+            letter = sigil_name.text.decode()
+            if letter not in _DOC_SIGILS:
+                return None
+            raw_mode = letter.isupper()
+        elif kind not in _STRING_TYPES:
+            return None
+        start = node.child_by_field_name("quoted_start")
+        end = node.child_by_field_name("quoted_end")
+        if start is None or end is None or end.is_missing:
+            return None
+        value = self.text(start.end_byte, end.start_byte)
+        if start.text is not None and start.text.decode() in _HEREDOC_DELIMITERS:
+            value = _dedent_heredoc(value)
+        return value if raw_mode else _unescape(value)
+
+    def _clause(
+        self,
+        stmt: Node,
+        keyword: str,
+        module: str,
+        doc: str | None,
+        by_key: dict[tuple[str, int, str], _Group],
+        groups: list[_Group],
+    ) -> None:
+        args = _arguments(stmt)
+        head_node = _first_named(args) if args is not None else None
+        if head_node is None or head_node.type == "keywords":
+            return
+        signature = _signature(head_node)
+        if signature is None:
+            return
+        name, arity = signature
+        kind = "def" if keyword == "defdelegate" else keyword
+        # Start at the beginning of the line when only blanks precede the clause, and
+        # de-indent by that many columns.
+        start = stmt.start_byte
+        column = stmt.start_point.column
+        indent = 0
+        if column and not self.data[start - column : start].strip(b" \t"):
+            indent = column
+        source = _dedent_block(self.text(start, stmt.end_byte), indent)
+        key = (name, arity, kind)
+        group = by_key.get(key)
+        if group is None:
+            head = _dedent_block(self.text(start, head_node.end_byte), indent)
+            group = _Group(
+                module=module,
+                name=name,
+                arity=arity,
+                kind=kind,
+                doc=doc,
+                head=head,
+                sources=[source],
+                start_line=stmt.start_point.row + 1,
+                end_line=stmt.end_point.row + 1,
+                start_byte=start,
+            )
+            by_key[key] = group
+            groups.append(group)
+        else:
+            group.sources.append(source)
+            group.end_line = max(group.end_line, stmt.end_point.row + 1)

@@ -1,0 +1,1 @@
+"""Sources: where archives come from (local Mix projects here; Hex, GitHub, books later)."""

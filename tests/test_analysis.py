@@ -1,0 +1,712 @@
+"""Tests for streams.elixir.analysis, checked against Elixir's own parser where possible."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from schemas.records import FunctionInfo
+from streams.elixir import FileAnalysis, analyse, normalise
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = sorted((REPO / "examples" / "corpus").glob("**/*.ex"))
+
+
+def fn(result: FileAnalysis, name: str, arity: int, module: str | None = None) -> FunctionInfo:
+    found = [
+        f
+        for f in result.functions
+        if f.name == name and f.arity == arity and (module is None or f.module == module)
+    ]
+    assert len(found) == 1, (name, arity, module, result.functions)
+    return found[0]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+NESTED = """\
+defmodule Outer do
+  @moduledoc "The outer module."
+
+  def outer_fun(a), do: a
+
+  defmodule Inner do
+    @moduledoc false
+
+    def inner_fun, do: :inner
+
+    defmodule Deep do
+      def deep(x, y), do: {x, y}
+    end
+  end
+
+  defmodule __MODULE__.Sub do
+    def sub, do: :sub
+  end
+
+  def after_inner(b), do: b
+end
+
+defmodule Other.Top do
+  def top, do: 1
+end
+"""
+
+MULTI_CLAUSE = """\
+defmodule Math do
+  @doc "Factorial."
+  def fact(0), do: 1
+
+  def fact(n) when n > 0 do
+    n * fact(n - 1)
+  end
+
+  def fact(n, acc), do: fact(n - 1, acc * n)
+
+  defp helper([]), do: []
+  defp helper([h | t]), do: [h | helper(t)]
+end
+"""
+
+GUARDS = """\
+defmodule Guards do
+  def kind(x) when is_integer(x), do: :int
+  def kind(x) when is_float(x) when x > 1.0, do: :float
+  def kind(_), do: :other
+
+  def positive?(x) when is_number(x) and x > 0 do
+    true
+  end
+
+  defmacro is_even(value) when is_integer(value) do
+    quote do: rem(unquote(value), 2) == 0
+  end
+end
+"""
+
+DEFAULTS = """\
+defmodule Cache do
+  @doc "Fetch a key."
+  def get(cache, key, default \\\\ nil)
+
+  def get(cache, key, default) when is_map(cache) do
+    Map.get(cache, key, default)
+  end
+
+  def get(_cache, _key, default), do: default
+
+  def put(cache, key, value \\\\ true, opts \\\\ []), do: {cache, key, value, opts}
+end
+"""
+
+ZERO_ARITY = """\
+defmodule Zero do
+  def keyword_form, do: :kw
+
+  def block_form do
+    :block
+  end
+
+  def empty_parens() do
+    :parens
+  end
+
+  defp private_zero, do: :p
+end
+"""
+
+DOCS = """\
+defmodule Documented do
+  @moduledoc \"\"\"
+  Module docs.
+
+      indented example
+  \"\"\"
+
+  @doc \"\"\"
+    Keeps extra indentation.
+  Base line.
+  \"\"\"
+  def heredoc, do: 1
+
+  @doc ~S\"\"\"
+  Raw: no \\\\escapes\\n here, #{not_interpolated}.
+  \"\"\"
+  def sigil_doc, do: 2
+
+  @doc "Escapes: \\"quoted\\" and a\\ttab."
+  def escaped, do: 3
+
+  @doc false
+  def hidden, do: 4
+
+  @doc "Spec in between."
+  @spec with_spec(integer()) :: integer()
+  @impl true
+  # a comment
+  @decorate cacheable()
+  def with_spec(x), do: x
+
+  @doc "Lost: another definition comes first."
+  defstruct [:a]
+  def after_struct, do: 5
+
+  @doc "Only the first clause counts."
+  def multi(1), do: 1
+  @doc "Ignored for a later clause."
+  def multi(n), do: n
+
+  @doc since: "1.2.0"
+  @doc "Metadata keeps the doc."
+  def with_meta, do: 6
+
+  @doc "Consumed by a."
+  def a, do: 1
+  def b, do: 2
+end
+"""
+
+MACROS = """\
+defmodule Macros do
+  @doc "A public macro."
+  defmacro my_if(condition, do: block) do
+    quote do
+      if unquote(condition), do: unquote(block)
+    end
+  end
+
+  defmacrop secret(x), do: x
+
+  defp private_fun(a, b), do: a + b
+
+  @doc "Delegated."
+  defdelegate size(map), to: Kernel, as: :map_size
+  defdelegate fetch(map, key, default \\\\ nil), to: Map
+
+  def unquote(:dynamic)(x), do: x
+
+  def left <~> right, do: {left, right}
+
+  defmacro __using__(_opts) do
+    quote do
+      def injected, do: :not_a_function_of_macros
+    end
+  end
+end
+"""
+
+UNICODE = """\
+defmodule Unicode do
+  @moduledoc "Ceci n'est pas une pipe — 日本語."
+
+  @doc "Grüße, 世界! 🎉"
+  def greet(name \\\\ "wörld") do
+    "héllo " <> name <> " ✓"
+  end
+
+  def après(x), do: {:ok, "日本", x}
+end
+"""
+
+PROTOCOLS = """\
+defprotocol Size do
+  @doc "Size of data."
+  def size(data)
+end
+
+defimpl Size, for: BitString do
+  def size(string), do: byte_size(string)
+end
+
+defmodule Shape do
+  defstruct [:w, :h]
+
+  defimpl Size do
+    def size(%{w: w, h: h}), do: w * h
+  end
+
+  if Code.ensure_loaded?(Jason) do
+    def to_json(shape), do: Jason.encode!(shape)
+  else
+    def to_json(_shape), do: nil
+  end
+end
+"""
+
+KEYWORD_MODULE = """\
+defmodule Tiny, do: (def one, do: 1; def two(x), do: x)
+
+defmodule TestCase do
+  def test_fun do
+    defmodule Local do
+      def local, do: :ok
+    end
+  end
+end
+"""
+
+BROKEN = """\
+defmodule Broken do
+  def ok(x), do: x
+
+  def broken(x do
+    x +
+  end
+"""
+
+FIXTURES: dict[str, str] = {
+    "nested": NESTED,
+    "multi_clause": MULTI_CLAUSE,
+    "guards": GUARDS,
+    "defaults": DEFAULTS,
+    "zero_arity": ZERO_ARITY,
+    "docs": DOCS,
+    "macros": MACROS,
+    "unicode": UNICODE,
+    "protocols": PROTOCOLS,
+    "keyword_module": KEYWORD_MODULE,
+}
+
+
+# ------------------------------------------------------------------------------ tests
+
+
+def test_nested_modules() -> None:
+    result = analyse(NESTED)
+    assert [(m.name, m.start_line, m.end_line) for m in result.modules] == [
+        ("Outer", 1, 21),
+        ("Outer.Inner", 6, 14),
+        ("Outer.Inner.Deep", 11, 13),
+        ("Outer.Sub", 16, 18),
+        ("Other.Top", 23, 25),
+    ]
+    docs = {m.name: m.moduledoc for m in result.modules}
+    assert docs["Outer"] == "The outer module."
+    assert docs["Outer.Inner"] is None
+    owners = {(f.name, f.arity): f.module for f in result.functions}
+    assert owners == {
+        ("outer_fun", 1): "Outer",
+        ("inner_fun", 0): "Outer.Inner",
+        ("deep", 2): "Outer.Inner.Deep",
+        ("sub", 0): "Outer.Sub",
+        ("after_inner", 1): "Outer",
+        ("top", 0): "Other.Top",
+    }
+    assert not result.has_errors
+    assert result.lines == 25
+
+
+def test_multi_clause_grouping() -> None:
+    result = analyse(MULTI_CLAUSE)
+    fact = fn(result, "fact", 1)
+    assert fact.kind == "def"
+    assert fact.doc == "Factorial."
+    assert fact.head == "def fact(0)"
+    assert (fact.start_line, fact.end_line) == (3, 7)
+    assert fact.source == (
+        "def fact(0), do: 1\n\ndef fact(n) when n > 0 do\n  n * fact(n - 1)\nend"
+    )
+    fact2 = fn(result, "fact", 2)
+    assert fact2.doc is None
+    assert (fact2.start_line, fact2.end_line) == (9, 9)
+    helper = fn(result, "helper", 1)
+    assert helper.kind == "defp"
+    assert not helper.public
+    assert helper.source.count("defp helper") == 2
+    assert (helper.start_line, helper.end_line) == (11, 12)
+    assert [(f.name, f.arity) for f in result.functions] == [
+        ("fact", 1),
+        ("fact", 2),
+        ("helper", 1),
+    ]
+
+
+def test_guards() -> None:
+    result = analyse(GUARDS)
+    kind = fn(result, "kind", 1)
+    assert kind.head == "def kind(x) when is_integer(x)"
+    assert kind.source.count("def kind(") == 3
+    positive = fn(result, "positive?", 1)
+    assert positive.head == "def positive?(x) when is_number(x) and x > 0"
+    assert (positive.start_line, positive.end_line) == (6, 8)
+    even = fn(result, "is_even", 1)
+    assert even.kind == "defmacro"
+    assert even.public
+
+
+def test_default_args() -> None:
+    result = analyse(DEFAULTS)
+    get = fn(result, "get", 3)
+    assert get.head == "def get(cache, key, default \\\\ nil)"
+    assert get.doc == "Fetch a key."
+    assert (get.start_line, get.end_line) == (3, 9)
+    assert get.source.startswith("def get(cache, key, default \\\\ nil)\n\ndef get(cache, key")
+    put = fn(result, "put", 4)
+    assert put.head == "def put(cache, key, value \\\\ true, opts \\\\ [])"
+    assert len(result.functions) == 2
+
+
+def test_zero_arity_forms() -> None:
+    result = analyse(ZERO_ARITY)
+    keyword = fn(result, "keyword_form", 0)
+    assert keyword.head == "def keyword_form"
+    assert keyword.source == "def keyword_form, do: :kw"
+    block = fn(result, "block_form", 0)
+    assert block.head == "def block_form"
+    assert block.source == "def block_form do\n  :block\nend"
+    assert (block.start_line, block.end_line) == (4, 6)
+    assert fn(result, "empty_parens", 0).head == "def empty_parens()"
+    assert fn(result, "private_zero", 0).kind == "defp"
+
+
+def test_docs() -> None:
+    result = analyse(DOCS)
+    assert result.modules[0].moduledoc == "Module docs.\n\n    indented example\n"
+    assert fn(result, "heredoc", 0).doc == "  Keeps extra indentation.\nBase line.\n"
+    assert fn(result, "sigil_doc", 0).doc == (
+        "Raw: no \\\\escapes\\n here, #{not_interpolated}.\n"
+    )
+    assert fn(result, "escaped", 0).doc == 'Escapes: "quoted" and a\ttab.'
+    assert fn(result, "hidden", 0).doc is None
+    assert fn(result, "with_spec", 1).doc == "Spec in between."
+    assert fn(result, "after_struct", 0).doc is None
+    assert fn(result, "multi", 1).doc == "Only the first clause counts."
+    assert fn(result, "with_meta", 0).doc == "Metadata keeps the doc."
+    assert fn(result, "a", 0).doc == "Consumed by a."
+    assert fn(result, "b", 0).doc is None
+
+
+def test_macros_private_and_delegates() -> None:
+    result = analyse(MACROS)
+    my_if = fn(result, "my_if", 2)
+    assert my_if.kind == "defmacro"
+    assert my_if.doc == "A public macro."
+    assert my_if.head == "defmacro my_if(condition, do: block)"
+    assert fn(result, "secret", 1).kind == "defmacrop"
+    assert fn(result, "private_fun", 2).kind == "defp"
+    size = fn(result, "size", 1)
+    assert size.kind == "def"
+    assert size.public
+    assert size.doc == "Delegated."
+    assert size.head == "defdelegate size(map)"
+    assert size.source == "defdelegate size(map), to: Kernel, as: :map_size"
+    assert fn(result, "fetch", 3).kind == "def"
+    assert fn(result, "<~>", 2).head == "def left <~> right"
+    names = {f.name for f in result.functions}
+    assert "injected" not in names  # inside a quote in a macro body
+    assert not any(n.startswith("unquote") for n in names)
+    assert fn(result, "__using__", 1).kind == "defmacro"
+
+
+def test_non_ascii() -> None:
+    result = analyse(UNICODE)
+    assert result.modules[0].name == "Unicode"
+    assert result.modules[0].moduledoc == "Ceci n'est pas une pipe — 日本語."
+    greet = fn(result, "greet", 1)
+    assert greet.doc == "Grüße, 世界! 🎉"
+    assert greet.head == 'def greet(name \\\\ "wörld")'
+    assert greet.source == 'def greet(name \\\\ "wörld") do\n  "héllo " <> name <> " ✓"\nend'
+    assert (greet.start_line, greet.end_line) == (5, 7)
+    apres = fn(result, "après", 1)
+    assert apres.source == 'def après(x), do: {:ok, "日本", x}'
+    assert apres.start_line == 9
+
+
+def test_protocols_impls_and_conditionals() -> None:
+    result = analyse(PROTOCOLS)
+    assert [m.name for m in result.modules] == ["Size", "Size.BitString", "Shape", "Size.Shape"]
+    assert fn(result, "size", 1, "Size").doc == "Size of data."
+    assert fn(result, "size", 1, "Size").source == "def size(data)"
+    assert fn(result, "size", 1, "Size.BitString").source.startswith("def size(string)")
+    assert fn(result, "size", 1, "Size.Shape").module == "Size.Shape"
+    to_json = fn(result, "to_json", 1, "Shape")
+    assert to_json.source.count("def to_json") == 2
+
+
+def test_keyword_module_and_module_in_function() -> None:
+    result = analyse(KEYWORD_MODULE)
+    assert [m.name for m in result.modules] == ["Tiny", "TestCase", "TestCase.Local"]
+    assert fn(result, "one", 0).module == "Tiny"
+    assert fn(result, "two", 1).module == "Tiny"
+    assert fn(result, "local", 0).module == "TestCase.Local"
+    assert fn(result, "test_fun", 0).module == "TestCase"
+
+
+def test_syntax_error() -> None:
+    result = analyse(BROKEN)
+    assert result.has_errors
+    assert result.lines == 6
+    for fixture in FIXTURES.values():
+        assert not analyse(fixture).has_errors
+
+
+def test_empty_and_moduleless() -> None:
+    assert analyse("") == FileAnalysis(modules=[], functions=[], has_errors=False, lines=0)
+    result = analyse("def loose(x), do: x\nIO.puts(:hi)")
+    assert result.functions == []
+    assert result.lines == 2
+
+
+def test_crlf_heredoc() -> None:
+    source = DOCS.replace("\n", "\r\n")
+    result = analyse(source)
+    assert result.modules[0].moduledoc == "Module docs.\n\n    indented example\n"
+    assert fn(result, "a", 0).doc == "Consumed by a."
+
+
+def test_normalise() -> None:
+    assert normalise("\r\n\n  \ndefmodule A do  \r\n  def f, do: 1\t\rend\n\n\n") == (
+        "defmodule A do\n  def f, do: 1\nend\n"
+    )
+    assert normalise("x") == "x\n"
+    assert normalise(" \n\t\n") == ""
+    assert normalise("\ufeffa\n") == "a\n"
+    assert normalise(normalise(NESTED)) == normalise(NESTED) == NESTED
+
+
+# ------------------------------------------------------- comparison with Elixir itself
+
+ELIXIR_PROBE = r"""
+defmodule Probe do
+  @defs [:def, :defp, :defmacro, :defmacrop]
+  @mods [:defmodule, :defprotocol, :defimpl]
+
+  def main(paths) do
+    paths |> Enum.with_index() |> Enum.each(fn {path, idx} -> file(path, idx) end)
+  end
+
+  defp file(path, idx) do
+    case Code.string_to_quoted(File.read!(path), token_metadata: true) do
+      {:ok, ast} -> walk(ast, nil, idx)
+      {:error, _} -> out(["E", idx])
+    end
+  end
+
+  defp out(fields), do: IO.puts(Enum.join(fields, "\t"))
+
+  defp walk({form, meta, [first | rest]}, parent, idx) when form in @mods do
+    case mod_name(form, first, rest, parent) do
+      nil ->
+        walk(rest, parent, idx)
+
+      name ->
+        st = stmts(kw(rest)[:do]) |> loop(name, idx, %{doc: nil, moduledoc: nil})
+        end_line = get_in(meta, [:end, :line]) || "?"
+        out(["M", idx, name, meta[:line], end_line, enc(st.moduledoc)])
+        walk(rest, name, idx)
+    end
+  end
+
+  defp walk({a, _, c}, p, idx) do
+    walk(a, p, idx)
+    if is_list(c), do: walk(c, p, idx)
+  end
+
+  defp walk({a, b}, p, idx), do: (walk(a, p, idx); walk(b, p, idx))
+  defp walk(l, p, idx) when is_list(l), do: Enum.each(l, &walk(&1, p, idx))
+  defp walk(_, _, _), do: :ok
+
+  defp kw(rest) do
+    Enum.flat_map(rest, fn l -> if is_list(l) and Keyword.keyword?(l), do: l, else: [] end)
+  end
+
+  defp stmts({:__block__, _, l}) when is_list(l), do: l
+  defp stmts(nil), do: []
+  defp stmts(x), do: [x]
+
+  defp mod_name(:defimpl, proto, rest, parent) do
+    p = alias_name(proto, parent)
+    f = case Keyword.fetch(kw(rest), :for) do
+      {:ok, v} -> alias_name(v, parent)
+      :error -> parent
+    end
+    cond do
+      p == nil -> nil
+      f -> p <> "." <> f
+      true -> p
+    end
+  end
+
+  defp mod_name(_, {:__aliases__, _, [h | _] = parts}, _rest, parent)
+       when is_atom(h) and h != Elixir and parent != nil do
+    parent <> "." <> Enum.join(parts, ".")
+  end
+
+  defp mod_name(_, a, _rest, parent), do: alias_name(a, parent)
+
+  defp alias_name({:__aliases__, _, [{:__MODULE__, _, _} | rest]}, parent),
+    do: parent && Enum.join([parent | rest], ".")
+
+  defp alias_name({:__aliases__, _, parts} = a, _) do
+    if Enum.all?(parts, &is_atom/1), do: strip(Enum.join(parts, ".")), else: Macro.to_string(a)
+  end
+
+  defp alias_name({:__MODULE__, _, c}, parent) when is_atom(c), do: parent
+  defp alias_name(a, _) when is_atom(a), do: strip(Atom.to_string(a))
+  defp alias_name(other, _), do: Macro.to_string(other)
+
+  defp strip("Elixir." <> rest), do: rest
+  defp strip(s), do: s
+
+  defp loop(list, mod, idx, st), do: Enum.reduce(list, st, &stmt(&1, mod, idx, &2))
+
+  defp stmt({:@, _, [{name, _, [val]}]}, _mod, _idx, st) when name in [:doc, :moduledoc] do
+    if is_list(val) and Keyword.keyword?(val), do: st, else: Map.put(st, name, doc_value(val))
+  end
+
+  defp stmt({kind, meta, [head | _]}, mod, idx, st) when kind in @defs or kind == :defdelegate do
+    k = if kind == :defdelegate, do: :def, else: kind
+    case sig(head) do
+      {name, arity} -> out(["F", idx, mod, k, name, arity, meta[:line], enc(st.doc)])
+      nil -> :ok
+    end
+    %{st | doc: nil}
+  end
+
+  defp stmt({c, _, [_cond, opts]}, mod, idx, st) when c in [:if, :unless] and is_list(opts) do
+    if Keyword.keyword?(opts) do
+      st = loop(stmts(opts[:do]), mod, idx, st)
+      loop(stmts(opts[:else]), mod, idx, st)
+    else
+      st
+    end
+  end
+
+  defp stmt({name, _, args}, _mod, _idx, st) when is_atom(name) and is_list(args) do
+    if String.starts_with?(Atom.to_string(name), "def"), do: %{st | doc: nil}, else: st
+  end
+
+  defp stmt(_, _, _, st), do: st
+
+  defp doc_value(false), do: nil
+  defp doc_value(b) when is_binary(b), do: b
+  defp doc_value({:sigil_S, _, [{:<<>>, _, [b]}, []]}) when is_binary(b), do: b
+  defp doc_value({:sigil_s, _, [{:<<>>, _, [b]}, []]}) when is_binary(b),
+    do: Macro.unescape_string(b)
+  defp doc_value(_), do: :unknown
+
+  defp sig({:when, _, [h | _]}), do: sig(h)
+  defp sig({name, _, args}) when is_atom(name) and is_list(args), do: check(name, length(args))
+  defp sig({name, _, ctx}) when is_atom(name) and is_atom(ctx), do: check(name, 0)
+  defp sig(_), do: nil
+
+  defp check(name, arity) do
+    s = Atom.to_string(name)
+    if String.starts_with?(s, "unquote"), do: nil, else: {s, arity}
+  end
+
+  defp enc(nil), do: "-"
+  defp enc(:unknown), do: "?"
+  defp enc(b), do: "b" <> Base.encode16(b)
+end
+
+Probe.main(System.argv())
+"""
+
+Key = tuple[str, str, str, int]
+
+
+class ElixirView:
+    """What Elixir's parser says about one file."""
+
+    def __init__(self) -> None:
+        self.error = False
+        self.modules: list[tuple[str, int, int | None, str | None]] = []
+        self.functions: dict[Key, tuple[int, str | None]] = {}
+        self.unknown_docs: set[Key | str] = set()
+
+
+def _decode(field: str) -> str | None:
+    return None if field == "-" else bytes.fromhex(field[1:]).decode()
+
+
+def elixir_views(paths: list[Path]) -> list[ElixirView]:
+    """Run Elixir's own parser (`Code.string_to_quoted/2`) over `paths` in one VM."""
+    elixir = shutil.which("elixir")
+    assert elixir is not None, "the `elixir` executable is required (installed in CI)"
+    proc = subprocess.run(
+        [elixir, "-e", ELIXIR_PROBE, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=True,
+    )
+    views = [ElixirView() for _ in paths]
+    for line in proc.stdout.splitlines():
+        fields = line.split("\t")
+        view = views[int(fields[1])]
+        if fields[0] == "E":
+            view.error = True
+        elif fields[0] == "M":
+            name, start, end, doc = fields[2], int(fields[3]), fields[4], fields[5]
+            if doc == "?":
+                view.unknown_docs.add(name)
+            view.modules.append(
+                (name, start, None if end == "?" else int(end), None if doc == "?" else _decode(doc))
+            )
+        elif fields[0] == "F":
+            module, kind, name, arity, start, doc = fields[2:8]
+            key = (module, kind, name, int(arity))
+            if key in view.functions and view.functions[key][0] <= int(start):
+                continue
+            if doc == "?":
+                view.unknown_docs.add(key)
+            view.functions[key] = (int(start), None if doc == "?" else _decode(doc))
+    return views
+
+
+def tree_sitter_view(result: FileAnalysis, unknown: set[Key | str]) -> ElixirView:
+    view = ElixirView()
+    for m in result.modules:
+        doc = None if m.name in unknown else m.moduledoc
+        view.modules.append((m.name, m.start_line, m.end_line, doc))
+    for f in result.functions:
+        key = (f.module, f.kind, f.name, f.arity)
+        if key in view.functions and view.functions[key][0] <= f.start_line:
+            continue
+        view.functions[key] = (f.start_line, None if key in unknown else f.doc)
+    return view
+
+
+def test_matches_elixir_parser(tmp_path: Path) -> None:
+    paths: list[Path] = []
+    for name, source in FIXTURES.items():
+        path = tmp_path / f"{name}.ex"
+        path.write_text(source, encoding="utf-8")
+        paths.append(path)
+    paths.extend(CORPUS)
+    views = elixir_views(paths)
+    compared = 0
+    for path, expected in zip(paths, views, strict=True):
+        source = path.read_text(encoding="utf-8", errors="replace")
+        result = analyse(source)
+        if expected.error:
+            continue  # Elixir rejects it; tree-sitter may still recover part of it
+        compared += 1
+        got = tree_sitter_view(result, expected.unknown_docs)
+        assert sorted((n, s, d) for n, s, _, d in got.modules) == sorted(
+            (n, s, d) for n, s, _, d in expected.modules
+        ), path
+        known_ends = {(n, s, e) for n, s, e, _ in expected.modules if e is not None}
+        got_ends = {(n, s, e) for n, s, e, _ in got.modules if (n, s, e) in known_ends}
+        assert got_ends == known_ends, path
+        assert got.functions == expected.functions, path
+    assert compared >= len(FIXTURES)
+
+
+def test_elixir_rejects_broken_fixture(tmp_path: Path) -> None:
+    path = tmp_path / "broken.ex"
+    path.write_text(BROKEN, encoding="utf-8")
+    (view,) = elixir_views([path])
+    assert view.error
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=lambda p: p.name)
+def test_corpus_parses_without_crashing(path: Path) -> None:
+    result = analyse(path.read_text(encoding="utf-8", errors="replace"))
+    for f in result.functions:
+        assert f.start_line <= f.end_line <= result.lines
+        assert f.source.startswith(f.head)

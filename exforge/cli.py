@@ -33,7 +33,7 @@ app.add_typer(dlq_app, name="dlq")
 app.add_typer(dataset_app, name="dataset")
 
 console = Console()
-errors = Console(stderr=True)
+errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
@@ -391,5 +391,23 @@ def doctor(as_json: JsonFlag = False) -> None:
         raise typer.Exit(1)
 
 
+@app.command("demo")
+def demo(as_json: JsonFlag = False) -> None:
+    """Run the pipeline end to end on the sample corpus, on the embedded stack."""
+    from exforge.demo import run_demo
+
+    data = run_demo(settings(), lambda line: errors.print(f"[bold cyan]demo:[/] {line}"))
+    if as_json:
+        emit_json(data)
+    else:
+        dataset_stats(as_json=False)
+    if data["samples"]["total"] == 0 or data["shards"]["total"] == 0:
+        raise fail("the demo produced no samples or no shards")
+
+
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

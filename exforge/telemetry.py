@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 MESSAGES_IN = Counter("exforge_messages_in_total", "Messages consumed by a stage.", ["stage"])
@@ -40,7 +42,15 @@ METRIC_NAMES = (
 )
 
 
-def serve_metrics(port: int) -> None:
-    """Expose /metrics on all interfaces of `port` (0 disables it)."""
-    if port:
+def serve_metrics(port: int) -> bool:
+    """Expose /metrics on `port` (0 disables it); False, with a warning, if it is taken."""
+    if not port:
+        return False
+    try:
         start_http_server(port)
+    except OSError as exc:
+        logging.getLogger("exforge.telemetry").warning(
+            "cannot serve /metrics on port %d (%s); set EXFORGE_METRICS_PORT", port, exc
+        )
+        return False
+    return True

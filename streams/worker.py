@@ -54,13 +54,16 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> i
     serve_metrics(settings.metrics_port)
     started = time.monotonic()
     worker = faust.Worker(ctx.app, loglevel=settings.log_level, quiet=True)
+    stopping: list[asyncio.Future[None]] = []  # keeps the stop task referenced
 
     @ctx.app.timer(interval=2.0, name="lag-and-idle-watch")
     async def watch() -> None:
+        if stopping:
+            return
         try:
             if until_idle and await is_idle(ctx, started):
                 log.info("pipeline idle: stopping the worker")
-                asyncio.ensure_future(worker.stop())
+                stopping.append(asyncio.ensure_future(worker.stop()))
             elif not until_idle:
                 await pipeline_lag(settings)
         except Exception as exc:  # lag is advisory; the broker may be restarting

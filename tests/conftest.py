@@ -1,7 +1,10 @@
-"""Shared fixtures: a moto S3 server and an object store on each backend."""
+"""Shared fixtures: a moto S3 server, an object store on each backend, the embedded broker
+and isolated pipelines on it."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -10,11 +13,16 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from exforge.store import FileStore, ObjectStore, S3Store
+
+if TYPE_CHECKING:
+    from exforge.settings import Settings
 
 S3_TEST_KEY = "testing"
 MOTO_START_TIMEOUT_S = 30.0
@@ -97,3 +105,90 @@ def s3_settings_env(monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> str:
     monkeypatch.setenv("EXFORGE_S3_SECRET_KEY", S3_TEST_KEY)
     monkeypatch.setenv("EXFORGE_S3_SECURE", "false")
     return bucket
+
+
+# --------------------------------------------------------------------- the pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+EXFORGE = str(Path(sys.executable).parent / "exforge")
+CLI_TIMEOUT_S = 180
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The embedded Tansu broker, started by exforge's own stack code; yields bootstrap."""
+    from exforge import stack
+    from exforge.settings import load_settings
+
+    settings = load_settings(
+        data_dir=tmp_path_factory.mktemp("broker"), embedded_kafka_port=free_port()
+    )
+    stack.start_broker(settings)
+    try:
+        yield settings.bootstrap
+    finally:
+        stack.down(settings)
+
+
+@dataclass
+class Pipeline:
+    """One isolated exforge deployment on the shared broker: own topic prefix, data dir."""
+
+    env: dict[str, str]
+
+    @property
+    def settings(self) -> Settings:
+        from exforge.settings import Settings
+
+        overrides = {
+            k.removeprefix("EXFORGE_").lower(): v
+            for k, v in self.env.items()
+            if k.startswith("EXFORGE_")
+        }
+        return Settings(**overrides)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [EXFORGE, *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+            cwd=REPO,
+        )
+        if check and result.returncode != 0:
+            pytest.fail(
+                f"exforge {' '.join(args)} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-4000:]}"
+            )
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def start_worker(self, *args: str, log: Path) -> subprocess.Popen[bytes]:
+        with log.open("ab") as handle:
+            return subprocess.Popen(
+                [EXFORGE, "worker", *args],
+                env=self.env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+            )
+
+    def run_until_idle(self) -> None:
+        self.cli("worker", "--until-idle")
+
+
+@pytest.fixture
+def pipeline(broker: str, tmp_path: Path) -> Pipeline:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXFORGE_")}
+    env.update(
+        EXFORGE_KAFKA_BOOTSTRAP=broker,
+        EXFORGE_TOPIC_PREFIX=f"t{uuid.uuid4().hex[:10]}.",
+        EXFORGE_DATA_DIR=str(tmp_path / "data"),
+        EXFORGE_METRICS_PORT="0",
+        EXFORGE_IDLE_SECONDS="2",
+        EXFORGE_CONFIG=str(tmp_path / "absent.toml"),
+    )
+    return Pipeline(env)

@@ -248,6 +248,36 @@ defmodule TestCase do
 end
 """
 
+ESCAPES = r'''defmodule Escapes do
+  @moduledoc ~S"""
+  Raw moduledoc with `\\` kept.
+  """
+
+  @doc """
+  Defaults look like `def f(a \\ 1)`; not interpolated: \#{x}.
+  Tab:\tend. Unicode: \u00e9 \u{1F600}.
+  Continued \
+  line.
+  """
+  def escapes(a \\ 1), do: a
+
+  @doc "Interpolated #{1 + 1}"
+  def interpolated, do: :ok
+
+  @doc "Before a guard"
+  defguard is_small(x) when x < 10
+  def after_guard(x), do: x
+
+  def multi_line_head(
+        first,
+        second
+      )
+      when is_list(first) do
+    {first, second}
+  end
+end
+'''
+
 BROKEN = """\
 defmodule Broken do
   def ok(x), do: x
@@ -268,6 +298,8 @@ FIXTURES: dict[str, str] = {
     "unicode": UNICODE,
     "protocols": PROTOCOLS,
     "keyword_module": KEYWORD_MODULE,
+    "escapes": ESCAPES,
+    "docs_crlf": DOCS.replace("\n", "\r\n"),
 }
 
 
@@ -366,9 +398,7 @@ def test_docs() -> None:
     result = analyse(DOCS)
     assert result.modules[0].moduledoc == "Module docs.\n\n    indented example\n"
     assert fn(result, "heredoc", 0).doc == "  Keeps extra indentation.\nBase line.\n"
-    assert fn(result, "sigil_doc", 0).doc == (
-        "Raw: no \\\\escapes\\n here, #{not_interpolated}.\n"
-    )
+    assert fn(result, "sigil_doc", 0).doc == ("Raw: no \\\\escapes\\n here, #{not_interpolated}.\n")
     assert fn(result, "escaped", 0).doc == 'Escapes: "quoted" and a\ttab.'
     assert fn(result, "hidden", 0).doc is None
     assert fn(result, "with_spec", 1).doc == "Spec in between."
@@ -433,6 +463,24 @@ def test_keyword_module_and_module_in_function() -> None:
     assert fn(result, "two", 1).module == "Tiny"
     assert fn(result, "local", 0).module == "TestCase.Local"
     assert fn(result, "test_fun", 0).module == "TestCase"
+
+
+def test_escapes_and_multi_line_heads() -> None:
+    result = analyse(ESCAPES)
+    assert result.modules[0].moduledoc == "Raw moduledoc with `\\\\` kept.\n"
+    assert fn(result, "escapes", 1).doc == (
+        "Defaults look like `def f(a \\ 1)`; not interpolated: #{x}.\n"
+        "Tab:\tend. Unicode: \u00e9 \U0001f600.\nContinued line.\n"
+    )
+    assert fn(result, "interpolated", 0).doc == "Interpolated #{1 + 1}"
+    assert fn(result, "after_guard", 1).doc is None
+    assert "is_small" not in {f.name for f in result.functions}
+    head = fn(result, "multi_line_head", 2)
+    assert head.head == (
+        "def multi_line_head(\n      first,\n      second\n    )\n    when is_list(first)"
+    )
+    assert head.source.endswith("do\n  {first, second}\nend")
+    assert (head.start_line, head.end_line) == (21, 27)
 
 
 def test_syntax_error() -> None:
@@ -620,7 +668,10 @@ class ElixirView:
 
 
 def _decode(field: str) -> str | None:
-    return None if field == "-" else bytes.fromhex(field[1:]).decode()
+    """A doc from the probe; analyse() gives heredoc docs `\\n` line ends, even in CRLF files."""
+    if field == "-":
+        return None
+    return bytes.fromhex(field[1:]).decode().replace("\r\n", "\n")
 
 
 def elixir_views(paths: list[Path]) -> list[ElixirView]:
@@ -645,16 +696,21 @@ def elixir_views(paths: list[Path]) -> list[ElixirView]:
             if doc == "?":
                 view.unknown_docs.add(name)
             view.modules.append(
-                (name, start, None if end == "?" else int(end), None if doc == "?" else _decode(doc))
+                (
+                    name,
+                    start,
+                    None if end == "?" else int(end),
+                    None if doc == "?" else _decode(doc),
+                )
             )
         elif fields[0] == "F":
-            module, kind, name, arity, start, doc = fields[2:8]
-            key = (module, kind, name, int(arity))
-            if key in view.functions and view.functions[key][0] <= int(start):
+            module, kind, fname, arity, line, fdoc = fields[2:8]
+            key = (module, kind, fname, int(arity))
+            if key in view.functions and view.functions[key][0] <= int(line):
                 continue
-            if doc == "?":
+            if fdoc == "?":
                 view.unknown_docs.add(key)
-            view.functions[key] = (int(start), None if doc == "?" else _decode(doc))
+            view.functions[key] = (int(line), None if fdoc == "?" else _decode(fdoc))
     return views
 
 
@@ -681,8 +737,7 @@ def test_matches_elixir_parser(tmp_path: Path) -> None:
     views = elixir_views(paths)
     compared = 0
     for path, expected in zip(paths, views, strict=True):
-        source = path.read_text(encoding="utf-8", errors="replace")
-        result = analyse(source)
+        result = analyse(path.read_bytes().decode("utf-8", errors="replace"))
         if expected.error:
             continue  # Elixir rejects it; tree-sitter may still recover part of it
         compared += 1

@@ -67,12 +67,19 @@ KAFKA_EXPORTER_METRICS: dict[str, frozenset[str]] = {
 }
 TARGET_LABELS = frozenset({"job", "instance"})  # added by Prometheus to every scraped series
 PROMQL_FUNCTIONS = frozenset(
-    "sum min max avg count group stddev stdvar topk bottomk quantile count_values "
-    "rate irate increase delta idelta deriv predict_linear histogram_quantile resets changes "
-    "abs absent absent_over_time ceil floor round clamp clamp_min clamp_max sqrt exp ln "
-    "log2 log10 sgn scalar vector time timestamp sort sort_desc label_replace label_join "
-    "avg_over_time min_over_time max_over_time sum_over_time count_over_time "
-    "last_over_time quantile_over_time".split()
+    {
+        # aggregations
+        *("sum", "min", "max", "avg", "count", "group", "stddev", "stdvar"),
+        *("topk", "bottomk", "quantile", "count_values"),
+        # functions
+        *("rate", "irate", "increase", "delta", "idelta", "deriv", "predict_linear"),
+        *("histogram_quantile", "resets", "changes", "abs", "absent", "absent_over_time"),
+        *("ceil", "floor", "round", "clamp", "clamp_min", "clamp_max", "sqrt", "exp", "ln"),
+        *("log2", "log10", "sgn", "scalar", "vector", "time", "timestamp", "sort"),
+        *("sort_desc", "label_replace", "label_join", "avg_over_time", "min_over_time"),
+        *("max_over_time", "sum_over_time", "count_over_time", "last_over_time"),
+        "quantile_over_time",
+    }
 )
 PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool", "offset"})
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -182,6 +189,13 @@ def _split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _listen_port(address: str) -> int:
+    """Port of a listen address: `:9000`, `0.0.0.0:9000` or `host:9000`."""
+    _, _, port = address.rpartition(":")
+    assert port.isdigit(), f"{address!r} has no port"
+    return int(port)
+
+
 def _service_host(services: dict[str, Any], host: str) -> str:
     """The service that answers to `host` inside the compose network."""
     for name, service in services.items():
@@ -196,12 +210,6 @@ def _exforge_services(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 # --- PromQL (enough of it to check names) ----------------------------------------------
-
-
-@dataclass
-class Series:
-    name: str
-    labels: frozenset[str]
 
 
 def _exforge_series() -> dict[str, frozenset[str]]:
@@ -284,9 +292,11 @@ def parse_promql(expr: str) -> PromQL:
     rest = re.sub(r"\[[^\]]*\]", " ", rest)  # range and subquery selectors
     for ident in _IDENT.finditer(rest):
         name, is_call = ident.group(1), ident.group(2)
+        if name in PROMQL_KEYWORDS:
+            continue
         if is_call:
             found.functions.add(name)
-        elif name not in PROMQL_KEYWORDS:
+        else:
             found.metrics.add(name)
     return found
 
@@ -436,7 +446,9 @@ def test_kafka_listeners(services: dict[str, Any]) -> None:
 
     bound = listeners("KAFKA_LISTENERS")
     advertised = listeners("KAFKA_ADVERTISED_LISTENERS")
-    protocols = dict(item.split(":", 1) for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    protocols = dict(
+        item.split(":", 1) for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(",")
+    )
     controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
     internal = env["KAFKA_INTER_BROKER_LISTENER_NAME"]
     assert set(bound) <= set(protocols), "a listener has no security protocol"
@@ -449,7 +461,7 @@ def test_kafka_listeners(services: dict[str, Any]) -> None:
     assert voter_id == env["KAFKA_NODE_ID"]
     voter_host, voter_port = _split_address(voter_address)
     assert _service_host(services, voter_host) == "kafka"
-    assert voter_port == _split_address(bound[controller])[1]
+    assert voter_port == _listen_port(bound[controller])
 
     # KRaft cluster ids are 16 bytes in URL-safe base64 without padding
     assert len(base64.urlsafe_b64decode(env["CLUSTER_ID"] + "==")) == 16
@@ -458,7 +470,7 @@ def test_kafka_listeners(services: dict[str, Any]) -> None:
     internal_address = advertised[internal]
     internal_host, internal_port = _split_address(internal_address)
     assert _service_host(services, internal_host) == "kafka"
-    assert internal_port == _split_address(bound[internal])[1]
+    assert internal_port == _listen_port(bound[internal])
     exporter_target = _flag(services["kafka-exporter"], "--kafka.server")
     assert exporter_target == internal_address, (
         f"kafka-exporter reads {exporter_target}, the broker's internal listener is "
@@ -480,7 +492,7 @@ def test_kafka_listeners(services: dict[str, Any]) -> None:
 def test_object_store_is_minio(services: dict[str, Any]) -> None:
     minio = services["minio"]
     minio_env = _env(minio)
-    api_port = _split_address(_flag(minio, "--address") or ":9000")[1]
+    api_port = _listen_port(_flag(minio, "--address") or ":9000")
     init_env = _env(services["minio-init"])
     for name, service in _exforge_services(services).items():
         env = _env(service)
@@ -490,7 +502,9 @@ def test_object_store_is_minio(services: dict[str, Any]) -> None:
         assert env["EXFORGE_S3_ACCESS_KEY"] == minio_env["MINIO_ROOT_USER"], name
         assert env["EXFORGE_S3_SECRET_KEY"] == minio_env["MINIO_ROOT_PASSWORD"], name
         bucket = env["EXFORGE_STORE_URL"].removeprefix("s3://").strip("/")
-        assert bucket == init_env["BUCKET"], f"{name} uses bucket {bucket}, minio-init makes another"
+        assert bucket == init_env["BUCKET"], (
+            f"{name} uses bucket {bucket}, minio-init makes another"
+        )
         assert env["EXFORGE_S3_SECURE"].lower() == "false", "MinIO here has no TLS"
 
 
@@ -501,9 +515,16 @@ def test_database_is_postgres(services: dict[str, Any]) -> None:
         assert url.drivername == "postgresql+psycopg", f"{name}: driver {url.drivername}"
         assert _service_host(services, str(url.host)) == "postgres"
         assert url.port == 5432
-        assert url.database == postgres_env["POSTGRES_DB"], name
-        assert url.username == postgres_env["POSTGRES_USER"], name
-        assert url.password == _interpolate(postgres_env["POSTGRES_PASSWORD"]), name
+        expected = {
+            "database": postgres_env["POSTGRES_DB"],
+            "username": postgres_env["POSTGRES_USER"],
+            "password": _interpolate(postgres_env["POSTGRES_PASSWORD"]),
+        }
+        for part, value in expected.items():
+            assert getattr(url, part) == value, (
+                f"{name}: EXFORGE_DATABASE_URL {part} is {getattr(url, part)!r}, "
+                f"the postgres service has {value!r}"
+            )
 
 
 def test_exforge_commands_exist(services: dict[str, Any]) -> None:
@@ -563,7 +584,7 @@ def test_prometheus_scrapes_kafka_exporter(
 ) -> None:
     exporter = services["kafka-exporter"]
     listen = _flag(exporter, "--web.listen-address") or ":9308"
-    port = _split_address(listen)[1]
+    port = _listen_port(listen)
     assert str(port) in {str(p) for p in exporter.get("expose") or []}
     jobs = _jobs(prometheus)
     assert EXPORTER_JOB in jobs, f"no scrape job {EXPORTER_JOB}"
@@ -599,9 +620,7 @@ def test_alert_rules_are_complete(alert_rules: list[dict[str, Any]]) -> None:
     exprs = [parse_promql(str(rule["expr"])) for rule in alert_rules]
 
     def covered(*needles: str, functions: set[str] | None = None) -> bool:
-        return any(
-            set(needles) <= e.metrics and (functions or set()) <= e.functions for e in exprs
-        )
+        return any(set(needles) <= e.metrics and (functions or set()) <= e.functions for e in exprs)
 
     assert covered("kafka_consumergroup_lag", functions={"deriv"}) or covered(
         "exforge_consumer_lag", functions={"deriv"}
@@ -659,7 +678,8 @@ def test_promql_names_match_the_code(
             for match in _TEMPLATE_LABEL.finditer(text):
                 label = match.group(1) or match.group(2)
                 assert label in found.result_labels, (
-                    f"{where}: template uses {label!r}, the query yields {sorted(found.result_labels)}"
+                    f"{where}: template uses {label!r}, "
+                    f"the query yields {sorted(found.result_labels)}"
                 )
     assert checked >= 10, "too few PromQL expressions found: did the file layout change?"
 
@@ -681,7 +701,8 @@ def test_parser_catches_typos() -> None:
     assert "exforge_mesages_in_total" not in KNOWN_SERIES
     assert found.metrics == {"exforge_mesages_in_total"} and found.functions == {"sum", "rate"}
     found = parse_promql(
-        "histogram_quantile(0.95, sum by (le, stage) (rate(exforge_stage_latency_seconds_bucket[5m])))"
+        "histogram_quantile(0.95, sum by (le, stage) "
+        "(rate(exforge_stage_latency_seconds_bucket[5m])))"
     )
     assert found.metrics == {"exforge_stage_latency_seconds_bucket"}
     assert found.grouping == {"le", "stage"} <= found.metric_labels
@@ -725,7 +746,7 @@ def test_grafana_datasource(services: dict[str, Any], dashboard: dict[str, Any])
             host, port = _split_address(ds["url"].removeprefix("http://"))
             assert _service_host(services, host) == "prometheus"
             listen = _flag(services["prometheus"], "--web.listen-address") or ":9090"
-            assert port == _split_address(listen)[1]
+            assert port == _listen_port(listen)
     assert prometheus_uids, "no Prometheus datasource provisioned"
     refs = list(_datasource_refs(dashboard))
     assert refs, "the dashboard names no datasource"
@@ -856,7 +877,8 @@ def test_dockerfile_matches_the_project() -> None:
             assert extra in extras, f"Dockerfile installs unknown extra [{extra}]"
     assert "postgres" in {e for group in installs for e in group.split(",")}
     assert any(
-        dep.startswith("psycopg") for dep in pyproject["project"]["optional-dependencies"]["postgres"]
+        dep.startswith("psycopg")
+        for dep in pyproject["project"]["optional-dependencies"]["postgres"]
     ), "EXFORGE_DATABASE_URL uses postgresql+psycopg: the postgres extra must bring psycopg"
 
     entrypoints = [json.loads(rest) for keyword, rest in instructions if keyword == "ENTRYPOINT"]

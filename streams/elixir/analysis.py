@@ -11,7 +11,8 @@ Conventions:
 * `FunctionInfo.source` is the text of every clause, each de-indented by the column its
   `def` starts at, joined with a blank line; `head` is de-indented the same way.
 * Docs are the string values Elixir would store: heredocs lose the indentation of their
-  closing delimiter and keep their final newline; escapes are processed except in
+  closing delimiter and keep their final newline (`\\r\\n` inside a heredoc becomes
+  `\\n`, where Elixir 1.14 keeps it); escapes are processed except in
   uppercase sigils (`~S`). `@doc false`, a missing doc and a doc that is not a literal
   give None; an interpolated doc is kept with its `#{...}` source text.
 * Definitions whose name is computed (`def unquote(name)(x)`) are skipped.
@@ -24,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 
 import tree_sitter_elixir
-from tree_sitter import Language, Node, Parser, Query, QueryCursor
+from tree_sitter import Language, Node, Parser
 
 from schemas.records import FunctionInfo, ModuleInfo
 
@@ -32,11 +33,7 @@ __all__ = ["LANGUAGE", "FileAnalysis", "analyse", "normalise"]
 
 LANGUAGE: Language = Language(tree_sitter_elixir.language())
 
-_MODULE_QUERY: Query = Query(
-    LANGUAGE,
-    '(call target: (identifier) @kw (#any-of? @kw "defmodule" "defprotocol" "defimpl")) @mod',
-)
-
+_MODULE_KEYWORDS: tuple[bytes, ...] = (b"defmodule", b"defprotocol", b"defimpl")
 _DEF_KINDS: frozenset[str] = frozenset({"def", "defp", "defmacro", "defmacrop"})
 _CONDITIONALS: frozenset[str] = frozenset({"if", "unless"})
 _SKIPPED_STATEMENTS: frozenset[str] = frozenset({"comment"})
@@ -133,9 +130,12 @@ def _keyword_value(args: Node, key: str) -> Node | None:
             if pair.type != "pair":
                 continue
             key_node = pair.child_by_field_name("key")
-            if key_node is not None and key_node.text is not None:
-                if key_node.text.rstrip().rstrip(b":").decode() == key:
-                    return pair.child_by_field_name("value")
+            if (
+                key_node is not None
+                and key_node.text is not None
+                and key_node.text.rstrip().rstrip(b":").decode() == key
+            ):
+                return pair.child_by_field_name("value")
     return None
 
 
@@ -260,6 +260,17 @@ class _Group:
     start_byte: int
 
 
+@dataclass
+class _Body:
+    """Walking state for one module body."""
+
+    module: str
+    groups: list[_Group]
+    by_key: dict[tuple[str, int, str], _Group] = field(default_factory=dict)
+    doc: str | None = None  # the pending `@doc`
+    moduledoc: str | None = None
+
+
 class _Extractor:
     """Walks one parsed file; holds the source bytes for slicing."""
 
@@ -277,16 +288,11 @@ class _Extractor:
     # ---------------------------------------------------------------- modules
 
     def run(self, root: Node) -> tuple[list[ModuleInfo], list[FunctionInfo]]:
-        found = QueryCursor(_MODULE_QUERY).captures(root).get("mod", [])
-        found.sort(key=lambda n: n.start_byte)
+        found = self.module_calls(root)
         modules: list[ModuleInfo] = []
         groups: list[_Group] = []
         stack: list[tuple[int, str]] = []  # (end_byte, full name) of enclosing modules
-        seen: set[int] = set()
         for node in found:
-            if node.start_byte in seen:  # defensive: one call, one module
-                continue
-            seen.add(node.start_byte)
             while stack and stack[-1][0] <= node.start_byte:
                 stack.pop()
             parent = stack[-1][1] if stack else None
@@ -324,6 +330,36 @@ class _Extractor:
             for g in groups
         ]
         return modules, functions
+
+    def module_calls(self, root: Node) -> list[Node]:
+        """Every `defmodule`/`defprotocol`/`defimpl` call, in source order.
+
+        Rather than visiting every node from Python, find the keywords with a byte search
+        and keep the hits that are the target identifier of a call (not text in a string,
+        comment or longer identifier).
+        """
+        data = self.data
+        calls: list[Node] = []
+        for keyword in _MODULE_KEYWORDS:
+            size = len(keyword)
+            pos = data.find(keyword)
+            while pos != -1:
+                end = pos + size
+                node = root.descendant_for_byte_range(pos, end)
+                if (
+                    node is not None
+                    and node.type == "identifier"
+                    and node.start_byte == pos
+                    and node.end_byte == end
+                ):
+                    call = node.parent
+                    if call is not None and call.type == "call":
+                        target = call.child_by_field_name("target")
+                        if target is not None and target.start_byte == pos:
+                            calls.append(call)
+                pos = data.find(keyword, end)
+        calls.sort(key=lambda n: n.start_byte)
+        return calls
 
     def alias_name(self, node: Node, parent: str | None) -> str | None:
         """An alias-like expression as an absolute module name (no nesting applied)."""
@@ -384,23 +420,15 @@ class _Extractor:
 
     def collect(self, statements: list[Node], module: str, groups: list[_Group]) -> str | None:
         """Record the definitions among `statements`; return the module's `@moduledoc`."""
-        by_key: dict[tuple[str, int, str], _Group] = {}
-        state: dict[str, str | None] = {"doc": None, "moduledoc": None}
-        self._statements(statements, module, by_key, groups, state)
-        return state["moduledoc"]
+        body = _Body(module=module, groups=groups)
+        self._walk_body(statements, body)
+        return body.moduledoc
 
-    def _statements(
-        self,
-        statements: list[Node],
-        module: str,
-        by_key: dict[tuple[str, int, str], _Group],
-        groups: list[_Group],
-        state: dict[str, str | None],
-    ) -> None:
+    def _walk_body(self, statements: list[Node], body: _Body) -> None:
         for stmt in statements:
             kind = stmt.type
             if kind == "unary_operator":
-                self._attribute(stmt, state)
+                self._attribute(stmt, body)
                 continue
             if kind != "call":
                 continue
@@ -409,20 +437,20 @@ class _Extractor:
                 continue
             keyword = target.text.decode()
             if keyword in _DEF_KINDS or keyword == "defdelegate":
-                doc = state["doc"]
-                state["doc"] = None
-                self._clause(stmt, keyword, module, doc, by_key, groups)
+                doc = body.doc
+                body.doc = None
+                self._clause(stmt, keyword, doc, body)
             elif keyword in _CONDITIONALS:
                 for child in stmt.children:
                     if child.type == "do_block":
-                        self._statements(_statements(child), module, by_key, groups, state)
+                        self._walk_body(_statements(child), body)
                         for sub in child.children:
                             if sub.type == "else_block":
-                                self._statements(_statements(sub), module, by_key, groups, state)
+                                self._walk_body(_statements(sub), body)
             elif keyword.startswith("def"):
-                state["doc"] = None
+                body.doc = None  # defstruct, defguard, defexception... take the pending doc
 
-    def _attribute(self, stmt: Node, state: dict[str, str | None]) -> None:
+    def _attribute(self, stmt: Node, body: _Body) -> None:
         operator = stmt.child_by_field_name("operator")
         operand = stmt.child_by_field_name("operand")
         if operator is None or operator.type != "@" or operand is None:
@@ -439,8 +467,10 @@ class _Extractor:
         value = _first_named(args) if args is not None else None
         if value is None or value.type in ("keywords", "list"):
             return  # metadata such as `@doc since: "1.2"` leaves the doc alone
-        key = "doc" if name == b"doc" else "moduledoc"
-        state[key] = self.literal(value)
+        if name == b"doc":
+            body.doc = self.literal(value)
+        else:
+            body.moduledoc = self.literal(value)
 
     def literal(self, node: Node) -> str | None:
         """The value of a string, charlist or `~S`/`~s` sigil literal; None otherwise."""
@@ -469,10 +499,8 @@ class _Extractor:
         self,
         stmt: Node,
         keyword: str,
-        module: str,
         doc: str | None,
-        by_key: dict[tuple[str, int, str], _Group],
-        groups: list[_Group],
+        body: _Body,
     ) -> None:
         args = _arguments(stmt)
         head_node = _first_named(args) if args is not None else None
@@ -483,8 +511,8 @@ class _Extractor:
             return
         name, arity = signature
         kind = "def" if keyword == "defdelegate" else keyword
-        # Start at the beginning of the line when only blanks precede the clause, and
-        # de-indent by that many columns.
+        # When only blanks precede the clause on its line, de-indent its later lines by
+        # as many columns (Elixir-heredoc style: never strip more than blanks).
         start = stmt.start_byte
         column = stmt.start_point.column
         indent = 0
@@ -492,11 +520,11 @@ class _Extractor:
             indent = column
         source = _dedent_block(self.text(start, stmt.end_byte), indent)
         key = (name, arity, kind)
-        group = by_key.get(key)
+        group = body.by_key.get(key)
         if group is None:
             head = _dedent_block(self.text(start, head_node.end_byte), indent)
             group = _Group(
-                module=module,
+                module=body.module,
                 name=name,
                 arity=arity,
                 kind=kind,
@@ -507,8 +535,8 @@ class _Extractor:
                 end_line=stmt.end_point.row + 1,
                 start_byte=start,
             )
-            by_key[key] = group
-            groups.append(group)
+            body.by_key[key] = group
+            body.groups.append(group)
         else:
             group.sources.append(source)
             group.end_line = max(group.end_line, stmt.end_point.row + 1)

@@ -1,0 +1,53 @@
+# exforge — the two commands: `make demo` and `make test`. Everything else is set up here.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_DATA := .data/demo
+
+.PHONY: demo test install elixir lint format schemas clean help
+
+help:
+	@echo "make demo    — set up, run the pipeline on the sample corpus, print dataset stats"
+	@echo "make test    — set up and run the test suite"
+	@echo "make lint    — ruff check and format check"
+	@echo "make schemas — regenerate schemas/json from the record models"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "exforge needs Python >= 3.11 (PYTHON=$(PYTHON))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Elixir (for analysis checks and evaluation), from the distribution's packages.
+elixir:
+	@command -v elixir >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq elixir >/dev/null; }
+	@elixir --version | tail -n 1
+
+demo: install elixir
+	rm -rf $(DEMO_DATA)
+	EXFORGE_DATA_DIR=$(DEMO_DATA) $(BIN)/exforge demo
+
+test: install elixir
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+schemas: install
+	$(BIN)/python -m schemas.jsonschema
+
+clean:
+	rm -rf $(VENV) .data .pytest_cache .ruff_cache *.egg-info

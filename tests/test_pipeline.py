@@ -1,0 +1,271 @@
+"""The streaming spine end to end: real broker, real worker processes, real store and DB."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import REPO, Pipeline, free_port
+
+from exforge.db import open_database
+from exforge.kafka import produce
+from exforge.store import ObjectStore, open_store, sha256_hex
+from schemas.records import SourceRequest
+from streams.shard import decode_shard
+from streams.sources.local import upload_directory
+
+pytestmark = pytest.mark.slow
+
+UNSEEN = REPO / "tests" / "fixtures" / "unseen_project"
+EXPECTED = json.loads((UNSEEN / "EXPECTED.json").read_text())
+
+
+def shard_objects(store: ObjectStore) -> dict[str, str]:
+    """Shard key → sha256 of its bytes."""
+    return {
+        key: sha256_hex(store.get(key))
+        for key in store.list("shards/")
+        if key.endswith(".jsonl.zst")
+    }
+
+
+def shard_samples(store: ObjectStore) -> list[dict[str, Any]]:
+    return [row for key in shard_objects(store) for row in decode_shard(store.get(key))]
+
+
+def send(pipeline: Pipeline, topic: str, items: list[tuple[str, Any]]) -> None:
+    import asyncio
+
+    asyncio.run(produce(pipeline.settings, topic, items))
+
+
+def test_unseen_project_is_counted_exactly_and_reprocessing_changes_no_shard(
+    pipeline: Pipeline,
+) -> None:
+    requested = pipeline.json("ingest", "dir", str(UNSEEN))
+    assert requested["source_id"] == "dir:rate_limiter@0.2.0"
+    pipeline.run_until_idle()
+
+    stats = pipeline.json("dataset", "stats")
+    assert stats["packages"] == 1
+    assert stats["files"]["seen"] == EXPECTED["ex_files"]
+    assert stats["files"]["kept"] == EXPECTED["unique_files"]
+    assert stats["files"]["dropped_by_reason"] == {
+        "exact_duplicate": EXPECTED["ex_files"] - EXPECTED["unique_files"]
+    }
+    assert stats["samples"]["total"] == EXPECTED["documented_public_functions"]
+    assert stats["shards"]["samples"] == EXPECTED["documented_public_functions"]
+
+    store = open_store(pipeline.settings)
+    samples = shard_samples(store)
+    assert len(samples) == EXPECTED["documented_public_functions"]
+    assert len({s["id"] for s in samples}) == len(samples)
+    for sample in samples:
+        roles = [turn["from"] for turn in sample["conversations"]]
+        assert roles == ["human", "gpt"]
+        assert sample["meta"]["kind"] == "doc_to_code"
+        assert sample["meta"]["source_refs"][0]["source_id"] == "dir:rate_limiter@0.2.0"
+    manifests = [k for k in store.list("shards/") if k.endswith("manifest.json")]
+    listed = sum(json.loads(store.get(k))["samples"] for k in manifests)
+    assert listed == len(samples)
+
+    lag = pipeline.json("lag")
+    worker_rows = [r for r in lag if r["group"] == pipeline.settings.worker_group]
+    assert worker_rows and all(r["lag"] == 0 for r in worker_rows)
+    assert any(r["topic"].endswith("sources.requests") and r["end"] == 1 for r in worker_rows)
+
+    before = shard_objects(store)
+    pipeline.json("ingest", "dir", str(UNSEEN))
+    pipeline.run_until_idle()
+    assert shard_objects(store) == before
+    again = pipeline.json("dataset", "stats")
+    assert again["samples"]["total"] == stats["samples"]["total"]
+    assert again["shards"] == stats["shards"]
+
+
+def write_project(root: Path, name: str, files: dict[str, str]) -> Path:
+    (root / "lib").mkdir(parents=True)
+    (root / "mix.exs").write_text(
+        f"defmodule {name.title()}.MixProject do\n  use Mix.Project\n\n"
+        f'  def project, do: [app: :{name}, version: "1.0.0"]\nend\n'
+    )
+    for path, text in files.items():
+        (root / path).write_bytes(
+            text.encode("latin-1") if path.endswith("latin1.ex") else text.encode()
+        )
+    return root
+
+
+LATIN1_MODULE = '# café\ndefmodule Mixed.Latin do\n  @doc "é"\n  def f(x), do: x\nend\n'
+
+
+def documented_module(module: str, functions: int) -> str:
+    body = "".join(
+        f'  @doc "Returns {i} added to `x` ({module})."\n'
+        f"  def add_{i}(x) when is_integer(x), do: x + {i}\n\n"
+        for i in range(functions)
+    )
+    return f"defmodule {module} do\n  @moduledoc false\n\n{body}end\n"
+
+
+def test_bad_inputs_land_in_the_dlq_and_the_worker_keeps_going(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    settings = pipeline.settings
+    store = open_store(settings)
+
+    # 1. not JSON at all; 2. JSON that fails the schema.
+    send(
+        pipeline,
+        "sources.requests",
+        [("dir:junk@1", b"\x00not json"), ("dir:bad@1", b'{"kind": "dir", "name": "x"}')],
+    )
+    # 3. an archive whose checksum does not match the request.
+    good = upload_directory(store, UNSEEN)
+    tampered = good.model_copy(update={"source_id": "dir:tampered@1", "sha256": "0" * 64})
+    # 4. a corrupt archive (stored with its true checksum, so ingest passes it on).
+    garbage = b"this is not a tar archive" * 40
+    corrupt_key = store.put_content_addressed("raw/dir/corrupt/1", garbage, ".tar")
+    corrupt = SourceRequest(
+        source_id="dir:corrupt@1",
+        kind="dir",
+        name="corrupt",
+        version="1",
+        archive_key=corrupt_key,
+        sha256=sha256_hex(garbage),
+    )
+    # 5. a project with one non-UTF-8 file beside a good one.
+    mixed_root = write_project(
+        tmp_path / "mixed",
+        "mixed",
+        {
+            "lib/good.ex": documented_module("Mixed.Good", 2),
+            "lib/latin1.ex": LATIN1_MODULE,
+        },
+    )
+    mixed = upload_directory(store, mixed_root)
+    # 6. an archive that is not uploaded yet (replayed below once it is).
+    late_root = write_project(
+        tmp_path / "late", "late", {"lib/late.ex": documented_module("Late", 3)}
+    )
+    late = upload_directory(store, late_root)
+    store.delete(late.archive_key or "")
+    send(
+        pipeline,
+        "sources.requests",
+        [(r.source_id, r) for r in (tampered, corrupt, mixed, late, good)],
+    )
+
+    pipeline.run_until_idle()
+
+    letters = pipeline.json("dlq", "list")
+    by_class: dict[str, list[dict[str, Any]]] = {}
+    for letter in letters:
+        by_class.setdefault(letter["error_class"], []).append(letter)
+    assert sorted(by_class) == [
+        "BadMessage",
+        "ChecksumMismatch",
+        "CorruptArchive",
+        "UnicodeDecodeError",
+        "ValidationError",
+    ]
+    assert len(by_class["ValidationError"]) == 2
+    assert {d["key"] for d in by_class["ValidationError"]} == {"dir:junk@1", "dir:bad@1"}
+    assert any(
+        "schema validation failed" in d["error_message"] for d in by_class["ValidationError"]
+    )
+    assert "does not match" in by_class["ChecksumMismatch"][0]["error_message"]
+    assert by_class["CorruptArchive"][0]["stage"] == "parse"
+    (utf8,) = by_class["UnicodeDecodeError"]
+    assert utf8["detail"] == {"path": "lib/latin1.ex"} and "not UTF-8" in utf8["error_message"]
+    (missing,) = by_class["BadMessage"]
+    assert "not in the store" in missing["error_message"]
+    for letter in letters:  # every payload is kept, byte-exact, for replay
+        assert sha256_hex(store.get(letter["payload_ref"])) == letter["payload_sha256"]
+
+    stats = pipeline.json("dataset", "stats")
+    # the good project and the good file of the mixed one went through
+    assert stats["samples"]["total"] == EXPECTED["documented_public_functions"] + 2
+    assert stats["files"]["dropped_by_reason"]["not_utf8"] == 1
+
+    # Upload the missing archive, replay its dead letter: it now goes through.
+    upload_directory(store, late_root)
+    replay = pipeline.cli("dlq", "replay", missing["id"])
+    assert "replayed 1" in replay.stdout
+    pipeline.run_until_idle()
+    assert pipeline.json("dataset", "stats")["samples"]["total"] == stats["samples"]["total"] + 3
+    bad = pipeline.cli("dlq", "replay", "9:999", check=False)
+    assert bad.returncode == 2 and "9:999" in bad.stderr
+
+
+def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    projects, modules, functions = 40, 3, 8
+    pipeline.env["EXFORGE_SHARD_SAMPLES"] = "25"
+    metrics_port = free_port()
+    pipeline.env["EXFORGE_METRICS_PORT"] = str(metrics_port)
+    settings = pipeline.settings
+    store = open_store(settings)
+    requests = []
+    for p in range(projects):
+        files = {f"lib/m{m}.ex": documented_module(f"P{p}.M{m}", functions) for m in range(modules)}
+        requests.append(upload_directory(store, write_project(tmp_path / f"p{p}", f"p{p}", files)))
+    send(pipeline, "sources.requests", [(r.source_id, r) for r in requests])
+    total = projects * modules * functions
+
+    engine = open_database(settings)
+    worker = pipeline.start_worker(log=tmp_path / "worker.log")
+    try:
+        deadline = time.monotonic() + 120
+        staged = 0
+        while staged < total // 5:
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "worker made no progress"
+            staged = count_samples(engine)
+            time.sleep(0.02)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    staged_at_kill = count_samples(engine)
+    assert staged_at_kill < total, "the kill came after the run had finished"
+    for name in (
+        "exforge_messages_in_total",
+        "exforge_stage_latency_seconds_bucket",
+        "exforge_messages_out_total",
+    ):
+        assert name in metrics
+
+    pipeline.run_until_idle()
+
+    samples = shard_samples(store)
+    ids = [s["id"] for s in samples]
+    assert len(ids) == len(set(ids)), "a sample appears in two shards"
+    produced = {
+        (ref["source_id"], ref["path"], ref["start_line"])
+        for s in samples
+        for ref in s["meta"]["source_refs"]
+    }
+    assert len(samples) == total
+    assert len(produced) == total
+    stats = pipeline.json("dataset", "stats")
+    assert stats["samples"]["pending"] == 0
+    assert stats["shards"]["samples"] == total
+
+
+def count_samples(engine: Any) -> int:
+    from sqlalchemy import func, select
+    from sqlalchemy.orm import Session
+
+    from exforge.db import Sample
+
+    with Session(engine) as session:
+        return session.scalar(select(func.count()).select_from(Sample)) or 0

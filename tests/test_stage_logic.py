@@ -1,0 +1,692 @@
+"""Stage logic without a broker: sources, ingest, parse, instruct, shard, stats, DLQ."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from exforge.dataset import stats
+from exforge.db import FileOutcome, Package, engine_for
+from exforge.dlq import DeadLetterEntry, select_letters
+from exforge.store import FileStore, ObjectStore, sha256_hex
+from schemas.records import (
+    DeadLetter,
+    InstructionSample,
+    ParsedFile,
+    RawPackage,
+    SampleMeta,
+    SourceRequest,
+    TrainingShard,
+    Turn,
+)
+from streams.ingest import ChecksumMismatch, parse_request, raw_package, verify_archive
+from streams.instruct import doc_to_code_samples
+from streams.parse import (
+    CorruptArchive,
+    decode_source,
+    elixir_members,
+    parsed_file,
+    read_content,
+)
+from streams.shard import (
+    decode_shard,
+    encode_shard,
+    mark_published,
+    pending_samples,
+    seal,
+    shard_key,
+    split_for,
+    stage_sample,
+    unpublished,
+)
+from streams.sources.local import (
+    NotAProject,
+    pack_directory,
+    read_mix_project,
+    upload_directory,
+)
+from streams.stage import BadMessage, Failure
+
+REPO = Path(__file__).resolve().parent.parent
+CORPUS = REPO / "examples" / "corpus"
+UNSEEN = REPO / "tests" / "fixtures" / "unseen_project"
+
+SMALL_MODULE = """defmodule Greeter do
+  @moduledoc "Greets."
+
+  @doc "Says hello to `name`."
+  def hello(name), do: "Hello, #{name}"
+end
+"""
+
+
+@pytest.fixture
+def file_store(tmp_path: Path) -> FileStore:
+    return FileStore(tmp_path / "store")
+
+
+@pytest.fixture
+def engine(tmp_path: Path) -> Engine:
+    return engine_for(f"sqlite:///{tmp_path}/x.db")
+
+
+def package(source_id: str = "dir:greeter@1.0.0", license: str | None = "MIT") -> RawPackage:
+    return RawPackage(
+        source_id=source_id,
+        kind="dir",
+        name=source_id.split(":")[1].split("@")[0],
+        version=source_id.split("@")[1],
+        license=license,
+        archive_key=f"raw/dir/x/1/{'0' * 64}.tar",
+        sha256="0" * 64,
+        size_bytes=0,
+    )
+
+
+def tar_names(data: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return tar.getnames()
+
+
+# --- streams.sources.local -------------------------------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A copy of a corpus project with build output, dependencies and git state added."""
+    root = tmp_path / "kv_cache"
+    shutil.copytree(CORPUS / "kv_cache", root)
+    for junk in ("_build/dev/lib/kv_cache/ebin/x.beam", "deps/dep/mix.exs", ".git/HEAD"):
+        (root / junk).parent.mkdir(parents=True, exist_ok=True)
+        (root / junk).write_text("junk\n")
+    (root / "lib" / "deps").mkdir()  # an excluded name deeper down is excluded too
+    (root / "lib" / "deps" / "hidden.ex").write_text("defmodule Hidden do\nend\n")
+    return root
+
+
+def test_pack_directory_is_deterministic(project: Path, tmp_path: Path) -> None:
+    first = pack_directory(project)
+    assert pack_directory(project) == first
+    for path in project.rglob("*"):
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    assert pack_directory(project) == first, "mtimes leak into the archive"
+    elsewhere = tmp_path / "moved" / "other_name"
+    shutil.copytree(project, elsewhere)
+    assert pack_directory(elsewhere) == first, "the project's location leaks into the archive"
+    (project / "lib" / "kv_cache.ex").write_text("changed\n")
+    assert pack_directory(project) != first
+
+
+def test_pack_directory_excludes_build_deps_and_git(project: Path) -> None:
+    names = tar_names(pack_directory(project))
+    assert "mix.exs" in names
+    assert "lib/kv_cache.ex" in names
+    assert "lib/kv_cache/server.ex" in names
+    for name in names:
+        parts = name.split("/")
+        assert not {"_build", "deps", ".git"} & set(parts), name
+    with tarfile.open(fileobj=io.BytesIO(pack_directory(project))) as tar:
+        for member in tar:
+            assert member.isreg()
+            assert (member.mtime, member.mode, member.uname, member.uid) == (0, 0o644, "", 0)
+
+
+@pytest.mark.parametrize(
+    ("root", "name", "version", "licenses"),
+    [
+        (CORPUS / "kv_cache", "kv_cache", "0.3.1", ("MIT",)),  # version: @version
+        (CORPUS / "pipe_router", "pipe_router", "0.1.4", ("Apache-2.0",)),
+        (CORPUS / "text_tools", "text_tools", "1.2.0", ("MIT",)),  # version: @version
+        (UNSEEN, "rate_limiter", "0.2.0", ("Apache-2.0",)),
+    ],
+    ids=lambda v: v.name if isinstance(v, Path) else None,
+)
+def test_read_mix_project(root: Path, name: str, version: str, licenses: tuple[str, ...]) -> None:
+    project = read_mix_project(root)
+    assert (project.name, project.version, project.licenses) == (name, version, licenses)
+
+
+def test_read_mix_project_needs_mix_exs(tmp_path: Path) -> None:
+    with pytest.raises(NotAProject, match=r"mix\.exs"):
+        read_mix_project(tmp_path)
+
+
+def test_upload_directory_stores_content_addressed(file_store: FileStore) -> None:
+    request = upload_directory(file_store, CORPUS / "text_tools")
+    data = file_store.get(request.archive_key or "")
+    assert request.sha256 == sha256_hex(data)
+    assert request.archive_key == f"raw/dir/text_tools/1.2.0/{sha256_hex(data)}.tar"
+    assert data == pack_directory(CORPUS / "text_tools")
+    assert (request.source_id, request.kind, request.name, request.version) == (
+        "dir:text_tools@1.2.0",
+        "dir",
+        "text_tools",
+        "1.2.0",
+    )
+    assert request.license == "MIT"
+    assert request.options["path"] == str((CORPUS / "text_tools").resolve())
+    # the request is what an external producer could send: it survives the wire
+    assert SourceRequest.from_bytes(request.to_bytes()) == request
+    # uploading again is idempotent
+    assert upload_directory(file_store, CORPUS / "text_tools").archive_key == request.archive_key
+    assert list(file_store.list("raw/")) == [request.archive_key]
+
+
+def test_upload_directory_overrides_and_errors(file_store: FileStore, tmp_path: Path) -> None:
+    request = upload_directory(file_store, UNSEEN, name="limiter", version="9.9.9", license="X")
+    assert request.source_id == "dir:limiter@9.9.9"
+    assert request.archive_key is not None
+    assert request.archive_key.startswith("raw/dir/limiter/9.9.9/")
+    assert request.license == "X"
+    with pytest.raises(NotAProject, match="is not a directory"):
+        upload_directory(file_store, tmp_path / "missing")
+    with pytest.raises(NotAProject):
+        upload_directory(file_store, tmp_path)  # a directory, but no mix.exs
+
+
+# --- streams.ingest --------------------------------------------------------------------
+
+
+def test_verify_archive() -> None:
+    data = b"some archive bytes"
+    digest = hashlib.sha256(data).hexdigest()
+    assert verify_archive(data, digest) == digest
+    assert verify_archive(data, None) == digest
+    with pytest.raises(ChecksumMismatch, match=digest):
+        verify_archive(data, "0" * 64)
+    assert issubclass(ChecksumMismatch, BadMessage)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"garbage", b"", b"\xff\xfe", b"[]", b'{"kind": "dir"}', b"null"],
+)
+def test_parse_request_rejects_garbage(value: bytes) -> None:
+    with pytest.raises((ValidationError, BadMessage)):
+        parse_request(value)
+
+
+def test_parse_request_and_raw_package(file_store: FileStore) -> None:
+    request = upload_directory(file_store, CORPUS / "pipe_router")
+    parsed = parse_request(request.to_bytes())
+    assert parsed == request
+    raw = raw_package(parsed, parsed.archive_key or "", parsed.sha256 or "", 10)
+    assert (raw.source_id, raw.license, raw.size_bytes) == (request.source_id, "Apache-2.0", 10)
+    assert raw.metadata == request.options
+
+
+# --- streams.parse ---------------------------------------------------------------------
+
+
+def build_tar(members: list[tarfile.TarInfo], payloads: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for info in members:
+            data = payloads.get(info.name)
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return buffer.getvalue()
+
+
+def member(name: str, kind: bytes = tarfile.REGTYPE, target: str = "") -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = target
+    return info
+
+
+def test_elixir_members_yields_only_regular_elixir_files() -> None:
+    payloads = {
+        "lib/a.ex": b"defmodule A do\nend\n",
+        "README.md": b"# readme\n",
+        "./test/b_test.exs": b"ExUnit.start()\n",
+        "lib/notes.ex.txt": b"not elixir\n",
+    }
+    archive = build_tar(
+        [
+            member("lib", tarfile.DIRTYPE),
+            member("lib/dir.ex", tarfile.DIRTYPE),
+            member("lib/a.ex"),
+            member("lib/link.ex", tarfile.SYMTYPE, "a.ex"),
+            member("lib/hard.ex", tarfile.LNKTYPE, "lib/a.ex"),
+            member("README.md"),
+            member("./test/b_test.exs"),
+            member("lib/notes.ex.txt"),
+        ],
+        payloads,
+    )
+    found = list(elixir_members(archive))
+    assert [(f.path, f.data) for f in found] == [
+        ("lib/a.ex", payloads["lib/a.ex"]),
+        ("test/b_test.exs", payloads["./test/b_test.exs"]),
+    ]
+
+
+def test_elixir_members_reads_gzipped_archives() -> None:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        info = tarfile.TarInfo("lib/z.ex")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"1\n\n"))
+    assert [f.path for f in elixir_members(buffer.getvalue())] == ["lib/z.ex"]
+
+
+def test_elixir_members_raises_corrupt_archive() -> None:
+    archive = build_tar([member("lib/a.ex")], {"lib/a.ex": b"x" * 5000})
+    for broken in (archive[:1500], archive[:300], b"", b"garbage" * 100):
+        with pytest.raises(CorruptArchive):
+            list(elixir_members(broken))
+    assert issubclass(CorruptArchive, BadMessage)
+
+
+def test_decode_source() -> None:
+    assert decode_source("défaut".encode()) == "défaut"
+    with pytest.raises(UnicodeDecodeError, match="not UTF-8 at byte 1"):
+        decode_source("défaut".encode("latin-1"))
+
+
+def test_parsed_file_inline_under_the_threshold(file_store: FileStore) -> None:
+    file = parsed_file(package(), "lib/greeter.ex", SMALL_MODULE, file_store, 64 * 1024)
+    assert file is not None
+    encoded = SMALL_MODULE.encode()
+    assert (file.content, file.content_ref) == (SMALL_MODULE, None)
+    assert file.sha256 == sha256_hex(encoded)
+    assert (file.size_bytes, file.lines) == (len(encoded), SMALL_MODULE.count("\n"))
+    assert (file.source_id, file.path, file.license) == (
+        "dir:greeter@1.0.0",
+        "lib/greeter.ex",
+        "MIT",
+    )
+    assert [m.name for m in file.modules] == ["Greeter"]
+    assert [(f.name, f.arity, f.doc) for f in file.functions] == [
+        ("hello", 1, "Says hello to `name`.")
+    ]
+    assert read_content(file, file_store) == SMALL_MODULE
+    assert list(file_store.list()) == [], "inline content is not stored"
+    exact = parsed_file(package(), "p.ex", SMALL_MODULE, file_store, len(encoded))
+    assert exact is not None and exact.content is not None, "the threshold itself is inline"
+
+
+def test_parsed_file_by_reference_over_the_threshold(file_store: FileStore) -> None:
+    file = parsed_file(package(), "lib/greeter.ex", SMALL_MODULE, file_store, 16)
+    assert file is not None
+    assert file.content is None
+    assert file.content_ref == f"blobs/{file.sha256}"
+    assert file_store.get(file.content_ref) == SMALL_MODULE.encode()
+    assert read_content(file, file_store) == SMALL_MODULE
+    again = ParsedFile.from_bytes(file.to_bytes())
+    assert read_content(again, file_store) == SMALL_MODULE
+
+
+def test_parsed_file_hashes_normalised_content(file_store: FileStore) -> None:
+    clean = parsed_file(package(), "a.ex", SMALL_MODULE, file_store, 1 << 20)
+    messy_text = "\ufeff\n\n" + SMALL_MODULE.replace("\n", "   \r\n") + "\r\n\r\n"
+    messy = parsed_file(package(), "b.ex", messy_text, file_store, 1 << 20)
+    assert clean is not None and messy is not None
+    assert messy.sha256 == clean.sha256
+    assert messy.content == SMALL_MODULE
+    other = parsed_file(package(), "c.ex", SMALL_MODULE.replace("Hello", "Hi"), file_store, 1 << 20)
+    assert other is not None and other.sha256 != clean.sha256
+
+
+def test_parsed_file_is_none_on_a_syntax_error(file_store: FileStore) -> None:
+    assert (
+        parsed_file(package(), "bad.ex", "defmodule Broken do\n  def (\n", file_store, 100) is None
+    )
+
+
+# --- streams.instruct ------------------------------------------------------------------
+
+
+def unseen_files(store: ObjectStore) -> list[ParsedFile]:
+    """Every parsed .ex/.exs file of the unseen project, packed and read as the stages do."""
+    source = package("dir:rate_limiter@0.2.0", license="Apache-2.0")
+    files = []
+    for found in elixir_members(pack_directory(UNSEEN)):
+        file = parsed_file(source, found.path, decode_source(found.data), store, 64 * 1024)
+        assert file is not None, found.path
+        files.append(file)
+    return files
+
+
+def test_doc_to_code_on_the_unseen_project(file_store: FileStore) -> None:
+    expected = json.loads((UNSEEN / "EXPECTED.json").read_text())
+    files = unseen_files(file_store)
+    unique = {f.sha256: f for f in files}
+    assert len(files) == expected["ex_files"]  # .ex and .exs
+    assert len(unique) == expected["unique_files"]
+
+    samples = [s for f in unique.values() for s in doc_to_code_samples(f)]
+    assert len(samples) == expected["documented_public_functions"]
+    by_path = {f.sha256: f for f in unique.values()}
+    for sample in samples:
+        assert [t.from_ for t in sample.conversations] == ["human", "gpt"]
+        human, gpt = (t.value for t in sample.conversations)
+        assert human.startswith("Implement `RateLimiter")
+        assert gpt.startswith("```elixir\n") and gpt.endswith("\n```")
+        assert sample.meta.kind == "doc_to_code"
+        assert sample.meta.license == "Apache-2.0"
+        (ref,) = sample.meta.source_refs
+        assert ref.source_id == "dir:rate_limiter@0.2.0"
+        assert ref.sha256 in by_path and by_path[ref.sha256].path == ref.path
+        assert ref.start_line is not None and ref.end_line is not None
+        assert 1 <= ref.start_line <= ref.end_line <= by_path[ref.sha256].lines
+        assert sample.sample_id == InstructionSample.content_id(sample.conversations, "doc_to_code")
+        assert InstructionSample.from_bytes(sample.to_bytes()) == sample
+
+    ids = [s.sample_id for s in samples]
+    assert len(set(ids)) == len(ids)
+    again = [s.sample_id for f in unseen_files(file_store) for s in doc_to_code_samples(f)]
+    assert set(again) == set(ids), "sample ids are stable across runs"
+
+
+def test_doc_to_code_skips_private_and_undocumented(file_store: FileStore) -> None:
+    text = """defmodule M do
+  @doc "Public."
+  def a, do: 1
+
+  def b, do: 2
+
+  @doc "   "
+  def c, do: 3
+
+  @doc false
+  def d, do: 4
+
+  defp e, do: 5
+end
+"""
+    file = parsed_file(package(), "lib/m.ex", text, file_store, 1 << 20)
+    assert file is not None
+    samples = doc_to_code_samples(file)
+    assert [s.conversations[0].value.splitlines()[0] for s in samples] == [
+        "Implement `M.a/0` in Elixir."
+    ]
+
+
+# --- streams.shard ---------------------------------------------------------------------
+
+
+def test_split_for_is_stable_and_about_two_percent() -> None:
+    ids = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(10_000)]
+    splits = [split_for(i) for i in ids]
+    assert splits == [split_for(i) for i in ids]
+    assert set(splits) == {"train", "validation"}
+    fraction = splits.count("validation") / len(ids)
+    assert 0.01 <= fraction <= 0.03, fraction
+    assert all(split_for(i, 0.0) == "train" for i in ids[:200])
+    assert all(split_for(i, 1.0) == "validation" for i in ids[:200])
+
+
+def test_encode_decode_shard_round_trip_and_determinism() -> None:
+    rows = [{"id": str(i), "text": "héllo\nworld", "n": i} for i in range(50)]
+    lines = [json.dumps(r, sort_keys=True, ensure_ascii=False) for r in rows]
+    data = encode_shard(lines)
+    assert data == encode_shard(list(lines))
+    assert decode_shard(data) == rows
+    assert encode_shard(lines[:-1]) != data
+    assert decode_shard(encode_shard([])) == []
+
+
+def make_sample(i: int, stage: int = 1, kind: str = "test") -> InstructionSample:
+    turns = [Turn(from_="human", value=f"question {i}"), Turn(from_="gpt", value=f"answer {i}")]
+    return InstructionSample(
+        sample_id=InstructionSample.content_id(turns, kind),
+        conversations=turns,
+        meta=SampleMeta(kind=kind, stage=stage),
+    )
+
+
+def train_samples(count: int) -> list[InstructionSample]:
+    """`count` samples that all fall in the train split of stage 1."""
+    chosen = []
+    i = 0
+    while len(chosen) < count:
+        sample = make_sample(i)
+        if split_for(sample.sample_id) == "train":
+            chosen.append(sample)
+        i += 1
+    return chosen
+
+
+def shard_objects(store: ObjectStore) -> dict[str, str]:
+    return {k: sha256_hex(store.get(k)) for k in store.list("shards/")}
+
+
+def test_stage_sample_refuses_repeats(engine: Engine) -> None:
+    sample = make_sample(1)
+    assert stage_sample(engine, "ds", sample) is True
+    assert stage_sample(engine, "ds", sample) is False
+    assert stage_sample(engine, "ds", make_sample(1)) is False, "same content, same id"
+    assert pending_samples(engine) == 1
+
+
+def test_seal_full_then_flush(engine: Engine, file_store: FileStore) -> None:
+    samples = train_samples(10)
+    assert all(stage_sample(engine, "ds", s) for s in samples)
+    assert pending_samples(engine) == 10
+
+    assert seal(engine, file_store, "ds", 4, flush=False) == 2
+    assert pending_samples(engine) == 2
+    assert seal(engine, file_store, "ds", 4, flush=False) == 0, "2 pending is no full shard"
+    assert seal(engine, file_store, "ds", 4, flush=True) == 1
+    assert pending_samples(engine) == 0
+    assert seal(engine, file_store, "ds", 4, flush=True) == 0
+
+    keys = [shard_key("ds", 1, "train", i) for i in range(3)]
+    assert sorted(k for k in file_store.list("shards/") if k.endswith(".zst")) == keys
+    assert keys[0] == "shards/ds/stage1/train/00000.jsonl.zst"
+    contents = [[row["id"] for row in decode_shard(file_store.get(k))] for k in keys]
+    assert [len(c) for c in contents] == [4, 4, 2]
+    flat = [i for c in contents for i in c]
+    assert len(set(flat)) == len(flat), "shards overlap"
+    assert set(flat) == {s.sample_id for s in samples}
+    assert flat == sorted(flat), "shards are filled in sample-id order"
+    by_id = {s.sample_id: s for s in samples}
+    first = decode_shard(file_store.get(keys[0]))[0]
+    assert first == json.loads(json.dumps(by_id[first["id"]].sharegpt()))
+
+    # redelivery after sealing: nothing is staged again, no shard changes
+    before = shard_objects(file_store)
+    assert not any(stage_sample(engine, "ds", s) for s in samples)
+    assert seal(engine, file_store, "ds", 4, flush=True) == 0
+    assert shard_objects(file_store) == before
+
+
+def test_seal_keeps_stages_and_splits_apart(engine: Engine, file_store: FileStore) -> None:
+    samples = [make_sample(i, stage=1 + i % 2) for i in range(12)]
+    for sample in samples:
+        stage_sample(engine, "ds", sample)
+    seal(engine, file_store, "ds", 3, flush=True)
+    assert pending_samples(engine) == 0
+    seen: set[str] = set()
+    for key in (k for k in file_store.list("shards/") if k.endswith(".zst")):
+        rows = decode_shard(file_store.get(key))
+        _, _, stage_part, split, _ = key.split("/")
+        for row in rows:
+            assert f"stage{row['meta']['stage']}" == stage_part
+            assert split_for(row["id"]) == split
+            seen.add(row["id"])
+    assert seen == {s.sample_id for s in samples}
+
+
+def test_manifest_and_publication(engine: Engine, file_store: FileStore) -> None:
+    samples = train_samples(10)
+    for sample in samples:
+        stage_sample(engine, "ds", sample)
+    assert seal(engine, file_store, "ds", 4, flush=True) == 3
+
+    manifest_key = "shards/ds/stage1/train/manifest.json"
+    manifest = json.loads(file_store.get(manifest_key))
+    assert (manifest["dataset"], manifest["stage"], manifest["split"]) == ("ds", 1, "train")
+    assert manifest["samples"] == 10
+    assert [e["index"] for e in manifest["shards"]] == [0, 1, 2]
+    for entry in manifest["shards"]:
+        data = file_store.get(entry["key"])
+        assert entry["sha256"] == sha256_hex(data)
+        assert entry["samples"] == len(decode_shard(data))
+
+    events = unpublished(engine)
+    assert [e.index for _, e in events] == [0, 1, 2]
+    for (_, event), entry in zip(events, manifest["shards"], strict=True):
+        assert isinstance(event, TrainingShard)
+        assert (event.key, event.sha256, event.samples) == (
+            entry["key"],
+            entry["sha256"],
+            entry["samples"],
+        )
+        assert event.manifest_key == manifest_key
+        assert (event.dataset, event.stage, event.split) == ("ds", 1, "train")
+
+    mark_published(engine, events[0][0])
+    assert [e.index for _, e in unpublished(engine)] == [1, 2]
+    mark_published(engine, events[0][0])  # idempotent
+    for shard_id, _ in events[1:]:
+        mark_published(engine, shard_id)
+    assert unpublished(engine) == []
+
+
+# --- exforge.dataset -------------------------------------------------------------------
+
+
+def test_dataset_stats(engine: Engine, file_store: FileStore) -> None:
+    empty = stats(engine)
+    assert empty["packages"] == 0 and empty["files"]["seen"] == 0 and empty["shards"]["total"] == 0
+
+    with Session(engine) as session, session.begin():
+        session.add(
+            Package(
+                source_id="dir:a@1",
+                kind="dir",
+                name="a",
+                version="1",
+                license="MIT",
+                archive_key="raw/dir/a/1/x.tar",
+                sha256="0" * 64,
+                size_bytes=3,
+            )
+        )
+        session.add_all(
+            [
+                FileOutcome(source_id="dir:a@1", path="lib/a.ex", sha256="1" * 64, kept=True),
+                FileOutcome(source_id="dir:a@1", path="lib/b.ex", sha256="2" * 64, kept=True),
+                FileOutcome(source_id="dir:a@1", path="lib/c.ex", kept=False, reason="not_utf8"),
+                FileOutcome(
+                    source_id="dir:a@1", path="lib/d.ex", kept=False, reason="syntax_error"
+                ),
+                FileOutcome(
+                    source_id="dir:a@1",
+                    path="lib/e.ex",
+                    sha256="1" * 64,
+                    kept=False,
+                    reason="exact_duplicate",
+                ),
+                FileOutcome(source_id="dir:a@1", path="lib/f.ex", kept=False, reason="not_utf8"),
+            ]
+        )
+    for sample in train_samples(5):
+        stage_sample(engine, "ds", sample)
+    stage_sample(engine, "ds", make_sample(10_000, stage=2, kind="other"))
+    seal(engine, file_store, "ds", 4, flush=False)
+
+    data = stats(engine)
+    assert data["packages"] == 1
+    assert data["files"] == {
+        "seen": 6,
+        "kept": 2,
+        "dropped": 4,
+        "dropped_by_reason": {"exact_duplicate": 1, "not_utf8": 2, "syntax_error": 1},
+    }
+    assert data["samples"]["total"] == 6
+    assert data["samples"]["by_kind"] == {"other": 1, "test": 5}
+    assert data["samples"]["by_stage"] == {"1": 5, "2": 1}
+    assert sum(data["samples"]["by_split"].values()) == 6
+    assert data["samples"]["pending"] == 2
+    assert data["shards"] == {"total": 1, "samples": 4, "unpublished": 1}
+
+
+# --- exforge.dlq -----------------------------------------------------------------------
+
+
+STAGE_TOPICS = {"ingest": "exforge.sources.requests", "parse": "exforge.raw.packages"}
+
+
+def letter(
+    stage: str, error_class: str, offset: int, partition: int = 0, **detail: str
+) -> DeadLetter:
+    return DeadLetter(
+        stage=stage,
+        topic=STAGE_TOPICS[stage],
+        partition=partition,
+        offset=offset,
+        key=f"k{offset}",
+        error_class=error_class,
+        error_message="boom",
+        payload_ref=f"dlq/{offset}",
+        payload_sha256="0" * 64,
+        detail=detail,
+    )
+
+
+@pytest.fixture
+def entries() -> list[DeadLetterEntry]:
+    return [
+        DeadLetterEntry("0:0", letter("ingest", "ChecksumMismatch", 5)),
+        DeadLetterEntry("0:1", letter("parse", "UnicodeDecodeError", 7, path="lib/a.ex")),
+        # the same original message failed for a second part
+        DeadLetterEntry("1:0", letter("parse", "UnicodeDecodeError", 7, path="lib/b.ex")),
+        DeadLetterEntry("1:1", letter("parse", "CorruptArchive", 8)),
+        # same offset, other partition: another message
+        DeadLetterEntry("1:2", letter("parse", "CorruptArchive", 8, partition=1)),
+    ]
+
+
+def test_select_letters_collapses_one_original_message(entries: list[DeadLetterEntry]) -> None:
+    chosen = select_letters(entries)
+    assert [e.offset for e in chosen] == ["0:0", "0:1", "1:1", "1:2"]
+
+
+def test_select_letters_filters(entries: list[DeadLetterEntry]) -> None:
+    assert [e.offset for e in select_letters(entries, ids=["1:1", "0:0"])] == ["0:0", "1:1"]
+    assert [e.offset for e in select_letters(entries, ids=["1:0"])] == ["1:0"]
+    assert [e.offset for e in select_letters(entries, stage="ingest")] == ["0:0"]
+    assert [e.offset for e in select_letters(entries, error_class="UnicodeDecodeError")] == ["0:1"]
+    assert [
+        e.offset for e in select_letters(entries, stage="parse", error_class="CorruptArchive")
+    ] == ["1:1", "1:2"]
+    assert select_letters(entries, stage="instruct") == []
+    assert select_letters(entries, ids=["9:9"]) == []
+    assert select_letters(entries, stage="ingest", error_class="CorruptArchive") == []
+
+
+# --- streams.stage ---------------------------------------------------------------------
+
+
+def test_failure_from_validation_error() -> None:
+    with pytest.raises(ValidationError) as caught:
+        SourceRequest.model_validate({"source_id": "dir:x@1", "kind": "dir", "sha256": "bad"})
+    failure = Failure.from_exception(caught.value, path="x")
+    assert failure.error_class == "ValidationError"
+    assert failure.message.startswith("schema validation failed")
+    assert f"({caught.value.error_count()} errors)" in failure.message
+    assert failure.detail == {"path": "x"}
+
+
+def test_failure_from_other_exceptions() -> None:
+    assert Failure.from_exception(ChecksumMismatch("bad sum")).message == "bad sum"
+    assert Failure.from_exception(ChecksumMismatch("bad sum")).error_class == "ChecksumMismatch"
+    assert Failure.from_exception(RuntimeError()).message == "RuntimeError"
+    assert len(Failure.from_exception(ValueError("x" * 5000)).message) == 2000

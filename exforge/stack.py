@@ -141,12 +141,13 @@ def stop_pid(pid: int) -> None:
                 reaped, _ = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
                 reaped = 0
-            if reaped == pid or not _alive(pid):
+            if reaped == pid or not process_alive(pid):
                 return
             time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Running (a zombie waiting for a parent that never reaps it does not count)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -395,8 +395,12 @@ def doctor(as_json: JsonFlag = False) -> None:
 def demo(as_json: JsonFlag = False) -> None:
     """Run the pipeline end to end on the sample corpus, on the embedded stack."""
     from exforge.demo import run_demo
+    from exforge.stack import StackError
 
-    data = run_demo(settings(), lambda line: errors.print(f"[bold cyan]demo:[/] {line}"))
+    try:
+        data = run_demo(settings(), lambda line: errors.print(f"[bold cyan]demo:[/] {line}"))
+    except (StackError, RuntimeError, FileNotFoundError) as exc:
+        raise fail(str(exc)) from None
     if as_json:
         emit_json(data)
     else:

@@ -144,3 +144,44 @@ def engine_for(url: str) -> Engine:
 
 def open_database(settings: Settings) -> Engine:
     return engine_for(settings.resolved_database_url)
+
+
+class SeenRelease(Base):
+    """A release a source crawler has already requested (or found retired), so a re-run
+    skips it while its outer checksum is unchanged."""
+
+    __tablename__ = "seen_releases"
+
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    package: Mapped[str] = mapped_column(String(256), primary_key=True)
+    version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    checksum: Mapped[str | None] = mapped_column(String(64))
+    retired: Mapped[bool] = mapped_column(Boolean, default=False)
+    retirement: Mapped[str | None] = mapped_column(String(512))
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class HttpCacheEntry(Base):
+    """The last ETag and body of a source API URL: an unchanged resource costs a 304."""
+
+    __tablename__ = "http_cache"
+
+    url: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    etag: Mapped[str] = mapped_column(String(512))
+    body: Mapped[str] = mapped_column(Text)
+    fetched_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class LicenseOutcome(Base):
+    """The license decision for one source: allowed, or withheld with a reason."""
+
+    __tablename__ = "license_outcomes"
+
+    source_id: Mapped[str] = mapped_column(String(512), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    package: Mapped[str] = mapped_column(String(256), index=True)
+    declared: Mapped[str | None] = mapped_column(String(512))
+    spdx: Mapped[str | None] = mapped_column(String(256))
+    allowed: Mapped[bool] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

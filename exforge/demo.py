@@ -45,7 +45,12 @@ def run_demo(
         say("running the worker until the pipeline is idle")
         worker = subprocess.run(
             [sys.executable, "-m", "exforge.cli", "worker", "--until-idle"],
-            env={**os.environ, "EXFORGE_DATA_DIR": str(settings.root)},
+            # Faust's own INFO chatter drowns the demo's story; EXFORGE_LOG_LEVEL overrides.
+            env={
+                "EXFORGE_LOG_LEVEL": "WARNING",
+                **os.environ,
+                "EXFORGE_DATA_DIR": str(settings.root),
+            },
             check=False,
         )
         if worker.returncode != 0:

@@ -111,7 +111,11 @@ async def metadata_consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsume
         enable_auto_commit=False,
         request_timeout_ms=REQUEST_TIMEOUT_MS,
     )
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
     try:
         yield consumer
     finally:

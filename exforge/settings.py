@@ -57,6 +57,28 @@ class Settings(BaseSettings):
     hex_repo_url: str | None = Field(None, description="Hex repository base URL.")
     github_api_url: str | None = Field(None, description="GitHub API base URL.")
     github_token: str | None = Field(None, description="GitHub token for the GraphQL API.")
+    http_user_agent: str = Field(
+        "exforge/0.1 (+https://exforge.dev/crawler)", description="User-Agent of source clients."
+    )
+    http_concurrency: PositiveInt = Field(4, description="Concurrent requests per source client.")
+    http_retries: PositiveInt = Field(6, description="Attempts per request (timeouts, 5xx).")
+    http_backoff_s: float = Field(
+        0.5, gt=0, description="First retry delay; doubles per attempt, with full jitter."
+    )
+    http_timeout_s: float = Field(30.0, gt=0, description="Timeout of one source request.")
+    archive_max_compressed_bytes: PositiveInt = Field(
+        16 * 1024 * 1024, description="Largest archive accepted as fetched (compressed)."
+    )
+    archive_max_uncompressed_bytes: PositiveInt = Field(
+        128 * 1024 * 1024, description="Largest total uncompressed size of an archive."
+    )
+    archive_max_member_bytes: PositiveInt = Field(
+        16 * 1024 * 1024, description="Largest single file inside an archive."
+    )
+    license_allowlist: str = Field(
+        "MIT,MIT-0,Apache-2.0,BSD-2-Clause,BSD-3-Clause,ISC,0BSD,Unlicense,Zlib,CC0-1.0,BSL-1.0",
+        description="Comma-separated SPDX ids a source may be trained on.",
+    )
     shard_samples: PositiveInt = Field(512, description="Samples per training shard.")
     dataset: str = Field("elixir", description="Dataset name used in shard keys.")
     claim_check_bytes: PositiveInt = Field(
@@ -107,6 +129,11 @@ class Settings(BaseSettings):
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
+
+    @property
+    def license_allow(self) -> frozenset[str]:
+        """The allow-list as SPDX ids (case as written; compared case-insensitively)."""
+        return frozenset(x.strip() for x in self.license_allowlist.split(",") if x.strip())
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -119,11 +119,13 @@ def start_broker(settings: Settings) -> int:
             raise StackError(
                 f"broker exited with code {process.returncode}; see {log_dir(settings)}/broker.log"
             )
-        try:
-            asyncio.run(ping(settings, timeout=2.0))
-            return process.pid
-        except Exception:
-            time.sleep(0.2)
+        if port_open("127.0.0.1", port):  # before that, a client would only log errors
+            try:
+                asyncio.run(ping(settings, timeout=2.0))
+                return process.pid
+            except Exception:
+                pass
+        time.sleep(0.1)
     stop_pid(process.pid)
     raise StackError(f"broker did not answer within {BROKER_START_TIMEOUT:.0f}s")
 

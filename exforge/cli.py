@@ -31,6 +31,10 @@ app.add_typer(topics_app, name="topics")
 app.add_typer(ingest_app, name="ingest")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(dataset_app, name="dataset")
+train_app = typer.Typer(help="Fine-tune the base model with QLoRA (stages 1-3).")
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(models_app, name="models")
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
@@ -225,6 +229,146 @@ def ingest_dir(
         console.print(f"requested [bold]{request.source_id}[/] ({request.archive_key})")
 
 
+def print_crawl_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        emit_json(summary)
+        return
+    rows = [[k, v] for k, v in summary.items() if not isinstance(v, dict | list)]
+    rows += [[f"  skipped: {k}", v] for k, v in summary["skipped_by_reason"].items()]
+    rows += [[f"  failed: {k}", v] for k, v in summary["failed_by_reason"].items()]
+    rows += [[f"http {k}", v] for k, v in summary.get("http", {}).items()]
+    table("ingest summary", ["what", "count"], rows)
+    for line in summary["errors"]:
+        errors.print(f"[yellow]failed:[/] {line}", highlight=False)
+
+
+@ingest_app.command("hex")
+def ingest_hex(
+    packages: Annotated[
+        list[str] | None, typer.Argument(help="NAME or NAME@VERSION (default: latest).")
+    ] = None,
+    top: Annotated[int | None, typer.Option(help="The top N packages by --sort.")] = None,
+    sort: Annotated[
+        str, typer.Option(help="recent_downloads, total_downloads or updated_at.")
+    ] = "recent_downloads",
+    since: Annotated[
+        str | None, typer.Option(help="Every package updated on or after DATE (YYYY-MM-DD).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Crawl Hex politely: list, skip what is unchanged, fetch and verify tarballs, and
+    request their ingestion."""
+    from datetime import date
+
+    from exforge.db import open_database
+    from exforge.store import open_store
+    from streams.sources import hex as hexsrc
+    from streams.sources.run import run_with_progress
+
+    config = settings()
+    if sum(bool(x) for x in (packages, top, since)) != 1:
+        raise fail("give package names, --top N or --since DATE (one of them)", 2)
+    if sort not in hexsrc.SORTS:
+        raise fail(f"--sort must be one of {', '.join(hexsrc.SORTS)}", 2)
+    try:
+        hexsrc.base_urls(config)
+        selection = hexsrc.Selection(
+            names=tuple(packages or ()),
+            top=top,
+            sort=sort,
+            since=date.fromisoformat(since) if since else None,
+        )
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    store, engine = open_store(config), open_database(config)
+    summary = run_with_progress(
+        config,
+        lambda sink, event: hexsrc.crawl(config, store, engine, selection, sink, event),
+        errors,
+    )
+    print_crawl_summary(summary, as_json)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+@ingest_app.command("github")
+def ingest_github(
+    repos: Annotated[list[str] | None, typer.Argument(help="OWNER/REPO…")] = None,
+    search: Annotated[
+        str | None, typer.Option(help='A search query, e.g. "language:Elixir stars:>=50".')
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many search results.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Crawl GitHub: search (past the 1,000-result cap) or named repositories, record
+    their history metrics, fetch head-commit archives, request their ingestion."""
+    from exforge.db import open_database
+    from exforge.store import open_store
+    from streams.sources import github
+    from streams.sources.run import run_with_progress
+
+    config = settings()
+    if not repos and not search:
+        raise fail("give OWNER/REPO names or --search QUERY", 2)
+    try:
+        github.api_url(config)
+    except ValueError as exc:
+        raise fail(str(exc), 2) from None
+    store, engine = open_store(config), open_database(config)
+    summary = run_with_progress(
+        config,
+        lambda sink, event: github.crawl(
+            config, store, engine, list(repos or ()), search, limit, sink, event
+        ),
+        errors,
+    )
+    print_crawl_summary(summary, as_json)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
+@ingest_app.command("book")
+def ingest_book(
+    path: Annotated[Path, typer.Argument(help="A PDF book.")],
+    title: Annotated[str | None, typer.Option(help="Title (default: the file name).")] = None,
+    license: Annotated[str | None, typer.Option(help="The book's license (SPDX).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Store a PDF book and request its ingestion (segments flow on as book_segment)."""
+    from exforge.kafka import produce
+    from exforge.store import open_store
+    from streams.sources.books import NotABook, extract_book
+    from streams.sources.run import upload_book
+
+    config = settings()
+    if not path.is_file():
+        raise fail(f"{path} is not a file", 2)
+    try:
+        book = extract_book(path.read_bytes(), title)
+    except NotABook as exc:
+        raise fail(f"{path}: {exc}", 2) from None
+    request = upload_book(open_store(config), path, title, license)
+    asyncio.run(produce(config, "sources.requests", [(request.source_id, request)]))
+    summary = {
+        "source_id": request.source_id,
+        "archive_key": request.archive_key,
+        "license": request.license,
+        "title": book.title,
+        "chapters": [
+            {"number": c.number, "title": c.title, "code_blocks": len(c.code_blocks)}
+            for c in book.chapters
+        ],
+        "depends_on": {str(k): v for k, v in book.depends_on.items()},
+    }
+    if as_json:
+        emit_json(summary)
+    else:
+        console.print(
+            f"requested [bold]{request.source_id}[/]: {len(book.chapters)} chapters, "
+            f"{sum(len(c.code_blocks) for c in book.chapters)} code blocks"
+        )
+
+
 # ---------------------------------------------------------------------------- worker
 
 
@@ -350,6 +494,8 @@ def dataset_stats(as_json: JsonFlag = False) -> None:
         ["files seen", files["seen"]],
         ["files kept", files["kept"]],
         *[[f"  dropped: {reason}", n] for reason, n in files["dropped_by_reason"].items()],
+        ["sources withheld (license)", data["licenses"]["withheld"]],
+        *[[f"  withheld: {r}", n] for r, n in data["licenses"]["withheld_by_reason"].items()],
         ["samples", samples["total"]],
         *[[f"  kind: {kind}", n] for kind, n in samples["by_kind"].items()],
         *[[f"  split: {split}", n] for split, n in samples["by_split"].items()],
@@ -358,6 +504,98 @@ def dataset_stats(as_json: JsonFlag = False) -> None:
         ["samples in shards", shards["samples"]],
     ]
     table("dataset", ["what", "count"], rows)
+
+
+# ----------------------------------------------------------------------- train, models
+
+
+def run_training(config_data: dict[str, Any], as_json: bool) -> None:
+    from exforge.db import open_database
+    from exforge.store import open_store
+    from workers.trainer.recipe import TrainConfig, Trainer
+
+    config = settings()
+    trainer = Trainer(
+        TrainConfig.model_validate(config_data), config, open_store(config), open_database(config)
+    )
+    summary = trainer.run()
+    if as_json:
+        emit_json(summary)
+    else:
+        console.print(
+            f"run [bold]{summary['run_id']}[/] step {summary['step']}"
+            f" validation {summary['final_validation']}"
+        )
+
+
+@train_app.callback(invoke_without_command=True)
+def train(
+    ctx: typer.Context,
+    config_file: Annotated[
+        Path | None, typer.Option("--config", help="Training config (.toml or .json).")
+    ] = None,
+    run_id: Annotated[str | None, typer.Option("--run-id", help="Run id (default: new).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Train through the configured stages; `exforge train resume RUN` continues a run."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from workers.trainer.recipe import TrainConfig
+
+    if config_file is None:
+        raise fail("give --config FILE (or use `exforge train resume RUN`)", 2)
+    data = TrainConfig.from_file(config_file).model_dump(mode="json")
+    run_training(data | ({"run_id": run_id} if run_id else {}), as_json)
+
+
+@train_app.command("resume")
+def train_resume(
+    run_id: Annotated[str, typer.Argument(help="The run to continue.")], as_json: JsonFlag = False
+) -> None:
+    """Continue a run from its latest checkpoint, with the configuration it saved."""
+    from exforge.store import open_store
+    from workers.trainer.checkpoint import saved_config
+
+    data = saved_config(open_store(settings()), run_id)
+    if data is None:
+        raise fail(f"run {run_id} has no checkpoint", 2)
+    run_training(data | {"run_id": run_id, "halt_after_step": None}, as_json)
+
+
+@models_app.command("list")
+def models_list(
+    name: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Registered model versions."""
+    from exforge.db import open_database
+    from workers.trainer.registry import list_versions
+
+    rows = list_versions(open_database(settings()), name)
+    if as_json:
+        emit_json(rows)
+        return
+    columns = ["name", "version", "status", "base_model", "run_id", "created_at"]
+    table("model versions", columns, [[row[c] for c in columns] for row in rows])
+
+
+@models_app.command("show")
+def models_show(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int | None, typer.Argument(help="Version (default: newest).")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """One model version with its metrics and adapter location."""
+    from exforge.db import open_database
+    from workers.trainer.registry import get_version
+
+    row = get_version(open_database(settings()), name, version)
+    if row is None:
+        raise fail(f"no model version {name} {version or ''}".strip(), 2)
+    if as_json:
+        emit_json(row)
+    else:
+        table(f"{name} v{row['version']}", ["field", "value"], [[k, v] for k, v in row.items()])
 
 
 # ---------------------------------------------------------------------------- doctor

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from exforge.db import FileOutcome, Package, Sample, Shard
+from exforge.db import FileOutcome, LicenseOutcome, Package, Sample, Shard
 
 
 def stats(engine: Engine) -> dict[str, Any]:
@@ -37,6 +37,13 @@ def stats(engine: Engine) -> dict[str, Any]:
                 "by_stage": {str(stage): n for stage, n in grouped(Sample.stage)},
                 "by_split": dict(grouped(Sample.split)),
                 "pending": count(Sample, Sample.shard_index.is_(None)),
+            },
+            "licenses": {
+                "allowed": count(LicenseOutcome, LicenseOutcome.allowed.is_(True)),
+                "withheld": count(LicenseOutcome, LicenseOutcome.allowed.is_(False)),
+                "withheld_by_reason": dict(
+                    grouped(LicenseOutcome.reason, where=LicenseOutcome.allowed.is_(False))
+                ),
             },
             "shards": {
                 "total": count(Shard),

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Float,
     Integer,
     String,
     Text,
@@ -184,4 +185,62 @@ class LicenseOutcome(Base):
     spdx: Mapped[str | None] = mapped_column(String(256))
     allowed: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(String(64))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class TrainingRun(Base):
+    """A training run: its configuration and where it stands."""
+
+    __tablename__ = "training_runs"
+
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    base_model: Mapped[str] = mapped_column(String(512))
+    config: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))  # running / finished / failed
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class RunCheckpoint(Base):
+    """A checkpoint a run wrote to the store."""
+
+    __tablename__ = "run_checkpoints"
+
+    run_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(1024))
+    metrics: Mapped[str] = mapped_column(Text, default="{}")
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ModelVersion(Base):
+    """A registered model version: integer version per name, adapter in the store."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("name", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(256), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    base_model: Mapped[str] = mapped_column(String(512))
+    adapter_key: Mapped[str] = mapped_column(String(1024))
+    run_id: Mapped[str | None] = mapped_column(String(128))
+    metrics: Mapped[str] = mapped_column(Text, default="{}")
+    status: Mapped[str] = mapped_column(String(16))  # registered/staging/production/retired
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class EvaluationResult(Base):
+    """One metric of one benchmark on one model version."""
+
+    __tablename__ = "evaluation_results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_name: Mapped[str] = mapped_column(String(256), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    benchmark: Mapped[str] = mapped_column(String(128))
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

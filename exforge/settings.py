@@ -22,6 +22,10 @@ ENV_PREFIX = "EXFORGE_"
 CONFIG_FILE_ENV = "EXFORGE_CONFIG"
 
 PositiveInt = Annotated[int, Field(gt=0)]
+DEFAULT_BENCHMARKS = tuple(
+    Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "multipl-e" / name
+    for name in ("humaneval-elixir-transform.jsonl", "mbpp-elixir-reworded.jsonl")
+)
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
@@ -89,6 +93,34 @@ class Settings(BaseSettings):
     )
     metrics_port: Port = Field(9464, description="Worker Prometheus /metrics port; 0: off.")
     log_level: str = Field("INFO", description="Log level of the worker and CLI.")
+    quality_max_line_length: PositiveInt = Field(
+        1000, description="Drop files with a line longer than this (characters)."
+    )
+    quality_max_mean_line_length: float = Field(
+        100.0, gt=0, description="Drop files whose mean line length is above this."
+    )
+    quality_min_alphanumeric_fraction: float = Field(
+        0.25, ge=0, le=1, description="Drop files with a smaller alphanumeric fraction."
+    )
+    quality_min_loc: int = Field(5, ge=0, description="Drop files with fewer lines of code.")
+    quality_max_loc: PositiveInt = Field(10_000, description="Drop files with more lines of code.")
+    quality_max_blob_chars: PositiveInt = Field(
+        256, description="Drop files with a base64 run this long (hex: half as long)."
+    )
+    decontamination_files: tuple[Path, ...] = Field(
+        DEFAULT_BENCHMARKS,
+        description="Benchmark JSONL files (`prompt`/`tests` fields) to decontaminate "
+        "against, as a JSON list; []: off.",
+    )
+    decontamination_ngram: PositiveInt = Field(
+        8, description="Word n-gram size of the decontamination check."
+    )
+    decontamination_threshold: float = Field(
+        0.5, gt=0, le=1, description="Share of a benchmark text's n-grams that contaminates."
+    )
+    neardup_threshold: float = Field(
+        0.7, gt=0, lt=1, description="Jaccard similarity of near-duplicates (MinHash LSH)."
+    )
 
     @classmethod
     def settings_customise_sources(

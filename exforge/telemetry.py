@@ -27,6 +27,9 @@ CONSUMER_LAG = Gauge(
     "Messages not yet consumed by the worker group.",
     ["group", "topic", "partition"],
 )
+REDACTIONS = Counter(
+    "exforge_redactions_total", "Secrets and PII replaced in kept files, by kind.", ["kind"]
+)
 SHARDS_WRITTEN = Counter(
     "exforge_shards_written_total", "Training shards sealed.", ["dataset", "stage", "split"]
 )
@@ -39,6 +42,7 @@ METRIC_NAMES = (
     "exforge_stage_latency_seconds",
     "exforge_consumer_lag",
     "exforge_shards_written_total",
+    "exforge_redactions_total",
 )
 
 

@@ -6,9 +6,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from schemas.records import (
+    BandMessage,
     DeadLetter,
     InstructionSample,
     ModelVersionEvent,
+    NearDupEvent,
     ParsedFile,
     RawPackage,
     Record,
@@ -32,6 +34,8 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("sources.requests", "source id", SourceRequest),
     TopicSpec("raw.packages", "source id", RawPackage),
     TopicSpec("files.candidates", "sha256 of normalised content", ParsedFile, internal=True),
+    TopicSpec("files.bands", "LSH bucket `band:hash`", BandMessage, internal=True),
+    TopicSpec("files.neardup", "sha256 of normalised content", NearDupEvent, internal=True),
     TopicSpec("parsed.files", "sha256 of normalised content", ParsedFile),
     TopicSpec("instruction.samples", "sample id", InstructionSample),
     TopicSpec("training.shards", "dataset/stage", TrainingShard, partitions=1),
@@ -45,6 +49,8 @@ STAGE_INPUTS: dict[str, str] = {
     "ingest": "sources.requests",
     "parse": "raw.packages",
     "dedup": "files.candidates",
+    "neardup-bands": "files.bands",
+    "neardup": "files.neardup",
     "instruct": "parsed.files",
     "shard": "instruction.samples",
 }

@@ -110,6 +110,146 @@ class ModuleInfo(BaseModel):
     end_line: int = Field(ge=1)
 
 
+class TypeInfo(BaseModel):
+    """A type or a behaviour callback declared in a module."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    module: str
+    name: str
+    arity: int = Field(ge=0)
+    kind: Literal["type", "typep", "opaque", "callback", "macrocallback"]
+    line: int = Field(ge=1)
+
+
+class Doctest(BaseModel):
+    """One `iex>` example of a doc: the expression and the result the doc expects."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    owner: str = Field(description="`Module` for a @moduledoc, `Module.name/arity` for a @doc.")
+    expression: str
+    expected: str | None = Field(None, description="None when the example shows no result.")
+
+
+class BehaviourUse(BaseModel):
+    """A behaviour a module adopts (`use X` or `@behaviour X`) and the callbacks it defines."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    module: str
+    behaviour: str
+    via: Literal["use", "behaviour", "call"] = Field(
+        description="`call`: not adopted, but started or called (`Registry.register`…)."
+    )
+    otp: bool = Field(description="One of OTP's/Elixir's process behaviours (GenServer…).")
+    callbacks: list[str] = Field(default_factory=list, description="Implemented, `name/arity`.")
+
+
+class SupervisionTree(BaseModel):
+    """Children and strategy handed to `Supervisor.init/start_link` or `DynamicSupervisor`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    module: str
+    supervisor: Literal["Supervisor", "DynamicSupervisor"]
+    strategy: str | None = None
+    children: list[str] = Field(default_factory=list, description="Child module per spec.")
+
+
+class CodeMetrics(BaseModel):
+    """Line-based metrics and a complexity measure of one file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lines: int = Field(0, ge=0)
+    loc: int = Field(0, ge=0, description="Lines that are neither blank nor only a comment.")
+    comment_lines: int = Field(0, ge=0)
+    comment_ratio: float = Field(0.0, ge=0, le=1, description="Comment lines / non-blank lines.")
+    doc_coverage: float | None = Field(
+        None, ge=0, le=1, description="Documented / public functions (None: none public)."
+    )
+    max_line_length: int = Field(0, ge=0)
+    mean_line_length: float = Field(0.0, ge=0)
+    alphanumeric_fraction: float = Field(0.0, ge=0, le=1)
+    complexity: int = Field(
+        1, ge=1, description="1 + branch points (extra clauses, if/unless, guards, and/or…)."
+    )
+
+
+class ElixirAnalysis(BaseModel):
+    """What a file contains beyond its modules and functions."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    types: list[TypeInfo] = Field(default_factory=list)
+    doctests: list[Doctest] = Field(default_factory=list)
+    behaviours: list[BehaviourUse] = Field(default_factory=list)
+    supervisors: list[SupervisionTree] = Field(default_factory=list)
+    pipes: int = Field(0, ge=0, description="`|>` operators.")
+    longest_pipe: int = Field(0, ge=0, description="`|>` operators in the longest chain.")
+    multi_clause_functions: int = Field(0, ge=0)
+    case: int = Field(0, ge=0)
+    cond: int = Field(0, ge=0)
+    with_: int = Field(0, ge=0, alias="with")
+    destructuring: int = Field(0, ge=0, description="`=` / `<-` with a composite pattern.")
+    spawns: int = Field(0, ge=0)
+    sends: int = Field(0, ge=0)
+    receives: int = Field(0, ge=0)
+    macros: int = Field(0, ge=0, description="`defmacro`/`defmacrop` definitions.")
+    quotes: int = Field(0, ge=0)
+    unquotes: int = Field(0, ge=0)
+    test_modules: list[str] = Field(default_factory=list, description="`use ExUnit.Case`.")
+    tests: int = Field(0, ge=0)
+    describes: int = Field(0, ge=0)
+    doctest_targets: list[str] = Field(default_factory=list, description="`doctest Mod`.")
+    metrics: CodeMetrics = Field(default_factory=CodeMetrics)
+
+
+class Quality(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    score: float = Field(ge=0, le=1, description="Code metrics combined with source signals.")
+    signals: dict[str, float] = Field(
+        default_factory=dict, description="Source signals used (stars, downloads…)."
+    )
+
+
+class NearDup(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bands: list[str] = Field(
+        default_factory=list, description="LSH band keys `band:hash` of the MinHash signature."
+    )
+    cluster: str | None = Field(
+        None, description="sha256 of the first file of its near-duplicate cluster."
+    )
+
+
+class BookSegment(BaseModel):
+    """Where a book segment sits and what it teaches (for `book_segment` files)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    book_title: str
+    chapter: int = Field(ge=1)
+    chapter_title: str
+    section: str | None = None
+    page: int = Field(ge=1)
+    prose: str = Field("", description="The prose that explains the code (or the section).")
+    code: str | None = Field(None, description="The code block, byte-exact.")
+    code_language: Literal["elixir", "iex"] | None = None
+    concepts: list[str] = Field(default_factory=list, description="Introduced by its chapter.")
+    references: list[str] = Field(
+        default_factory=list, description="Concepts of earlier chapters it uses."
+    )
+    depends_on: list[int] = Field(
+        default_factory=list, description="Earlier chapters its chapter builds on."
+    )
+    difficulty: int = Field(1, ge=1, le=5)
+    chapter_difficulty: int = Field(1, ge=1, le=5)
+
+
 class ParsedFile(Record):
     """One kept Elixir file with its analysis; content inline or by reference."""
 
@@ -124,6 +264,13 @@ class ParsedFile(Record):
     lines: int = Field(ge=0)
     modules: list[ModuleInfo] = Field(default_factory=list)
     functions: list[FunctionInfo] = Field(default_factory=list)
+    analysis: ElixirAnalysis = Field(default_factory=ElixirAnalysis)
+    quality: Quality | None = None
+    redactions: dict[str, int] = Field(
+        default_factory=dict, description="Secrets/PII replaced, by kind (email, key, ip)."
+    )
+    near_dup: NearDup = Field(default_factory=NearDup)
+    book: BookSegment | None = Field(None, description="Set for kind book_segment.")
 
     @model_validator(mode="after")
     def _content_or_ref(self) -> ParsedFile:
@@ -238,3 +385,26 @@ class DeadLetter(Record):
     @property
     def dead_letter_id(self) -> str:
         return f"{self.topic}:{self.partition}:{self.offset}"
+
+
+class BandMessage(Record):
+    """On `files.bands`, keyed `band:hash`: a file enters an LSH bucket, or settles in it."""
+
+    kind: Literal["register", "settle"]
+    sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
+    cluster: Sha256 | None = Field(None, description="settle: the file's cluster.")
+
+
+class NearDupEvent(Record):
+    """On `files.neardup`, keyed by the sha256 it concerns (`decide`: sent to a partition).
+
+    `candidate` holds a file until its batch is decided; `earlier` says a file with a
+    smaller sha256 shares an LSH bucket with it; `settled` says an already decided file
+    (of cluster `other`) does; `decide` asks a partition to decide its held files.
+    """
+
+    kind: Literal["candidate", "earlier", "settled", "decide"]
+    sha256: Sha256 | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    file: ParsedFile | None = None
+    other: Sha256 | None = None
+    partition: int | None = Field(None, ge=0)

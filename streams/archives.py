@@ -24,6 +24,11 @@ GZIP_MAGIC = b"\x1f\x8b"
 INFLATE_STEP = 1024 * 1024
 HEX_OUTER_MEMBERS = ("VERSION", "CHECKSUM", "metadata.config", "contents.tar.gz")
 HEX_FORMAT_VERSION = b"3"
+DEVICE_TYPES = {
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "fifo",
+}
 
 
 class ArchiveError(BadMessage):
@@ -66,6 +71,18 @@ class UncompressedTooLarge(ArchiveTooLarge):
     pass
 
 
+class ChecksumMismatch(ArchiveError):
+    """The archive's sha256 is not the one its source declared."""
+
+
+def verify_sha256(data: bytes, expected: str | None, what: str = "archive") -> str:
+    """The sha256 of `data`, checked against the expected one (when there is one)."""
+    actual = hashlib.sha256(data).hexdigest()
+    if expected is not None and actual != expected.lower():
+        raise ChecksumMismatch(f"{what} sha256 {actual} does not match the expected {expected}")
+    return actual
+
+
 class NotHexTarball(ArchiveError):
     """The outer tar does not have the Hex format 3 layout or its inner checksum is wrong."""
 
@@ -84,6 +101,16 @@ class Limits:
             compressed=settings.archive_max_compressed_bytes,
             uncompressed=settings.archive_max_uncompressed_bytes,
             member=settings.archive_max_member_bytes,
+        )
+
+    @classmethod
+    def defaults(cls) -> Limits:
+        """The limits of the settings' defaults (for callers without settings)."""
+        fields = Settings.model_fields
+        return cls(
+            compressed=fields["archive_max_compressed_bytes"].default,
+            uncompressed=fields["archive_max_uncompressed_bytes"].default,
+            member=fields["archive_max_member_bytes"].default,
         )
 
 
@@ -147,9 +174,8 @@ def check_member(member: tarfile.TarInfo, limits: Limits) -> str | None:
         raise LinkMember(f"member {member.name!r} is a symbolic link to {member.linkname!r}")
     if member.islnk():
         raise LinkMember(f"member {member.name!r} is a hard link to {member.linkname!r}")
-    if member.ischr() or member.isblk() or member.isfifo():
-        kind = "character device" if member.ischr() else "block device" if member.isblk() else "fifo"
-        raise DeviceMember(f"member {member.name!r} is a {kind}")
+    if member.type in DEVICE_TYPES:
+        raise DeviceMember(f"member {member.name!r} is a {DEVICE_TYPES[member.type]}")
     if member.isdir():
         return None
     if not member.isreg():
@@ -182,7 +208,7 @@ def read_tar(data: bytes, limits: Limits, what: str = "archive") -> list[Member]
                 if handle is None:
                     raise CorruptArchive(f"{what}: member {info.name!r} has no data")
                 members.append(Member(path, handle.read()))
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, EOFError) as exc:
         raise CorruptArchive(f"corrupt {what}: {exc}") from exc
     return members
 

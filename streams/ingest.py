@@ -1,17 +1,58 @@
-"""Ingest stage: `sources.requests` → verify and store the archive → `raw.packages`."""
+"""Ingest stage: `sources.requests` → fetch, verify, license-gate, store → `raw.packages`.
+
+The handler dispatches on `request.kind`: each source has a fetcher (the store when the
+CLI already uploaded the archive, else the source's own client) and a check of what the
+archive must be (a Hex tarball's format-3 layout and inner checksum, a PDF's header).
+Sources collected from third parties (hex, github, book) then pass the license
+allow-list; withheld ones are recorded with their reason and not passed on. Local `dir`
+projects are the operator's own code and are not gated.
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 from pydantic import ValidationError
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from exforge.db import Package
-from exforge.store import ObjectNotFound, sha256_hex
+from exforge.settings import Settings
+from exforge.store import ObjectNotFound, ObjectStore
 from schemas.records import RawPackage, SourceRequest
+from streams.archives import (
+    ArchiveError,
+    ChecksumMismatch,
+    Limits,
+    check_compressed,
+    read_hex_tarball,
+    verify_sha256,
+)
+from streams.sources.crawl import MissingSetting
+from streams.sources.erlterms import parse_metadata
+from streams.sources.github import archive_url, auth_headers, fetch_archive
+from streams.sources.hex import HexClient
+from streams.sources.http import PoliteClient
+from streams.sources.licenses import decide, record_decision
 from streams.stage import BadMessage, Output, Result, StageContext, attach_stage
 
+__all__ = [
+    "ChecksumMismatch",
+    "IngestDeps",
+    "attach",
+    "ingest_request",
+    "parse_request",
+    "raw_package",
+]
 
-class ChecksumMismatch(BadMessage):
+GATED_KINDS = frozenset({"hex", "github", "book"})
+PDF_MAGIC = b"%PDF-"
+
+
+class NotAPdf(ArchiveError):
     pass
 
 
@@ -26,48 +67,136 @@ def parse_request(value: bytes) -> SourceRequest:
 
 def verify_archive(data: bytes, expected_sha256: str | None) -> str:
     """The archive's sha256, checked against the one the request promised."""
-    actual = sha256_hex(data)
-    if expected_sha256 is not None and actual != expected_sha256:
-        raise ChecksumMismatch(
-            f"archive sha256 {actual} does not match the expected {expected_sha256}"
-        )
-    return actual
+    return verify_sha256(data, expected_sha256)
 
 
-def raw_package(request: SourceRequest, archive_key: str, sha256: str, size: int) -> RawPackage:
+def raw_package(
+    request: SourceRequest,
+    archive_key: str,
+    sha256: str,
+    size: int,
+    license: str | None = None,
+    learnt: dict[str, Any] | None = None,
+) -> RawPackage:
+    """The `raw.packages` record: the request's facts plus what ingesting learnt."""
     return RawPackage(
         source_id=request.source_id,
         kind=request.kind,
         name=request.name,
         version=request.version,
-        license=request.license,
+        license=license or request.license,
         archive_key=archive_key,
         sha256=sha256,
         size_bytes=size,
-        metadata=dict(request.options),
+        metadata={**request.options, **(learnt or {})},
     )
 
 
-def attach(ctx: StageContext) -> None:
-    def handle(value: bytes, key: str | None) -> Result:
-        request = parse_request(value)
-        if request.kind != "dir":
-            raise BadMessage(f"source kind {request.kind!r} is not supported by this worker")
-        if request.archive_key is None:
-            raise BadMessage("a dir source request needs archive_key (upload it first)")
-        try:
-            data = ctx.store.get(request.archive_key)
-        except ObjectNotFound:
-            raise BadMessage(f"archive {request.archive_key} is not in the store") from None
-        sha256 = verify_archive(data, request.sha256)
-        package = raw_package(request, request.archive_key, sha256, len(data))
-        record_package(ctx, package)
-        return Result(outputs=[Output("raw.packages", package.source_id, package)])
+@dataclass
+class IngestDeps:
+    """What the ingest handler needs; HTTP clients are made on first use (on the loop
+    that uses them)."""
 
-    attach_stage(ctx, "ingest", "sources.requests", handle)
+    settings: Settings
+    store: ObjectStore
+    engine: Engine
+    clients: dict[str, PoliteClient] = field(default_factory=dict)
+
+    @property
+    def limits(self) -> Limits:
+        return Limits.from_settings(self.settings)
+
+    def client(self, kind: str) -> PoliteClient:
+        if kind not in self.clients:
+            headers = auth_headers(self.settings) if kind == "github" else {}
+            self.clients[kind] = PoliteClient(self.settings, headers=headers)
+        return self.clients[kind]
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.aclose()
+        self.clients.clear()
 
 
-def record_package(ctx: StageContext, package: RawPackage) -> None:
+async def _from_store(request: SourceRequest, deps: IngestDeps) -> bytes:
+    assert request.archive_key is not None
+    try:
+        return await asyncio.to_thread(deps.store.get, request.archive_key)
+    except ObjectNotFound:
+        raise BadMessage(f"archive {request.archive_key} is not in the store") from None
+
+
+async def _fetch_hex(request: SourceRequest, deps: IngestDeps) -> bytes:
+    client = HexClient(deps.settings, deps.client("hex"))
+    return await client.tarball(request.name, request.version, request.sha256)
+
+
+async def _fetch_github(request: SourceRequest, deps: IngestDeps) -> bytes:
+    url = request.url or archive_url(deps.settings, request.name, request.version)
+    return await fetch_archive(deps.client("github"), url, deps.settings)
+
+
+Fetcher = Callable[[SourceRequest, IngestDeps], Awaitable[bytes]]
+FETCHERS: dict[str, Fetcher] = {"hex": _fetch_hex, "github": _fetch_github}
+
+
+async def fetch(request: SourceRequest, deps: IngestDeps) -> tuple[bytes, bool]:
+    """The archive's bytes, and whether they were fetched (so still need storing)."""
+    if request.archive_key is not None:
+        return await _from_store(request, deps), False
+    fetcher = FETCHERS.get(request.kind)
+    if fetcher is None:
+        raise BadMessage(f"a {request.kind} source request needs archive_key (upload it first)")
+    try:
+        return await fetcher(request, deps), True
+    except MissingSetting as exc:
+        raise BadMessage(str(exc)) from exc
+
+
+def check_archive(request: SourceRequest, data: bytes, limits: Limits) -> dict[str, str]:
+    """What the archive must be for its kind; metadata learnt on the way."""
+    check_compressed(data, limits, f"{request.kind} archive")
+    if request.kind == "hex":
+        metadata = parse_metadata(read_hex_tarball(data, limits).metadata_config)
+        licenses = metadata.get("licenses") or []
+        return {"metadata_licenses": " OR ".join(str(x) for x in licenses)}
+    if request.kind == "book" and not data.startswith(PDF_MAGIC):
+        raise NotAPdf(f"book {request.source_id} is not a PDF (no %PDF- header)")
+    return {}
+
+
+FETCHED_SUFFIX = {"hex": ".tar", "github": ".tar.gz"}
+
+
+async def ingest_request(request: SourceRequest, deps: IngestDeps) -> Result:
+    """Fetch, verify, gate and store one source; the `raw.packages` record to emit."""
+    data, fetched = await fetch(request, deps)
+    sha256 = verify_archive(data, request.sha256)
+    learnt = await asyncio.to_thread(check_archive, request, data, deps.limits)
+    declared = request.license or learnt.get("metadata_licenses") or None
+    license_label = declared
+    if request.kind in GATED_KINDS:
+        decision = decide(declared, deps.settings.license_allow)
+        await asyncio.to_thread(
+            record_decision, deps.engine, request.source_id, request.kind, request.name, decision
+        )
+        if not decision.allowed:
+            return Result(dropped={f"license_{decision.reason}": 1})
+        license_label = decision.label
+    key = request.archive_key
+    if key is None:
+        prefix = f"raw/{request.kind}/{request.name}/{request.version}"
+        key = await asyncio.to_thread(
+            deps.store.put_content_addressed, prefix, data, FETCHED_SUFFIX[request.kind]
+        )
+    package = raw_package(
+        request, key, sha256, len(data), license_label, {**learnt, "fetched": fetched}
+    )
+    await asyncio.to_thread(record_package, deps.engine, package)
+    return Result(outputs=[Output("raw.packages", package.source_id, package)])
+
+
+def record_package(engine: Engine, package: RawPackage) -> None:
     values = package.model_dump(
         include={
             "source_id",
@@ -80,5 +209,14 @@ def record_package(ctx: StageContext, package: RawPackage) -> None:
             "size_bytes",
         }
     )
-    with Session(ctx.engine) as session, session.begin():
+    with Session(engine) as session, session.begin():
         session.merge(Package(**values))
+
+
+def attach(ctx: StageContext) -> None:
+    deps = IngestDeps(ctx.settings, ctx.store, ctx.engine)
+
+    async def handle(value: bytes, key: str | None) -> Result:
+        return await ingest_request(parse_request(value), deps)
+
+    attach_stage(ctx, "ingest", "sources.requests", handle)

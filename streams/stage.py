@@ -86,6 +86,9 @@ class StageContext:
     app: faust.App
     topics: dict[str, faust.TopicT] = field(default_factory=dict)
     last_activity: dict[str, float] = field(default_factory=dict)
+    # Stages holding work back (near-dup batches) say so here; the worker is not idle
+    # while any of these returns True.
+    busy: list[Callable[[], bool]] = field(default_factory=list)
 
     def topic(self, name: str) -> faust.TopicT:
         if name not in self.topics:

@@ -40,6 +40,8 @@ async def is_idle(ctx: StageContext, started: float) -> bool:
     latest = max(ctx.last_activity.values(), default=started)
     if time.monotonic() - latest < settings.idle_seconds:
         return False
+    if any(check() for check in ctx.busy):
+        return False
     if await pipeline_lag(settings) > 0:
         return False
     pending = await asyncio.to_thread(shard.pending_samples, ctx.engine)

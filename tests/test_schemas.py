@@ -15,11 +15,13 @@ from schemas.catalogue import BY_NAME, CATALOGUE, spec
 from schemas.jsonschema import JSON_DIR, render
 from schemas.records import (
     SCHEMA_VERSION,
+    BandMessage,
     DeadLetter,
     FunctionInfo,
     InstructionSample,
     ModelVersionEvent,
     ModuleInfo,
+    NearDupEvent,
     ParsedFile,
     RawPackage,
     Record,
@@ -155,6 +157,8 @@ def one_of_each() -> list[Record]:
             detail={"path": "lib/a.ex"},
             failed_at=AT,
         ),
+        BandMessage(kind="settle", sha256=SHA_A, cluster=SHA_B),
+        NearDupEvent(kind="earlier", sha256=SHA_A, other=SHA_B),
     ]
 
 

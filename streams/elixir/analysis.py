@@ -16,6 +16,10 @@ Conventions:
   uppercase sigils (`~S`). `@doc false`, a missing doc and a doc that is not a literal
   give None; an interpolated doc is kept with its `#{...}` source text.
 * Definitions whose name is computed (`def unquote(name)(x)`) are skipped.
+* Types and callbacks (`@type`, `@typep`, `@opaque`, `@callback`, `@macrocallback`),
+  behaviours (`use X`, `@behaviour X`) and `@impl`-marked definitions are read from the
+  same module bodies; `streams.elixir.features` adds what needs the whole tree (pipes,
+  patterns, processes, macros, ExUnit, supervision trees, doctests, metrics).
 """
 
 from __future__ import annotations
@@ -27,9 +31,9 @@ from dataclasses import dataclass, field
 import tree_sitter_elixir
 from tree_sitter import Language, Node, Parser
 
-from schemas.records import FunctionInfo, ModuleInfo
+from schemas.records import ElixirAnalysis, FunctionInfo, ModuleInfo, TypeInfo
 
-__all__ = ["LANGUAGE", "FileAnalysis", "analyse", "normalise"]
+__all__ = ["LANGUAGE", "Behaviour", "FileAnalysis", "analyse", "normalise", "parse"]
 
 LANGUAGE: Language = Language(tree_sitter_elixir.language())
 
@@ -40,6 +44,9 @@ _SKIPPED_STATEMENTS: frozenset[str] = frozenset({"comment"})
 _STRING_TYPES: frozenset[str] = frozenset({"string", "charlist"})
 _HEREDOC_DELIMITERS: frozenset[str] = frozenset({'"""', "'''"})
 _DOC_SIGILS: frozenset[str] = frozenset({"S", "s"})
+_TYPE_KINDS: frozenset[bytes] = frozenset(
+    {b"type", b"typep", b"opaque", b"callback", b"macrocallback"}
+)
 
 _local = threading.local()
 
@@ -54,11 +61,33 @@ def _parser() -> Parser:
 
 
 @dataclass(frozen=True)
+class Behaviour:
+    """`use X` / `@behaviour X` in a module, before callbacks are matched."""
+
+    module: str
+    name: str
+    via: str  # "use" | "behaviour"
+
+
+@dataclass(frozen=True)
 class FileAnalysis:
     modules: list[ModuleInfo] = field(default_factory=list)
     functions: list[FunctionInfo] = field(default_factory=list)
     has_errors: bool = False
     lines: int = 0
+    details: ElixirAnalysis = field(default_factory=ElixirAnalysis)
+
+
+@dataclass(frozen=True)
+class Definitions:
+    """What the module walk finds, before the whole-tree features are added."""
+
+    modules: list[ModuleInfo]
+    functions: list[FunctionInfo]
+    clauses: dict[tuple[str, str, int, str], int]  # (module, name, arity, kind) → clauses
+    types: list[TypeInfo]
+    behaviours: list[Behaviour]
+    impls: dict[str, set[str]]  # module → `name/arity` of definitions marked `@impl`
 
 
 def normalise(source: str) -> str:
@@ -83,15 +112,25 @@ def normalise(source: str) -> str:
     return "\n".join(lines[start:end]) + "\n"
 
 
+def parse(data: bytes) -> Node:
+    """The root node of a file's syntax tree (tree-sitter alone: the parse stage's floor)."""
+    return _parser().parse(data).root_node
+
+
 def analyse(source: str) -> FileAnalysis:
-    """Parse one Elixir file and extract its modules and functions."""
+    """Parse one Elixir file and extract its modules, functions and features."""
+    from streams.elixir.features import features  # features builds on this module
+
     data = source.encode("utf-8", "surrogatepass")
-    tree = _parser().parse(data)
-    root = tree.root_node
+    root = parse(data)
     lines = source.count("\n") + (1 if source and not source.endswith("\n") else 0)
-    modules, functions = _Extractor(data).run(root)
+    found = _Extractor(data).run(root)
     return FileAnalysis(
-        modules=modules, functions=functions, has_errors=root.has_error, lines=lines
+        modules=found.modules,
+        functions=found.functions,
+        has_errors=root.has_error,
+        lines=lines,
+        details=features(source, data, root, found),
     )
 
 
@@ -266,9 +305,20 @@ class _Body:
 
     module: str
     groups: list[_Group]
+    found: _Found
     by_key: dict[tuple[str, int, str], _Group] = field(default_factory=dict)
     doc: str | None = None  # the pending `@doc`
     moduledoc: str | None = None
+    impl: bool = False  # an `@impl` (other than `@impl false`) waits for its definition
+
+
+@dataclass
+class _Found:
+    """Per-file accumulators of the module walk."""
+
+    types: list[TypeInfo] = field(default_factory=list)
+    behaviours: list[Behaviour] = field(default_factory=list)
+    impls: dict[str, set[str]] = field(default_factory=dict)
 
 
 class _Extractor:
@@ -287,10 +337,11 @@ class _Extractor:
 
     # ---------------------------------------------------------------- modules
 
-    def run(self, root: Node) -> tuple[list[ModuleInfo], list[FunctionInfo]]:
+    def run(self, root: Node) -> Definitions:
         found = self.module_calls(root)
         modules: list[ModuleInfo] = []
         groups: list[_Group] = []
+        acc = _Found()
         stack: list[tuple[int, str]] = []  # (end_byte, full name) of enclosing modules
         for node in found:
             while stack and stack[-1][0] <= node.start_byte:
@@ -304,7 +355,7 @@ class _Extractor:
             if name is None:
                 continue
             body = self.module_body(node, args)
-            moduledoc = self.collect(body, name, groups)
+            moduledoc = self.collect(body, name, groups, acc)
             modules.append(
                 ModuleInfo(
                     name=name,
@@ -329,7 +380,8 @@ class _Extractor:
             )
             for g in groups
         ]
-        return modules, functions
+        clauses = {(g.module, g.name, g.arity, g.kind): len(g.sources) for g in groups}
+        return Definitions(modules, functions, clauses, acc.types, acc.behaviours, acc.impls)
 
     def module_calls(self, root: Node) -> list[Node]:
         """Every `defmodule`/`defprotocol`/`defimpl` call, in source order.
@@ -418,9 +470,11 @@ class _Extractor:
 
     # -------------------------------------------------------------- functions
 
-    def collect(self, statements: list[Node], module: str, groups: list[_Group]) -> str | None:
+    def collect(
+        self, statements: list[Node], module: str, groups: list[_Group], found: _Found
+    ) -> str | None:
         """Record the definitions among `statements`; return the module's `@moduledoc`."""
-        body = _Body(module=module, groups=groups)
+        body = _Body(module=module, groups=groups, found=found)
         self._walk_body(statements, body)
         return body.moduledoc
 
@@ -440,6 +494,9 @@ class _Extractor:
                 doc = body.doc
                 body.doc = None
                 self._clause(stmt, keyword, doc, body)
+                body.impl = False
+            elif keyword == "use":
+                self._behaviour(stmt, "use", body)
             elif keyword in _CONDITIONALS:
                 for child in stmt.children:
                     if child.type == "do_block":
@@ -461,16 +518,55 @@ class _Extractor:
         if target is None or target.type != "identifier":
             return
         name = target.text
-        if name not in (b"doc", b"moduledoc"):
-            return
         args = _arguments(operand)
         value = _first_named(args) if args is not None else None
+        if name in _TYPE_KINDS and value is not None and name is not None:
+            self._type(value, name.decode(), body)
+            return
+        if name == b"behaviour":
+            self._behaviour(operand, "behaviour", body)
+            return
+        if name == b"impl":
+            body.impl = value is not None and value.text != b"false"
+            return
+        if name not in (b"doc", b"moduledoc"):
+            return
         if value is None or value.type in ("keywords", "list"):
             return  # metadata such as `@doc since: "1.2"` leaves the doc alone
         if name == b"doc":
             body.doc = self.literal(value)
         else:
             body.moduledoc = self.literal(value)
+
+    def _type(self, value: Node, kind: str, body: _Body) -> None:
+        """`@type name(args) :: spec` (also `when` clauses of callbacks): name and arity."""
+        node = value
+        while node.type == "binary_operator":
+            op = node.child_by_field_name("operator")
+            left = node.child_by_field_name("left")
+            if op is None or left is None or op.type not in ("when", "::"):
+                break
+            node = left
+        signature = _signature(node)
+        if signature is not None:
+            body.found.types.append(
+                TypeInfo(
+                    module=body.module,
+                    name=signature[0],
+                    arity=signature[1],
+                    kind=kind,  # type: ignore[arg-type]
+                    line=value.start_point.row + 1,
+                )
+            )
+
+    def _behaviour(self, call: Node, via: str, body: _Body) -> None:
+        args = _arguments(call)
+        first = _first_named(args) if args is not None else None
+        if first is None or first.type not in ("alias", "atom", "dot", "identifier"):
+            return
+        name = self.alias_name(first, body.module)
+        if name:
+            body.found.behaviours.append(Behaviour(body.module, name, via))
 
     def literal(self, node: Node) -> str | None:
         """The value of a string, charlist or `~S`/`~s` sigil literal; None otherwise."""
@@ -511,6 +607,8 @@ class _Extractor:
             return
         name, arity = signature
         kind = "def" if keyword == "defdelegate" else keyword
+        if body.impl:
+            body.found.impls.setdefault(body.module, set()).add(f"{name}/{arity}")
         # When only blanks precede the clause on its line, de-indent its later lines by
         # as many columns (Elixir-heredoc style: never strip more than blanks).
         start = stmt.start_byte

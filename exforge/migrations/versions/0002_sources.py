@@ -46,9 +46,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("source_id"),
     )
     with op.batch_alter_table("license_outcomes", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_license_outcomes_package"), ["package"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_license_outcomes_package"), ["package"], unique=False)
 
 
 def downgrade() -> None:

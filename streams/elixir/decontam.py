@@ -1,0 +1,102 @@
+"""Decontamination against evaluation benchmarks (MultiPL-E style JSONL files).
+
+Each benchmark problem gives two texts, its `prompt` and its `tests` (a reference
+`solution`/`canonical_solution` too, when the file has one). Texts are normalised to
+lowercase word tokens and cut into n-grams; n-grams shared by many problems (the
+`defmodule HumanEval do`/`ExUnit.start()` boilerplate) are dropped from the index, so
+what is left identifies one problem. A file is contaminated when it holds at least
+`threshold` of the distinctive n-grams of any one problem text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+__all__ = ["BenchmarkIndex", "Contamination", "load_index", "ngrams"]
+
+_TOKEN = re.compile(r"\w+")
+TEXT_FIELDS = ("prompt", "tests", "solution", "canonical_solution")
+# An n-gram found in more problem texts than this is boilerplate, not evidence.
+MAX_SHARED_TEXTS = 5
+MIN_DISTINCTIVE = 3  # texts with fewer distinctive n-grams are too generic to match
+
+
+def ngrams(text: str, n: int) -> set[int]:
+    """Hashes of the n-grams of lowercase word tokens (all of them when fewer than n)."""
+    tokens = _TOKEN.findall(text.lower())
+    if len(tokens) < n:
+        return {hash(tuple(tokens))} if tokens else set()
+    return {hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1)}
+
+
+@dataclass(frozen=True)
+class Contamination:
+    problem: str  # `name` of the problem, `#field`: which of its texts matched
+    overlap: float
+
+
+class BenchmarkIndex:
+    """Distinctive n-grams of every benchmark text, and which text each belongs to."""
+
+    def __init__(self, texts: Sequence[tuple[str, str]], n: int, threshold: float) -> None:
+        self.n = n
+        self.threshold = threshold
+        grams = [ngrams(text, n) for _, text in texts]
+        shared = Counter(g for gs in grams for g in gs)
+        self.names: list[str] = []
+        self.sizes: list[int] = []
+        self.owners: dict[int, list[int]] = defaultdict(list)
+        for (name, _), gs in zip(texts, grams, strict=True):
+            distinctive = {g for g in gs if shared[g] <= MAX_SHARED_TEXTS}
+            if len(distinctive) < MIN_DISTINCTIVE:
+                continue
+            index = len(self.names)
+            self.names.append(name)
+            self.sizes.append(len(distinctive))
+            for g in distinctive:
+                self.owners[g].append(index)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def check(self, text: str) -> Contamination | None:
+        """The benchmark text `text` overlaps most, if that overlap reaches the threshold."""
+        hits: Counter[int] = Counter()
+        for g in ngrams(text, self.n):
+            owners = self.owners.get(g)
+            if owners:
+                hits.update(owners)
+        best: Contamination | None = None
+        for index, count in hits.items():
+            overlap = count / self.sizes[index]
+            if overlap >= self.threshold and (best is None or overlap > best.overlap):
+                best = Contamination(self.names[index], overlap)
+        return best
+
+
+def read_problems(paths: Iterable[Path]) -> list[tuple[str, str]]:
+    """(`name#field`, text) for every benchmark text field of every JSONL line."""
+    texts: list[tuple[str, str]] = []
+    for path in paths:
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            problem = json.loads(line)
+            name = str(problem.get("name") or f"{path.name}:{number}")
+            for field in TEXT_FIELDS:
+                value = problem.get(field)
+                if isinstance(value, str) and value.strip():
+                    texts.append((f"{name}#{field}", value))
+    return texts
+
+
+@cache
+def load_index(paths: tuple[Path, ...], n: int, threshold: float) -> BenchmarkIndex:
+    """The index of the benchmark files (built once per process and parameters)."""
+    return BenchmarkIndex(read_problems(paths), n, threshold)

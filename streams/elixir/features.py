@@ -1,0 +1,455 @@
+"""Whole-file features of an Elixir file: one tree-sitter query, then plain counting.
+
+Everything that needs nodes anywhere in the tree (pipes, pattern matches, process
+primitives, macros, ExUnit, supervision trees) comes from a single query run by
+tree-sitter in C; Python only looks at the captured nodes, so the cost stays close to
+parsing alone. Doctests come from the docs the module walk read; metrics from the text.
+
+Conventions:
+
+* `complexity` is 1 + branch points: each extra clause of a function, each extra clause
+  of a `case`/`cond`/`receive`/`try`/`with ... else`/`fn`, each `if`/`unless`, and each
+  `and`/`or`/`&&`/`||`/`when`.
+* A line is a comment line when only blanks precede the comment that starts on it.
+* `destructuring` counts `=` and `<-` whose left side is a tuple, list, map or struct,
+  binary or `<>`/`|` pattern.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Iterable
+
+from tree_sitter import Node, Query, QueryCursor
+
+from schemas.records import (
+    BehaviourUse,
+    CodeMetrics,
+    Doctest,
+    ElixirAnalysis,
+    FunctionInfo,
+    ModuleInfo,
+    SupervisionTree,
+)
+from streams.elixir.analysis import LANGUAGE, Definitions
+
+__all__ = ["OTP_CALLBACKS", "code_metrics", "doctests", "features"]
+
+# Callbacks of the process behaviours a module can adopt with `use`/`@behaviour`.
+OTP_CALLBACKS: dict[str, frozenset[str]] = {
+    "GenServer": frozenset(
+        {
+            "init/1",
+            "handle_call/3",
+            "handle_cast/2",
+            "handle_info/2",
+            "handle_continue/2",
+            "terminate/2",
+            "code_change/3",
+            "format_status/1",
+            "format_status/2",
+            "child_spec/1",
+        }
+    ),
+    "Supervisor": frozenset({"init/1", "child_spec/1"}),
+    "DynamicSupervisor": frozenset({"init/1", "child_spec/1"}),
+    "Agent": frozenset({"child_spec/1"}),
+    "Task": frozenset({"child_spec/1"}),
+    "GenStage": frozenset(
+        {
+            "init/1",
+            "handle_demand/2",
+            "handle_events/3",
+            "handle_subscribe/4",
+            "handle_cancel/3",
+            "handle_call/3",
+            "handle_cast/2",
+            "handle_info/2",
+            "terminate/2",
+            "code_change/3",
+            "format_status/2",
+        }
+    ),
+    "Application": frozenset(
+        {"start/2", "stop/1", "prep_stop/1", "start_phase/3", "config_change/3"}
+    ),
+    "Registry": frozenset(),
+}
+# Modules whose calls show a file works with an OTP abstraction it does not adopt.
+_CALLED_OTP = ("Registry", "Agent", "Task", "GenServer", "Supervisor", "DynamicSupervisor")
+_SPAWNS = frozenset({"spawn", "spawn_link", "spawn_monitor"})
+_BRANCHING_STABS = frozenset({"case", "cond", "receive", "try", "with", "fn"})
+_COMPOSITE = frozenset({"tuple", "list", "map", "struct", "bitstring", "binary_operator"})
+
+_QUERY_SOURCE = """
+(binary_operator operator: "|>") @pipe
+(binary_operator operator: ["=" "<-"] left: (_) @lhs) @match
+(binary_operator operator: ["and" "or" "&&" "||" "when"]) @logic
+(stab_clause) @stab
+(comment) @comment
+(call target: (identifier) @local
+  (#any-of? @local "case" "cond" "with" "if" "unless" "receive" "try" "spawn" "spawn_link"
+    "spawn_monitor" "send" "quote" "unquote" "unquote_splicing" "test" "describe"
+    "doctest"))
+(call target: (dot left: (alias) @remote_module right: (identifier) @remote_fun)
+  (#any-of? @remote_module "Process" "Kernel" "Supervisor" "DynamicSupervisor" "Registry"
+    "Agent" "Task" "GenServer")) @remote
+"""
+_QUERY = Query(LANGUAGE, _QUERY_SOURCE)
+_IEX = re.compile(r"^\s*iex(?:\(\d+\))?>\s?(.*)$")
+_CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
+_ALNUM = re.compile(r"[^\W_]+")
+
+
+def features(source: str, data: bytes, root: Node, found: Definitions) -> ElixirAnalysis:
+    """The file's features, from its tree and the module walk's definitions."""
+    captures: dict[str, list[Node]] = {}
+    remotes: list[tuple[Node, str, str]] = []
+    for _pattern, match in QueryCursor(_QUERY).matches(root):
+        if "remote" in match:
+            (call,), (mod,), (fun,) = match["remote"], match["remote_module"], match["remote_fun"]
+            remotes.append((call, _text(mod), _text(fun)))
+            continue
+        for name, nodes in match.items():
+            captures.setdefault(name, []).extend(nodes)
+    modules = found.modules
+    locals_ = Counter(_text(n) for n in captures.get("local", ()))
+    pipes = captures.get("pipe", [])
+    trees = _supervisors(remotes, modules)
+    return ElixirAnalysis(
+        types=found.types,
+        doctests=doctests(modules, found.functions),
+        behaviours=_behaviours(found, remotes, trees),
+        supervisors=trees,
+        pipes=len(pipes),
+        longest_pipe=_longest_pipe(pipes),
+        multi_clause_functions=sum(1 for n in found.clauses.values() if n > 1),
+        case=locals_["case"],
+        cond=locals_["cond"],
+        with_=locals_["with"],
+        destructuring=sum(1 for n in captures.get("lhs", ()) if n.type in _COMPOSITE),
+        spawns=sum(locals_[s] for s in _SPAWNS)
+        + sum(1 for _, mod, fun in remotes if fun in _SPAWNS and mod in ("Kernel", "Process")),
+        sends=locals_["send"] + sum(1 for _, mod, fun in remotes if fun == "send"),
+        receives=locals_["receive"],
+        macros=sum(1 for f in found.functions if f.kind in ("defmacro", "defmacrop")),
+        quotes=locals_["quote"],
+        unquotes=locals_["unquote"] + locals_["unquote_splicing"],
+        test_modules=sorted(
+            {b.module for b in found.behaviours if b.via == "use" and b.name == "ExUnit.Case"}
+        ),
+        tests=locals_["test"],
+        describes=locals_["describe"],
+        doctest_targets=_doctest_targets(captures.get("local", ())),
+        metrics=code_metrics(
+            source,
+            data,
+            captures.get("comment", ()),
+            found.functions,
+            _complexity(found, captures, locals_),
+        ),
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _text(node: Node) -> str:
+    return node.text.decode("utf-8", "replace") if node.text is not None else ""
+
+
+def _args(call: Node) -> list[Node]:
+    for child in call.children:
+        if child.type == "arguments":
+            return [c for c in child.named_children if c.type != "comment"]
+    return []
+
+
+def _owner(node: Node, modules: list[ModuleInfo]) -> str | None:
+    """The innermost module whose lines hold `node`."""
+    row = node.start_point.row + 1
+    inside = [m for m in modules if m.start_line <= row <= m.end_line]
+    return max(inside, key=lambda m: m.start_line).name if inside else None
+
+
+def _longest_pipe(pipes: list[Node]) -> int:
+    """`|>` count of the longest chain (a chain nests through the left operand)."""
+    longest = 0
+    for pipe in pipes:
+        parent = pipe.parent
+        left_of_parent = (
+            parent is not None
+            and parent.type == "binary_operator"
+            and parent.child_by_field_name("left") == pipe
+            and (op := parent.child_by_field_name("operator")) is not None
+            and op.type == "|>"
+        )
+        if left_of_parent:
+            continue  # not the top of its chain
+        length = 0
+        node: Node | None = pipe
+        while node is not None and node.type == "binary_operator":
+            op = node.child_by_field_name("operator")
+            if op is None or op.type != "|>":
+                break
+            length += 1
+            node = node.child_by_field_name("left")
+        longest = max(longest, length)
+    return longest
+
+
+def _complexity(found: Definitions, captures: dict[str, list[Node]], locals_: Counter[str]) -> int:
+    extra_clauses = sum(n - 1 for n in found.clauses.values())
+    stabs = Counter()
+    for stab in captures.get("stab", ()):
+        holder = stab.parent
+        construct = (
+            holder.parent if holder is not None and holder.type != "anonymous_function" else holder
+        )
+        if construct is None:
+            continue
+        keyword = "fn" if construct.type == "anonymous_function" else None
+        if construct.type == "call":
+            target = construct.child_by_field_name("target")
+            keyword = _text(target) if target is not None else None
+        if keyword in _BRANCHING_STABS:
+            stabs[(construct.start_byte, construct.end_byte)] += 1
+    stab_branches = sum(n - 1 for n in stabs.values())
+    conditionals = locals_["if"] + locals_["unless"]
+    return 1 + extra_clauses + stab_branches + conditionals + len(captures.get("logic", ()))
+
+
+def _doctest_targets(calls: Iterable[Node]) -> list[str]:
+    targets = []
+    for name in calls:
+        call = name.parent
+        if _text(name) != "doctest" or call is None:
+            continue
+        args = _args(call)
+        if args and args[0].type == "alias":
+            targets.append("".join(_text(args[0]).split()))
+    return sorted(set(targets))
+
+
+def _behaviours(
+    found: Definitions, remotes: list[tuple[Node, str, str]], trees: list[SupervisionTree]
+) -> list[BehaviourUse]:
+    """Adopted behaviours with their implemented callbacks; then OTP modules only called
+    or supervised (`via="call"`)."""
+    defined: dict[str, set[str]] = {}
+    for f in found.functions:
+        defined.setdefault(f.module, set()).add(f"{f.name}/{f.arity}")
+    result: list[BehaviourUse] = []
+    seen: set[tuple[str, str]] = set()
+    for b in found.behaviours:
+        if (b.module, b.name) in seen:
+            continue
+        seen.add((b.module, b.name))
+        known = OTP_CALLBACKS.get(b.name)
+        mine = defined.get(b.module, set())
+        if known is not None:
+            callbacks = mine & known
+        else:  # a behaviour of its own: what the module marks `@impl`, not OTP's
+            otp_names = set().union(
+                *(OTP_CALLBACKS.get(o.name, ()) for o in found.behaviours if o.module == b.module)
+            )
+            callbacks = found.impls.get(b.module, set()) - otp_names
+        result.append(
+            BehaviourUse(
+                module=b.module,
+                behaviour=b.name,
+                via=b.via,  # type: ignore[arg-type]
+                otp=known is not None,
+                callbacks=sorted(callbacks),
+            )
+        )
+    called = [(_owner(node, found.modules), mod) for node, mod, _fun in remotes]
+    called += [(t.module, c) for t in trees for c in t.children]
+    for owner, mod in called:
+        if mod in _CALLED_OTP and owner is not None and (owner, mod) not in seen:
+            seen.add((owner, mod))
+            result.append(BehaviourUse(module=owner, behaviour=mod, via="call", otp=True))
+    return result
+
+
+def _supervisors(
+    remotes: list[tuple[Node, str, str]], modules: list[ModuleInfo]
+) -> list[SupervisionTree]:
+    trees = []
+    for call, mod, fun in remotes:
+        if mod not in ("Supervisor", "DynamicSupervisor") or fun not in ("init", "start_link"):
+            continue
+        args = _args(call)
+        owner = _owner(call, modules)
+        if owner is None:
+            continue
+        if mod == "DynamicSupervisor":
+            if fun == "init" or (args and args[0].type == "keywords"):
+                trees.append(
+                    SupervisionTree(
+                        module=owner, supervisor=mod, strategy=_strategy(args), children=[]
+                    )
+                )
+            continue
+        if not args or args[0].type not in ("list", "identifier"):
+            continue  # Supervisor.start_link(Module, arg): the tree is in Module.init/1
+        children = args[0] if args[0].type == "list" else _bound_list(call, _text(args[0]))
+        options = [_bound_list(call, _text(a)) or a if a.type == "identifier" else a for a in args]
+        trees.append(
+            SupervisionTree(
+                module=owner,
+                supervisor=mod,
+                strategy=_strategy(options),
+                children=[] if children is None else _children(children, owner),
+            )
+        )
+    return trees
+
+
+def _strategy(args: list[Node]) -> str | None:
+    """`strategy:` among keyword arguments, or in a keyword list argument."""
+    for arg in args:
+        keywords = arg if arg.type == "keywords" else None
+        if arg.type == "list":
+            keywords = next((c for c in arg.named_children if c.type == "keywords"), None)
+        if keywords is None:
+            continue
+        for pair in keywords.named_children:
+            key = pair.child_by_field_name("key")
+            value = pair.child_by_field_name("value")
+            if key is not None and value is not None and _text(key).strip() == "strategy:":
+                return _text(value).lstrip(":")
+    return None
+
+
+def _bound_list(call: Node, name: str) -> Node | None:
+    """The list last bound to `name` before `call` in the enclosing definition."""
+    scope: Node | None = call.parent
+    while scope is not None and scope.type != "do_block":
+        scope = scope.parent
+    if scope is None:
+        return None
+    bound = None
+    for stmt in scope.named_children:
+        if stmt.start_byte >= call.start_byte:
+            break
+        if stmt.type != "binary_operator":
+            continue
+        op = stmt.child_by_field_name("operator")
+        left = stmt.child_by_field_name("left")
+        right = stmt.child_by_field_name("right")
+        if (
+            op is not None
+            and op.type == "="
+            and left is not None
+            and _text(left) == name
+            and right is not None
+            and right.type == "list"
+        ):
+            bound = right
+    return bound
+
+
+def _children(children: Node, owner: str) -> list[str]:
+    return [_child_name(c, owner) for c in children.named_children if c.type != "comment"]
+
+
+def _child_name(spec: Node, owner: str) -> str:
+    """The module a child spec starts: `Mod`, `{Mod, arg}`, `Mod.child_spec(..)`, maps…"""
+    kind = spec.type
+    if kind == "alias":
+        return "".join(_text(spec).split())
+    if kind == "identifier" and _text(spec) == "__MODULE__":
+        return owner
+    if kind == "tuple" and spec.named_children:
+        return _child_name(spec.named_children[0], owner)
+    if kind == "call":
+        target = spec.child_by_field_name("target")
+        args = _args(spec)
+        if target is not None and target.type == "dot":
+            left = target.child_by_field_name("left")
+            if left is not None and _text(left) == "Supervisor" and args:
+                return _child_name(args[0], owner)  # Supervisor.child_spec({Mod, a}, id: ..)
+            if left is not None:
+                return _child_name(left, owner)
+        if target is not None and _text(target) in ("worker", "supervisor") and args:
+            return _child_name(args[0], owner)
+    if kind == "map":
+        for pair in (p for c in spec.named_children for p in c.named_children):
+            key = pair.child_by_field_name("key")
+            value = pair.child_by_field_name("value")
+            if key is not None and value is not None and _text(key).strip() == "start:":
+                return _child_name(value, owner)
+    return " ".join(_text(spec).split())[:80]
+
+
+def doctests(modules: list[ModuleInfo], functions: list[FunctionInfo]) -> list[Doctest]:
+    """The `iex>` examples in every moduledoc and doc, in source order."""
+    docs = [(m.name, m.moduledoc, m.start_line) for m in modules] + [
+        (f"{f.module}.{f.name}/{f.arity}", f.doc, f.start_line) for f in functions
+    ]
+    found: list[Doctest] = []
+    for owner, doc, _line in sorted(docs, key=lambda d: d[2]):
+        if doc and "iex" in doc:
+            found.extend(_examples(owner, doc))
+    return found
+
+
+def _examples(owner: str, doc: str) -> Iterable[Doctest]:
+    lines = doc.split("\n")
+    i = 0
+    while i < len(lines):
+        prompt = _IEX.match(lines[i])
+        i += 1
+        if prompt is None:
+            continue
+        expression = [prompt.group(1)]
+        while i < len(lines) and (more := _CONTINUATION.match(lines[i])) is not None:
+            expression.append(more.group(1))
+            i += 1
+        expected = []
+        while i < len(lines) and lines[i].strip() and _IEX.match(lines[i]) is None:
+            expected.append(lines[i].strip())
+            i += 1
+        yield Doctest(
+            owner=owner,
+            expression="\n".join(expression).strip(),
+            expected="\n".join(expected) or None,
+        )
+
+
+def code_metrics(
+    source: str,
+    data: bytes,
+    comments: Iterable[Node],
+    functions: list[FunctionInfo],
+    complexity: int,
+) -> CodeMetrics:
+    """Line metrics of `source` (`data` is its UTF-8 encoding, `comments` its comments)."""
+    lines = source.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        return CodeMetrics(complexity=complexity)
+    lengths = [len(line) for line in lines]
+    non_blank = sum(1 for line in lines if line.strip())
+    comment_rows = set()
+    for comment in comments:
+        start = comment.start_byte
+        column = comment.start_point.column
+        if not data[start - column : start].strip():
+            comment_rows.add(comment.start_point.row)
+    public = [f for f in functions if f.public]
+    alnum = sum(len(run) for run in _ALNUM.findall(source))
+    return CodeMetrics(
+        lines=len(lines),
+        loc=non_blank - len(comment_rows),
+        comment_lines=len(comment_rows),
+        comment_ratio=len(comment_rows) / non_blank if non_blank else 0.0,
+        doc_coverage=(sum(1 for f in public if f.doc) / len(public)) if public else None,
+        max_line_length=max(lengths),
+        mean_line_length=sum(lengths) / len(lengths),
+        alphanumeric_fraction=alnum / len(source) if source else 0.0,
+        complexity=complexity,
+    )

@@ -1,0 +1,197 @@
+"""Near-duplicate detection: MinHash signatures, LSH bands, and the decision rules.
+
+Signatures are MinHash (datasketch) over 5-token shingles with 256 permutations; the
+signature is cut into `bands` bands of `rows` rows, chosen to minimise the sum of the
+false-positive and false-negative probabilities at the Jaccard threshold (0.7, BigCode's
+parameters): `optimal_bands`. Two files whose band hashes collide in any band are
+candidates; each band hash is a bucket key `band:hash`.
+
+The decision is made in the stream (see `streams.parse`), by these pure rules:
+
+* `Bucket` keeps the smallest sha256 registered in it (and the cluster of a file that
+  already settled in it). A newcomer is told about a smaller member; a displaced member
+  is told about the newcomer. So once every file of a batch is registered, each file
+  knows whether *some* file of a smaller sha256 shares a bucket with it, whatever the
+  order the registrations came in.
+* `decide`: a held file colliding with an already settled file (an earlier batch) is a
+  near-duplicate of that file's cluster; otherwise a file with a smaller colliding file
+  in its own batch is a near-duplicate of the smallest one it heard of; otherwise it is
+  kept and starts its own cluster.
+
+Both rules depend only on the set of files, never on their arrival order, so the kept
+set does not depend on the number of workers or partitions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+from datasketch import MinHash
+
+__all__ = [
+    "NUM_PERM",
+    "SHINGLE",
+    "THRESHOLD",
+    "Bucket",
+    "Held",
+    "band_keys",
+    "batch_decisions",
+    "decide",
+    "lsh_errors",
+    "optimal_bands",
+    "shingles",
+    "signature",
+]
+
+NUM_PERM = 256
+SHINGLE = 5
+THRESHOLD = 0.7
+SEED = 42
+SCHEME = "affine32"  # datasketch 2 default; fixed so signatures stay comparable
+_TOKEN = re.compile(r"\w+")
+
+
+def _integrate(f: Callable[[float], float], a: float, b: float, steps: int = 200) -> float:
+    """Composite Simpson's rule (`steps` even)."""
+    h = (b - a) / steps
+    total = f(a) + f(b)
+    for i in range(1, steps):
+        total += (4 if i % 2 else 2) * f(a + i * h)
+    return total * h / 3
+
+
+def lsh_errors(threshold: float, bands: int, rows: int) -> tuple[float, float]:
+    """(false-positive, false-negative) areas of banding with `bands` x `rows`.
+
+    A pair of Jaccard similarity s collides in at least one band with probability
+    1 - (1 - s^rows)^bands: below the threshold that is a false positive, above it
+    a miss is a false negative.
+    """
+
+    def collide(s: float) -> float:
+        return 1 - (1 - s**rows) ** bands
+
+    false_positive = _integrate(collide, 0.0, threshold)
+    false_negative = _integrate(lambda s: 1 - collide(s), threshold, 1.0)
+    return false_positive, false_negative
+
+
+@cache
+def optimal_bands(threshold: float = THRESHOLD, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows) with bands * rows <= num_perm minimising FP + FN at `threshold`."""
+    best: tuple[float, int, int] | None = None
+    for bands in range(1, num_perm + 1):
+        for rows in range(1, num_perm // bands + 1):
+            error = sum(lsh_errors(threshold, bands, rows))
+            if best is None or error < best[0]:
+                best = (error, bands, rows)
+    assert best is not None
+    return best[1], best[2]
+
+
+def shingles(text: str, size: int = SHINGLE) -> set[bytes]:
+    """Word-token shingles of `size` tokens (one shingle of all tokens if fewer)."""
+    tokens = _TOKEN.findall(text)
+    if not tokens:
+        return set()
+    if len(tokens) < size:
+        return {" ".join(tokens).encode()}
+    return {" ".join(tokens[i : i + size]).encode() for i in range(len(tokens) - size + 1)}
+
+
+@cache
+def _permutations(num_perm: int) -> np.ndarray:
+    """datasketch's permutations for the seed, drawn once (not per file)."""
+    return MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
+
+
+def signature(text: str, num_perm: int = NUM_PERM) -> np.ndarray | None:
+    """The MinHash signature of the text's shingles; None when it has no tokens."""
+    grams = shingles(text)
+    if not grams:
+        return None
+    minhash = MinHash(
+        num_perm=num_perm, seed=SEED, permutations=_permutations(num_perm), scheme=SCHEME
+    )
+    minhash.update_batch(list(grams))
+    return minhash.hashvalues
+
+
+def band_keys(text: str, threshold: float = THRESHOLD, num_perm: int = NUM_PERM) -> list[str]:
+    """The LSH bucket keys `band:hash` of a text (none for a text without tokens)."""
+    values = signature(text, num_perm)
+    if values is None:
+        return []
+    bands, rows = optimal_bands(threshold, num_perm)
+    keys = []
+    for band in range(bands):
+        chunk = values[band * rows : (band + 1) * rows].astype("<u8").tobytes()
+        keys.append(f"{band}:{hashlib.blake2b(chunk, digest_size=8).hexdigest()}")
+    return keys
+
+
+# ------------------------------------------------------------------- decision rules
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """One LSH bucket's state: its smallest member, and a settled file's cluster."""
+
+    smallest: str | None = None
+    settled: str | None = None  # cluster of the smallest-cluster file settled here
+
+    def register(self, sha256: str) -> tuple[Bucket, list[tuple[str, str, str]]]:
+        """Add a file; the messages to send, as (to file, kind, about)."""
+        if self.settled is not None:
+            return self, [(sha256, "settled", self.settled)]
+        if self.smallest is None or self.smallest == sha256:
+            return Bucket(sha256, None), []
+        if self.smallest < sha256:
+            return self, [(sha256, "earlier", self.smallest)]
+        return Bucket(sha256, None), [(self.smallest, "earlier", sha256)]
+
+    def settle(self, cluster: str) -> Bucket:
+        if self.settled is None or cluster < self.settled:
+            return Bucket(self.smallest, cluster)
+        return self
+
+
+@dataclass(frozen=True)
+class Held:
+    """What a held file has heard from its buckets before its batch is decided."""
+
+    earlier: str | None = None  # smallest smaller file sharing a bucket
+    settled: str | None = None  # smallest cluster of an already settled file in a bucket
+
+    def hear(self, kind: str, about: str) -> Held:
+        if kind == "earlier" and (self.earlier is None or about < self.earlier):
+            return Held(about, self.settled)
+        if kind == "settled" and (self.settled is None or about < self.settled):
+            return Held(self.earlier, about)
+        return self
+
+
+def decide(held: Held) -> str | None:
+    """The cluster the file is a near-duplicate of; None when it is kept."""
+    if held.settled is not None:
+        return held.settled
+    return held.earlier
+
+
+def batch_decisions(files: Mapping[str, Sequence[str]]) -> dict[str, str | None]:
+    """The stream's outcome for one batch (sha256 → band keys), computed in one process:
+    sha256 → cluster it is a near-duplicate of, or None when kept. Registration order
+    does not matter (files are registered in the mapping's order)."""
+    buckets: dict[str, Bucket] = {}
+    heard: dict[str, Held] = {sha: Held() for sha in files}
+    for sha, bands in files.items():
+        for band in bands:
+            buckets[band], sends = buckets.get(band, Bucket()).register(sha)
+            for to, kind, about in sends:
+                heard[to] = heard[to].hear(kind, about)
+    return {sha: decide(held) for sha, held in heard.items()}

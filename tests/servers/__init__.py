@@ -1,0 +1,1 @@
+"""Local HTTP servers that speak the source registries' formats, for the tests."""

@@ -1,0 +1,98 @@
+"""Near-duplicate detection: banding parameters, signatures, and order-free decisions."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from datasketch.lsh import _optimal_param
+
+from streams.elixir.neardup import (
+    NUM_PERM,
+    THRESHOLD,
+    Bucket,
+    Held,
+    band_keys,
+    batch_decisions,
+    decide,
+    lsh_errors,
+    optimal_bands,
+    shingles,
+)
+from streams.elixir.synthetic import module, recommented, renamed, reordered
+
+
+def test_bands_minimise_false_positives_plus_negatives_at_the_threshold() -> None:
+    bands, rows = optimal_bands(THRESHOLD, NUM_PERM)
+    assert (bands, rows) == _optimal_param(THRESHOLD, NUM_PERM, 0.5, 0.5) == (25, 10)
+    assert bands * rows <= NUM_PERM
+    best = sum(lsh_errors(THRESHOLD, bands, rows))
+    for b, r in ((16, 16), (32, 8), (64, 4), (26, 9), (24, 10), (25, 9)):
+        assert sum(lsh_errors(THRESHOLD, b, r)) > best, (b, r)
+
+
+def test_lsh_error_integrals() -> None:
+    # one band of one row collides with probability s: FP area is t²/2, FN (1-t)²/2
+    false_positive, false_negative = lsh_errors(0.7, 1, 1)
+    assert abs(false_positive - 0.7**2 / 2) < 1e-9
+    assert abs(false_negative - 0.3**2 / 2) < 1e-9
+
+
+def test_shingles_and_band_keys() -> None:
+    assert shingles("a b c d e f") == {b"a b c d e", b"b c d e f"}
+    assert shingles("x |> y") == {b"x y"}
+    assert shingles(" \n ") == set()
+    assert band_keys("%{} -> []") == []
+    text = module(random.Random(1), "A").source()
+    keys = band_keys(text)
+    assert len(keys) == 25 and len(set(keys)) == 25
+    assert [k.split(":")[0] for k in keys] == [str(i) for i in range(25)]
+    assert band_keys(text) == keys  # deterministic across calls (and processes: fixed seed)
+
+
+def test_variants_collide_and_distinct_modules_do_not() -> None:
+    rng = random.Random(3)
+    bases = [module(rng, f"M{i}") for i in range(20)]
+    keys = [set(band_keys(m.source())) for m in bases]
+    assert not any(a & b for a, b in itertools.combinations(keys, 2))
+    hits = 0
+    for base, base_keys in zip(bases, keys, strict=True):
+        for variant in (renamed(rng, base), reordered(rng, base), recommented(rng, base)):
+            hits += bool(base_keys & set(band_keys(variant.source())))
+    assert hits >= 57  # of 60
+
+
+def test_bucket_tells_each_file_of_a_smaller_one() -> None:
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    bucket, sends = Bucket().register(b)
+    assert (bucket, sends) == (Bucket(b), [])
+    bucket, sends = bucket.register(c)
+    assert sends == [(c, "earlier", b)]
+    bucket, sends = bucket.register(a)
+    assert (bucket, sends) == (Bucket(a), [(b, "earlier", a)])
+    assert bucket.register(a) == (bucket, [])  # a redelivery changes nothing
+    settled = bucket.settle(a)
+    assert settled.register(c) == (settled, [(c, "settled", a)])
+
+
+def test_decide() -> None:
+    assert decide(Held()) is None
+    assert decide(Held().hear("earlier", "b" * 64).hear("earlier", "a" * 64)) == "a" * 64
+    held = Held().hear("earlier", "a" * 64).hear("settled", "f" * 64)
+    assert decide(held) == "f" * 64  # an earlier batch wins over this one
+
+
+def test_batch_decisions_do_not_depend_on_order() -> None:
+    rng = random.Random(5)
+    files: dict[str, list[str]] = {}
+    for index in range(12):
+        base = module(rng, f"F{index}")
+        for variant in (base, renamed(rng, base), reordered(rng, base)):
+            text = variant.source()
+            files[f"{index:02d}{len(files):062d}"] = band_keys(text)
+    expected = batch_decisions(files)
+    assert sum(v is None for v in expected.values()) >= 12
+    for seed in range(5):
+        order = list(files.items())
+        random.Random(seed).shuffle(order)
+        assert batch_decisions(dict(order)) == expected

@@ -1,0 +1,1 @@
+"""Evaluation: sandboxed Elixir execution, benchmarks, pass@k and chrF, reports."""

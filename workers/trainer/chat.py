@@ -1,0 +1,105 @@
+"""Chat encoding with mistral-common's Tekken tokenizer and instruct format.
+
+The token ids are exactly what `MistralTokenizer.encode_chat_completion` produces (the
+format Devstral was trained with); only assistant tokens (and their end of sequence)
+carry a label, so the model learns to answer, not to predict prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import mistral_common
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    SystemMessage,
+    UserMessage,
+)
+from mistral_common.protocol.instruct.request import ChatCompletionRequest
+from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+IGNORE = -100
+SHIPPED_TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+ROLES = {"system": SystemMessage, "human": UserMessage, "gpt": AssistantMessage}
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One conversation: token ids and per-token labels (IGNORE outside answers)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+@cache
+def load_tokenizer(path: str | None = None, generation: bool = False) -> MistralTokenizer:
+    """A model directory's own `tekken.json` when given, else the one mistral-common ships.
+
+    Training validates conversations as fine-tuning data (ending in an answer);
+    `generation=True` validates prompts (ending in a user turn) instead.
+    """
+    file = Path(path) if path else SHIPPED_TEKKEN
+    if file.is_dir():
+        file = file / "tekken.json"
+    mode = ValidationMode.test if generation else ValidationMode.finetuning
+    return MistralTokenizer.from_file(str(file), mode=mode)
+
+
+def to_request(conversations: Sequence[dict[str, Any]]) -> ChatCompletionRequest:
+    """ShareGPT turns (`{"from", "value"}`) as a mistral-common chat request."""
+    return ChatCompletionRequest(
+        messages=[ROLES[turn["from"]](content=turn["value"]) for turn in conversations]
+    )
+
+
+def encode(tokenizer: MistralTokenizer, conversations: Sequence[dict[str, Any]]) -> Encoded:
+    """Encode a conversation; label exactly the tokens of each assistant message.
+
+    Assistant messages are encoded alone with the same instruct tokenizer and located, in
+    order, in the full encoding, so the labels follow the format's own rules (the system
+    prompt moves to the last user turn in this format, which breaks prefix-based masks).
+    """
+    request = to_request(conversations)
+    tokens = tokenizer.encode_chat_completion(request).tokens
+    instruct = tokenizer.instruct_tokenizer
+    messages = request.messages
+    last_user = max(i for i, m in enumerate(messages) if isinstance(m, UserMessage))
+    labels = [IGNORE] * len(tokens)
+    cursor = 0
+    for index, message in enumerate(messages):
+        if not isinstance(message, AssistantMessage):
+            continue
+        span = instruct.encode_assistant_message(message, index < last_user)
+        start = _find(tokens, span, cursor)
+        labels[start : start + len(span)] = span
+        cursor = start + len(span)
+    return Encoded(tokens, labels)
+
+
+def _find(haystack: list[int], needle: list[int], start: int) -> int:
+    for position in range(start, len(haystack) - len(needle) + 1):
+        if haystack[position : position + len(needle)] == needle:
+            return position
+    raise ValueError("assistant message not found in the encoded conversation")
+
+
+def prompt_ids(conversations: Sequence[dict[str, Any]], path: str | None = None) -> list[int]:
+    """Token ids of a conversation ending in a user turn, ready for generation."""
+    return (
+        load_tokenizer(path, generation=True)
+        .encode_chat_completion(to_request(conversations))
+        .tokens
+    )
+
+
+def decode(tokenizer: MistralTokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(list(ids))

@@ -1,0 +1,119 @@
+"""QLoRA adapters with peft on a frozen NF4 base, and merging them back.
+
+Only adapter weights train; the quantised base never changes (tests prove it bit for
+bit). Merging dequantises the base first, so the merged model is a plain bf16/fp32
+`MistralForCausalLM` that any serving stack can load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from pydantic import BaseModel, Field
+from transformers import MistralForCausalLM
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoraSettings(BaseModel):
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(ALL_LINEAR))
+    rslora: bool = Field(False, description="Scale by alpha/sqrt(rank) (stable at high rank).")
+    dora: bool = Field(False, description="Weight-decomposed LoRA (magnitude + direction).")
+    gradient_checkpointing: bool = False
+
+
+def apply_lora(model: MistralForCausalLM, settings: LoraSettings) -> PeftModel:
+    """Freeze the (quantised) base and wrap the target modules with adapters."""
+    if getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=settings.gradient_checkpointing
+        )
+    elif settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        use_rslora=settings.rslora,
+        use_dora=settings.dora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """The parameters that train (adapters), by a rank- and wrapper-independent name."""
+    return {_plain(name): param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def _plain(name: str) -> str:
+    return name.removeprefix("module.")  # DDP's wrapper prefix
+
+
+def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().clone() for name, p in trainable(model).items()}
+
+
+def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = trainable(model)
+    missing = set(params) ^ set(state)
+    if missing:
+        raise KeyError(f"adapter state does not match the model: {sorted(missing)[:4]}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(state[name])
+
+
+def dequantised_base(model: PeftModel, dtype: torch.dtype = torch.float32) -> MistralForCausalLM:
+    """A plain copy of the frozen base with every 4/8-bit weight dequantised."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    base = model.get_base_model()
+    plain = MistralForCausalLM(base.config).to(dtype)
+    state = {}
+    for name, module in base.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            state[f"{_base_name(name)}.weight"] = weight.to(dtype)
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            state[f"{_base_name(name)}.weight"] = _int8_weight(module).to(dtype)
+    for name, tensor in base.state_dict().items():
+        plain_name = _base_name(name)
+        if ".lora_" in name or plain_name in state or not plain_name.endswith("weight"):
+            continue
+        if tensor.dtype in (torch.uint8, torch.int8):
+            continue
+        state[plain_name] = tensor.to(dtype)
+    plain.load_state_dict(state, strict=True)
+    return plain.eval()
+
+
+def _int8_weight(module: torch.nn.Module) -> torch.Tensor:
+    weight = module.weight
+    return weight.data.float() * weight.SCB.unsqueeze(1) / 127
+
+
+def _base_name(name: str) -> str:
+    """`model.layers.0.self_attn.q_proj.base_layer` → `model.layers.0.self_attn.q_proj`."""
+    return name.replace(".base_layer", "")
+
+
+def merge(model: PeftModel, dtype: torch.dtype = torch.float32) -> MistralForCausalLM:
+    """Adapters folded into the dequantised base: W' = dequant(W) + scale · B A."""
+    base = dequantised_base(model, dtype)
+    config = model.peft_config["default"]
+    merged = get_peft_model(base, LoraConfig(**config.to_dict() | {"inference_mode": False}))
+    load_adapter_state(merged, adapter_state(model))
+    return merged.merge_and_unload().eval()
+
+
+def adapter_names(model: torch.nn.Module) -> Sequence[str]:
+    return sorted(trainable(model))

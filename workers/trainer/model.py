@@ -1,0 +1,328 @@
+"""Base models: presets, local directories, Mistral's native format, quantisation.
+
+Shared by training, evaluation and serving. A model spec is a preset name (`tiny`,
+`devstral-small`), a directory with a transformers `config.json`, a directory in Mistral's
+native format (`params.json` + `consolidated.safetensors`), or a Hugging Face id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import BitsAndBytesConfig, MistralConfig, MistralForCausalLM
+
+TEKKEN_VOCAB = 131_072
+Quantisation = Literal["none", "nf4", "int8"]
+
+# Devstral Small 2505/2507 as published; a real directory's config.json always wins.
+PRESETS: dict[str, dict[str, Any]] = {
+    "devstral-small": {
+        "hidden_size": 5120,
+        "intermediate_size": 32768,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": TEKKEN_VOCAB,
+        "rope_theta": 1e9,
+        "sliding_window": None,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+    # Same architecture and vocabulary, dimensions small enough for CPU tests.
+    "tiny": {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": TEKKEN_VOCAB,
+        "rope_theta": 1e9,
+        "sliding_window": None,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+    },
+}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    device: torch.device
+    compute_dtype: torch.dtype
+    bf16: bool
+
+
+def detect_device() -> DeviceInfo:
+    """CUDA with bf16 where the GPU has it, else CPU (bf16 kernels exist there too)."""
+    if torch.cuda.is_available():
+        bf16 = torch.cuda.is_bf16_supported()
+        return DeviceInfo(torch.device("cuda"), torch.bfloat16 if bf16 else torch.float16, bf16)
+    return DeviceInfo(torch.device("cpu"), torch.bfloat16, True)
+
+
+def preset_config(name: str, **overrides: Any) -> MistralConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
+    return MistralConfig(**{**PRESETS[name], **overrides})
+
+
+def load_config(spec: str) -> MistralConfig:
+    """The configuration a spec names, read from the directory when it is one."""
+    path = Path(spec)
+    if (path / "config.json").is_file():
+        return MistralConfig.from_pretrained(path)
+    if (path / "params.json").is_file():
+        return config_from_params(json.loads((path / "params.json").read_text()))
+    return preset_config(spec)
+
+
+def materialise_preset(name: str, directory: Path, seed: int = 0) -> Path:
+    """Write a randomly initialised preset model as safetensors, once per (name, seed).
+
+    Quantised loading goes through `from_pretrained`, which needs weights on disk; the
+    seed makes every worker and every resume see the same base.
+    """
+    target = directory / f"{name}-seed{seed}"
+    if (target / "config.json").is_file():
+        return target
+    torch.manual_seed(seed)
+    model = MistralForCausalLM(preset_config(name))
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def quantisation_config(
+    kind: Quantisation, compute_dtype: torch.dtype
+) -> BitsAndBytesConfig | None:
+    """NF4 with double quantisation and bf16 compute (QLoRA), INT8, or nothing."""
+    if kind == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_model(
+    spec: str, quantisation: Quantisation = "nf4", cache_dir: Path | None = None, seed: int = 0
+) -> MistralForCausalLM:
+    """Load a base model, memory-mapped and layer by layer (`low_cpu_mem_usage`)."""
+    device = detect_device()
+    path = Path(spec)
+    if spec in PRESETS and not path.exists():
+        path = materialise_preset(spec, cache_dir or Path(".data/models"), seed)
+    elif (path / "params.json").is_file() and not (path / "config.json").is_file():
+        path = native_to_hf_dir(path, (cache_dir or Path(".data/models")) / f"{path.name}-hf")
+    model = MistralForCausalLM.from_pretrained(
+        str(path) if path.exists() else spec,
+        quantization_config=quantisation_config(quantisation, device.compute_dtype),
+        dtype=device.compute_dtype,
+        low_cpu_mem_usage=True,
+        device_map={"": device.device.index or 0} if device.device.type == "cuda" else "cpu",
+    )
+    keep_standard_4bit_layout(model)
+    return model
+
+
+def keep_standard_4bit_layout(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference kernel.
+
+    It repacks on the first no-grad eval forward and keeps that layout, whose kernel has
+    no autograd: training after a validation pass would then get wrong gradients, and
+    dequantising (merge, reports) would read the repacked bytes.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+# ------------------------------------------------------------------- Mistral native format
+
+
+def config_from_params(params: dict[str, Any]) -> MistralConfig:
+    """Mistral's `params.json` as a transformers configuration."""
+    return MistralConfig(
+        hidden_size=params["dim"],
+        intermediate_size=params["hidden_dim"],
+        num_hidden_layers=params["n_layers"],
+        num_attention_heads=params["n_heads"],
+        num_key_value_heads=params.get("n_kv_heads", params["n_heads"]),
+        head_dim=params.get("head_dim", params["dim"] // params["n_heads"]),
+        vocab_size=params["vocab_size"],
+        rms_norm_eps=params.get("norm_eps", 1e-5),
+        rope_theta=params.get("rope_theta", 1e6),
+        sliding_window=params.get("sliding_window"),
+        max_position_embeddings=params.get("max_position_embeddings", 131072),
+        tie_word_embeddings=False,
+    )
+
+
+def params_from_config(config: MistralConfig) -> dict[str, Any]:
+    return {
+        "dim": config.hidden_size,
+        "hidden_dim": config.intermediate_size,
+        "n_layers": config.num_hidden_layers,
+        "n_heads": config.num_attention_heads,
+        "n_kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size,
+        "norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_parameters["rope_theta"],
+        "sliding_window": config.sliding_window,
+    }
+
+
+_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_TOP_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _rotary_permute(weight: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
+    """Mistral rotates interleaved pairs (x0,x1),(x2,x3)…; transformers rotates halves.
+    Reordering each head's q/k rows maps one convention onto the other."""
+    rows, cols = weight.shape
+    half = rows // heads // 2
+    if inverse:
+        return weight.view(heads, 2, half, cols).transpose(1, 2).reshape(rows, cols)
+    return weight.view(heads, half, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def native_to_hf(state: dict[str, torch.Tensor], config: MistralConfig) -> dict[str, torch.Tensor]:
+    """Rename (and, for q/k, permute) native weights to transformers' Mistral names."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name in _TOP_NAMES:
+            out[_TOP_NAMES[name]] = tensor
+            continue
+        _, index, rest = name.split(".", 2)
+        module, suffix = rest.rsplit(".", 1)
+        if module == "attention.wq":
+            tensor = _rotary_permute(tensor, config.num_attention_heads)
+        elif module == "attention.wk":
+            tensor = _rotary_permute(tensor, config.num_key_value_heads)
+        out[f"model.layers.{index}.{_LAYER_NAMES[module]}.{suffix}"] = tensor
+    return out
+
+
+def hf_to_native(state: dict[str, torch.Tensor], config: MistralConfig) -> dict[str, torch.Tensor]:
+    """The inverse of `native_to_hf` (exports for Mistral's own inference stack)."""
+    top = {hf: native for native, hf in _TOP_NAMES.items()}
+    layer = {hf: native for native, hf in _LAYER_NAMES.items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if name in top:
+            out[top[name]] = tensor
+            continue
+        _, _, index, rest = name.split(".", 3)
+        module, suffix = rest.rsplit(".", 1)
+        native = layer[module]
+        if native == "attention.wq":
+            tensor = _rotary_permute(tensor, config.num_attention_heads, inverse=True)
+        elif native == "attention.wk":
+            tensor = _rotary_permute(tensor, config.num_key_value_heads, inverse=True)
+        out[f"layers.{index}.{native}.{suffix}"] = tensor
+    return out
+
+
+def save_native(model: MistralForCausalLM, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in hf_to_native(model.state_dict(), model.config).items()}
+    save_file(state, directory / "consolidated.safetensors")
+    (directory / "params.json").write_text(json.dumps(params_from_config(model.config), indent=2))
+
+
+def native_to_hf_dir(source: Path, target: Path) -> Path:
+    """Convert a native directory once into a transformers one (safetensors, mmap-able)."""
+    if (target / "config.json").is_file():
+        return target
+    config = config_from_params(json.loads((source / "params.json").read_text()))
+    state = native_to_hf(load_file(source / "consolidated.safetensors"), config)
+    with torch.device("meta"):
+        model = MistralForCausalLM(config)
+    model.load_state_dict(state, assign=True)
+    model.save_pretrained(target)
+    return target
+
+
+# ------------------------------------------------------------------- quantisation report
+
+
+@dataclass(frozen=True)
+class QuantRow:
+    layer: str
+    mean_abs_error: float
+    max_abs_error: float
+    bytes_bf16: int
+    bytes_quantised: int
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_bf16 - self.bytes_quantised
+
+
+def quantisation_report(model: MistralForCausalLM, kind: Quantisation) -> list[QuantRow]:
+    """Per linear layer: the error of NF4 (double-quant) or INT8 against the bf16 weights.
+
+    Quantises each weight with the same bitsandbytes routines `load_model` uses, so the
+    numbers describe the model the trainer actually trains on.
+    """
+    import bitsandbytes.functional as bnbf
+
+    rows = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
+            continue
+        weight = module.weight.detach().to(torch.bfloat16)
+        if kind == "nf4":
+            packed, state = bnbf.quantize_4bit(
+                weight, quant_type="nf4", compress_statistics=True, blocksize=64
+            )
+            restored = bnbf.dequantize_4bit(packed, state).to(torch.bfloat16)
+            stats = state.absmax.numel() + state.state2.absmax.numel() * 4 + 4
+            quantised = packed.numel() * packed.element_size() + stats
+        elif kind == "int8":
+            int8, scales, _ = bnbf.int8_vectorwise_quant(weight.float())
+            restored = (int8.float() * scales.unsqueeze(1) / 127).to(torch.bfloat16)
+            quantised = int8.numel() + scales.numel() * 4
+        else:
+            raise ValueError(f"no report for quantisation {kind!r}")
+        error = (restored.float() - weight.float()).abs()
+        rows.append(
+            QuantRow(
+                name,
+                float(error.mean()),
+                float(error.max()),
+                weight.numel() * 2,
+                int(quantised),
+            )
+        )
+    return rows

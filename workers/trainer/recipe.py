@@ -1,0 +1,513 @@
+"""The QLoRA training recipe: one readable loop, driven by a config file.
+
+    load base (NF4) → adapters → for stage in 1, 2, 3:
+        warm-up + cosine schedule; batches of packed conversations from the store;
+        loss = assistant-token cross-entropy (+ λ/2·ΣF(θ-θ*)² once a stage is done);
+        validation every N steps (adaptive pacing unlocks harder samples);
+        checkpoint every N steps and at the stage end; Fisher at the stage end
+    → register a model version, announce it on `models.versions`
+
+Everything a resume needs is in the checkpoint; on the CPU a resumed run repeats the
+uninterrupted run's losses exactly. Under `torchrun` each rank reads its own shards
+and DDP (gloo on CPU, NCCL on GPU) synchronises gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import tomllib
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, Field
+
+from exforge.settings import Settings
+from exforge.store import ObjectStore
+from schemas.records import TrainingEvent
+from workers.trainer import checkpoint as ckpt
+from workers.trainer.chat import Encoded, encode, load_tokenizer
+from workers.trainer.data import Cursor, epoch_order, load_split
+from workers.trainer.ewc import EwcState, consolidate, estimate_fisher, penalty, plot_importance
+from workers.trainer.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
+from workers.trainer.model import Quantisation, load_model
+from workers.trainer.packing import Pack, collate, forward_losses, pack
+
+# ----------------------------------------------------------------------------- config
+
+
+class StageConfig(BaseModel):
+    stage: int = Field(ge=1, le=3)
+    steps: int = Field(gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    ewc_lambda: float = Field(0.0, ge=0, description="λ while training this stage.")
+
+
+class TrainConfig(BaseModel):
+    run_id: str | None = None
+    model: str = "tiny"
+    quantisation: Quantisation = "nf4"
+    seed: int = 0
+    dataset: str | None = Field(None, description="Default: EXFORGE_DATASET.")
+    stages: list[StageConfig] = Field(
+        default_factory=lambda: [StageConfig(stage=s, steps=20) for s in (1, 2, 3)]
+    )
+    batch_size: int = Field(2, gt=0, description="Packed sequences per rank and step.")
+    seq_len: int = Field(512, gt=8)
+    max_grad_norm: float = Field(1.0, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    validate_every: int = Field(10, ge=0)
+    checkpoint_every: int = Field(0, ge=0, description="0: only at stage ends.")
+    pacing_threshold: float | None = Field(
+        None, description="Unlock the next difficulty once validation loss is below this."
+    )
+    fisher_samples: int = Field(32, ge=0)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    register_as: str | None = Field("exforge-elixir", description="Model name; None: skip.")
+    halt_after_step: int | None = Field(None, description="Stop here (tests a resume).")
+
+    @classmethod
+    def from_file(cls, path: Path) -> TrainConfig:
+        text = path.read_text()
+        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        return cls.model_validate(data)
+
+
+# ------------------------------------------------------------------------ distributed
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the process group torchrun describes (WORLD_SIZE > 1), else run alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size())
+
+
+def all_sum(value: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(value)
+    return value
+
+
+# ------------------------------------------------------------------------- schedule
+
+
+def lr_factor(step: int, stage: StageConfig) -> float:
+    """Linear warm-up, then cosine down to `min_lr_ratio` at the stage's last step."""
+    if step < stage.warmup_steps:
+        return (step + 1) / stage.warmup_steps
+    span = max(stage.steps - stage.warmup_steps, 1)
+    progress = min((step - stage.warmup_steps) / span, 1.0)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * cosine
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass
+class Events:
+    """TrainingEvents: kept in order, sent to Kafka at flush points when a broker is set."""
+
+    settings: Settings
+    run_id: str
+    enabled: bool
+    sent: list[TrainingEvent] = field(default_factory=list)
+    pending: list[TrainingEvent] = field(default_factory=list)
+
+    def emit(self, event: str, step: int, stage: int | None, **extra: Any) -> None:
+        if not self.enabled:
+            return
+        record = TrainingEvent(run_id=self.run_id, event=event, step=step, stage=stage, **extra)  # type: ignore[arg-type]
+        self.pending.append(record)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        if self.settings.kafka_bootstrap:
+            import asyncio
+
+            from exforge.kafka import produce
+
+            asyncio.run(
+                produce(self.settings, "training.events", [(self.run_id, e) for e in self.pending])
+            )
+        self.sent.extend(self.pending)
+        self.pending = []
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+@dataclass
+class StepLog:
+    step: int
+    stage: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+
+
+class Trainer:
+    """One run. `run()` trains from scratch or from the run's latest checkpoint."""
+
+    def __init__(
+        self, config: TrainConfig, settings: Settings, store: ObjectStore, engine: Any = None
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.store = store
+        self.engine = engine
+        self.dist = init_distributed()
+        self.run_id = config.run_id or uuid.uuid4().hex[:12]
+        self.dataset = config.dataset or settings.dataset
+        self.tokenizer = load_tokenizer()
+        self.log: list[StepLog] = []
+        self.validations: list[dict[str, Any]] = []
+        self.curriculum: list[dict[str, float]] = []
+        self.events = Events(settings, self.run_id, self.dist.main)
+        self._encoded: dict[str, Encoded] = {}
+        torch.manual_seed(config.seed)
+        base = load_model(config.model, config.quantisation, settings.root / "models", config.seed)
+        self.model = apply_lora(base, config.lora)
+        self.module: torch.nn.Module = self.model
+        if self.dist.world > 1:
+            self.module = torch.nn.parallel.DistributedDataParallel(self.model)
+        self.device = next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ data
+
+    def encoded(self, sample: dict[str, Any]) -> Encoded:
+        if sample["id"] not in self._encoded:
+            self._encoded[sample["id"]] = encode(self.tokenizer, sample["conversations"])
+        return self._encoded[sample["id"]]
+
+    def epoch_packs(self, samples: list[dict[str, Any]], cursor: Cursor) -> list[Pack]:
+        order = epoch_order(samples, self.config.seed, cursor, self.dist.rank)
+        return pack((self.encoded(s) for s in order), self.config.seq_len)
+
+    def next_batch(
+        self, samples: list[dict[str, Any]], cursor: Cursor
+    ) -> tuple[list[Pack], Cursor]:
+        """The next `batch_size` packs; a short tail starts the next epoch."""
+        for _ in range(2):
+            packs = self.epoch_packs(samples, cursor)
+            end = cursor.position + self.config.batch_size
+            if end <= len(packs):
+                return packs[cursor.position : end], Cursor(
+                    cursor.stage, cursor.epoch, end, cursor.level
+                )
+            cursor = Cursor(cursor.stage, cursor.epoch + 1, 0, cursor.level)
+        raise ValueError(
+            f"stage {cursor.stage}: rank {self.dist.rank} has fewer than "
+            f"{self.config.batch_size} packed sequences of data"
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def train_step(
+        self, packs: list[Pack], optimizer: torch.optim.Optimizer, ewc: EwcState, lam: float
+    ) -> tuple[float, float, int]:
+        """One optimiser step; the loss is the mean over the trained tokens of all ranks."""
+        self.module.train()
+        batch = collate(packs)
+        tokens = (batch["targets"] != -100).sum()
+        total = all_sum(tokens.clone().float().to(self.device), self.dist.world)
+        losses = forward_losses(self.module, batch)
+        # DDP averages gradients over ranks: scale so the average is the global token mean.
+        data_loss = losses.sum() / total * self.dist.world
+        loss = data_loss + penalty(self.model, ewc, lam)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        optimizer.step()
+        global_loss = all_sum(losses.sum().detach(), self.dist.world) / total
+        return float(global_loss), float(grad_norm), int(tokens)
+
+    @torch.no_grad()
+    def validation_loss(self, samples: list[dict[str, Any]], level: int = 5) -> float | None:
+        """Mean token loss over this rank's validation samples up to `level`, all ranks."""
+        chosen = [s for s in samples if s.get("meta", {}).get("difficulty", 1) <= level]
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)
+        packs = pack((self.encoded(s) for s in chosen), self.config.seq_len)
+        for start in range(0, len(packs), self.config.batch_size):
+            batch = collate(packs[start : start + self.config.batch_size])
+            losses = forward_losses(self.model, batch)
+            total += torch.stack([losses.sum(), (batch["targets"] != -100).sum().float()])
+        all_sum(total, self.dist.world)
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
+    def fisher(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Per-sample Fisher over up to `fisher_samples` of the stage's data."""
+        chosen = samples[: self.config.fisher_samples]
+        batches = (collate(pack([self.encoded(s)], self.config.seq_len)) for s in chosen)
+        self.model.train()
+        fisher = estimate_fisher(self.model, batches)
+        for tensor in fisher.values():
+            all_sum(tensor, self.dist.world)
+            tensor /= self.dist.world
+        return fisher
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        config = self.config
+        state = self.resume_state()
+        ewc: EwcState = state["ewc"]
+        step = state["step"]
+        if self.engine is not None and self.dist.main:
+            from workers.trainer.registry import start_run
+
+            start_run(self.engine, self.run_id, config.model, config.model_dump(mode="json"))
+        self.events.emit("started", step, None, message=f"model {config.model}")
+        validation = {
+            s.stage: load_split(
+                self.store, self.dataset, s.stage, "validation", self.dist.rank, self.dist.world
+            )
+            for s in config.stages
+        }
+        for index in range(state["stage_index"], len(config.stages)):
+            stage = config.stages[index]
+            samples = load_split(
+                self.store, self.dataset, stage.stage, "train", self.dist.rank, self.dist.world
+            )
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(
+                params, lr=stage.learning_rate, weight_decay=config.weight_decay
+            )
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda s, stage=stage: lr_factor(s, stage)
+            )
+            cursor = Cursor(stage.stage)
+            stage_step = 0
+            if index == state["stage_index"] and state.get("trainer"):
+                optimizer.load_state_dict(state["trainer"]["optimizer"])
+                scheduler.load_state_dict(state["trainer"]["scheduler"])
+                cursor = Cursor(**state["cursor"])
+                stage_step = state["stage_step"]
+            if stage_step == 0:
+                self.events.emit("stage", step, stage.stage, message="stage started")
+            while stage_step < stage.steps:
+                started = time.perf_counter()
+                packs, cursor = self.next_batch(samples, cursor)
+                lr = scheduler.get_last_lr()[0]
+                loss, grad_norm, tokens = self.train_step(packs, optimizer, ewc, stage.ewc_lambda)
+                scheduler.step()
+                step += 1
+                stage_step += 1
+                self.log.append(StepLog(step, stage.stage, loss, lr, grad_norm, tokens))
+                self.events.emit(
+                    "progress",
+                    step,
+                    stage.stage,
+                    metrics={
+                        "loss": loss,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "tokens_per_s": tokens * self.dist.world / (time.perf_counter() - started),
+                        "peak_memory_bytes": float(peak_memory()),
+                    },
+                )
+                if config.validate_every and stage_step % config.validate_every == 0:
+                    cursor = self.validate(step, stage.stage, cursor, validation)
+                last = stage_step == stage.steps
+                if last or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                    if last:
+                        fisher = self.fisher(samples)
+                        ewc = consolidate(ewc, self.model, fisher, stage.stage)
+                        if self.dist.main:
+                            plot_importance(
+                                fisher,
+                                self.settings.root
+                                / "runs"
+                                / self.run_id
+                                / f"fisher-stage{stage.stage}.png",
+                                f"stage {stage.stage} parameter importance",
+                            )
+                        self.events.emit("stage", step, stage.stage, message="stage finished")
+                    position = (index + 1, 0) if last else (index, stage_step)
+                    self.save(step, position, cursor, ewc, optimizer, scheduler, stage.stage)
+                if config.halt_after_step is not None and step >= config.halt_after_step:
+                    self.events.flush()
+                    return self.summary(step, halted=True)
+        return self.finish(step, validation)
+
+    def validate(
+        self, step: int, stage: int, cursor: Cursor, validation: dict[int, list[dict[str, Any]]]
+    ) -> Cursor:
+        """Validation loss of every stage seen so far; unlock harder data when due."""
+        losses = {
+            f"val_loss_stage{s}": loss
+            for s, samples in validation.items()
+            if s <= stage and (loss := self.validation_loss(samples)) is not None
+        }
+        current = self.validation_loss(validation[stage], cursor.level)
+        self.validations.append({"step": step, "stage": stage, **losses})
+        self.curriculum.append({"step": step, "level": cursor.level, "loss": current or 0.0})
+        self.events.emit("validation", step, stage, metrics=losses)
+        self.events.flush()
+        threshold = self.config.pacing_threshold
+        if (
+            threshold is not None
+            and current is not None
+            and current < threshold
+            and cursor.level < 5
+        ):
+            return Cursor(cursor.stage, cursor.epoch + 1, 0, cursor.level + 1)
+        return cursor
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(
+        self,
+        step: int,
+        position: tuple[int, int],
+        cursor: Cursor,
+        ewc: EwcState,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        stage: int,
+    ) -> None:
+        ckpt.save_rank_rng(self.store, self.run_id, step, self.dist.rank)
+        if self.dist.world > 1:
+            dist.barrier()
+        if not self.dist.main:
+            return
+        state = {
+            "step": step,
+            "stage_index": position[0],
+            "stage_step": position[1],
+            "cursor": cursor.as_dict(),
+            "ewc_stages": ewc.stages,
+            "config": self.config.model_dump(mode="json"),
+        }
+        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        checkpoint = ckpt.Checkpoint(step, adapter_state(self.model), ewc.tensors(), trainer, state)
+        key = ckpt.save(self.store, self.run_id, checkpoint)
+        if self.engine is not None:
+            from workers.trainer.registry import record_checkpoint
+
+            metrics = {"loss": self.log[-1].loss} if self.log else {}
+            record_checkpoint(self.engine, self.run_id, step, stage, key, metrics)
+        self.events.emit("checkpoint", step, stage, checkpoint_key=key)
+        self.events.flush()
+
+    def resume_state(self) -> dict[str, Any]:
+        """Where to start: the latest checkpoint of this run id, or the very beginning."""
+        fresh = {"step": 0, "stage_index": 0, "stage_step": 0, "ewc": EwcState()}
+        step = ckpt.latest_step(self.store, self.run_id)
+        if step is None:
+            return fresh
+        saved = ckpt.load(self.store, self.run_id, step, self.dist.rank)
+        load_adapter_state(self.model, saved.adapter)
+        ckpt.set_rng_state(saved.rng or {})
+        state = saved.state
+        fresh_stage = state["stage_step"] == 0
+        return {
+            **state,
+            "ewc": EwcState.from_tensors(saved.ewc, state["ewc_stages"]),
+            "trainer": None if fresh_stage else saved.trainer,
+        }
+
+    # ------------------------------------------------------------------ the end
+
+    def finish(self, step: int, validation: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+        summary = self.summary(step, halted=False)
+        if self.dist.main:
+            self.plot_curriculum()
+            summary["version"] = self.register(summary["final_validation"])
+            self.events.emit("finished", step, None, metrics=summary["final_validation"])
+            self.events.flush()
+        return summary
+
+    def register(self, metrics: dict[str, float]) -> dict[str, Any] | None:
+        """Store the adapter under models/<name>/<run-id>/ and register a version."""
+        name = self.config.register_as
+        if name is None or self.engine is None:
+            return None
+        from safetensors.torch import save as save_safetensors
+
+        from workers.trainer.registry import finish_run, register_version
+
+        key = f"models/{name}/{self.run_id}/adapter.safetensors"
+        self.store.put(key, save_safetensors(adapter_state(self.model)))
+        config = self.model.peft_config["default"].to_dict()
+        self.store.put(
+            f"models/{name}/{self.run_id}/adapter_config.json",
+            json.dumps(config, default=sorted).encode(),
+        )
+        event = register_version(self.engine, name, self.config.model, key, self.run_id, metrics)
+        finish_run(self.engine, self.run_id, "finished", self.log[-1].step if self.log else 0)
+        if self.settings.kafka_bootstrap:
+            import asyncio
+
+            from exforge.kafka import produce
+
+            asyncio.run(produce(self.settings, "models.versions", [(name, event)]))
+        return event.model_dump(mode="json")
+
+    def summary(self, step: int, halted: bool) -> dict[str, Any]:
+        last = self.validations[-1] if self.validations else {}
+        return {
+            "run_id": self.run_id,
+            "step": step,
+            "halted": halted,
+            "losses": [entry.loss for entry in self.log],
+            "final_validation": {k: v for k, v in last.items() if k.startswith("val_loss")},
+        }
+
+    def plot_curriculum(self) -> Path | None:
+        """Difficulty level and validation loss against step, as a PNG beside the run."""
+        if not self.curriculum:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [c["step"] for c in self.curriculum]
+        fig, loss_axis = plt.subplots(figsize=(7, 3.5))
+        loss_axis.plot(steps, [c["loss"] for c in self.curriculum], color="tab:blue")
+        loss_axis.set_xlabel("step")
+        loss_axis.set_ylabel("validation loss (unlocked)", color="tab:blue")
+        level_axis = loss_axis.twinx()
+        level_axis.step(steps, [c["level"] for c in self.curriculum], color="tab:red", where="post")
+        level_axis.set_ylabel("difficulty unlocked", color="tab:red")
+        fig.tight_layout()
+        path = self.settings.root / "runs" / self.run_id / "curriculum.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def peak_memory() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

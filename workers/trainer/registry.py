@@ -1,0 +1,131 @@
+"""Model registry: runs, checkpoints and model versions in the SQL database.
+
+Versions are integers per model name, assigned in the registering transaction, and
+every registration is announced on `models.versions` when a broker is configured.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
+
+from exforge.db import ModelVersion, RunCheckpoint, TrainingRun
+from schemas.records import ModelVersionEvent
+
+
+def start_run(engine: Engine, run_id: str, base_model: str, config: dict[str, Any]) -> None:
+    """Record a run (again, on resume: the row is rewritten, not duplicated)."""
+    with Session(engine) as session, session.begin():
+        row = session.get(TrainingRun, run_id) or TrainingRun(run_id=run_id, step=0)
+        row.base_model = base_model
+        row.config = json.dumps(config, sort_keys=True)
+        row.status = "running"
+        session.add(row)
+
+
+def finish_run(engine: Engine, run_id: str, status: str, step: int) -> None:
+    with Session(engine) as session, session.begin():
+        row = session.get(TrainingRun, run_id)
+        if row is not None:
+            row.status, row.step, row.finished_at = status, step, datetime.now(UTC)
+
+
+def record_checkpoint(
+    engine: Engine, run_id: str, step: int, stage: int, key: str, metrics: dict[str, float]
+) -> None:
+    with Session(engine) as session, session.begin():
+        session.merge(
+            RunCheckpoint(
+                run_id=run_id, step=step, stage=stage, key=key, metrics=json.dumps(metrics)
+            )
+        )
+        run = session.get(TrainingRun, run_id)
+        if run is not None:
+            run.step = step
+
+
+def register_version(
+    engine: Engine,
+    name: str,
+    base_model: str,
+    adapter_key: str,
+    run_id: str | None,
+    metrics: dict[str, float],
+) -> ModelVersionEvent:
+    """Add the next version of `name` (a run registers once: a retry returns its row)."""
+    with Session(engine) as session, session.begin():
+        existing = (
+            session.scalar(
+                select(ModelVersion).where(ModelVersion.name == name, ModelVersion.run_id == run_id)
+            )
+            if run_id
+            else None
+        )
+        row = existing or ModelVersion(
+            name=name,
+            version=(
+                session.scalar(
+                    select(func.max(ModelVersion.version)).where(ModelVersion.name == name)
+                )
+                or 0
+            )
+            + 1,
+            base_model=base_model,
+            adapter_key=adapter_key,
+            run_id=run_id,
+            metrics=json.dumps(metrics, sort_keys=True),
+            status="registered",
+        )
+        session.add(row)
+        session.flush()
+        return version_event(row, "registered")
+
+
+def version_event(row: ModelVersion, action: str) -> ModelVersionEvent:
+    return ModelVersionEvent(
+        name=row.name,
+        version=row.version,
+        action=action,  # type: ignore[arg-type]
+        status=row.status,  # type: ignore[arg-type]
+        base_model=row.base_model,
+        adapter_key=row.adapter_key,
+        metrics=json.loads(row.metrics),
+    )
+
+
+def as_dict(row: ModelVersion) -> dict[str, Any]:
+    return {
+        "name": row.name,
+        "version": row.version,
+        "status": row.status,
+        "base_model": row.base_model,
+        "adapter_key": row.adapter_key,
+        "run_id": row.run_id,
+        "metrics": json.loads(row.metrics),
+        "created_at": row.created_at.isoformat(),
+    }
+
+
+def list_versions(engine: Engine, name: str | None = None) -> list[dict[str, Any]]:
+    query = select(ModelVersion).order_by(ModelVersion.name, ModelVersion.version)
+    if name:
+        query = query.where(ModelVersion.name == name)
+    with Session(engine) as session:
+        return [as_dict(row) for row in session.scalars(query)]
+
+
+def get_version(engine: Engine, name: str, version: int | None = None) -> dict[str, Any] | None:
+    """One version, or the newest of `name` when `version` is None."""
+    query = select(ModelVersion).where(ModelVersion.name == name)
+    query = (
+        query.where(ModelVersion.version == version)
+        if version is not None
+        else query.order_by(ModelVersion.version.desc()).limit(1)
+    )
+    with Session(engine) as session:
+        row = session.scalar(query)
+        return None if row is None else as_dict(row)

@@ -23,6 +23,7 @@ from exforge.store import ObjectStore, sha256_hex
 from schemas.records import NearDup, ParsedFile, RawPackage
 from streams.elixir import analyse, normalise
 from streams.elixir.decontam import BenchmarkIndex, load_index
+from streams.elixir.hashing import tokens
 from streams.elixir.neardup import THRESHOLD, band_keys
 from streams.elixir.quality import (
     Thresholds,
@@ -110,7 +111,7 @@ def analysed_file(
         analysis=analysis.details,
         quality=quality(analysis.details.metrics, metadata),
         redactions=dict(redaction.counts),
-        near_dup=NearDup(bands=band_keys(content, neardup_threshold)),
+        near_dup=NearDup(bands=band_keys(tokens(content), neardup_threshold)),
     )
 
 
@@ -121,9 +122,9 @@ def drop_reason(file: ParsedFile, steps: FileSteps) -> str | None:
     reason = (
         generated_reason(text)
         or metrics_reason(file.analysis.metrics, thresholds)
-        or blob_reason(text, thresholds)
+        or blob_reason(text, file.analysis.metrics, thresholds)
     )
-    if reason is None and steps.benchmarks is not None and steps.benchmarks.check(text):
+    if reason is None and steps.benchmarks is not None and steps.benchmarks.check(tokens(text)):
         reason = "contamination"
     return reason
 

@@ -278,6 +278,164 @@ ESCAPES = r'''defmodule Escapes do
 end
 '''
 
+HARD = r'''defmodule Hard do
+  @moduledoc ~S"""
+  Not code: def fake(x), do: x
+  defmodule Fake do end
+  """
+
+  @type t :: %{name: String.t()}
+  @typep pair(a, b) :: {a, b}
+  @opaque handle :: reference()
+  @callback run(t) :: :ok | {:error, term()}
+  @macrocallback expand(Macro.t()) :: Macro.t()
+  @callback with_when(x) :: x when x: term()
+  @type unquote(:computed)() :: term()
+
+  @regex ~r/def\s+(\w+)/
+  @words ~w(def defp defmodule)a
+  @heredoc """
+  def inside_heredoc(x), do: x
+  defmodule InHeredoc do end
+  """
+
+  defdelegate first(list), to: List
+  defdelegate last(list), to: List, as: :last
+
+  for name <- [:alpha, :beta] do
+    def unquote(name)(), do: unquote(name)
+  end
+
+  Enum.each([:gamma], fn name ->
+    def unquote(:"#{name}_fun")(x), do: x
+  end)
+
+  def unquote(:"dyn_#{1}")(a), do: a
+
+  defmacro defgetter(name) do
+    quote do
+      def unquote(name)(), do: unquote(name)
+    end
+  end
+
+  def sigil_x(string, []), do: string
+  def sigil_arg(~s(a) = s), do: s
+  def sigil_default(opts \\ ~w(a b)), do: opts
+  defp charlist, do: 'def not_a_fun'
+
+  defmodule Inner.Deeper do
+    @type id :: pos_integer()
+    def id(x) when x > 0 and is_integer(x), do: x
+  end
+end
+'''
+
+FEATURES = r'''defmodule Shop.Application do
+  use Application
+
+  @impl true
+  def start(_type, _args) do
+    children = [
+      Shop.Repo,
+      {Registry, keys: :unique, name: Shop.Registry},
+      {DynamicSupervisor, name: Shop.CartSupervisor, strategy: :one_for_one},
+      Supervisor.child_spec({Task, fn -> :ok end}, id: :warmup),
+      %{id: Shop.Cache, start: {Shop.Cache, :start_link, [[]]}}
+    ]
+
+    Supervisor.start_link(children, strategy: :rest_for_one, name: Shop.Supervisor)
+  end
+end
+
+defmodule Shop.Cart do
+  @moduledoc """
+  A cart process.
+
+      iex> {:ok, pid} = Shop.Cart.start_link([])
+      iex> Shop.Cart.add(pid, :apple)
+      :ok
+
+      iex> Shop.Cart.total([1, 2,
+      ...>   3])
+      6
+  """
+  use GenServer
+  @behaviour Shop.Pricing
+
+  def start_link(opts), do: GenServer.start_link(__MODULE__, opts)
+
+  @impl GenServer
+  def init(items), do: {:ok, items}
+
+  @impl true
+  def handle_call(:items, _from, items), do: {:reply, items, items}
+
+  @impl true
+  def handle_cast({:add, item}, items), do: {:noreply, [item | items]}
+
+  @impl Shop.Pricing
+  def price(item), do: item
+
+  @doc "Sums."
+  def total(list) when is_list(list) and list != [] do
+    # keep integers only
+    list |> Enum.map(& &1) |> Enum.filter(&is_integer/1) |> Enum.sum()
+  end
+
+  def total(_), do: 0
+
+  def add(pid, item), do: GenServer.cast(pid, {:add, item})
+
+  def classify(x) do
+    case x do
+      {:ok, %{id: id} = m} -> {id, m}
+      [h | _] -> h
+      _ -> nil
+    end
+  end
+
+  def checked(opts) do
+    with {:ok, a} <- Keyword.fetch(opts, :a),
+         {:ok, b} <- Keyword.fetch(opts, :b) do
+      a + b
+    end
+  end
+
+  def ping do
+    pid = spawn(fn -> receive do {:ping, from} -> send(from, :pong) end end)
+    send(pid, {:ping, self()})
+
+    receive do
+      :pong -> :ok
+    after
+      100 -> :timeout
+    end
+  end
+
+  defmacro twice(expr) do
+    quote do
+      unquote(expr)
+      unquote(expr)
+    end
+  end
+end
+
+defmodule Shop.CartTest do
+  use ExUnit.Case, async: true
+  doctest Shop.Cart
+
+  describe "total/1" do
+    test "sums" do
+      assert Shop.Cart.total([1, 2]) == 3
+    end
+
+    test "empty" do
+      assert Shop.Cart.total([]) == 0
+    end
+  end
+end
+'''
+
 BROKEN = """\
 defmodule Broken do
   def ok(x), do: x
@@ -300,6 +458,8 @@ FIXTURES: dict[str, str] = {
     "keyword_module": KEYWORD_MODULE,
     "escapes": ESCAPES,
     "docs_crlf": DOCS.replace("\n", "\r\n"),
+    "hard": HARD,
+    "features": FEATURES,
 }
 
 
@@ -515,12 +675,106 @@ def test_normalise() -> None:
     assert normalise(normalise(NESTED)) == normalise(NESTED) == NESTED
 
 
+def test_hard_cases() -> None:
+    result = analyse(HARD)
+    assert [m.name for m in result.modules] == ["Hard", "Hard.Inner.Deeper"]
+    names = {(f.name, f.arity) for f in result.functions}
+    assert names == {
+        ("first", 1),
+        ("last", 1),
+        ("defgetter", 1),
+        ("sigil_x", 2),
+        ("sigil_arg", 1),
+        ("sigil_default", 1),
+        ("charlist", 0),
+        ("id", 1),
+    }
+    types = {(t.module, t.kind, t.name, t.arity) for t in result.details.types}
+    assert ("Hard", "typep", "pair", 2) in types
+    assert ("Hard", "callback", "with_when", 1) in types
+    assert ("Hard.Inner.Deeper", "type", "id", 0) in types
+    assert not any(t[2].startswith("unquote") for t in types)
+
+
+def test_behaviours_and_supervision_trees() -> None:
+    details = analyse(FEATURES).details
+    assert [t.model_dump() for t in details.supervisors] == [
+        {
+            "module": "Shop.Application",
+            "supervisor": "Supervisor",
+            "strategy": "rest_for_one",
+            "children": ["Shop.Repo", "Registry", "DynamicSupervisor", "Task", "Shop.Cache"],
+        }
+    ]
+    adopted = {
+        (b.module, b.behaviour): (b.via, b.otp, b.callbacks)
+        for b in details.behaviours
+        if b.via != "call"
+    }
+    assert adopted == {
+        ("Shop.Application", "Application"): ("use", True, ["start/2"]),
+        ("Shop.Cart", "GenServer"): ("use", True, ["handle_call/3", "handle_cast/2", "init/1"]),
+        ("Shop.Cart", "Shop.Pricing"): ("behaviour", False, ["price/1"]),
+        ("Shop.CartTest", "ExUnit.Case"): ("use", False, []),
+    }
+    called = {(b.module, b.behaviour) for b in details.behaviours if b.via == "call"}
+    assert called == {
+        ("Shop.Application", "Supervisor"),
+        ("Shop.Application", "Registry"),
+        ("Shop.Application", "DynamicSupervisor"),
+        ("Shop.Application", "Task"),
+    }
+    dynamic = analyse(
+        "defmodule D do\n  use DynamicSupervisor\n\n"
+        "  def init(_), do: DynamicSupervisor.init(strategy: :one_for_one, max_children: 5)\nend\n"
+    ).details
+    assert [(t.supervisor, t.strategy) for t in dynamic.supervisors] == [
+        ("DynamicSupervisor", "one_for_one")
+    ]
+
+
+def test_code_features() -> None:
+    details = analyse(FEATURES).details
+    assert (details.pipes, details.longest_pipe) == (3, 3)
+    assert details.multi_clause_functions == 1
+    assert (details.case, details.with_, details.cond) == (1, 1, 0)
+    assert details.destructuring == 3  # `%{id: id} = m`, two `{:ok, _} <-`
+    assert (details.spawns, details.sends, details.receives) == (1, 2, 2)
+    assert (details.macros, details.quotes, details.unquotes) == (1, 1, 2)
+    assert details.test_modules == ["Shop.CartTest"]
+    assert (details.tests, details.describes) == (2, 1)
+    assert details.doctest_targets == ["Shop.Cart"]
+    assert [(d.owner, d.expression, d.expected) for d in details.doctests] == [
+        ("Shop.Cart", "{:ok, pid} = Shop.Cart.start_link([])", None),
+        ("Shop.Cart", "Shop.Cart.add(pid, :apple)", ":ok"),
+        ("Shop.Cart", "Shop.Cart.total([1, 2,\n  3])", "6"),
+    ]
+    assert analyse(FEATURES).details.model_dump(by_alias=True)["with"] == 1
+
+
+def test_metrics() -> None:
+    source = 'defmodule M do\n  # one\n\n  @doc "x"\n  def f(x), do: x # trailing\nend\n'
+    metrics = analyse(source).details.metrics
+    assert (metrics.lines, metrics.loc, metrics.comment_lines) == (6, 4, 1)
+    assert metrics.comment_ratio == 1 / 5
+    assert metrics.doc_coverage == 1.0
+    assert metrics.max_line_length == len("  def f(x), do: x # trailing")
+    assert metrics.mean_line_length == sum(len(line) for line in source.splitlines()) / 6
+    alnum = sum(c.isalnum() for c in source)
+    assert metrics.alphanumeric_fraction == alnum / len(source)
+    assert metrics.complexity == 1
+    # 1 + an extra clause of total/1 + two extra case clauses + the guard's `when`, `and`
+    assert analyse(FEATURES).details.metrics.complexity == 1 + 1 + 2 + 2
+    assert analyse("").details.metrics.lines == 0
+
+
 # ------------------------------------------------------- comparison with Elixir itself
 
 ELIXIR_PROBE = r"""
 defmodule Probe do
   @defs [:def, :defp, :defmacro, :defmacrop]
   @mods [:defmodule, :defprotocol, :defimpl]
+  @types [:type, :typep, :opaque, :callback, :macrocallback]
 
   def main(paths) do
     paths |> Enum.with_index() |> Enum.each(fn {path, idx} -> file(path, idx) end)
@@ -605,6 +859,14 @@ defmodule Probe do
     if is_list(val) and Keyword.keyword?(val), do: st, else: Map.put(st, name, doc_value(val))
   end
 
+  defp stmt({:@, meta, [{kind, _, [spec]}]}, mod, idx, st) when kind in @types do
+    case type_sig(spec) do
+      {name, arity} -> out(["T", idx, mod, kind, name, arity, meta[:line]])
+      nil -> :ok
+    end
+    st
+  end
+
   defp stmt({kind, meta, [head | _]}, mod, idx, st) when kind in @defs or kind == :defdelegate do
     k = if kind == :defdelegate, do: :def, else: kind
     case sig(head) do
@@ -636,6 +898,10 @@ defmodule Probe do
     do: Macro.unescape_string(b)
   defp doc_value(_), do: :unknown
 
+  defp type_sig({:when, _, [s | _]}), do: type_sig(s)
+  defp type_sig({:"::", _, [h | _]}), do: sig(h)
+  defp type_sig(h), do: sig(h)
+
   defp sig({:when, _, [h | _]}), do: sig(h)
   defp sig({name, _, args}) when is_atom(name) and is_list(args), do: check(name, length(args))
   defp sig({name, _, ctx}) when is_atom(name) and is_atom(ctx), do: check(name, 0)
@@ -664,6 +930,7 @@ class ElixirView:
         self.error = False
         self.modules: list[tuple[str, int, int | None, str | None]] = []
         self.functions: dict[Key, tuple[int, str | None]] = {}
+        self.types: set[tuple[str, str, str, int, int]] = set()
         self.unknown_docs: set[Key | str] = set()
 
 
@@ -711,6 +978,9 @@ def elixir_views(paths: list[Path]) -> list[ElixirView]:
             if fdoc == "?":
                 view.unknown_docs.add(key)
             view.functions[key] = (int(line), None if fdoc == "?" else _decode(fdoc))
+        elif fields[0] == "T":
+            module, kind, tname, arity, line = fields[2:7]
+            view.types.add((module, kind, tname, int(arity), int(line)))
     return views
 
 
@@ -724,6 +994,7 @@ def tree_sitter_view(result: FileAnalysis, unknown: set[Key | str]) -> ElixirVie
         if key in view.functions and view.functions[key][0] <= f.start_line:
             continue
         view.functions[key] = (f.start_line, None if key in unknown else f.doc)
+    view.types = {(t.module, t.kind, t.name, t.arity, t.line) for t in result.details.types}
     return view
 
 
@@ -749,6 +1020,7 @@ def test_matches_elixir_parser(tmp_path: Path) -> None:
         got_ends = {(n, s, e) for n, s, e, _ in got.modules if (n, s, e) in known_ends}
         assert got_ends == known_ends, path
         assert got.functions == expected.functions, path
+        assert got.types == expected.types, path
     assert compared >= len(FIXTURES)
 
 

@@ -11,6 +11,7 @@ from exforge.settings import DEFAULT_BENCHMARKS, load_settings
 from exforge.store import FileStore
 from schemas.records import CodeMetrics, RawPackage
 from streams.elixir.decontam import BenchmarkIndex, load_index, read_problems
+from streams.elixir.hashing import tokens
 from streams.elixir.quality import (
     Thresholds,
     blob_reason,
@@ -88,11 +89,14 @@ def test_protobuf_output_anywhere_and_ordinary_mentions() -> None:
 
 def test_blobs() -> None:
     thresholds = Thresholds()
+    wide = CodeMetrics(max_line_length=300)
     base64 = "QUJD" * 70
-    assert blob_reason(f'@data "{base64}"\n', thresholds) == "encoded_data"
-    assert blob_reason(f'@hex "{"0f" * 70}"\n', thresholds) == "encoded_data"
+    assert blob_reason(f'@data "{base64}"\n', wide, thresholds) == "encoded_data"
+    assert blob_reason(f'@hex "{"0f" * 70}"\n', wide, thresholds) == "encoded_data"
     sha = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-    assert blob_reason(f'@sha "{sha}"\n' + GOOD, thresholds) is None
+    assert blob_reason(f'@sha "{sha}"\n' + GOOD, wide, thresholds) is None
+    narrow = CodeMetrics(max_line_length=100)  # no line can hold a blob: not searched
+    assert blob_reason(f'@data "{base64}"\n', narrow, thresholds) is None
 
 
 @pytest.mark.parametrize(
@@ -259,9 +263,9 @@ def test_benchmark_prompts_and_tests_are_found(benchmarks: BenchmarkIndex) -> No
     problems = [json.loads(line) for line in DEFAULT_BENCHMARKS[0].read_text().splitlines()]
     for problem in problems:
         solved = problem["prompt"] + "    numbers\n  end\nend\n"
-        found = benchmarks.check(solved)  # (HumanEval 56 and 61 differ only in brackets)
+        found = benchmarks.check(tokens(solved))  # (HumanEval 56 and 61 differ only in brackets)
         assert found is not None and found.problem.endswith("#prompt") and found.overlap == 1
-        tests = benchmarks.check("# copied\n" + problem["tests"])
+        tests = benchmarks.check(tokens("# copied\n" + problem["tests"]))
         assert tests is not None and tests.problem.endswith("#tests") and tests.overlap == 1
 
 
@@ -269,15 +273,16 @@ def test_reworded_prompt_inside_a_module_is_found(benchmarks: BenchmarkIndex) ->
     problem = json.loads(DEFAULT_BENCHMARKS[0].read_text().splitlines()[104])
     doc = "\n".join(line.lstrip("# ") for line in problem["prompt"].splitlines() if "#" in line)
     text = f'defmodule Mine do\n  @doc """\n{doc}\n  """\n  def solve(x), do: x\nend\n'
-    assert benchmarks.check(text) is not None
+    assert benchmarks.check(tokens(text)) is not None
 
 
 def test_ordinary_code_is_not_contaminated(benchmarks: BenchmarkIndex) -> None:
     corpus = Path(__file__).resolve().parent.parent / "examples" / "corpus"
     for path in corpus.glob("**/*.ex*"):
-        assert benchmarks.check(path.read_text()) is None, path
+        assert benchmarks.check(tokens(path.read_text())) is None, path
     # the shared HumanEval boilerplate alone is no evidence
-    assert benchmarks.check("defmodule HumanEval do\n  def candidate(x), do: x\nend\n") is None
+    boilerplate = "defmodule HumanEval do\n  def candidate(x), do: x\nend\n"
+    assert benchmarks.check(tokens(boilerplate)) is None
 
 
 # --- the chain -------------------------------------------------------------------------------

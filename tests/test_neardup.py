@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 from datasketch.lsh import _optimal_param
 
+from streams.elixir.hashing import tokens
 from streams.elixir.neardup import (
     NUM_PERM,
     THRESHOLD,
@@ -18,6 +20,7 @@ from streams.elixir.neardup import (
     lsh_errors,
     optimal_bands,
     shingles,
+    signature,
 )
 from streams.elixir.synthetic import module, recommented, renamed, reordered
 
@@ -39,26 +42,42 @@ def test_lsh_error_integrals() -> None:
 
 
 def test_shingles_and_band_keys() -> None:
-    assert shingles("a b c d e f") == {b"a b c d e", b"b c d e f"}
-    assert shingles("x |> y") == {b"x y"}
-    assert shingles(" \n ") == set()
-    assert band_keys("%{} -> []") == []
+    assert len(shingles(tokens("a b c d e f"))) == 2
+    assert len(shingles(tokens("x |> y"))) == 1
+    assert len(shingles(tokens(" \n "))) == 0
+    assert list(shingles(tokens("a b c d e f"))) == list(shingles(tokens("a  b\nc (d) e, f")))
+    assert band_keys(tokens("%{} -> []")) == []
     text = module(random.Random(1), "A").source()
-    keys = band_keys(text)
+    keys = band_keys(tokens(text))
     assert len(keys) == 25 and len(set(keys)) == 25
     assert [k.split(":")[0] for k in keys] == [str(i) for i in range(25)]
-    assert band_keys(text) == keys  # deterministic across calls (and processes: fixed seed)
+    assert band_keys(tokens(text)) == keys  # deterministic across calls (and processes: fixed seed)
+
+
+def test_signatures_estimate_jaccard_similarity() -> None:
+    rng = random.Random(9)
+    errors = []
+    for index in range(30):
+        base = module(rng, f"J{index}")
+        other = renamed(rng, recommented(rng, reordered(rng, base)))
+        a, b = shingles(tokens(base.source())), shingles(tokens(other.source()))
+        true = len(np.intersect1d(a, b)) / len(np.union1d(a, b))
+        sig_a, sig_b = signature(tokens(base.source())), signature(tokens(other.source()))
+        assert sig_a is not None and sig_b is not None and sig_a.shape == (NUM_PERM,)
+        errors.append(float((sig_a == sig_b).mean()) - true)
+    assert abs(sum(errors) / len(errors)) < 0.02  # unbiased
+    assert max(abs(e) for e in errors) < 0.12  # 256 permutations: sd about 0.03
 
 
 def test_variants_collide_and_distinct_modules_do_not() -> None:
     rng = random.Random(3)
     bases = [module(rng, f"M{i}") for i in range(20)]
-    keys = [set(band_keys(m.source())) for m in bases]
+    keys = [set(band_keys(tokens(m.source()))) for m in bases]
     assert not any(a & b for a, b in itertools.combinations(keys, 2))
     hits = 0
     for base, base_keys in zip(bases, keys, strict=True):
         for variant in (renamed(rng, base), reordered(rng, base), recommented(rng, base)):
-            hits += bool(base_keys & set(band_keys(variant.source())))
+            hits += bool(base_keys & set(band_keys(tokens(variant.source()))))
     assert hits >= 57  # of 60
 
 
@@ -89,7 +108,7 @@ def test_batch_decisions_do_not_depend_on_order() -> None:
         base = module(rng, f"F{index}")
         for variant in (base, renamed(rng, base), reordered(rng, base)):
             text = variant.source()
-            files[f"{index:02d}{len(files):062d}"] = band_keys(text)
+            files[f"{index:02d}{len(files):062d}"] = band_keys(tokens(text))
     expected = batch_decisions(files)
     assert sum(v is None for v in expected.values()) >= 12
     for seed in range(5):

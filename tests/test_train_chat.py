@@ -41,5 +41,6 @@ def test_ids_match_encode_chat_completion_and_only_answers_are_labelled() -> Non
     text = tokenizer.decode([t for t in labelled if t != eos])
     assert text == "Enum.sum(list)Enum.reduce(list, 0, &+/2)"
     assert all(
-        label in (IGNORE, token) for label, token in zip(encoded.labels, encoded.input_ids)
+        label in (IGNORE, token)
+        for label, token in zip(encoded.labels, encoded.input_ids, strict=True)
     )

@@ -16,10 +16,13 @@ from workers.trainer.packing import collate, forward_losses, pack
 def test_base_frozen_adapters_train_and_merge_matches(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = apply_lora(load_model("tiny", "nf4", tmp_path), LoraSettings(rank=4))
-    base_before = {k: v.clone() for k, v in model.get_base_model().state_dict().items()
-                   if ".lora_" not in k}
+    base_before = {
+        k: v.clone() for k, v in model.get_base_model().state_dict().items() if ".lora_" not in k
+    }
     tokenizer = load_tokenizer()
-    batch = collate(pack([encode(tokenizer, s["conversations"]) for s in synthetic_samples(2, 8)], 128))
+    batch = collate(
+        pack([encode(tokenizer, s["conversations"]) for s in synthetic_samples(2, 8)], 128)
+    )
     adapters = trainable(model)
     optimizer = torch.optim.AdamW(adapters.values(), lr=1e-2)
     for _ in range(3):

@@ -30,7 +30,9 @@ def test_native_format_round_trip_keeps_weights_and_logits(tmp_path: Path) -> No
     model = MistralForCausalLM(preset_config("tiny")).eval()
     save_native(model, tmp_path / "native")
     assert load_config(str(tmp_path / "native")).hidden_size == model.config.hidden_size
-    back = MistralForCausalLM.from_pretrained(native_to_hf_dir(tmp_path / "native", tmp_path / "hf"))
+    back = MistralForCausalLM.from_pretrained(
+        native_to_hf_dir(tmp_path / "native", tmp_path / "hf")
+    )
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, back.state_dict()[name]), name
     ids = torch.randint(0, 1000, (1, 16))

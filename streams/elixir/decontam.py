@@ -11,28 +11,27 @@ what is left identifies one problem. A file is contaminated when it holds at lea
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+import numpy as np
+
+from streams.elixir.hashing import ngram_hashes, tokens
+
 __all__ = ["BenchmarkIndex", "Contamination", "load_index", "ngrams"]
 
-_TOKEN = re.compile(r"\w+")
 TEXT_FIELDS = ("prompt", "tests", "solution", "canonical_solution")
 # An n-gram found in more problem texts than this is boilerplate, not evidence.
 MAX_SHARED_TEXTS = 5
 MIN_DISTINCTIVE = 3  # texts with fewer distinctive n-grams are too generic to match
 
 
-def ngrams(text: str, n: int) -> set[int]:
-    """Hashes of the n-grams of lowercase word tokens (all of them when fewer than n)."""
-    tokens = _TOKEN.findall(text.lower())
-    if len(tokens) < n:
-        return {hash(tuple(tokens))} if tokens else set()
-    return {hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1)}
+def ngrams(words: Sequence[str], n: int) -> np.ndarray:
+    """Distinct hashes of the n-grams of word tokens (`hashing.tokens`), case folded."""
+    return ngram_hashes(words, n, fold_case=True)
 
 
 @dataclass(frozen=True)
@@ -47,31 +46,39 @@ class BenchmarkIndex:
     def __init__(self, texts: Sequence[tuple[str, str]], n: int, threshold: float) -> None:
         self.n = n
         self.threshold = threshold
-        grams = [ngrams(text, n) for _, text in texts]
-        shared = Counter(g for gs in grams for g in gs)
+        grams = [ngrams(tokens(text), n) for _, text in texts]
+        values, counts = np.unique(
+            np.concatenate([*grams, np.empty(0, np.uint64)]), return_counts=True
+        )
+        boilerplate = values[counts > MAX_SHARED_TEXTS]
         self.names: list[str] = []
         self.sizes: list[int] = []
         self.owners: dict[int, list[int]] = defaultdict(list)
         for (name, _), gs in zip(texts, grams, strict=True):
-            distinctive = {g for g in gs if shared[g] <= MAX_SHARED_TEXTS}
+            distinctive = gs[~np.isin(gs, boilerplate, assume_unique=True)]
             if len(distinctive) < MIN_DISTINCTIVE:
                 continue
             index = len(self.names)
             self.names.append(name)
             self.sizes.append(len(distinctive))
-            for g in distinctive:
+            for g in distinctive.tolist():
                 self.owners[g].append(index)
+        self.keys = np.array(sorted(self.owners), dtype=np.uint64)
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def check(self, text: str) -> Contamination | None:
-        """The benchmark text `text` overlaps most, if that overlap reaches the threshold."""
+    def check(self, words: Sequence[str]) -> Contamination | None:
+        """The benchmark text a file's word tokens overlap most, if that overlap reaches
+        the threshold."""
+        grams = ngrams(words, self.n)
+        if not len(self.keys):
+            return None
+        slots = np.minimum(np.searchsorted(self.keys, grams), len(self.keys) - 1)
+        found = grams[self.keys[slots] == grams]
         hits: Counter[int] = Counter()
-        for g in ngrams(text, self.n):
-            owners = self.owners.get(g)
-            if owners:
-                hits.update(owners)
+        for g in found.tolist():
+            hits.update(self.owners[g])
         best: Contamination | None = None
         for index, count in hits.items():
             overlap = count / self.sizes[index]

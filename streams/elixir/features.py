@@ -33,6 +33,7 @@ from schemas.records import (
     SupervisionTree,
 )
 from streams.elixir.analysis import LANGUAGE, Definitions
+from streams.elixir.hashing import tokens
 
 __all__ = ["OTP_CALLBACKS", "code_metrics", "doctests", "features"]
 
@@ -84,7 +85,7 @@ _COMPOSITE = frozenset({"tuple", "list", "map", "struct", "bitstring", "binary_o
 
 _QUERY_SOURCE = """
 (binary_operator operator: "|>") @pipe
-(binary_operator operator: ["=" "<-"] left: (_) @lhs) @match
+(binary_operator left: (_) @lhs operator: ["=" "<-"])
 (binary_operator operator: ["and" "or" "&&" "||" "when"]) @logic
 (stab_clause) @stab
 (comment) @comment
@@ -99,7 +100,6 @@ _QUERY_SOURCE = """
 _QUERY = Query(LANGUAGE, _QUERY_SOURCE)
 _IEX = re.compile(r"^\s*iex(?:\(\d+\))?>\s?(.*)$")
 _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
-_ALNUM = re.compile(r"[^\W_]+")
 
 
 def features(source: str, data: bytes, root: Node, found: Definitions) -> ElixirAnalysis:
@@ -376,7 +376,9 @@ def _child_name(spec: Node, owner: str) -> str:
         if target is not None and _text(target) in ("worker", "supervisor") and args:
             return _child_name(args[0], owner)
     if kind == "map":
-        for pair in (p for c in spec.named_children for p in c.named_children):
+        content = (c for c in spec.named_children if c.type == "map_content")
+        keywords = (k for c in content for k in c.named_children if k.type == "keywords")
+        for pair in (p for k in keywords for p in k.named_children):
             key = pair.child_by_field_name("key")
             value = pair.child_by_field_name("value")
             if key is not None and value is not None and _text(key).strip() == "start:":
@@ -441,7 +443,7 @@ def code_metrics(
         if not data[start - column : start].strip():
             comment_rows.add(comment.start_point.row)
     public = [f for f in functions if f.public]
-    alnum = sum(len(run) for run in _ALNUM.findall(source))
+    alnum = sum(map(len, tokens(source))) - source.count("_")  # tokens: `\w+` runs
     return CodeMetrics(
         lines=len(lines),
         loc=non_blank - len(comment_rows),

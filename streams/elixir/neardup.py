@@ -1,12 +1,14 @@
 """Near-duplicate detection: MinHash signatures, LSH bands, and the decision rules.
 
-Signatures are MinHash (datasketch) over 5-token shingles with 256 permutations; the
-signature is cut into `bands` bands of `rows` rows, chosen to minimise the sum of the
-false-positive and false-negative probabilities at the Jaccard threshold (0.7, BigCode's
-parameters): `optimal_bands`. Two files whose band hashes collide in any band are
-candidates; each band hash is a bucket key `band:hash`.
+Signatures are MinHash over 5-token shingles with 256 permutations, each a random affine
+map `a * x + b mod 2**32` (a odd) of 32-bit shingle hashes, computed for every
+permutation and shingle in one numpy operation (datasketch's per-shingle SHA-1 costs
+more than parsing the file). The signature is cut into `bands` bands of `rows` rows,
+chosen to minimise the sum of the false-positive and false-negative probabilities at
+the Jaccard threshold (0.7, BigCode's parameters): `optimal_bands`. Two files whose band
+hashes collide in any band are candidates; each band hash is a bucket key `band:hash`.
 
-The decision is made in the stream (see `streams.parse`), by these pure rules:
+The decision is made in the stream (see `streams.dedup`), by these pure rules:
 
 * `Bucket` keeps the smallest sha256 registered in it (and the cluster of a file that
   already settled in it). A newcomer is told about a smaller member; a displaced member
@@ -25,13 +27,13 @@ set does not depend on the number of workers or partitions.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
-from datasketch import MinHash
+
+from streams.elixir.hashing import ngram_hashes
 
 __all__ = [
     "NUM_PERM",
@@ -52,8 +54,7 @@ NUM_PERM = 256
 SHINGLE = 5
 THRESHOLD = 0.7
 SEED = 42
-SCHEME = "affine32"  # datasketch 2 default; fixed so signatures stay comparable
-_TOKEN = re.compile(r"\w+")
+_BLOCK = 512
 
 
 def _integrate(f: Callable[[float], float], a: float, b: float, steps: int = 200) -> float:
@@ -94,43 +95,48 @@ def optimal_bands(threshold: float = THRESHOLD, num_perm: int = NUM_PERM) -> tup
     return best[1], best[2]
 
 
-def shingles(text: str, size: int = SHINGLE) -> set[bytes]:
-    """Word-token shingles of `size` tokens (one shingle of all tokens if fewer)."""
-    tokens = _TOKEN.findall(text)
-    if not tokens:
-        return set()
-    if len(tokens) < size:
-        return {" ".join(tokens).encode()}
-    return {" ".join(tokens[i : i + size]).encode() for i in range(len(tokens) - size + 1)}
+def shingles(words: Sequence[str], size: int = SHINGLE) -> np.ndarray:
+    """Hashes (32-bit) of the distinct shingles of `size` word tokens (`hashing.tokens`)."""
+    return np.unique(ngram_hashes(words, size).astype(np.uint32))
 
 
 @cache
-def _permutations(num_perm: int) -> np.ndarray:
-    """datasketch's permutations for the seed, drawn once (not per file)."""
-    return MinHash(num_perm=num_perm, seed=SEED, scheme=SCHEME).permutations
+def _permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b) of the affine maps `a * x + b mod 2**32`, a odd: each a permutation."""
+    rng = np.random.default_rng(SEED)
+    a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
+    b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32)
+    return a[:, None], b[:, None]
 
 
-def signature(text: str, num_perm: int = NUM_PERM) -> np.ndarray | None:
-    """The MinHash signature of the text's shingles; None when it has no tokens."""
-    grams = shingles(text)
-    if not grams:
+def signature(words: Sequence[str], num_perm: int = NUM_PERM) -> np.ndarray | None:
+    """The MinHash signature of the shingles of word tokens; None when there are none."""
+    grams = ngram_hashes(words, SHINGLE, unique=False).astype(np.uint32)  # repeats: same min
+    if not len(grams):
         return None
-    minhash = MinHash(
-        num_perm=num_perm, seed=SEED, permutations=_permutations(num_perm), scheme=SCHEME
-    )
-    minhash.update_batch(list(grams))
-    return minhash.hashvalues
+    a, b = _permutations(num_perm)
+    values = np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
+    block = np.empty((num_perm, _BLOCK), dtype=np.uint32)
+    for start in range(0, len(grams), _BLOCK):  # blocks small enough to stay in cache
+        chunk = grams[None, start : start + _BLOCK]
+        out = block[:, : chunk.shape[1]]
+        np.multiply(a, chunk, out=out)
+        np.add(out, b, out=out)
+        np.minimum(values, out.min(axis=1), out=values)
+    return values
 
 
-def band_keys(text: str, threshold: float = THRESHOLD, num_perm: int = NUM_PERM) -> list[str]:
-    """The LSH bucket keys `band:hash` of a text (none for a text without tokens)."""
-    values = signature(text, num_perm)
+def band_keys(
+    words: Sequence[str], threshold: float = THRESHOLD, num_perm: int = NUM_PERM
+) -> list[str]:
+    """The LSH bucket keys `band:hash` of a file's word tokens (none without tokens)."""
+    values = signature(words, num_perm)
     if values is None:
         return []
     bands, rows = optimal_bands(threshold, num_perm)
     keys = []
     for band in range(bands):
-        chunk = values[band * rows : (band + 1) * rows].astype("<u8").tobytes()
+        chunk = values[band * rows : (band + 1) * rows].astype("<u4").tobytes()
         keys.append(f"{band}:{hashlib.blake2b(chunk, digest_size=8).hexdigest()}")
     return keys
 

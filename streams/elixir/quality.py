@@ -80,21 +80,30 @@ def generated_reason(text: str) -> str | None:
     """`auto_generated` for files with a generator header or protobuf/gRPC output."""
     if _GENERATED_HEAD.search(text, 0, _GENERATED_HEAD_CHARS):
         return "auto_generated"
-    if _GENERATED_ANYWHERE.search(text):
+    if ("Protobuf" in text or "protoc" in text or "GRPC" in text) and _GENERATED_ANYWHERE.search(
+        text
+    ):
         return "auto_generated"
     return None
 
 
-def blob_reason(text: str, thresholds: Thresholds) -> str | None:
+def blob_reason(text: str, metrics: CodeMetrics, thresholds: Thresholds) -> str | None:
     """`encoded_data` for a base64 run of `max_blob_chars` characters or a hex run of
-    half that (a sha256 digest, 64 hex digits, stays)."""
-    return "encoded_data" if _blob_pattern(thresholds.max_blob_chars).search(text) else None
+    half that (a sha256 digest, 64 hex digits, stays). Runs are within a line: files
+    without a line that long are not searched."""
+    size = thresholds.max_blob_chars
+    if metrics.max_line_length < _hex_run(size):
+        return None
+    return "encoded_data" if _blob_pattern(size).search(text) else None
+
+
+def _hex_run(size: int) -> int:
+    return max(size // 2, 16)
 
 
 @cache
 def _blob_pattern(size: int) -> re.Pattern[str]:
-    hex_run = max(size // 2, 16)
-    return re.compile(rf"[A-Za-z0-9+/]{{{size},}}={{0,2}}|(?i:[0-9a-f]{{{hex_run},}})")
+    return re.compile(rf"[A-Za-z0-9+/]{{{size},}}={{0,2}}|(?i:[0-9a-f]{{{_hex_run(size)},}})")
 
 
 def metrics_reason(metrics: CodeMetrics, thresholds: Thresholds) -> str | None:

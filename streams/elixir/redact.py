@@ -15,50 +15,54 @@ import ipaddress
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 __all__ = ["PLACEHOLDERS", "Redaction", "redact"]
 
 PLACEHOLDERS: dict[str, str] = {"email": "<EMAIL>", "key": "<KEY>", "ip": "<IP_ADDRESS>"}
 
+# Each pattern starts with a literal (or a quote), so the regex engine skips ahead to
+# candidates instead of trying every position; what comes before a match is checked in
+# Python (`_boundary`, `_SECRET_NAME`).
 _KEY_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
     re.compile(p)
     for p in (
         # PEM private key blocks (also inside indented heredocs).
         r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----",
         # AWS access key ids.
-        r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b",
+        r"A(?:KIA|SIA|GPA|IDA|ROA|NPA|NVA|IPA)[0-9A-Z]{16}(?![0-9A-Za-z])",
         # GitHub tokens (classic and fine-grained).
-        r"\bgh[pousr]_[A-Za-z0-9]{36,255}\b",
-        r"\bgithub_pat_[A-Za-z0-9_]{22,255}\b",
+        r"gh[pousr]_[A-Za-z0-9]{36,255}(?!\w)",
+        r"github_pat_[A-Za-z0-9_]{22,255}",
         # Slack tokens and webhooks.
-        r"\bxox[abposr]-[A-Za-z0-9-]{10,250}\b",
+        r"xox[abposr]-[A-Za-z0-9-]{10,250}",
         r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]+",
         # Stripe live keys, Google API keys.
-        r"\b[rs]k_live_[0-9A-Za-z]{24,}\b",
-        r"\bAIza[0-9A-Za-z_-]{35}\b",
+        r"k_live_[0-9A-Za-z]{24,}",
+        r"AIza[0-9A-Za-z_-]{35}(?![\w-])",
     )
 )
-# A secret-like name, a separator (`:`, `=`, `=>`, `,` or a space after `@name`), then a
-# quoted value; the value is replaced when it looks random (see `_looks_random`).
-_BOUND_SECRET = re.compile(
-    r"""(?ix)
-    (?P<name>[A-Za-z_]*(?:secret|token|passw(?:or)?d|pwd|api_?key|access_?key|private_?key
-        |auth_?key|credential|signing_?salt|encryption_?salt)[A-Za-z_0-9]*)
-    (?P<sep>["']?\s*(?::|=>|=|,)?\s*)
-    (?P<quote>["'])(?P<value>[^\s"'\#{}]{16,})(?P=quote)
-    """
+_PREFIXED = frozenset({"k_live_"})  # needs `r` or `s` before it
+# A quoted value without blanks; it is a secret when a secret-like name is bound to it
+# just before (`name: "v"`, `name = "v"`, `"name" => "v"`, `@name "v"`, `:name, "v"`) and
+# it looks random (see `_looks_random`).
+_QUOTED = re.compile(r"""(["'])([^\s"'#{}\\]{16,})\1""")
+_SECRET_NAME = re.compile(
+    r"""(?ix)(?:secret|token|passw(?:or)?d|pwd|api_?key|access_?key|private_?key|auth_?key
+        |credential|salt)\w*["']?\s*(?::|=>|=|,)?\s*$"""
 )
-_EMAIL = re.compile(
-    r"(?<![\w.+%-])[A-Za-z0-9][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24}(?![\w-])"
-)
+_EMAIL_DOMAIN = re.compile(r"@((?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24})(?![\w-])")
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9._%+-]+$")
 _DOC_DOMAINS = ("example.com", "example.org", "example.net", "localhost")
 _DOC_TLDS = (".example", ".test", ".invalid", ".localhost", ".local")
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
-_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?:%\w+)?(?![\w:])")
+_IPV4 = re.compile(r"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}")
+_IPV6 = re.compile(r"[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f:]*(?:%\w+)?")
 _VERSION_CONTEXT = re.compile(r"(?:~>|>=|<=|==|!=|>|<|\bv|version\W{0,4}|vsn\W{0,4})\s*$", re.I)
 MIN_SECRET_ENTROPY = 3.5  # bits per character
+
+
+Span = tuple[int, int, str]  # start, end, kind
 
 
 @dataclass
@@ -69,40 +73,48 @@ class Redaction:
 
 def redact(text: str) -> Redaction:
     """Replace secrets and PII in `text`; count each replacement by kind."""
+    spans = sorted(
+        [*_keys(text), *_bound_secrets(text), *_emails(text), *_ips(text)],
+        key=lambda span: (span[0], -span[1]),
+    )
     result = Redaction(text)
-    for pattern in _KEY_PATTERNS:
-        _sub(result, pattern, lambda _m: "key")
-    _sub(result, _BOUND_SECRET, _bound_secret, group="value")
-    _sub(result, _EMAIL, _email)
-    _sub(result, _IPV4, _ip)
-    if "::" in result.text or result.text.count(":") >= 7:
-        _sub(result, _IPV6, _ip)
+    if not spans:
+        return result
+    parts: list[str] = []
+    position = 0
+    for start, end, kind in spans:
+        if start < position:
+            continue  # inside a span already replaced (an e-mail in a key block...)
+        parts.append(text[position:start])
+        parts.append(PLACEHOLDERS[kind])
+        result.counts[kind] += 1
+        position = end
+    parts.append(text[position:])
+    result.text = "".join(parts)
     return result
 
 
-def _sub(
-    result: Redaction,
-    pattern: re.Pattern[str],
-    kind_of: Callable[[re.Match[str]], str | None],
-    group: str | int = 0,
-) -> None:
-    """Replace `group` of each match that `kind_of` names a kind for."""
-
-    def replace(match: re.Match[str]) -> str:
-        kind = kind_of(match)
-        if kind is None:
-            return match.group(0)
-        result.counts[kind] += 1
-        start, end = match.span(group)
-        whole = match.group(0)
-        offset = match.start(0)
-        return whole[: start - offset] + PLACEHOLDERS[kind] + whole[end - offset :]
-
-    result.text = pattern.sub(replace, result.text)
+def _boundary(text: str, start: int) -> bool:
+    return start == 0 or not (text[start - 1].isalnum() or text[start - 1] == "_")
 
 
-def _bound_secret(match: re.Match[str]) -> str | None:
-    return "key" if _looks_random(match.group("value")) else None
+def _keys(text: str) -> Iterator[Span]:
+    for pattern in _KEY_PATTERNS:
+        for match in pattern.finditer(text):
+            start = match.start()
+            if pattern.pattern.startswith(tuple(_PREFIXED)):
+                if start == 0 or text[start - 1] not in "rs":
+                    continue
+                start -= 1
+            if _boundary(text, start) or match.group(0).startswith("-----"):
+                yield start, match.end(), "key"
+
+
+def _bound_secrets(text: str) -> Iterator[Span]:
+    for match in _QUOTED.finditer(text):
+        before = text[max(0, match.start() - 64) : match.start()]
+        if _SECRET_NAME.search(before) and _looks_random(match.group(2)):
+            yield match.start(2), match.end(2), "key"
 
 
 def _looks_random(value: str) -> bool:
@@ -113,25 +125,40 @@ def _looks_random(value: str) -> bool:
     return entropy >= MIN_SECRET_ENTROPY
 
 
-def _email(match: re.Match[str]) -> str | None:
-    domain = match.group(0).rsplit("@", 1)[1].lower()
-    if domain in _DOC_DOMAINS or domain.endswith(_DOC_TLDS):
-        return None
-    if any(domain.endswith("." + d) for d in _DOC_DOMAINS):
-        return None
-    return "email"
+def _emails(text: str) -> Iterator[Span]:
+    for match in _EMAIL_DOMAIN.finditer(text):
+        local = _EMAIL_LOCAL.search(text, max(0, match.start() - 64), match.start())
+        if local is None or not local.group(0)[0].isalnum():
+            continue
+        domain = match.group(1).lower()
+        if domain in _DOC_DOMAINS or domain.endswith(_DOC_TLDS):
+            continue
+        if any(domain.endswith("." + d) for d in _DOC_DOMAINS):
+            continue
+        yield local.start(), match.end(), "email"
 
 
-def _ip(match: re.Match[str]) -> str | None:
+def _ips(text: str) -> Iterator[Span]:
+    for pattern in (_IPV4, _IPV6):
+        for match in pattern.finditer(text):
+            start, end = match.span()
+            if not _boundary(text, start) or (
+                end < len(text) and (text[end].isalnum() or text[end] in "_.:")
+            ):
+                continue
+            if start and text[start - 1] in ".:":
+                continue
+            if _is_public_address(text, match):
+                yield start, end, "ip"
+
+
+def _is_public_address(text: str, match: re.Match[str]) -> bool:
     candidate = match.group(0)
     try:
         address = ipaddress.ip_address(candidate.split("%", 1)[0])
     except ValueError:
-        return None
+        return False
     if not address.is_global:
-        return None  # private, loopback, link-local, documentation ranges...
-    if address.version == 4:
-        before = match.string[max(0, match.start() - 16) : match.start()]
-        if _VERSION_CONTEXT.search(before):
-            return None
-    return "ip"
+        return False  # private, loopback, link-local, documentation ranges...
+    before = text[max(0, match.start() - 16) : match.start()]
+    return address.version == 6 or not _VERSION_CONTEXT.search(before)

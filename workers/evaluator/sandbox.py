@@ -63,7 +63,7 @@ class SandboxError(RuntimeError):
 @dataclass(frozen=True)
 class SandboxConfig:
     timeout_s: float = 5.0
-    memory_mb: int = 512
+    memory_mb: int = 1024  # RLIMIT_AS of a whole VM; it needs ~600 MiB to boot
     workers: int = 2
     max_output: int = 8192
     max_uses: int = 0  # candidates per VM; 0: as many as stay clean
@@ -167,9 +167,12 @@ def parse_reply(frame: bytes) -> tuple[Outcome, bool]:
     return outcome, dirty == "0"
 
 
-def classify_death(stderr_tail: str) -> Status:
-    """Status of a candidate whose worker died under it."""
-    return "memory" if any(sign in stderr_tail for sign in MEMORY_SIGNS) else "runtime_error"
+def classify_death(stderr_tail: str, returncode: int | None) -> Status:
+    """Status of a candidate whose worker died under it. Under RLIMIT_AS the VM either
+    reports the failed allocation or, from JIT or thread-stack allocations, segfaults."""
+    if returncode == -signal.SIGSEGV or any(sign in stderr_tail for sign in MEMORY_SIGNS):
+        return "memory"
+    return "runtime_error"
 
 
 class BeamWorker:
@@ -244,7 +247,8 @@ class BeamWorker:
         if frame is None:
             self.kill()
             tail = self._stderr_tail()
-            return Outcome(classify_death(tail), output=f"worker died: {tail}", seconds=seconds), False
+            status = classify_death(tail, self.process.returncode)
+            return Outcome(status, output=f"worker died: {tail}", seconds=seconds), False
         try:
             outcome, clean = parse_reply(frame)
         except ValueError as exc:

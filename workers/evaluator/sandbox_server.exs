@@ -137,7 +137,8 @@ defmodule Exforge.Sandbox.Server do
     swap_registered(:standard_error, err)
 
     ExUnit.configure(
-      formatters: [Exforge.Sandbox.Collector],
+      formatters: [ExUnit.CLIFormatter, Exforge.Sandbox.Collector],
+      colors: [enabled: false],
       exforge_reply_to: self(),
       timeout: max(config.timeout_ms, 1),
       exclude: [],

@@ -8,6 +8,8 @@ native format (`params.json` + `consolidated.safetensors`), or a Hugging Face id
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -95,9 +97,12 @@ def materialise_preset(name: str, directory: Path, seed: int = 0) -> Path:
         return target
     torch.manual_seed(seed)
     model = MistralForCausalLM(preset_config(name))
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
-    tmp.rename(target)
+    try:
+        tmp.rename(target)
+    except OSError:  # another rank got there first, with the same weights
+        shutil.rmtree(tmp)
     return target
 
 

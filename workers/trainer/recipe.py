@@ -180,17 +180,23 @@ class Trainer:
         self.settings = settings
         self.store = store
         self.engine = engine
-        self.dist = init_distributed()
         self.run_id = config.run_id or uuid.uuid4().hex[:12]
         self.dataset = config.dataset or settings.dataset
         self.tokenizer = load_tokenizer()
         self.log: list[StepLog] = []
         self.validations: list[dict[str, Any]] = []
         self.curriculum: list[dict[str, float]] = []
-        self.events = Events(settings, self.run_id, self.dist.main)
         self._encoded: dict[str, Encoded] = {}
-        torch.manual_seed(config.seed)
+        # Load before joining the group: save_pretrained writes weights on rank 0 only once
+        # a group exists, and every rank may be the one materialising a preset.
         base = load_model(config.model, config.quantisation, settings.root / "models", config.seed)
+        self.dist = init_distributed()
+        if self.dist.world > 1:  # every rank must write under rank 0's run id
+            shared = [self.run_id]
+            dist.broadcast_object_list(shared, src=0)
+            self.run_id = shared[0]
+        self.events = Events(settings, self.run_id, self.dist.main)
+        torch.manual_seed(config.seed)  # after loading: a first load initialises a preset
         self.model = apply_lora(base, config.lora)
         self.module: torch.nn.Module = self.model
         if self.dist.world > 1:
@@ -302,7 +308,8 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda s, stage=stage: lr_factor(s, stage)
             )
-            cursor = Cursor(stage.stage)
+            # Without pacing every difficulty is unlocked from the start.
+            cursor = Cursor(stage.stage, level=1 if config.pacing_threshold is not None else 5)
             stage_step = 0
             if index == state["stage_index"] and state.get("trainer"):
                 optimizer.load_state_dict(state["trainer"]["optimizer"])

@@ -1,0 +1,116 @@
+"""Parse-stage throughput against bare tree-sitter parsing, on a generated corpus.
+
+    python benchmarks/parse_throughput.py [--files 2000] [--repeat 3]
+
+Generates `--files` Elixir modules (10 to 80 documented functions each, seeded), packs
+them into archives of 50 files, then times, in the same process and on the same bytes:
+
+* floor: `tree_sitter` parsing alone of every file;
+* stage: what the parse agent does per archive: read the members
+  (`streams.parse.elixir_members`) and run every per-file step (`streams.files`:
+  encoding, normalisation, redaction, analysis, quality and contamination filters,
+  MinHash bands, the `ParsedFile` record).
+
+Prints files/s and MB/s of both and their ratio (best of `--repeat` runs each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from exforge.settings import load_settings  # noqa: E402
+from exforge.store import FileStore  # noqa: E402
+from schemas.records import RawPackage  # noqa: E402
+from streams.elixir.analysis import parse  # noqa: E402
+from streams.elixir.synthetic import module  # noqa: E402
+from streams.files import Dropped, FileSteps, file_outcome  # noqa: E402
+from streams.parse import elixir_members  # noqa: E402
+
+PER_ARCHIVE = 50
+
+
+def corpus(files: int, seed: int = 11) -> list[tuple[str, bytes]]:
+    rng = random.Random(seed)
+    return [
+        (f"lib/m{i}.ex", module(rng, f"Bench.M{i}", rng.randint(10, 80)).source().encode())
+        for i in range(files)
+    ]
+
+
+def archive(members: list[tuple[str, bytes]]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for path, data in members:
+            info = tarfile.TarInfo(path)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def best(run: Callable[[], None], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--files", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    files = corpus(args.files)
+    size = sum(len(data) for _, data in files)
+    archives = [archive(files[i : i + PER_ARCHIVE]) for i in range(0, len(files), PER_ARCHIVE)]
+    package = RawPackage(
+        source_id="dir:bench@1.0.0",
+        kind="dir",
+        name="bench",
+        version="1.0.0",
+        archive_key="unused",
+        sha256="0" * 64,
+        size_bytes=0,
+    )
+    steps = FileSteps.from_settings(load_settings())  # default decontamination files
+    kept = []
+
+    def floor() -> None:
+        for _, data in files:
+            parse(data)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        store = FileStore(Path(scratch))
+
+        def stage() -> None:
+            kept.clear()
+            for data in archives:
+                for member in elixir_members(data):
+                    outcome = file_outcome(package, member.path, member.data, store, steps)
+                    kept.append(not isinstance(outcome, Dropped))
+
+        floor_s = best(floor, args.repeat)
+        stage_s = best(stage, args.repeat)
+
+    mb = size / 1e6
+    print(f"corpus: {len(files)} files, {mb:.1f} MB, {len(archives)} archives")
+    print(f"kept by the stage: {sum(kept)} of {len(kept)}")
+    print(f"tree-sitter alone: {len(files) / floor_s:8.0f} files/s {mb / floor_s:6.2f} MB/s")
+    print(f"parse stage:       {len(files) / stage_s:8.0f} files/s {mb / stage_s:6.2f} MB/s")
+    print(f"ratio (stage / tree-sitter): {floor_s / stage_s:.3f}")
+
+
+if __name__ == "__main__":
+    main()

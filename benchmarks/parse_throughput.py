@@ -28,13 +28,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exforge.settings import load_settings  # noqa: E402
-from exforge.store import FileStore  # noqa: E402
-from schemas.records import RawPackage  # noqa: E402
-from streams.elixir.analysis import parse  # noqa: E402
-from streams.elixir.synthetic import module  # noqa: E402
-from streams.files import Dropped, FileSteps, file_outcome  # noqa: E402
-from streams.parse import elixir_members  # noqa: E402
+from exforge.settings import load_settings
+from exforge.store import FileStore
+from schemas.records import RawPackage
+from streams.elixir.analysis import parse
+from streams.elixir.synthetic import module
+from streams.files import Dropped, FileSteps, file_outcome
+from streams.parse import elixir_members
 
 PER_ARCHIVE = 50
 

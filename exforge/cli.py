@@ -15,6 +15,7 @@ from rich.table import Table
 
 from exforge import __version__
 from exforge.settings import Settings, SettingsError, describe_settings, load_settings
+from workers.evaluator.cli import eval_app
 
 app = typer.Typer(
     help="exforge: collect Elixir, turn it into training data, fine-tune, serve, evaluate.",
@@ -35,6 +36,7 @@ train_app = typer.Typer(help="Fine-tune the base model with QLoRA (stages 1-3)."
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(models_app, name="models")
+app.add_typer(eval_app, name="eval")
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
@@ -645,6 +647,14 @@ def demo(as_json: JsonFlag = False) -> None:
         dataset_stats(as_json=False)
     if data["samples"]["total"] == 0 or data["shards"]["total"] == 0:
         raise fail("the demo produced no samples or no shards")
+
+
+# Serving (issue 7): `serve …`, `usage`, and `models promote|rollback|split` (serving/cli.py
+# registers those on models_app); imported last because it builds on the names above.
+from serving.cli import serve_app, usage  # noqa: E402
+
+app.add_typer(serve_app, name="serve")
+app.command("usage")(usage)
 
 
 def main() -> None:

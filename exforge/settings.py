@@ -22,8 +22,10 @@ ENV_PREFIX = "EXFORGE_"
 CONFIG_FILE_ENV = "EXFORGE_CONFIG"
 
 PositiveInt = Annotated[int, Field(gt=0)]
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Relative to PROJECT_ROOT (see Settings.resolved_decontamination_files).
 DEFAULT_BENCHMARKS = tuple(
-    Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "multipl-e" / name
+    Path("benchmarks/data/multipl-e") / name
     for name in ("humaneval-elixir-transform.jsonl", "mbpp-elixir-reworded.jsonl")
 )
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -56,7 +58,44 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; unset: SQLite file in the data dir."
     )
-    triton_url: str | None = Field(None, description="Triton gRPC endpoint (serving).")
+    triton_url: str | None = Field(
+        None,
+        description="Triton gRPC endpoint(s) of the gateway, comma-separated host:port; "
+        "unset: the local Triton (`exforge serve up`).",
+    )
+    triton_http_port: Port = Field(8000, description="Local Triton HTTP port (loopback).")
+    triton_grpc_port: Port = Field(8001, description="Local Triton gRPC port (loopback).")
+    triton_metrics_port: Port = Field(8002, description="Local Triton /metrics port.")
+    gateway_host: str = Field("127.0.0.1", description="Address the serving gateway binds.")
+    gateway_port: Port = Field(8080, description="Port of the serving gateway.")
+    gateway_concurrency: PositiveInt = Field(
+        16, description="Generations the gateway runs at once; more wait in its queue."
+    )
+    gateway_queue: int = Field(
+        64, ge=0, description="Requests that may wait for a slot; beyond: 429 + Retry-After."
+    )
+    gateway_deadline_s: float = Field(
+        120.0, gt=0, description="Per-request deadline (queueing + generation), seconds."
+    )
+    gateway_rate_per_s: float = Field(
+        5.0, gt=0, description="Default token-bucket refill per API key (requests/s)."
+    )
+    gateway_burst: PositiveInt = Field(20, description="Default token-bucket size per API key.")
+    gateway_cache_entries: int = Field(
+        1024, ge=0, description="Exact-match cache size (temperature 0 + seed); 0: off."
+    )
+    rollback_window_s: float = Field(
+        60.0, gt=0, description="Window over which a canary's errors and latency are judged."
+    )
+    rollback_min_requests: PositiveInt = Field(
+        10, description="Canary requests in the window before it can be rolled back."
+    )
+    rollback_error_rate: float = Field(
+        0.2, gt=0, le=1, description="Canary error rate that triggers automatic rollback."
+    )
+    rollback_p95_s: float = Field(
+        30.0, gt=0, description="Canary p95 latency (s) that triggers automatic rollback."
+    )
     hex_api_url: str | None = Field(None, description="Hex API base URL (hex source).")
     hex_repo_url: str | None = Field(None, description="Hex repository base URL.")
     github_api_url: str | None = Field(None, description="GitHub API base URL.")
@@ -93,6 +132,16 @@ class Settings(BaseSettings):
     )
     metrics_port: Port = Field(9464, description="Worker Prometheus /metrics port; 0: off.")
     log_level: str = Field("INFO", description="Log level of the worker and CLI.")
+    eval_timeout_s: float = Field(
+        5.0, gt=0, description="Wall-clock limit of one evaluated candidate (seconds)."
+    )
+    eval_memory_mb: PositiveInt = Field(
+        1024, description="Address-space limit (RLIMIT_AS) of one sandbox VM, in MiB."
+    )
+    eval_workers: int = Field(0, ge=0, description="Warm sandbox VMs; 0: one per CPU.")
+    eval_max_uses: int = Field(
+        0, ge=0, description="Candidates per sandbox VM before it is replaced; 0: while clean."
+    )
     quality_max_line_length: PositiveInt = Field(
         1000, description="Drop files with a line longer than this (characters)."
     )
@@ -110,7 +159,7 @@ class Settings(BaseSettings):
     decontamination_files: tuple[Path, ...] = Field(
         DEFAULT_BENCHMARKS,
         description="Benchmark JSONL files (`prompt`/`tests` fields) to decontaminate "
-        "against, as a JSON list; []: off.",
+        "against, as a JSON list (relative: to the exforge checkout); []: off.",
     )
     decontamination_ngram: PositiveInt = Field(
         8, description="Word n-gram size of the decontamination check."
@@ -153,6 +202,10 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.root / 'exforge.db'}"
+
+    @property
+    def resolved_decontamination_files(self) -> tuple[Path, ...]:
+        return tuple(p if p.is_absolute() else PROJECT_ROOT / p for p in self.decontamination_files)
 
     @property
     def worker_group(self) -> str:

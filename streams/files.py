@@ -58,7 +58,7 @@ class FileSteps:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FileSteps:
-        files = tuple(settings.decontamination_files)
+        files = settings.resolved_decontamination_files
         return cls(
             thresholds=Thresholds.from_settings(settings),
             benchmarks=load_index(

@@ -23,6 +23,7 @@ from streams.elixir.quality import (
 from streams.elixir.redact import redact
 from streams.files import Dropped, FileSteps, file_outcome
 
+BENCHMARKS = load_settings().resolved_decontamination_files
 GOOD = """defmodule Good do
   @moduledoc "A good module."
 
@@ -250,17 +251,17 @@ def test_redacted_file_keeps_nothing_planted(tmp_path: Path) -> None:
 def benchmarks() -> BenchmarkIndex:
     settings = load_settings()
     assert settings.decontamination_files == DEFAULT_BENCHMARKS
-    return load_index(settings.decontamination_files, 8, 0.5)
+    return load_index(BENCHMARKS, 8, 0.5)
 
 
 def test_every_benchmark_problem_is_indexed(benchmarks: BenchmarkIndex) -> None:
-    texts = read_problems(DEFAULT_BENCHMARKS)
+    texts = read_problems(BENCHMARKS)
     assert len(texts) == 2 * (161 + 397)  # a prompt and tests per problem
     assert len(benchmarks) == len(texts)
 
 
 def test_benchmark_prompts_and_tests_are_found(benchmarks: BenchmarkIndex) -> None:
-    problems = [json.loads(line) for line in DEFAULT_BENCHMARKS[0].read_text().splitlines()]
+    problems = [json.loads(line) for line in BENCHMARKS[0].read_text().splitlines()]
     for problem in problems:
         solved = problem["prompt"] + "    numbers\n  end\nend\n"
         found = benchmarks.check(tokens(solved))  # (HumanEval 56 and 61 differ only in brackets)
@@ -270,7 +271,7 @@ def test_benchmark_prompts_and_tests_are_found(benchmarks: BenchmarkIndex) -> No
 
 
 def test_reworded_prompt_inside_a_module_is_found(benchmarks: BenchmarkIndex) -> None:
-    problem = json.loads(DEFAULT_BENCHMARKS[0].read_text().splitlines()[104])
+    problem = json.loads(BENCHMARKS[0].read_text().splitlines()[104])
     doc = "\n".join(line.lstrip("# ") for line in problem["prompt"].splitlines() if "#" in line)
     text = f'defmodule Mine do\n  @doc """\n{doc}\n  """\n  def solve(x), do: x\nend\n'
     assert benchmarks.check(tokens(text)) is not None
@@ -291,7 +292,7 @@ def test_ordinary_code_is_not_contaminated(benchmarks: BenchmarkIndex) -> None:
 def test_file_outcome_reasons(tmp_path: Path, benchmarks: BenchmarkIndex) -> None:
     store = FileStore(tmp_path)
     steps = FileSteps(benchmarks=benchmarks)
-    problem = json.loads(DEFAULT_BENCHMARKS[0].read_text().splitlines()[3])
+    problem = json.loads(BENCHMARKS[0].read_text().splitlines()[3])
     cases = {
         ("deps/x/lib/good.ex", GOOD): "vendored",
         ("lib/broken.ex", "defmodule Broken do\n  def (\n"): "syntax_error",

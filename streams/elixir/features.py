@@ -83,38 +83,36 @@ _SPAWNS = frozenset({"spawn", "spawn_link", "spawn_monitor"})
 _BRANCHING_STABS = frozenset({"case", "cond", "receive", "try", "with", "fn"})
 _COMPOSITE = frozenset({"tuple", "list", "map", "struct", "bitstring", "binary_operator"})
 
-_QUERY_SOURCE = """
+_QUERY = Query(
+    LANGUAGE,
+    """
 (binary_operator operator: "|>") @pipe
 (binary_operator left: (_) @lhs operator: ["=" "<-"])
 (binary_operator operator: ["and" "or" "&&" "||" "when"]) @logic
 (stab_clause) @stab
 (comment) @comment
-(call target: (identifier) @local
-  (#any-of? @local "case" "cond" "with" "if" "unless" "receive" "try" "spawn" "spawn_link"
-    "spawn_monitor" "send" "quote" "unquote" "unquote_splicing" "test" "describe"
-    "doctest"))
-(call target: (dot left: (alias) @remote_module right: (identifier) @remote_fun)
-  (#any-of? @remote_module "Process" "Kernel" "Supervisor" "DynamicSupervisor" "Registry"
-    "Agent" "Task" "GenServer")) @remote
-"""
-_QUERY = Query(LANGUAGE, _QUERY_SOURCE)
+""",
+)
+# Calls by name are found in the text and confirmed in the tree (cheaper than query
+# predicates): local keywords, and the OTP/process modules' remote calls.
+_LOCAL_CALLS = (
+    b"case|cond|with|if|unless|receive|try|spawn|spawn_link|spawn_monitor|send|quote|unquote"
+    b"|unquote_splicing|test|describe|doctest"
+)
+_REMOTE_MODULES = b"Process|Kernel|Supervisor|DynamicSupervisor|Registry|Agent|Task|GenServer"
+_CALL_NAMES = re.compile(
+    rb"\b(?:(?P<local>" + _LOCAL_CALLS + rb")\b|(?P<module>" + _REMOTE_MODULES + rb")\.)"
+)
 _IEX = re.compile(r"^\s*iex(?:\(\d+\))?>\s?(.*)$")
 _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
 
 
 def features(source: str, data: bytes, root: Node, found: Definitions) -> ElixirAnalysis:
     """The file's features, from its tree and the module walk's definitions."""
-    captures: dict[str, list[Node]] = {}
-    remotes: list[tuple[Node, str, str]] = []
-    for _pattern, match in QueryCursor(_QUERY).matches(root):
-        if "remote" in match:
-            (call,), (mod,), (fun,) = match["remote"], match["remote_module"], match["remote_fun"]
-            remotes.append((call, _text(mod), _text(fun)))
-            continue
-        for name, nodes in match.items():
-            captures.setdefault(name, []).extend(nodes)
+    captures = QueryCursor(_QUERY).captures(root)
+    local_calls, remotes = _named_calls(data, root)
     modules = found.modules
-    locals_ = Counter(_text(n) for n in captures.get("local", ()))
+    locals_ = Counter(_text(n) for n in local_calls)
     pipes = captures.get("pipe", [])
     trees = _supervisors(remotes, modules)
     return ElixirAnalysis(
@@ -141,7 +139,7 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
         ),
         tests=locals_["test"],
         describes=locals_["describe"],
-        doctest_targets=_doctest_targets(captures.get("local", ())),
+        doctest_targets=_doctest_targets(local_calls),
         metrics=code_metrics(
             source,
             data,
@@ -171,6 +169,32 @@ def _owner(node: Node, modules: list[ModuleInfo]) -> str | None:
     row = node.start_point.row + 1
     inside = [m for m in modules if m.start_line <= row <= m.end_line]
     return max(inside, key=lambda m: m.start_line).name if inside else None
+
+
+def _named_calls(data: bytes, root: Node) -> tuple[list[Node], list[tuple[Node, str, str]]]:
+    """Target identifiers of local calls named in `_LOCAL_CALLS`; (call, module, function)
+    of remote calls on `_REMOTE_MODULES`. Text in strings and comments is no call."""
+    local_calls: list[Node] = []
+    remotes: list[tuple[Node, str, str]] = []
+    for match in _CALL_NAMES.finditer(data):
+        if match.group("local"):
+            node = root.descendant_for_byte_range(match.start(), match.end())
+            call = node.parent if node is not None else None
+            is_target = call is not None and call.child_by_field_name("target") == node
+            if node is not None and node.type == "identifier" and is_target:
+                local_calls.append(node)
+            continue
+        alias = root.descendant_for_byte_range(match.start(), match.end("module"))
+        dot = alias.parent if alias is not None else None
+        call = dot.parent if dot is not None else None
+        if alias is None or alias.type != "alias" or dot is None or call is None:
+            continue
+        if dot.type != "dot" or dot.child_by_field_name("left") != alias:
+            continue
+        fun = dot.child_by_field_name("right")
+        if call.type == "call" and call.child_by_field_name("target") == dot and fun is not None:
+            remotes.append((call, match.group("module").decode(), _text(fun)))
+    return local_calls, remotes
 
 
 def _longest_pipe(pipes: list[Node]) -> int:

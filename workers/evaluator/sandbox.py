@@ -13,6 +13,11 @@ state with the state before. Any difference, a crash, `System.halt`, `:init.stop
 timeout or a garbled reply gets the worker's whole process group killed and a fresh
 worker booted in its place; the other candidates never see it. `max_uses=1` gives the
 strictest mode: every candidate gets a freshly booted VM of its own.
+
+Threat model: generated code that is wrong, wasteful or destructive (loops, floods,
+halts, stray processes, global state), not code written to attack this sandbox: a
+candidate that hunted down the worker's reply port inside a reused VM could forge its
+own result. `max_uses=1` bounds what it could affect to its own result.
 """
 
 from __future__ import annotations
@@ -45,12 +50,17 @@ STATUSES: tuple[Status, ...] = (
 SERVER_SCRIPT = Path(__file__).with_name("sandbox_server.exs")
 # One scheduler per VM, no busy waiting (the pool, not the VM, provides parallelism),
 # a small process table, a literal area that fits under RLIMIT_AS, no break handler.
-ERL_FLAGS = "+S 1:1 +SDcpu 1:1 +SDio 1 +A 1 +sbwt none +sbwtdcpu none +sbwtdio none +P 32768 +MIscs 128 +Bd"
+ERL_FLAGS = (
+    "+S 1:1 +SDcpu 1:1 +SDio 1 +A 1 +sbwt none +sbwtdcpu none +sbwtdio none +P 32768 +MIscs 128 +Bd"
+)
 FILE_SIZE_LIMIT = 16 * 1024 * 1024
 MEMORY_SIGNS = ("Cannot allocate", "bad_alloc", "Failed to create", "out of memory")
 NAMESPACE_FLAGS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("network+pid namespaces", ("--net", "--pid", "--fork", "--kill-child")),
-    ("network+pid namespaces (user ns)", ("--map-root-user", "--net", "--pid", "--fork", "--kill-child")),
+    (
+        "network+pid namespaces (user ns)",
+        ("--map-root-user", "--net", "--pid", "--fork", "--kill-child"),
+    ),
     ("network namespace", ("--net",)),
     ("network namespace (user ns)", ("--map-root-user", "--net")),
 )
@@ -240,15 +250,18 @@ class BeamWorker:
             write_frame(self._request_w, program.encode())
             frame = read_frame(self._reply_r, deadline)
         except TimeoutError:
-            return Outcome("timeout", output="wall-clock timeout", seconds=self.config.timeout_s), False
+            return Outcome(
+                "timeout", output="wall-clock timeout", seconds=self.config.timeout_s
+            ), False
         except BrokenPipeError:
             frame = None
         seconds = time.monotonic() - started
         if frame is None:
             self.kill()
             tail = self._stderr_tail()
-            status = classify_death(tail, self.process.returncode)
-            return Outcome(status, output=f"worker died: {tail}", seconds=seconds), False
+            code = self.process.returncode
+            output = f"worker died (exit status {code}): {tail}"
+            return Outcome(classify_death(tail, code), output=output, seconds=seconds), False
         try:
             outcome, clean = parse_reply(frame)
         except ValueError as exc:

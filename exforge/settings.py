@@ -142,6 +142,12 @@ class Settings(BaseSettings):
     eval_max_uses: int = Field(
         0, ge=0, description="Candidates per sandbox VM before it is replaced; 0: while clean."
     )
+    eval_gate_benchmark: str = Field(
+        "builtin", description="Benchmark whose pass@1 gates `exforge models promote`."
+    )
+    eval_gate_max_drop: float = Field(
+        0.02, ge=0, description="Largest pass@1 drop below production a promotion may have."
+    )
     quality_max_line_length: PositiveInt = Field(
         1000, description="Drop files with a line longer than this (characters)."
     )

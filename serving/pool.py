@@ -34,7 +34,7 @@ class ModelError(Exception):
 @dataclass
 class Endpoint:
     url: str
-    client: grpcclient.InferenceServerClient
+    client: grpcclient.InferenceServerClient | None = None  # made on the serving loop
     healthy: bool = False
     outstanding: int = 0
 
@@ -63,11 +63,13 @@ def _inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
 
 class Pool:
     def __init__(self, urls: list[str], check_interval_s: float = 1.0) -> None:
-        self.endpoints = [Endpoint(url, grpcclient.InferenceServerClient(url)) for url in urls]
+        self.endpoints = [Endpoint(url) for url in urls]
         self.check_interval_s = check_interval_s
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        for endpoint in self.endpoints:
+            endpoint.client = grpcclient.InferenceServerClient(endpoint.url)
         await self.check()
         self._task = asyncio.create_task(self._health_loop())
 
@@ -75,12 +77,14 @@ class Pool:
         if self._task:
             self._task.cancel()
         for endpoint in self.endpoints:
-            await endpoint.client.close()
+            if endpoint.client is not None:
+                await endpoint.client.close()
 
     async def check(self) -> None:
         for endpoint in self.endpoints:
             try:
-                endpoint.healthy = await asyncio.wait_for(endpoint.client.is_server_ready(), 2)
+                ready = endpoint.client.is_server_ready()  # type: ignore[union-attr]
+                endpoint.healthy = await asyncio.wait_for(ready, 2)
             except (InferenceServerException, TimeoutError, OSError):
                 endpoint.healthy = False
 
@@ -137,7 +141,9 @@ class Pool:
 
         endpoint.outstanding += 1
         try:
-            responses = endpoint.client.stream_infer(requests(), stream_timeout=timeout_s)
+            client = endpoint.client
+            assert client is not None, "Pool.start() makes the clients"
+            responses = client.stream_infer(requests(), stream_timeout=timeout_s)
             async for result, error in responses:
                 if error is not None:
                     raise ModelError(str(error))

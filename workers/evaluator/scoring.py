@@ -80,16 +80,71 @@ def score(
     problems = benchmark.by_name()
     programs = [problems[c.name].program(c.completion) for c in completions]
     outcomes = pool.map(programs, on_done)
+    samples = [
+        _sample(outcome, problems[c.name], c.completion)
+        for c, outcome in zip(completions, outcomes, strict=True)
+    ]
+    return summarise(
+        benchmark,
+        completions,
+        samples,
+        ks,
+        isolation=pool.isolation.description,
+        workers_replaced=pool.replaced,
+    )
+
+
+def normalise_answer(text: str) -> str:
+    """An answer as compared: first line, lower case, no quotes, backticks or end dot."""
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return " ".join(first.strip().strip("`'\".").lower().split())
+
+
+def exact_sample(problem: Problem, completion: str) -> dict[str, Any]:
+    accepted = {normalise_answer(answer) for answer in problem.answers}
+    passed = normalise_answer(completion) in accepted
+    return {
+        "status": "passed" if passed else "failed",
+        "warnings": 0,
+        "chrf": None,
+        "answer": completion,
+    }
+
+
+def score_exact(
+    benchmark: Benchmark, completions: Sequence[Completion], ks: Sequence[int] = (1,)
+) -> dict[str, Any]:
+    """Exact-match scoring of answers (idiom recognition, concept questions): no sandbox,
+    compile rate not applicable."""
+    check_completions(benchmark, completions)
+    problems = benchmark.by_name()
+    samples = [exact_sample(problems[c.name], c.completion) for c in completions]
+    result = summarise(benchmark, completions, samples, ks, isolation="none (exact match)")
+    result["compile_rate"] = None
+    for category in result["by_category"].values():
+        category["compile_rate"] = None
+    return result
+
+
+def summarise(
+    benchmark: Benchmark,
+    completions: Sequence[Completion],
+    samples: Sequence[dict[str, Any]],
+    ks: Sequence[int],
+    isolation: str,
+    workers_replaced: int = 0,
+) -> dict[str, Any]:
+    """The result document: overall, per category and per problem."""
+    problems = benchmark.by_name()
     grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for completion, outcome in zip(completions, outcomes, strict=True):
-        problem = problems[completion.name]
-        grouped[problem.name].append(_sample(outcome, problem, completion.completion))
-    counts = [(len(samples), 0) for samples in grouped.values()]
+    for completion, sample in zip(completions, samples, strict=True):
+        grouped[completion.name].append(sample)
+    counts = [(len(members), 0) for members in grouped.values()]
     used = usable_ks(ks, counts)
     summaries = [
-        _problem_summary(problem, grouped[problem.name], used)
-        for problem in benchmark.problems
-        if problem.name in grouped
+        _problem_summary(problems[name], grouped[name], used)
+        for name in problems
+        if name in grouped
     ]
     by_category: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for summary in summaries:
@@ -97,11 +152,11 @@ def score(
     return {
         "version": RESULT_VERSION,
         "benchmark": benchmark.name,
-        "isolation": pool.isolation.description,
+        "isolation": isolation,
         "k": used,
         "k_skipped": sorted(set(ks) - set(used)),
         "unattempted": len(benchmark.problems) - len(summaries),
-        "workers_replaced": pool.replaced,
+        "workers_replaced": workers_replaced,
         **_aggregate(summaries, used),
         "by_category": {
             category: _aggregate(members, used) for category, members in sorted(by_category.items())

@@ -33,11 +33,12 @@ from exforge.store import ObjectStore
 from schemas.records import TrainingEvent
 from workers.trainer import checkpoint as ckpt
 from workers.trainer.chat import Encoded, encode, load_tokenizer
-from workers.trainer.data import Cursor, epoch_order, load_split
+from workers.trainer.data import Cursor, epoch_order, load_split, mix
 from workers.trainer.ewc import EwcState, consolidate, estimate_fisher, penalty, plot_importance
 from workers.trainer.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
 from workers.trainer.model import Quantisation, load_model
 from workers.trainer.packing import Pack, collate, forward_losses, pack
+from workers.trainer.ssr import SsrConfig, build_buffer, load_buffers, store_buffer
 
 # ----------------------------------------------------------------------------- config
 
@@ -71,6 +72,7 @@ class TrainConfig(BaseModel):
     )
     fisher_samples: int = Field(32, ge=0)
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    ssr: SsrConfig = Field(default_factory=SsrConfig)
     register_as: str | None = Field("exforge-elixir", description="Model name; None: skip.")
     halt_after_step: int | None = Field(None, description="Stop here (tests a resume).")
 
@@ -298,9 +300,10 @@ class Trainer:
         }
         for index in range(state["stage_index"], len(config.stages)):
             stage = config.stages[index]
-            samples = load_split(
+            real = load_split(
                 self.store, self.dataset, stage.stage, "train", self.dist.rank, self.dist.world
             )
+            samples = self.with_rehearsal(real, [s.stage for s in config.stages[:index]])
             params = [p for p in self.model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(
                 params, lr=stage.learning_rate, weight_decay=config.weight_decay
@@ -356,12 +359,49 @@ class Trainer:
                                 f"stage {stage.stage} parameter importance",
                             )
                         self.events.emit("stage", step, stage.stage, message="stage finished")
+                        if config.ssr.enabled and index + 1 < len(config.stages):
+                            self.rehearse(step, stage.stage, real)
                     position = (index + 1, 0) if last else (index, stage_step)
                     self.save(step, position, cursor, ewc, optimizer, scheduler, stage.stage)
                 if config.halt_after_step is not None and step >= config.halt_after_step:
                     self.events.flush()
                     return self.summary(step, halted=True)
         return self.finish(step, validation)
+
+    # ------------------------------------------------------------------ rehearsal
+
+    def with_rehearsal(
+        self, real: list[dict[str, Any]], earlier: list[int]
+    ) -> list[dict[str, Any]]:
+        """Real samples plus this rank's part of the earlier stages' SSR buffers."""
+        if not self.config.ssr.enabled or not earlier:
+            return real
+        buffers = load_buffers(self.store, self.run_id, earlier)[self.dist.rank :: self.dist.world]
+        return mix(real, buffers, self.config.ssr.ratio, self.config.seed + earlier[-1])
+
+    def rehearse(self, step: int, stage: int, real: list[dict[str, Any]]) -> None:
+        """Build and store the stage's SSR buffer (rank 0; the others wait for it)."""
+        if self.dist.main:
+            ssr = self.config.ssr
+            buffer = build_buffer(
+                self.model,
+                self.tokenizer,
+                real,
+                stage,
+                ssr,
+                self.config.seed + stage,
+                ssr.limit(self.config.seq_len),
+            )
+            key = store_buffer(self.store, self.run_id, stage, buffer)
+            self.events.emit(
+                "stage",
+                step,
+                stage,
+                message=f"ssr buffer {key}",
+                metrics={"ssr_samples": len(buffer)},
+            )
+        if self.dist.world > 1:
+            dist.barrier()
 
     def validate(
         self, step: int, stage: int, cursor: Cursor, validation: dict[int, list[dict[str, Any]]]

@@ -1,0 +1,177 @@
+"""`exforge eval run`: generate completions with a registered version, score them, store
+the result in the registry and the store; and the short evaluation the demo ends with."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from exforge.settings import Settings
+from exforge.store import ObjectStore
+from workers.evaluator.benchmarks import (
+    BUILTIN,
+    Benchmark,
+    BenchmarkError,
+    Completion,
+    load_benchmark,
+)
+from workers.evaluator.generate import (
+    GenerationCache,
+    Generator,
+    InProcessGenerator,
+    Sampling,
+    generate_completions,
+)
+from workers.evaluator.qa import CONCEPTS_PREFIX, IDIOMS, load_concepts, load_idioms
+from workers.evaluator.report import load_results, save_result, write_report
+from workers.evaluator.results import record_results
+from workers.evaluator.sandbox import SandboxConfig, SandboxPool
+from workers.evaluator.scoring import score, score_exact
+
+DEMO_SAMPLING = Sampling(temperature=0.0, max_tokens=32, batch_size=16)
+
+
+class EvalError(RuntimeError):
+    """An evaluation that cannot run (unknown version, unusable benchmark)."""
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    model: str
+    version: int | None  # None: the newest registered version
+    benchmark: str = BUILTIN
+    n: int = 1
+    ks: tuple[int, ...] = (1,)
+    sampling: Sampling = field(default_factory=Sampling)
+    limit: int | None = None
+
+
+class Progress:
+    """Callbacks for the two phases; the CLI draws them as progress bars."""
+
+    def start(self, phase: str, total: int) -> None: ...
+
+    def advance(self, phase: str, count: int = 1) -> None: ...
+
+
+def resolve_benchmark(source: str, limit: int | None = None) -> Benchmark:
+    """`builtin`, `idioms`, `concepts:SEGMENTS.jsonl` or a MultiPL-E style JSONL path."""
+    if source == IDIOMS:
+        benchmark = load_idioms()
+    elif source.startswith(CONCEPTS_PREFIX):
+        benchmark = load_concepts(source)
+    else:
+        benchmark = load_benchmark(source)
+    if limit is None:
+        return benchmark
+    return Benchmark(benchmark.name, benchmark.problems[:limit], benchmark.scoring)
+
+
+def resolve_version(engine: Engine, model: str, version: int | None) -> dict[str, Any]:
+    from workers.trainer.registry import get_version
+
+    row = get_version(engine, model, version)
+    if row is None:
+        wanted = f"{model}:{version}" if version is not None else f"any version of {model}"
+        raise EvalError(f"the registry has no {wanted}")
+    return row
+
+
+def sandbox_config(settings: Settings) -> SandboxConfig:
+    return SandboxConfig(
+        timeout_s=settings.eval_timeout_s,
+        memory_mb=settings.eval_memory_mb,
+        workers=settings.eval_workers or os.cpu_count() or 1,
+        max_uses=settings.eval_max_uses,
+    )
+
+
+def _score(
+    settings: Settings,
+    benchmark: Benchmark,
+    completions: list[Completion],
+    ks: tuple[int, ...],
+    progress: Progress,
+) -> dict[str, Any]:
+    progress.start("scoring", len(completions))
+    if benchmark.scoring == "exact":
+        result = score_exact(benchmark, completions, ks)
+        progress.advance("scoring", len(completions))
+        return result
+    with SandboxPool(sandbox_config(settings)) as pool:
+        return score(benchmark, completions, pool, ks, lambda *_: progress.advance("scoring"))
+
+
+def run_evaluation(
+    settings: Settings,
+    store: ObjectStore,
+    engine: Engine,
+    request: EvalRequest,
+    generator: Generator | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Generate (resuming from the cache), score, store; returns the result document."""
+    progress = progress or Progress()
+    try:
+        benchmark = resolve_benchmark(request.benchmark, request.limit)
+    except BenchmarkError as exc:
+        raise EvalError(str(exc)) from None
+    row = resolve_version(engine, request.model, request.version)
+    generator = generator or InProcessGenerator.for_version(settings, store, row)
+    cache = GenerationCache(store, row["name"], row["version"], request.sampling)
+    progress.start("generating", len(benchmark.problems) * request.n)
+    generated = generate_completions(
+        generator,
+        cache,
+        benchmark.problems,
+        request.n,
+        request.sampling,
+        lambda count: progress.advance("generating", count),
+    )
+    progress.advance("generating", generated.cached)
+    result = _score(settings, benchmark, generated.completions, request.ks, progress)
+    result["model"] = {"name": row["name"], "version": row["version"]}
+    result["generation"] = {
+        "n": request.n,
+        "temperature": request.sampling.temperature,
+        "max_tokens": request.sampling.max_tokens,
+        "top_p": request.sampling.top_p,
+        "generated": generated.generated,
+        "cached": generated.cached,
+    }
+    save_result(store, row["name"], str(row["version"]), result)
+    record_results(engine, row["name"], row["version"], result)
+    return result
+
+
+def evaluate_for_demo(
+    settings: Settings,
+    model_name: str,
+    version: int | None = None,
+    limit: int | None = None,
+    report_dir: Path | None = None,
+) -> dict[str, Any]:
+    """The built-in benchmark, n=1, greedy, 32 new tokens (about 30 s for the tiny model
+    on two cores); stores the result and writes the HTML report. Returns pass@1, the
+    status counts and the report's paths."""
+    from exforge.db import open_database
+    from exforge.store import open_store
+
+    store = open_store(settings)
+    request = EvalRequest(model_name, version, BUILTIN, sampling=DEMO_SAMPLING, limit=limit)
+    result = run_evaluation(settings, store, open_database(settings), request)
+    page, png = write_report(load_results(store), report_dir or settings.root / "eval-report")
+    return {
+        "model": result["model"],
+        "benchmark": result["benchmark"],
+        "problems": result["problems"],
+        "pass@1": result["pass_at_k"].get("1"),
+        "status_counts": result["status_counts"],
+        "generation": result["generation"],
+        "html": str(page),
+        "png": str(png),
+    }

@@ -3,9 +3,10 @@
 Both sides train the same base (the `tiny` preset, NF4 like exforge's QLoRA), on the same
 conversations encoded the same way (Tekken instruct format, loss on assistant tokens
 only), with the same LoRA (rank 16, alpha 32, all linear layers), optimiser (AdamW,
-lr 2e-4, cosine, clip 1.0), sequence length and number of optimiser steps, for one
-epoch. exforge packs conversations into full sequences without cross-attention; the
-plain TRL run pads each batch to its longest sample (its default, `packing=False`).
+lr 2e-4, cosine, clip 1.0), sequence length, micro-batch of 2 sequences and number of
+optimiser steps, for one epoch. exforge packs conversations into full sequences without
+cross-attention; the plain TRL run pads each micro-batch to its longest sample (its
+default, `packing=False`) and accumulates gradients to see the same samples per step.
 
 Each side runs in its own child process of this one run, so peak memory is its own:
 CUDA's peak allocation on a GPU, else peak RSS (and its growth while training).
@@ -40,13 +41,13 @@ THREADS = 2
 
 
 def corpus(count: int, seed: int = 0) -> list[dict[str, Any]]:
-    """The three styles of the synthetic corpus with answers of varied length (1-24 lines),
+    """The three styles of the synthetic corpus with answers of varied length (1-12 lines),
     as real instruction data has: padding waste depends on that spread."""
     rng = random.Random(seed)
     samples = [s for stage in (1, 2, 3) for s in synthetic_samples(stage, math.ceil(count / 3))]
     for sample in samples:
         answer = sample["conversations"][1]
-        answer["value"] = "\n".join([answer["value"]] * rng.randint(1, 24))
+        answer["value"] = "\n".join([answer["value"]] * rng.randint(1, 12))
     return samples[:count]
 
 
@@ -135,12 +136,14 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, 
     tokenizer = load_tokenizer()
     encoded = [encode(tokenizer, s["conversations"]) for s in samples]
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
-    batch = math.ceil(len(rows) / steps)  # the same number of optimiser steps
+    # The same number of optimiser steps, in micro-batches of exforge's batch size.
+    accumulation = math.ceil(len(rows) / steps / BATCH_PACKS)
     model = load_model("tiny", "nf4", root / "models", seed=0)
     torch.manual_seed(0)
     args = SFTConfig(
         output_dir=str(root / "trl"),
-        per_device_train_batch_size=batch,
+        per_device_train_batch_size=BATCH_PACKS,
+        gradient_accumulation_steps=accumulation,
         num_train_epochs=1,
         max_steps=steps,
         learning_rate=LEARNING_RATE,
@@ -174,9 +177,10 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, 
         processing_class=MistralCommonBackend(tokenizer_path=SHIPPED_TEKKEN),
         peft_config=peft,
     )
-    used = rows[: steps * batch]
-    tokens = sum(len(r["input_ids"]) for r in used)
-    return measure(trainer.train, tokens, steps) | {"samples": len(used), "batch": batch}
+    used = rows[: steps * accumulation * BATCH_PACKS]
+    tokens = sum(min(len(r["input_ids"]), SEQ_LEN) for r in used)
+    extra = {"samples": len(used), "gradient_accumulation": accumulation}
+    return measure(trainer.train, tokens, steps) | extra
 
 
 # --------------------------------------------------------------------------------- main

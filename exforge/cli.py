@@ -7,10 +7,10 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
 
 from exforge import __version__
@@ -500,12 +500,76 @@ def dataset_stats(as_json: JsonFlag = False) -> None:
         *[[f"  withheld: {r}", n] for r, n in data["licenses"]["withheld_by_reason"].items()],
         ["samples", samples["total"]],
         *[[f"  kind: {kind}", n] for kind, n in samples["by_kind"].items()],
+        *[[f"  stage: {stage}", n] for stage, n in samples["by_stage"].items()],
+        *[[f"  difficulty: {d}", n] for d, n in samples["by_difficulty"].items()],
+        *[[f"  license: {lic}", n] for lic, n in samples["by_license"].items()],
+        *[[f"  source: {src}", n] for src, n in samples["by_source"].items()],
         *[[f"  split: {split}", n] for split, n in samples["by_split"].items()],
+        ["sample tokens", data["tokens"]["samples"]],
+        ["samples dropped", samples["dropped"]],
+        *[[f"  dropped: {reason}", n] for reason, n in samples["dropped_by_reason"].items()],
         ["samples pending", samples["pending"]],
         ["shards", shards["total"]],
         ["samples in shards", shards["samples"]],
+        ["tokens in shards", data["tokens"]["in_shards"]],
     ]
     table("dataset", ["what", "count"], rows)
+
+
+@dataset_app.command("sample")
+def dataset_sample(
+    kind: Annotated[str, typer.Option("--kind", help="Sample kind, e.g. doc_to_code.")],
+    n: Annotated[int, typer.Option("-n", help="How many samples.")] = 3,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a few samples of one kind, pretty-printed."""
+    from rich.markdown import Markdown
+    from rich.panel import Panel
+
+    from exforge.dataset import pick
+    from exforge.db import open_database
+
+    config = settings()
+    chosen = pick(open_database(config), config.dataset, kind, n)
+    if as_json:
+        emit_json(chosen)
+        return
+    if not chosen:
+        raise fail(f"no samples of kind {kind!r}")
+    for row in chosen:
+        meta = row["meta"]
+        title = (
+            f"{meta['kind']} · stage {meta['stage']} · difficulty {meta.get('difficulty', 1)}"
+            f" · {meta.get('license') or 'no license'} · {row['id'][:12]}"
+        )
+        turns = [Panel(Markdown(t["value"]), title=t["from"]) for t in row["conversations"]]
+        console.print(Panel(Group(*turns), title=title))
+
+
+@dataset_app.command("export")
+def dataset_export(
+    out: Annotated[Path, typer.Argument(help="Directory to write train/validation files to.")],
+    fmt: Annotated[str, typer.Option("--format", help="sharegpt (JSONL) or parquet.")] = "sharegpt",
+    as_json: JsonFlag = False,
+) -> None:
+    """Export the dataset in curriculum order for `datasets.load_dataset`, Axolotl…"""
+    from exforge.dataset import export, parse_mix_ratios
+    from exforge.db import open_database
+
+    if fmt not in ("sharegpt", "parquet"):
+        raise fail(f"unknown format {fmt!r}: sharegpt or parquet", 2)
+    config = settings()
+    written = export(
+        open_database(config),
+        config.dataset,
+        out,
+        cast(Any, fmt),
+        parse_mix_ratios(config.mix_ratios),
+    )
+    if as_json:
+        emit_json({"out": str(out), "format": fmt, "files": written})
+        return
+    table(f"export → {out}", ["file", "samples"], [[k, v] for k, v in written.items()])
 
 
 # ----------------------------------------------------------------------- train, models
@@ -514,13 +578,18 @@ def dataset_stats(as_json: JsonFlag = False) -> None:
 def run_training(config_data: dict[str, Any], as_json: bool) -> None:
     from exforge.db import open_database
     from exforge.store import open_store
+    from exforge.telemetry import serve_metrics
+    from workers.trainer.display import training_progress
     from workers.trainer.recipe import TrainConfig, Trainer
 
     config = settings()
     trainer = Trainer(
         TrainConfig.model_validate(config_data), config, open_store(config), open_database(config)
     )
-    summary = trainer.run()
+    if trainer.dist.main:
+        serve_metrics(config.metrics_port)
+    with training_progress(trainer, enabled=not as_json):
+        summary = trainer.run()
     if as_json:
         emit_json(summary)
     else:
@@ -562,6 +631,39 @@ def train_resume(
     if data is None:
         raise fail(f"run {run_id} has no checkpoint", 2)
     run_training(data | {"run_id": run_id, "halt_after_step": None}, as_json)
+
+
+@train_app.command("profile")
+def train_profile(
+    model: Annotated[str, typer.Option(help="Preset, model directory or HF id.")] = "tiny",
+    quantisation: Annotated[str, typer.Option(help="nf4, int8 or none.")] = "nf4",
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 2,
+    every: Annotated[
+        list[int] | None, typer.Option("--every", help="Also every k-th layer (repeatable).")
+    ] = None,
+    budget_gib: Annotated[float | None, typer.Option(help="Memory budget in GiB.")] = None,
+    steps: Annotated[int, typer.Option(help="Timed steps per setting.")] = 3,
+    as_json: JsonFlag = False,
+) -> None:
+    """Gradient checkpointing off / every layer / every k-th layer: time, memory, advice."""
+    from workers.trainer.model import Quantisation
+    from workers.trainer.profile import run_profile
+
+    budget = int(budget_gib * 2**30) if budget_gib is not None else None
+    cache = settings().root / "models"
+    kind = cast(Quantisation, quantisation)
+    report = run_profile(model, kind, seq_len, batch_size, every or [2], budget, cache, steps)
+    if as_json:
+        emit_json(report)
+        return
+    rows = [
+        [r["setting"], r["layers"], f"{r['step_seconds']:.3f}", f"{r['peak_bytes'] / 2**20:.1f}"]
+        for r in report["results"]
+    ]
+    table("gradient checkpointing", ["setting", "layers", "step s", "peak MiB"], rows)
+    best = report["recommended"]
+    console.print(f"recommended: {best['setting']}" if best else "nothing fits the budget")
 
 
 @models_app.command("list")

@@ -1,17 +1,34 @@
-"""Dataset statistics, read from the ledger database."""
+"""The dataset the pipeline produced: statistics, samples, curriculum order and export.
+
+Everything is read from the ledger database (staged samples keep their ShareGPT line).
+Curriculum order (`curriculum`): stage by stage; inside a stage easy → hard by
+difficulty, and at each difficulty the kinds interleaved in proportion to the stage's
+mixing weights (`mix_ratios`: `{"<stage>": {"<kind>": weight}}`, unset kinds weigh 1, a
+weight of 0 leaves the kind out); the n-th sample of a kind at a difficulty sorts at
+n / weight, so a kind of weight 2 comes twice as often as one of weight 1.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from exforge.db import FileOutcome, LicenseOutcome, Package, Sample, Shard
+from exforge.db import FileOutcome, LicenseOutcome, Package, Sample, SampleDrop, Shard
+from schemas.records import SampleMeta
+
+MixRatios = dict[int, dict[str, float]]
+ExportFormat = Literal["sharegpt", "parquet"]
+SPLITS = ("train", "validation")
 
 
 def stats(engine: Engine) -> dict[str, Any]:
-    """Packages, files kept and dropped by reason, samples by kind/stage/split, shards."""
+    """Packages, files kept and dropped by reason, samples by kind/stage/split/difficulty/
+    license/source, samples dropped by reason, Tekken tokens, shards."""
     with Session(engine) as session:
 
         def count(model: type, *where: Any) -> int:
@@ -21,8 +38,14 @@ def stats(engine: Engine) -> dict[str, Any]:
             query = select(*columns, func.count()).where(where).group_by(*columns)
             return [tuple(row) for row in session.execute(query.order_by(*columns))]
 
+        def tokens_by(column: Any) -> dict[str, int]:
+            query = select(column, func.sum(Sample.tokens)).group_by(column).order_by(column)
+            return {str(key): int(n or 0) for key, n in session.execute(query)}
+
         dropped = dict(grouped(FileOutcome.reason, where=FileOutcome.kept.is_(False)))
+        drops = dict(grouped(SampleDrop.reason))
         shard_samples = session.scalar(select(func.coalesce(func.sum(Shard.samples), 0)))
+        shard_tokens = session.scalar(select(func.coalesce(func.sum(Shard.tokens), 0)))
         return {
             "packages": count(Package),
             "files": {
@@ -36,7 +59,19 @@ def stats(engine: Engine) -> dict[str, Any]:
                 "by_kind": dict(grouped(Sample.kind)),
                 "by_stage": {str(stage): n for stage, n in grouped(Sample.stage)},
                 "by_split": dict(grouped(Sample.split)),
+                "by_difficulty": {str(d): n for d, n in grouped(Sample.difficulty)},
+                "by_license": {str(lic): n for lic, n in grouped(Sample.license)},
+                "by_source": {str(src): n for src, n in grouped(Sample.source_id)},
                 "pending": count(Sample, Sample.shard_index.is_(None)),
+                "dropped": sum(drops.values()),
+                "dropped_by_reason": drops,
+                "dropped_by_kind": dict(grouped(SampleDrop.kind)),
+            },
+            "tokens": {
+                "samples": int(session.scalar(select(func.coalesce(func.sum(Sample.tokens), 0)))),
+                "in_shards": int(shard_tokens or 0),
+                "by_kind": tokens_by(Sample.kind),
+                "by_stage": tokens_by(Sample.stage),
             },
             "licenses": {
                 "allowed": count(LicenseOutcome, LicenseOutcome.allowed.is_(True)),
@@ -51,3 +86,83 @@ def stats(engine: Engine) -> dict[str, Any]:
                 "unpublished": count(Shard, Shard.published.is_(False)),
             },
         }
+
+
+def parse_mix_ratios(text: str) -> MixRatios:
+    """`mix_ratios` setting (JSON) as {stage: {kind: weight}}."""
+    if not text.strip():
+        return {}
+    raw = json.loads(text)
+    return {int(stage): {k: float(w) for k, w in kinds.items()} for stage, kinds in raw.items()}
+
+
+def curriculum(rows: Iterable[dict[str, Any]], ratios: MixRatios | None = None) -> list[dict]:
+    """ShareGPT rows in curriculum order (see the module doc); weight-0 kinds left out."""
+    ratios = ratios or {}
+    seen: dict[tuple[int, str, int], int] = {}
+    keyed = []
+    ordered = sorted(
+        rows,
+        key=lambda r: (r["meta"]["stage"], r["meta"].get("position") or 0, r["id"]),
+    )
+    for row in ordered:
+        meta = row["meta"]
+        stage, kind, level = meta["stage"], meta["kind"], meta.get("difficulty", 1)
+        weight = ratios.get(stage, {}).get(kind, 1.0)
+        if weight <= 0:
+            continue
+        nth = seen.get((stage, kind, level), 0) + 1
+        seen[(stage, kind, level)] = nth
+        keyed.append(((stage, level, nth / weight, kind), row))
+    return [row for _, row in sorted(keyed, key=lambda pair: pair[0])]
+
+
+def rows(
+    engine: Engine, dataset: str, split: str | None = None, kind: str | None = None
+) -> list[dict]:
+    """Staged samples of a dataset as ShareGPT rows, by id."""
+    query = select(Sample.payload).where(Sample.dataset == dataset).order_by(Sample.sample_id)
+    if split is not None:
+        query = query.where(Sample.split == split)
+    if kind is not None:
+        query = query.where(Sample.kind == kind)
+    with Session(engine) as session:
+        return [json.loads(payload) for payload in session.scalars(query)]
+
+
+def pick(engine: Engine, dataset: str, kind: str, n: int) -> list[dict]:
+    """`n` samples of a kind, spread over the id space (stable)."""
+    found = rows(engine, dataset, kind=kind)
+    if len(found) <= n:
+        return found
+    step = len(found) / n
+    return [found[int(i * step)] for i in range(n)]
+
+
+def uniform(row: dict[str, Any]) -> dict[str, Any]:
+    """The row with every meta field present (null when unset): one schema for readers."""
+    return {**row, "meta": SampleMeta.model_validate(row["meta"]).model_dump()}
+
+
+def export(
+    engine: Engine, dataset: str, out: Path, fmt: ExportFormat, ratios: MixRatios | None = None
+) -> dict[str, int]:
+    """Write `train` and `validation` files (ShareGPT JSONL or Parquet) in curriculum
+    order into `out` (an empty split writes no file); return samples per file name."""
+    from streams.shard import parquet_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split in SPLITS:
+        ordered = [uniform(row) for row in curriculum(rows(engine, dataset, split), ratios)]
+        if not ordered:
+            continue
+        if fmt == "parquet":
+            name = f"{split}.parquet"
+            (out / name).write_bytes(parquet_bytes(ordered))
+        else:
+            name = f"{split}.jsonl"
+            lines = (json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in ordered)
+            (out / name).write_text("".join(lines), encoding="utf-8")
+        written[name] = len(ordered)
+    return written

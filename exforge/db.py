@@ -83,6 +83,23 @@ class Sample(Base):
     payload: Mapped[str] = mapped_column(Text)
     shard_index: Mapped[int | None] = mapped_column(Integer, index=True)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    difficulty: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    tokens: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    license: Mapped[str | None] = mapped_column(String(256))
+    source_id: Mapped[str | None] = mapped_column(String(512))
+    position: Mapped[int | None] = mapped_column(Integer)
+
+
+class SampleDrop(Base):
+    """A generated sample the instruct stage dropped, with why (keyed by its id)."""
+
+    __tablename__ = "sample_drops"
+
+    sample_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(64))
+    source_id: Mapped[str | None] = mapped_column(String(512))
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class Shard(Base):

@@ -122,7 +122,33 @@ class Settings(BaseSettings):
         "MIT,MIT-0,Apache-2.0,BSD-2-Clause,BSD-3-Clause,ISC,0BSD,Unlicense,Zlib,CC0-1.0,BSL-1.0",
         description="Comma-separated SPDX ids a source may be trained on.",
     )
-    shard_samples: PositiveInt = Field(512, description="Samples per training shard.")
+    shard_samples: PositiveInt = Field(
+        512, description="A shard closes at this many samples (or at `shard_tokens`)."
+    )
+    shard_tokens: PositiveInt = Field(
+        1_000_000, description="A shard closes once its samples hold this many Tekken tokens."
+    )
+    shard_parquet: bool = Field(False, description="Also write a Parquet copy of every shard.")
+    validation_fraction: float = Field(
+        0.02, ge=0, le=1, description="Share of samples in the validation split (stable hash)."
+    )
+    instruct_kinds: str = Field(
+        "", description="Comma-separated sample kinds to generate; empty: every kind."
+    )
+    sample_max_tokens: PositiveInt = Field(
+        16_384, description="Drop samples longer than this many Tekken tokens."
+    )
+    check_workers: PositiveInt = Field(
+        2, description="Warm BEAM VMs that check the code of generated samples."
+    )
+    tokenizer_path: Path | None = Field(
+        None, description="Model directory or tekken.json; unset: mistral-common's Tekken."
+    )
+    mix_ratios: str = Field(
+        "",
+        description='Kind weights per stage as JSON, e.g. {"2": {"doc_to_code": 2}}; '
+        "unset kinds weigh 1, 0 leaves a kind out.",
+    )
     dataset: str = Field("elixir", description="Dataset name used in shard keys.")
     claim_check_bytes: PositiveInt = Field(
         64 * 1024, description="Payloads larger than this go to the store, by reference."

@@ -33,6 +33,17 @@ REDACTIONS = Counter(
 SHARDS_WRITTEN = Counter(
     "exforge_shards_written_total", "Training shards sealed.", ["dataset", "stage", "split"]
 )
+TRAIN_LOSS = Gauge("exforge_train_loss", "Training loss of the last step.", ["run", "stage"])
+TRAIN_LR = Gauge("exforge_train_learning_rate", "Learning rate of the last step.", ["run", "stage"])
+TRAIN_GRAD_NORM = Gauge(
+    "exforge_train_grad_norm", "Gradient norm (before clipping), last step.", ["run", "stage"]
+)
+TRAIN_TOKENS_PER_S = Gauge(
+    "exforge_train_tokens_per_second", "Trained tokens per second, last step.", ["run", "stage"]
+)
+TRAIN_PEAK_MEMORY = Gauge(
+    "exforge_train_peak_memory_bytes", "Peak GPU (else process) memory of training.", ["run"]
+)
 
 METRIC_NAMES = (
     "exforge_messages_in_total",
@@ -43,6 +54,11 @@ METRIC_NAMES = (
     "exforge_consumer_lag",
     "exforge_shards_written_total",
     "exforge_redactions_total",
+    "exforge_train_loss",
+    "exforge_train_learning_rate",
+    "exforge_train_grad_norm",
+    "exforge_train_tokens_per_second",
+    "exforge_train_peak_memory_bytes",
 )
 
 

@@ -305,6 +305,9 @@ class SampleMeta(BaseModel):
     license: str | None = None
     concepts: list[str] = Field(default_factory=list)
     source_refs: list[SourceRef] = Field(default_factory=list)
+    position: int | None = Field(
+        None, ge=0, description="Order within its stage where the source fixes one (book_qa)."
+    )
 
 
 class InstructionSample(Record):

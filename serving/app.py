@@ -98,10 +98,16 @@ class Shape:
         if not self.chat:
             return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
         if streaming:
-            return {"index": 0, "delta": {} if text is None else {"content": text},
-                    "finish_reason": finish}
-        return {"index": 0, "message": {"role": "assistant", "content": text},
-                "finish_reason": finish}
+            return {
+                "index": 0,
+                "delta": {} if text is None else {"content": text},
+                "finish_reason": finish,
+            }
+        return {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+        }
 
     def chunk(self, version: int, text: str) -> dict[str, Any]:
         return self._base(version, True) | {"choices": [self._choice(text, None, True)]}
@@ -196,8 +202,15 @@ async def channel(gateway: Gateway, socket: WebSocket) -> None:
                 elif isinstance(event, Token):
                     await send({"type": "token", "id": gen_id, "text": event.text})
                 else:
-                    await send({"type": "done", "id": gen_id, "model_version": event.version,
-                                "finish_reason": event.finish_reason, "usage": usage(event)})
+                    await send(
+                        {
+                            "type": "done",
+                            "id": gen_id,
+                            "model_version": event.version,
+                            "finish_reason": event.finish_reason,
+                            "usage": usage(event),
+                        }
+                    )
         except asyncio.CancelledError:
             await send({"type": "cancelled", "id": gen_id})
         except GatewayError as exc:
@@ -211,12 +224,15 @@ async def channel(gateway: Gateway, socket: WebSocket) -> None:
             kind = message.get("type")
             if kind == "join":
                 model = message["model"]
-                await send({"type": "joined", "model": model,
-                            "model_version": gateway.route_stable(model)})
+                await send(
+                    {"type": "joined", "model": model, "model_version": gateway.route_stable(model)}
+                )
             elif kind == "generate" and model is not None:
                 gen_id = str(message.get("id") or uuid.uuid4().hex)
-                body = CompletionBody(model=model, **{k: v for k, v in message.items()
-                                                      if k not in ("type", "id", "model")})
+                body = CompletionBody(
+                    model=model,
+                    **{k: v for k, v in message.items() if k not in ("type", "id", "model")},
+                )
                 running[gen_id] = asyncio.create_task(run(gen_id, body.job()))
             elif kind == "cancel" and message.get("id") in running:
                 running[message["id"]].cancel()

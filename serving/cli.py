@@ -9,13 +9,14 @@ import typer
 
 from exforge.cli import JsonFlag, console, emit_json, fail, models_app, settings, table
 
-serve_app = typer.Typer(help="Serve model versions: Triton, the gateway, API keys.",
-                        no_args_is_help=True)
+serve_app = typer.Typer(
+    help="Serve model versions: Triton, the gateway, API keys.", no_args_is_help=True
+)
 keys_app = typer.Typer(help="Gateway API keys (stored hashed).", no_args_is_help=True)
 serve_app.add_typer(keys_app, name="keys")
 
 
-def _engine():  # noqa: ANN202 - sqlalchemy Engine
+def _engine():
     from exforge.db import open_database
 
     return open_database(settings())
@@ -180,8 +181,15 @@ def usage(as_json: JsonFlag = False) -> None:
     if as_json:
         emit_json(rows)
         return
-    columns = ["day", "key_id", "model", "version", "requests", "prompt_tokens",
-               "completion_tokens"]
+    columns = [
+        "day",
+        "key_id",
+        "model",
+        "version",
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+    ]
     table("usage", columns, [[row[c] for c in columns] for row in rows])
 
 
@@ -196,8 +204,9 @@ def _print_state(state: object, as_json: bool) -> None:
         table(f"rollout {data['name']}", ["field", "value"], [[k, v] for k, v in data.items()])
 
 
-def _rollout_call(action: Literal["promote", "rollback", "split"], *args: object,
-                  **kwargs: object) -> object:
+def _rollout_call(
+    action: Literal["promote", "rollback", "split"], *args: object, **kwargs: object
+) -> object:
     from serving import rollout
 
     try:
@@ -237,6 +246,7 @@ def models_split(
 ) -> None:
     """Canary: PERCENT % to CANARY; steps advance while it stays healthy, 100 promotes."""
     shares = [float(s) for s in steps.split(",")] if steps else None
-    state = _rollout_call("split", name, canary, percent, sticky=sticky, steps=shares,
-                          step_interval_s=interval)
+    state = _rollout_call(
+        "split", name, canary, percent, sticky=sticky, steps=shares, step_interval_s=interval
+    )
     _print_state(state, as_json)

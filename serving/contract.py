@@ -47,7 +47,11 @@ def io_config() -> dict[str, list[dict[str, object]]]:
     """The `input`/`output` sections of a model config (dims exclude the batch axis)."""
 
     def tensor(spec: TensorSpec) -> dict[str, object]:
-        entry: dict[str, object] = {"name": spec.name, "data_type": spec.triton_type, "dims": list(spec.dims)}
+        entry: dict[str, object] = {
+            "name": spec.name,
+            "data_type": spec.triton_type,
+            "dims": list(spec.dims),
+        }
         if spec.optional:
             entry["optional"] = True
         return entry

@@ -88,7 +88,7 @@ def triton_urls(settings: Settings) -> list[str]:
 
 class Gateway:
     def __init__(self, settings: Settings, engine: Engine, urls: list[str] | None = None) -> None:
-        from serving.generation import load_tokenizer
+        from workers.trainer.chat import load_tokenizer
 
         self.settings = settings
         self.engine = engine
@@ -96,7 +96,7 @@ class Gateway:
         self.admission = Admission(settings.gateway_concurrency, settings.gateway_queue)
         self.limiter = RateLimiter(settings.gateway_rate_per_s, settings.gateway_burst)
         self.cache = ResponseCache(settings.gateway_cache_entries)
-        self.tokenizer = load_tokenizer()
+        self.tokenizer = load_tokenizer(generation=True).instruct_tokenizer.tokenizer
         self.thresholds = rollout.Thresholds(
             settings.rollback_window_s,
             settings.rollback_min_requests,
@@ -288,9 +288,9 @@ class Gateway:
         outcome.tokens.append(text)
         return Token(text)
 
-    async def _replay(self, outcome: Outcome, cached: CachedCompletion) -> AsyncIterator[
-        Start | Token | End
-    ]:
+    async def _replay(
+        self, outcome: Outcome, cached: CachedCompletion
+    ) -> AsyncIterator[Start | Token | End]:
         yield Start(outcome.version)
         for text in cached.deltas:
             yield self._token(outcome, text)

@@ -101,9 +101,7 @@ class Generator:
                     return
                 yield Step(token, stable[len(emitted) :])
                 emitted = stable if len(stable) > len(emitted) else emitted
-                out = self.model(
-                    torch.tensor([[token]]), past_key_values=cache, use_cache=True
-                )
+                out = self.model(torch.tensor([[token]]), past_key_values=cache, use_cache=True)
                 logits = out.logits[0, -1]
 
     def _prefill(self, ids: list[int]) -> tuple[torch.Tensor, DynamicCache]:
@@ -139,9 +137,7 @@ MIN_PREFIX = 16  # shorter shared prefixes are not worth a cache copy
 def _copy_cache(cache: DynamicCache, length: int) -> DynamicCache:
     copy = DynamicCache()
     for index, layer in enumerate(cache.layers):
-        copy.update(
-            layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), index
-        )
+        copy.update(layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone(), index)
     return copy
 
 

@@ -32,7 +32,8 @@ QUEUE_DEPTH = Gauge("exforge_gateway_queue_depth", "Requests waiting for a gener
 RUNNING = Gauge("exforge_gateway_running", "Generations in progress.")
 CACHE = Counter("exforge_gateway_cache_total", "Exact-match cache lookups.", ["result"])
 FAILOVERS = Counter(
-    "exforge_gateway_failovers_total", "Requests retried elsewhere before the first token.",
+    "exforge_gateway_failovers_total",
+    "Requests retried elsewhere before the first token.",
     ["reason"],
 )
 ROLLBACKS = Counter("exforge_gateway_rollbacks_total", "Automatic rollbacks.", ["model"])

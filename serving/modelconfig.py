@@ -166,6 +166,8 @@ def trtllm_configs(name: str, engine_dir: str, tokenizer_dir: str) -> dict[str, 
             **io_config(),
             "model_transaction_policy": {"decoupled": True},
             "instance_group": cpu_instance,
-            "parameters": _params({"tensorrt_llm_model_name": "tensorrt_llm", "accumulate_tokens": False}),
+            "parameters": _params(
+                {"tensorrt_llm_model_name": "tensorrt_llm", "accumulate_tokens": False}
+            ),
         },
     }

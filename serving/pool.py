@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -152,8 +153,12 @@ class Pool:
                     yield result.as_numpy("text_output").reshape(-1)[0].decode(errors="replace")
                 if response.parameters["triton_final_response"].bool_param:
                     return
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                raise ConnectionError(exc.details()) from exc
+            raise ModelError(exc.details()) from exc
         except InferenceServerException as exc:
-            if "unavailable" in str(exc.status()).lower() or "connect" in str(exc).lower():
+            if "unavailable" in str(exc.status()).lower():
                 raise ConnectionError(str(exc)) from exc
             raise ModelError(str(exc)) from exc
         finally:

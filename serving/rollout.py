@@ -58,7 +58,11 @@ class RolloutState:
         """The version that serves a request: canary for `percent` % of keys or calls."""
         if self.canary is None or self.percent <= 0:
             return self.stable
-        return self.canary if bucket(self.name, sticky_key, self.sticky) < self.percent else self.stable
+        return (
+            self.canary
+            if bucket(self.name, sticky_key, self.sticky) < self.percent
+            else self.stable
+        )
 
 
 def bucket(name: str, sticky_key: str | None, sticky: bool) -> float:

@@ -1,12 +1,17 @@
 """Shard stage: `instruction.samples` → zstd JSONL shards in the store → `training.shards`.
 
 Samples are first staged in the ledger (keyed by sample id, so a redelivered or repeated
-sample is staged once). A shard is sealed from the pending samples of one
-(dataset, stage, split) in sample-id order once N are pending, or with whatever is
-pending when the stage goes idle. Sealing writes the shard object under a deterministic
-name, then commits the membership in one transaction; a crash in between just rewrites
-the same name on the next try. `TrainingShard` events are published from the ledger
-after the commit (and re-published after a crash), so none is ever lost.
+sample is staged once) with their Tekken token count, difficulty, license and source.
+A shard is sealed from the pending samples of one (dataset, stage, split), taken in
+sample-id order, once N samples or T tokens are pending (`shard_samples`,
+`shard_tokens`), or with whatever is pending when the stage goes idle; inside a shard
+samples run easy → hard (difficulty, then curriculum position, then id). An optional
+Parquet copy sits next to each shard; each group's manifest lists, per shard, its key,
+sha256, sample and token counts, difficulty histogram and kinds. Sealing writes the
+shard object under a deterministic name, then commits the membership in one
+transaction; a crash in between just rewrites the same name on the next try.
+`TrainingShard` events are published from the ledger after the commit (and
+re-published after a crash), so none is ever lost.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import logging
 import time
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import zstandard
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -27,6 +34,7 @@ from exforge.db import Sample, Shard
 from exforge.store import ObjectStore, sha256_hex
 from exforge.telemetry import SHARDS_WRITTEN
 from schemas.records import InstructionSample, TrainingShard
+from streams.generators.tokens import token_counter
 from streams.stage import Output, Result, StageContext, attach_stage
 
 log = logging.getLogger("exforge.shard")
@@ -49,6 +57,10 @@ def shard_key(dataset: str, stage: int, split: str, index: int) -> str:
     return f"{shard_prefix(dataset, stage, split)}/{index:05d}.jsonl.zst"
 
 
+def parquet_key(key: str) -> str:
+    return key.removesuffix(".jsonl.zst") + ".parquet"
+
+
 def encode_shard(lines: list[str]) -> bytes:
     """Deterministic zstd JSONL: the same samples always give the same bytes."""
     body = "".join(line + "\n" for line in lines).encode()
@@ -64,15 +76,64 @@ def sharegpt_line(sample: InstructionSample) -> str:
     return json.dumps(sample.sharegpt(), ensure_ascii=False, sort_keys=True)
 
 
-def stage_sample(engine: Engine, dataset: str, sample: InstructionSample) -> bool:
+PARQUET_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+        ("kind", pa.string()),
+        ("stage", pa.int32()),
+        ("difficulty", pa.int32()),
+        ("license", pa.string()),
+        ("concepts", pa.list_(pa.string())),
+        ("meta", pa.string()),
+    ]
+)
+
+
+def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """ShareGPT rows as Parquet (`meta` also as JSON text, its main fields as columns)."""
+    table = pa.Table.from_pylist(
+        [
+            {
+                "id": row["id"],
+                "conversations": row["conversations"],
+                "kind": row["meta"]["kind"],
+                "stage": row["meta"]["stage"],
+                "difficulty": row["meta"].get("difficulty", 1),
+                "license": row["meta"].get("license"),
+                "concepts": row["meta"].get("concepts", []),
+                "meta": json.dumps(row["meta"], sort_keys=True, ensure_ascii=False),
+            }
+            for row in rows
+        ],
+        schema=PARQUET_SCHEMA,
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def stage_sample(
+    engine: Engine,
+    dataset: str,
+    sample: InstructionSample,
+    tokens: int = 0,
+    validation_fraction: float = VALIDATION_FRACTION,
+) -> bool:
     """Stage a sample for sharding; False when it was staged before (a duplicate)."""
+    refs = sample.meta.source_refs
     row = Sample(
         sample_id=sample.sample_id,
         dataset=dataset,
         stage=sample.meta.stage,
-        split=split_for(sample.sample_id),
+        split=split_for(sample.sample_id, validation_fraction),
         kind=sample.meta.kind,
         payload=sharegpt_line(sample),
+        difficulty=sample.meta.difficulty,
+        tokens=tokens,
+        license=sample.meta.license,
+        source_id=refs[0].source_id if refs else None,
+        position=sample.meta.position,
     )
     try:
         with Session(engine) as session, session.begin():
@@ -84,17 +145,40 @@ def stage_sample(engine: Engine, dataset: str, sample: InstructionSample) -> boo
     return True
 
 
-def pending_groups(engine: Engine, dataset: str, minimum: int) -> list[tuple[int, str]]:
-    """(stage, split) groups of `dataset` with at least `minimum` unsealed samples."""
+def pending_groups(
+    engine: Engine, dataset: str, minimum: int, max_tokens: int | None = None
+) -> list[tuple[int, str]]:
+    """(stage, split) groups of `dataset` with at least `minimum` unsealed samples (or,
+    given `max_tokens`, that many tokens)."""
+    full = func.count() >= minimum
+    if max_tokens is not None:
+        full = full | (func.sum(Sample.tokens) >= max_tokens)
     query = (
         select(Sample.stage, Sample.split)
         .where(Sample.dataset == dataset, Sample.shard_index.is_(None))
         .group_by(Sample.stage, Sample.split)
-        .having(func.count() >= minimum)
+        .having(full)
         .order_by(Sample.stage, Sample.split)
     )
     with Session(engine) as session:
         return [(stage, split) for stage, split in session.execute(query)]
+
+
+def take(rows: list[Sample], max_tokens: int | None) -> list[Sample]:
+    """The leading rows up to and including the one that reaches `max_tokens`."""
+    if max_tokens is None:
+        return rows
+    total = 0
+    for count, row in enumerate(rows, start=1):
+        total += row.tokens
+        if total >= max_tokens:
+            return rows[:count]
+    return rows
+
+
+def curriculum_key(row: Sample) -> tuple[int, int, str]:
+    """Easy → hard inside a shard: difficulty, then curriculum position, then id."""
+    return (row.difficulty, row.position if row.position is not None else -1, row.sample_id)
 
 
 def seal_group(
@@ -105,9 +189,12 @@ def seal_group(
     split: str,
     size: int,
     minimum: int,
+    max_tokens: int | None = None,
+    parquet: bool = False,
 ) -> int:
-    """Seal one shard of up to `size` pending samples of a group, if at least `minimum`
-    are pending; return its size (0: nothing sealed)."""
+    """Seal one shard of up to `size` pending samples (and up to `max_tokens` tokens) of a
+    group, if at least `minimum` are pending (or the token limit is reached); return its
+    size (0: nothing sealed)."""
     with Session(engine) as session, session.begin():
         rows = session.scalars(
             select(Sample)
@@ -121,7 +208,9 @@ def seal_group(
             .limit(size)
             .with_for_update()
         ).all()
-        if len(rows) < max(minimum, 1):
+        rows = take(list(rows), max_tokens)
+        tokens = sum(row.tokens for row in rows)
+        if not rows or (len(rows) < minimum and (max_tokens is None or tokens < max_tokens)):
             return 0
         last = session.scalar(
             select(func.max(Shard.shard_index)).where(
@@ -130,8 +219,12 @@ def seal_group(
         )
         index = 0 if last is None else last + 1
         key = shard_key(dataset, stage, split, index)
-        data = encode_shard([row.payload for row in rows])
+        ordered = sorted(rows, key=curriculum_key)
+        data = encode_shard([row.payload for row in ordered])
         store.put(key, data)
+        if parquet:
+            parquet_data = parquet_bytes([json.loads(row.payload) for row in ordered])
+            store.put(parquet_key(key), parquet_data)
         shard = Shard(
             dataset=dataset,
             stage=stage,
@@ -139,7 +232,7 @@ def seal_group(
             shard_index=index,
             key=key,
             samples=len(rows),
-            tokens=0,
+            tokens=tokens,
             sha256=sha256_hex(data),
             published=False,
         )
@@ -154,22 +247,43 @@ def seal_group(
     return len(rows)
 
 
-def seal(engine: Engine, store: ObjectStore, dataset: str, size: int, flush: bool) -> int:
+def seal(
+    engine: Engine,
+    store: ObjectStore,
+    dataset: str,
+    size: int,
+    flush: bool,
+    max_tokens: int | None = None,
+    parquet: bool = False,
+) -> int:
     """Seal every full shard (and, with `flush`, the partial ones); return how many."""
     sealed = 0
     minimum = 1 if flush else size
-    for stage, split in pending_groups(engine, dataset, minimum):
-        while seal_group(engine, store, dataset, stage, split, size, minimum):
+    for stage, split in pending_groups(engine, dataset, minimum, max_tokens):
+        while seal_group(engine, store, dataset, stage, split, size, minimum, max_tokens, parquet):
             sealed += 1
     return sealed
 
 
+def histogram(values: list[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[str(value)] = counts.get(str(value), 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def manifest(engine: Engine, dataset: str, stage: int, split: str) -> dict[str, Any]:
+    """The group's shards with their counts, histograms and checksums (from the ledger)."""
+    group = (Shard.dataset == dataset, Shard.stage == stage, Shard.split == split)
     with Session(engine) as session:
-        shards = session.scalars(
-            select(Shard)
-            .where(Shard.dataset == dataset, Shard.stage == stage, Shard.split == split)
-            .order_by(Shard.shard_index)
+        shards = session.scalars(select(Shard).where(*group).order_by(Shard.shard_index)).all()
+        members = session.execute(
+            select(Sample.shard_index, Sample.difficulty, Sample.kind).where(
+                Sample.dataset == dataset,
+                Sample.stage == stage,
+                Sample.split == split,
+                Sample.shard_index.is_not(None),
+            )
         ).all()
         entries = [
             {
@@ -178,6 +292,8 @@ def manifest(engine: Engine, dataset: str, stage: int, split: str) -> dict[str, 
                 "samples": s.samples,
                 "tokens": s.tokens,
                 "sha256": s.sha256,
+                "difficulty": histogram([d for i, d, _ in members if i == s.shard_index]),
+                "kinds": histogram([k for i, _, k in members if i == s.shard_index]),
             }
             for s in shards
         ]
@@ -188,6 +304,8 @@ def manifest(engine: Engine, dataset: str, stage: int, split: str) -> dict[str, 
         "format": "sharegpt-jsonl-zstd",
         "samples": sum(e["samples"] for e in entries),
         "tokens": sum(e["tokens"] for e in entries),
+        "difficulty": histogram([d for _, d, _ in members]),
+        "kinds": histogram([k for _, _, k in members]),
         "shards": entries,
     }
 
@@ -242,12 +360,27 @@ def attach(ctx: StageContext) -> None:
     settings = ctx.settings
     publishing = asyncio.Lock()
 
+    count = token_counter(settings.tokenizer_path)
+
+    def sealing(flush: bool) -> int:
+        return seal(
+            ctx.engine,
+            ctx.store,
+            settings.dataset,
+            settings.shard_samples,
+            flush,
+            settings.shard_tokens,
+            settings.shard_parquet,
+        )
+
     def handle(value: bytes, key: str | None) -> Result:
         sample = InstructionSample.model_validate_json(value)
         result = Result()
-        if not stage_sample(ctx.engine, settings.dataset, sample):
+        tokens = count(sample.sharegpt()["conversations"])
+        fraction = settings.validation_fraction
+        if not stage_sample(ctx.engine, settings.dataset, sample, tokens, fraction):
             result.drop("duplicate_sample")
-        seal(ctx.engine, ctx.store, settings.dataset, settings.shard_samples, flush=False)
+        sealing(flush=False)
         return result
 
     async def publish() -> None:
@@ -266,9 +399,7 @@ def attach(ctx: StageContext) -> None:
         if quiet_for < settings.idle_seconds:
             return
         try:
-            sealed = await asyncio.to_thread(
-                seal, ctx.engine, ctx.store, settings.dataset, settings.shard_samples, True
-            )
+            sealed = await asyncio.to_thread(sealing, True)
             if sealed:
                 ctx.touch("shard")
             await publish()

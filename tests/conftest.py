@@ -190,5 +190,7 @@ def pipeline(broker: str, tmp_path: Path) -> Pipeline:
         EXFORGE_METRICS_PORT="0",
         EXFORGE_IDLE_SECONDS="2",
         EXFORGE_CONFIG=str(tmp_path / "absent.toml"),
+        # exact per-function counts; every generator: tests/test_dataset_pipeline.py
+        EXFORGE_INSTRUCT_KINDS="doc_to_code",
     )
     return Pipeline(env)

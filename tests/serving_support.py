@@ -63,9 +63,9 @@ class RunningGateway:
 
 
 @contextmanager
-def run_gateway(settings: Settings, engine: Engine, urls: list[str], port: int) -> Iterator[
-    RunningGateway
-]:
+def run_gateway(
+    settings: Settings, engine: Engine, urls: list[str], port: int
+) -> Iterator[RunningGateway]:
     """The gateway app on a real uvicorn server in a thread, with a full-scope key."""
     gateway = Gateway(settings, engine, urls)
     server = uvicorn.Server(

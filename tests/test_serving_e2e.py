@@ -169,11 +169,13 @@ def test_websocket_channel_streams_and_cancels(gateway_a: RunningGateway) -> Non
         async with websockets.connect(url) as socket:
             await socket.send(json.dumps({"type": "join", "model": MODEL}))
             assert json.loads(await socket.recv())["type"] == "joined"
-            await socket.send(json.dumps({"type": "generate", "id": "a", "prompt": "x",
-                                          "max_tokens": 6}))
+            await socket.send(
+                json.dumps({"type": "generate", "id": "a", "prompt": "x", "max_tokens": 6})
+            )
             complete = await until(socket, "done")
-            await socket.send(json.dumps({"type": "generate", "id": "b", "prompt": "y",
-                                          "max_tokens": 400}))
+            await socket.send(
+                json.dumps({"type": "generate", "id": "b", "prompt": "y", "max_tokens": 400})
+            )
             started = await until(socket, "token")
             await socket.send(json.dumps({"type": "cancel", "id": "b"}))
             cancelled = started + await until(socket, "cancelled")
@@ -201,8 +203,7 @@ def test_auth_scopes_rate_limit_and_usage(served: Served, gateway_a: RunningGate
     _, reader = create_key(served.engine, "reader", ["models"])
     assert httpx.post(url, json=body, headers=bearer(reader)).status_code == 403
     key_id, limited = create_key(served.engine, "limited", ["generate"], rate_per_s=0.01, burst=3)
-    statuses = [httpx.post(url, json=body | {"seed": i}, headers=bearer(limited))
-                for i in range(4)]
+    statuses = [httpx.post(url, json=body | {"seed": i}, headers=bearer(limited)) for i in range(4)]
     assert [r.status_code for r in statuses] == [200, 200, 200, 429]
     assert int(statuses[-1].headers["Retry-After"]) >= 1
     served_tokens = sum(r.json()["usage"]["completion_tokens"] for r in statuses[:3])
@@ -219,25 +220,35 @@ def test_queue_full_answers_429(served: Served) -> None:
     settings = served.settings.model_copy(update={"gateway_concurrency": 1, "gateway_queue": 0})
     with run_gateway(settings, served.engine, [served.a.grpc_url], free_port()) as gw:
         url = f"{gw.url}/v1/completions"
-        long = {"model": MODEL, "prompt": "a", "max_tokens": 3000, "stream": True}
+        long = {
+            "model": MODEL,
+            "prompt": "a",
+            "max_tokens": 3000,
+            "stream": True,
+            "temperature": 0.7,
+        }  # sampled: never answered from the cache
         with httpx.stream("POST", url, json=long, headers=gw.headers) as first:
-            next(sse_events(first))  # generating now: the only slot is taken
-            second = httpx.post(url, json=long | {"stream": False}, headers=gw.headers)
-        assert second.status_code == 429 and int(second.headers["Retry-After"]) >= 1
+            events = sse_events(first)  # kept: dropping it would close the stream
+            assert "choices" in next(events)  # generating: the only slot is taken
+            second = httpx.post(url, json=long | {"stream": False}, headers=gw.headers, timeout=60)
+        assert second.status_code == 429, second.text[:300]
+        assert int(second.headers["Retry-After"]) >= 1
 
 
 def test_deadline_answers_504(served: Served) -> None:
     settings = served.settings.model_copy(update={"gateway_deadline_s": 0.2})
     with run_gateway(settings, served.engine, [served.a.grpc_url], free_port()) as gw:
         body = {"model": MODEL, "prompt": "a", "max_tokens": 2000, "stream": True}
-        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body,
-                          headers=gw.headers) as response:
+        with httpx.stream(
+            "POST", f"{gw.url}/v1/completions", json=body, headers=gw.headers
+        ) as response:
             events = list(sse_events(response))
     assert "deadline" in json.dumps(events[-2]) or "Timeout" in json.dumps(events[-2])
 
 
-async def complete_many(gw: RunningGateway, bodies: list[dict[str, object]],
-                        parallel: int = 8) -> list[httpx.Response]:
+async def complete_many(
+    gw: RunningGateway, bodies: list[dict[str, object]], parallel: int = 8
+) -> list[httpx.Response]:
     limits = asyncio.Semaphore(parallel)
     async with httpx.AsyncClient(timeout=120, headers=gw.headers) as client:
 
@@ -252,8 +263,10 @@ def test_canary_split_90_10(served: Served, gateway_a: RunningGateway) -> None:
     rollout.promote(served.engine, MODEL, 1)
     rollout.split(served.engine, MODEL, 2, 10.0, sticky=True)
     asyncio.run(gateway_a.gateway.refresh())
-    bodies = [{"model": MODEL, "prompt": "split", "max_tokens": 1, "user": f"user-{i}",
-               "seed": i} for i in range(1000)]
+    bodies = [
+        {"model": MODEL, "prompt": "split", "max_tokens": 1, "user": f"user-{i}", "seed": i}
+        for i in range(1000)
+    ]
     responses = asyncio.run(complete_many(gateway_a, bodies))
     assert all(r.status_code == 200 for r in responses)
     versions = [int(r.headers["x-exforge-model-version"]) for r in responses]
@@ -261,9 +274,7 @@ def test_canary_split_90_10(served: Served, gateway_a: RunningGateway) -> None:
     share = versions.count(2) / len(versions)
     assert abs(share - 0.10) <= 0.03, share
     again = asyncio.run(complete_many(gateway_a, bodies[:50]))  # sticky: same users, same side
-    assert [r.headers["x-exforge-model-version"] for r in again] == [
-        str(v) for v in versions[:50]
-    ]
+    assert [r.headers["x-exforge-model-version"] for r in again] == [str(v) for v in versions[:50]]
 
 
 def test_failing_canary_rolls_back_without_losing_requests(
@@ -272,8 +283,7 @@ def test_failing_canary_rolls_back_without_losing_requests(
     rollout.promote(served.engine, MODEL, 1)
     rollout.split(served.engine, MODEL, 3, 50.0, sticky=False)  # v3 is not loaded: it fails
     asyncio.run(gateway_a.gateway.refresh())
-    bodies = [{"model": MODEL, "prompt": "canary", "max_tokens": 2, "seed": i}
-              for i in range(30)]
+    bodies = [{"model": MODEL, "prompt": "canary", "max_tokens": 2, "seed": i} for i in range(30)]
     responses = asyncio.run(complete_many(gateway_a, bodies, parallel=4))
     assert [r.status_code for r in responses] == [200] * 30  # none lost
     assert {r.headers["x-exforge-model-version"] for r in responses} == {"1"}
@@ -300,8 +310,13 @@ async def kill_under_load(gw: RunningGateway, served: Served) -> list[dict[str, 
     first_tokens = asyncio.Event()
 
     async def stream(client: httpx.AsyncClient, index: int) -> dict[str, object]:
-        body = {"model": MODEL, "prompt": f"kill {index}", "max_tokens": 24, "stream": True,
-                "seed": index}
+        body = {
+            "model": MODEL,
+            "prompt": f"kill {index}",
+            "max_tokens": 24,
+            "stream": True,
+            "seed": index,
+        }
         result: dict[str, object] = {"tokens": 0, "error": None}
         try:
             async with client.stream("POST", f"{gw.url}/v1/completions", json=body) as response:

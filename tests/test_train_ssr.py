@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from exforge.settings import load_settings
 from exforge.store import FileStore
@@ -12,6 +14,7 @@ from schemas.sharegpt import sharegpt_problems, validate_sharegpt
 from streams.shard import decode_shard
 from workers.trainer.chat import encode, load_tokenizer
 from workers.trainer.data import synthetic_samples, write_split
+from workers.trainer.display import training_progress
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 from workers.trainer.ssr import buffer_key, kmeans, nearest_to_centres, select
 
@@ -56,7 +59,10 @@ def test_kmeans_selection_keeps_one_representative_per_cluster() -> None:
     assert select(samples[:2], 3, "kmeans", 0, points[:2]) == samples[:2]
 
 
-def test_ssr_buffer_is_stored_valid_and_mixed_into_the_next_stage(tmp_path: Path) -> None:
+def test_ssr_buffer_is_stored_valid_and_mixed_into_the_next_stage(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Also: the progress display and the Prometheus gauges follow the run."""
     settings = load_settings(data_dir=tmp_path / "data")
     store = FileStore(tmp_path / "data" / "store")
     real = {stage: synthetic_samples(stage, 24) for stage in (1, 2)}
@@ -77,14 +83,22 @@ def test_ssr_buffer_is_stored_valid_and_mixed_into_the_next_stage(tmp_path: Path
                 "enabled": True,
                 "budget": budget,
                 "ratio": ratio,
-                "candidates": 6,
-                "max_new_tokens": 12,
+                "candidates": 4,
+                "max_new_tokens": 8,
                 "selection": "kmeans",
             },
         }
     )
     trainer = Trainer(config, settings, store)
-    trainer.run()
+    with training_progress(trainer):
+        trainer.run()
+    shown = capsys.readouterr().err
+    assert "stage 2 · loss" in shown and "tok/s" in shown
+    last = trainer.log[-1]
+    assert (
+        REGISTRY.get_sample_value("exforge_train_loss", {"run": "ssr", "stage": "2"}) == last.loss
+    )
+    assert REGISTRY.get_sample_value("exforge_train_peak_memory_bytes", {"run": "ssr"}) > 0
 
     buffer = decode_shard(store.get(buffer_key("ssr", 1)))
     assert 0 < len(buffer) <= budget

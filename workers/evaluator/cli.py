@@ -88,7 +88,8 @@ def print_result(result: dict[str, Any]) -> None:
     for k, value in result["pass_at_k"].items():
         summary.add_row(f"pass@{k}", f"{value:.4f}")
     summary.add_row("problems / samples", f"{result['problems']} / {result['samples']}")
-    summary.add_row("compile rate", f"{result['compile_rate']:.4f}")
+    rate = result["compile_rate"]
+    summary.add_row("compile rate", "n/a" if rate is None else f"{rate:.4f}")
     summary.add_row("compiler warnings", str(result["warnings"]))
     summary.add_row("chrF", "n/a" if result["chrf"] is None else f"{result['chrf']:.2f}")
     summary.add_row(
@@ -96,6 +97,9 @@ def print_result(result: dict[str, Any]) -> None:
     )
     summary.add_row("sandbox isolation", result["isolation"])
     summary.add_row("workers replaced", str(result["workers_replaced"]))
+    if "generation" in result:
+        made = result["generation"]
+        summary.add_row("generated / cached", f"{made['generated']} / {made['cached']}")
     if result["k_skipped"]:
         summary.add_row("k skipped (k > samples)", ", ".join(map(str, result["k_skipped"])))
     console.print(summary)
@@ -249,7 +253,9 @@ def report_command(
 
     results = load_results(open_store(_settings()))
     if not results:
-        raise _fail("no stored evaluations (exforge eval score … --save NAME:VERSION)", 1)
+        raise _fail(
+            "no stored evaluations (exforge eval run …, or eval score … --save NAME:VERSION)", 1
+        )
     page, png = write_report(results, out)
     rows = summary_rows(results)
     if as_json:

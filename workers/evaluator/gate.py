@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
+from exforge.settings import Settings
 from workers.evaluator.results import production_version, stored_metric
 
 METRIC = "pass@1"
@@ -60,3 +61,13 @@ def check_promotion(
     )
     allowed = drop <= max_drop + 1e-12
     return GateDecision(allowed, ("allowed: " if allowed else "refused: ") + verdict, **facts)
+
+
+def promotion_decision(
+    settings: Settings, engine: Engine, model: str, version: int, force: bool = False
+) -> GateDecision:
+    """`check_promotion` on the configured benchmark and threshold
+    (`EXFORGE_EVAL_GATE_BENCHMARK`, `EXFORGE_EVAL_GATE_MAX_DROP`)."""
+    return check_promotion(
+        engine, model, version, settings.eval_gate_benchmark, settings.eval_gate_max_drop, force
+    )

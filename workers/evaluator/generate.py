@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from transformers import GenerationConfig, MistralForCausalLM, StoppingCriteria
+from transformers import GenerationConfig, LogitsProcessor, MistralForCausalLM, StoppingCriteria
 
 from exforge.settings import Settings
 from exforge.store import ObjectStore
 from workers.evaluator.benchmarks import Completion, Problem
 
 CACHE_PREFIX = "generations/"
+NUCLEUS_PROBE = 1024
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,34 @@ class _StopOnText(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class _GumbelSampling(LogitsProcessor):
+    """Temperature and nucleus (top-p) sampling as an argmax: adding Gumbel noise to the
+    log-probabilities and taking the largest draws exactly from the distribution, and is
+    far faster on CPU than `torch.multinomial` over a 131k vocabulary."""
+
+    def __init__(self, temperature: float, top_p: float) -> None:
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logits = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            logits = self._nucleus(logits)
+        noise = -torch.log(-torch.log(torch.rand_like(logits).clamp_(1e-20, 1.0)))
+        return logits + noise
+
+    def _nucleus(self, logits: torch.Tensor) -> torch.Tensor:
+        """Keep the smallest set of most likely tokens whose mass reaches top_p. Looks at
+        the top 1024 first (a trained model's nucleus is small), all of them otherwise."""
+        ordered, order = torch.topk(logits, min(NUCLEUS_PROBE, logits.shape[-1]), dim=-1)
+        if bool((ordered.exp().sum(dim=-1) < self.top_p).any()):
+            ordered, order = torch.sort(logits, dim=-1, descending=True)
+        probs = ordered.exp()
+        outside = torch.cumsum(probs, dim=-1) - probs >= self.top_p
+        kept = torch.full_like(logits, -torch.inf)
+        return kept.scatter(-1, order, ordered.masked_fill(outside, -torch.inf))
+
+
 class InProcessGenerator:
     """A transformers model and the Tekken tokenizer, generating left-padded batches."""
 
@@ -119,15 +148,16 @@ class InProcessGenerator:
         mask = torch.tensor(
             [[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device
         )
-        sampled = sampling.temperature > 0
         config = GenerationConfig(
             max_new_tokens=sampling.max_tokens,
-            do_sample=sampled,
-            temperature=sampling.temperature if sampled else None,
-            top_p=sampling.top_p if sampled else None,
-            top_k=None,
+            do_sample=False,  # sampling, when asked for, is `_GumbelSampling`'s argmax
             pad_token_id=pad,
             eos_token_id=self.tokenizer.eos_id,
+        )
+        processors = (
+            [_GumbelSampling(sampling.temperature, sampling.top_p)]
+            if sampling.temperature > 0
+            else []
         )
         stop = _StopOnText(self.decode, [r.stop_tokens for r in requests], width)
         with torch.inference_mode():
@@ -135,6 +165,7 @@ class InProcessGenerator:
                 input_ids=input_ids,
                 attention_mask=mask,
                 generation_config=config,
+                logits_processor=processors,
                 stopping_criteria=[stop],
             )
         return [self.decode(row[width:].tolist()) for row in output]

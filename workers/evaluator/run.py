@@ -4,6 +4,7 @@ the result in the registry and the store; and the short evaluation the demo ends
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from workers.evaluator.generate import (
     GenerationCache,
     Generator,
     InProcessGenerator,
+    Request,
     Sampling,
     generate_completions,
 )
@@ -50,12 +52,24 @@ class EvalRequest:
     limit: int | None = None
 
 
-class Progress:
+class PhaseProgress:
     """Callbacks for the two phases; the CLI draws them as progress bars."""
 
     def start(self, phase: str, total: int) -> None: ...
 
     def advance(self, phase: str, count: int = 1) -> None: ...
+
+
+class _Lazy:
+    """A generator made on first use: a fully cached run never loads the model."""
+
+    def __init__(self, make: Callable[[], Generator]) -> None:
+        self.make = make
+        self.generator: Generator | None = None
+
+    def complete(self, requests: Sequence[Request], sampling: Sampling) -> list[str]:
+        self.generator = self.generator or self.make()
+        return self.generator.complete(requests, sampling)
 
 
 def resolve_benchmark(source: str, limit: int | None = None) -> Benchmark:
@@ -95,7 +109,7 @@ def _score(
     benchmark: Benchmark,
     completions: list[Completion],
     ks: tuple[int, ...],
-    progress: Progress,
+    progress: PhaseProgress,
 ) -> dict[str, Any]:
     progress.start("scoring", len(completions))
     if benchmark.scoring == "exact":
@@ -112,16 +126,16 @@ def run_evaluation(
     engine: Engine,
     request: EvalRequest,
     generator: Generator | None = None,
-    progress: Progress | None = None,
+    progress: PhaseProgress | None = None,
 ) -> dict[str, Any]:
     """Generate (resuming from the cache), score, store; returns the result document."""
-    progress = progress or Progress()
+    progress = progress or PhaseProgress()
     try:
         benchmark = resolve_benchmark(request.benchmark, request.limit)
     except BenchmarkError as exc:
         raise EvalError(str(exc)) from None
     row = resolve_version(engine, request.model, request.version)
-    generator = generator or InProcessGenerator.for_version(settings, store, row)
+    generator = generator or _Lazy(lambda: InProcessGenerator.for_version(settings, store, row))
     cache = GenerationCache(store, row["name"], row["version"], request.sampling)
     progress.start("generating", len(benchmark.problems) * request.n)
     generated = generate_completions(

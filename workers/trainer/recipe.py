@@ -4,7 +4,8 @@
         warm-up + cosine schedule; batches of packed conversations from the store;
         loss = assistant-token cross-entropy (+ λ/2·ΣF(θ-θ*)² once a stage is done);
         validation every N steps (adaptive pacing unlocks harder samples);
-        checkpoint every N steps and at the stage end; Fisher at the stage end
+        checkpoint every N steps and at the stage end; Fisher at the stage end;
+        SSR: a synthetic rehearsal buffer of the stage, mixed into the later stages
     → register a model version, announce it on `models.versions`
 
 Everything a resume needs is in the checkpoint; on the CPU a resumed run repeats the
@@ -20,6 +21,7 @@ import os
 import time
 import tomllib
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, Field
 
+from exforge import telemetry
 from exforge.settings import Settings
 from exforge.store import ObjectStore
 from schemas.records import TrainingEvent
@@ -198,6 +201,7 @@ class Trainer:
             dist.broadcast_object_list(shared, src=0)
             self.run_id = shared[0]
         self.events = Events(settings, self.run_id, self.dist.main)
+        self.on_step: Callable[[int, int, dict[str, float]], None] | None = None
         torch.manual_seed(config.seed)  # after loading: a first load initialises a preset
         self.model = apply_lora(base, config.lora)
         self.module: torch.nn.Module = self.model
@@ -330,18 +334,15 @@ class Trainer:
                 step += 1
                 stage_step += 1
                 self.log.append(StepLog(step, stage.stage, loss, lr, grad_norm, tokens))
-                self.events.emit(
-                    "progress",
-                    step,
-                    stage.stage,
-                    metrics={
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        "tokens_per_s": tokens * self.dist.world / (time.perf_counter() - started),
-                        "peak_memory_bytes": float(peak_memory()),
-                    },
-                )
+                metrics = {
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens * self.dist.world / (time.perf_counter() - started),
+                    "peak_memory_bytes": float(peak_memory()),
+                }
+                self.events.emit("progress", step, stage.stage, metrics=metrics)
+                self.observe(step, stage.stage, metrics)
                 if config.validate_every and stage_step % config.validate_every == 0:
                     cursor = self.validate(step, stage.stage, cursor, validation)
                 last = stage_step == stage.steps
@@ -367,6 +368,19 @@ class Trainer:
                     self.events.flush()
                     return self.summary(step, halted=True)
         return self.finish(step, validation)
+
+    def observe(self, step: int, stage: int, metrics: dict[str, float]) -> None:
+        """Step metrics to the Prometheus gauges and the progress display (`on_step`)."""
+        if not self.dist.main:
+            return
+        labels = {"run": self.run_id, "stage": str(stage)}
+        telemetry.TRAIN_LOSS.labels(**labels).set(metrics["loss"])
+        telemetry.TRAIN_LR.labels(**labels).set(metrics["lr"])
+        telemetry.TRAIN_GRAD_NORM.labels(**labels).set(metrics["grad_norm"])
+        telemetry.TRAIN_TOKENS_PER_S.labels(**labels).set(metrics["tokens_per_s"])
+        telemetry.TRAIN_PEAK_MEMORY.labels(run=self.run_id).set(metrics["peak_memory_bytes"])
+        if self.on_step is not None:
+            self.on_step(step, stage, metrics)
 
     # ------------------------------------------------------------------ rehearsal
 

@@ -62,9 +62,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("serving_rollout_events", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_serving_rollout_events_name"), ["name"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_serving_rollout_events_name"), ["name"], unique=False)
 
 
 def downgrade() -> None:

@@ -1,0 +1,137 @@
+"""What every generator shares: the candidate sample, fences, specs and provenance.
+
+A generator is a plain function `ParsedFile -> list[Candidate]`. A candidate is an
+`InstructionSample` plus the Elixir code the instruct stage must check before it is
+kept: each `Check` names the code and how strictly (`parse`: `Code.string_to_quoted`,
+`compile`: full compilation of a module).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from schemas.records import (
+    FunctionInfo,
+    InstructionSample,
+    ParsedFile,
+    SampleMeta,
+    SourceRef,
+    Turn,
+)
+from streams.elixir.analysis import parse
+
+CheckLevel = Literal["parse", "compile"]
+FENCE = re.compile(r"```(?:elixir|iex)?\n(.*?)\n```", re.DOTALL)
+SPEC_HEAD = re.compile(r"^\s*([a-z_][\w?!]*)\s*(\((.*)\))?\s*::", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class Check:
+    code: str
+    level: CheckLevel = "parse"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    sample: InstructionSample
+    checks: tuple[Check, ...] = field(default_factory=tuple)
+
+
+def fenced(code: str) -> str:
+    return f"```elixir\n{code.rstrip()}\n```"
+
+
+def code_blocks(text: str) -> list[str]:
+    """The fenced code blocks of a turn, in order."""
+    return FENCE.findall(text)
+
+
+def ref(file: ParsedFile, start: int | None = None, end: int | None = None) -> SourceRef:
+    return SourceRef(
+        source_id=file.source_id, path=file.path, sha256=file.sha256, start_line=start, end_line=end
+    )
+
+
+def function_ref(file: ParsedFile, function: FunctionInfo) -> SourceRef:
+    return ref(file, function.start_line, function.end_line)
+
+
+def candidate(
+    kind: str,
+    turns: list[tuple[str, str]],
+    file: ParsedFile,
+    refs: list[SourceRef],
+    concepts: list[str] | None = None,
+    checks: list[Check] | None = None,
+) -> Candidate:
+    """A sample of `kind` from (role, text) turns; stage and difficulty are set later
+    (`streams.generators.grade`), checks default to parsing every gpt code block."""
+    conversations = [Turn(from_=role, value=text) for role, text in turns]  # type: ignore[arg-type]
+    if checks is None:
+        checks = [
+            Check(code) for role, text in turns if role == "gpt" for code in code_blocks(text)
+        ]
+    sample = InstructionSample(
+        sample_id=InstructionSample.content_id(conversations, kind),
+        conversations=conversations,
+        meta=SampleMeta(
+            kind=kind, stage=1, license=file.license, concepts=concepts or [], source_refs=refs
+        ),
+    )
+    return Candidate(sample, tuple(checks))
+
+
+def _arity(args: str | None) -> int:
+    """Top-level comma count of a spec's argument list."""
+    if args is None or not args.strip():
+        return 0
+    depth, count = 0, 1
+    for char in args:
+        if char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            count += 1
+    return count
+
+
+def specs(text: str) -> dict[tuple[int, str, int], str]:
+    """`@spec` source by (line of the spec, name, arity), read from the syntax tree."""
+    data = text.encode()
+    found: dict[tuple[int, str, int], str] = {}
+    stack = [parse(data)]
+    while stack:
+        node = stack.pop()
+        if (
+            node.type == "unary_operator"
+            and node.text is not None
+            and node.text.startswith(b"@spec")
+        ):
+            source = node.text.decode()
+            match = SPEC_HEAD.match(source.removeprefix("@spec"))
+            if match:
+                key = (node.start_point.row + 1, match.group(1), _arity(match.group(3)))
+                found[key] = source
+            continue
+        stack.extend(node.named_children)
+    return found
+
+
+def spec_of(function: FunctionInfo, file_specs: dict[tuple[int, str, int], str]) -> str | None:
+    """The nearest `@spec` for the function's name/arity above its first clause."""
+    best: tuple[int, str] | None = None
+    for (line, name, arity), source in file_specs.items():
+        matches = name == function.name and arity == function.arity
+        if matches and line < function.start_line and (best is None or line > best[0]):
+            best = (line, source)
+    if best is None or function.start_line - best[0] > 3 + best[1].count("\n"):
+        return None
+    return best[1]
+
+
+def module_source(text: str, start_line: int, end_line: int) -> str:
+    lines = text.splitlines()
+    return "\n".join(lines[start_line - 1 : end_line]) + "\n"

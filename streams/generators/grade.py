@@ -1,0 +1,91 @@
+"""Curriculum stage per kind and a deterministic difficulty score (1-5).
+
+Difficulty is computed from the analysis features of the code a sample teaches (its
+`gpt` code blocks, analysed like any file) and the concepts it involves:
+
+    points = min(branches, 8) / 4              # extra clauses, case/cond/if, and/or… (0-2)
+           + min(max(depth - 2, 0), 2) / 2     # do-block/fn nesting beyond two levels (0-1)
+           + 1    if it uses OTP or processes  # behaviours, supervisors, spawn/send/receive
+           + 1.5  if it defines or expands macros (defmacro, quote, unquote)
+           + 0.5  if it is longer than 40 lines of code
+           + min(concepts, 4) / 4              # concepts the sample names (0-1)
+    difficulty = clamp(1 + floor(points), 1, 5)
+
+`branches` is the analysis' `complexity - 1`; a book segment keeps at least the level the
+book extraction gave it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tree_sitter import Node
+
+from schemas.records import ElixirAnalysis, InstructionSample, ParsedFile
+from streams.elixir.analysis import analyse, parse
+from streams.generators.common import code_blocks
+
+STAGES: dict[str, int] = {
+    "completion": 1,
+    "fim": 1,
+    "doc_to_code": 2,
+    "spec_to_code": 2,
+    "code_to_doc": 2,
+    "doctest_to_test": 2,
+    "otp_pattern": 2,
+    "refactor_pipes": 2,
+    "refactor_pattern_match": 2,
+    "book_qa": 3,
+}
+NESTING = frozenset({"do_block", "anonymous_function"})
+
+
+def depth(node: Node) -> int:
+    """Deepest nesting of do-blocks and anonymous functions."""
+    best = 0
+    stack = [(node, 0)]
+    while stack:
+        current, level = stack.pop()
+        level += current.type in NESTING
+        best = max(best, level)
+        stack.extend((child, level) for child in current.named_children)
+    return best
+
+
+def points(features: ElixirAnalysis, nesting: int, concepts: int) -> float:
+    otp = bool(features.behaviours or features.supervisors) or (
+        features.spawns + features.sends + features.receives > 0
+    )
+    macros = features.macros + features.quotes + features.unquotes > 0
+    return (
+        min(features.metrics.complexity - 1, 8) / 4
+        + min(max(nesting - 2, 0), 2) / 2
+        + (1.0 if otp else 0.0)
+        + (1.5 if macros else 0.0)
+        + (0.5 if features.metrics.loc > 40 else 0.0)
+        + min(concepts, 4) / 4
+    )
+
+
+def difficulty(code: str, concepts: int, floor: int = 1) -> int:
+    analysis = analyse(code if code.endswith("\n") else code + "\n")
+    score = 1 + math.floor(points(analysis.details, depth(parse(code.encode())), concepts))
+    return max(floor, min(5, score))
+
+
+def graded(sample: InstructionSample, file: ParsedFile) -> InstructionSample:
+    """The sample with the stage of its kind and its difficulty."""
+    code = "\n\n".join(
+        block
+        for turn in sample.conversations
+        if turn.from_ == "gpt"
+        for block in code_blocks(turn.value)
+    )
+    floor = file.book.difficulty if file.book is not None else 1
+    meta = sample.meta.model_copy(
+        update={
+            "stage": STAGES[sample.meta.kind],
+            "difficulty": difficulty(code, len(sample.meta.concepts), floor),
+        }
+    )
+    return sample.model_copy(update={"meta": meta})

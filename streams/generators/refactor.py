@@ -1,0 +1,308 @@
+"""Refactoring pairs from real syntax-tree transformations; both sides must compile.
+
+* `refactor_pipes`: nested calls `f(g(x, a), b)` ↔ pipe chains `x |> g(a) |> f(b)`.
+  A function written with pipes gives (nested → its own pipes); one written with nested
+  calls gives (its own nesting → pipes).
+* `refactor_pattern_match`: a multi-clause function ↔ one clause that `case`s on the
+  arguments' shapes; the pair asks for the multi-clause form.
+
+Each side is checked by compiling it in a throwaway module together with the sibling
+definitions it calls (`Check(level="compile")`).
+"""
+
+from __future__ import annotations
+
+import re
+
+from tree_sitter import Node
+
+from schemas.records import FunctionInfo, ParsedFile
+from streams.elixir.analysis import parse
+from streams.generators.common import Candidate, Check, candidate, fenced, function_ref
+
+NOT_PIPEABLE = frozenset(
+    {
+        "def",
+        "defp",
+        "defmacro",
+        "defmacrop",
+        "if",
+        "unless",
+        "case",
+        "cond",
+        "with",
+        "for",
+        "fn",
+        "quote",
+        "unquote",
+        "receive",
+        "try",
+        "raise",
+        "throw",
+        "super",
+        "__block__",
+    }
+)
+CHECK_MODULE = "ExforgeRefactorCheck"
+OPERATORS = frozenset({"binary_operator", "unary_operator"})
+
+
+def _text(data: bytes, node: Node) -> str:
+    return data[node.start_byte : node.end_byte].decode()
+
+
+def _arguments(call: Node) -> Node | None:
+    return next((c for c in call.children if c.type == "arguments"), None)
+
+
+def _pipeable_call(node: Node) -> bool:
+    """A call with parenthesised arguments, no do-block, to a plain or remote name."""
+    if node.type != "call" or any(c.type == "do_block" for c in node.children):
+        return False
+    args = _arguments(node)
+    target = node.child_by_field_name("target")
+    if args is None or target is None or args.children[0].type != "(":
+        return False
+    if target.type == "identifier":
+        return (target.text or b"").decode() not in NOT_PIPEABLE
+    return target.type == "dot"
+
+
+def _call_parts(data: bytes, call: Node) -> tuple[str, list[str]]:
+    args = _arguments(call)
+    assert args is not None
+    head = data[call.start_byte : args.start_byte].decode()
+    return head, [_text(data, a) for a in args.named_children]
+
+
+def _call(head: str, args: list[str]) -> str:
+    return f"{head}({', '.join(args)})"
+
+
+def is_operator(node: Node, operator: str) -> bool:
+    found = node.child_by_field_name("operator") if node.type == "binary_operator" else None
+    return found is not None and found.type == operator
+
+
+def unpiped(data: bytes, node: Node) -> str | None:
+    """A pipe chain as nested calls; None when a stage is not a parenthesised call."""
+    if not is_operator(node, "|>"):
+        return _text(data, node)
+    left = node.child_by_field_name("left")
+    right = node.child_by_field_name("right")
+    if left is None or right is None or not _pipeable_call(right):
+        return None
+    inner = unpiped(data, left)
+    if inner is None:
+        return None
+    head, args = _call_parts(data, right)
+    return _call(head, [inner, *args])
+
+
+def piped(data: bytes, node: Node) -> tuple[str, int]:
+    """Nested calls as a pipe chain and its number of stages (0: not a call to pipe)."""
+    args = _arguments(node) if _pipeable_call(node) else None
+    if args is None or not args.named_children or args.named_children[0].type == "keywords":
+        text = _text(data, node)
+        return (f"({text})" if node.type in OPERATORS else text), 0
+    inner, stages = piped(data, args.named_children[0])
+    head, rest = _call_parts(data, node)
+    return f"{inner} |> {_call(head, rest[1:])}", stages + 1
+
+
+def _rewrite(source: str, pick: str) -> str | None:
+    """Rewrite the outermost pipes (`pick="unpipe"`) or nested calls (`"pipe"`) of a source."""
+    data = source.encode()
+    root = parse(data)
+    if root.has_error:
+        return None
+    edits: list[tuple[int, int, str]] = []
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if pick == "unpipe" and is_operator(node, "|>"):
+            replacement = unpiped(data, node)
+            if replacement is None:
+                return None
+            edits.append((node.start_byte, node.end_byte, replacement))
+            continue
+        if pick == "pipe" and node.type == "call":
+            replacement, depth = piped(data, node)
+            if depth >= 2:
+                parent = node.parent
+                if parent is not None and parent.type in (
+                    "binary_operator",
+                    "unary_operator",
+                    "dot",
+                ):
+                    replacement = f"({replacement})"
+                edits.append((node.start_byte, node.end_byte, replacement))
+                continue
+        stack.extend(node.named_children)
+    if not edits:
+        return None
+    out = source.encode()
+    for start, end, replacement in sorted(edits, reverse=True):
+        out = out[:start] + replacement.encode() + out[end:]
+    return out.decode()
+
+
+def _calls(source: str, function: FunctionInfo) -> bool:
+    return re.search(rf"(?<![\w.:]){re.escape(function.name)}\b", source) is not None
+
+
+def check_unit(source: str, siblings: list[FunctionInfo]) -> str:
+    """A module holding `source` and the sibling definitions it calls, transitively."""
+    included: list[FunctionInfo] = []
+    frontier = [source]
+    while frontier:
+        text = frontier.pop()
+        for sibling in siblings:
+            if sibling not in included and _calls(text, sibling):
+                included.append(sibling)
+                frontier.append(sibling.source)
+    body = "\n\n".join([source, *(s.source for s in included)])
+    indented = "\n".join(f"  {line}" if line else "" for line in body.splitlines())
+    return f"defmodule {CHECK_MODULE} do\n{indented}\nend\n"
+
+
+def _pair(
+    kind: str, file: ParsedFile, function: FunctionInfo, before: str, after: str, ask: str
+) -> Candidate:
+    siblings = [f for f in file.functions if f.module == function.module and f is not function]
+    human = f"{ask}\n\n{fenced(before)}"
+    return candidate(
+        kind,
+        [("human", human), ("gpt", fenced(after))],
+        file,
+        [function_ref(file, function)],
+        checks=[
+            Check(check_unit(before, siblings), "compile"),
+            Check(check_unit(after, siblings), "compile"),
+        ],
+    )
+
+
+def refactor_pipes(file: ParsedFile, text: str) -> list[Candidate]:
+    out = []
+    for function in file.functions:
+        if "|>" in function.source:
+            nested = _rewrite(function.source, "unpipe")
+            if nested is not None:
+                out.append(
+                    _pair(
+                        "refactor_pipes",
+                        file,
+                        function,
+                        nested,
+                        function.source,
+                        "Rewrite this function with the pipe operator instead of nested calls.",
+                    )
+                )
+            continue
+        chained = _rewrite(function.source, "pipe")
+        if chained is not None:
+            out.append(
+                _pair(
+                    "refactor_pipes",
+                    file,
+                    function,
+                    function.source,
+                    chained,
+                    "Rewrite the nested calls of this function as pipe chains.",
+                )
+            )
+    return out
+
+
+# --------------------------------------------------------------------- pattern matching
+
+
+def _clauses(source: str) -> list[tuple[list[str], str | None, str]] | None:
+    """(argument patterns, guard, body) of every clause; None when one is not simple."""
+    data = source.encode()
+    root = parse(data)
+    if root.has_error:
+        return None
+    clauses = []
+    for clause in root.named_children:
+        if clause.type == "comment":
+            continue
+        args = _arguments(clause)
+        if clause.type != "call" or args is None or not args.named_children:
+            return None
+        head, guard = args.named_children[0], None
+        if is_operator(head, "when"):
+            guard_node = head.child_by_field_name("right")
+            head = head.child_by_field_name("left")  # type: ignore[assignment]
+            guard = _text(data, guard_node) if guard_node else None
+        head_args = _arguments(head) if head is not None and head.type == "call" else None
+        if head_args is None:
+            return None
+        patterns = [_text(data, a) for a in head_args.named_children]
+        if any("\\\\" in p for p in patterns):
+            return None
+        body = _body(data, clause, args)
+        if body is None:
+            return None
+        clauses.append((patterns, guard, body))
+    return clauses
+
+
+def _body(data: bytes, clause: Node, args: Node) -> str | None:
+    block = next((c for c in clause.children if c.type == "do_block"), None)
+    if block is not None:
+        if any(c.type.endswith("_block") for c in block.named_children):
+            return None  # rescue/catch/after/else blocks
+        statements = [c for c in block.named_children if c.type != "comment"]
+        if not statements:
+            return None
+        return data[statements[0].start_byte : statements[-1].end_byte].decode()
+    keywords = args.named_children[-1]
+    if keywords.type != "keywords" or len(keywords.named_children) != 1:
+        return None
+    pair = keywords.named_children[0]
+    value = pair.child_by_field_name("value")
+    key = pair.child_by_field_name("key")
+    if value is None or key is None or _text(data, key).strip() != "do:":
+        return None
+    return _text(data, value)
+
+
+def as_case(function: FunctionInfo) -> str | None:
+    """A multi-clause function as one clause that `case`s on its arguments."""
+    clauses = _clauses(function.source)
+    if clauses is None or len(clauses) < 2 or function.arity == 0:
+        return None
+    names = [f"arg{i}" for i in range(1, function.arity + 1)]
+    subject = names[0] if len(names) == 1 else "{" + ", ".join(names) + "}"
+    branches = []
+    for patterns, guard, body in clauses:
+        pattern = patterns[0] if len(patterns) == 1 else "{" + ", ".join(patterns) + "}"
+        when = f" when {guard}" if guard else ""
+        lines = body.splitlines()
+        indented = "\n".join([lines[0], *lines[1:]])
+        branches.append(f"    {pattern}{when} ->\n      " + indented.replace("\n", "\n  "))
+    return (
+        f"{function.kind} {function.name}({', '.join(names)}) do\n"
+        f"  case {subject} do\n" + "\n\n".join(branches) + "\n  end\nend"
+    )
+
+
+def refactor_pattern_match(file: ParsedFile, text: str) -> list[Candidate]:
+    out = []
+    for function in file.functions:
+        single = as_case(function)
+        if single is not None:
+            out.append(
+                _pair(
+                    "refactor_pattern_match",
+                    file,
+                    function,
+                    single,
+                    function.source,
+                    "Refactor this function: replace the `case` on its arguments with "
+                    "multi-clause function heads that pattern match.",
+                )
+            )
+    return out

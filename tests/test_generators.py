@@ -1,0 +1,266 @@
+"""Generators on the sample corpus and a generated book, checked by real Elixir: the
+warm BEAM pool in the instruct step, `elixirc`/`elixir` again in these tests."""
+
+from __future__ import annotations
+
+import base64
+import random
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_sources_books import make_pdf
+
+from exforge.store import FileStore, sha256_hex
+from schemas.records import InstructionSample, ParsedFile, RawPackage
+from streams.elixir.analysis import analyse
+from streams.files import analysed_file
+from streams.generators import KINDS, STAGES, Candidate, Check, generate
+from streams.generators.code import fim_split
+from streams.generators.common import code_blocks
+from streams.generators.grade import difficulty
+from streams.generators.refactor import _rewrite, as_case
+from streams.generators.tokens import token_counter
+from streams.instruct import Verdicts, instruct
+from streams.sources.books import book_files
+from workers.evaluator.sandbox import SandboxConfig, SandboxPool
+
+CORPUS = REPO / "examples" / "corpus"
+IN_PLACE = {"completion", "fim", "doc_to_code", "spec_to_code", "otp_pattern", "book_qa"}
+REFACTORS = {"refactor_pipes", "refactor_pattern_match"}
+
+
+def package(source_id: str = "dir:corpus@1", kind: str = "dir") -> RawPackage:
+    return RawPackage(
+        source_id=source_id,
+        kind=kind,  # type: ignore[arg-type]
+        name="corpus",
+        version="1",
+        license="MIT",
+        archive_key="k",
+        sha256="0" * 64,
+        size_bytes=0,
+    )
+
+
+def corpus_files() -> list[ParsedFile]:
+    files = []
+    for path in sorted(CORPUS.rglob("*.ex*")):
+        file = analysed_file(package(), str(path.relative_to(CORPUS)), path.read_text())
+        assert file is not None, path
+        files.append(file)
+    return files
+
+
+def book_segments(tmp_path: Path) -> list[ParsedFile]:
+    pdf = make_pdf()
+    book = package(f"book:{sha256_hex(pdf)}", "book")
+    return book_files(book, pdf, FileStore(tmp_path), 64 * 1024)
+
+
+@pytest.fixture(scope="module")
+def pool() -> SandboxPool:
+    with SandboxPool(SandboxConfig(workers=2, timeout_s=20)) as warm:
+        yield warm
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> list[ParsedFile]:
+    return corpus_files() + book_segments(tmp_path_factory.mktemp("book"))
+
+
+@pytest.fixture(scope="module")
+def candidates(files: list[ParsedFile]) -> list[Candidate]:
+    return [c for f in files for c in generate(f, f.content or "")]
+
+
+@pytest.fixture(scope="module")
+def verdicts(candidates: list[Candidate], pool: SandboxPool) -> Verdicts:
+    return instruct(candidates, pool, token_counter(), 16_384)
+
+
+def test_every_kind_produces_checked_samples(verdicts: Verdicts) -> None:
+    kept = Counter(s.meta.kind for s in verdicts.kept)
+    assert set(kept) == set(KINDS), kept
+    for sample in verdicts.kept:
+        assert sample.meta.stage == STAGES[sample.meta.kind]
+        assert 1 <= sample.meta.difficulty <= 5
+        assert sample.sample_id == InstructionSample.content_id(
+            sample.conversations, sample.meta.kind
+        )
+        assert sample.meta.source_refs and sample.meta.license == "MIT"
+    # only refactor pairs that need the rest of their project (structs) fail to compile
+    reasons = Counter((s.meta.kind, r) for s, r in verdicts.dropped)
+    assert {kind for kind, _ in reasons} <= {"refactor_pipes", "refactor_pattern_match"}
+    assert set(r for _, r in reasons) <= {"compile_failed"}
+
+
+def test_generation_is_deterministic(files: list[ParsedFile], candidates: list[Candidate]) -> None:
+    again = [c.sample for f in files for c in generate(f, f.content or "")]
+    assert again == [c.sample for c in candidates]
+
+
+def elixir_units(sample: InstructionSample, candidates: dict[str, Candidate]) -> list[Check]:
+    return list(candidates[sample.sample_id].checks)
+
+
+def elixirc(sources: list[Path], out: Path) -> None:
+    out.mkdir()
+    done = subprocess.run(
+        ["elixirc", "--ignore-module-conflict", "-o", str(out), *map(str, sources)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert list(out.glob("*.beam"))
+
+
+def in_its_project(sample: InstructionSample, where: Path) -> list[Path]:
+    """The sample's source file with its referenced lines replaced by the gpt code, and
+    the rest of its project's `lib/` (a book's code block stands alone)."""
+    ref = sample.meta.source_refs[0]
+    (code, *_) = code_blocks(sample.conversations[-1].value)
+    where.mkdir()
+    if ref.source_id.startswith("book:"):
+        (where / "block.ex").write_text(code)
+        return [where / "block.ex"]
+    lines = (CORPUS / ref.path).read_text().splitlines()
+    start, end = ref.start_line or 1, ref.end_line or len(lines)
+    (where / "substituted.ex").write_text("\n".join([*lines[: start - 1], code, *lines[end:]]))
+    project = CORPUS / ref.path.split("/")[0]
+    rest = [p for p in sorted((project / "lib").rglob("*.ex")) if p != CORPUS / ref.path]
+    return [where / "substituted.ex", *rest]
+
+
+def test_a_random_sample_of_gpt_code_compiles_again_with_elixirc(
+    verdicts: Verdicts, candidates: list[Candidate], tmp_path: Path
+) -> None:
+    """With `elixirc`: refactor pairs on both sides, as checked; code that stands for lines
+    of a `lib/` file, compiled in its place within its project; a book's Elixir blocks
+    alone. The other gpt code (docs, doctest and test modules, `mix.exs`, iex sessions)
+    through the parser."""
+    by_id = {c.sample.sample_id: c for c in candidates}
+    rng = random.Random(5)
+    refactors = [s for s in verdicts.kept if s.meta.kind.startswith("refactor")]
+    for index, sample in enumerate(rng.sample(refactors, 4)):
+        for side, check in enumerate(elixir_units(sample, by_id)):
+            assert check.level == "compile"
+            source = tmp_path / f"unit_{index}_{side}.ex"
+            source.write_text(check.code)
+            elixirc([source], tmp_path / f"beam-{index}-{side}")
+    in_place = [
+        s
+        for s in verdicts.kept
+        if s.meta.kind in IN_PLACE
+        and (s.meta.kind != "book_qa" or "```elixir" in s.conversations[-1].value)
+        and (s.meta.kind == "book_qa" or "/lib/" in s.meta.source_refs[0].path)
+    ]
+    chosen = rng.sample(in_place, 8)
+    assert {s.meta.kind for s in chosen} >= {"completion", "doc_to_code"}
+    for index, sample in enumerate(chosen):
+        sources = in_its_project(sample, tmp_path / f"project-{index}")
+        elixirc(sources, tmp_path / f"project-beam-{index}")
+    others = [s for s in verdicts.kept if s.meta.kind not in IN_PLACE | REFACTORS]
+    codes = [c.code for s in rng.sample(others, 20) for c in elixir_units(s, by_id)]
+    listing = tmp_path / "codes.txt"
+    listing.write_text("\n".join(base64.b64encode(c.encode()).decode() for c in codes))
+    script = (
+        f'File.read!("{listing}") |> String.split("\\n") '
+        "|> Enum.each(&Code.string_to_quoted!(Base.decode64!(&1)))"
+    )
+    done = subprocess.run(["elixir", "-e", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_bad_code_and_overlong_samples_are_dropped_with_a_reason(
+    candidates: list[Candidate], pool: SandboxPool
+) -> None:
+    good = next(c for c in candidates if c.sample.meta.kind == "doc_to_code")
+    broken = Candidate(good.sample, (Check("def broken(x) do\n  x +\n"),))
+    uncompilable = Candidate(
+        good.sample, (Check("defmodule A do\n  def f, do: g()\nend", "compile"),)
+    )
+    verdicts = instruct([broken, uncompilable, good], pool, token_counter(), 16_384)
+    assert [s.sample_id for s in verdicts.kept] == [good.sample.sample_id]
+    assert [r for _, r in verdicts.dropped] == ["parse_failed", "compile_failed"]
+    tiny = instruct([good], pool, token_counter(), 8)
+    assert tiny.kept == [] and [r for _, r in tiny.dropped] == ["too_many_tokens"]
+
+
+# --------------------------------------------------------------------- transformations
+
+
+def test_pipes_both_ways() -> None:
+    nested = 'def f(x), do: Enum.join(Enum.map(String.split(x, ","), &String.trim/1), "-")'
+    piped = _rewrite(nested, "pipe")
+    assert piped == (
+        'def f(x), do: x |> String.split(",") |> Enum.map(&String.trim/1) |> Enum.join("-")'
+    )
+    assert _rewrite(piped, "unpipe") == nested
+    assert _rewrite("def g(x), do: f(x)", "pipe") is None, "one call is no chain"
+
+
+def test_multi_clause_as_case() -> None:
+    source = (
+        "def area({:square, s}), do: s * s\n\ndef area({:rect, w, h}) when w > 0 do\n  w * h\nend"
+    )
+    file = analyse(f"defmodule Shapes do\n{source}\nend\n")
+    (function,) = file.functions
+    assert as_case(function) == (
+        "def area(arg1) do\n  case arg1 do\n"
+        "    {:square, s} ->\n      s * s\n\n"
+        "    {:rect, w, h} when w > 0 ->\n      w * h\n  end\nend"
+    )
+
+
+def test_fim_split_is_whole_lines_that_join_back() -> None:
+    (file,) = [f for f in corpus_files() if f.path.endswith("slug.ex")]
+    text = file.content or ""
+    for function in file.functions:
+        prefix, suffix, middle = fim_split(text, function)
+        assert prefix + middle + suffix == text
+        assert middle.lstrip().startswith(("def", "defp", "defmacro"))
+
+
+def test_book_qa_follows_the_chapter_dependency_graph(tmp_path: Path) -> None:
+    segments = book_segments(tmp_path)
+    samples = [c.sample for f in segments for c in generate(f, f.content or "")]
+    assert samples and {s.meta.stage for s in samples} == {3}
+    by_position = sorted(samples, key=lambda s: s.meta.position or 0)
+    chapters = [int(s.meta.source_refs[0].path[8:10]) for s in by_position]
+    assert chapters == sorted(chapters)
+    segment_of = {f.sha256: f.book for f in segments}
+    for sample in by_position:
+        book = segment_of[sample.meta.source_refs[0].sha256]
+        assert book is not None
+        earlier = {
+            int(s.meta.source_refs[0].path[8:10]) for s in by_position[: by_position.index(sample)]
+        }
+        assert set(book.depends_on) <= earlier | {book.chapter}
+
+
+# --------------------------------------------------------------------------- difficulty
+
+
+def test_difficulty_is_deterministic_and_grows_with_features() -> None:
+    simple = "def add(a, b), do: a + b"
+    branching = (
+        "def classify(x) do\n  case x do\n    0 -> :zero\n    n when n > 0 and n < 10 -> :small\n"
+        "    n when n >= 10 or n < -10 -> :big\n    _ -> :negative\n  end\nend"
+    )
+    server = (
+        "defmodule Counter do\n  use GenServer\n  def init(n), do: {:ok, n}\n"
+        "  def handle_call(:get, _from, n), do: {:reply, n, n}\nend"
+    )
+    macro = (
+        "defmodule M do\n  defmacro twice(x) do\n    quote do\n      unquote(x) * 2\n"
+        "    end\n  end\nend"
+    )
+    levels = [difficulty(code, 0) for code in (simple, branching, server, macro)]
+    assert levels == [difficulty(code, 0) for code in (simple, branching, server, macro)]
+    assert levels[0] == 1
+    assert levels[0] < levels[1] and levels[0] < levels[2] < levels[3]
+    assert difficulty(simple, 4) == 2, "concepts count"
+    assert difficulty(simple, 0, floor=3) == 3, "a book's own level is a floor"

@@ -10,7 +10,8 @@ default, `packing=False`) and accumulates gradients to see the same samples per 
 
 Each side runs in its own child process of this one run, so peak memory is its own:
 CUDA's peak allocation on a GPU, else peak RSS (and its growth while training).
-Throughput counts real (non-padding) tokens per second of training.
+Throughput counts real (non-padding) tokens per second of training, by wall clock and
+by CPU time (the latter is steadier on a shared machine).
 
 Usage: python benchmarks/train_vs_trl.py [--samples N] [--out FILE]
 """
@@ -65,14 +66,17 @@ def measure(train: Any, tokens: int, steps: int) -> dict[str, Any]:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     before = current_rss()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     train()
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time() - cpu_started
     result = {
         "steps": steps,
         "tokens": tokens,
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 2),
+        "tokens_per_cpu_s": round(tokens / cpu_seconds, 1),
         "peak_rss_bytes": peak_rss(),
         "rss_growth_bytes": peak_rss() - before,
     }
@@ -223,6 +227,7 @@ def main() -> None:
         "exforge": exforge,
         "trl": trl,
         "tokens_per_s_ratio": round(exforge["tokens_per_s"] / trl["tokens_per_s"], 2),
+        "tokens_per_cpu_s_ratio": round(exforge["tokens_per_cpu_s"] / trl["tokens_per_cpu_s"], 2),
         "peak_memory_ratio": round(exforge[memory] / trl[memory], 2),
         "memory_measure": memory,
     }

@@ -219,9 +219,18 @@ def _rollout_call(
 def models_promote(
     name: Annotated[str, typer.Argument(help="Model name.")],
     version: Annotated[int, typer.Argument(help="Version that takes all traffic.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote even if the evaluation gate refuses.")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Blue-green switch: VERSION serves everything; the old one stays for rollback."""
+    """Blue-green switch: VERSION serves everything; the old one stays for rollback.
+    Refused when VERSION's pass@1 on the gate benchmark falls too far below production's."""
+    from workers.evaluator.gate import promotion_decision
+
+    decision = promotion_decision(settings(), _engine(), name, version, force)
+    if not decision.allowed:
+        raise fail(decision.reason, 1)
     _print_state(_rollout_call("promote", name, version), as_json)
 
 

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Engine
 
@@ -334,8 +334,9 @@ class Gateway:
         if reason is None:
             return
         log.warning("rolling back %s v%d: %s", model, version, reason)
+        self.states[model] = replace(state, canary=None, percent=0.0)  # stop routing to it now
         self.states[model] = await asyncio.to_thread(
-            rollout.rollback, self.engine, model, f"automatic: {reason}"
+            rollout.rollback, self.engine, model, f"automatic: {reason}", version
         )
         self.cache.invalidate(model)
         self.windows.pop((model, version), None)

@@ -156,12 +156,18 @@ def split(
     return _state(engine, name)
 
 
-def rollback(engine: Engine, name: str, reason: str = "manual") -> RolloutState:
-    """Drop the canary if there is one, else go back to the previous stable version."""
+def rollback(
+    engine: Engine, name: str, reason: str = "manual", canary: int | None = None
+) -> RolloutState:
+    """Drop the canary if there is one, else go back to the previous stable version.
+    With `canary`, only that canary is dropped (a no-op once it is gone: gateways that
+    judge it at the same time roll back once)."""
     with Session(engine) as session, session.begin():
         row = session.get(Rollout, name)
         if row is None:
             raise RolloutError(f"{name} has no rollout")
+        if canary is not None and row.canary_version != canary:
+            return RolloutState.of(row)
         if row.canary_version is not None:
             retired = row.canary_version
             row.canary_version, row.canary_percent, row.steps = None, 0.0, "[]"

@@ -5,7 +5,8 @@ candidate is then
 1. validated as ShareGPT (`schemas.sharegpt`) with its Tekken token count against
    `sample_max_tokens` (`invalid_sharegpt`, `too_many_tokens`),
 2. checked by Elixir on a pool of warm BEAM VMs: every `gpt` code block parses, refactor
-   pairs compile on both sides (`parse_failed`, `compile_failed`, `check_timeout`…).
+   pairs compile on both sides, tests made from doctests pass against the file's code
+   (`parse_failed`, `compile_failed`, `tests_failed`, `check_timeout`…).
 A dropped candidate is recorded in the ledger (`sample_drops`, keyed by its id, so a
 redelivery counts it once) and in `exforge_dropped_total`.
 """

@@ -107,3 +107,42 @@ def test_gate_reads_its_benchmark_and_threshold_from_settings(
     monkeypatch.setenv("EXFORGE_EVAL_GATE_MAX_DROP", "0.05")
     strict = promotion_decision(load_settings(data_dir=tmp_path), engine, "m", 2)
     assert not strict.allowed and "allowed 0.050" in strict.reason
+
+
+def test_models_promote_command_applies_the_gate(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    engine = engine_for(f"sqlite:///{data / 'exforge.db'}")
+    for _ in range(2):
+        register_version(engine, "m", "tiny", "models/m/x/adapter.safetensors", None, {})
+    total = len(load_idioms().problems)
+    record_results(engine, "m", 1, idiom_result(total))
+    record_results(engine, "m", 2, idiom_result(0))
+    set_status(engine, "m", 1, "production", "promoted")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXFORGE_")}
+    env.update(
+        EXFORGE_DATA_DIR=str(data),
+        EXFORGE_EVAL_GATE_BENCHMARK="idioms",
+        EXFORGE_CONFIG=str(tmp_path / "absent.toml"),
+        COLUMNS="200",
+    )
+    exforge = str(Path(sys.executable).parent / "exforge")
+
+    def promote(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [exforge, "models", "promote", "m", "2", *flags],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    refused = promote()
+    assert refused.returncode == 1
+    assert "refused: pass@1 on idioms: v2 0.000 vs production v1 1.000" in refused.stderr
+    forced = promote("--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert production_version(engine, "m") == 2

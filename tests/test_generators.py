@@ -26,6 +26,7 @@ from streams.generators.tokens import token_counter
 from streams.instruct import Verdicts, instruct
 from streams.sources.books import book_files
 from workers.evaluator.sandbox import SandboxConfig, SandboxPool
+from workers.trainer.chat import SHIPPED_TEKKEN
 
 CORPUS = REPO / "examples" / "corpus"
 IN_PLACE = {"completion", "fim", "doc_to_code", "spec_to_code", "otp_pattern", "book_qa"}
@@ -91,10 +92,14 @@ def test_every_kind_produces_checked_samples(verdicts: Verdicts) -> None:
             sample.conversations, sample.meta.kind
         )
         assert sample.meta.source_refs and sample.meta.license == "MIT"
-    # only refactor pairs that need the rest of their project (structs) fail to compile
-    reasons = Counter((s.meta.kind, r) for s, r in verdicts.dropped)
-    assert {kind for kind, _ in reasons} <= {"refactor_pipes", "refactor_pattern_match"}
-    assert set(r for _, r in reasons) <= {"compile_failed"}
+    # what needs the rest of its project fails alone: refactor pairs using its structs
+    # don't compile, doctests of a module that delegates to others don't pass
+    reasons = {(s.meta.kind, r) for s, r in verdicts.dropped}
+    assert reasons == {
+        ("refactor_pipes", "compile_failed"),
+        ("refactor_pattern_match", "compile_failed"),
+        ("doctest_to_test", "tests_failed"),
+    }
 
 
 def test_generation_is_deterministic(files: list[ParsedFile], candidates: list[Candidate]) -> None:
@@ -264,3 +269,9 @@ def test_difficulty_is_deterministic_and_grows_with_features() -> None:
     assert levels[0] < levels[1] and levels[0] < levels[2] < levels[3]
     assert difficulty(simple, 4) == 2, "concepts count"
     assert difficulty(simple, 0, floor=3) == 3, "a book's own level is a floor"
+
+
+def test_token_counts_read_a_model_directorys_tekken(tmp_path: Path) -> None:
+    (tmp_path / "tekken.json").symlink_to(SHIPPED_TEKKEN)
+    turns = [{"from": "human", "value": "Sum a list."}, {"from": "gpt", "value": "Enum.sum(xs)"}]
+    assert token_counter(tmp_path)(turns) == token_counter()(turns) > 5

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from exforge.db import engine_for
 from exforge.settings import Settings, load_settings
 from exforge.store import FileStore, ObjectStore
+from workers.trainer import checkpoint as ckpt
 from workers.trainer.data import synthetic_samples, write_split
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 
@@ -69,3 +71,12 @@ def test_killed_run_resumes_with_identical_losses(setup: tuple[Settings, FileSto
     state = json.loads(store.get("runs/cut/checkpoints/00000004/state.json"))
     assert state["cursor"]["stage"] == 2 and state["ewc_stages"] == [1]
     assert (settings.root / "runs" / "full" / "fisher-stage1.png").stat().st_size > 0
+
+
+def test_a_rank_added_by_an_elastic_scale_up_resumes_without_rng(tmp_path: Path) -> None:
+    store = FileStore(tmp_path / "store")
+    checkpoint = ckpt.Checkpoint(4, {"a": torch.zeros(2)}, {}, {"optimizer": {}}, {"step": 4})
+    ckpt.save_rank_rng(store, "elastic", 4, 0)
+    ckpt.save(store, "elastic", checkpoint)
+    assert ckpt.load(store, "elastic", 4, rank=0).rng is not None
+    assert ckpt.load(store, "elastic", 4, rank=1).rng is None

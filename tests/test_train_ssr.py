@@ -112,6 +112,9 @@ def test_ssr_buffer_is_stored_valid_and_mixed_into_the_next_stage(
         )
         assert sample["meta"]["kind"] == "synthetic_stage1" and sample["meta"]["stage"] == 1
     assert not store.exists(buffer_key("ssr", 2))  # no later stage to rehearse for
+    report = next(e for e in trainer.events.sent if e.metrics.get("ssr_kept") is not None)
+    assert report.metrics["ssr_candidates"] == 4
+    assert report.metrics["ssr_kept"] == len(buffer) <= report.metrics["ssr_valid"] <= 4
     # Stage 2 trained on its 24 real samples plus round(ratio · 24) = 3 rehearsal samples.
     trained = set(trainer._encoded)
     rehearsed = [s for s in buffer if s["id"] in trained]

@@ -9,6 +9,7 @@ import textwrap
 from schemas.records import Doctest, FunctionInfo, ParsedFile
 from streams.generators.common import (
     Candidate,
+    Check,
     candidate,
     fenced,
     function_ref,
@@ -71,7 +72,7 @@ def fim(file: ParsedFile, text: str) -> list[Candidate]:
     return [
         candidate(
             "fim",
-            [("human", human), ("gpt", fenced(textwrap.dedent(middle)))],
+            [("human", human), ("gpt", fenced(middle))],
             file,
             [function_ref(file, function)],
         )
@@ -184,7 +185,8 @@ def _usable(example: Doctest) -> bool:
 
 
 def doctest_to_test(file: ParsedFile, text: str) -> list[Candidate]:
-    """The doctests of each module → an ExUnit module asserting the same results."""
+    """The doctests of each module → an ExUnit module asserting the same results, kept
+    only when it passes against the file's own code (a `test` check)."""
     out = []
     for module in file.modules:
         examples = [
@@ -197,6 +199,7 @@ def doctest_to_test(file: ParsedFile, text: str) -> list[Candidate]:
         shown = "\n".join(
             f"iex> {e.expression}" + (f"\n{e.expected}" if e.expected else "") for e in examples
         )
+        tests = test_module(module.name, examples)
         human = (
             f"Turn these `{module.name}` doctest examples into an ExUnit test module:\n\n"
             f"```iex\n{shown}\n```"
@@ -204,9 +207,10 @@ def doctest_to_test(file: ParsedFile, text: str) -> list[Candidate]:
         out.append(
             candidate(
                 "doctest_to_test",
-                [("human", human), ("gpt", fenced(test_module(module.name, examples)))],
+                [("human", human), ("gpt", fenced(tests))],
                 file,
                 [ref(file, module.start_line, module.end_line)],
+                checks=[Check(f"{text}\n{tests}", "test")],
             )
         )
     return out

@@ -3,7 +3,7 @@
 A generator is a plain function `ParsedFile -> list[Candidate]`. A candidate is an
 `InstructionSample` plus the Elixir code the instruct stage must check before it is
 kept: each `Check` names the code and how strictly (`parse`: `Code.string_to_quoted`,
-`compile`: full compilation of a module).
+`compile`: full compilation of a module, `test`: compile and run the ExUnit tests in it).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from schemas.records import (
 )
 from streams.elixir.analysis import parse
 
-CheckLevel = Literal["parse", "compile"]
+CheckLevel = Literal["parse", "compile", "test"]
 FENCE = re.compile(r"```(?:elixir|iex)?\n(.*?)\n```", re.DOTALL)
 SPEC_HEAD = re.compile(r"^\s*([a-z_][\w?!]*)\s*(\((.*)\))?\s*::", re.DOTALL)
 

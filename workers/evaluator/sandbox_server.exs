@@ -116,7 +116,8 @@ defmodule Exforge.Sandbox.Server do
 
     ExUnit.start(autorun: false)
     fds = {:fd, String.to_integer(request_fd), String.to_integer(reply_fd)}
-    port = Port.open(fds, [:binary, {:packet, 4}])
+    # :eof: the host closing its end (it exited, even by SIGKILL) ends this VM too.
+    port = Port.open(fds, [:binary, {:packet, 4}, :eof])
     # Warm up the compiler and ExUnit so that their lazily started state is part of
     # the baseline every later candidate is compared with.
     run_candidate(@warm_up, 0, config)
@@ -129,6 +130,9 @@ defmodule Exforge.Sandbox.Server do
       {^port, {:data, program}} ->
         Port.command(port, run_candidate(program, counter, config))
         serve(port, config, counter + 1)
+
+      {^port, :eof} ->
+        System.halt(0)
     end
   end
 

@@ -104,8 +104,17 @@ def load(store: ObjectStore, run_id: str, step: int, rank: int = 0) -> Checkpoin
         ewc=load_safetensors(store.get(f"{prefix}/ewc.safetensors")),
         trainer=_torch_load(store.get(f"{prefix}/trainer.pt")),
         state=json.loads(store.get(f"{prefix}/state.json")),
-        rng=_torch_load(store.get(f"{prefix}/rng-rank{rank}.pt")),
+        rng=_rank_rng(store, prefix, rank),
     )
+
+
+def _rank_rng(store: ObjectStore, prefix: str, rank: int) -> Any:
+    """This rank's RNG state; None for a rank the run did not have (an elastic scale-up),
+    which then continues from its seeds: correct, though no longer bit-exact."""
+    try:
+        return _torch_load(store.get(f"{prefix}/rng-rank{rank}.pt"))
+    except ObjectNotFound:
+        return None
 
 
 def saved_config(store: ObjectStore, run_id: str) -> dict[str, Any] | None:

@@ -406,13 +406,13 @@ class Trainer:
                 self.config.seed + stage,
                 ssr.limit(self.config.seq_len),
             )
-            key = store_buffer(self.store, self.run_id, stage, buffer)
+            key = store_buffer(self.store, self.run_id, stage, buffer.samples)
             self.events.emit(
                 "stage",
                 step,
                 stage,
                 message=f"ssr buffer {key}",
-                metrics={"ssr_samples": len(buffer)},
+                metrics=buffer.metrics(),
             )
         if self.dist.world > 1:
             dist.barrier()

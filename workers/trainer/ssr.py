@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -230,6 +231,20 @@ def select(
 # ---------------------------------------------------------------------------- the buffer
 
 
+@dataclass(frozen=True)
+class Buffer:
+    samples: list[Sample]
+    candidates: int  # generated
+    valid: int  # distinct and passing validation, before selection
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "ssr_candidates": float(self.candidates),
+            "ssr_valid": float(self.valid),
+            "ssr_kept": float(len(self.samples)),
+        }
+
+
 def build_buffer(
     model: torch.nn.Module,
     tokenizer: MistralTokenizer,
@@ -238,7 +253,7 @@ def build_buffer(
     settings: SsrConfig,
     seed: int,
     max_tokens: int,
-) -> list[Sample]:
+) -> Buffer:
     """Synthesise, refine, validate and select one stage's rehearsal buffer."""
 
     def count_tokens(turns: Sequence[dict[str, Any]]) -> int:
@@ -255,7 +270,8 @@ def build_buffer(
     valid = list(unique.values())
     vectors = embeddings(model, tokenizer, valid) if settings.selection == "kmeans" else None
     model.train(was_training)
-    return select(valid, settings.budget, settings.selection, seed, vectors)
+    kept = select(valid, settings.budget, settings.selection, seed, vectors)
+    return Buffer(kept, len(drafts), len(valid))
 
 
 def store_buffer(store: ObjectStore, run_id: str, stage: int, samples: list[Sample]) -> str:

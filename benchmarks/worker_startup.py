@@ -53,7 +53,7 @@ def one_run(base: Settings, data_dir: Path) -> float:
     }
     started = time.monotonic()
     worker = subprocess.Popen(
-        [sys.executable, "-m", "exforge.cli", "worker"],
+        [sys.executable, "-m", "exforge", "worker"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -735,7 +735,8 @@ def doctor(as_json: JsonFlag = False) -> None:
 
 @app.command("demo")
 def demo(as_json: JsonFlag = False) -> None:
-    """Run the pipeline end to end on the sample corpus, on the embedded stack."""
+    """The whole system on the sample corpus, on the embedded stack: pipeline, training
+    of the tiny model, evaluation, and one completion streamed from Triton."""
     from exforge.demo import run_demo
     from exforge.stack import StackError
 
@@ -747,7 +748,23 @@ def demo(as_json: JsonFlag = False) -> None:
         emit_json(data)
     else:
         dataset_stats(as_json=False)
-    if data["samples"]["total"] == 0 or data["shards"]["total"] == 0:
+        training, evaluation = data["training"], data["evaluation"]
+        table(
+            f"training run {training['run_id']} → version {training['version']}",
+            ["stage", "first loss", "last loss"],
+            [
+                [stage, f"{v['first']:.3f}", f"{v['last']:.3f}"]
+                for stage, v in training["stages"].items()
+            ],
+        )
+        console.print(
+            f"evaluation: {evaluation['benchmark']}, {evaluation['problems']} problems, "
+            f"pass@1 {evaluation['pass@1']:.3f}, statuses {evaluation['status_counts']}; "
+            f"report {evaluation['html']}"
+        )
+        console.print(f"completion streamed from Triton: {data['completion']!r}")
+    dataset = data["dataset"]
+    if dataset["samples"]["total"] == 0 or dataset["shards"]["total"] == 0:
         raise fail("the demo produced no samples or no shards")
 
 
@@ -762,6 +779,3 @@ app.command("usage")(usage)
 def main() -> None:
     app()
 
-
-if __name__ == "__main__":
-    main()

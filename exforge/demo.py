@@ -1,4 +1,9 @@
-"""`exforge demo`: the whole pipeline on the sample corpus, on the embedded stack."""
+"""`exforge demo`: the whole system on the sample corpus, on the embedded stack.
+
+pipeline (ingest → parse → instruct → shard) → train the tiny model through every stage
+that has data → register a version → evaluate it on the built-in benchmark → export it
+to Triton, serve it and stream one completion.
+"""
 
 from __future__ import annotations
 
@@ -15,20 +20,124 @@ from exforge.dataset import stats
 from exforge.db import open_database
 from exforge.kafka import produce
 from exforge.settings import Settings
-from exforge.store import open_store
+from exforge.store import ObjectStore, open_store
+from streams.shard import shard_prefix
 from streams.sources.local import upload_directory
 
 CORPUS = Path(__file__).resolve().parent.parent / "examples" / "corpus"
+MODEL_NAME = "exforge-elixir"
+DEMO_PROMPT = "defmodule Greeter do\n  def hello(name) do"
+STEPS_PER_STAGE = 12
+
+Say = Callable[[str], None]
 
 
 def corpus_projects(corpus: Path = CORPUS) -> list[Path]:
     return sorted(path.parent for path in corpus.glob("*/mix.exs"))
 
 
-def run_demo(
-    settings: Settings, say: Callable[[str], None], corpus: Path = CORPUS
-) -> dict[str, Any]:
-    """Stack up → ingest the corpus → worker until idle → stats → stack down."""
+def run_pipeline(settings: Settings, say: Say, corpus: Path) -> dict[str, Any]:
+    """Ingest every Mix project of the corpus and run the worker until the pipeline is idle."""
+    store = open_store(settings)
+    requests = [upload_directory(store, project) for project in corpus_projects(corpus)]
+    if not requests:
+        raise FileNotFoundError(f"no Mix projects under {corpus}")
+    asyncio.run(produce(settings, "sources.requests", [(r.source_id, r) for r in requests]))
+    say(f"requested {len(requests)} projects: {', '.join(r.source_id for r in requests)}")
+    say("running the worker until the pipeline is idle")
+    worker = subprocess.run(
+        [sys.executable, "-m", "exforge", "worker", "--until-idle"],
+        # Faust's own INFO chatter drowns the demo's story; EXFORGE_LOG_LEVEL overrides.
+        env={"EXFORGE_LOG_LEVEL": "WARNING", **os.environ, "EXFORGE_DATA_DIR": str(settings.root)},
+        check=False,
+    )
+    if worker.returncode != 0:
+        raise RuntimeError(f"worker exited with code {worker.returncode}")
+    return stats(open_database(settings))
+
+
+def stages_with_data(store: ObjectStore, dataset: str) -> list[int]:
+    return [
+        stage
+        for stage in (1, 2, 3)
+        if store.exists(f"{shard_prefix(dataset, stage, 'train')}/manifest.json")
+    ]
+
+
+def stage_losses(losses: list[float], stages: list[int]) -> dict[str, dict[str, float]]:
+    """First and last training loss of each stage (the demo trains equal steps per stage)."""
+    per_stage = len(losses) // max(len(stages), 1)
+    return {
+        str(stage): {"first": losses[i * per_stage], "last": losses[(i + 1) * per_stage - 1]}
+        for i, stage in enumerate(stages)
+    }
+
+
+def train(settings: Settings, say: Say) -> dict[str, Any]:
+    """QLoRA on the tiny model through every stage with shards; registers a version."""
+    from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
+
+    store = open_store(settings)
+    stages = stages_with_data(store, settings.dataset)
+    if not stages:
+        raise RuntimeError("no training shards: the pipeline produced nothing to train on")
+    say(f"training the tiny model (QLoRA, NF4) through stages {stages}")
+    config = TrainConfig(
+        model="tiny",
+        stages=[
+            StageConfig(stage=s, steps=STEPS_PER_STAGE, learning_rate=2e-3, warmup_steps=2)
+            for s in stages
+        ],
+        batch_size=2,
+        seq_len=512,
+        validate_every=STEPS_PER_STAGE,
+        register_as=MODEL_NAME,
+    )
+    summary = Trainer(config, settings, store, open_database(settings)).run()
+    version = summary["version"]["version"]
+    return {
+        "run_id": summary["run_id"],
+        "version": version,
+        "stages": stage_losses(summary["losses"], stages),
+        "final_validation": summary["final_validation"],
+    }
+
+
+def serve_and_generate(settings: Settings, say: Say, version: int) -> str:
+    """Export the version for Triton's python backend, serve it, stream one completion."""
+    from serving import triton
+    from serving.client import stream_completion
+    from serving.export import export
+
+    store = open_store(settings)
+    exported = export(settings, store, open_database(settings), MODEL_NAME, version, "cpu")
+    instance = triton.default_instance(settings)
+    say(f"serving {MODEL_NAME} v{version} on Triton (gRPC {instance.grpc_port})")
+    triton.start(settings, instance, exported.repository)
+    try:
+        triton.load(instance, MODEL_NAME, [version])
+
+        async def stream() -> str:
+            pieces = []
+            async for text in stream_completion(
+                [instance.grpc_url], MODEL_NAME, version, DEMO_PROMPT, 16
+            ):
+                sys.stdout.write(text)
+                sys.stdout.flush()
+                pieces.append(text)
+            sys.stdout.write("\n")
+            return "".join(pieces)
+
+        say(f"streaming a completion of {DEMO_PROMPT!r}")
+        return asyncio.run(stream())
+    finally:
+        triton.stop(settings, instance)
+
+
+def run_demo(settings: Settings, say: Say, corpus: Path = CORPUS) -> dict[str, Any]:
+    """Stack up → pipeline → train → evaluate → serve → stack down."""
+    from workers.evaluator.run import evaluate_for_demo
+
     started_broker = (
         settings.kafka_bootstrap is None
         and stack.running_pid(stack.broker_pid_file(settings)) is None
@@ -36,26 +145,17 @@ def run_demo(
     say("starting the stack")
     stack.up(settings)
     try:
-        store = open_store(settings)
-        requests = [upload_directory(store, project) for project in corpus_projects(corpus)]
-        if not requests:
-            raise FileNotFoundError(f"no Mix projects under {corpus}")
-        asyncio.run(produce(settings, "sources.requests", [(r.source_id, r) for r in requests]))
-        say(f"requested {len(requests)} projects: {', '.join(r.source_id for r in requests)}")
-        say("running the worker until the pipeline is idle")
-        worker = subprocess.run(
-            [sys.executable, "-m", "exforge.cli", "worker", "--until-idle"],
-            # Faust's own INFO chatter drowns the demo's story; EXFORGE_LOG_LEVEL overrides.
-            env={
-                "EXFORGE_LOG_LEVEL": "WARNING",
-                **os.environ,
-                "EXFORGE_DATA_DIR": str(settings.root),
-            },
-            check=False,
-        )
-        if worker.returncode != 0:
-            raise RuntimeError(f"worker exited with code {worker.returncode}")
-        return stats(open_database(settings))
+        dataset = run_pipeline(settings, say, corpus)
+        training = train(settings, say)
+        say(f"evaluating v{training['version']} on the built-in benchmark")
+        evaluation = evaluate_for_demo(settings, MODEL_NAME, training["version"])
+        completion = serve_and_generate(settings, say, training["version"])
+        return {
+            "dataset": dataset,
+            "training": training,
+            "evaluation": evaluation,
+            "completion": completion,
+        }
     finally:
         if started_broker:
             say("stopping the stack")

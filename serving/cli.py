@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from exforge.cli import JsonFlag, console, emit_json, fail, models_app, settings, table
+from exforge.cli import JsonFlag, app, console, emit_json, fail, models_app, settings, table
 
 serve_app = typer.Typer(
     help="Serve model versions: Triton, the gateway, API keys.", no_args_is_help=True
@@ -127,6 +127,34 @@ def unload(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
     config = settings()
     triton.unload(triton.default_instance(config), name)
     console.print(f"{name} unloaded")
+
+
+@app.command("generate")
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text to complete.")],
+    model: Annotated[str, typer.Option(help="Model name.")] = "exforge-elixir",
+    version: Annotated[int, typer.Option(help="Version to call.")] = 1,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option(help="0: greedy.")] = 0.0,
+) -> None:
+    """Stream a completion from Triton over gRPC, printing tokens as they arrive."""
+    import asyncio
+
+    from serving.client import stream_completion
+    from serving.gateway import triton_urls
+    from serving.pool import BackendDown, ModelError
+
+    async def run() -> None:
+        async for text in stream_completion(
+            triton_urls(settings()), model, version, prompt, max_tokens, temperature
+        ):
+            console.out(text, end="", highlight=False)
+        console.out("")
+
+    try:
+        asyncio.run(run())
+    except (BackendDown, ModelError) as exc:
+        raise fail(str(exc)) from None
 
 
 @serve_app.command("gateway")

@@ -31,9 +31,10 @@ def position(segment: BookSegment, path: str) -> int:
 
 
 def question(segment: BookSegment) -> str:
-    topic = segment.concepts[0] if segment.concepts else segment.section or segment.chapter_title
+    topic = segment.section or segment.chapter_title
+    about = f" ({', '.join(f'`{c}`' for c in segment.concepts)})" if segment.concepts else ""
     return (
-        f"Explain `{topic}` in Elixir, as chapter {segment.chapter} "
+        f"Explain \u201c{topic}\u201d{about} in Elixir, as chapter {segment.chapter} "
         f"(\u201c{segment.chapter_title}\u201d) of *{segment.book_title}* does, with an example."
     )
 

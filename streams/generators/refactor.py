@@ -249,6 +249,18 @@ def _clauses(source: str) -> list[tuple[list[str], str | None, str]] | None:
     return clauses
 
 
+def dedent_after_first(text: str, columns: int) -> str:
+    """Strip up to `columns` leading blanks from every line but the first."""
+    first, *rest = text.split("\n")
+    return "\n".join(
+        [first, *(line[min(columns, len(line) - len(line.lstrip())) :] for line in rest)]
+    )
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "\n".join(prefix + line if line.strip() else "" for line in text.split("\n"))
+
+
 def _body(data: bytes, clause: Node, args: Node) -> str | None:
     block = next((c for c in clause.children if c.type == "do_block"), None)
     if block is not None:
@@ -257,7 +269,8 @@ def _body(data: bytes, clause: Node, args: Node) -> str | None:
         statements = [c for c in block.named_children if c.type != "comment"]
         if not statements:
             return None
-        return data[statements[0].start_byte : statements[-1].end_byte].decode()
+        text = data[statements[0].start_byte : statements[-1].end_byte].decode()
+        return dedent_after_first(text, statements[0].start_point.column)
     keywords = args.named_children[-1]
     if keywords.type != "keywords" or len(keywords.named_children) != 1:
         return None
@@ -280,9 +293,7 @@ def as_case(function: FunctionInfo) -> str | None:
     for patterns, guard, body in clauses:
         pattern = patterns[0] if len(patterns) == 1 else "{" + ", ".join(patterns) + "}"
         when = f" when {guard}" if guard else ""
-        lines = body.splitlines()
-        indented = "\n".join([lines[0], *lines[1:]])
-        branches.append(f"    {pattern}{when} ->\n      " + indented.replace("\n", "\n  "))
+        branches.append(f"    {pattern}{when} ->\n" + _indent(body, "      "))
     return (
         f"{function.kind} {function.name}({', '.join(names)}) do\n"
         f"  case {subject} do\n" + "\n\n".join(branches) + "\n  end\nend"

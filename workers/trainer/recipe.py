@@ -276,7 +276,9 @@ class Trainer:
     def fisher(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Per-sample Fisher over up to `fisher_samples` of the stage's data."""
         chosen = samples[: self.config.fisher_samples]
-        batches = (collate(pack([self.encoded(s)], self.config.seq_len)) for s in chosen)
+        packs = (pack([self.encoded(s)], self.config.seq_len) for s in chosen)
+        # a sample whose trained tokens all fall past seq_len packs to nothing: skip it
+        batches = (collate(p) for p in packs if p)
         self.model.train()
         fisher = estimate_fisher(self.model, batches)
         for tensor in fisher.values():

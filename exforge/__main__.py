@@ -1,0 +1,5 @@
+"""`python -m exforge`: the CLI."""
+
+from exforge.cli import main
+
+main()

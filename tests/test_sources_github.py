@@ -87,3 +87,14 @@ def test_crawl_records_metrics_stores_archives_and_skips_known_heads(tmp_path: P
     assert members == [f"lib/{top.name.split('/')[1]}.ex"]
     assert second == [] and again["skipped_by_reason"] == {"unchanged": 20}
     assert sum(state.archives.values()) == 21  # nothing downloaded the second time
+
+
+def test_history_metrics_of_a_long_history_use_the_true_first_commit() -> None:
+    commits = [(f"{2015 + i // 12}-{i % 12 + 1:02d}-01", f"dev{i % 3}") for i in range(150)]
+    repo = Repo("old", "timeline", date(2015, 1, 1), 40, "a" * 40, commits=commits)
+    info = github.repo_info(repo.node())
+    assert info is not None
+    assert info.commits == 150
+    assert info.first_commit == "2015-01-01T12:00:00Z"  # outside the newest-100 sample
+    assert info.last_commit == f"{commits[-1][0]}T12:00:00Z"
+    assert info.active_months == 100

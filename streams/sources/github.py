@@ -50,6 +50,7 @@ REPO_FIELDS = f"""
           totalCount
           nodes {{ committedDate author {{ email user {{ login }} }} }}
         }}
+        oldest: history(last: 1) {{ nodes {{ committedDate }} }}
       }}
     }}
   }}
@@ -134,6 +135,8 @@ def repo_info(node: dict[str, Any]) -> RepoInfo | None:
         or "unknown"
         for c in commits
     )
+    # The sample holds the newest commits only; the first one comes from its own query.
+    oldest = [c["committedDate"] for c in (target.get("oldest") or {}).get("nodes") or []]
     spdx = (node.get("licenseInfo") or {}).get("spdxId")
     return RepoInfo(
         name_with_owner=node["nameWithOwner"],
@@ -142,7 +145,7 @@ def repo_info(node: dict[str, Any]) -> RepoInfo | None:
         stars=node.get("stargazerCount", 0),
         forks=node.get("forkCount", 0),
         commits=history.get("totalCount", len(commits)),
-        first_commit=dates[0] if dates else None,
+        first_commit=min(oldest + dates[:1]) if oldest or dates else None,
         last_commit=dates[-1] if dates else None,
         active_months=len({d[:7] for d in dates}),
         authors=len(authors),

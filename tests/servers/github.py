@@ -20,6 +20,7 @@ from servers.base import Handler, serve
 from servers.hex import elixir_module, file_entry, tar_of
 
 SEARCH_CAP = 1000
+HISTORY_PAGE = 100  # the `first:` of the client's history query
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Repo:
                 "name": "main",
                 "target": {
                     "oid": self.sha,
+                    # as the real API: `history(first: N)` gives the newest N commits,
+                    # `oldest: history(last: 1)` the first one
                     "history": {
                         "totalCount": len(self.commits),
                         "nodes": [
@@ -57,8 +60,14 @@ class Repo:
                                 "committedDate": f"{day}T12:00:00Z",
                                 "author": {"email": f"{login}@x", "user": {"login": login}},
                             }
-                            for day, login in self.commits
+                            for day, login in sorted(self.commits, reverse=True)[:HISTORY_PAGE]
                         ],
+                    },
+                    "oldest": {
+                        "nodes": [
+                            {"committedDate": f"{day}T12:00:00Z"}
+                            for day, _ in sorted(self.commits)[:1]
+                        ]
                     },
                 },
             },

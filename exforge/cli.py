@@ -778,4 +778,3 @@ app.command("usage")(usage)
 
 def main() -> None:
     app()
-

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Annotated, Any, cast
 
 import typer
-from rich.console import Console, Group
-from rich.table import Table
+from rich.console import Group
 
 from exforge import __version__
-from exforge.settings import Settings, SettingsError, describe_settings, load_settings
+from exforge.console import JsonFlag, console, emit_json, errors, fail, settings, table
+from exforge.settings import describe_settings
 from workers.evaluator.cli import eval_app
 
 app = typer.Typer(
@@ -37,37 +35,6 @@ models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(models_app, name="models")
 app.add_typer(eval_app, name="eval")
-
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-
-
-def settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        errors.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-def fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
-
-
-def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-
-
-def table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    view = Table(title=title)
-    for column in columns:
-        view.add_column(column)
-    for row in rows:
-        view.add_row(*("" if cell is None else str(cell) for cell in row))
-    console.print(view)
 
 
 def version_callback(value: bool) -> None:

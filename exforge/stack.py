@@ -168,15 +168,19 @@ def up(settings: Settings) -> list[PartStatus]:
     return status(settings)
 
 
-def down(settings: Settings) -> bool:
-    """Stop the embedded broker; True if one was running."""
-    pid_file = broker_pid_file(settings)
+def stop_recorded(pid_file: Path) -> bool:
+    """Stop the process group whose pid `pid_file` records; True if one was running."""
     pid = running_pid(pid_file)
     if pid is None:
         return False
     stop_pid(pid)
     pid_file.unlink(missing_ok=True)
     return True
+
+
+def down(settings: Settings) -> bool:
+    """Stop the embedded broker; True if one was running."""
+    return stop_recorded(broker_pid_file(settings))
 
 
 def _check(name: str, embedded: bool, endpoint: str, probe: object) -> PartStatus:

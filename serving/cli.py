@@ -7,7 +7,8 @@ from typing import Annotated, Literal
 
 import typer
 
-from exforge.cli import JsonFlag, app, console, emit_json, fail, models_app, settings, table
+from exforge.cli import app, models_app
+from exforge.console import JsonFlag, console, emit_json, fail, settings, table
 
 serve_app = typer.Typer(
     help="Serve model versions: Triton, the gateway, API keys.", no_args_is_help=True

@@ -19,7 +19,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from exforge.settings import Settings
-from exforge.stack import StackError, log_dir, port_open, run_dir, running_pid, stop_pid
+from exforge.stack import (
+    StackError,
+    log_dir,
+    port_open,
+    run_dir,
+    running_pid,
+    stop_pid,
+    stop_recorded,
+)
 from serving.modelconfig import cpu_config
 
 START_TIMEOUT_S = 60.0
@@ -146,13 +154,7 @@ def start(settings: Settings, instance: Instance, repository: Path) -> int:
 
 
 def stop(settings: Settings, instance: Instance) -> bool:
-    file = pid_file(settings, instance)
-    pid = running_pid(file)
-    if pid is None:
-        return False
-    stop_pid(pid)
-    file.unlink(missing_ok=True)
-    return True
+    return stop_recorded(pid_file(settings, instance))
 
 
 def _get(url: str) -> int | None:

@@ -8,33 +8,16 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from exforge.settings import Settings, SettingsError, load_settings
+from exforge.console import JsonFlag, console, errors, fail
+from exforge.console import settings as load_cli_settings
 
 eval_app = typer.Typer(
     help="Evaluate Elixir completions: sandboxed ExUnit runs, pass@k, chrF, reports.",
     no_args_is_help=True,
 )
-console = Console()
-errors = Console(stderr=True, soft_wrap=True)
-
-JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
-
-
-def _settings() -> Settings:
-    try:
-        return load_settings()
-    except SettingsError as exc:
-        errors.print(f"[red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2) from None
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    errors.print(f"[red]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 def parse_ks(text: str) -> list[int]:
@@ -129,7 +112,7 @@ def score_command(
 
     ks = parse_ks(k)
     target = parse_model(save) if save else None
-    settings = _settings()
+    settings = load_cli_settings()
     try:
         bench = load_benchmark(benchmark)
         samples = load_completions(completions)
@@ -147,7 +130,7 @@ def score_command(
             task = progress.add_task(f"scoring {bench.name}", total=len(samples))
             result = score(bench, samples, pool, ks, lambda *_: progress.advance(task))
     except (BenchmarkError, SandboxError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc), 2) from None
     if target:
         from exforge.store import open_store
         from workers.evaluator.report import save_result
@@ -215,7 +198,7 @@ def run_command(
         Sampling(temperature, max_tokens),
         limit,
     )
-    settings = _settings()
+    settings = load_cli_settings()
     try:
         with Progress(
             "[progress.description]{task.description}",
@@ -233,7 +216,7 @@ def run_command(
                 progress=_Bars(progress),
             )
     except (EvalError, SandboxError) as exc:
-        raise _fail(str(exc)) from None
+        raise fail(str(exc), 2) from None
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
@@ -251,9 +234,9 @@ def report_command(
     from exforge.store import open_store
     from workers.evaluator.report import load_results, summary_rows, write_report
 
-    results = load_results(open_store(_settings()))
+    results = load_results(open_store(load_cli_settings()))
     if not results:
-        raise _fail(
+        raise fail(
             "no stored evaluations (exforge eval run …, or eval score … --save NAME:VERSION)", 1
         )
     page, png = write_report(results, out)

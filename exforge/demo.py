@@ -1,13 +1,14 @@
 """`exforge demo`: the whole system on the sample corpus, on the embedded stack.
 
-pipeline (ingest → parse → instruct → shard) → train the tiny model through every stage
-that has data → register a version → evaluate it on the built-in benchmark → export it
-to Triton, serve it and stream one completion.
+pipeline (ingest the Mix projects and the book → parse → instruct → shard) → train the
+tiny model through every stage that has data → register a version → evaluate it on the
+built-in benchmark → export it to Triton, serve it and stream one completion.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -21,10 +22,14 @@ from exforge.db import open_database
 from exforge.kafka import produce
 from exforge.settings import Settings
 from exforge.store import ObjectStore, open_store
+from schemas.records import SourceRequest
 from streams.shard import shard_prefix
 from streams.sources.local import upload_directory
+from streams.sources.run import upload_book
 
-CORPUS = Path(__file__).resolve().parent.parent / "examples" / "corpus"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CORPUS = EXAMPLES / "corpus"
+BOOKS = EXAMPLES / "books"
 MODEL_NAME = "exforge-elixir"
 DEMO_PROMPT = "defmodule Greeter do\n  def hello(name) do"
 STEPS_PER_STAGE = 12
@@ -36,14 +41,27 @@ def corpus_projects(corpus: Path = CORPUS) -> list[Path]:
     return sorted(path.parent for path in corpus.glob("*/mix.exs"))
 
 
-def run_pipeline(settings: Settings, say: Say, corpus: Path) -> dict[str, Any]:
-    """Ingest every Mix project of the corpus and run the worker until the pipeline is idle."""
+def book_requests(store: ObjectStore, books: Path) -> list[SourceRequest]:
+    """The books listed in `books.json` (file, title, license), stored in the store."""
+    listing = books / "books.json"
+    if not listing.is_file():
+        return []
+    return [
+        upload_book(store, books / entry["file"], entry["title"], entry["license"])
+        for entry in json.loads(listing.read_text())
+    ]
+
+
+def run_pipeline(settings: Settings, say: Say, corpus: Path, books: Path) -> dict[str, Any]:
+    """Ingest every Mix project of the corpus and the example books, then run the worker
+    until the pipeline is idle."""
     store = open_store(settings)
     requests = [upload_directory(store, project) for project in corpus_projects(corpus)]
     if not requests:
         raise FileNotFoundError(f"no Mix projects under {corpus}")
+    requests += book_requests(store, books)
     asyncio.run(produce(settings, "sources.requests", [(r.source_id, r) for r in requests]))
-    say(f"requested {len(requests)} projects: {', '.join(r.source_id for r in requests)}")
+    say(f"requested {len(requests)} sources: {', '.join(r.source_id[:40] for r in requests)}")
     say("running the worker until the pipeline is idle")
     worker = subprocess.run(
         [sys.executable, "-m", "exforge", "worker", "--until-idle"],
@@ -134,7 +152,9 @@ def serve_and_generate(settings: Settings, say: Say, version: int) -> str:
         triton.stop(settings, instance)
 
 
-def run_demo(settings: Settings, say: Say, corpus: Path = CORPUS) -> dict[str, Any]:
+def run_demo(
+    settings: Settings, say: Say, corpus: Path = CORPUS, books: Path = BOOKS
+) -> dict[str, Any]:
     """Stack up → pipeline → train → evaluate → serve → stack down."""
     from workers.evaluator.run import evaluate_for_demo
 
@@ -145,7 +165,7 @@ def run_demo(settings: Settings, say: Say, corpus: Path = CORPUS) -> dict[str, A
     say("starting the stack")
     stack.up(settings)
     try:
-        dataset = run_pipeline(settings, say, corpus)
+        dataset = run_pipeline(settings, say, corpus, books)
         training = train(settings, say)
         say(f"evaluating v{training['version']} on the built-in benchmark")
         evaluation = evaluate_for_demo(settings, MODEL_NAME, training["version"])

@@ -12,7 +12,7 @@ from rich.console import Group
 
 from exforge import __version__
 from exforge.console import JsonFlag, console, emit_json, errors, fail, settings, table
-from exforge.settings import describe_settings
+from exforge.settings import Settings, describe_settings
 from workers.evaluator.cli import eval_app
 
 app = typer.Typer(
@@ -198,6 +198,22 @@ def ingest_dir(
         console.print(f"requested [bold]{request.source_id}[/] ({request.archive_key})")
 
 
+def run_crawl(config: Settings, crawl: Any, as_json: bool) -> None:
+    """Run a source crawl with a progress bar, print its summary, exit 1 on failures.
+    `crawl(store, engine, sink, event)`: the source's crawl, its other arguments bound."""
+    from exforge.db import open_database
+    from exforge.store import open_store
+    from streams.sources.run import run_with_progress
+
+    store, engine = open_store(config), open_database(config)
+    summary = run_with_progress(
+        config, lambda sink, event: crawl(store, engine, sink, event), errors
+    )
+    print_crawl_summary(summary, as_json)
+    if summary["failed"]:
+        raise typer.Exit(1)
+
+
 def print_crawl_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         emit_json(summary)
@@ -229,10 +245,7 @@ def ingest_hex(
     request their ingestion."""
     from datetime import date
 
-    from exforge.db import open_database
-    from exforge.store import open_store
     from streams.sources import hex as hexsrc
-    from streams.sources.run import run_with_progress
 
     config = settings()
     if sum(bool(x) for x in (packages, top, since)) != 1:
@@ -249,15 +262,13 @@ def ingest_hex(
         )
     except ValueError as exc:
         raise fail(str(exc), 2) from None
-    store, engine = open_store(config), open_database(config)
-    summary = run_with_progress(
+    run_crawl(
         config,
-        lambda sink, event: hexsrc.crawl(config, store, engine, selection, sink, event),
-        errors,
+        lambda store, engine, sink, event: hexsrc.crawl(
+            config, store, engine, selection, sink, event
+        ),
+        as_json,
     )
-    print_crawl_summary(summary, as_json)
-    if summary["failed"]:
-        raise typer.Exit(1)
 
 
 @ingest_app.command("github")
@@ -271,10 +282,7 @@ def ingest_github(
 ) -> None:
     """Crawl GitHub: search (past the 1,000-result cap) or named repositories, record
     their history metrics, fetch head-commit archives, request their ingestion."""
-    from exforge.db import open_database
-    from exforge.store import open_store
     from streams.sources import github
-    from streams.sources.run import run_with_progress
 
     config = settings()
     if not repos and not search:
@@ -283,17 +291,13 @@ def ingest_github(
         github.api_url(config)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
-    store, engine = open_store(config), open_database(config)
-    summary = run_with_progress(
+    run_crawl(
         config,
-        lambda sink, event: github.crawl(
+        lambda store, engine, sink, event: github.crawl(
             config, store, engine, list(repos or ()), search, limit, sink, event
         ),
-        errors,
+        as_json,
     )
-    print_crawl_summary(summary, as_json)
-    if summary["failed"]:
-        raise typer.Exit(1)
 
 
 @ingest_app.command("book")

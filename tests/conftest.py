@@ -177,7 +177,20 @@ class Pipeline:
             )
 
     def run_until_idle(self) -> None:
-        self.cli("worker", "--until-idle")
+        log = Path(self.env["EXFORGE_DATA_DIR"]) / "until-idle.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        # the worker's log stays beside the data: the first place to look when a check fails
+        with log.open("ab") as handle:
+            result = subprocess.run(
+                [EXFORGE, "worker", "--until-idle"],
+                env=self.env,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=CLI_TIMEOUT_S,
+                cwd=REPO,
+            )
+        if result.returncode != 0:
+            pytest.fail(f"worker --until-idle exited {result.returncode}; see {log}")
 
 
 @pytest.fixture

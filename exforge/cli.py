@@ -467,6 +467,8 @@ def dataset_stats(as_json: JsonFlag = False) -> None:
         ["files seen", files["seen"]],
         ["files kept", files["kept"]],
         *[[f"  dropped: {reason}", n] for reason, n in files["dropped_by_reason"].items()],
+        ["kept files with redactions", files["redacted"]],
+        *[[f"  redacted: {kind}", n] for kind, n in files["redactions_by_kind"].items()],
         ["sources withheld (license)", data["licenses"]["withheld"]],
         *[[f"  withheld: {r}", n] for r, n in data["licenses"]["withheld_by_reason"].items()],
         ["samples", samples["total"]],

@@ -27,8 +27,9 @@ SPLITS = ("train", "validation")
 
 
 def stats(engine: Engine) -> dict[str, Any]:
-    """Packages, files kept and dropped by reason, samples by kind/stage/split/difficulty/
-    license/source, samples dropped by reason, Tekken tokens, shards."""
+    """Packages, files kept and dropped by reason, redactions in the kept files, samples by
+    kind/stage/split/difficulty/license/source, samples dropped by reason, Tekken tokens,
+    shards."""
     with Session(engine) as session:
 
         def count(model: type, *where: Any) -> int:
@@ -44,6 +45,15 @@ def stats(engine: Engine) -> dict[str, Any]:
 
         dropped = dict(grouped(FileOutcome.reason, where=FileOutcome.kept.is_(False)))
         drops = dict(grouped(SampleDrop.reason))
+        redactions: dict[str, int] = {}
+        redacted_files = 0
+        kept_redactions = select(FileOutcome.redactions).where(
+            FileOutcome.kept.is_(True), FileOutcome.redactions.is_not(None)
+        )
+        for counts in session.scalars(kept_redactions):
+            redacted_files += any(counts.values())
+            for kind, n in counts.items():
+                redactions[kind] = redactions.get(kind, 0) + n
         shard_samples = session.scalar(select(func.coalesce(func.sum(Shard.samples), 0)))
         shard_tokens = session.scalar(select(func.coalesce(func.sum(Shard.tokens), 0)))
         return {
@@ -53,6 +63,9 @@ def stats(engine: Engine) -> dict[str, Any]:
                 "kept": count(FileOutcome, FileOutcome.kept.is_(True)),
                 "dropped": sum(dropped.values()),
                 "dropped_by_reason": dropped,
+                # secrets and PII replaced in the kept files
+                "redacted": redacted_files,
+                "redactions_by_kind": dict(sorted(redactions.items())),
             },
             "samples": {
                 "total": count(Sample),

@@ -14,6 +14,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
+    JSON,
     Boolean,
     Connection,
     DateTime,
@@ -67,6 +68,8 @@ class FileOutcome(Base):
     sha256: Mapped[str | None] = mapped_column(String(64), index=True)
     kept: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(String(64))
+    # secrets and PII replaced in the file, by kind (None: dropped before redaction)
+    redactions: Mapped[dict[str, int] | None] = mapped_column(JSON)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 

@@ -202,6 +202,14 @@ class Settings(BaseSettings):
     neardup_threshold: float = Field(
         0.7, gt=0, lt=1, description="Jaccard similarity of near-duplicates (MinHash LSH)."
     )
+    neardup_max_hold_s: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "Longest a new file waits for its near-duplicate decision when the pipeline "
+            "never drains (steady inflow)."
+        ),
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -9,7 +9,8 @@ Three agents, each owning its keys by partition in a Faust table:
   (`streams.elixir.neardup.Bucket`) and tells the files that collide in them.
 * `neardup` (on `files.neardup`, keyed by sha256): holds each new file and what its
   buckets told it. When the whole pipeline is drained (every stage input consumed and
-  committed, seen twice in a row), the worker asks each partition it owns to decide:
+  committed, seen twice in a row) or a file has waited `neardup_max_hold_s` (steady
+  inflow never drains), the worker asks each partition it owns to decide:
   every held file is kept or dropped (`near_duplicate`) by `neardup.decide`, which
   depends only on the set of files, so the kept set is the same whatever the number of
   workers or partitions; each decided file settles in its buckets, so later batches
@@ -22,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import faust
@@ -49,15 +52,30 @@ def position(file: ParsedFile) -> str:
 
 
 def record_outcome(
-    ctx: StageContext, source_id: str, path: str, sha256: str | None, reason: str | None
+    ctx: StageContext,
+    source_id: str,
+    path: str,
+    sha256: str | None,
+    reason: str | None,
+    redactions: dict[str, int] | None = None,
 ) -> None:
     """Write what became of a file; keyed by position, so replays overwrite."""
     with Session(ctx.engine) as session, session.begin():
         session.merge(
             FileOutcome(
-                source_id=source_id, path=path, sha256=sha256, kept=reason is None, reason=reason
+                source_id=source_id,
+                path=path,
+                sha256=sha256,
+                kept=reason is None,
+                reason=reason,
+                redactions=redactions,
             )
         )
+
+
+def record_file(ctx: StageContext, file: ParsedFile, reason: str | None) -> None:
+    """`record_outcome` for an analysed file, with its redaction counts."""
+    record_outcome(ctx, file.source_id, file.path, file.sha256, reason, file.redactions)
 
 
 async def drained(settings: Settings) -> bool:
@@ -87,11 +105,21 @@ async def drained(settings: Settings) -> bool:
     return True
 
 
+def held_too_long(since: Iterable[float], now: float, max_hold_s: float) -> bool:
+    """Whether a batch must be decided without waiting for the pipeline to drain.
+
+    Deciding early keeps the guarantee that no two near-duplicates are both kept: a file
+    whose bucket-mate is already settled hears `settled` and is dropped; only *which* of
+    a pair is kept can then depend on timing."""
+    return any(now - t >= max_hold_s for t in since)
+
+
 @dataclass
 class _HeldEntry:
     """A `neardup-held` table value: the file (once its candidate came) and what it heard."""
 
     partition: int
+    since: float  # wall-clock time the file was first held
     file: str | None = None  # ParsedFile JSON
     held: Held = field(default_factory=Held)
 
@@ -99,6 +127,7 @@ class _HeldEntry:
         return json.dumps(
             {
                 "partition": self.partition,
+                "since": self.since,
                 "file": self.file,
                 "earlier": self.held.earlier,
                 "settled": self.held.settled,
@@ -108,7 +137,12 @@ class _HeldEntry:
     @classmethod
     def loads(cls, raw: str) -> _HeldEntry:
         data = json.loads(raw)
-        return cls(data["partition"], data["file"], Held(data["earlier"], data["settled"]))
+        return cls(
+            data["partition"],
+            data["since"],
+            data["file"],
+            Held(data["earlier"], data["settled"]),
+        )
 
 
 def _event_partition() -> int:
@@ -134,9 +168,7 @@ def attach(ctx: StageContext) -> None:
         file = ParsedFile.model_validate_json(value)
         seen = first_seen[file.sha256]
         if seen and seen != position(file):
-            await asyncio.to_thread(
-                record_outcome, ctx, file.source_id, file.path, file.sha256, "exact_duplicate"
-            )
+            await asyncio.to_thread(record_file, ctx, file, "exact_duplicate")
             return Result(dropped={"exact_duplicate": 1})
         if not seen:
             first_seen[file.sha256] = position(file)
@@ -185,7 +217,7 @@ def attach(ctx: StageContext) -> None:
                 return Result(outputs=[Output("files.neardup", event.other, reply)])
             return Result()
         raw = held[sha]
-        entry = _HeldEntry.loads(raw) if raw else _HeldEntry(_event_partition())
+        entry = _HeldEntry.loads(raw) if raw else _HeldEntry(_event_partition(), time.time())
         if event.kind == "candidate" and event.file is not None:
             entry.file = event.file.model_dump_json(by_alias=True, exclude_none=True)
         elif event.other is not None:
@@ -203,9 +235,7 @@ def attach(ctx: StageContext) -> None:
             duplicate_of = decide(entry.held)
             cluster = duplicate_of or sha
             reason = "near_duplicate" if duplicate_of else None
-            await asyncio.to_thread(
-                record_outcome, ctx, file.source_id, file.path, file.sha256, reason
-            )
+            await asyncio.to_thread(record_file, ctx, file, reason)
             if reason:
                 result.drop(reason)
             else:
@@ -232,17 +262,18 @@ def attach(ctx: StageContext) -> None:
 
     neardup_topic = topic_name(settings, "files.neardup")
 
-    def owned_with_held() -> set[int]:
-        """Partitions of `files.neardup` this worker owns that hold undecided files."""
+    def owned_with_held() -> dict[int, float]:
+        """Partitions of `files.neardup` this worker owns that hold undecided files, with
+        the time the oldest of them was first held."""
         owned = {
             tp.partition for tp in ctx.app.assignor.assigned_actives() if tp.topic == neardup_topic
         }
-        found = set()
+        oldest: dict[int, float] = {}
         for raw in held.values():
             entry = _HeldEntry.loads(raw)
             if entry.partition in owned and entry.file is not None:
-                found.add(entry.partition)
-        return found
+                oldest[entry.partition] = min(entry.since, oldest.get(entry.partition, entry.since))
+        return oldest
 
     ctx.busy.append(lambda: bool(owned_with_held()))
     streak = [0]
@@ -258,8 +289,11 @@ def attach(ctx: StageContext) -> None:
         except Exception as exc:  # the broker may be restarting: try again next tick
             log.warning("drain check failed: %s", exc)
             streak[0] = 0
-        if streak[0] < DRAINED_CHECKS:
+        overdue = held_too_long(waiting.values(), time.time(), settings.neardup_max_hold_s)
+        if streak[0] < DRAINED_CHECKS and not overdue:
             return
+        if overdue:
+            log.info("near-dup: files held over %.0f s, deciding now", settings.neardup_max_hold_s)
         streak[0] = 0
         topic = ctx.topic("files.neardup")
         for partition in sorted(waiting):

@@ -8,6 +8,7 @@ import asyncio
 import json
 import random
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -164,6 +165,9 @@ def test_kept_and_dropped_sets_do_not_depend_on_workers_or_partitions(
         "near_duplicate": len(near),
     }
     assert stats["kept"] == len(first) - stats["dropped"]
+    # every planted secret is counted once, in the one kept file that held them
+    assert stats["redacted"] == 1
+    assert stats["redactions_by_kind"] == {"email": 1, "ip": 2, "key": 6}
     assert double.json("dataset", "stats")["files"] == stats
 
     values = parsed(single)
@@ -178,3 +182,34 @@ def test_kept_and_dropped_sets_do_not_depend_on_workers_or_partitions(
     }
     (secrets,) = [f for f in files if f.path == "lib/secrets.ex"]
     assert secrets.redactions == {"email": 1, "key": 6, "ip": 2}
+
+
+def test_steady_inflow_still_gets_decisions_after_the_max_hold(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """A worker running only ingest and parse never sees the pipeline drained (a record
+    waits on `instruction.samples`, which no agent here consumes): without the max hold
+    its files would be held forever; with it they are decided and reach `parsed.files`."""
+    pipeline.env["EXFORGE_NEARDUP_MAX_HOLD_S"] = "2"
+    projects = corpus(tmp_path)
+    send(pipeline, "instruction.samples", [("waiting", b"never consumed by this worker")])
+    store = open_store(pipeline.settings)
+    requests = [upload_directory(store, p) for p in projects]
+    send(pipeline, "sources.requests", [(r.source_id, r) for r in requests])
+    expected = len(expected_near_duplicates(projects, FileStore(tmp_path / "scratch")))
+    log = tmp_path / "worker.log"
+    worker = pipeline.start_worker("--stages", "ingest,parse", log=log)
+    try:
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while True:
+            reasons = list(outcomes(pipeline).values())
+            if "kept" in reasons and reasons.count("near_duplicate") >= expected:
+                break
+            assert worker.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, f"no decision:\n{log.read_text()[-4000:]}"
+            time.sleep(0.2)
+    finally:
+        worker.kill()
+        worker.wait()
+    assert "files held over 2 s, deciding now" in log.read_text()
+    assert len(parsed(pipeline)) >= reasons.count("kept")

@@ -156,6 +156,13 @@ class Settings(BaseSettings):
     idle_seconds: float = Field(
         3.0, gt=0, description="Quiet time after which a stage counts as idle."
     )
+    stall_seconds: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "A quiet worker re-seeks an assigned partition whose lag has not moved for this long."
+        ),
+    )
     metrics_port: Port = Field(9464, description="Worker Prometheus /metrics port; 0: off.")
     log_level: str = Field("INFO", description="Log level of the worker and CLI.")
     eval_timeout_s: float = Field(

@@ -21,6 +21,26 @@ from streams.stage import StageContext
 STAGES = {"ingest": ingest, "parse": parse, "instruct": instruct, "shard": shard}
 
 
+class CurrentGenerationEvent(faust.Event):
+    """An event that marks its offset committable only while its consumer generation is
+    current and the flow is on.
+
+    During a rebalance Faust drops ("skips") buffered events of the previous generation
+    and acknowledges them, and an event still being handled when the partitions were
+    revoked is acknowledged when it finishes; a commit before the stream seeks back to
+    the committed offset would then skip messages nobody handled. Refusing those acks
+    makes them be fetched and handled again after the seek (effects are idempotent).
+    """
+
+    def ack(self) -> bool:
+        app = self.app
+        if self.message.generation_id != app.consumer_generation_id:
+            return False
+        if not app.flow_control.is_active():
+            return False
+        return super().ack()
+
+
 def create_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.worker_group,
@@ -39,6 +59,7 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=0,
         web_enabled=False,
         producer_acks=-1,
+        Event=CurrentGenerationEvent,
     )
 
 

@@ -2,6 +2,12 @@
 
 Idle means: every stage input has zero lag for the worker group, no stage has touched a
 message for `idle_seconds`, and the shard stage has nothing left to seal or publish.
+
+Stalls: after a restart, a partition with lag is now and then assigned but never fetched
+again (seen on the embedded broker after a SIGKILL). A quiet worker that sees an assigned
+partition's committed offset unchanged for `stall_seconds` while it has lag resumes it
+and seeks it to its committed offset; nothing is lost either way (the offset is only
+committed after the work), this only restores liveness.
 """
 
 from __future__ import annotations
@@ -9,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import faust
+from faust.types import TP
 
-from exforge.kafka import consumer_lag, create_topics, topic_name
+from exforge.kafka import LagRow, consumer_lag, create_topics, topic_name
 from exforge.settings import Settings
 from exforge.telemetry import CONSUMER_LAG, serve_metrics
 from schemas.catalogue import STAGE_INPUTS
@@ -24,25 +32,67 @@ from streams.stage import StageContext
 log = logging.getLogger("exforge.worker")
 
 
-async def pipeline_lag(settings: Settings) -> int:
-    """Total lag of the worker group on the stage inputs (and update the gauge)."""
+async def input_lag(settings: Settings) -> list[LagRow]:
+    """The worker group's lag per stage-input partition (and update the gauge)."""
     inputs = {topic_name(settings, name) for name in STAGE_INPUTS.values()}
-    total = 0
+    rows = []
     for row in await consumer_lag(settings, groups=[settings.worker_group]):
         CONSUMER_LAG.labels(row.group, row.topic, str(row.partition)).set(row.lag)
         if row.topic in inputs:
-            total += row.lag
-    return total
+            rows.append(row)
+    return rows
 
 
-async def is_idle(ctx: StageContext, started: float) -> bool:
+@dataclass
+class StallWatch:
+    """Which partitions with lag have not committed anything for `after_s` seconds."""
+
+    after_s: float
+    since: dict[tuple[str, int], tuple[int | None, float]] = field(default_factory=dict)
+
+    def stalled(self, rows: Iterable[LagRow], now: float) -> list[LagRow]:
+        found = []
+        for row in rows:
+            key = (row.topic, row.partition)
+            if row.lag == 0:
+                self.since.pop(key, None)
+                continue
+            committed, since = self.since.get(key, (None, now))
+            if key not in self.since or committed != row.committed:
+                self.since[key] = (row.committed, now)
+            elif now - since >= self.after_s:
+                found.append(row)
+                self.since[key] = (row.committed, now)  # give the seek time to work
+        return found
+
+
+async def unstall(app: faust.App, rows: Iterable[LagRow]) -> None:
+    """Resume and re-seek stalled partitions this worker owns."""
+    consumer = app.consumer
+    assigned = consumer.assignment()
+    for row in rows:
+        tp = TP(row.topic, row.partition)
+        if tp not in assigned:
+            continue
+        log.warning(
+            "partition %s:%d stalled at offset %s with lag %d: seeking to it again",
+            row.topic,
+            row.partition,
+            row.committed,
+            row.lag,
+        )
+        consumer.resume_partitions({tp})
+        await consumer.seek(tp, row.committed or 0)
+
+
+async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
     settings = ctx.settings
     latest = max(ctx.last_activity.values(), default=started)
     if time.monotonic() - latest < settings.idle_seconds:
         return False
     if any(check() for check in ctx.busy):
         return False
-    if await pipeline_lag(settings) > 0:
+    if any(row.lag > 0 for row in lag):
         return False
     pending = await asyncio.to_thread(shard.pending_samples, ctx.engine)
     unpublished = await asyncio.to_thread(shard.unpublished, ctx.engine)
@@ -58,16 +108,22 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> i
     worker = faust.Worker(ctx.app, loglevel=settings.log_level, quiet=True)
     stopping: list[asyncio.Future[None]] = []  # keeps the stop task referenced
 
+    stalls = StallWatch(settings.stall_seconds)
+
     @ctx.app.timer(interval=2.0, name="lag-and-idle-watch")
     async def watch() -> None:
         if stopping:
             return
         try:
-            if until_idle and await is_idle(ctx, started):
+            lag = await input_lag(settings)
+            if until_idle and await is_idle(ctx, started, lag):
                 log.info("pipeline idle: stopping the worker")
                 stopping.append(asyncio.ensure_future(worker.stop()))
-            elif not until_idle:
-                await pipeline_lag(settings)
+                return
+            quiet_for = time.monotonic() - max(ctx.last_activity.values(), default=started)
+            stalled = stalls.stalled(lag, time.monotonic())
+            if stalled and quiet_for >= settings.stall_seconds:
+                await unstall(ctx.app, stalled)
         except Exception as exc:  # lag is advisory; the broker may be restarting
             log.warning("lag check failed: %s", exc)
 

@@ -688,3 +688,26 @@ def test_failure_from_other_exceptions() -> None:
     assert Failure.from_exception(ChecksumMismatch("bad sum")).error_class == "ChecksumMismatch"
     assert Failure.from_exception(RuntimeError()).message == "RuntimeError"
     assert len(Failure.from_exception(ValueError("x" * 5000)).message) == 2000
+
+
+# --- worker liveness ------------------------------------------------------------------------
+
+
+def test_stall_watch_reports_a_partition_only_after_its_offset_stood_still() -> None:
+    from exforge.kafka import LagRow
+    from streams.worker import StallWatch
+
+    def row(partition: int, committed: int | None, end: int) -> LagRow:
+        return LagRow("g", "t.parsed.files", partition, committed, end)
+
+    watch = StallWatch(after_s=30)
+    assert watch.stalled([row(0, 5, 9), row(1, None, 4), row(2, 3, 3)], now=0) == []
+    assert watch.stalled([row(0, 6, 9), row(1, None, 4)], now=29) == []
+    # partition 1 has not moved for 30 s; partition 0 moved at 29 s
+    assert [r.partition for r in watch.stalled([row(0, 6, 9), row(1, None, 4)], now=30)] == [1]
+    # after a report the clock restarts, so the seek gets time to work
+    assert watch.stalled([row(0, 6, 9), row(1, None, 4)], now=31) == []
+    assert [r.partition for r in watch.stalled([row(0, 6, 9), row(1, None, 4)], now=59)] == [0]
+    # caught up: forgotten
+    assert watch.stalled([row(0, 9, 9), row(1, 4, 4)], now=120) == []
+    assert watch.since == {}

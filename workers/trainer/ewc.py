@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from workers.trainer.chat import IGNORE
 from workers.trainer.lora import trainable
 from workers.trainer.packing import forward_losses
 
@@ -45,7 +46,8 @@ def estimate_fisher(
     """Mean over batches of squared gradients of the summed log-likelihood.
 
     Pass one sample per batch for the true per-sample diagonal; larger batches give the
-    cheaper batch-level estimate.
+    cheaper batch-level estimate. A batch without trained tokens (padding that keeps FSDP
+    ranks in step) adds nothing and is not counted.
     """
     params = trainable(model)
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
@@ -56,7 +58,7 @@ def estimate_fisher(
         for name, param in params.items():
             if param.grad is not None:
                 fisher[name] += param.grad.detach().float() ** 2
-        count += 1
+        count += int((batch["targets"] != IGNORE).any())
     model.zero_grad(set_to_none=True)
     return {name: (f / max(count, 1)).cpu() for name, f in fisher.items()}
 

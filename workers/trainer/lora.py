@@ -27,14 +27,21 @@ class LoraSettings(BaseModel):
     gradient_checkpointing: bool = False
 
 
-def apply_lora(model: MistralForCausalLM, settings: LoraSettings) -> PeftModel:
-    """Freeze the (quantised) base and wrap the target modules with adapters."""
-    if getattr(model, "is_quantized", False):
+def apply_lora(model: MistralForCausalLM, settings: LoraSettings, fsdp: bool = False) -> PeftModel:
+    """Freeze the (quantised) base and wrap the target modules with adapters.
+
+    `fsdp`: leave the frozen non-quantised weights in the compute dtype. peft's k-bit
+    preparation casts them to fp32, and FSDP flattens each layer into one tensor of one
+    dtype, beside the 4-bit weights stored as the compute dtype. The adapters stay fp32.
+    """
+    if getattr(model, "is_quantized", False) and not fsdp:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=settings.gradient_checkpointing
         )
     elif settings.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # FSDP's backward re-gathers shards inside the recomputation: non-reentrant only.
+        kwargs = {"use_reentrant": False} if fsdp else None
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     config = LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,
@@ -54,7 +61,8 @@ def trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 
 
 def _plain(name: str) -> str:
-    return name.removeprefix("module.")  # DDP's wrapper prefix
+    # DDP's wrapper prefix; FSDP's in front of every unit it wraps
+    return name.removeprefix("module.").replace("_fsdp_wrapped_module.", "")
 
 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

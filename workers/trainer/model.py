@@ -66,7 +66,11 @@ def detect_device() -> DeviceInfo:
     """CUDA with bf16 where the GPU has it, else CPU (bf16 kernels exist there too)."""
     if torch.cuda.is_available():
         bf16 = torch.cuda.is_bf16_supported()
-        return DeviceInfo(torch.device("cuda"), torch.bfloat16 if bf16 else torch.float16, bf16)
+        # Under torchrun each process owns the GPU of its LOCAL_RANK (modulo: a launcher
+        # may show each process its own GPU only).
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        return DeviceInfo(device, torch.bfloat16 if bf16 else torch.float16, bf16)
     return DeviceInfo(torch.device("cpu"), torch.bfloat16, True)
 
 
@@ -107,15 +111,20 @@ def materialise_preset(name: str, directory: Path, seed: int = 0) -> Path:
 
 
 def quantisation_config(
-    kind: Quantisation, compute_dtype: torch.dtype
+    kind: Quantisation, compute_dtype: torch.dtype, fsdp: bool = False
 ) -> BitsAndBytesConfig | None:
-    """NF4 with double quantisation and bf16 compute (QLoRA), INT8, or nothing."""
+    """NF4 with double quantisation and bf16 compute (QLoRA), INT8, or nothing.
+
+    `fsdp`: store the packed 4-bit weights as the compute dtype (same bytes, other element
+    type): FSDP flattens a layer's weights into one tensor, which needs a single dtype.
+    """
     if kind == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_quant_storage=compute_dtype if fsdp else torch.uint8,
         )
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -123,9 +132,16 @@ def quantisation_config(
 
 
 def load_model(
-    spec: str, quantisation: Quantisation = "nf4", cache_dir: Path | None = None, seed: int = 0
+    spec: str,
+    quantisation: Quantisation = "nf4",
+    cache_dir: Path | None = None,
+    seed: int = 0,
+    fsdp: bool = False,
 ) -> MistralForCausalLM:
-    """Load a base model, memory-mapped and layer by layer (`low_cpu_mem_usage`)."""
+    """Load a base model, memory-mapped and layer by layer (`low_cpu_mem_usage`).
+
+    `fsdp`: lay the weights out so FSDP can shard them (see `quantisation_config`).
+    """
     device = detect_device()
     path = Path(spec)
     if spec in PRESETS and not path.exists():
@@ -134,10 +150,10 @@ def load_model(
         path = native_to_hf_dir(path, (cache_dir or Path(".data/models")) / f"{path.name}-hf")
     model = MistralForCausalLM.from_pretrained(
         str(path) if path.exists() else spec,
-        quantization_config=quantisation_config(quantisation, device.compute_dtype),
+        quantization_config=quantisation_config(quantisation, device.compute_dtype, fsdp),
         dtype=device.compute_dtype,
         low_cpu_mem_usage=True,
-        device_map={"": device.device.index or 0} if device.device.type == "cuda" else "cpu",
+        device_map={"": device.device.index} if device.device.type == "cuda" else "cpu",
     )
     keep_standard_4bit_layout(model)
     return model

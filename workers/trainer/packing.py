@@ -61,6 +61,11 @@ def pack(samples: Iterable[Encoded], seq_len: int) -> list[Pack]:
     return packs
 
 
+def padding(seq_len: int) -> Pack:
+    """A sequence of padding only: it trains and weighs nothing (see `Trainer.lockstep`)."""
+    return _close([], [], [], [], seq_len)
+
+
 def _close(
     ids: list[int], targets: list[int], positions: list[int], owners: list[int], seq_len: int
 ) -> Pack:

@@ -10,7 +10,8 @@
 
 Everything a resume needs is in the checkpoint; on the CPU a resumed run repeats the
 uninterrupted run's losses exactly. Under `torchrun` each rank reads its own shards
-and DDP (gloo on CPU, NCCL on GPU) synchronises gradients.
+and DDP (gloo on CPU, NCCL on GPU) synchronises gradients; with `distributed = "fsdp"`
+FSDP (through accelerate) shards the frozen base over the ranks instead (`fsdp.py`).
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ import time
 import tomllib
 import uuid
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from exforge import telemetry
 from exforge.settings import Settings
@@ -39,8 +42,8 @@ from workers.trainer.chat import Encoded, encode, load_tokenizer
 from workers.trainer.data import Cursor, epoch_order, load_split, mix
 from workers.trainer.ewc import EwcState, consolidate, estimate_fisher, penalty, plot_importance
 from workers.trainer.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
-from workers.trainer.model import Quantisation, load_model
-from workers.trainer.packing import Pack, collate, forward_losses, pack
+from workers.trainer.model import Quantisation, detect_device, load_model
+from workers.trainer.packing import Pack, collate, forward_losses, pack, padding
 from workers.trainer.ssr import SsrConfig, build_buffer, load_buffers, store_buffer
 
 # ----------------------------------------------------------------------------- config
@@ -78,6 +81,20 @@ class TrainConfig(BaseModel):
     ssr: SsrConfig = Field(default_factory=SsrConfig)
     register_as: str | None = Field("exforge-elixir", description="Model name; None: skip.")
     halt_after_step: int | None = Field(None, description="Stop here (tests a resume).")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun: DDP (a whole model per rank) or FSDP through accelerate "
+        "(the frozen base sharded over the ranks, the adapters replicated).",
+    )
+
+    @model_validator(mode="after")
+    def _fsdp_needs_nf4_or_none(self) -> TrainConfig:
+        if self.distributed == "fsdp" and self.quantisation == "int8":
+            raise ValueError(
+                "distributed = 'fsdp' shards NF4 or unquantised bases; bitsandbytes' INT8 "
+                "weights cannot share a flattened FSDP unit with the other weights"
+            )
+        return self
 
     @classmethod
     def from_file(cls, path: Path) -> TrainConfig:
@@ -104,6 +121,8 @@ def init_distributed() -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return Dist()
+    if torch.cuda.is_available():  # NCCL works on the current device: this rank's GPU
+        torch.cuda.set_device(detect_device().device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size())
@@ -194,7 +213,10 @@ class Trainer:
         self._encoded: dict[str, Encoded] = {}
         # Load before joining the group: save_pretrained writes weights on rank 0 only once
         # a group exists, and every rank may be the one materialising a preset.
-        base = load_model(config.model, config.quantisation, settings.root / "models", config.seed)
+        fsdp = config.distributed == "fsdp"
+        base = load_model(
+            config.model, config.quantisation, settings.root / "models", config.seed, fsdp
+        )
         self.dist = init_distributed()
         if self.dist.world > 1:  # every rank must write under rank 0's run id
             shared = [self.run_id]
@@ -203,11 +225,58 @@ class Trainer:
         self.events = Events(settings, self.run_id, self.dist.main)
         self.on_step: Callable[[int, int, dict[str, float]], None] | None = None
         torch.manual_seed(config.seed)  # after loading: a first load initialises a preset
-        self.model = apply_lora(base, config.lora)
+        self.model = apply_lora(base, config.lora, fsdp)
         self.module: torch.nn.Module = self.model
-        if self.dist.world > 1:
+        if self.dist.world > 1 and fsdp:
+            from workers.trainer.fsdp import shard
+
+            self.module = shard(self.model)
+        elif self.dist.world > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(self.model)
         self.device = next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ FSDP
+
+    @property
+    def sharded(self) -> bool:
+        return isinstance(self.module, FullyShardedDataParallel)
+
+    @property
+    def runner(self) -> torch.nn.Module:
+        """What forwards outside a train step go through. Under FSDP only the wrapper can
+        run one (each layer gathers its shards from every rank); under DDP the plain
+        model, which needs no other rank."""
+        return self.module if self.sharded else self.model
+
+    def lockstep(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Under FSDP every forward needs every rank, so each runs as many as the rank with
+        the most batches: the others add padding-only batches, which weigh nothing."""
+        if not self.sharded:
+            return batches
+        most = torch.tensor(len(batches), device=self.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX)
+        filler = collate([padding(self.config.seq_len)])
+        return batches + [filler] * (int(most) - len(batches))
+
+    def local_gradients(self) -> AbstractContextManager[Any]:
+        """Backward passes whose gradients stay on this rank (per-sample Fisher)."""
+        if isinstance(self.module, FullyShardedDataParallel):
+            return self.module.no_sync()
+        return nullcontext()  # the plain model under DDP never synchronises
+
+    def unsharded(self) -> torch.nn.Module:
+        """A model rank 0 can run alone (SSR generation). An FSDP forward needs every rank,
+        so under FSDP this loads a second, whole base with the current adapters."""
+        if not self.sharded:
+            return self.model
+        config = self.config
+        cuda = [self.device.index] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # adapter init: keep this rank's streams
+            models = self.settings.root / "models"
+            base = load_model(config.model, config.quantisation, models, config.seed, fsdp=True)
+            copy = apply_lora(base, config.lora, fsdp=True)
+        load_adapter_state(copy, adapter_state(self.model))
+        return copy
 
     # ------------------------------------------------------------------ data
 
@@ -253,8 +322,11 @@ class Trainer:
         loss = data_loss + penalty(self.model, ewc, lam)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if isinstance(self.module, FullyShardedDataParallel):  # norms over all ranks' shards
+            grad_norm = self.module.clip_grad_norm_(self.config.max_grad_norm)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         optimizer.step()
         global_loss = all_sum(losses.sum().detach(), self.dist.world) / total
         return float(global_loss), float(grad_norm), int(tokens)
@@ -263,12 +335,14 @@ class Trainer:
     def validation_loss(self, samples: list[dict[str, Any]], level: int = 5) -> float | None:
         """Mean token loss over this rank's validation samples up to `level`, all ranks."""
         chosen = [s for s in samples if s.get("meta", {}).get("difficulty", 1) <= level]
-        self.model.eval()
+        runner = self.runner
+        runner.eval()
         total = torch.zeros(2, device=self.device)
         packs = pack((self.encoded(s) for s in chosen), self.config.seq_len)
-        for start in range(0, len(packs), self.config.batch_size):
-            batch = collate(packs[start : start + self.config.batch_size])
-            losses = forward_losses(self.model, batch)
+        size = self.config.batch_size
+        batches = [collate(packs[start : start + size]) for start in range(0, len(packs), size)]
+        for batch in self.lockstep(batches):
+            losses = forward_losses(runner, batch)
             total += torch.stack([losses.sum(), (batch["targets"] != -100).sum().float()])
         all_sum(total, self.dist.world)
         return float(total[0] / total[1]) if total[1] > 0 else None
@@ -278,9 +352,11 @@ class Trainer:
         chosen = samples[: self.config.fisher_samples]
         packs = (pack([self.encoded(s)], self.config.seq_len) for s in chosen)
         # a sample whose trained tokens all fall past seq_len packs to nothing: skip it
-        batches = (collate(p) for p in packs if p)
-        self.model.train()
-        fisher = estimate_fisher(self.model, batches)
+        batches = self.lockstep([collate(p) for p in packs if p])
+        runner = self.runner
+        runner.train()
+        with self.local_gradients():
+            fisher = estimate_fisher(runner, batches)
         for tensor in fisher.values():
             all_sum(tensor, self.dist.world)
             tensor /= self.dist.world
@@ -400,7 +476,7 @@ class Trainer:
         if self.dist.main:
             ssr = self.config.ssr
             buffer = build_buffer(
-                self.model,
+                self.unsharded(),
                 self.tokenizer,
                 real,
                 stage,

@@ -27,6 +27,10 @@ CONSUMER_LAG = Gauge(
     "Messages not yet consumed by the worker group.",
     ["group", "topic", "partition"],
 )
+STALLED_PARTITIONS = Gauge(
+    "exforge_stalled_partitions",
+    "Assigned partitions with lag whose committed offset stood still (stall_seconds).",
+)
 REDACTIONS = Counter(
     "exforge_redactions_total", "Secrets and PII replaced in kept files, by kind.", ["kind"]
 )
@@ -52,6 +56,7 @@ METRIC_NAMES = (
     "exforge_dropped_total",
     "exforge_stage_latency_seconds",
     "exforge_consumer_lag",
+    "exforge_stalled_partitions",
     "exforge_shards_written_total",
     "exforge_redactions_total",
     "exforge_train_loss",

@@ -3,11 +3,11 @@
 Idle means: every stage input has zero lag for the worker group, no stage has touched a
 message for `idle_seconds`, and the shard stage has nothing left to seal or publish.
 
-Stalls: after a restart, a partition with lag is now and then assigned but never fetched
-again (seen on the embedded broker after a SIGKILL). A quiet worker that sees an assigned
-partition's committed offset unchanged for `stall_seconds` while it has lag resumes it
-and seeks it to its committed offset; nothing is lost either way (the offset is only
-committed after the work), this only restores liveness.
+Stalls: after a restart, an assigned partition with lag is now and then never consumed
+again (seen on the embedded broker after a SIGKILL, see issue 2's note). A quiet worker
+that sees an assigned partition's committed offset stand still for `stall_seconds` while
+it has lag says so in its log and in `exforge_stalled_partitions`. It does not re-seek:
+Faust fills offset jumps after a seek as if handled, which loses messages.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from faust.types import TP
 
 from exforge.kafka import LagRow, consumer_lag, create_topics, topic_name
 from exforge.settings import Settings
-from exforge.telemetry import CONSUMER_LAG, serve_metrics
+from exforge.telemetry import CONSUMER_LAG, STALLED_PARTITIONS, serve_metrics
 from schemas.catalogue import STAGE_INPUTS
 from streams import shard
 from streams.app import build
@@ -66,23 +66,19 @@ class StallWatch:
         return found
 
 
-async def unstall(app: faust.App, rows: Iterable[LagRow]) -> None:
-    """Resume and re-seek stalled partitions this worker owns."""
-    consumer = app.consumer
-    assigned = consumer.assignment()
-    for row in rows:
-        tp = TP(row.topic, row.partition)
-        if tp not in assigned:
-            continue
+def report_stalls(app: faust.App, rows: Iterable[LagRow]) -> None:
+    """Log stalled partitions this worker owns and count them in the gauge."""
+    assigned = app.consumer.assignment()
+    owned = [row for row in rows if TP(row.topic, row.partition) in assigned]
+    STALLED_PARTITIONS.set(len(owned))
+    for row in owned:
         log.warning(
-            "partition %s:%d stalled at offset %s with lag %d: seeking to it again",
+            "partition %s:%d stalled at offset %s with lag %d",
             row.topic,
             row.partition,
             row.committed,
             row.lag,
         )
-        consumer.resume_partitions({tp})
-        await consumer.seek(tp, row.committed or 0)
 
 
 async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
@@ -122,8 +118,8 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> i
                 return
             quiet_for = time.monotonic() - max(ctx.last_activity.values(), default=started)
             stalled = stalls.stalled(lag, time.monotonic())
-            if stalled and quiet_for >= settings.stall_seconds:
-                await unstall(ctx.app, stalled)
+            if quiet_for >= settings.stall_seconds:
+                report_stalls(ctx.app, stalled)
         except Exception as exc:  # lag is advisory; the broker may be restarting
             log.warning("lag check failed: %s", exc)
 

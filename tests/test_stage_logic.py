@@ -579,8 +579,16 @@ def test_dataset_stats(engine: Engine, file_store: FileStore) -> None:
         )
         session.add_all(
             [
-                FileOutcome(source_id="dir:a@1", path="lib/a.ex", sha256="1" * 64, kept=True),
-                FileOutcome(source_id="dir:a@1", path="lib/b.ex", sha256="2" * 64, kept=True),
+                FileOutcome(
+                    source_id="dir:a@1",
+                    path="lib/a.ex",
+                    sha256="1" * 64,
+                    kept=True,
+                    redactions={"email": 2, "key": 1},
+                ),
+                FileOutcome(
+                    source_id="dir:a@1", path="lib/b.ex", sha256="2" * 64, kept=True, redactions={}
+                ),
                 FileOutcome(source_id="dir:a@1", path="lib/c.ex", kept=False, reason="not_utf8"),
                 FileOutcome(
                     source_id="dir:a@1", path="lib/d.ex", kept=False, reason="syntax_error"
@@ -591,6 +599,7 @@ def test_dataset_stats(engine: Engine, file_store: FileStore) -> None:
                     sha256="1" * 64,
                     kept=False,
                     reason="exact_duplicate",
+                    redactions={"email": 5},  # dropped: not in the kept data's counts
                 ),
                 FileOutcome(source_id="dir:a@1", path="lib/f.ex", kept=False, reason="not_utf8"),
             ]
@@ -607,6 +616,8 @@ def test_dataset_stats(engine: Engine, file_store: FileStore) -> None:
         "kept": 2,
         "dropped": 4,
         "dropped_by_reason": {"exact_duplicate": 1, "not_utf8": 2, "syntax_error": 1},
+        "redacted": 1,
+        "redactions_by_kind": {"email": 2, "key": 1},
     }
     assert data["samples"]["total"] == 6
     assert data["samples"]["by_kind"] == {"other": 1, "test": 5}

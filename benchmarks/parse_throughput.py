@@ -11,7 +11,10 @@ them into archives of 50 files, then times, in the same process and on the same 
   encoding, normalisation, redaction, analysis, quality and contamination filters,
   MinHash bands, the `ParsedFile` record).
 
-Prints files/s and MB/s of both and their ratio (best of `--repeat` runs each).
+Prints files/s and MB/s of both and their ratio (best of `--repeat` runs each), then
+where the stage's time goes: each file's steps timed one by one, in the stage's order
+(so a step that reuses what an earlier one computed, the tokens' hashes, is not charged
+for it), as milliseconds per file and as a multiple of the tree-sitter parse.
 """
 
 from __future__ import annotations
@@ -31,9 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from exforge.settings import load_settings
 from exforge.store import FileStore
 from schemas.records import RawPackage
-from streams.elixir.analysis import parse
+from streams.elixir.analysis import definitions, file_analysis, normalise, parse
+from streams.elixir.features import features
+from streams.elixir.neardup import text_band_keys
+from streams.elixir.quality import blob_reason, generated_reason, metrics_reason
+from streams.elixir.redact import redact
 from streams.elixir.synthetic import module
-from streams.files import Dropped, FileSteps, file_outcome
+from streams.files import (
+    Dropped,
+    FileSteps,
+    claim_check,
+    decode_source,
+    file_outcome,
+    file_record,
+)
 from streams.parse import elixir_members
 
 PER_ARCHIVE = 50
@@ -64,6 +78,56 @@ def best(run: Callable[[], None], repeat: int) -> float:
         run()
         times.append(time.perf_counter() - started)
     return min(times)
+
+
+def breakdown(
+    archives: list[bytes], package: RawPackage, store: FileStore, steps: FileSteps
+) -> dict[str, float]:
+    """Seconds spent in each per-file step of the stage, over every file of `archives`.
+
+    The steps of `streams.files.file_outcome` (with `analyse` split into parse, module
+    walk and features), called directly with a clock read between them.
+    """
+    spent: dict[str, float] = {}
+
+    def lap(step: str, since: float) -> float:
+        now = time.perf_counter()
+        spent[step] = spent.get(step, 0.0) + now - since
+        return now
+
+    for data in archives:
+        started = time.perf_counter()
+        members = list(elixir_members(data))
+        at = lap("read archive", started)
+        for member in members:
+            text = normalise(decode_source(member.data))
+            redaction = redact(text)
+            content = redaction.text
+            at = lap("decode, normalise, redact", at)
+            encoded = content.encode("utf-8", "surrogatepass")
+            root = parse(encoded)
+            at = lap("tree-sitter parse", at)
+            found = definitions(encoded, root)
+            at = lap("module walk", at)
+            details = features(content, encoded, root, found)
+            at = lap("features", at)
+            bands = text_band_keys(content, steps.neardup_threshold)
+            at = lap("near-dup bands", at)
+            analysis = file_analysis(content, root, found, details)
+            file = file_record(package, member.path, redaction, analysis, bands)
+            claim_check(file, store, steps.claim_check_bytes)
+            at = lap("record", at)
+            metrics = details.metrics
+            reason = (
+                generated_reason(content)
+                or metrics_reason(metrics, steps.thresholds)
+                or blob_reason(content, metrics, steps.thresholds)
+            )
+            at = lap("quality filters", at)
+            if reason is None and steps.benchmarks is not None:
+                steps.benchmarks.check_text(content)
+            at = lap("decontamination", at)
+    return spent
 
 
 def main() -> None:
@@ -103,6 +167,7 @@ def main() -> None:
 
         floor_s = best(floor, args.repeat)
         stage_s = best(stage, args.repeat)
+        spent = breakdown(archives, package, store, steps)
 
     mb = size / 1e6
     print(f"corpus: {len(files)} files, {mb:.1f} MB, {len(archives)} archives")
@@ -110,6 +175,12 @@ def main() -> None:
     print(f"tree-sitter alone: {len(files) / floor_s:8.0f} files/s {mb / floor_s:6.2f} MB/s")
     print(f"parse stage:       {len(files) / stage_s:8.0f} files/s {mb / stage_s:6.2f} MB/s")
     print(f"ratio (stage / tree-sitter): {floor_s / stage_s:.3f}")
+    parse_s = spent["tree-sitter parse"]
+    print("per-file steps (one timed pass):   ms/file   x parse")
+    for step, seconds in spent.items():
+        print(f"  {step:30s} {seconds / len(files) * 1e3:8.3f} {seconds / parse_s:8.2f}")
+    total = sum(spent.values())
+    print(f"  {'all steps':30s} {total / len(files) * 1e3:8.3f} {total / parse_s:8.2f}")
 
 
 if __name__ == "__main__":

@@ -21,10 +21,9 @@ from typing import Any
 from exforge.settings import Settings
 from exforge.store import ObjectStore, sha256_hex
 from schemas.records import NearDup, ParsedFile, RawPackage
-from streams.elixir import analyse, normalise
+from streams.elixir import FileAnalysis, analyse, normalise
 from streams.elixir.decontam import BenchmarkIndex, load_index
-from streams.elixir.hashing import tokens
-from streams.elixir.neardup import THRESHOLD, band_keys
+from streams.elixir.neardup import THRESHOLD, text_band_keys
 from streams.elixir.quality import (
     Thresholds,
     blob_reason,
@@ -33,7 +32,7 @@ from streams.elixir.quality import (
     path_reason,
     quality,
 )
-from streams.elixir.redact import redact
+from streams.elixir.redact import Redaction, redact
 from streams.stage import Failure
 
 __all__ = [
@@ -44,6 +43,7 @@ __all__ = [
     "decode_source",
     "drop_reason",
     "file_outcome",
+    "file_record",
 ]
 
 
@@ -92,10 +92,18 @@ def analysed_file(
 ) -> ParsedFile | None:
     """Normalise, redact and analyse one file (content inline); None when it does not parse."""
     redaction = redact(normalise(text))
-    content = redaction.text
-    analysis = analyse(content)
+    analysis = analyse(redaction.text)
     if analysis.has_errors:
         return None
+    bands = text_band_keys(redaction.text, neardup_threshold)
+    return file_record(package, path, redaction, analysis, bands)
+
+
+def file_record(
+    package: RawPackage, path: str, redaction: Redaction, analysis: FileAnalysis, bands: list[str]
+) -> ParsedFile:
+    """The record of an analysed file (content inline), with its near-duplicate bands."""
+    content = redaction.text
     encoded = content.encode()
     metadata: dict[str, Any] = package.metadata
     return ParsedFile(
@@ -111,7 +119,7 @@ def analysed_file(
         analysis=analysis.details,
         quality=quality(analysis.details.metrics, metadata),
         redactions=dict(redaction.counts),
-        near_dup=NearDup(bands=band_keys(tokens(content), neardup_threshold)),
+        near_dup=NearDup(bands=bands),
     )
 
 
@@ -124,7 +132,7 @@ def drop_reason(file: ParsedFile, steps: FileSteps) -> str | None:
         or metrics_reason(file.analysis.metrics, thresholds)
         or blob_reason(text, file.analysis.metrics, thresholds)
     )
-    if reason is None and steps.benchmarks is not None and steps.benchmarks.check(tokens(text)):
+    if reason is None and steps.benchmarks is not None and steps.benchmarks.check_text(text):
         reason = "contamination"
     return reason
 

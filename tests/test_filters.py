@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from schemas.records import CodeMetrics, RawPackage
 from streams.elixir.decontam import BenchmarkIndex, load_index, read_problems
 from streams.elixir.hashing import tokens
 from streams.elixir.quality import (
+    _GENERATED_HEAD,
     Thresholds,
     blob_reason,
     generated_reason,
@@ -20,7 +23,7 @@ from streams.elixir.quality import (
     path_reason,
     quality,
 )
-from streams.elixir.redact import redact
+from streams.elixir.redact import _IP_MARKERS, _line_matches, redact
 from streams.files import Dropped, FileSteps, file_outcome
 
 BENCHMARKS = load_settings().resolved_decontamination_files
@@ -78,6 +81,20 @@ def test_path_reason(path: str, reason: str | None) -> None:
 )
 def test_generated_headers(head: str) -> None:
     assert generated_reason(head + GOOD) == "auto_generated"
+
+
+def test_generated_header_search_matches_the_plain_regex() -> None:
+    # Only the head around "generated"/"do not ed" is searched; offsets shift when some
+    # character lowercases to several (the whole head is searched then).
+    marker = re.compile(_GENERATED_HEAD.pattern)
+    pieces = ["auto", "-", " ", "GENERATED", "Generated", " by", " using", "code ", "this file "]
+    pieces += ["was ", "@", "DO NOT EDIT", "do not ed\u0131t", "\u0130", "x" * 40, "\n", "\u00df"]
+    rng = random.Random(7)
+    for _ in range(3000):
+        head = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 10)))
+        text = "y" * rng.choice([0, 1480, 1495, 1510]) + head + GOOD
+        expected = "auto_generated" if marker.search(text, 0, 1500) else None
+        assert generated_reason(text) == expected, text[1400:1560]
 
 
 def test_protobuf_output_anywhere_and_ordinary_mentions() -> None:
@@ -225,6 +242,16 @@ def test_planted_secrets_are_redacted() -> None:
     assert '      <KEY>\n  """' in result.text  # the whole PEM block, one placeholder
 
 
+def test_address_patterns_are_searched_only_on_marked_lines() -> None:
+    rng = random.Random(11)
+    pieces = ["8", "10", ".", "255", ":", "::", "fe80", "a", "%eth0", " ", "\n", "x", "1.2.3"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 30)))
+        for pattern, marker in _IP_MARKERS:
+            found = [m.span() for m in _line_matches(text, pattern, marker)]
+            assert found == [m.span() for m in pattern.finditer(text)], (text, pattern)
+
+
 def test_look_alikes_stay() -> None:
     result = redact(LOOK_ALIKES)
     assert result.text == LOOK_ALIKES
@@ -275,6 +302,13 @@ def test_reworded_prompt_inside_a_module_is_found(benchmarks: BenchmarkIndex) ->
     doc = "\n".join(line.lstrip("# ") for line in problem["prompt"].splitlines() if "#" in line)
     text = f'defmodule Mine do\n  @doc """\n{doc}\n  """\n  def solve(x), do: x\nend\n'
     assert benchmarks.check(tokens(text)) is not None
+
+
+def test_check_text_is_check_of_the_tokens(benchmarks: BenchmarkIndex) -> None:
+    texts = [text for _, text in read_problems(BENCHMARKS)[:120]]
+    texts += ["", "ünïcödé Wörds " + texts[3], texts[5].upper(), "x" * 300 + " " + texts[7]]
+    for text in texts:
+        assert benchmarks.check_text(text) == benchmarks.check(tokens(text))
 
 
 def test_ordinary_code_is_not_contaminated(benchmarks: BenchmarkIndex) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
+import string
 
 import numpy as np
 from datasketch.lsh import _optimal_param
 
-from streams.elixir.hashing import tokens
+from streams.elixir.hashing import ngram_hashes, text_ngram_hashes, tokens
 from streams.elixir.neardup import (
     NUM_PERM,
     THRESHOLD,
@@ -21,6 +23,7 @@ from streams.elixir.neardup import (
     optimal_bands,
     shingles,
     signature,
+    text_band_keys,
 )
 from streams.elixir.synthetic import module, recommented, renamed, reordered
 
@@ -52,6 +55,24 @@ def test_shingles_and_band_keys() -> None:
     assert len(keys) == 25 and len(set(keys)) == 25
     assert [k.split(":")[0] for k in keys] == [str(i) for i in range(25)]
     assert band_keys(tokens(text)) == keys  # deterministic across calls (and processes: fixed seed)
+
+
+def test_hashes_from_text_are_those_of_its_tokens() -> None:
+    rng = random.Random(4)
+    alphabet = string.ascii_letters + string.digits + "_ \n\t.,:()#|>-=\"'"
+    texts = ["", " ", "a", "Ab_9", "é", "aé Bé x", "ÉCOLE école", "a" * 64, "B" * 65]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 400))) for _ in range(300)]
+    texts += [
+        module(rng, "A").source(),
+        "x" * 70 + " " + module(rng, "B").source() + " " + "Y" * 999,
+    ]
+    for text in texts:
+        words = tokens(text)
+        assert words == tuple(re.findall(r"\w+", text))
+        for n, fold_case, unique in ((5, False, False), (8, True, True), (1, True, False)):
+            expected = ngram_hashes(words, n, fold_case, unique)
+            assert np.array_equal(text_ngram_hashes(text, n, fold_case, unique), expected)
+        assert text_band_keys(text) == band_keys(words)
 
 
 def test_signatures_estimate_jaccard_similarity() -> None:

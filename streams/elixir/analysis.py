@@ -27,13 +27,25 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
+from functools import cache
 
 import tree_sitter_elixir
+from pydantic import TypeAdapter
 from tree_sitter import Language, Node, Parser
 
 from schemas.records import ElixirAnalysis, FunctionInfo, ModuleInfo, TypeInfo
 
-__all__ = ["LANGUAGE", "Behaviour", "FileAnalysis", "analyse", "normalise", "parse"]
+__all__ = [
+    "LANGUAGE",
+    "Behaviour",
+    "Definitions",
+    "FileAnalysis",
+    "analyse",
+    "definitions",
+    "file_analysis",
+    "normalise",
+    "parse",
+]
 
 LANGUAGE: Language = Language(tree_sitter_elixir.language())
 
@@ -42,11 +54,14 @@ _DEF_KINDS: frozenset[str] = frozenset({"def", "defp", "defmacro", "defmacrop"})
 _CONDITIONALS: frozenset[str] = frozenset({"if", "unless"})
 _SKIPPED_STATEMENTS: frozenset[str] = frozenset({"comment"})
 _STRING_TYPES: frozenset[str] = frozenset({"string", "charlist"})
-_HEREDOC_DELIMITERS: frozenset[str] = frozenset({'"""', "'''"})
+_HEREDOC_DELIMITERS: frozenset[bytes] = frozenset({b'"""', b"'''"})
 _DOC_SIGILS: frozenset[str] = frozenset({"S", "s"})
 _TYPE_KINDS: frozenset[bytes] = frozenset(
     {b"type", b"typep", b"opaque", b"callback", b"macrocallback"}
 )
+
+# Validates a whole file's functions in one call (cheaper than one model call each).
+_FUNCTIONS = TypeAdapter(list[FunctionInfo])
 
 _local = threading.local()
 
@@ -100,7 +115,7 @@ def normalise(source: str) -> str:
     text = source.replace("\r\n", "\n").replace("\r", "\n")
     if text.startswith("\ufeff"):
         text = text[1:]
-    lines = [line.rstrip() for line in text.split("\n")]
+    lines = list(map(str.rstrip, text.split("\n")))
     start = 0
     end = len(lines)
     while start < end and not lines[start]:
@@ -123,14 +138,25 @@ def analyse(source: str) -> FileAnalysis:
 
     data = source.encode("utf-8", "surrogatepass")
     root = parse(data)
-    lines = source.count("\n") + (1 if source and not source.endswith("\n") else 0)
-    found = _Extractor(data).run(root)
+    found = definitions(data, root)
+    return file_analysis(source, root, found, features(source, data, root, found))
+
+
+def definitions(data: bytes, root: Node) -> Definitions:
+    """The modules, functions, types and behaviours of a parsed file (`data`, its bytes)."""
+    return _Extractor(data).run(root)
+
+
+def file_analysis(
+    source: str, root: Node, found: Definitions, details: ElixirAnalysis
+) -> FileAnalysis:
+    """`analyse`'s result from its parts: the tree, its definitions and its features."""
     return FileAnalysis(
         modules=found.modules,
         functions=found.functions,
         has_errors=root.has_error,
-        lines=lines,
-        details=features(source, data, root, found),
+        lines=source.count("\n") + (1 if source and not source.endswith("\n") else 0),
+        details=details,
     )
 
 
@@ -151,12 +177,17 @@ def _first_named(node: Node) -> Node | None:
     return None
 
 
+def _first_argument(call: Node) -> Node | None:
+    args = _arguments(call)
+    return _first_named(args) if args is not None else None
+
+
 def _statements(node: Node) -> list[Node]:
     """The statements of a `do_block`/`else_block`/parenthesised block (comments dropped)."""
     return [
         child
         for child in node.named_children
-        if child.type not in _SKIPPED_STATEMENTS and not child.type.endswith("_block")
+        if (kind := child.type) not in _SKIPPED_STATEMENTS and not kind.endswith("_block")
     ]
 
 
@@ -236,13 +267,13 @@ def _dedent_block(text: str, indent: int) -> str:
     """Strip up to `indent` leading blanks from every line but the first."""
     if not indent or "\n" not in text:
         return text
-    lines = text.split("\n")
-    for i in range(1, len(lines)):
-        line = lines[i]
-        lead = len(line) - len(line.lstrip(" \t"))
-        if lead:
-            lines[i] = line[min(lead, indent) :]
-    return "\n".join(lines)
+    return _line_indent(indent).sub("\n", text)
+
+
+@cache
+def _line_indent(indent: int) -> re.Pattern[str]:
+    """A line break and up to `indent` blanks after it."""
+    return re.compile(rf"\n[ \t]{{1,{indent}}}")
 
 
 def _signature(head: Node) -> tuple[str, int] | None:
@@ -260,12 +291,13 @@ def _signature(head: Node) -> tuple[str, int] | None:
     arity = 0
     if kind == "call":
         target = node.child_by_field_name("target")
-        if target is None or target.type != "identifier" or target.text is None:
+        text = target.text if target is not None and target.type == "identifier" else None
+        if text is None:
             return None
-        name = target.text.decode()
+        name = text.decode()
         args = _arguments(node)
         if args is not None:
-            arity = sum(1 for c in args.named_children if c.type not in _SKIPPED_STATEMENTS)
+            arity = len([c for c in args.named_children if c.type not in _SKIPPED_STATEMENTS])
     elif kind == "identifier":
         name = node.text.decode() if node.text is not None else None
     elif kind in ("binary_operator", "unary_operator"):
@@ -285,7 +317,7 @@ def _strip_elixir_prefix(name: str) -> str:
     return name[7:] if name.startswith("Elixir.") else name
 
 
-@dataclass
+@dataclass(slots=True)
 class _Group:
     module: str
     name: str
@@ -366,20 +398,22 @@ class _Extractor:
             )
             stack.append((node.end_byte, name))
         groups.sort(key=lambda g: g.start_byte)
-        functions = [
-            FunctionInfo(
-                module=g.module,
-                name=g.name,
-                arity=g.arity,
-                kind=g.kind,  # type: ignore[arg-type]
-                doc=g.doc,
-                head=g.head,
-                source="\n\n".join(g.sources),
-                start_line=g.start_line,
-                end_line=g.end_line,
-            )
-            for g in groups
-        ]
+        functions = _FUNCTIONS.validate_python(
+            [
+                {
+                    "module": g.module,
+                    "name": g.name,
+                    "arity": g.arity,
+                    "kind": g.kind,
+                    "doc": g.doc,
+                    "head": g.head,
+                    "source": "\n\n".join(g.sources),
+                    "start_line": g.start_line,
+                    "end_line": g.end_line,
+                }
+                for g in groups
+            ]
+        )
         clauses = {(g.module, g.name, g.arity, g.kind): len(g.sources) for g in groups}
         return Definitions(modules, functions, clauses, acc.types, acc.behaviours, acc.impls)
 
@@ -487,9 +521,10 @@ class _Extractor:
             if kind != "call":
                 continue
             target = stmt.child_by_field_name("target")
-            if target is None or target.type != "identifier" or target.text is None:
+            text = target.text if target is not None and target.type == "identifier" else None
+            if text is None:
                 continue
-            keyword = target.text.decode()
+            keyword = text.decode()
             if keyword in _DEF_KINDS or keyword == "defdelegate":
                 doc = body.doc
                 body.doc = None
@@ -518,8 +553,7 @@ class _Extractor:
         if target is None or target.type != "identifier":
             return
         name = target.text
-        args = _arguments(operand)
-        value = _first_named(args) if args is not None else None
+        value = _first_argument(operand)
         if name in _TYPE_KINDS and value is not None and name is not None:
             self._type(value, name.decode(), body)
             return
@@ -560,8 +594,7 @@ class _Extractor:
             )
 
     def _behaviour(self, call: Node, via: str, body: _Body) -> None:
-        args = _arguments(call)
-        first = _first_named(args) if args is not None else None
+        first = _first_argument(call)
         if first is None or first.type not in ("alias", "atom", "dot", "identifier"):
             return
         name = self.alias_name(first, body.module)
@@ -587,7 +620,7 @@ class _Extractor:
         if start is None or end is None or end.is_missing:
             return None
         value = self.text(start.end_byte, end.start_byte)
-        if start.text is not None and start.text.decode() in _HEREDOC_DELIMITERS:
+        if start.text in _HEREDOC_DELIMITERS:
             value = _dedent_heredoc(value)
         return value if raw_mode else _unescape(value)
 
@@ -598,8 +631,7 @@ class _Extractor:
         doc: str | None,
         body: _Body,
     ) -> None:
-        args = _arguments(stmt)
-        head_node = _first_named(args) if args is not None else None
+        head_node = _first_argument(stmt)
         if head_node is None or head_node.type == "keywords":
             return
         signature = _signature(head_node)
@@ -612,7 +644,8 @@ class _Extractor:
         # When only blanks precede the clause on its line, de-indent its later lines by
         # as many columns (Elixir-heredoc style: never strip more than blanks).
         start = stmt.start_byte
-        column = stmt.start_point.column
+        row, column = stmt.start_point
+        end_row = stmt.end_point.row
         indent = 0
         if column and not self.data[start - column : start].strip(b" \t"):
             indent = column
@@ -629,12 +662,12 @@ class _Extractor:
                 doc=doc,
                 head=head,
                 sources=[source],
-                start_line=stmt.start_point.row + 1,
-                end_line=stmt.end_point.row + 1,
+                start_line=row + 1,
+                end_line=end_row + 1,
                 start_byte=start,
             )
             body.by_key[key] = group
             body.groups.append(group)
         else:
             group.sources.append(source)
-            group.end_line = max(group.end_line, stmt.end_point.row + 1)
+            group.end_line = max(group.end_line, end_row + 1)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.elixir.hashing import ngram_hashes, tokens
+from streams.elixir.hashing import ngram_hashes, text_ngram_hashes, tokens
 
 __all__ = ["BenchmarkIndex", "Contamination", "load_index", "ngrams"]
 
@@ -27,6 +27,8 @@ TEXT_FIELDS = ("prompt", "tests", "solution", "canonical_solution")
 # An n-gram found in more problem texts than this is boilerplate, not evidence.
 MAX_SHARED_TEXTS = 5
 MIN_DISTINCTIVE = 3  # texts with fewer distinctive n-grams are too generic to match
+_FILTER_BITS = 20  # of each n-gram hash, for the index's one-byte-per-slot prefilter
+_LOW_BITS = np.uint64((1 << _FILTER_BITS) - 1)
 
 
 def ngrams(words: Sequence[str], n: int) -> np.ndarray:
@@ -63,7 +65,10 @@ class BenchmarkIndex:
             self.sizes.append(len(distinctive))
             for g in distinctive.tolist():
                 self.owners[g].append(index)
-        self.keys = np.array(sorted(self.owners), dtype=np.uint64)
+        # Whether any indexed n-gram ends with given low bits: one vectorised lookup per
+        # n-gram of a file rules out nearly all of them before the (cache-missing) dict.
+        self.filter = np.zeros(1 << _FILTER_BITS, dtype=bool)
+        self.filter[np.fromiter(self.owners, np.uint64, len(self.owners)) & _LOW_BITS] = True
 
     def __len__(self) -> int:
         return len(self.names)
@@ -71,13 +76,21 @@ class BenchmarkIndex:
     def check(self, words: Sequence[str]) -> Contamination | None:
         """The benchmark text a file's word tokens overlap most, if that overlap reaches
         the threshold."""
-        grams = ngrams(words, self.n)
-        if not len(self.keys):
+        if not self.owners:
             return None
-        slots = np.minimum(np.searchsorted(self.keys, grams), len(self.keys) - 1)
-        found = grams[self.keys[slots] == grams]
+        return self._best(ngram_hashes(words, self.n, fold_case=True, unique=False))
+
+    def check_text(self, text: str) -> Contamination | None:
+        """`check(tokens(text))`, faster."""
+        if not self.owners:
+            return None
+        return self._best(text_ngram_hashes(text, self.n, fold_case=True, unique=False))
+
+    def _best(self, grams: np.ndarray) -> Contamination | None:
+        """`check` of a file's n-gram hashes (case folded, repeats allowed)."""
+        candidates = grams[self.filter[grams & _LOW_BITS]].tolist()
         hits: Counter[int] = Counter()
-        for g in found.tolist():
+        for g in sorted(self.owners.keys() & candidates):  # ascending: breaks ties alike
             hits.update(self.owners[g])
         best: Contamination | None = None
         for index, count in hits.items():

@@ -2,8 +2,9 @@
 
 Everything that needs nodes anywhere in the tree (pipes, pattern matches, process
 primitives, macros, ExUnit, supervision trees) comes from a single query run by
-tree-sitter in C; Python only looks at the captured nodes, so the cost stays close to
-parsing alone. Doctests come from the docs the module walk read; metrics from the text.
+tree-sitter in C (binary operators, `fn`s, comments) and from calls by name, found in the
+text and confirmed in the tree; Python only looks at those nodes, so the cost stays close
+to parsing alone. Doctests come from the docs the module walk read; metrics from the text.
 
 Conventions:
 
@@ -18,9 +19,12 @@ Conventions:
 from __future__ import annotations
 
 import re
-from collections import Counter
+import zlib
+from collections import Counter, defaultdict
 from collections.abc import Iterable
+from typing import TypeGuard
 
+import numpy as np
 from tree_sitter import Node, Query, QueryCursor
 
 from schemas.records import (
@@ -33,7 +37,7 @@ from schemas.records import (
     SupervisionTree,
 )
 from streams.elixir.analysis import LANGUAGE, Definitions
-from streams.elixir.hashing import tokens
+from streams.elixir.hashing import WORD_BYTES, token_crcs, tokens
 
 __all__ = ["OTP_CALLBACKS", "code_metrics", "doctests", "features"]
 
@@ -82,27 +86,58 @@ _CALLED_OTP = ("Registry", "Agent", "Task", "GenServer", "Supervisor", "DynamicS
 _SPAWNS = frozenset({"spawn", "spawn_link", "spawn_monitor"})
 _BRANCHING_STABS = frozenset({"case", "cond", "receive", "try", "with", "fn"})
 _COMPOSITE = frozenset({"tuple", "list", "map", "struct", "bitstring", "binary_operator"})
+_LOGIC = ("and", "or", "&&", "||", "when")
 
+# Patterns without fields or alternatives: the query engine matches them much faster, and
+# sorting the few operators by kind in Python is cheaper than letting it do so.
 _QUERY = Query(
     LANGUAGE,
     """
-(binary_operator operator: "|>") @pipe
-(binary_operator left: (_) @lhs operator: ["=" "<-"])
-(binary_operator operator: ["and" "or" "&&" "||" "when"]) @logic
-(stab_clause) @stab
+(binary_operator) @operator
+(anonymous_function) @fn
 (comment) @comment
 """,
 )
 # Calls by name are found in the text and confirmed in the tree (cheaper than query
-# predicates): local keywords, and the OTP/process modules' remote calls.
-_LOCAL_CALLS = (
-    b"case|cond|with|if|unless|receive|try|spawn|spawn_link|spawn_monitor|send|quote|unquote"
-    b"|unquote_splicing|test|describe|doctest"
+# predicates): local keywords, and the OTP/process modules' remote calls (`Name.`).
+_LOCAL_CALLS = frozenset(
+    [
+        "case",
+        "cond",
+        "with",
+        "if",
+        "unless",
+        "receive",
+        "try",
+        "spawn",
+        "spawn_link",
+        "spawn_monitor",
+        "send",
+        "quote",
+        "unquote",
+        "unquote_splicing",
+        "test",
+        "describe",
+        "doctest",
+    ]
 )
-_REMOTE_MODULES = b"Process|Kernel|Supervisor|DynamicSupervisor|Registry|Agent|Task|GenServer"
-_CALL_NAMES = re.compile(
-    rb"\b(?:(?P<local>" + _LOCAL_CALLS + rb")\b|(?P<module>" + _REMOTE_MODULES + rb")\.)"
+_REMOTE_MODULES = frozenset(
+    [
+        "Process",
+        "Kernel",
+        "Supervisor",
+        "DynamicSupervisor",
+        "Registry",
+        "Agent",
+        "Task",
+        "GenServer",
+    ]
 )
+_CALL_NAMES = sorted(_LOCAL_CALLS | _REMOTE_MODULES)
+_CALL_NAME_CRCS = np.array([zlib.crc32(name.encode()) for name in _CALL_NAMES], dtype=np.uint64)
+# A bytes regex's `\w`: what a name must not touch to be a whole word.
+_WORD_BYTES = frozenset(WORD_BYTES)
+_BLANK_NON_WORD = bytes(b if b in _WORD_BYTES else ord(" ") for b in range(256))
 _IEX = re.compile(r"^\s*iex(?:\(\d+\))?>\s?(.*)$")
 _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
 
@@ -110,10 +145,13 @@ _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
 def features(source: str, data: bytes, root: Node, found: Definitions) -> ElixirAnalysis:
     """The file's features, from its tree and the module walk's definitions."""
     captures = QueryCursor(_QUERY).captures(root)
-    local_calls, remotes = _named_calls(data, root)
+    operators = _by_operator(captures.get("operator", ()))
+    local_calls, remotes = _named_calls(source, data, root)
     modules = found.modules
-    locals_ = Counter(_text(n) for n in local_calls)
-    pipes = captures.get("pipe", [])
+    locals_ = Counter(name for name, _ in local_calls)
+    pipes = operators["|>"]
+    matches = operators["="] + operators["<-"]
+    patterns = (m.child_by_field_name("left") for m in matches)
     trees = _supervisors(remotes, modules)
     return ElixirAnalysis(
         types=found.types,
@@ -126,7 +164,7 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
         case=locals_["case"],
         cond=locals_["cond"],
         with_=locals_["with"],
-        destructuring=sum(1 for n in captures.get("lhs", ()) if n.type in _COMPOSITE),
+        destructuring=sum(1 for n in patterns if n is not None and n.type in _COMPOSITE),
         spawns=sum(locals_[s] for s in _SPAWNS)
         + sum(1 for _, mod, fun in remotes if fun in _SPAWNS and mod in ("Kernel", "Process")),
         sends=locals_["send"] + sum(1 for _, mod, fun in remotes if fun == "send"),
@@ -145,7 +183,7 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
             data,
             captures.get("comment", ()),
             found.functions,
-            _complexity(found, captures, locals_),
+            _complexity(found, captures.get("fn", ()), operators, local_calls),
         ),
     )
 
@@ -171,20 +209,53 @@ def _owner(node: Node, modules: list[ModuleInfo]) -> str | None:
     return max(inside, key=lambda m: m.start_line).name if inside else None
 
 
-def _named_calls(data: bytes, root: Node) -> tuple[list[Node], list[tuple[Node, str, str]]]:
-    """Target identifiers of local calls named in `_LOCAL_CALLS`; (call, module, function)
-    of remote calls on `_REMOTE_MODULES`. Text in strings and comments is no call."""
-    local_calls: list[Node] = []
+def _call_names_in(source: str, data: bytes) -> list[str]:
+    """The `_CALL_NAMES` that may be words of a file (`data`, the UTF-8 of `source`) as
+    `\\w` delimits them in a bytes regex: all that are, and maybe a few more."""
+    if source.isascii():  # its tokens are those words; their CRCs serve near-dup bands too
+        found = np.isin(_CALL_NAME_CRCS, token_crcs(source))
+        return [name for name, hit in zip(_CALL_NAMES, found.tolist(), strict=True) if hit]
+    words = set(data.translate(_BLANK_NON_WORD).decode("ascii").split())
+    return [name for name in _CALL_NAMES if name in words]
+
+
+def _whole_words(source: str, data: bytes) -> list[tuple[int, str]]:
+    """(offset in `data`, name) of each occurrence of `_CALL_NAMES` as a whole word (what
+    `\\b` bounds in a bytes regex), in source order."""
+    hits = []
+    for name in _call_names_in(source, data):
+        word = name.encode()
+        start = data.find(word)
+        while start != -1:
+            end = start + len(word)
+            before = data[start - 1] if start else None
+            after = data[end] if end < len(data) else None
+            if before not in _WORD_BYTES and after not in _WORD_BYTES:
+                hits.append((start, name))
+            start = data.find(word, start + 1)
+    hits.sort()
+    return hits
+
+
+def _named_calls(
+    source: str, data: bytes, root: Node
+) -> tuple[list[tuple[str, Node]], list[tuple[Node, str, str]]]:
+    """(name, call) of local calls named in `_LOCAL_CALLS`; (call, module, function) of
+    remote calls on `_REMOTE_MODULES` (`Name.`). Text in strings and comments is no call."""
+    local_calls: list[tuple[str, Node]] = []
     remotes: list[tuple[Node, str, str]] = []
-    for match in _CALL_NAMES.finditer(data):
-        if match.group("local"):
-            node = root.descendant_for_byte_range(match.start(), match.end())
+    for start, name in _whole_words(source, data):
+        end = start + len(name)
+        if name in _LOCAL_CALLS:
+            node = root.descendant_for_byte_range(start, end)
             call = node.parent if node is not None else None
             is_target = call is not None and call.child_by_field_name("target") == node
-            if node is not None and node.type == "identifier" and is_target:
-                local_calls.append(node)
+            if node is not None and call is not None and node.type == "identifier" and is_target:
+                local_calls.append((_text(node), call))
             continue
-        alias = root.descendant_for_byte_range(match.start(), match.end("module"))
+        if data[end : end + 1] != b".":
+            continue
+        alias = root.descendant_for_byte_range(start, end)
         dot = alias.parent if alias is not None else None
         call = dot.parent if dot is not None else None
         if alias is None or alias.type != "alias" or dot is None or call is None:
@@ -193,62 +264,64 @@ def _named_calls(data: bytes, root: Node) -> tuple[list[Node], list[tuple[Node, 
             continue
         fun = dot.child_by_field_name("right")
         if call.type == "call" and call.child_by_field_name("target") == dot and fun is not None:
-            remotes.append((call, match.group("module").decode(), _text(fun)))
+            remotes.append((call, name, _text(fun)))
     return local_calls, remotes
 
 
+def _by_operator(nodes: Iterable[Node]) -> defaultdict[str, list[Node]]:
+    """Binary operator nodes by operator (`|>`, `=`, `and`...)."""
+    groups: defaultdict[str, list[Node]] = defaultdict(list)
+    for node in nodes:
+        operator = node.child_by_field_name("operator")
+        if operator is not None:
+            groups[operator.type].append(node)
+    return groups
+
+
 def _longest_pipe(pipes: list[Node]) -> int:
-    """`|>` count of the longest chain (a chain nests through the left operand)."""
-    longest = 0
-    for pipe in pipes:
-        parent = pipe.parent
-        left_of_parent = (
-            parent is not None
-            and parent.type == "binary_operator"
-            and parent.child_by_field_name("left") == pipe
-            and (op := parent.child_by_field_name("operator")) is not None
-            and op.type == "|>"
-        )
-        if left_of_parent:
-            continue  # not the top of its chain
-        length = 0
-        node: Node | None = pipe
-        while node is not None and node.type == "binary_operator":
-            op = node.child_by_field_name("operator")
-            if op is None or op.type != "|>":
-                break
-            length += 1
-            node = node.child_by_field_name("left")
-        longest = max(longest, length)
-    return longest
+    """`|>` count of the longest chain (a chain nests through the left operand).
+
+    `pipes` holds every pipe of the tree, so a pipe's left operand is a pipe when its span
+    is one of theirs; a left operand starts where its pipe does and ends sooner, so in
+    (start, end) order it comes first. The longest chain from any pipe is the longest
+    from the top of a chain."""
+    chain: dict[tuple[int, int], int] = {}  # span → pipes down the left operands
+    for pipe in sorted(pipes, key=lambda p: (p.start_byte, p.end_byte)):
+        left = pipe.child_by_field_name("left")
+        below = chain.get((left.start_byte, left.end_byte), 0) if left is not None else 0
+        chain[(pipe.start_byte, pipe.end_byte)] = below + 1
+    return max(chain.values(), default=0)
 
 
-def _complexity(found: Definitions, captures: dict[str, list[Node]], locals_: Counter[str]) -> int:
+def _complexity(
+    found: Definitions,
+    fns: Iterable[Node],
+    operators: dict[str, list[Node]],
+    local_calls: list[tuple[str, Node]],
+) -> int:
     extra_clauses = sum(n - 1 for n in found.clauses.values())
-    stabs = Counter()
-    for stab in captures.get("stab", ()):
-        holder = stab.parent
-        construct = (
-            holder.parent if holder is not None and holder.type != "anonymous_function" else holder
-        )
-        if construct is None:
-            continue
-        keyword = "fn" if construct.type == "anonymous_function" else None
-        if construct.type == "call":
-            target = construct.child_by_field_name("target")
-            keyword = _text(target) if target is not None else None
-        if keyword in _BRANCHING_STABS:
-            stabs[(construct.start_byte, construct.end_byte)] += 1
-    stab_branches = sum(n - 1 for n in stabs.values())
-    conditionals = locals_["if"] + locals_["unless"]
-    return 1 + extra_clauses + stab_branches + conditionals + len(captures.get("logic", ()))
+    # A `fn` holds its clauses; a `case`/`cond`/`receive`/`try`/`with` call holds them one
+    # level down, in its `do` block (an `else` block sits in the `do` block: the clauses
+    # in it are one level further down and do not count).
+    clauses = [_stab_clauses(fn) for fn in fns]
+    for name, call in local_calls:
+        if name in _BRANCHING_STABS:
+            holders = (c for c in call.named_children if c.type != "anonymous_function")
+            clauses.append(sum(_stab_clauses(holder) for holder in holders))
+    stab_branches = sum(n - 1 for n in clauses if n)
+    conditionals = sum(1 for name, _ in local_calls if name in ("if", "unless"))
+    logic = sum(len(operators[op]) for op in _LOGIC)
+    return 1 + extra_clauses + stab_branches + conditionals + logic
 
 
-def _doctest_targets(calls: Iterable[Node]) -> list[str]:
+def _stab_clauses(node: Node) -> int:
+    return sum(1 for child in node.named_children if child.type == "stab_clause")
+
+
+def _doctest_targets(calls: Iterable[tuple[str, Node]]) -> list[str]:
     targets = []
-    for name in calls:
-        call = name.parent
-        if _text(name) != "doctest" or call is None:
+    for name, call in calls:
+        if name != "doctest":
             continue
         args = _args(call)
         if args and args[0].type == "alias":
@@ -261,9 +334,10 @@ def _behaviours(
 ) -> list[BehaviourUse]:
     """Adopted behaviours with their implemented callbacks; then OTP modules only called
     or supervised (`via="call"`)."""
-    defined: dict[str, set[str]] = {}
-    for f in found.functions:
-        defined.setdefault(f.module, set()).add(f"{f.name}/{f.arity}")
+    defined: dict[str, set[str]] = {}  # module → `name/arity` (for adopted behaviours only)
+    if found.behaviours:
+        for f in found.functions:
+            defined.setdefault(f.module, set()).add(f"{f.name}/{f.arity}")
     result: list[BehaviourUse] = []
     seen: set[tuple[str, str]] = set()
     for b in found.behaviours:
@@ -412,14 +486,20 @@ def _child_name(spec: Node, owner: str) -> str:
 
 def doctests(modules: list[ModuleInfo], functions: list[FunctionInfo]) -> list[Doctest]:
     """The `iex>` examples in every moduledoc and doc, in source order."""
-    docs = [(m.name, m.moduledoc, m.start_line) for m in modules] + [
-        (f"{f.module}.{f.name}/{f.arity}", f.doc, f.start_line) for f in functions
+    docs = [(m.name, m.moduledoc, m.start_line) for m in modules if _may_hold_examples(m.moduledoc)]
+    docs += [
+        (f"{f.module}.{f.name}/{f.arity}", f.doc, f.start_line)
+        for f in functions
+        if _may_hold_examples(f.doc)
     ]
     found: list[Doctest] = []
     for owner, doc, _line in sorted(docs, key=lambda d: d[2]):
-        if doc and "iex" in doc:
-            found.extend(_examples(owner, doc))
+        found.extend(_examples(owner, doc))
     return found
+
+
+def _may_hold_examples(doc: str | None) -> TypeGuard[str]:
+    return doc is not None and "iex" in doc
 
 
 def _examples(owner: str, doc: str) -> Iterable[Doctest]:
@@ -445,6 +525,13 @@ def _examples(owner: str, doc: str) -> Iterable[Doctest]:
         )
 
 
+def _word_characters(source: str, data: bytes) -> int:
+    """Characters of `source` in `\\w+` runs (`data`: its UTF-8)."""
+    if source.isascii():  # `\w` is then a set of bytes
+        return len(data) - len(data.translate(None, WORD_BYTES))
+    return sum(map(len, tokens(source)))
+
+
 def code_metrics(
     source: str,
     data: bytes,
@@ -458,16 +545,16 @@ def code_metrics(
         lines.pop()
     if not lines:
         return CodeMetrics(complexity=complexity)
-    lengths = [len(line) for line in lines]
-    non_blank = sum(1 for line in lines if line.strip())
+    lengths = list(map(len, lines))
+    non_blank = len(lines) - lines.count("") - sum(map(str.isspace, lines))
     comment_rows = set()
     for comment in comments:
         start = comment.start_byte
-        column = comment.start_point.column
+        row, column = comment.start_point
         if not data[start - column : start].strip():
-            comment_rows.add(comment.start_point.row)
+            comment_rows.add(row)
     public = [f for f in functions if f.public]
-    alnum = sum(map(len, tokens(source))) - source.count("_")  # tokens: `\w+` runs
+    alnum = _word_characters(source, data) - source.count("_")
     return CodeMetrics(
         lines=len(lines),
         loc=non_blank - len(comment_rows),

@@ -33,7 +33,7 @@ from functools import cache
 
 import numpy as np
 
-from streams.elixir.hashing import ngram_hashes
+from streams.elixir.hashing import ngram_hashes, text_ngram_hashes
 
 __all__ = [
     "NUM_PERM",
@@ -48,6 +48,7 @@ __all__ = [
     "optimal_bands",
     "shingles",
     "signature",
+    "text_band_keys",
 ]
 
 NUM_PERM = 256
@@ -106,23 +107,30 @@ def _permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(SEED)
     a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
     b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32)
-    return a[:, None], b[:, None]
+    return a[None, :], b[None, :]
 
 
 def signature(words: Sequence[str], num_perm: int = NUM_PERM) -> np.ndarray | None:
     """The MinHash signature of the shingles of word tokens; None when there are none."""
-    grams = ngram_hashes(words, SHINGLE, unique=False).astype(np.uint32)  # repeats: same min
+    return _minhash(ngram_hashes(words, SHINGLE, unique=False), num_perm)
+
+
+def _minhash(grams: np.ndarray, num_perm: int) -> np.ndarray | None:
+    """The MinHash signature of shingle hashes (repeats allowed: same minimum)."""
     if not len(grams):
         return None
+    grams = grams.astype(np.uint32)
     a, b = _permutations(num_perm)
     values = np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
-    block = np.empty((num_perm, _BLOCK), dtype=np.uint32)
+    block = np.empty((_BLOCK, num_perm), dtype=np.uint32)
+    # A row per shingle, a column per permutation: the minimum over rows is an elementwise
+    # minimum of whole rows, which vectorises better than reducing along each row.
     for start in range(0, len(grams), _BLOCK):  # blocks small enough to stay in cache
-        chunk = grams[None, start : start + _BLOCK]
-        out = block[:, : chunk.shape[1]]
-        np.multiply(a, chunk, out=out)
+        chunk = grams[start : start + _BLOCK, None]
+        out = block[: chunk.shape[0]]
+        np.multiply(chunk, a, out=out)
         np.add(out, b, out=out)
-        np.minimum(values, out.min(axis=1), out=values)
+        np.minimum(values, np.minimum.reduce(out, axis=0), out=values)
     return values
 
 
@@ -130,15 +138,25 @@ def band_keys(
     words: Sequence[str], threshold: float = THRESHOLD, num_perm: int = NUM_PERM
 ) -> list[str]:
     """The LSH bucket keys `band:hash` of a file's word tokens (none without tokens)."""
-    values = signature(words, num_perm)
+    return _band_keys(signature(words, num_perm), threshold, num_perm)
+
+
+def text_band_keys(text: str, threshold: float = THRESHOLD, num_perm: int = NUM_PERM) -> list[str]:
+    """`band_keys(tokens(text), threshold, num_perm)`, faster."""
+    grams = text_ngram_hashes(text, SHINGLE, unique=False)
+    return _band_keys(_minhash(grams, num_perm), threshold, num_perm)
+
+
+def _band_keys(values: np.ndarray | None, threshold: float, num_perm: int) -> list[str]:
     if values is None:
         return []
     bands, rows = optimal_bands(threshold, num_perm)
-    keys = []
-    for band in range(bands):
-        chunk = values[band * rows : (band + 1) * rows].astype("<u4").tobytes()
-        keys.append(f"{band}:{hashlib.blake2b(chunk, digest_size=8).hexdigest()}")
-    return keys
+    raw = values.astype("<u4").tobytes()
+    size = rows * 4  # bytes of one band
+    return [
+        f"{band}:{hashlib.blake2b(raw[band * size : (band + 1) * size], digest_size=8).hexdigest()}"
+        for band in range(bands)
+    ]
 
 
 # ------------------------------------------------------------------- decision rules

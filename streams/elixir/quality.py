@@ -39,6 +39,12 @@ _GENERATED_HEAD = re.compile(
     r"|this file (was|is) generated|@generated)"
 )
 _GENERATED_HEAD_CHARS = 1500
+# Each header marker holds one of these words and spans at most `_MARKER_REACH`
+# characters either side of the word's start (`this file was generated using`). Their
+# letters match case-insensitively only their own cases, so they show in the lowercased
+# head wherever a marker is.
+_MARKER_WORDS = ("generated", "do not ed")
+_MARKER_REACH = 15
 # protobuf-elixir / grpc output, wherever it is in the file.
 _GENERATED_ANYWHERE = re.compile(
     r"protoc_gen_elixir_version|use Protobuf,|protoc-gen-elixir|use GRPC\.Service,"
@@ -78,13 +84,28 @@ def path_reason(path: str) -> str | None:
 
 def generated_reason(text: str) -> str | None:
     """`auto_generated` for files with a generator header or protobuf/gRPC output."""
-    if _GENERATED_HEAD.search(text, 0, _GENERATED_HEAD_CHARS):
+    if _has_generated_header(text[:_GENERATED_HEAD_CHARS]):
         return "auto_generated"
     if ("Protobuf" in text or "protoc" in text or "GRPC" in text) and _GENERATED_ANYWHERE.search(
         text
     ):
         return "auto_generated"
     return None
+
+
+def _has_generated_header(head: str) -> bool:
+    """`_GENERATED_HEAD.search(head)`, run only around the marker words (the regex is slow:
+    case-insensitive, it tries every position)."""
+    lowered = head.lower()
+    if len(lowered) != len(head):  # some character lowercased to several: offsets differ
+        return _GENERATED_HEAD.search(head) is not None
+    for word in _MARKER_WORDS:
+        at = lowered.find(word)
+        while at != -1:
+            if _GENERATED_HEAD.search(head, max(0, at - _MARKER_REACH), at + _MARKER_REACH):
+                return True
+            at = lowered.find(word, at + 1)
+    return False
 
 
 def blob_reason(text: str, metrics: CodeMetrics, thresholds: Thresholds) -> str | None:

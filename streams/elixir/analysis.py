@@ -178,8 +178,10 @@ def _first_named(node: Node) -> Node | None:
 
 
 def _first_argument(call: Node) -> Node | None:
-    args = _arguments(call)
-    return _first_named(args) if args is not None else None
+    for child in call.children:
+        if child.type == "arguments":
+            return _first_named(child)
+    return None
 
 
 def _statements(node: Node) -> list[Node]:

@@ -213,8 +213,12 @@ def _call_names_in(source: str, data: bytes) -> list[str]:
     """The `_CALL_NAMES` that may be words of a file (`data`, the UTF-8 of `source`) as
     `\\w` delimits them in a bytes regex: all that are, and maybe a few more."""
     if source.isascii():  # its tokens are those words; their CRCs serve near-dup bands too
-        found = np.isin(_CALL_NAME_CRCS, token_crcs(source))
-        return [name for name, hit in zip(_CALL_NAMES, found.tolist(), strict=True) if hit]
+        crcs = np.sort(token_crcs(source))
+        if not len(crcs):
+            return []
+        at = np.minimum(np.searchsorted(crcs, _CALL_NAME_CRCS), len(crcs) - 1)
+        found = (crcs[at] == _CALL_NAME_CRCS).tolist()
+        return [name for name, hit in zip(_CALL_NAMES, found, strict=True) if hit]
     words = set(data.translate(_BLANK_NON_WORD).decode("ascii").split())
     return [name for name in _CALL_NAMES if name in words]
 
@@ -315,7 +319,7 @@ def _complexity(
 
 
 def _stab_clauses(node: Node) -> int:
-    return sum(1 for child in node.named_children if child.type == "stab_clause")
+    return [child.type for child in node.named_children].count("stab_clause")
 
 
 def _doctest_targets(calls: Iterable[tuple[str, Node]]) -> list[str]:

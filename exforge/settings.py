@@ -160,7 +160,8 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         description=(
-            "A quiet worker reports an assigned partition whose lag has not moved for this long."
+            "A quiet worker reports and re-fetches an assigned partition whose lag has not"
+            " moved for this long."
         ),
     )
     metrics_port: Port = Field(9464, description="Worker Prometheus /metrics port; 0: off.")

@@ -2,11 +2,13 @@
 
 Tuned for the embedded broker and for batch use: the first rebalance happens within a
 few seconds of start, offsets are committed every second, and tables live in memory
-(recovered from their changelog topics on restart).
+(recovered from their changelog topics on restart). What gets committed is decided by
+`streams.offsets`: only offsets the agents marked handled, never Faust's own acks.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import faust
@@ -15,34 +17,17 @@ from exforge.db import open_database
 from exforge.settings import Settings
 from exforge.store import open_store
 from streams import ingest, instruct, parse, shard
+from streams.offsets import BrokerOffsets, HandledOffsetsConsumer, resolve
 from streams.stage import StageContext
+
+log = logging.getLogger("exforge.app")
 
 # Stage name → module that attaches its agent(s). `parse` also runs the dedup agent.
 STAGES = {"ingest": ingest, "parse": parse, "instruct": instruct, "shard": shard}
 
 
-class CurrentGenerationEvent(faust.Event):
-    """An event that marks its offset committable only while its consumer generation is
-    current and the flow is on.
-
-    During a rebalance Faust drops ("skips") buffered events of the previous generation
-    and acknowledges them, and an event still being handled when the partitions were
-    revoked is acknowledged when it finishes; a commit before the stream seeks back to
-    the committed offset would then skip messages nobody handled. Refusing those acks
-    makes them be fetched and handled again after the seek (effects are idempotent).
-    """
-
-    def ack(self) -> bool:
-        app = self.app
-        if self.message.generation_id != app.consumer_generation_id:
-            return False
-        if not app.flow_control.is_active():
-            return False
-        return super().ack()
-
-
 def create_app(settings: Settings) -> faust.App:
-    return faust.App(
+    app = faust.App(
         settings.worker_group,
         broker=f"kafka://{settings.bootstrap}",
         store="memory://",
@@ -59,8 +44,22 @@ def create_app(settings: Settings) -> faust.App:
         table_standby_replicas=0,
         web_enabled=False,
         producer_acks=-1,
-        Event=CurrentGenerationEvent,
     )
+    app.transport.Consumer = HandledOffsetsConsumer
+    broker = BrokerOffsets(settings.bootstrap, settings.worker_group)
+
+    @app.timer(interval=1.0, name="offset-books")
+    async def keep_offset_books() -> None:
+        try:
+            await resolve(app.consumer.progress, broker)
+        except Exception as exc:  # retried next tick; meanwhile nothing is committed
+            log.warning("offset bookkeeping: %s", exc)
+
+    @app.on_before_shutdown.connect
+    async def close_broker(app: faust.App, **kwargs: object) -> None:
+        await broker.stop()
+
+    return app
 
 
 def build(settings: Settings, stages: Sequence[str] = tuple(STAGES)) -> StageContext:

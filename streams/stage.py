@@ -187,5 +187,6 @@ def attach_stage(
             await process(ctx, stage, event, handler)
             if after is not None:
                 await after()
+            ctx.app.consumer.mark_handled(event.message)
 
     ctx.app.agent(ctx.topic(source), name=stage)(agent)

@@ -6,8 +6,8 @@ message for `idle_seconds`, and the shard stage has nothing left to seal or publ
 Stalls: after a restart, an assigned partition with lag is now and then never consumed
 again (seen on the embedded broker after a SIGKILL, see issue 2's note). A quiet worker
 that sees an assigned partition's committed offset stand still for `stall_seconds` while
-it has lag says so in its log and in `exforge_stalled_partitions`. It does not re-seek:
-Faust fills offset jumps after a seek as if handled, which loses messages.
+it has lag logs it, counts it in `exforge_stalled_partitions`, and fetches it again from
+its next unhandled offset (`streams.offsets` keeps commits safe across such seeks).
 """
 
 from __future__ import annotations
@@ -66,19 +66,28 @@ class StallWatch:
         return found
 
 
-def report_stalls(app: faust.App, rows: Iterable[LagRow]) -> None:
-    """Log stalled partitions this worker owns and count them in the gauge."""
-    assigned = app.consumer.assignment()
+async def rescue_stalls(app: faust.App, rows: Iterable[LagRow]) -> None:
+    """Log stalled partitions this worker owns, count them in the gauge, and seek each
+    back to its next unhandled offset (commits follow handled offsets only, so the seek
+    can redeliver but never skip; effects are idempotent)."""
+    consumer = app.consumer
+    assigned = consumer.assignment()
     owned = [row for row in rows if TP(row.topic, row.partition) in assigned]
     STALLED_PARTITIONS.set(len(owned))
     for row in owned:
+        tp = TP(row.topic, row.partition)
+        base = consumer.progress.committable(tp)
         log.warning(
-            "partition %s:%d stalled at offset %s with lag %d",
+            "partition %s:%d stalled at offset %s with lag %d; fetching again from %s",
             row.topic,
             row.partition,
             row.committed,
             row.lag,
+            base,
         )
+        if base is not None and not app.in_recovery:
+            await consumer.seek(tp, base)
+            consumer.resume_partitions([tp])
 
 
 async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
@@ -119,7 +128,7 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> i
             quiet_for = time.monotonic() - max(ctx.last_activity.values(), default=started)
             stalled = stalls.stalled(lag, time.monotonic())
             if quiet_for >= settings.stall_seconds:
-                report_stalls(ctx.app, stalled)
+                await rescue_stalls(ctx.app, stalled)
         except Exception as exc:  # lag is advisory; the broker may be restarting
             log.warning("lag check failed: %s", exc)
 

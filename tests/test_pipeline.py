@@ -202,17 +202,6 @@ def test_bad_inputs_land_in_the_dlq_and_the_worker_keeps_going(
     assert bad.returncode == 2 and "9:999" in bad.stderr
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "known intermittent fault under CPU load (about 1 run in 6 to 10 on 2 busy "
-        "cores): after the restart some assigned partitions with lag are never "
-        "consumed (the worker logs them as stalled; until-idle then times out), and "
-        "now and then a stage input is committed past messages no agent handled "
-        "(faust-streaming counts offset jumps as handled gaps). Skipped events of an "
-        "old generation are no longer acknowledged (streams.app). Tracked in issue 2."
-    ),
-)
 def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:

@@ -1,0 +1,187 @@
+"""Which input offsets a worker may commit: only those every agent really handled.
+
+Faust's own bookkeeping commits past messages nobody handled now and then: it
+acknowledges events it skips during a rebalance, and it counts every jump in fetched
+offsets as a compaction gap (so after a seek, a prefetched batch from the old position
+marks the messages in between as done). The embedded broker also leaves real holes in
+offsets after a producer is killed, so jumps cannot simply be refused either.
+
+So the worker keeps its own books: an agent marks an offset *handled* once its outputs
+are acknowledged (`streams.stage.attach_stage`), the committable offset of a partition
+only moves over handled offsets, and a jump is passed only when the broker confirms that
+the offsets in it do not exist (`BrokerOffsets.first_offset`). Faust's commit timer,
+revocation and shutdown still decide *when* to commit; this module decides *what*.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+from faust.transport.drivers.aiokafka import Consumer as FaustAIOKafkaConsumer
+from faust.types import TP, Message
+
+log = logging.getLogger("exforge.offsets")
+
+
+@dataclass
+class PartitionProgress:
+    """`base`: the next offset to commit (None until the committed offset is known);
+    `handled`: offsets at or above it that an agent finished."""
+
+    base: int | None = None
+    handled: set[int] = field(default_factory=set)
+
+    def advance(self) -> None:
+        if self.base is None:
+            return
+        self.handled = {offset for offset in self.handled if offset >= self.base}
+        while self.base in self.handled:
+            self.handled.discard(self.base)
+            self.base += 1
+
+
+class HandledOffsets:
+    """Per-partition progress; plain bookkeeping, no I/O."""
+
+    def __init__(self) -> None:
+        self.partitions: dict[TP, PartitionProgress] = {}
+
+    def mark(self, tp: TP, offset: int) -> None:
+        progress = self.partitions.setdefault(tp, PartitionProgress())
+        progress.handled.add(offset)
+        progress.advance()
+
+    def start(self, tp: TP, committed: int) -> None:
+        """The partition's committed offset is `committed`: count from there."""
+        progress = self.partitions.get(tp)  # None: revoked meanwhile
+        if progress is not None:
+            progress.base = max(committed, progress.base or 0)
+            progress.advance()
+
+    def skip_to(self, tp: TP, offset: int) -> None:
+        """The broker has no offsets between the base and `offset`."""
+        progress = self.partitions.get(tp)
+        if progress is not None and progress.base is not None and offset > progress.base:
+            progress.base = offset
+            progress.advance()
+
+    def committable(self, tp: TP) -> int | None:
+        progress = self.partitions.get(tp)
+        return None if progress is None else progress.base
+
+    def unknown_base(self) -> list[TP]:
+        return [tp for tp, p in self.partitions.items() if p.base is None]
+
+    def jumps(self) -> dict[TP, int]:
+        """Partitions whose next handled offset lies past the base → that base."""
+        return {
+            tp: p.base
+            for tp, p in self.partitions.items()
+            if p.base is not None and p.handled and min(p.handled) > p.base
+        }
+
+    def forget(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            self.partitions.pop(tp, None)
+
+
+class HandledOffsetsConsumer(FaustAIOKafkaConsumer):
+    """Faust's consumer, committing from `HandledOffsets` instead of from its acks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress = HandledOffsets()
+
+    def ack(self, message: Message) -> bool:
+        # Faust also acks events it skipped; only `mark_handled` moves commits.
+        if not message.acked:
+            message.acked = True
+            self._unacked_messages.discard(message)
+        return False
+
+    def mark_handled(self, message: Message) -> None:
+        if message.tp in self.assignment():
+            self.progress.mark(message.tp, message.offset)
+
+    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
+        return (
+            tp
+            for tp in list(self.progress.partitions)
+            if topics is None or tp in topics or tp.topic in topics
+        )
+
+    def _new_offset(self, tp: TP) -> int | None:
+        return self.progress.committable(tp)
+
+    async def on_partitions_revoked(self, revoked: set[TP]) -> None:
+        # Faust waits here for the events in flight; commit what they finished, then
+        # forget: the next owner (maybe us again) starts from the committed offset.
+        await super().on_partitions_revoked(revoked)
+        try:
+            await self.commit(revoked)
+        except Exception as exc:  # the next owner redoes the work (idempotent)
+            log.warning("commit on revocation failed: %s", exc)
+        self.progress.forget(revoked)
+
+
+class BrokerOffsets:
+    """Asks the broker what it holds: committed offsets and the first existing offset."""
+
+    def __init__(self, bootstrap: str, group: str) -> None:
+        self.bootstrap = bootstrap
+        self.group = group
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def _ready(self) -> AIOKafkaConsumer:
+        if self.consumer is None:  # created on the worker's loop, at first use
+            consumer = AIOKafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                group_id=self.group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+            )
+            await consumer.start()
+            self.consumer = consumer
+        return self.consumer
+
+    async def committed(self, tp: TP) -> int:
+        """The group's committed offset, or the log start when it never committed."""
+        consumer = await self._ready()
+        partition = TopicPartition(tp.topic, tp.partition)
+        consumer.assign([partition])
+        offset = await consumer.committed(partition)
+        if offset is not None and offset >= 0:
+            return int(offset)
+        return int((await consumer.beginning_offsets([partition]))[partition])
+
+    async def first_offset(self, tp: TP, start: int) -> int | None:
+        """The lowest offset ≥ `start` that holds a record (None if none arrives)."""
+        consumer = await self._ready()
+        partition = TopicPartition(tp.topic, tp.partition)
+        consumer.assign([partition])
+        consumer.seek(partition, start)
+        batch = await consumer.getmany(partition, timeout_ms=2000, max_records=1)
+        records = batch.get(partition, [])
+        return records[0].offset if records else None
+
+    async def stop(self) -> None:
+        if self.consumer is not None:
+            await self.consumer.stop()
+            self.consumer = None
+
+
+async def resolve(progress: HandledOffsets, broker: BrokerOffsets) -> None:
+    """Fill in unknown bases from the broker and pass the jumps it confirms as holes.
+    Until then those partitions commit nothing, which is safe."""
+    for tp in progress.unknown_base():
+        progress.start(tp, await broker.committed(tp))
+    for tp, base in progress.jumps().items():
+        first = await broker.first_offset(tp, base)
+        if first is not None and first > base:
+            log.info("%s:%d has no offsets %d..%d", tp.topic, tp.partition, base, first - 1)
+            progress.skip_to(tp, first)

@@ -1,0 +1,100 @@
+"""Committed offsets of stage inputs move only over handled messages (streams.offsets)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka.structs import TopicPartition
+from conftest import Pipeline
+from faust.types import TP
+
+from exforge.kafka import create_topics, producer, topic_name
+from streams.offsets import BrokerOffsets, HandledOffsets, resolve
+
+PARSED = TP("t.parsed.files", 0)
+
+
+def test_the_committable_offset_moves_only_over_handled_offsets() -> None:
+    books = HandledOffsets()
+    books.mark(PARSED, 7)
+    assert books.committable(PARSED) is None  # committed offset not known yet
+    assert books.unknown_base() == [PARSED]
+    books.start(PARSED, 5)
+    assert books.committable(PARSED) == 5  # 5 and 6 are not handled
+    assert books.jumps() == {PARSED: 5}
+    books.mark(PARSED, 5)
+    assert books.committable(PARSED) == 6
+    books.mark(PARSED, 6)
+    assert books.committable(PARSED) == 8  # 5, 6, 7 handled: commit 8
+    assert books.jumps() == {}
+
+
+def test_a_confirmed_hole_is_passed_and_an_unhandled_message_is_not() -> None:
+    books = HandledOffsets()
+    books.mark(PARSED, 14)
+    books.mark(PARSED, 15)
+    books.start(PARSED, 10)
+    books.skip_to(PARSED, 12)  # the broker holds nothing at 10 and 11, but 12 exists
+    assert books.committable(PARSED) == 12
+    books.skip_to(PARSED, 14)  # 12 and 13 turn out to be holes too
+    assert books.committable(PARSED) == 16
+    books.skip_to(PARSED, 3)  # never backwards
+    assert books.committable(PARSED) == 16
+
+
+def test_redelivered_offsets_below_the_base_are_ignored_and_forget_resets() -> None:
+    books = HandledOffsets()
+    books.mark(PARSED, 2)  # handled before the committed offset was known
+    books.start(PARSED, 4)
+    assert books.committable(PARSED) == 4
+    books.mark(PARSED, 3)  # redelivered after a seek
+    assert books.committable(PARSED) == 4
+    assert books.jumps() == {}
+    books.forget([PARSED])
+    assert books.committable(PARSED) is None
+    books.start(PARSED, 9)  # revoked meanwhile: nothing comes back
+    assert books.committable(PARSED) is None
+
+
+@pytest.mark.slow
+def test_the_broker_decides_jumps_and_committed_offsets(pipeline: Pipeline) -> None:
+    settings = pipeline.settings
+    name = topic_name(settings, "parsed.files")
+    tp = TP(name, 0)
+
+    async def scenario() -> tuple[int, int | None, int, int]:
+        await create_topics(settings)
+        async with producer(settings) as client:
+            for _ in range(6):
+                await client.send_and_wait(name, b"v", partition=0)
+        broker = BrokerOffsets(settings.bootstrap, settings.worker_group)
+        try:
+            never_committed = await broker.committed(tp)
+            first = await broker.first_offset(tp, 2)
+            books = HandledOffsets()
+            books.mark(tp, 4)  # 0..3 exist and were not handled: no jump is passed
+            await resolve(books, broker)
+            unhandled = books.committable(tp)
+            # a commit by the group is what a restarted worker starts from
+            group = AIOKafkaConsumer(
+                bootstrap_servers=settings.bootstrap,
+                group_id=settings.worker_group,
+                enable_auto_commit=False,
+            )
+            await group.start()
+            try:
+                group.assign([TopicPartition(name, 0)])
+                await group.commit({TopicPartition(name, 0): 3})
+            finally:
+                await group.stop()
+            return never_committed, unhandled, first, await broker.committed(tp)
+        finally:
+            await broker.stop()
+
+    never_committed, unhandled, first, committed = asyncio.run(scenario())
+    assert never_committed == 0
+    assert first == 2
+    assert unhandled == 0
+    assert committed == 3

@@ -11,6 +11,11 @@ ledger, in `exforge dataset stats` and in `exforge_dropped_total`). In order:
 5. `auto_generated`, then the metric filters (`max_line_length`, `mean_line_length`,
    `alphanumeric_fraction`, `too_short`, `too_long`), then `encoded_data`;
 6. `contamination`: the file holds an evaluation benchmark's prompt or tests.
+
+Book segments (`kind="book_segment"`, from `streams.sources.books`) are prose and code
+already cut out of a PDF; `cleaned_book_segment` gives them the steps that apply:
+redaction (of the markdown and of the prose and code the generators read),
+`contamination`, near-duplicate bands and the claim check.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ __all__ = [
     "FileSteps",
     "analysed_file",
     "claim_check",
+    "cleaned_book_segment",
     "decode_source",
     "drop_reason",
     "file_outcome",
@@ -143,6 +149,31 @@ def claim_check(file: ParsedFile, store: ObjectStore, limit: int) -> ParsedFile:
         return file
     key = store.put_content_addressed("blobs", file.content.encode())
     return file.model_copy(update={"content": None, "content_ref": key})
+
+
+def cleaned_book_segment(
+    segment: ParsedFile, store: ObjectStore, steps: FileSteps
+) -> ParsedFile | Dropped:
+    """A book segment (content inline), redacted, checked for contamination and banded."""
+    assert segment.book is not None and segment.content is not None
+    redaction = redact(segment.content)
+    content = redaction.text
+    if steps.benchmarks is not None and steps.benchmarks.check_text(content):
+        return Dropped("contamination")
+    book = segment.book
+    code = redact(book.code).text if book.code is not None else None
+    encoded = content.encode()
+    cleaned = segment.model_copy(
+        update={
+            "sha256": sha256_hex(encoded),
+            "content": content,
+            "size_bytes": len(encoded),
+            "redactions": dict(redaction.counts),
+            "book": book.model_copy(update={"prose": redact(book.prose).text, "code": code}),
+            "near_dup": NearDup(bands=text_band_keys(content, steps.neardup_threshold)),
+        }
+    )
+    return claim_check(cleaned, store, steps.claim_check_bytes)
 
 
 def file_outcome(

@@ -23,6 +23,7 @@ from streams.files import (
     FileSteps,
     analysed_file,
     claim_check,
+    cleaned_book_segment,
     decode_source,
     file_outcome,
 )
@@ -80,17 +81,23 @@ def attach(ctx: StageContext) -> None:
             raise BadMessage(f"archive {package.archive_key} is not in the store") from None
         if sha256_hex(archive) != package.sha256:
             raise BadMessage(f"archive {package.archive_key} does not match its sha256")
-        if package.kind == "book":
-            files = book_files(package, archive, ctx.store, settings.claim_check_bytes)
-            return Result(outputs=[Output("files.candidates", f.sha256, f) for f in files])
         result = Result()
-        limits = Limits.from_settings(settings)
-        for member in elixir_members(archive, limits, strip_root=package.kind == "github"):
-            outcome = file_outcome(package, member.path, member.data, ctx.store, steps)
+        if package.kind == "book":
+            outcomes = (
+                (segment.path, cleaned_book_segment(segment, ctx.store, steps))
+                for segment in book_files(package, archive)
+            )
+        else:
+            limits = Limits.from_settings(settings)
+            members = elixir_members(archive, limits, strip_root=package.kind == "github")
+            outcomes = (
+                (m.path, file_outcome(package, m.path, m.data, ctx.store, steps)) for m in members
+            )
+        for path, outcome in outcomes:
             if isinstance(outcome, Dropped):
                 if outcome.failure is not None:
                     result.failures.append(outcome.failure)
-                record_outcome(ctx, package.source_id, member.path, None, outcome.reason)
+                record_outcome(ctx, package.source_id, path, None, outcome.reason)
                 result.drop(outcome.reason)
                 continue
             for kind, count in outcome.redactions.items():

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from exforge.settings import DEFAULT_BENCHMARKS, load_settings
-from exforge.store import FileStore
-from schemas.records import CodeMetrics, RawPackage
+from exforge.store import FileStore, sha256_hex
+from schemas.records import BookSegment, CodeMetrics, ParsedFile, RawPackage
 from streams.elixir.decontam import BenchmarkIndex, load_index, read_problems
 from streams.elixir.hashing import tokens
+from streams.elixir.neardup import text_band_keys
 from streams.elixir.quality import (
     _GENERATED_HEAD,
     Thresholds,
@@ -24,7 +25,7 @@ from streams.elixir.quality import (
     quality,
 )
 from streams.elixir.redact import _IP_MARKERS, _line_matches, redact
-from streams.files import Dropped, FileSteps, file_outcome
+from streams.files import Dropped, FileSteps, cleaned_book_segment, file_outcome
 
 BENCHMARKS = load_settings().resolved_decontamination_files
 GOOD = """defmodule Good do
@@ -351,3 +352,58 @@ def test_file_outcome_reasons(tmp_path: Path, benchmarks: BenchmarkIndex) -> Non
     assert len(kept.near_dup.bands) == 25 and kept.near_dup.cluster is None
     assert kept.analysis.metrics.loc == 6
     assert list(store.list()) == [], "small content stays inline"
+
+
+# --- book segments ------------------------------------------------------------------------
+
+
+def book_segment(prose: str, code: str) -> ParsedFile:
+    content = f"# Configuration\n\n{prose}\n\n```elixir\n{code}\n```\n"
+    return ParsedFile(
+        sha256=sha256_hex(content.encode()),
+        source_id="book:x",
+        path="chapter-01/segment-001",
+        license="CC0-1.0",
+        kind="book_segment",
+        content=content,
+        size_bytes=len(content.encode()),
+        lines=content.count("\n"),
+        book=BookSegment(
+            book_title="Elixir in Production",
+            chapter=1,
+            chapter_title="Configuration",
+            page=3,
+            prose=prose,
+            code=code,
+            code_language="elixir",
+        ),
+    )
+
+
+def test_book_segments_are_redacted_checked_for_contamination_and_banded(
+    tmp_path: Path, benchmarks: BenchmarkIndex
+) -> None:
+    store = FileStore(tmp_path)
+    steps = FileSteps(benchmarks=benchmarks)
+    segment = book_segment(f"Questions go to {PLANTED['email']}.", SECRETS_MODULE)
+    cleaned = cleaned_book_segment(segment, store, steps)
+    assert isinstance(cleaned, ParsedFile)
+    assert cleaned.content is not None and cleaned.book is not None
+    for secret in PLANTED.values():
+        for text in (cleaned.content, cleaned.book.prose, cleaned.book.code or ""):
+            assert secret not in text
+    assert cleaned.redactions == {"email": 2, "key": 6, "ip": 2}
+    assert cleaned.book.prose == "Questions go to <EMAIL>."
+    assert cleaned.sha256 == sha256_hex(cleaned.content.encode()) != segment.sha256
+    assert cleaned.size_bytes == len(cleaned.content.encode())
+    assert cleaned.near_dup.bands == text_band_keys(cleaned.content, steps.neardup_threshold)
+    assert cleaned.near_dup.bands
+
+    problem = json.loads(BENCHMARKS[0].read_text().splitlines()[3])
+    copied = book_segment("Try this one.", problem["prompt"] + "    n\n  end\nend\n")
+    assert cleaned_book_segment(copied, store, steps) == Dropped("contamination")
+
+    by_reference = cleaned_book_segment(segment, store, FileSteps(claim_check_bytes=100))
+    assert isinstance(by_reference, ParsedFile)
+    assert by_reference.content is None and by_reference.content_ref is not None
+    assert store.get(by_reference.content_ref).decode() == cleaned.content

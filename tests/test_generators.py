@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from test_sources_books import make_pdf
 
-from exforge.store import FileStore, sha256_hex
+from exforge.store import sha256_hex
 from schemas.records import InstructionSample, ParsedFile, RawPackage
 from streams.elixir.analysis import analyse
 from streams.files import analysed_file
@@ -58,7 +58,7 @@ def corpus_files() -> list[ParsedFile]:
 def book_segments(tmp_path: Path) -> list[ParsedFile]:
     pdf = make_pdf()
     book = package(f"book:{sha256_hex(pdf)}", "book")
-    return book_files(book, pdf, FileStore(tmp_path), 64 * 1024)
+    return book_files(book, pdf)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from exforge.store import FileStore, sha256_hex
+from exforge.store import sha256_hex
 from schemas.records import RawPackage
 from streams.sources.books import NotABook, book_files, extract_book
 
@@ -151,7 +151,7 @@ def test_segments_pair_code_with_prose_and_carry_difficulty(pdf: bytes, tmp_path
         sha256=sha256_hex(pdf),
         size_bytes=len(pdf),
     )
-    files = book_files(package, pdf, FileStore(tmp_path), 64 * 1024)
+    files = book_files(package, pdf)
     assert all(f.kind == "book_segment" and f.book is not None for f in files)
     segments = [f.book for f in files if f.book and f.book.code]
     assert [s.code for s in segments] == CODE_BLOCKS

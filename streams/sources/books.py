@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from exforge.store import ObjectStore, sha256_hex
+from exforge.store import sha256_hex
 from schemas.records import BookSegment, ParsedFile, RawPackage
 from streams.stage import BadMessage
 
@@ -313,10 +313,9 @@ def segment_markdown(
     return f"{heading}{body}{fence}\n"
 
 
-def book_files(
-    package: RawPackage, pdf: bytes, store: ObjectStore, claim_check_bytes: int
-) -> list[ParsedFile]:
-    """Every segment of a book as a `ParsedFile` of kind `book_segment`."""
+def book_files(package: RawPackage, pdf: bytes) -> list[ParsedFile]:
+    """Every segment of a book as a `ParsedFile` of kind `book_segment`, content inline
+    and not yet cleaned (`streams.files.cleaned_book_segment` redacts, checks and bands it)."""
     book = extract_book(pdf, package.metadata.get("title") or package.name)
     files = []
     for chapter in book.chapters:
@@ -327,7 +326,6 @@ def book_files(
             content = segment_markdown(chapter, section, prose, code)
             encoded = content.encode()
             text = prose + ("\n" + code.code if code else "")
-            inline = len(encoded) <= claim_check_bytes
             files.append(
                 ParsedFile(
                     sha256=sha256_hex(encoded),
@@ -335,8 +333,7 @@ def book_files(
                     path=f"chapter-{chapter.number:02d}/segment-{index:03d}",
                     license=package.license,
                     kind="book_segment",
-                    content=content if inline else None,
-                    content_ref=None if inline else store.put_content_addressed("blobs", encoded),
+                    content=content,
                     size_bytes=len(encoded),
                     lines=content.count("\n"),
                     book=BookSegment(

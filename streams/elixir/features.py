@@ -1,10 +1,11 @@
-"""Whole-file features of an Elixir file: one tree-sitter query, then plain counting.
+"""Whole-file features of an Elixir file: tokens found in the text, then plain counting.
 
 Everything that needs nodes anywhere in the tree (pipes, pattern matches, process
-primitives, macros, ExUnit, supervision trees) comes from a single query run by
-tree-sitter in C (binary operators, `fn`s, comments) and from calls by name, found in the
-text and confirmed in the tree; Python only looks at those nodes, so the cost stays close
-to parsing alone. Doctests come from the docs the module walk read; metrics from the text.
+primitives, macros, ExUnit, supervision trees) comes from the tokens that show it: the
+binary operators counted, `fn`, comments and calls by name are found in the text and
+confirmed in the tree (cheaper than any walk of the whole tree, a tree-sitter query's
+too); Python only looks at those nodes, so the cost stays close to parsing alone.
+Doctests come from the docs the module walk read; metrics from the text.
 
 Conventions:
 
@@ -20,12 +21,12 @@ from __future__ import annotations
 
 import re
 import zlib
-from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from typing import TypeGuard
 
 import numpy as np
-from tree_sitter import Node, Query, QueryCursor
+from tree_sitter import Node
 
 from schemas.records import (
     BehaviourUse,
@@ -36,7 +37,7 @@ from schemas.records import (
     ModuleInfo,
     SupervisionTree,
 )
-from streams.elixir.analysis import LANGUAGE, Definitions
+from streams.elixir.analysis import Definitions
 from streams.elixir.hashing import WORD_BYTES, token_crcs, tokens
 
 __all__ = ["OTP_CALLBACKS", "code_metrics", "doctests", "features"]
@@ -88,16 +89,8 @@ _BRANCHING_STABS = frozenset({"case", "cond", "receive", "try", "with", "fn"})
 _COMPOSITE = frozenset({"tuple", "list", "map", "struct", "bitstring", "binary_operator"})
 _LOGIC = ("and", "or", "&&", "||", "when")
 
-# Patterns without fields or alternatives: the query engine matches them much faster, and
-# sorting the few operators by kind in Python is cheaper than letting it do so.
-_QUERY = Query(
-    LANGUAGE,
-    """
-(binary_operator) @operator
-(anonymous_function) @fn
-(comment) @comment
-""",
-)
+# The binary operators the features count, by the token between their operands.
+_OPERATORS = ("|>", "=", "<-", *_LOGIC)
 # Calls by name are found in the text and confirmed in the tree (cheaper than query
 # predicates): local keywords, and the OTP/process modules' remote calls (`Name.`).
 _LOCAL_CALLS = frozenset(
@@ -144,8 +137,7 @@ _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
 
 def features(source: str, data: bytes, root: Node, found: Definitions) -> ElixirAnalysis:
     """The file's features, from its tree and the module walk's definitions."""
-    captures = QueryCursor(_QUERY).captures(root)
-    operators = _by_operator(captures.get("operator", ()))
+    operators = _operators(data, root)
     local_calls, remotes = _named_calls(source, data, root)
     modules = found.modules
     locals_ = Counter(name for name, _ in local_calls)
@@ -181,9 +173,9 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
         metrics=code_metrics(
             source,
             data,
-            captures.get("comment", ()),
+            _comments(data, root),
             found.functions,
-            _complexity(found, captures.get("fn", ()), operators, local_calls),
+            _complexity(found, _fns(data, root), operators, local_calls),
         ),
     )
 
@@ -272,14 +264,45 @@ def _named_calls(
     return local_calls, remotes
 
 
-def _by_operator(nodes: Iterable[Node]) -> defaultdict[str, list[Node]]:
-    """Binary operator nodes by operator (`|>`, `=`, `and`...)."""
-    groups: defaultdict[str, list[Node]] = defaultdict(list)
-    for node in nodes:
-        operator = node.child_by_field_name("operator")
-        if operator is not None:
-            groups[operator.type].append(node)
-    return groups
+def _tokens(data: bytes, root: Node, token: str) -> Iterator[Node]:
+    """Every node of type `token` (an operator or keyword: its text is its type)."""
+    word = token.encode()
+    size = len(word)
+    start = data.find(word)
+    while start != -1:
+        node = root.descendant_for_byte_range(start, start + size)
+        if node is not None and node.type == token:
+            yield node
+        start = data.find(word, start + 1)
+
+
+def _parents(tokens: Iterable[Node], kind: str) -> list[Node]:
+    """The parents of `tokens` that are of type `kind`."""
+    return [
+        parent for token in tokens if (parent := token.parent) is not None and parent.type == kind
+    ]
+
+
+def _operators(data: bytes, root: Node) -> dict[str, list[Node]]:
+    """Binary operator nodes by the operators the features count (`|>`, `=`, `and`...)."""
+    return {op: _parents(_tokens(data, root, op), "binary_operator") for op in _OPERATORS}
+
+
+def _fns(data: bytes, root: Node) -> list[Node]:
+    """Every `fn ... end` of the tree."""
+    return _parents(_tokens(data, root, "fn"), "anonymous_function")
+
+
+def _comments(data: bytes, root: Node) -> list[Node]:
+    """Every comment of the tree (each starts with `#`)."""
+    comments = []
+    start = data.find(b"#")
+    while start != -1:
+        node = root.descendant_for_byte_range(start, start + 1)
+        if node is not None and node.type == "comment" and node.start_byte == start:
+            comments.append(node)
+        start = data.find(b"#", start + 1)
+    return comments
 
 
 def _longest_pipe(pipes: list[Node]) -> int:

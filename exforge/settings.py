@@ -157,7 +157,7 @@ class Settings(BaseSettings):
         3.0, gt=0, description="Quiet time after which a stage counts as idle."
     )
     stall_seconds: float = Field(
-        30.0,
+        10.0,
         gt=0,
         description=(
             "A quiet worker reports and re-fetches an assigned partition whose lag has not"

@@ -9,6 +9,7 @@ few seconds of start, offsets are committed every second, and tables live in mem
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 import faust
@@ -17,7 +18,7 @@ from exforge.db import open_database
 from exforge.settings import Settings
 from exforge.store import open_store
 from streams import ingest, instruct, parse, shard
-from streams.offsets import BrokerOffsets, HandledOffsetsConsumer, resolve
+from streams.offsets import BrokerOffsets, HandledOffsetsConsumer, Rewinds, resolve
 from streams.stage import StageContext
 
 log = logging.getLogger("exforge.app")
@@ -48,12 +49,21 @@ def create_app(settings: Settings) -> faust.App:
     app.transport.Consumer = HandledOffsetsConsumer
     broker = BrokerOffsets(settings.bootstrap, settings.worker_group)
 
+    rewinds = Rewinds()
+
     @app.timer(interval=1.0, name="offset-books")
     async def keep_offset_books() -> None:
         try:
-            await resolve(app.consumer.progress, broker)
+            skipped = await resolve(app.consumer.progress, broker)
         except Exception as exc:  # retried next tick; meanwhile nothing is committed
             log.warning("offset bookkeeping: %s", exc)
+            return
+        if app.in_recovery or not app.flow_control.is_active():
+            return  # the rebalance seeks to the committed offsets anyway
+        for tp, base in skipped.items():
+            if rewinds.due(tp, base, time.monotonic()):
+                log.info("%s:%d: offset %d was skipped; fetching again", *tp, base)
+                await app.consumer.seek(tp, base)
 
     @app.on_before_shutdown.connect
     async def close_broker(app: faust.App, **kwargs: object) -> None:

@@ -175,13 +175,39 @@ class BrokerOffsets:
             self.consumer = None
 
 
-async def resolve(progress: HandledOffsets, broker: BrokerOffsets) -> None:
+@dataclass
+class Rewinds:
+    """When to fetch a partition again from its base: once per base, then again only
+    after `cooldown_s` (a seek in flight must not be repeated every tick)."""
+
+    cooldown_s: float = 10.0
+    last: dict[TP, tuple[int, float]] = field(default_factory=dict)
+
+    def due(self, tp: TP, base: int, now: float) -> bool:
+        previous = self.last.get(tp)
+        if previous is not None and previous[0] == base and now - previous[1] < self.cooldown_s:
+            return False
+        self.last[tp] = (base, now)
+        return True
+
+
+async def resolve(progress: HandledOffsets, broker: BrokerOffsets) -> dict[TP, int]:
     """Fill in unknown bases from the broker and pass the jumps it confirms as holes.
-    Until then those partitions commit nothing, which is safe."""
+    Until then those partitions commit nothing, which is safe.
+
+    Returns the partitions whose base holds a record that was skipped: a later offset was
+    handled, and a partition is delivered in order, so only a seek brings it back."""
     for tp in progress.unknown_base():
         progress.start(tp, await broker.committed(tp))
+    skipped: dict[TP, int] = {}
     for tp, base in progress.jumps().items():
         first = await broker.first_offset(tp, base)
-        if first is not None and first > base:
+        if first is None:
+            continue
+        if first > base:
             log.info("%s:%d has no offsets %d..%d", tp.topic, tp.partition, base, first - 1)
             progress.skip_to(tp, first)
+        still = progress.jumps().get(tp)
+        if still is not None:
+            skipped[tp] = still
+    return skipped

@@ -77,6 +77,8 @@ async def rescue_stalls(app: faust.App, rows: Iterable[LagRow]) -> None:
     for row in owned:
         tp = TP(row.topic, row.partition)
         base = consumer.progress.committable(tp)
+        if base is None:  # nothing handled since assignment: the committed offset holds
+            base = row.committed or 0  # (0 before any commit: reset to the log start)
         log.warning(
             "partition %s:%d stalled at offset %s with lag %d; fetching again from %s",
             row.topic,
@@ -85,7 +87,7 @@ async def rescue_stalls(app: faust.App, rows: Iterable[LagRow]) -> None:
             row.lag,
             base,
         )
-        if base is not None and not app.in_recovery:
+        if not app.in_recovery:
             await consumer.seek(tp, base)
             consumer.resume_partitions([tp])
 

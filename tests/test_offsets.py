@@ -11,7 +11,7 @@ from conftest import Pipeline
 from faust.types import TP
 
 from exforge.kafka import create_topics, producer, topic_name
-from streams.offsets import BrokerOffsets, HandledOffsets, resolve
+from streams.offsets import BrokerOffsets, HandledOffsets, Rewinds, resolve
 
 PARSED = TP("t.parsed.files", 0)
 
@@ -75,7 +75,8 @@ def test_the_broker_decides_jumps_and_committed_offsets(pipeline: Pipeline) -> N
             first = await broker.first_offset(tp, 2)
             books = HandledOffsets()
             books.mark(tp, 4)  # 0..3 exist and were not handled: no jump is passed
-            await resolve(books, broker)
+            skipped = await resolve(books, broker)
+            assert skipped == {tp: 0}  # and offset 0 must be fetched again
             unhandled = books.committable(tp)
             # a commit by the group is what a restarted worker starts from
             group = AIOKafkaConsumer(
@@ -98,3 +99,11 @@ def test_the_broker_decides_jumps_and_committed_offsets(pipeline: Pipeline) -> N
     assert first == 2
     assert unhandled == 0
     assert committed == 3
+
+
+def test_a_skipped_partition_is_rewound_once_per_base_then_after_a_cooldown() -> None:
+    rewinds = Rewinds(cooldown_s=10)
+    assert rewinds.due(PARSED, 5, now=0)
+    assert not rewinds.due(PARSED, 5, now=9)  # the seek may still be in flight
+    assert rewinds.due(PARSED, 7, now=9)  # progress, then a new skip
+    assert rewinds.due(PARSED, 7, now=19.5)  # the seek did not bring it back: again

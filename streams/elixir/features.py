@@ -268,11 +268,19 @@ def _tokens(data: bytes, root: Node, token: str) -> Iterator[Node]:
     """Every node of type `token` (an operator or keyword: its text is its type)."""
     word = token.encode()
     size = len(word)
+    # A keyword (`or`, `when`, `fn`) is a whole word: inside `for` or `error` it is
+    # no token, which the text shows without asking the tree.
+    whole_word = token.isalpha()
     start = data.find(word)
     while start != -1:
-        node = root.descendant_for_byte_range(start, start + size)
-        if node is not None and node.type == token:
-            yield node
+        end = start + size
+        if not whole_word or (
+            (not start or data[start - 1] not in _WORD_BYTES)
+            and (end == len(data) or data[end] not in _WORD_BYTES)
+        ):
+            node = root.descendant_for_byte_range(start, end)
+            if node is not None and node.type == token:
+                yield node
         start = data.find(word, start + 1)
 
 

@@ -36,13 +36,30 @@ class PartitionProgress:
     base: int | None = None
     handled: set[int] = field(default_factory=set)
 
+    def mark(self, offset: int) -> None:
+        if self.base is None or offset >= self.base:  # below it: a redelivery, done
+            self.handled.add(offset)
+            self.advance()
+
+    def move_base(self, base: int) -> None:
+        """Start counting at `base` (a committed offset, or past a confirmed hole)."""
+        self.base = base
+        self.handled = {offset for offset in self.handled if offset >= base}
+        self.advance()
+
     def advance(self) -> None:
+        """Move the base over the handled offsets that follow it."""
         if self.base is None:
             return
-        self.handled = {offset for offset in self.handled if offset >= self.base}
         while self.base in self.handled:
             self.handled.discard(self.base)
             self.base += 1
+
+    def jump(self) -> int | None:
+        """The base, when the next handled offset lies past it."""
+        if self.base is not None and self.handled and min(self.handled) > self.base:
+            return self.base
+        return None
 
 
 class HandledOffsets:
@@ -52,23 +69,19 @@ class HandledOffsets:
         self.partitions: dict[TP, PartitionProgress] = {}
 
     def mark(self, tp: TP, offset: int) -> None:
-        progress = self.partitions.setdefault(tp, PartitionProgress())
-        progress.handled.add(offset)
-        progress.advance()
+        self.partitions.setdefault(tp, PartitionProgress()).mark(offset)
 
     def start(self, tp: TP, committed: int) -> None:
         """The partition's committed offset is `committed`: count from there."""
         progress = self.partitions.get(tp)  # None: revoked meanwhile
         if progress is not None:
-            progress.base = max(committed, progress.base or 0)
-            progress.advance()
+            progress.move_base(max(committed, progress.base or 0))
 
     def skip_to(self, tp: TP, offset: int) -> None:
         """The broker has no offsets between the base and `offset`."""
         progress = self.partitions.get(tp)
         if progress is not None and progress.base is not None and offset > progress.base:
-            progress.base = offset
-            progress.advance()
+            progress.move_base(offset)
 
     def committable(self, tp: TP) -> int | None:
         progress = self.partitions.get(tp)
@@ -77,13 +90,14 @@ class HandledOffsets:
     def unknown_base(self) -> list[TP]:
         return [tp for tp, p in self.partitions.items() if p.base is None]
 
+    def jump(self, tp: TP) -> int | None:
+        """The partition's base, when its next handled offset lies past it."""
+        progress = self.partitions.get(tp)
+        return None if progress is None else progress.jump()
+
     def jumps(self) -> dict[TP, int]:
         """Partitions whose next handled offset lies past the base → that base."""
-        return {
-            tp: p.base
-            for tp, p in self.partitions.items()
-            if p.base is not None and p.handled and min(p.handled) > p.base
-        }
+        return {tp: base for tp in self.partitions if (base := self.jump(tp)) is not None}
 
     def forget(self, tps: Iterable[TP]) -> None:
         for tp in tps:
@@ -207,7 +221,7 @@ async def resolve(progress: HandledOffsets, broker: BrokerOffsets) -> dict[TP, i
         if first > base:
             log.info("%s:%d has no offsets %d..%d", tp.topic, tp.partition, base, first - 1)
             progress.skip_to(tp, first)
-        still = progress.jumps().get(tp)
+        still = progress.jump(tp)
         if still is not None:
             skipped[tp] = still
     return skipped

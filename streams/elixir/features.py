@@ -264,13 +264,13 @@ def _named_calls(
     return local_calls, remotes
 
 
-def _tokens(data: bytes, root: Node, token: str) -> Iterator[Node]:
-    """Every node of type `token` (an operator or keyword: its text is its type)."""
-    word = token.encode()
+def _nodes_at(data: bytes, root: Node, text: str, kind: str) -> Iterator[Node]:
+    """Every node of type `kind` that starts with `text`, found where `text` occurs."""
+    word = text.encode()
     size = len(word)
     # A keyword (`or`, `when`, `fn`) is a whole word: inside `for` or `error` it is
     # no token, which the text shows without asking the tree.
-    whole_word = token.isalpha()
+    whole_word = text.isalpha()
     start = data.find(word)
     while start != -1:
         end = start + size
@@ -279,9 +279,14 @@ def _tokens(data: bytes, root: Node, token: str) -> Iterator[Node]:
             and (end == len(data) or data[end] not in _WORD_BYTES)
         ):
             node = root.descendant_for_byte_range(start, end)
-            if node is not None and node.type == token:
+            if node is not None and node.type == kind and node.start_byte == start:
                 yield node
         start = data.find(word, start + 1)
+
+
+def _tokens(data: bytes, root: Node, token: str) -> Iterator[Node]:
+    """Every node of type `token` (an operator or keyword: its text is its type)."""
+    return _nodes_at(data, root, token, token)
 
 
 def _parents(tokens: Iterable[Node], kind: str) -> list[Node]:
@@ -302,15 +307,8 @@ def _fns(data: bytes, root: Node) -> list[Node]:
 
 
 def _comments(data: bytes, root: Node) -> list[Node]:
-    """Every comment of the tree (each starts with `#`)."""
-    comments = []
-    start = data.find(b"#")
-    while start != -1:
-        node = root.descendant_for_byte_range(start, start + 1)
-        if node is not None and node.type == "comment" and node.start_byte == start:
-            comments.append(node)
-        start = data.find(b"#", start + 1)
-    return comments
+    """Every comment of the tree (each starts with `#`; a `#` inside one is no start)."""
+    return list(_nodes_at(data, root, "#", "comment"))
 
 
 def _longest_pipe(pipes: list[Node]) -> int:

@@ -733,6 +733,21 @@ def test_behaviours_and_supervision_trees() -> None:
     ]
 
 
+def test_a_module_named_like_an_otp_module_is_not_that_module() -> None:
+    # `Shop.Task` and `Shop.Supervisor` end in OTP names; their calls are local modules'.
+    details = analyse(
+        "defmodule Shop.Jobs do\n"
+        "  def run(x), do: Shop.Task.run(x)\n"
+        "  def start, do: Shop.Supervisor.start_link([Shop.Repo])\n"
+        "  def later(x), do: Task.async(fn -> x end)\n"
+        "end\n"
+    ).details
+    assert details.supervisors == []
+    assert [(b.module, b.behaviour, b.via) for b in details.behaviours] == [
+        ("Shop.Jobs", "Task", "call")
+    ]
+
+
 def test_code_features() -> None:
     details = analyse(FEATURES).details
     assert (details.pipes, details.longest_pipe) == (3, 3)

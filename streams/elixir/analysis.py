@@ -56,9 +56,10 @@ _SKIPPED_STATEMENTS: frozenset[str] = frozenset({"comment"})
 _STRING_TYPES: frozenset[str] = frozenset({"string", "charlist"})
 _HEREDOC_DELIMITERS: frozenset[bytes] = frozenset({b'"""', b"'''"})
 _DOC_SIGILS: frozenset[str] = frozenset({"S", "s"})
-_TYPE_KINDS: frozenset[bytes] = frozenset(
-    {b"type", b"typep", b"opaque", b"callback", b"macrocallback"}
-)
+_TYPE_KINDS: frozenset[str] = frozenset({"type", "typep", "opaque", "callback", "macrocallback"})
+# The module attributes the walk reads (`@spec` and the rest are passed over).
+_READ_ATTRIBUTES: frozenset[str] = _TYPE_KINDS | {"behaviour", "impl", "doc", "moduledoc"}
+_AT = ord("@")
 
 # Validates a whole file's functions in one call (cheaper than one model call each).
 _FUNCTIONS = TypeAdapter(list[FunctionInfo])
@@ -103,6 +104,9 @@ class Definitions:
     types: list[TypeInfo]
     behaviours: list[Behaviour]
     impls: dict[str, set[str]]  # module → `name/arity` of definitions marked `@impl`
+    # Every definition statement read (`def`... calls), in source order: disjoint nodes
+    # that hold most of a file's code, from which a node lookup descends (`Locator`).
+    definition_nodes: list[Node] = field(default_factory=list)
 
 
 def normalise(source: str) -> str:
@@ -353,6 +357,7 @@ class _Found:
     types: list[TypeInfo] = field(default_factory=list)
     behaviours: list[Behaviour] = field(default_factory=list)
     impls: dict[str, set[str]] = field(default_factory=dict)
+    definition_nodes: list[Node] = field(default_factory=list)
 
 
 class _Extractor:
@@ -417,7 +422,10 @@ class _Extractor:
             ]
         )
         clauses = {(g.module, g.name, g.arity, g.kind): len(g.sources) for g in groups}
-        return Definitions(modules, functions, clauses, acc.types, acc.behaviours, acc.impls)
+        acc.definition_nodes.sort(key=lambda n: n.start_byte)
+        return Definitions(
+            modules, functions, clauses, acc.types, acc.behaviours, acc.impls, acc.definition_nodes
+        )
 
     def module_calls(self, root: Node) -> list[Node]:
         """Every `defmodule`/`defprotocol`/`defimpl` call, in source order.
@@ -523,13 +531,13 @@ class _Extractor:
             if kind != "call":
                 continue
             target = stmt.child_by_field_name("target")
-            text = target.text if target is not None and target.type == "identifier" else None
-            if text is None:
+            if target is None or target.type != "identifier":
                 continue
-            keyword = text.decode()
+            keyword = self.node_text(target)
             if keyword in _DEF_KINDS or keyword == "defdelegate":
                 doc = body.doc
                 body.doc = None
+                body.found.definition_nodes.append(stmt)
                 self._clause(stmt, keyword, doc, body)
                 body.impl = False
             elif keyword == "use":
@@ -545,31 +553,30 @@ class _Extractor:
                 body.doc = None  # defstruct, defguard, defexception... take the pending doc
 
     def _attribute(self, stmt: Node, body: _Body) -> None:
-        operator = stmt.child_by_field_name("operator")
-        operand = stmt.child_by_field_name("operand")
-        if operator is None or operator.type != "@" or operand is None:
+        if self.data[stmt.start_byte] != _AT:  # unary operators are prefixes: this is no `@`
             return
-        if operand.type != "call":
+        operand = stmt.child_by_field_name("operand")
+        if operand is None or operand.type != "call":
             return
         target = operand.child_by_field_name("target")
         if target is None or target.type != "identifier":
             return
-        name = target.text
-        value = _first_argument(operand)
-        if name in _TYPE_KINDS and value is not None and name is not None:
-            self._type(value, name.decode(), body)
+        name = self.node_text(target)
+        if name not in _READ_ATTRIBUTES:
             return
-        if name == b"behaviour":
+        if name == "behaviour":
             self._behaviour(operand, "behaviour", body)
             return
-        if name == b"impl":
-            body.impl = value is not None and value.text != b"false"
+        value = _first_argument(operand)
+        if name == "impl":
+            body.impl = value is not None and self.node_text(value) != "false"
+        elif value is None:
             return
-        if name not in (b"doc", b"moduledoc"):
-            return
-        if value is None or value.type in ("keywords", "list"):
+        elif name in _TYPE_KINDS:
+            self._type(value, name, body)
+        elif value.type in ("keywords", "list"):
             return  # metadata such as `@doc since: "1.2"` leaves the doc alone
-        if name == b"doc":
+        elif name == "doc":
             body.doc = self.literal(value)
         else:
             body.moduledoc = self.literal(value)
@@ -621,8 +628,9 @@ class _Extractor:
         end = node.child_by_field_name("quoted_end")
         if start is None or end is None or end.is_missing:
             return None
-        value = self.text(start.end_byte, end.start_byte)
-        if start.text in _HEREDOC_DELIMITERS:
+        value_start = start.end_byte
+        value = self.text(value_start, end.start_byte)
+        if self.data[start.start_byte : value_start] in _HEREDOC_DELIMITERS:
             value = _dedent_heredoc(value)
         return value if raw_mode else _unescape(value)
 

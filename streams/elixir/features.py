@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from typing import TypeGuard
@@ -137,8 +138,9 @@ _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
 
 def features(source: str, data: bytes, root: Node, found: Definitions) -> ElixirAnalysis:
     """The file's features, from its tree and the module walk's definitions."""
-    operators = _operators(data, root)
-    local_calls, remotes = _named_calls(source, data, root)
+    nodes = _Locator(root, found.definition_nodes)
+    operators = _operators(data, nodes)
+    local_calls, remotes = _named_calls(source, data, nodes)
     modules = found.modules
     locals_ = Counter(name for name, _ in local_calls)
     pipes = operators["|>"]
@@ -173,9 +175,9 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
         metrics=code_metrics(
             source,
             data,
-            _comments(data, root),
+            _comments(data, nodes),
             found.functions,
-            _complexity(found, _fns(data, root), operators, local_calls),
+            _complexity(found, _fns(data, nodes), operators, local_calls),
         ),
     )
 
@@ -233,8 +235,37 @@ def _whole_words(source: str, data: bytes) -> list[tuple[int, str]]:
     return hits
 
 
+class _Locator:
+    """Finds the node over a byte range, descending from the definition that holds the
+    range (from the root only outside every definition).
+
+    A descent scans the children of each node on the way, so from the root it walks a
+    whole module body; from a definition, a few small nodes. Starting from any node that
+    holds the range gives the same answer."""
+
+    __slots__ = ("ends", "holders", "root", "starts")
+
+    def __init__(self, root: Node, holders: list[Node]) -> None:
+        self.root = root
+        self.holders = holders  # disjoint, in source order
+        self.starts = [node.start_byte for node in holders]
+        self.ends = [node.end_byte for node in holders]
+
+    def _holder(self, start: int, end: int) -> Node:
+        at = bisect_right(self.starts, start) - 1
+        return self.holders[at] if at >= 0 and end <= self.ends[at] else self.root
+
+    def smallest(self, start: int, end: int) -> Node | None:
+        """The smallest node over `start`..`end`."""
+        return self._holder(start, end).descendant_for_byte_range(start, end)
+
+    def named(self, start: int, end: int) -> Node | None:
+        """The smallest named node over `start`..`end`."""
+        return self._holder(start, end).named_descendant_for_byte_range(start, end)
+
+
 def _named_calls(
-    source: str, data: bytes, root: Node
+    source: str, data: bytes, nodes: _Locator
 ) -> tuple[list[tuple[str, Node]], list[tuple[Node, str, str]]]:
     """(name, call) of local calls named in `_LOCAL_CALLS`; (call, module, function) of
     remote calls on `_REMOTE_MODULES` (`Name.`). Text in strings and comments is no call."""
@@ -243,33 +274,48 @@ def _named_calls(
     for start, name in _whole_words(source, data):
         end = start + len(name)
         if name in _LOCAL_CALLS:
-            node = root.descendant_for_byte_range(start, end)
-            call = node.parent if node is not None else None
-            is_target = call is not None and call.child_by_field_name("target") == node
-            if node is not None and call is not None and node.type == "identifier" and is_target:
-                local_calls.append((_text(node), call))
+            call = _call_with_target(nodes, start, end, "identifier")
+            if call is not None:
+                local_calls.append((name, call))
             continue
         if data[end : end + 1] != b".":
             continue
-        alias = root.descendant_for_byte_range(start, end)
-        dot = alias.parent if alias is not None else None
-        call = dot.parent if dot is not None else None
-        if alias is None or alias.type != "alias" or dot is None or call is None:
+        dot = nodes.named(start, end + 1)
+        if dot is None or dot.type != "dot" or dot.start_byte != start:
             continue
-        if dot.type != "dot" or dot.child_by_field_name("left") != alias:
-            continue
+        alias = dot.child_by_field_name("left")
         fun = dot.child_by_field_name("right")
-        if call.type == "call" and call.child_by_field_name("target") == dot and fun is not None:
+        if alias is None or alias.type != "alias" or alias.end_byte != end or fun is None:
+            continue  # `Name.` ends a longer alias (`My.Task.run`) or is no call's module
+        call = _call_with_target(nodes, start, dot.end_byte, "dot")
+        if call is not None:
             remotes.append((call, name, _text(fun)))
     return local_calls, remotes
 
 
-def _nodes_at(data: bytes, root: Node, text: str, kind: str) -> Iterator[Node]:
-    """Every node of type `kind` that starts with `text`, found where `text` occurs."""
+def _call_with_target(nodes: _Locator, start: int, end: int, kind: str) -> Node | None:
+    """The call whose target, of type `kind`, spans bytes `start`..`end`; None if none.
+
+    A target is followed by its arguments or `do` block, so the byte after it lies in its
+    call: the smallest named node over the target and that byte is the call (a
+    `Name.fun` without arguments is a call of the target's extent: its parent)."""
+    node = nodes.named(start, end + 1)
+    if node is None or node.start_byte != start or node.type != "call":
+        node = nodes.named(start, end)
+        node = node.parent if node is not None and node.end_byte == end else None
+        if node is None or node.type != "call" or node.end_byte != end:
+            return None
+    target = node.child_by_field_name("target")
+    if target is None or target.type != kind or target.start_byte != start:
+        return None
+    return node if target.end_byte == end else None
+
+
+def _positions(data: bytes, text: str) -> Iterator[int]:
+    """Where `text` occurs in `data`; a keyword (`or`, `when`, `fn`) only as a whole word
+    (inside `for` or `error` it is no token, which the text shows without the tree)."""
     word = text.encode()
     size = len(word)
-    # A keyword (`or`, `when`, `fn`) is a whole word: inside `for` or `error` it is
-    # no token, which the text shows without asking the tree.
     whole_word = text.isalpha()
     start = data.find(word)
     while start != -1:
@@ -278,37 +324,47 @@ def _nodes_at(data: bytes, root: Node, text: str, kind: str) -> Iterator[Node]:
             (not start or data[start - 1] not in _WORD_BYTES)
             and (end == len(data) or data[end] not in _WORD_BYTES)
         ):
-            node = root.descendant_for_byte_range(start, end)
-            if node is not None and node.type == kind and node.start_byte == start:
-                yield node
+            yield start
         start = data.find(word, start + 1)
 
 
-def _tokens(data: bytes, root: Node, token: str) -> Iterator[Node]:
-    """Every node of type `token` (an operator or keyword: its text is its type)."""
-    return _nodes_at(data, root, token, token)
+def _operators(data: bytes, nodes: _Locator) -> dict[str, list[Node]]:
+    """Binary operator nodes by the operators the features count (`|>`, `=`, `and`...).
+
+    The operator token is unnamed, so the smallest named node over it is its
+    `binary_operator` (asking for the token's parent would descend from the root again)."""
+    found: dict[str, list[Node]] = {}
+    for op in _OPERATORS:
+        size = len(op)
+        binaries = found[op] = []
+        for start in _positions(data, op):
+            node = nodes.named(start, start + size)
+            if node is None or node.type != "binary_operator":
+                continue
+            operator = node.child_by_field_name("operator")
+            if operator is not None and operator.start_byte == start and operator.type == op:
+                binaries.append(node)
+    return found
 
 
-def _parents(tokens: Iterable[Node], kind: str) -> list[Node]:
-    """The parents of `tokens` that are of type `kind`."""
-    return [
-        parent for token in tokens if (parent := token.parent) is not None and parent.type == kind
-    ]
+def _fns(data: bytes, nodes: _Locator) -> list[Node]:
+    """Every `fn ... end` of the tree (the unnamed `fn` token starts one)."""
+    fns = []
+    for start in _positions(data, "fn"):
+        node = nodes.named(start, start + 2)
+        if node is not None and node.type == "anonymous_function" and node.start_byte == start:
+            fns.append(node)
+    return fns
 
 
-def _operators(data: bytes, root: Node) -> dict[str, list[Node]]:
-    """Binary operator nodes by the operators the features count (`|>`, `=`, `and`...)."""
-    return {op: _parents(_tokens(data, root, op), "binary_operator") for op in _OPERATORS}
-
-
-def _fns(data: bytes, root: Node) -> list[Node]:
-    """Every `fn ... end` of the tree."""
-    return _parents(_tokens(data, root, "fn"), "anonymous_function")
-
-
-def _comments(data: bytes, root: Node) -> list[Node]:
+def _comments(data: bytes, nodes: _Locator) -> list[Node]:
     """Every comment of the tree (each starts with `#`; a `#` inside one is no start)."""
-    return list(_nodes_at(data, root, "#", "comment"))
+    comments = []
+    for start in _positions(data, "#"):
+        node = nodes.smallest(start, start + 1)
+        if node is not None and node.type == "comment" and node.start_byte == start:
+            comments.append(node)
+    return comments
 
 
 def _longest_pipe(pipes: list[Node]) -> int:

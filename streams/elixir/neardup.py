@@ -1,12 +1,16 @@
 """Near-duplicate detection: MinHash signatures, LSH bands, and the decision rules.
 
-Signatures are MinHash over 5-token shingles with 256 permutations, each a random affine
-map `a * x + b mod 2**32` (a odd) of 32-bit shingle hashes, computed for every
-permutation and shingle in one numpy operation (datasketch's per-shingle SHA-1 costs
-more than parsing the file). The signature is cut into `bands` bands of `rows` rows,
-chosen to minimise the sum of the false-positive and false-negative probabilities at
-the Jaccard threshold (0.7, BigCode's parameters): `optimal_bands`. Two files whose band
-hashes collide in any band are candidates; each band hash is a bucket key `band:hash`.
+Signatures are MinHash over 5-token shingles with 256 permutations, each a random
+multiplication `a * x mod 2**32` (a odd, so a bijection) of 32-bit shingle hashes,
+computed for every permutation and shingle in one numpy operation (datasketch's
+per-shingle SHA-1 costs more than parsing the file). The shingle hashes are already
+well mixed (`streams.elixir.hashing`), so an offset `+ b` would add a pass over the
+data and no quality: `benchmarks/neardup_quality.py` measures both.
+
+The signature is cut into `bands` bands of `rows` rows, chosen to minimise the sum of
+the false-positive and false-negative probabilities at the Jaccard threshold (0.7,
+BigCode's parameters): `optimal_bands`. Two files whose band hashes collide in any band
+are candidates; each band hash is a bucket key `band:hash`.
 
 The decision is made in the stream (see `streams.dedup`), by these pure rules:
 
@@ -45,6 +49,7 @@ __all__ = [
     "batch_decisions",
     "decide",
     "lsh_errors",
+    "multipliers",
     "optimal_bands",
     "shingles",
     "signature",
@@ -102,12 +107,11 @@ def shingles(words: Sequence[str], size: int = SHINGLE) -> np.ndarray:
 
 
 @cache
-def _permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) of the affine maps `a * x + b mod 2**32`, a odd: each a permutation."""
+def multipliers(num_perm: int = NUM_PERM) -> np.ndarray:
+    """The odd multipliers `a` of the permutations `a * x mod 2**32`, as one row."""
     rng = np.random.default_rng(SEED)
     a = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32) | np.uint32(1)
-    b = rng.integers(0, 2**32, size=num_perm, dtype=np.uint64).astype(np.uint32)
-    return a[None, :], b[None, :]
+    return a[None, :]
 
 
 def signature(words: Sequence[str], num_perm: int = NUM_PERM) -> np.ndarray | None:
@@ -120,7 +124,7 @@ def _minhash(grams: np.ndarray, num_perm: int) -> np.ndarray | None:
     if not len(grams):
         return None
     grams = grams.astype(np.uint32)
-    a, b = _permutations(num_perm)
+    a = multipliers(num_perm)
     values = np.full(num_perm, np.iinfo(np.uint32).max, dtype=np.uint32)
     block = np.empty((_BLOCK, num_perm), dtype=np.uint32)
     # A row per shingle, a column per permutation: the minimum over rows is an elementwise
@@ -129,7 +133,6 @@ def _minhash(grams: np.ndarray, num_perm: int) -> np.ndarray | None:
         chunk = grams[start : start + _BLOCK, None]
         out = block[: chunk.shape[0]]
         np.multiply(chunk, a, out=out)
-        np.add(out, b, out=out)
         np.minimum(values, np.minimum.reduce(out, axis=0), out=values)
     return values
 

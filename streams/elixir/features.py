@@ -128,10 +128,12 @@ _REMOTE_MODULES = frozenset(
     ]
 )
 _CALL_NAMES = sorted(_LOCAL_CALLS | _REMOTE_MODULES)
-_CALL_NAME_CRCS = np.array([zlib.crc32(name.encode()) for name in _CALL_NAMES], dtype=np.uint64)
-# A bytes regex's `\w`: what a name must not touch to be a whole word.
-_WORD_BYTES = frozenset(WORD_BYTES)
-_BLANK_NON_WORD = bytes(b if b in _WORD_BYTES else ord(" ") for b in range(256))
+# Every word the features look for: a file's tokens tell which can occur at all.
+_WORDS = sorted({*_CALL_NAMES, *(op for op in _OPERATORS if op.isalpha()), "fn"})
+_WORD_CRCS = np.array([zlib.crc32(word.encode()) for word in _WORDS], dtype=np.uint64)
+# A bytes regex's `\w`: what a word must not touch to be a whole word (true by byte).
+_IS_WORD_BYTE = bytes(b in WORD_BYTES for b in range(256))
+_BLANK_NON_WORD = bytes(b if b in WORD_BYTES else ord(" ") for b in range(256))
 _IEX = re.compile(r"^\s*iex(?:\(\d+\))?>\s?(.*)$")
 _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
 
@@ -139,8 +141,9 @@ _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
 def features(source: str, data: bytes, root: Node, found: Definitions) -> ElixirAnalysis:
     """The file's features, from its tree and the module walk's definitions."""
     nodes = _Locator(root, found.definition_nodes)
-    operators = _operators(data, nodes)
-    local_calls, remotes = _named_calls(source, data, nodes)
+    words = _words_in(source, data)
+    operators = _operators(data, nodes, words)
+    local_calls, remotes = _named_calls(data, nodes, words)
     modules = found.modules
     locals_ = Counter(name for name, _ in local_calls)
     pipes = operators["|>"]
@@ -177,7 +180,7 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
             data,
             _comments(data, nodes),
             found.functions,
-            _complexity(found, _fns(data, nodes), operators, local_calls),
+            _complexity(found, _fns(data, nodes, words), operators, local_calls),
         ),
     )
 
@@ -203,34 +206,26 @@ def _owner(node: Node, modules: list[ModuleInfo]) -> str | None:
     return max(inside, key=lambda m: m.start_line).name if inside else None
 
 
-def _call_names_in(source: str, data: bytes) -> list[str]:
-    """The `_CALL_NAMES` that may be words of a file (`data`, the UTF-8 of `source`) as
-    `\\w` delimits them in a bytes regex: all that are, and maybe a few more."""
+def _words_in(source: str, data: bytes) -> frozenset[str]:
+    """The `_WORDS` that may be words of a file (`data`, the UTF-8 of `source`) as `\\w`
+    delimits them in a bytes regex: all that are, and maybe a few more."""
     if source.isascii():  # its tokens are those words; their CRCs serve near-dup bands too
         crcs = np.sort(token_crcs(source))
         if not len(crcs):
-            return []
-        at = np.minimum(np.searchsorted(crcs, _CALL_NAME_CRCS), len(crcs) - 1)
-        found = (crcs[at] == _CALL_NAME_CRCS).tolist()
-        return [name for name, hit in zip(_CALL_NAMES, found, strict=True) if hit]
+            return frozenset()
+        at = np.minimum(np.searchsorted(crcs, _WORD_CRCS), len(crcs) - 1)
+        found = (crcs[at] == _WORD_CRCS).tolist()
+        return frozenset(word for word, hit in zip(_WORDS, found, strict=True) if hit)
     words = set(data.translate(_BLANK_NON_WORD).decode("ascii").split())
-    return [name for name in _CALL_NAMES if name in words]
+    return frozenset(word for word in _WORDS if word in words)
 
 
-def _whole_words(source: str, data: bytes) -> list[tuple[int, str]]:
-    """(offset in `data`, name) of each occurrence of `_CALL_NAMES` as a whole word (what
-    `\\b` bounds in a bytes regex), in source order."""
-    hits = []
-    for name in _call_names_in(source, data):
-        word = name.encode()
-        start = data.find(word)
-        while start != -1:
-            end = start + len(word)
-            before = data[start - 1] if start else None
-            after = data[end] if end < len(data) else None
-            if before not in _WORD_BYTES and after not in _WORD_BYTES:
-                hits.append((start, name))
-            start = data.find(word, start + 1)
+def _whole_words(data: bytes, words: frozenset[str]) -> list[tuple[int, str]]:
+    """(offset in `data`, name) of each call name of `words` as a whole word, in source
+    order."""
+    hits = [
+        (start, name) for name in _CALL_NAMES if name in words for start in _positions(data, name)
+    ]
     hits.sort()
     return hits
 
@@ -265,13 +260,13 @@ class _Locator:
 
 
 def _named_calls(
-    source: str, data: bytes, nodes: _Locator
+    data: bytes, nodes: _Locator, words: frozenset[str]
 ) -> tuple[list[tuple[str, Node]], list[tuple[Node, str, str]]]:
     """(name, call) of local calls named in `_LOCAL_CALLS`; (call, module, function) of
     remote calls on `_REMOTE_MODULES` (`Name.`). Text in strings and comments is no call."""
     local_calls: list[tuple[str, Node]] = []
     remotes: list[tuple[Node, str, str]] = []
-    for start, name in _whole_words(source, data):
+    for start, name in _whole_words(data, words):
         end = start + len(name)
         if name in _LOCAL_CALLS:
             call = _call_with_target(nodes, start, end, "identifier")
@@ -312,23 +307,24 @@ def _call_with_target(nodes: _Locator, start: int, end: int, kind: str) -> Node 
 
 
 def _positions(data: bytes, text: str) -> Iterator[int]:
-    """Where `text` occurs in `data`; a keyword (`or`, `when`, `fn`) only as a whole word
-    (inside `for` or `error` it is no token, which the text shows without the tree)."""
+    """Where `text` occurs in `data`; a word (`or`, `case`) only as a whole word (inside
+    `for` or `error` it is no token, which the text shows without the tree)."""
     word = text.encode()
     size = len(word)
     whole_word = text.isalpha()
+    last = len(data) - 1
     start = data.find(word)
     while start != -1:
         end = start + size
         if not whole_word or (
-            (not start or data[start - 1] not in _WORD_BYTES)
-            and (end == len(data) or data[end] not in _WORD_BYTES)
+            (not start or not _IS_WORD_BYTE[data[start - 1]])
+            and (end > last or not _IS_WORD_BYTE[data[end]])
         ):
             yield start
         start = data.find(word, start + 1)
 
 
-def _operators(data: bytes, nodes: _Locator) -> dict[str, list[Node]]:
+def _operators(data: bytes, nodes: _Locator, words: frozenset[str]) -> dict[str, list[Node]]:
     """Binary operator nodes by the operators the features count (`|>`, `=`, `and`...).
 
     The operator token is unnamed, so the smallest named node over it is its
@@ -337,6 +333,8 @@ def _operators(data: bytes, nodes: _Locator) -> dict[str, list[Node]]:
     for op in _OPERATORS:
         size = len(op)
         binaries = found[op] = []
+        if op.isalpha() and op not in words:
+            continue
         for start in _positions(data, op):
             node = nodes.named(start, start + size)
             if node is None or node.type != "binary_operator":
@@ -347,9 +345,11 @@ def _operators(data: bytes, nodes: _Locator) -> dict[str, list[Node]]:
     return found
 
 
-def _fns(data: bytes, nodes: _Locator) -> list[Node]:
+def _fns(data: bytes, nodes: _Locator, words: frozenset[str]) -> list[Node]:
     """Every `fn ... end` of the tree (the unnamed `fn` token starts one)."""
-    fns = []
+    fns: list[Node] = []
+    if "fn" not in words:
+        return fns
     for start in _positions(data, "fn"):
         node = nodes.named(start, start + 2)
         if node is not None and node.type == "anonymous_function" and node.start_byte == start:

@@ -168,6 +168,10 @@ def file_analysis(
 
 
 def _arguments(call: Node) -> Node | None:
+    """A call's `arguments`: the child after its target, unless a comment sits between."""
+    second = call.child(1)
+    if second is not None and second.type == "arguments":
+        return second
     for child in call.children:
         if child.type == "arguments":
             return child
@@ -175,6 +179,9 @@ def _arguments(call: Node) -> Node | None:
 
 
 def _first_named(node: Node) -> Node | None:
+    first = node.named_child(0)
+    if first is None or first.type not in _SKIPPED_STATEMENTS:
+        return first
     for child in node.named_children:
         if child.type not in _SKIPPED_STATEMENTS:
             return child
@@ -182,19 +189,8 @@ def _first_named(node: Node) -> Node | None:
 
 
 def _first_argument(call: Node) -> Node | None:
-    for child in call.children:
-        if child.type == "arguments":
-            return _first_named(child)
-    return None
-
-
-def _statements(node: Node) -> list[Node]:
-    """The statements of a `do_block`/`else_block`/parenthesised block (comments dropped)."""
-    return [
-        child
-        for child in node.named_children
-        if (kind := child.type) not in _SKIPPED_STATEMENTS and not kind.endswith("_block")
-    ]
+    args = _arguments(call)
+    return None if args is None else _first_named(args)
 
 
 def _keyword_value(args: Node, key: str) -> Node | None:
@@ -282,8 +278,8 @@ def _line_indent(indent: int) -> re.Pattern[str]:
     return re.compile(rf"\n[ \t]{{1,{indent}}}")
 
 
-def _signature(head: Node) -> tuple[str, int] | None:
-    """(name, arity) of a definition head; None when the name is computed."""
+def _signature(data: bytes, head: Node) -> tuple[str, int] | None:
+    """(name, arity) of a definition head (in `data`); None when the name is computed."""
     node: Node | None = head
     while node is not None and node.type == "binary_operator":
         op = node.child_by_field_name("operator")
@@ -297,15 +293,16 @@ def _signature(head: Node) -> tuple[str, int] | None:
     arity = 0
     if kind == "call":
         target = node.child_by_field_name("target")
-        text = target.text if target is not None and target.type == "identifier" else None
-        if text is None:
+        if target is None or target.type != "identifier":
             return None
-        name = text.decode()
+        name = data[target.start_byte : target.end_byte].decode()
         args = _arguments(node)
         if args is not None:
-            arity = len([c for c in args.named_children if c.type not in _SKIPPED_STATEMENTS])
+            arity = args.named_child_count
+            if data.find(b"#", args.start_byte, args.end_byte) != -1:  # maybe comments
+                arity = len([c for c in args.named_children if c.type not in _SKIPPED_STATEMENTS])
     elif kind == "identifier":
-        name = node.text.decode() if node.text is not None else None
+        name = data[node.start_byte : node.end_byte].decode()
     elif kind in ("binary_operator", "unary_operator"):
         op = node.child_by_field_name("operator")
         name = op.type if op is not None else None
@@ -504,12 +501,12 @@ class _Extractor:
     def module_body(self, call: Node, args: Node) -> list[Node]:
         for child in call.children:
             if child.type == "do_block":
-                return _statements(child)
+                return child.named_children
         value = _keyword_value(args, "do")
         if value is None:
             return []
         if value.type == "block":
-            return _statements(value)
+            return value.named_children
         return [value]
 
     # -------------------------------------------------------------- functions
@@ -523,6 +520,8 @@ class _Extractor:
         return body.moduledoc
 
     def _walk_body(self, statements: list[Node], body: _Body) -> None:
+        """Read a body's named children: calls and attributes (comments and the rest are
+        passed over)."""
         for stmt in statements:
             kind = stmt.type
             if kind == "unary_operator":
@@ -545,10 +544,10 @@ class _Extractor:
             elif keyword in _CONDITIONALS:
                 for child in stmt.children:
                     if child.type == "do_block":
-                        self._walk_body(_statements(child), body)
+                        self._walk_body(child.named_children, body)
                         for sub in child.children:
                             if sub.type == "else_block":
-                                self._walk_body(_statements(sub), body)
+                                self._walk_body(sub.named_children, body)
             elif keyword.startswith("def"):
                 body.doc = None  # defstruct, defguard, defexception... take the pending doc
 
@@ -590,7 +589,7 @@ class _Extractor:
             if op is None or left is None or op.type not in ("when", "::"):
                 break
             node = left
-        signature = _signature(node)
+        signature = _signature(self.data, node)
         if signature is not None:
             body.found.types.append(
                 TypeInfo(
@@ -644,7 +643,7 @@ class _Extractor:
         head_node = _first_argument(stmt)
         if head_node is None or head_node.type == "keywords":
             return
-        signature = _signature(head_node)
+        signature = _signature(self.data, head_node)
         if signature is None:
             return
         name, arity = signature

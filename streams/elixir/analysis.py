@@ -104,9 +104,6 @@ class Definitions:
     types: list[TypeInfo]
     behaviours: list[Behaviour]
     impls: dict[str, set[str]]  # module → `name/arity` of definitions marked `@impl`
-    # Every definition statement read (`def`... calls), in source order: disjoint nodes
-    # that hold most of a file's code, from which a node lookup descends (`Locator`).
-    definition_nodes: list[Node] = field(default_factory=list)
 
 
 def normalise(source: str) -> str:
@@ -354,7 +351,6 @@ class _Found:
     types: list[TypeInfo] = field(default_factory=list)
     behaviours: list[Behaviour] = field(default_factory=list)
     impls: dict[str, set[str]] = field(default_factory=dict)
-    definition_nodes: list[Node] = field(default_factory=list)
 
 
 class _Extractor:
@@ -419,10 +415,7 @@ class _Extractor:
             ]
         )
         clauses = {(g.module, g.name, g.arity, g.kind): len(g.sources) for g in groups}
-        acc.definition_nodes.sort(key=lambda n: n.start_byte)
-        return Definitions(
-            modules, functions, clauses, acc.types, acc.behaviours, acc.impls, acc.definition_nodes
-        )
+        return Definitions(modules, functions, clauses, acc.types, acc.behaviours, acc.impls)
 
     def module_calls(self, root: Node) -> list[Node]:
         """Every `defmodule`/`defprotocol`/`defimpl` call, in source order.
@@ -536,7 +529,6 @@ class _Extractor:
             if keyword in _DEF_KINDS or keyword == "defdelegate":
                 doc = body.doc
                 body.doc = None
-                body.found.definition_nodes.append(stmt)
                 self._clause(stmt, keyword, doc, body)
                 body.impl = False
             elif keyword == "use":

@@ -105,20 +105,22 @@ def analysed_file(
     return file_record(package, path, redaction, analysis, bands)
 
 
+def _content_fields(content: str) -> dict[str, Any]:
+    """A record's inline `content` with the `sha256` and `size_bytes` that name it."""
+    encoded = content.encode()
+    return {"sha256": sha256_hex(encoded), "content": content, "size_bytes": len(encoded)}
+
+
 def file_record(
     package: RawPackage, path: str, redaction: Redaction, analysis: FileAnalysis, bands: list[str]
 ) -> ParsedFile:
     """The record of an analysed file (content inline), with its near-duplicate bands."""
-    content = redaction.text
-    encoded = content.encode()
     metadata: dict[str, Any] = package.metadata
     return ParsedFile(
-        sha256=sha256_hex(encoded),
+        **_content_fields(redaction.text),
         source_id=package.source_id,
         path=path,
         license=package.license,
-        content=content,
-        size_bytes=len(encoded),
         lines=analysis.lines,
         modules=analysis.modules,
         functions=analysis.functions,
@@ -162,12 +164,9 @@ def cleaned_book_segment(
         return Dropped("contamination")
     book = segment.book
     code = redact(book.code).text if book.code is not None else None
-    encoded = content.encode()
     cleaned = segment.model_copy(
         update={
-            "sha256": sha256_hex(encoded),
-            "content": content,
-            "size_bytes": len(encoded),
+            **_content_fields(content),
             "redactions": dict(redaction.counts),
             "book": book.model_copy(update={"prose": redact(book.prose).text, "code": code}),
             "near_dup": NearDup(bands=text_band_keys(content, steps.neardup_threshold)),

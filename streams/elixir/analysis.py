@@ -266,6 +266,9 @@ def _dedent_block(text: str, indent: int) -> str:
     """Strip up to `indent` leading blanks from every line but the first."""
     if not indent or "\n" not in text:
         return text
+    pad = "\n" + " " * indent
+    if "\t" not in text and text.count("\n ") == text.count(pad):
+        return text.replace(pad, "\n")  # every indented line has `indent` spaces or more
     return _line_indent(indent).sub("\n", text)
 
 

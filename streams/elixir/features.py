@@ -176,7 +176,7 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
         metrics=code_metrics(
             source,
             data,
-            _comments(data, root),
+            _comments(data, root, words),
             found.functions,
             _complexity(found, _fns(data, root, words), operators, local_calls),
         ),
@@ -221,9 +221,7 @@ def _words_in(source: str, data: bytes) -> frozenset[str]:
 def _whole_words(data: bytes, words: frozenset[str]) -> list[tuple[int, str]]:
     """(offset in `data`, name) of each call name of `words` as a whole word, in source
     order."""
-    hits = [
-        (start, name) for name in _CALL_NAMES if name in words for start in _positions(data, name)
-    ]
+    hits = [(start, name) for name in _CALL_NAMES for start in _positions(data, name, words)]
     hits.sort()
     return hits
 
@@ -275,14 +273,16 @@ def _call_with_target(root: Node, start: int, end: int, kind: str) -> Node | Non
     return node if target.end_byte == end else None
 
 
-def _positions(data: bytes, text: str) -> list[int]:
-    """Where `text` occurs in `data`: a word (`or`, `case`) only as a whole word (inside
-    `for` or `error` it is no token, which the text shows without the tree); a symbol of
-    one or two bytes (`#`, `|>`) by array comparisons, faster than a `find` per hit."""
+def _positions(data: bytes, text: str, words: frozenset[str]) -> list[int]:
+    """Where `text` occurs in `data`: a word (`or`, `case`) only when the file's `words`
+    (`_words_in`) hold it, and then only as a whole word (inside `for` or `error` it is no
+    token, which the text shows without the tree); a symbol of one or two bytes (`#`,
+    `|>`) by array comparisons, faster than a `find` per hit."""
     token = text.encode()
-    if token not in data:
+    is_word = text.isalpha()
+    if (is_word and text not in words) or token not in data:
         return []
-    if not text.isalpha():
+    if not is_word:
         array = np.frombuffer(data, dtype=np.uint8)
         if len(token) == 1:
             return np.flatnonzero(array == token[0]).tolist()
@@ -312,9 +312,7 @@ def _operators(data: bytes, root: Node, words: frozenset[str]) -> dict[str, list
     for op in _OPERATORS:
         size = len(op)
         binaries = found[op] = []
-        if op.isalpha() and op not in words:
-            continue
-        for start in _positions(data, op):
+        for start in _positions(data, op, words):
             node = root.named_descendant_for_byte_range(start, start + size)
             if node is None or node.type != "binary_operator":
                 continue
@@ -326,20 +324,18 @@ def _operators(data: bytes, root: Node, words: frozenset[str]) -> dict[str, list
 
 def _fns(data: bytes, root: Node, words: frozenset[str]) -> list[Node]:
     """Every `fn ... end` of the tree (the unnamed `fn` token starts one)."""
-    fns: list[Node] = []
-    if "fn" not in words:
-        return fns
-    for start in _positions(data, "fn"):
+    fns = []
+    for start in _positions(data, "fn", words):
         node = root.named_descendant_for_byte_range(start, start + 2)
         if node is not None and node.type == "anonymous_function" and node.start_byte == start:
             fns.append(node)
     return fns
 
 
-def _comments(data: bytes, root: Node) -> list[Node]:
+def _comments(data: bytes, root: Node, words: frozenset[str]) -> list[Node]:
     """Every comment of the tree (each starts with `#`; a `#` inside one is no start)."""
     comments = []
-    for start in _positions(data, "#"):
+    for start in _positions(data, "#", words):
         node = root.descendant_for_byte_range(start, start + 1)
         if node is not None and node.type == "comment" and node.start_byte == start:
             comments.append(node)

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-from exforge.store import sha256_hex
+from exforge.core.store import sha256_hex
 from schemas.records import BookSegment, ParsedFile, RawPackage
 from streams.stage import BadMessage
 

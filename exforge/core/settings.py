@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         0.5, gt=0, description="First retry delay; doubles per attempt, with full jitter."
     )
     http_timeout_s: float = Field(30.0, gt=0, description="Timeout of one source request.")
+    http_secondary_wait_s: float = Field(
+        60.0,
+        gt=0,
+        description="Wait after a rate limit that names no time (GitHub asks for at least "
+        "60 s); doubles while it repeats.",
+    )
     archive_max_compressed_bytes: PositiveInt = Field(
         16 * 1024 * 1024, description="Largest archive accepted as fetched (compressed)."
     )

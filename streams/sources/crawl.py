@@ -52,6 +52,7 @@ class Summary:
                 "not_modified": http.stats.not_modified,
                 "retries": dict(http.stats.retries),
                 "throttled": http.stats.throttled,
+                "encodings": dict(http.stats.encodings),
                 "budget_waits": http.limiter.waits,
             }
         return data

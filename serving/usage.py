@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from serving.tables import UsageDaily
+from exforge.core.db import UsageDaily
 
 
 def record(

@@ -9,7 +9,7 @@ from pathlib import Path
 import pymupdf
 import pytest
 
-from exforge.store import sha256_hex
+from exforge.core.store import sha256_hex
 from schemas.records import RawPackage
 from streams.sources.books import NotABook, book_files, extract_book
 

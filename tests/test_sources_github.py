@@ -14,9 +14,9 @@ import pytest
 from servers.github import GitHubState, Repo, github_server, many_repos
 from sqlalchemy import Engine
 
-from exforge.db import engine_for
-from exforge.settings import Settings, load_settings
-from exforge.store import FileStore
+from exforge.core.db import engine_for
+from exforge.core.settings import Settings, load_settings
+from exforge.core.store import FileStore
 from schemas.records import SourceRequest
 from streams.archives import Limits
 from streams.parse import elixir_members

@@ -23,9 +23,9 @@ from servers.hex import (
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from exforge.db import LicenseOutcome, SeenRelease, engine_for
-from exforge.settings import Settings, load_settings
-from exforge.store import FileStore, ObjectStore
+from exforge.core.db import LicenseOutcome, SeenRelease, engine_for
+from exforge.core.settings import Settings, load_settings
+from exforge.core.store import FileStore, ObjectStore
 from schemas.records import SourceRequest
 from streams.archives import ChecksumMismatch, CorruptArchive
 from streams.ingest import IngestDeps, ingest_request

@@ -26,7 +26,7 @@ from servers.hex import (
 )
 from test_sources_books import CODE_BLOCKS, make_pdf
 
-from exforge.kafka import read_all
+from exforge.core.kafka import read_all
 from schemas.records import ParsedFile
 
 pytestmark = pytest.mark.slow

@@ -27,7 +27,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Literal
 
-from exforge.store import sha256_hex
+from exforge.core.store import sha256_hex
 from schemas.records import BookSegment, ParsedFile, RawPackage
 from streams.stage import BadMessage
 

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from exforge.db import SeenRelease
+from exforge.core.db import SeenRelease
 from schemas.records import SourceRequest
 from streams.sources.http import PoliteClient
 

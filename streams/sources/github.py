@@ -22,8 +22,8 @@ from typing import Any
 import httpx
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore, sha256_hex
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore, sha256_hex
 from schemas.records import SourceRequest
 from streams.sources.crawl import MissingSetting, Progress, SeenReleases, Sink, Summary
 from streams.sources.http import SECONDARY_LIMIT, PoliteClient, SourceHTTPError

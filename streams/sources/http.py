@@ -35,8 +35,8 @@ import httpx
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from exforge.db import HttpCacheEntry
-from exforge.settings import Settings
+from exforge.core.db import HttpCacheEntry
+from exforge.core.settings import Settings
 
 log = logging.getLogger("exforge.sources.http")
 

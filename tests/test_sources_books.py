@@ -232,18 +232,21 @@ def test_headings_by_font_size_when_there_is_no_outline() -> None:
     assert [b.code for c in book.chapters for b in c.code_blocks] == CODE_BLOCKS
 
 
-def test_segments_pair_code_with_prose_and_carry_difficulty(pdf: bytes, tmp_path: Path) -> None:
-    package = RawPackage(
+def package_of(pdf: bytes) -> RawPackage:
+    return RawPackage(
         source_id=f"book:{sha256_hex(pdf)}",
         kind="book",
-        name="Elixir by Example",
+        name=BOOK_TITLE,
         version="1",
         license="CC0-1.0",
         archive_key="books/x.pdf",
         sha256=sha256_hex(pdf),
         size_bytes=len(pdf),
     )
-    files = book_files(package, pdf)
+
+
+def test_segments_pair_code_with_prose_and_carry_difficulty(pdf: bytes, tmp_path: Path) -> None:
+    files = book_files(package_of(pdf), pdf)
     assert all(f.kind == "book_segment" and f.book is not None for f in files)
     segments = [f.book for f in files if f.book and f.book.code]
     assert [s.code for s in segments] == CODE_BLOCKS
@@ -311,19 +314,6 @@ LONG_CHAPTERS: list[list[Part]] = [
 
 def segments_text(files: list) -> str:
     return "\n".join(f.content for f in files)
-
-
-def package_of(pdf: bytes) -> RawPackage:
-    return RawPackage(
-        source_id=f"book:{sha256_hex(pdf)}",
-        kind="book",
-        name=BOOK_TITLE,
-        version="1",
-        license="CC0-1.0",
-        archive_key="books/x.pdf",
-        sha256=sha256_hex(pdf),
-        size_bytes=len(pdf),
-    )
 
 
 def test_code_and_prose_across_page_breaks_without_running_heads_or_page_numbers() -> None:

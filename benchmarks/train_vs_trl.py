@@ -1,19 +1,21 @@
-"""Benchmark (a): exforge's training loop against a plain TRL `SFTTrainer` + peft run.
+"""Benchmark (a): exforge's training loop against TRL's `SFTTrainer` + peft, TRL both as
+commonly run (`packing=False`: each micro-batch padded to its longest sample) and at its
+fastest documented setting (`packing=True` with `padding_free=True`: best-fit-decreasing
+packing, one flattened sequence per batch, sample boundaries from `position_ids`).
 
-Both sides train the same base (the `tiny` preset, NF4 like exforge's QLoRA), on the same
+All sides train the same base (the `tiny` preset, NF4 like exforge's QLoRA) on the same
 conversations encoded the same way (Tekken instruct format, loss on assistant tokens
 only), with the same LoRA (rank 16, alpha 32, all linear layers), optimiser (AdamW,
-lr 2e-4, cosine, clip 1.0), sequence length, micro-batch of 2 sequences and number of
-optimiser steps, for one epoch. exforge packs conversations into full sequences without
-cross-attention; the plain TRL run pads each micro-batch to its longest sample (its
-default, `packing=False`) and accumulates gradients to see the same samples per step.
+lr 2e-4, cosine, clip 1.0), sequence length and number of optimiser steps. exforge and
+packed TRL take two packed sequences per step; padded TRL takes micro-batches of two
+samples and accumulates gradients to see the same samples per step.
 
-Each side runs in its own child process of this one run, so peak memory is its own:
-CUDA's peak allocation on a GPU, else peak RSS (and its growth while training).
-Throughput counts real (non-padding) tokens per second of training, by wall clock and
-by CPU time (the latter is steadier on a shared machine).
+Each side runs in its own child process, so peak memory is its own: CUDA's peak
+allocation on a GPU, else peak RSS. Throughput counts real (non-padding) tokens per
+second of training, by wall clock and by CPU time (steadier on a shared machine). The
+sides alternate round by round (`--repeats`), and the ratios are taken within a round.
 
-Usage: python benchmarks/train_vs_trl.py [--samples N] [--out FILE]
+Usage: python benchmarks/train_vs_trl.py [--samples N] [--repeats R] [--out FILE]
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from exforge.core.bench import figure, write_figures
 from workers.trainer.data import synthetic_samples
 
 SEQ_LEN = 512
@@ -92,7 +95,7 @@ def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
     from exforge.core.settings import load_settings
     from exforge.core.store import FileStore
     from workers.trainer.data import Cursor, write_split
-    from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
+    from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 
     store = FileStore(root / "store")
     write_split(store, "bench", 1, "train", samples, 64)
@@ -114,7 +117,7 @@ def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
             lora=LORA,
         )
 
-    trainer = Trainer(config(1), settings, store)
+    trainer = Recipe(config(1), settings, store)
     packs = trainer.epoch_packs(samples, Cursor(1, level=5))
     steps = len(packs) // BATCH_PACKS
     trainer.config = config(steps)
@@ -127,7 +130,7 @@ def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- TRL
 
 
-def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, Any]:
+def run_trl(samples: list[dict[str, Any]], root: Path, steps: int, packed: bool) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import MistralCommonBackend
@@ -140,8 +143,8 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, 
     tokenizer = load_tokenizer()
     encoded = [encode(tokenizer, s["conversations"]) for s in samples]
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
-    # The same number of optimiser steps, in micro-batches of exforge's batch size.
-    accumulation = math.ceil(len(rows) / steps / BATCH_PACKS)
+    # Padded: the same samples per optimiser step, in micro-batches of two samples.
+    accumulation = 1 if packed else math.ceil(len(rows) / steps / BATCH_PACKS)
     model = load_model("tiny", "nf4", root / "models", seed=0)
     torch.manual_seed(0)
     args = SFTConfig(
@@ -156,7 +159,8 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, 
         weight_decay=0.0,
         max_grad_norm=1.0,
         max_length=SEQ_LEN,
-        packing=False,
+        packing=packed,
+        padding_free=packed,
         gradient_checkpointing=False,
         bf16=False,
         logging_steps=max(steps, 1),
@@ -181,13 +185,26 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, 
         processing_class=MistralCommonBackend(tokenizer_path=SHIPPED_TEKKEN),
         peft_config=peft,
     )
-    used = rows[: steps * accumulation * BATCH_PACKS]
-    tokens = sum(min(len(r["input_ids"]), SEQ_LEN) for r in used)
-    extra = {"samples": len(used), "gradient_accumulation": accumulation}
-    return measure(trainer.train, tokens, steps) | extra
+    counted = {"tokens": 0, "samples": 0}
+    collate = trainer.data_collator
+
+    def counting(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The real tokens and samples each batch brings (packed rows hold several)."""
+        for example in examples:
+            counted["tokens"] += min(len(example["input_ids"]), SEQ_LEN)
+            counted["samples"] += len(example.get("seq_lengths", [0]))
+        return collate(examples)
+
+    trainer.data_collator = counting
+    result = measure(trainer.train, 0, steps)
+    tokens_per = {"tokens_per_s": result["seconds"], "tokens_per_cpu_s": result["cpu_seconds"]}
+    result |= {key: round(counted["tokens"] / seconds, 1) for key, seconds in tokens_per.items()}
+    return result | counted | {"gradient_accumulation": accumulation}
 
 
 # --------------------------------------------------------------------------------- main
+
+SIDES = ("exforge", "trl_padded", "trl_packed")
 
 
 def child(side: str, samples: int, steps: int) -> dict[str, Any]:
@@ -196,7 +213,7 @@ def child(side: str, samples: int, steps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         if side == "exforge":
             return run_exforge(data, Path(tmp))
-        return run_trl(data, Path(tmp), steps)
+        return run_trl(data, Path(tmp), steps, packed=side == "trl_packed")
 
 
 def spawn(side: str, samples: int, steps: int = 0) -> dict[str, Any]:
@@ -207,34 +224,51 @@ def spawn(side: str, samples: int, steps: int = 0) -> dict[str, Any]:
     return json.loads(output.strip().splitlines()[-1])
 
 
+def memory_measure(result: dict[str, Any]) -> str:
+    return "cuda_peak_bytes" if "cuda_peak_bytes" in result else "peak_rss_bytes"
+
+
+def one_round(samples: int) -> dict[str, dict[str, Any]]:
+    """Every side once, exforge first (it fixes the number of steps)."""
+    exforge = spawn("exforge", samples)
+    return {"exforge": exforge} | {
+        side: spawn(side, samples, exforge["steps"]) for side in SIDES[1:]
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=96)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--side", choices=["exforge", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="Figures JSON (with the git revision).")
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         print(json.dumps(child(args.side, args.samples, args.steps)), flush=True)
         return
-    exforge = spawn("exforge", args.samples)
-    trl = spawn("trl", args.samples, exforge["steps"])
-    memory = "cuda_peak_bytes" if "cuda_peak_bytes" in exforge else "peak_rss_bytes"
-    report = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "threads": THREADS,
-        "seq_len": SEQ_LEN,
-        "exforge": exforge,
-        "trl": trl,
-        "tokens_per_s_ratio": round(exforge["tokens_per_s"] / trl["tokens_per_s"], 2),
-        "tokens_per_cpu_s_ratio": round(exforge["tokens_per_cpu_s"] / trl["tokens_per_cpu_s"], 2),
-        "peak_memory_ratio": round(exforge[memory] / trl[memory], 2),
-        "memory_measure": memory,
+    rounds = [one_round(args.samples) for _ in range(args.repeats)]
+    memory = memory_measure(rounds[0]["exforge"])
+    figures = {}
+    for side in SIDES:
+        figures[f"{side}_tokens_per_s"] = figure([r[side]["tokens_per_s"] for r in rounds], "tok/s")
+        figures[f"{side}_peak_memory"] = figure([r[side][memory] for r in rounds], "bytes", "lower")
+    for side in SIDES[1:]:
+        for measure_name in ("tokens_per_s", "tokens_per_cpu_s"):
+            ratios = [r["exforge"][measure_name] / r[side][measure_name] for r in rounds]
+            figures[f"{measure_name}_ratio_vs_{side}"] = figure(ratios, "x")
+        memory_ratios = [r["exforge"][memory] / r[side][memory] for r in rounds]
+        figures[f"peak_memory_ratio_vs_{side}"] = figure(memory_ratios, "x", "lower")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    details = {"threads": THREADS, "seq_len": SEQ_LEN, "memory": memory, "rounds": rounds}
+    summary = {
+        name: {"median": round(f.median, 3), "min": min(f.runs), "max": max(f.runs)}
+        for name, f in figures.items()
+        if "ratio" in name
     }
-    text = json.dumps(report, indent=2)
-    print(text)
+    print(json.dumps(summary, indent=2))
     if args.out:
-        args.out.write_text(text + "\n")
+        write_figures(args.out, "train_vs_trl", figures, device, details)
 
 
 if __name__ == "__main__":

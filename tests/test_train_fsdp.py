@@ -20,7 +20,7 @@ from exforge.llm.lora import LoraSettings, adapter_state, apply_lora, load_adapt
 from exforge.llm.model import load_model
 from workers.trainer import checkpoint as ckpt
 from workers.trainer.data import load_split, synthetic_samples, write_split
-from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
+from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 from workers.trainer.ssr import buffer_key
 
 SEQ_LEN = 48  # every sample fills more than half a sequence: one sample per pack
@@ -71,7 +71,7 @@ def worker(rank: int, world: int, root: Path, port: int) -> None:
         )
     torch.set_num_threads(1)
     settings, store = load_settings(data_dir=root / "data"), FileStore(root / "data" / "store")
-    trainer = Trainer(compared(world), settings, store)
+    trainer = Recipe(compared(world), settings, store)
     summary = trainer.run()
     result: Result = {
         "sharded": isinstance(trainer.module, FullyShardedDataParallel),
@@ -79,7 +79,7 @@ def worker(rank: int, world: int, root: Path, port: int) -> None:
         "base_numel": sum(p.numel() for p in trainer.model.parameters() if not p.requires_grad),
         "adapter": adapter_state(trainer.model),
         "losses": summary["losses"],
-        "grad_norms": [entry.grad_norm for entry in trainer.log],
+        "grad_norms": [entry.grad_norm for entry in trainer.history.steps],
         "validation": summary["final_validation"]["val_loss_stage3"],
     }
     if world > 1:
@@ -92,7 +92,7 @@ def worker(rank: int, world: int, root: Path, port: int) -> None:
         result["zeroed_validation"] = trainer.validation_loss(validation)
         load_adapter_state(trainer.model, saved.adapter)
         result["reloaded_validation"] = trainer.validation_loss(validation)
-        ssr = Trainer(rehearsing(), settings, store)
+        ssr = Recipe(rehearsing(), settings, store)
         result["ssr_summary"] = ssr.run()
         result["ssr_reports"] = [
             e.metrics for e in ssr.events.sent if "ssr_candidates" in e.metrics

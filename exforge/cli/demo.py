@@ -89,7 +89,7 @@ def stage_losses(losses: list[float], stages: list[int]) -> dict[str, dict[str, 
 
 def train(settings: Settings, say: Say) -> dict[str, Any]:
     """QLoRA on the tiny model through every stage with shards; registers a version."""
-    from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
+    from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 
     store = open_store(settings)
     stages = stages_with_data(store, settings.dataset)
@@ -107,7 +107,7 @@ def train(settings: Settings, say: Say) -> dict[str, Any]:
         validate_every=STEPS_PER_STAGE,
         register_as=MODEL_NAME,
     )
-    summary = Trainer(config, settings, store, open_database(settings)).run()
+    summary = Recipe(config, settings, store, open_database(settings)).run()
     version = summary["version"]["version"]
     return {
         "run_id": summary["run_id"],

@@ -551,16 +551,16 @@ def run_training(config_data: dict[str, Any], as_json: bool) -> None:
     from exforge.core.store import open_store
     from exforge.core.telemetry import serve_metrics
     from workers.trainer.display import training_progress
-    from workers.trainer.recipe import TrainConfig, Trainer
+    from workers.trainer.recipe import Recipe, TrainConfig
 
     config = settings()
-    trainer = Trainer(
+    recipe = Recipe(
         TrainConfig.model_validate(config_data), config, open_store(config), open_database(config)
     )
-    if trainer.dist.main:
+    if recipe.dist.main:
         serve_metrics(config.metrics_port)
-    with training_progress(trainer, enabled=not as_json):
-        summary = trainer.run()
+    with training_progress(recipe, enabled=not as_json):
+        summary = recipe.run()
     if as_json:
         emit_json(summary)
     else:
@@ -601,7 +601,7 @@ def train_resume(
     data = saved_config(open_store(settings()), run_id)
     if data is None:
         raise fail(f"run {run_id} has no checkpoint", 2)
-    run_training(data | {"run_id": run_id, "halt_after_step": None}, as_json)
+    run_training(data | {"run_id": run_id}, as_json)
 
 
 @train_app.command("profile")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import BitsAndBytesConfig, MistralConfig, MistralForCausalLM
+
+from exforge.core.store import ObjectStore
 
 TEKKEN_VOCAB = 131_072
 Quantisation = Literal["none", "nf4", "int8"]
@@ -88,6 +91,46 @@ def load_config(spec: str) -> MistralConfig:
     if (path / "params.json").is_file():
         return config_from_params(json.loads((path / "params.json").read_text()))
     return preset_config(spec)
+
+
+STORE_SPEC = "store:"
+
+
+def store_spec(prefix: str) -> str:
+    """The model spec of a model directory kept in the object store under `prefix`."""
+    return f"{STORE_SPEC}{prefix.rstrip('/')}"
+
+
+def save_to_store(model: MistralForCausalLM, store: ObjectStore, prefix: str) -> str:
+    """Write the model (config, safetensors) under `prefix` in the store; its spec."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            store.put(f"{prefix.rstrip('/')}/{path.name}", path.read_bytes())
+    return store_spec(prefix)
+
+
+def resolve_spec(spec: str, store: ObjectStore, cache_dir: Path) -> str:
+    """A `store:PREFIX` spec as a local directory (its files fetched once, under
+    `cache_dir/store/`); any other spec as it is."""
+    if not spec.startswith(STORE_SPEC):
+        return spec
+    prefix = spec.removeprefix(STORE_SPEC)
+    target = cache_dir / "store" / prefix
+    if (target / "config.json").is_file():
+        return str(target)
+    keys = list(store.list(f"{prefix}/"))
+    if not keys:
+        raise FileNotFoundError(f"the store holds no model under {prefix}/")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        (tmp / key.rsplit("/", 1)[1]).write_bytes(store.get(key))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process fetched it first
+        shutil.rmtree(tmp)
+    return str(target)
 
 
 def materialise_preset(name: str, directory: Path, seed: int = 0) -> Path:

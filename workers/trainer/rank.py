@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from exforge.llm.lora import LoraSettings, apply_lora
-from workers.trainer.packing import forward_losses
+from workers.trainer.loss import forward_losses
 
 
 def loss_after_budget(

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from exforge.db import ModelVersion, RunCheckpoint, TrainingRun
@@ -48,6 +49,10 @@ def record_checkpoint(
             run.step = step
 
 
+# Registrations of one name racing for the same next version: all but one retry.
+REGISTER_ATTEMPTS = 5
+
+
 def register_version(
     engine: Engine,
     name: str,
@@ -56,7 +61,26 @@ def register_version(
     run_id: str | None,
     metrics: dict[str, float],
 ) -> ModelVersionEvent:
-    """Add the next version of `name` (a run registers once: a retry returns its row)."""
+    """Add the next version of `name` (a run registers once: a retry returns its row).
+
+    Two runs registering at once may both read the same highest version; the unique
+    (name, version) constraint refuses the later insert, which then tries again."""
+    for _ in range(REGISTER_ATTEMPTS - 1):
+        try:
+            return _register_once(engine, name, base_model, adapter_key, run_id, metrics)
+        except IntegrityError:
+            continue
+    return _register_once(engine, name, base_model, adapter_key, run_id, metrics)
+
+
+def _register_once(
+    engine: Engine,
+    name: str,
+    base_model: str,
+    adapter_key: str,
+    run_id: str | None,
+    metrics: dict[str, float],
+) -> ModelVersionEvent:
     with Session(engine) as session, session.begin():
         existing = (
             session.scalar(

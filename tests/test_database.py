@@ -16,10 +16,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.orm import Session
 
-import serving.tables  # noqa: F401  (the serving tables join Base.metadata)
 from exforge.db import Base, Sample, Shard, alembic_config, engine_for
 from exforge.store import FileStore
 from schemas.records import InstructionSample
+from serving import keys, usage
+from serving.tables import ApiKey
 from streams.shard import decode_shard, pending_samples, seal, stage_sample
 from tests.test_stage_logic import make_sample
 from workers.trainer.registry import list_versions, register_version
@@ -28,6 +29,7 @@ SHARD_SIZE = 7
 SAMPLES = 240
 BARRIER_TIMEOUT_S = 60
 JOIN_TIMEOUT_S = 120
+USAGE_RECORDS = 40
 
 
 def test_migrations_build_the_schema_the_models_declare(database_url: str) -> None:
@@ -159,3 +161,30 @@ def test_postgres_is_really_postgres(database_url: str) -> None:
     assert engine.dialect.name == "postgresql"
     with engine.connect() as connection:
         assert connection.execute(text("SHOW server_version")).scalar()
+
+
+def _usage_worker(url: str, key_id: str, barrier: object) -> None:
+    barrier.wait(BARRIER_TIMEOUT_S)  # type: ignore[attr-defined]
+    engine = engine_for(url)
+    for _ in range(USAGE_RECORDS):
+        usage.record(engine, key_id, "m", 1, prompt=3, completion=5)
+
+
+def test_api_keys_store_hashes_and_usage_counts_every_request_of_two_gateways(
+    database_url: str,
+) -> None:
+    engine = engine_for(database_url)
+    key_id, secret = keys.create_key(engine, "alice", ["generate"], rate_per_s=2.0, burst=4)
+    with Session(engine) as session:
+        stored = session.get(ApiKey, key_id)
+        assert stored is not None and secret not in (stored.key_hash, stored.name)
+    info = keys.lookup(engine, secret)
+    assert info is not None and info.scopes == {"generate"} and info.burst == 4
+    _run_concurrently(_usage_worker, [(database_url, key_id), (database_url, key_id)])
+    [row] = usage.report(engine)
+    assert (row["requests"], row["prompt_tokens"], row["completion_tokens"]) == (
+        2 * USAGE_RECORDS,
+        2 * 3 * USAGE_RECORDS,
+        2 * 5 * USAGE_RECORDS,
+    ), "no increment lost"
+    assert keys.revoke(engine, key_id) and keys.lookup(engine, secret) is None

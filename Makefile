@@ -10,7 +10,7 @@ DEMO_DATA := .data/demo
 help:
 	@echo "make demo    — set up, run the pipeline on the sample corpus, print dataset stats"
 	@echo "make test    — set up and run the test suite"
-	@echo "make lint    — ruff check and format check"
+	@echo "make lint    — ruff check, format check and the import-layer contract"
 	@echo "make schemas — regenerate schemas/json from the record models"
 
 $(STAMP): pyproject.toml
@@ -51,6 +51,7 @@ test: install elixir postgresql
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff format .

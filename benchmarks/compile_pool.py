@@ -30,11 +30,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from schemas.records import RawPackage
 from streams.files import analysed_file
 from streams.generators import Candidate, generate
 from streams.generators.check import check_all, check_program
-from workers.evaluator.sandbox import SandboxConfig, SandboxPool
 
 CORPUS = Path(__file__).resolve().parent.parent / "examples" / "corpus"
 

@@ -11,8 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from exforge.settings import load_settings
-from exforge.store import FileStore
+from exforge.core.settings import load_settings
+from exforge.core.store import FileStore
 from workers.trainer.data import synthetic_samples, write_split
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 

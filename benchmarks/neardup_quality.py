@@ -2,7 +2,7 @@
 
     python benchmarks/neardup_quality.py [--families 200]
 
-Each family is a generated module (`streams.elixir.synthetic`) and three near-duplicates
+Each family is a generated module (`exforge.elixir.synthetic`) and three near-duplicates
 of it: a variable renamed, the functions reordered, comments rewritten. Every pair
 within a family is a known near-duplicate pair. Each family also gets a *related*
 module sharing half of its functions with the family's module: it and every pair across
@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from streams.elixir import normalise
-from streams.elixir.hashing import tokens
-from streams.elixir.neardup import (
+from exforge.elixir.analysis import normalise
+from exforge.elixir.hashing import tokens
+from exforge.elixir.neardup import (
     NUM_PERM,
     band_keys,
     multipliers,
@@ -44,7 +44,7 @@ from streams.elixir.neardup import (
     shingles,
     signature,
 )
-from streams.elixir.synthetic import mixed, module, recommented, renamed, reordered
+from exforge.elixir.synthetic import mixed, module, recommented, renamed, reordered
 
 KINDS = ("renamed", "reordered", "recommented")
 AT_THRESHOLD = "all three"

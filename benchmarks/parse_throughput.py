@@ -34,15 +34,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exforge.settings import load_settings
-from exforge.store import FileStore
+from exforge.core.settings import load_settings
+from exforge.core.store import FileStore
+from exforge.elixir.analysis import definitions, file_analysis, normalise, parse
+from exforge.elixir.features import features
+from exforge.elixir.neardup import text_band_keys
+from exforge.elixir.quality import blob_reason, generated_reason, metrics_reason
+from exforge.elixir.redact import redact
+from exforge.elixir.synthetic import module
 from schemas.records import RawPackage
-from streams.elixir.analysis import definitions, file_analysis, normalise, parse
-from streams.elixir.features import features
-from streams.elixir.neardup import text_band_keys
-from streams.elixir.quality import blob_reason, generated_reason, metrics_reason
-from streams.elixir.redact import redact
-from streams.elixir.synthetic import module
 from streams.files import (
     Dropped,
     FileSteps,

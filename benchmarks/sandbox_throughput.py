@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from workers.evaluator.benchmarks import BUILTIN, load_benchmark
-from workers.evaluator.sandbox import SandboxConfig, SandboxPool
 
 HUMANEVAL = (
     Path(__file__).resolve().parent / "data" / "multipl-e" / "humaneval-elixir-transform.jsonl"

@@ -25,12 +25,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from exforge.db import open_database  # noqa: E402
-from exforge.settings import load_settings  # noqa: E402
-from exforge.store import open_store  # noqa: E402
+from exforge.core.db import open_database  # noqa: E402
+from exforge.core.settings import load_settings  # noqa: E402
+from exforge.core.store import open_store  # noqa: E402
+from exforge.llm.generation import GenerationRequest, Generator  # noqa: E402
 from serving import rollout, triton  # noqa: E402
 from serving.export import export  # noqa: E402
-from serving.generation import GenerationRequest, Generator  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.serving_support import MODEL, register_versions, run_gateway  # noqa: E402
 

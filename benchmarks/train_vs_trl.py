@@ -89,8 +89,8 @@ def measure(train: Any, tokens: int, steps: int) -> dict[str, Any]:
 
 
 def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
-    from exforge.settings import load_settings
-    from exforge.store import FileStore
+    from exforge.core.settings import load_settings
+    from exforge.core.store import FileStore
     from workers.trainer.data import Cursor, write_split
     from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 
@@ -133,9 +133,9 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, 
     from transformers import MistralCommonBackend
     from trl import SFTConfig, SFTTrainer
 
-    from workers.trainer.chat import SHIPPED_TEKKEN, encode, load_tokenizer
-    from workers.trainer.lora import ALL_LINEAR
-    from workers.trainer.model import load_model
+    from exforge.llm.chat import SHIPPED_TEKKEN, encode, load_tokenizer
+    from exforge.llm.lora import ALL_LINEAR
+    from exforge.llm.model import load_model
 
     tokenizer = load_tokenizer()
     encoded = [encode(tokenizer, s["conversations"]) for s in samples]

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from aiokafka import TopicPartition
 
-from exforge import stack
-from exforge.kafka import create_topics, metadata_consumer, produce
-from exforge.settings import Settings, load_settings
-from exforge.store import open_store
+from exforge.core import stack
+from exforge.core.kafka import create_topics, metadata_consumer, produce
+from exforge.core.settings import Settings, load_settings
+from exforge.core.store import open_store
+from schemas.catalogue import topic_name
 from streams.sources.local import upload_directory
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +31,7 @@ PROJECT = REPO / "tests" / "fixtures" / "unseen_project"
 
 
 async def end_offset(settings: Settings, topic: str) -> int:
-    name = settings.topic(topic)
+    name = topic_name(settings.topic_prefix, topic)
     async with metadata_consumer(settings) as consumer:
         await consumer.topics()
         partitions = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]

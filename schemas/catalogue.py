@@ -63,3 +63,9 @@ def spec(name: str) -> TopicSpec:
         return BY_NAME[name]
     except KeyError:
         raise KeyError(f"unknown topic {name!r}; known: {', '.join(BY_NAME)}") from None
+
+
+def topic_name(prefix: str, topic: TopicSpec | str) -> str:
+    """A catalogue topic's name on the broker: the configured prefix (`topic_prefix`)
+    before its catalogue name."""
+    return prefix + (topic if isinstance(topic, str) else topic.name)

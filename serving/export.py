@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore
+from exforge.llm.registry import get_version
 from serving import modelconfig
-from serving.registry import get_version
 
 Flavor = Literal["cpu", "trtllm"]
 HERE = Path(__file__).parent
@@ -48,27 +48,6 @@ def repository_dir(settings: Settings, flavor: Flavor) -> Path:
     return settings.root / "triton" / flavor
 
 
-def merged_model(settings: Settings, store: ObjectStore, row: dict[str, Any], target: Path) -> None:
-    """Base model with the version's LoRA adapter folded in, saved as bf16 safetensors."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from safetensors.torch import load as load_safetensors
-
-    from workers.trainer.lora import load_adapter_state
-    from workers.trainer.model import load_model
-
-    base = load_model(row["base_model"], "none", settings.root / "models").to(torch.float32)
-    adapter_key = row["adapter_key"]
-    config = json.loads(store.get(adapter_key.rsplit("/", 1)[0] + "/adapter_config.json"))
-    model = get_peft_model(base, LoraConfig(**config | {"inference_mode": False}))
-    load_adapter_state(model, load_safetensors(store.get(adapter_key)))
-    merged = model.merge_and_unload().to(torch.bfloat16)
-    merged.save_pretrained(target)
-    own_tokenizer = Path(row["base_model"]) / "tekken.json"
-    if own_tokenizer.is_file():
-        shutil.copy(own_tokenizer, target / "tekken.json")
-
-
 def model_card(row: dict[str, Any], flavor: Flavor) -> dict[str, Any]:
     return {
         "name": row["name"],
@@ -90,6 +69,8 @@ def existing_versions(model_dir: Path) -> list[int]:
 
 
 def export_cpu(settings: Settings, store: ObjectStore, row: dict[str, Any], root: Path) -> Path:
+    from exforge.llm.lora import merged_model  # torch and peft: the [train] extra
+
     model_dir = root / row["name"]
     version_dir = model_dir / str(row["version"])
     if version_dir.exists():
@@ -106,6 +87,8 @@ def export_cpu(settings: Settings, store: ObjectStore, row: dict[str, Any], root
 def export_trtllm(settings: Settings, store: ObjectStore, row: dict[str, Any], root: Path) -> Path:
     """One complete repository per version: a TensorRT-LLM engine is built per version,
     and one Triton serves one engine (blue-green across Triton servers)."""
+    from exforge.llm.lora import merged_model  # torch and peft: the [train] extra
+
     target = root / row["name"] / str(row["version"])
     if target.exists():
         shutil.rmtree(target)

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
+from exforge.core.settings import Settings
+from exforge.llm.registry import list_versions
 from serving import keys, metrics, rollout, usage
 from serving.cache import CachedCompletion, CacheKey, ResponseCache
 from serving.contract import request_arrays
 from serving.limits import Admission, RateLimiter, Rejected
 from serving.pool import BackendDown, ModelError, Pool, Stream
-from serving.registry import list_versions
 
 log = logging.getLogger("exforge.serving.gateway")
 REFRESH_S = 1.0
@@ -88,7 +88,7 @@ def triton_urls(settings: Settings) -> list[str]:
 
 class Gateway:
     def __init__(self, settings: Settings, engine: Engine, urls: list[str] | None = None) -> None:
-        from workers.trainer.chat import load_tokenizer
+        from exforge.llm.chat import load_tokenizer
 
         self.settings = settings
         self.engine = engine

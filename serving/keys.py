@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from serving.tables import ApiKey
+from exforge.core.db import ApiKey
 
 SCOPES = ("generate", "models")  # generate: completions, chat, channel; models: /v1/models
 PREFIX = "exf_"

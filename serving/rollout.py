@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from serving.registry import set_status
-from serving.tables import Rollout, RolloutEvent
+from exforge.core.db import Rollout, RolloutEvent
+from exforge.llm.registry import set_status
 
 
 class RolloutError(ValueError):

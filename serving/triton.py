@@ -1,6 +1,6 @@
 """The local Triton: the `tritonserver` binary of the nvidia-pytriton wheel, python backend.
 
-Started like the embedded broker (exforge.stack): own process group, pid file, log in
+Started like the embedded broker (exforge.core.stack): own process group, pid file, log in
 the data dir. Models are loaded and unloaded explicitly through the repository API.
 """
 
@@ -18,8 +18,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exforge.settings import Settings
-from exforge.stack import (
+from exforge.core.settings import Settings
+from exforge.core.stack import (
     StackError,
     log_dir,
     port_open,

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from serving.tables import UsageDaily
+from exforge.core.db import UsageDaily
 
 
 def record(

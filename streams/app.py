@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import faust
 
-from exforge.db import open_database
-from exforge.settings import Settings
-from exforge.store import open_store
+from exforge.core.db import open_database
+from exforge.core.settings import Settings
+from exforge.core.store import open_store
 from streams import ingest, instruct, parse, shard
 from streams.offsets import BrokerOffsets, HandledOffsetsConsumer, Rewinds, resolve
 from streams.stage import StageContext

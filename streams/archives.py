@@ -17,7 +17,7 @@ import tarfile
 import zlib
 from dataclasses import dataclass
 
-from exforge.settings import Settings
+from exforge.core.settings import Settings
 from streams.stage import BadMessage
 
 GZIP_MAGIC = b"\x1f\x8b"

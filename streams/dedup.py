@@ -6,7 +6,7 @@ Three agents, each owning its keys by partition in a Faust table:
   sha256; a file identical to one seen before is dropped (`exact_duplicate`). A new
   one is handed to `neardup` (held) and registered in each of its LSH buckets.
 * `neardup-bands` (on `files.bands`, keyed `band:hash`): each partition owns its buckets
-  (`streams.elixir.neardup.Bucket`) and tells the files that collide in them.
+  (`exforge.elixir.neardup.Bucket`) and tells the files that collide in them.
 * `neardup` (on `files.neardup`, keyed by sha256): holds each new file and what its
   buckets told it. When the whole pipeline is drained (every stage input consumed and
   committed, seen twice in a row) or a file has waited `neardup_max_hold_s` (steady
@@ -31,12 +31,12 @@ import faust
 from aiokafka import TopicPartition
 from sqlalchemy.orm import Session
 
-from exforge.db import FileOutcome
-from exforge.kafka import admin_client, metadata_consumer, topic_name
-from exforge.settings import Settings
-from schemas.catalogue import STAGE_INPUTS
+from exforge.core.db import FileOutcome
+from exforge.core.kafka import admin_client, metadata_consumer
+from exforge.core.settings import Settings
+from exforge.elixir.neardup import Bucket, Held, decide
+from schemas.catalogue import STAGE_INPUTS, topic_name
 from schemas.records import BandMessage, NearDupEvent, ParsedFile
-from streams.elixir.neardup import Bucket, Held, decide
 from streams.stage import Output, Result, StageContext, attach_stage
 
 __all__ = ["attach", "drained", "position", "record_outcome"]
@@ -85,7 +85,7 @@ async def drained(settings: Settings) -> bool:
     committed before the first read had produced its outputs before that, so they
     show in the end offsets read after it.
     """
-    inputs = {topic_name(settings, name) for name in STAGE_INPUTS.values()}
+    inputs = {topic_name(settings.topic_prefix, name) for name in STAGE_INPUTS.values()}
     async with admin_client(settings) as admin, metadata_consumer(settings) as consumer:
         topics = [t for t in await consumer.topics() if t in inputs]
         partitions = [
@@ -260,7 +260,7 @@ def attach(ctx: StageContext) -> None:
     attach_stage(ctx, "neardup-bands", "files.bands", handle_band)
     attach_stage(ctx, "neardup", "files.neardup", handle_neardup, after=forget_decided)
 
-    neardup_topic = topic_name(settings, "files.neardup")
+    neardup_topic = topic_name(settings.topic_prefix, "files.neardup")
 
     def owned_with_held() -> dict[int, float]:
         """Partitions of `files.neardup` this worker owns that hold undecided files, with

@@ -23,13 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore, sha256_hex
-from schemas.records import NearDup, ParsedFile, RawPackage
-from streams.elixir import FileAnalysis, analyse, normalise
-from streams.elixir.decontam import BenchmarkIndex, load_index
-from streams.elixir.neardup import THRESHOLD, text_band_keys
-from streams.elixir.quality import (
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore, sha256_hex
+from exforge.elixir.analysis import FileAnalysis, analyse, normalise
+from exforge.elixir.decontam import BenchmarkIndex, load_index
+from exforge.elixir.neardup import THRESHOLD, text_band_keys
+from exforge.elixir.quality import (
     Thresholds,
     blob_reason,
     generated_reason,
@@ -37,7 +36,8 @@ from streams.elixir.quality import (
     path_reason,
     quality,
 )
-from streams.elixir.redact import Redaction, redact
+from exforge.elixir.redact import Redaction, redact
+from schemas.records import NearDup, ParsedFile, RawPackage
 from streams.stage import Failure
 
 __all__ = [

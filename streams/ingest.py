@@ -18,9 +18,9 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from exforge.db import Package
-from exforge.settings import Settings
-from exforge.store import ObjectNotFound, ObjectStore
+from exforge.core.db import Package
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectNotFound, ObjectStore
 from schemas.records import RawPackage, SourceRequest
 from streams.archives import (
     ArchiveError,

@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from exforge.db import SampleDrop
-from exforge.settings import Settings
-from exforge.store import ObjectStore
+from exforge.core.db import SampleDrop
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore
+from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from schemas.records import InstructionSample, ParsedFile
 from schemas.sharegpt import sharegpt_problems
 from streams.generators import KINDS, Candidate, doc_to_code_samples, generate
 from streams.generators.check import check_all
 from streams.generators.tokens import TokenCounter, token_counter
 from streams.stage import Output, Result, StageContext, attach_stage
-from workers.evaluator.sandbox import SandboxConfig, SandboxPool
 
 __all__ = ["attach", "doc_to_code_samples", "file_text", "instruct"]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from exforge.store import ObjectNotFound, ObjectStore, sha256_hex
-from exforge.telemetry import REDACTIONS
+from exforge.core.store import ObjectNotFound, ObjectStore, sha256_hex
+from exforge.core.telemetry import REDACTIONS
 from schemas.records import ParsedFile, RawPackage
 from streams import dedup
 from streams.archives import CorruptArchive, Limits, source_members

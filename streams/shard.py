@@ -17,100 +17,35 @@ re-published after a crash), so none is ever lost.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import time
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import zstandard
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from exforge.db import Sample, Shard
-from exforge.store import ObjectStore, sha256_hex
-from exforge.telemetry import SHARDS_WRITTEN
+from exforge.core.db import Sample, Shard
+from exforge.core.store import ObjectStore, sha256_hex
+from exforge.core.telemetry import SHARDS_WRITTEN
 from schemas.records import InstructionSample, TrainingShard
+from schemas.shards import (
+    FORMAT,
+    VALIDATION_FRACTION,
+    curriculum_key,
+    encode_shard,
+    manifest_key,
+    parquet_bytes,
+    parquet_key,
+    shard_key,
+    sharegpt_line,
+    split_for,
+)
 from streams.generators.tokens import token_counter
 from streams.stage import Output, Result, StageContext, attach_stage
 
 log = logging.getLogger("exforge.shard")
-
-VALIDATION_FRACTION = 0.02
-ZSTD_LEVEL = 10
-
-
-def split_for(sample_id: str, validation_fraction: float = VALIDATION_FRACTION) -> str:
-    """Stable train/validation assignment from the sample id's hash."""
-    bucket = int(hashlib.sha256(sample_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    return "validation" if bucket < validation_fraction else "train"
-
-
-def shard_prefix(dataset: str, stage: int, split: str) -> str:
-    return f"shards/{dataset}/stage{stage}/{split}"
-
-
-def shard_key(dataset: str, stage: int, split: str, index: int) -> str:
-    return f"{shard_prefix(dataset, stage, split)}/{index:05d}.jsonl.zst"
-
-
-def parquet_key(key: str) -> str:
-    return key.removesuffix(".jsonl.zst") + ".parquet"
-
-
-def encode_shard(lines: list[str]) -> bytes:
-    """Deterministic zstd JSONL: the same samples always give the same bytes."""
-    body = "".join(line + "\n" for line in lines).encode()
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(body)
-
-
-def decode_shard(data: bytes) -> list[dict[str, Any]]:
-    body = zstandard.ZstdDecompressor().decompress(data)
-    return [json.loads(line) for line in body.decode().splitlines() if line]
-
-
-def sharegpt_line(sample: InstructionSample) -> str:
-    return json.dumps(sample.sharegpt(), ensure_ascii=False, sort_keys=True)
-
-
-PARQUET_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
-        ("kind", pa.string()),
-        ("stage", pa.int32()),
-        ("difficulty", pa.int32()),
-        ("license", pa.string()),
-        ("concepts", pa.list_(pa.string())),
-        ("meta", pa.string()),
-    ]
-)
-
-
-def parquet_bytes(rows: list[dict[str, Any]]) -> bytes:
-    """ShareGPT rows as Parquet (`meta` also as JSON text, its main fields as columns)."""
-    table = pa.Table.from_pylist(
-        [
-            {
-                "id": row["id"],
-                "conversations": row["conversations"],
-                "kind": row["meta"]["kind"],
-                "stage": row["meta"]["stage"],
-                "difficulty": row["meta"].get("difficulty", 1),
-                "license": row["meta"].get("license"),
-                "concepts": row["meta"].get("concepts", []),
-                "meta": json.dumps(row["meta"], sort_keys=True, ensure_ascii=False),
-            }
-            for row in rows
-        ],
-        schema=PARQUET_SCHEMA,
-    )
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    return sink.getvalue().to_pybytes()
 
 
 def stage_sample(
@@ -176,9 +111,10 @@ def take(rows: list[Sample], max_tokens: int | None) -> list[Sample]:
     return rows
 
 
-def curriculum_key(row: Sample) -> tuple[int, int, str]:
-    """Easy → hard inside a shard: difficulty, then curriculum position, then id."""
-    return (row.difficulty, row.position if row.position is not None else -1, row.sample_id)
+def in_curriculum_order(rows: list[Sample]) -> list[Sample]:
+    return sorted(
+        rows, key=lambda r: curriculum_key(r.stage, r.difficulty, r.position, r.sample_id)
+    )
 
 
 def seal_group(
@@ -219,7 +155,7 @@ def seal_group(
         )
         index = 0 if last is None else last + 1
         key = shard_key(dataset, stage, split, index)
-        ordered = sorted(rows, key=curriculum_key)
+        ordered = in_curriculum_order(rows)
         data = encode_shard([row.payload for row in ordered])
         store.put(key, data)
         if parquet:
@@ -301,7 +237,7 @@ def manifest(engine: Engine, dataset: str, stage: int, split: str) -> dict[str, 
         "dataset": dataset,
         "stage": stage,
         "split": split,
-        "format": "sharegpt-jsonl-zstd",
+        "format": FORMAT,
         "samples": sum(e["samples"] for e in entries),
         "tokens": sum(e["tokens"] for e in entries),
         "difficulty": histogram([d for _, d, _ in members]),
@@ -314,7 +250,7 @@ def write_manifest(
     engine: Engine, store: ObjectStore, dataset: str, stage: int, split: str
 ) -> None:
     body = json.dumps(manifest(engine, dataset, stage, split), indent=2, sort_keys=True)
-    store.put(f"{shard_prefix(dataset, stage, split)}/manifest.json", body.encode())
+    store.put(manifest_key(dataset, stage, split), body.encode())
 
 
 def unpublished(engine: Engine) -> list[tuple[int, TrainingShard]]:
@@ -331,7 +267,7 @@ def unpublished(engine: Engine) -> list[tuple[int, TrainingShard]]:
                     split=row.split,  # type: ignore[arg-type]
                     index=row.shard_index,
                     key=row.key,
-                    manifest_key=f"{shard_prefix(row.dataset, row.stage, row.split)}/manifest.json",
+                    manifest_key=manifest_key(row.dataset, row.stage, row.split),
                     samples=row.samples,
                     tokens=row.tokens,
                     sha256=row.sha256,

@@ -21,9 +21,10 @@ import faust
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore, sha256_hex
-from exforge.telemetry import DLQ_MESSAGES, DROPPED, MESSAGES_IN, MESSAGES_OUT, STAGE_LATENCY
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore, sha256_hex
+from exforge.core.telemetry import DLQ_MESSAGES, DROPPED, MESSAGES_IN, MESSAGES_OUT, STAGE_LATENCY
+from schemas.catalogue import topic_name
 from schemas.records import DeadLetter, Record
 
 log = logging.getLogger("exforge.stage")
@@ -93,7 +94,7 @@ class StageContext:
     def topic(self, name: str) -> faust.TopicT:
         if name not in self.topics:
             self.topics[name] = self.app.topic(
-                self.settings.topic(name),
+                topic_name(self.settings.topic_prefix, name),
                 key_type=bytes,
                 value_type=bytes,
                 key_serializer="raw",

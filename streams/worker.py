@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 import faust
 from faust.types import TP
 
-from exforge.kafka import LagRow, consumer_lag, create_topics, topic_name
-from exforge.settings import Settings
-from exforge.telemetry import CONSUMER_LAG, STALLED_PARTITIONS, serve_metrics
-from schemas.catalogue import STAGE_INPUTS
+from exforge.core.kafka import LagRow, consumer_lag, create_topics
+from exforge.core.settings import Settings
+from exforge.core.telemetry import CONSUMER_LAG, STALLED_PARTITIONS, serve_metrics
+from schemas.catalogue import STAGE_INPUTS, topic_name
 from streams import shard
 from streams.app import build
 from streams.stage import StageContext
@@ -34,7 +34,7 @@ log = logging.getLogger("exforge.worker")
 
 async def input_lag(settings: Settings) -> list[LagRow]:
     """The worker group's lag per stage-input partition (and update the gauge)."""
-    inputs = {topic_name(settings, name) for name in STAGE_INPUTS.values()}
+    inputs = {topic_name(settings.topic_prefix, name) for name in STAGE_INPUTS.values()}
     rows = []
     for row in await consumer_lag(settings, groups=[settings.worker_group]):
         CONSUMER_LAG.labels(row.group, row.topic, str(row.partition)).set(row.lag)

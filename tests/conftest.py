@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from exforge.store import FileStore, ObjectStore, S3Store
+from exforge.core.store import FileStore, ObjectStore, S3Store
 from tests.postgres import PostgresServer, running_postgres
 
 if TYPE_CHECKING:
-    from exforge.settings import Settings
+    from exforge.core.settings import Settings
 
 S3_TEST_KEY = "testing"
 MOTO_START_TIMEOUT_S = 30.0
@@ -143,8 +143,8 @@ CLI_TIMEOUT_S = 180
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The embedded Tansu broker, started by exforge's own stack code; yields bootstrap."""
-    from exforge import stack
-    from exforge.settings import load_settings
+    from exforge.core import stack
+    from exforge.core.settings import load_settings
 
     settings = load_settings(
         data_dir=tmp_path_factory.mktemp("broker"), embedded_kafka_port=free_port()
@@ -164,7 +164,7 @@ class Pipeline:
 
     @property
     def settings(self) -> Settings:
-        from exforge.settings import Settings
+        from exforge.core.settings import Settings
 
         overrides = {
             k.removeprefix("EXFORGE_").lower(): v

@@ -9,11 +9,11 @@ from typing import Any
 from safetensors.torch import save as save_safetensors
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore
-from workers.trainer.lora import LoraSettings, adapter_state, apply_lora
-from workers.trainer.model import load_model
-from workers.trainer.registry import register_version
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore
+from exforge.llm.lora import LoraSettings, adapter_state, apply_lora
+from exforge.llm.model import load_model
+from exforge.llm.registry import register_version
 
 
 def register_tiny_version(

@@ -15,15 +15,15 @@ import uvicorn
 from safetensors.torch import save
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore
+from exforge.llm.lora import LoraSettings, adapter_state, apply_lora
+from exforge.llm.model import load_model
+from exforge.llm.registry import register_version
 from serving import triton
 from serving.app import create_app
 from serving.gateway import Gateway
 from serving.keys import create_key
-from workers.trainer.lora import LoraSettings, adapter_state, apply_lora
-from workers.trainer.model import load_model
-from workers.trainer.registry import register_version
 
 MODEL = "elixir"
 

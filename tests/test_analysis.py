@@ -1,4 +1,4 @@
-"""Tests for streams.elixir.analysis, checked against Elixir's own parser where possible."""
+"""Tests for exforge.elixir.analysis, checked against Elixir's own parser where possible."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from exforge.elixir.analysis import FileAnalysis, analyse, normalise
 from schemas.records import FunctionInfo
-from streams.elixir import FileAnalysis, analyse, normalise
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = sorted((REPO / "examples" / "corpus").glob("**/*.ex"))

@@ -16,14 +16,14 @@ from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, select, text
 from sqlalchemy.orm import Session
 
-from exforge.db import Base, Sample, Shard, alembic_config, engine_for
-from exforge.store import FileStore
+from exforge.core.db import ApiKey, Base, Sample, Shard, alembic_config, engine_for
+from exforge.core.store import FileStore
+from exforge.llm.registry import list_versions, register_version
 from schemas.records import InstructionSample
+from schemas.shards import decode_shard
 from serving import keys, usage
-from serving.tables import ApiKey
-from streams.shard import decode_shard, pending_samples, seal, stage_sample
+from streams.shard import pending_samples, seal, stage_sample
 from tests.test_stage_logic import make_sample
-from workers.trainer.registry import list_versions, register_version
 
 SHARD_SIZE = 7
 SAMPLES = 240

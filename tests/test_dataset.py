@@ -16,14 +16,15 @@ from test_generators import corpus_files
 from typer.testing import CliRunner
 
 from exforge.cli import app
-from exforge.dataset import curriculum, export, parse_mix_ratios, stats
-from exforge.db import engine_for
-from exforge.store import FileStore, sha256_hex
+from exforge.core.db import engine_for
+from exforge.core.store import FileStore, sha256_hex
 from schemas.records import InstructionSample
+from schemas.shards import curriculum, decode_shard, parquet_key, split_for
+from streams.dataset import export, stats
 from streams.generators import generate
 from streams.generators.tokens import token_counter
 from streams.instruct import record_drops
-from streams.shard import decode_shard, parquet_key, seal, split_for, stage_sample
+from streams.shard import seal, stage_sample
 
 SHARD_SAMPLES = 40
 SHARD_TOKENS = 12_000
@@ -128,19 +129,19 @@ def test_stats_by_kind_stage_difficulty_license_source_and_drops(
     assert stats(engine)["tokens"]["in_shards"] == sum(tokens.values())
 
 
-def test_curriculum_is_easy_to_hard_and_mixes_kinds_by_weight() -> None:
-    def row(i: int, kind: str, level: int, stage: int = 2) -> dict:
-        return {"id": f"{i:04d}", "meta": {"kind": kind, "stage": stage, "difficulty": level}}
+def test_curriculum_is_stage_then_easy_to_hard_then_position_then_id() -> None:
+    def row(i: int, level: int, stage: int = 2, position: int | None = None) -> dict:
+        meta = {"kind": "k", "stage": stage, "difficulty": level}
+        return {"id": f"{i:04d}", "meta": meta | ({"position": position} if position else {})}
 
-    rows = [row(i, "a", 1 + i % 2) for i in range(8)] + [row(100 + i, "b", 1) for i in range(8)]
-    rows.append(row(999, "c", 1, stage=1))
-    ordered = curriculum(rows, parse_mix_ratios('{"2": {"a": 2, "b": 1}}'))
+    rows = [row(i, 1 + i % 3) for i in range(9)] + [row(999, 1, stage=1)]
+    rows += [row(50, 2, position=2), row(60, 2, position=1)]
+    ordered = curriculum(reversed(rows))
     assert ordered[0]["id"] == "0999", "stage 1 first"
     levels = [r["meta"]["difficulty"] for r in ordered[1:]]
     assert levels == sorted(levels)
-    easy = [r["meta"]["kind"] for r in ordered[1:] if r["meta"]["difficulty"] == 1]
-    assert easy[:6] == ["a", "a", "b", "a", "a", "b"]
-    assert all(r["meta"]["kind"] != "b" for r in curriculum(rows, {2: {"b": 0}}))
+    second = [r["id"] for r in ordered if r["meta"]["stage"] == 2 and r["meta"]["difficulty"] == 2]
+    assert second == ["0001", "0004", "0007", "0060", "0050"], "unset position first, then by it"
 
 
 def test_export_loads_with_datasets(

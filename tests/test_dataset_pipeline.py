@@ -11,9 +11,9 @@ import pytest
 from conftest import REPO, Pipeline
 from test_sources_books import make_pdf
 
-from exforge.store import open_store, sha256_hex
+from exforge.core.store import open_store, sha256_hex
+from schemas.shards import decode_shard
 from streams.generators import KINDS
-from streams.shard import decode_shard
 
 pytestmark = pytest.mark.slow
 

@@ -19,13 +19,13 @@ from sqlalchemy.orm import Session
 from test_filters import BENCHMARKS, GOOD, PLANTED, SECRETS_MODULE
 from test_pipeline import send, write_project
 
-from exforge.db import FileOutcome, open_database
-from exforge.kafka import read_all
-from exforge.settings import load_settings
-from exforge.store import FileStore, ObjectStore, open_store
+from exforge.core.db import FileOutcome, open_database
+from exforge.core.kafka import read_all
+from exforge.core.settings import load_settings
+from exforge.core.store import FileStore, ObjectStore, open_store
+from exforge.elixir.neardup import batch_decisions
+from exforge.elixir.synthetic import module, recommented, renamed, reordered
 from schemas.records import ParsedFile, RawPackage
-from streams.elixir.neardup import batch_decisions
-from streams.elixir.synthetic import module, recommented, renamed, reordered
 from streams.files import Dropped, FileSteps, file_outcome
 from streams.sources.local import upload_directory
 

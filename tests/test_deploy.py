@@ -27,9 +27,9 @@ import yaml
 from prometheus_client.metrics import MetricWrapperBase
 from sqlalchemy.engine import make_url
 
-import exforge.telemetry as telemetry
-from exforge.settings import ENV_PREFIX, Settings, load_settings
-from schemas.catalogue import CATALOGUE
+import exforge.core.telemetry as telemetry
+from exforge.core.settings import ENV_PREFIX, Settings, load_settings
+from schemas.catalogue import CATALOGUE, topic_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -213,7 +213,7 @@ def _exforge_services(services: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def _exforge_series() -> dict[str, frozenset[str]]:
-    """Every series name exforge.telemetry exposes, with its labels."""
+    """Every series name exforge.core.telemetry exposes, with its labels."""
     series: dict[str, frozenset[str]] = {}
     for metric in vars(telemetry).values():
         if not isinstance(metric, MetricWrapperBase):
@@ -338,7 +338,7 @@ def _default_settings() -> Settings:
 
 def _topics() -> set[str]:
     settings = _default_settings()
-    return {settings.topic(spec.name) for spec in CATALOGUE}
+    return {topic_name(settings.topic_prefix, spec.name) for spec in CATALOGUE}
 
 
 # --- compose ---------------------------------------------------------------------------
@@ -354,7 +354,7 @@ def test_exforge_variables_are_settings(services: dict[str, Any]) -> None:
                 field_name = variable.removeprefix(ENV_PREFIX).lower()
                 assert field_name in fields, (
                     f"service {name}: {variable} is not a setting "
-                    f"(exforge.settings.Settings has no field {field_name!r})"
+                    f"(exforge.core.settings.Settings has no field {field_name!r})"
                 )
     assert used, "no EXFORGE_* variable in docker-compose.yml"
     missing = WORKER_ENV - set(_env(services["worker"]))
@@ -653,7 +653,7 @@ def test_promql_names_match_the_code(
                 for suffix in HISTOGRAM_SUFFIXES:
                     base = base.removesuffix(suffix)
                 assert base in telemetry.METRIC_NAMES or metric in telemetry.METRIC_NAMES, (
-                    f"{where}: {metric} is not in exforge.telemetry.METRIC_NAMES"
+                    f"{where}: {metric} is not in exforge.core.telemetry.METRIC_NAMES"
                 )
             assert metric in KNOWN_SERIES, f"{where}: unknown series {metric!r}"
         unknown = found.functions - PROMQL_FUNCTIONS
@@ -685,7 +685,7 @@ def test_promql_names_match_the_code(
 
 
 def test_series_map_covers_metric_names() -> None:
-    """The test's view of exforge.telemetry agrees with METRIC_NAMES."""
+    """The test's view of exforge.core.telemetry agrees with METRIC_NAMES."""
     bases = set()
     for name in EXFORGE_SERIES:
         for suffix in HISTOGRAM_SUFFIXES:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from exforge.docs import README, with_settings_table
-from exforge.settings import Settings
+from exforge.cli.docs import README, with_settings_table
+from exforge.core.settings import Settings
 
 
 def test_readme_settings_table_is_current() -> None:
     text = README.read_text()
-    assert with_settings_table(text) == text, "run: .venv/bin/python -m exforge.docs"
+    assert with_settings_table(text) == text, "run: .venv/bin/python -m exforge.cli.docs"
     for field in Settings.model_fields:
         assert f"`EXFORGE_{field.upper()}`" in text
 

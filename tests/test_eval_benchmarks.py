@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from workers.evaluator.benchmarks import (
     BUILTIN,
     BenchmarkError,
@@ -17,7 +18,6 @@ from workers.evaluator.benchmarks import (
     load_benchmark,
     load_completions,
 )
-from workers.evaluator.sandbox import SandboxConfig, SandboxPool
 from workers.evaluator.scoring import score
 
 MULTIPLE = Path(__file__).resolve().parent.parent / "benchmarks" / "data" / "multipl-e"

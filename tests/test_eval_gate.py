@@ -9,15 +9,19 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from exforge.db import EvaluationResult, engine_for
-from exforge.settings import load_settings
-from serving.registry import set_status
+from exforge.core.db import EvaluationResult, engine_for
+from exforge.core.settings import load_settings
+from exforge.llm.gate import check_promotion, promotion_decision
+from exforge.llm.registry import (
+    production_version,
+    record_results,
+    register_version,
+    set_status,
+    stored_metric,
+)
 from workers.evaluator.benchmarks import Completion
-from workers.evaluator.gate import check_promotion, promotion_decision
 from workers.evaluator.qa import load_idioms
-from workers.evaluator.results import production_version, record_results, stored_metric
 from workers.evaluator.scoring import score_exact
-from workers.trainer.registry import register_version
 
 
 def idiom_result(right: int) -> dict:

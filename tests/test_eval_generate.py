@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from exforge.db import engine_for
-from exforge.settings import Settings, load_settings
-from exforge.store import FileStore, open_store
+from exforge.core.db import engine_for
+from exforge.core.settings import Settings, load_settings
+from exforge.core.store import FileStore, open_store
 from tests.eval_support import register_tiny_version
 from workers.evaluator.benchmarks import BUILTIN, load_benchmark
 from workers.evaluator.generate import (

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from exforge.db import engine_for
-from exforge.settings import Settings, load_settings
-from exforge.store import ObjectStore, open_store
+from exforge.core.db import engine_for
+from exforge.core.settings import Settings, load_settings
+from exforge.core.store import ObjectStore, open_store
+from exforge.llm.registry import stored_metric
 from tests.eval_support import register_tiny_version
 from workers.evaluator.generate import Sampling
 from workers.evaluator.report import result_key
-from workers.evaluator.results import stored_metric
 from workers.evaluator.run import EvalError, EvalRequest, evaluate_for_demo, run_evaluation
 
 EXFORGE = str(Path(sys.executable).parent / "exforge")

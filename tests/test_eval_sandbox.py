@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from workers.evaluator.sandbox import (
+from exforge.elixir.sandbox import (
     Outcome,
     SandboxConfig,
     SandboxPool,

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from exforge.settings import DEFAULT_BENCHMARKS, load_settings
-from exforge.store import FileStore, sha256_hex
-from schemas.records import BookSegment, CodeMetrics, ParsedFile, RawPackage
-from streams.elixir.decontam import BenchmarkIndex, load_index, read_problems
-from streams.elixir.hashing import tokens
-from streams.elixir.neardup import text_band_keys
-from streams.elixir.quality import (
+from exforge.core.settings import DEFAULT_BENCHMARKS, load_settings
+from exforge.core.store import FileStore, sha256_hex
+from exforge.elixir.decontam import BenchmarkIndex, load_index, read_problems
+from exforge.elixir.hashing import tokens
+from exforge.elixir.neardup import text_band_keys
+from exforge.elixir.quality import (
     _GENERATED_HEAD,
     Thresholds,
     blob_reason,
@@ -24,7 +23,8 @@ from streams.elixir.quality import (
     path_reason,
     quality,
 )
-from streams.elixir.redact import _IP_MARKERS, _line_matches, redact
+from exforge.elixir.redact import _IP_MARKERS, _line_matches, redact
+from schemas.records import BookSegment, CodeMetrics, ParsedFile, RawPackage
 from streams.files import Dropped, FileSteps, cleaned_book_segment, file_outcome
 
 BENCHMARKS = load_settings().resolved_decontamination_files

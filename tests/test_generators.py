@@ -13,9 +13,11 @@ import pytest
 from conftest import REPO
 from test_sources_books import make_pdf
 
-from exforge.store import sha256_hex
+from exforge.core.store import sha256_hex
+from exforge.elixir.analysis import analyse
+from exforge.elixir.sandbox import SandboxConfig, SandboxPool
+from exforge.llm.chat import SHIPPED_TEKKEN
 from schemas.records import InstructionSample, ParsedFile, RawPackage
-from streams.elixir.analysis import analyse
 from streams.files import analysed_file
 from streams.generators import KINDS, STAGES, Candidate, Check, generate
 from streams.generators.code import fim_split
@@ -25,8 +27,6 @@ from streams.generators.refactor import _rewrite, as_case
 from streams.generators.tokens import token_counter
 from streams.instruct import Verdicts, instruct
 from streams.sources.books import book_files
-from workers.evaluator.sandbox import SandboxConfig, SandboxPool
-from workers.trainer.chat import SHIPPED_TEKKEN
 
 CORPUS = REPO / "examples" / "corpus"
 IN_PLACE = {"completion", "fim", "doc_to_code", "spec_to_code", "otp_pattern", "book_qa"}

@@ -10,8 +10,8 @@ import string
 import numpy as np
 from datasketch.lsh import _optimal_param
 
-from streams.elixir.hashing import ngram_hashes, text_ngram_hashes, tokens
-from streams.elixir.neardup import (
+from exforge.elixir.hashing import ngram_hashes, text_ngram_hashes, tokens
+from exforge.elixir.neardup import (
     NUM_PERM,
     THRESHOLD,
     Bucket,
@@ -25,7 +25,7 @@ from streams.elixir.neardup import (
     signature,
     text_band_keys,
 )
-from streams.elixir.synthetic import module, recommented, renamed, reordered
+from exforge.elixir.synthetic import module, recommented, renamed, reordered
 
 
 def test_bands_minimise_false_positives_plus_negatives_at_the_threshold() -> None:

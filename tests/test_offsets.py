@@ -10,7 +10,8 @@ from aiokafka.structs import TopicPartition
 from conftest import Pipeline
 from faust.types import TP
 
-from exforge.kafka import create_topics, producer, topic_name
+from exforge.core.kafka import create_topics, producer
+from schemas.catalogue import topic_name
 from streams.offsets import BrokerOffsets, HandledOffsets, Rewinds, resolve
 
 PARSED = TP("t.parsed.files", 0)
@@ -61,7 +62,7 @@ def test_redelivered_offsets_below_the_base_are_ignored_and_forget_resets() -> N
 @pytest.mark.slow
 def test_the_broker_decides_jumps_and_committed_offsets(pipeline: Pipeline) -> None:
     settings = pipeline.settings
-    name = topic_name(settings, "parsed.files")
+    name = topic_name(settings.topic_prefix, "parsed.files")
     tp = TP(name, 0)
 
     async def scenario() -> tuple[int, int | None, int, int]:

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from conftest import REPO, Pipeline, free_port
 
-from exforge.db import open_database
-from exforge.kafka import produce
-from exforge.store import ObjectStore, open_store, sha256_hex
+from exforge.core.db import open_database
+from exforge.core.kafka import produce
+from exforge.core.store import ObjectStore, open_store, sha256_hex
 from schemas.records import SourceRequest
-from streams.shard import decode_shard
+from schemas.shards import decode_shard
 from streams.sources.local import upload_directory
 
 pytestmark = pytest.mark.slow
@@ -264,7 +264,7 @@ def count_samples(engine: Any) -> int:
     from sqlalchemy import func, select
     from sqlalchemy.orm import Session
 
-    from exforge.db import Sample
+    from exforge.core.db import Sample
 
     with Session(engine) as session:
         return session.scalar(select(func.count()).select_from(Sample)) or 0

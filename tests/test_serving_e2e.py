@@ -23,14 +23,14 @@ import tritonclient.grpc as grpcclient
 import websockets
 from sqlalchemy import Engine
 
-from exforge.db import open_database
-from exforge.settings import Settings, load_settings
-from exforge.store import open_store
+from exforge.core.db import open_database
+from exforge.core.settings import Settings, load_settings
+from exforge.core.store import open_store
+from exforge.llm.registry import get_version
 from serving import rollout, triton
 from serving.contract import INPUTS, request_arrays
 from serving.export import export
 from serving.keys import create_key
-from serving.registry import get_version
 from serving.usage import report
 from tests.conftest import free_port
 from tests.serving_support import MODEL, RunningGateway, register_versions, run_gateway

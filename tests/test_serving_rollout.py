@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from exforge.db import engine_for
-from exforge.settings import load_settings
+from exforge.core.db import engine_for
+from exforge.core.settings import load_settings
+from exforge.llm.registry import get_version, register_version
 from serving import rollout
 from serving.cache import CachedCompletion, CacheKey, ResponseCache
 from serving.gateway import Gateway
-from serving.registry import get_version
-from workers.trainer.registry import register_version
 
 MODEL = "m"
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from exforge.settings import Settings, SettingsError, describe_settings, load_settings
+from exforge.core.settings import Settings, SettingsError, describe_settings, load_settings
+from schemas.catalogue import topic_name
 
 EXFORGE = Path(sys.executable).parent / "exforge"
 
@@ -41,7 +42,7 @@ def test_defaults() -> None:
     assert settings.kafka_bootstrap is None
     assert settings.bootstrap == "127.0.0.1:19092"
     assert settings.topic_prefix == "exforge."
-    assert settings.topic("dlq") == "exforge.dlq"
+    assert topic_name(settings.topic_prefix, "dlq") == "exforge.dlq"
     assert settings.worker_group == "exforge.worker"
     assert settings.topic_partitions == 4
     assert settings.shard_samples == 512
@@ -62,7 +63,7 @@ def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.setenv("EXFORGE_DATABASE_URL", "postgresql+psycopg://u@db/x")
     settings = load_settings()
     assert settings.shard_samples == 8
-    assert settings.topic("raw.packages") == "t1.raw.packages"
+    assert topic_name(settings.topic_prefix, "raw.packages") == "t1.raw.packages"
     assert settings.s3_secure is False
     assert settings.bootstrap == "kafka:9092"
     assert settings.resolved_store_url == (tmp_path / "d" / "store").as_uri()

@@ -23,9 +23,9 @@ from servers.hex import (
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from exforge.db import LicenseOutcome, SeenRelease, engine_for
-from exforge.settings import Settings, load_settings
-from exforge.store import FileStore, ObjectStore
+from exforge.core.db import LicenseOutcome, SeenRelease, engine_for
+from exforge.core.settings import Settings, load_settings
+from exforge.core.store import FileStore, ObjectStore
 from schemas.records import SourceRequest
 from streams.archives import ChecksumMismatch, CorruptArchive
 from streams.ingest import IngestDeps, ingest_request
@@ -221,3 +221,66 @@ def test_hex_command_without_base_urls_exits_2_naming_the_setting(tmp_path: Path
         [EXFORGE, "ingest", "github", "a/b"], env=env, capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 2 and "EXFORGE_GITHUB_API_URL" in result.stderr
+
+
+CODINGS = [(), ("gzip",), ("deflate",), ("br",), ("zstd",)]
+
+
+@pytest.mark.parametrize("encodings", CODINGS, ids=lambda c: c[0] if c else "plain")
+def test_compressed_answers_and_cdn_redirects_give_the_same_packages(
+    encodings: tuple[str, ...], tmp_path: Path, store: ObjectStore, engine: Engine
+) -> None:
+    registry = populated(12)
+    registry.cdn = True
+    expected = {
+        f"hex:{p.name}@1.0.0": hexsrc.sha256_hex(p.releases[0].tarball)
+        for p in registry.packages.values()
+    }
+    with hex_server(registry, encodings) as urls:
+        settings = settings_for(tmp_path, urls)
+        summary, requests = crawl(settings, store, engine, Selection(top=12))
+        assert registry.redirects == 12  # every tarball came through the CDN
+        ingested = ingest_without_archive(settings, store, engine, requests[0])
+
+    assert {r.source_id: r.sha256 for r in requests} == expected
+    assert summary["failed"] == 0
+    coding = encodings[0] if encodings else "identity"
+    assert summary["http"]["encodings"] == {coding: 1 + 12 + 12}  # page, releases, tarballs
+    assert ingested == registry.packages[requests[0].name].releases[0].tarball
+
+
+def ingest_without_archive(
+    settings: Settings, store: ObjectStore, engine: Engine, crawled: SourceRequest
+) -> bytes:
+    """The ingest stage's own download of a request that names no stored archive."""
+    request = crawled.model_copy(update={"archive_key": None})
+    deps = IngestDeps(settings, store, engine)
+
+    async def fetch() -> bytes:
+        try:
+            (output,) = (await ingest_request(request, deps)).outputs
+            return store.get(output.record.archive_key)
+        finally:
+            await deps.close()
+
+    return asyncio.run(fetch())
+
+
+@pytest.mark.parametrize("encodings", [(), ("gzip",)], ids=["plain", "gzip"])
+def test_size_limit_holds_for_bytes_received_and_for_the_decoded_body(
+    encodings: tuple[str, ...], tmp_path: Path, store: ObjectStore, engine: Engine
+) -> None:
+    registry = HexRegistry()
+    small = hex_tarball("small", "1.0.0", {"lib/small.ex": elixir_module("Small")})
+    # compresses ~1000:1: under the limit on the wire when gzip'd, far over it decoded
+    padding = {"priv/zeros.txt": bytes(3_000_000)}
+    big = hex_tarball("big", "1.0.0", {"lib/big.ex": elixir_module("Big"), **padding})
+    big = big + bytes(2_000_000)  # an uncompressed tar's tail, as padding on the wire
+    registry.add(Package("small", [Release("1.0.0", small)]))
+    registry.add(Package("big", [Release("1.0.0", big)]))
+    with hex_server(registry, encodings) as urls:
+        settings = settings_for(tmp_path, urls, archive_max_compressed_bytes=1_000_000)
+        summary, requests = crawl(settings, store, engine, Selection(names=("small", "big")))
+    assert [r.name for r in requests] == ["small"]
+    assert summary["failed_by_reason"] == {"download_error": 1}
+    assert any("over the 1000000-byte limit" in e for e in summary["errors"])

@@ -11,8 +11,8 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from conftest import REPO, Pipeline, free_port
 
-from exforge.stack import process_alive
-from exforge.store import open_store
+from exforge.core.stack import process_alive
+from exforge.core.store import open_store
 from schemas.catalogue import CATALOGUE
 from schemas.records import SourceRequest
 from streams.sources.local import upload_directory

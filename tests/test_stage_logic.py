@@ -15,10 +15,9 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from exforge.dataset import stats
-from exforge.db import FileOutcome, Package, engine_for
-from exforge.dlq import DeadLetterEntry, select_letters
-from exforge.store import FileStore, ObjectStore, sha256_hex
+from exforge.core.db import FileOutcome, Package, engine_for
+from exforge.core.dlq import DeadLetterEntry, select_letters
+from exforge.core.store import FileStore, ObjectStore, sha256_hex
 from schemas.records import (
     DeadLetter,
     InstructionSample,
@@ -29,6 +28,8 @@ from schemas.records import (
     TrainingShard,
     Turn,
 )
+from schemas.shards import decode_shard, encode_shard, shard_key, split_for
+from streams.dataset import stats
 from streams.ingest import ChecksumMismatch, parse_request, raw_package, verify_archive
 from streams.instruct import doc_to_code_samples
 from streams.parse import (
@@ -38,17 +39,7 @@ from streams.parse import (
     parsed_file,
     read_content,
 )
-from streams.shard import (
-    decode_shard,
-    encode_shard,
-    mark_published,
-    pending_samples,
-    seal,
-    shard_key,
-    split_for,
-    stage_sample,
-    unpublished,
-)
+from streams.shard import mark_published, pending_samples, seal, stage_sample, unpublished
 from streams.sources.local import (
     NotAProject,
     pack_directory,
@@ -557,7 +548,7 @@ def test_manifest_and_publication(engine: Engine, file_store: FileStore) -> None
     assert unpublished(engine) == []
 
 
-# --- exforge.dataset -------------------------------------------------------------------
+# --- streams.dataset -------------------------------------------------------------------
 
 
 def test_dataset_stats(engine: Engine, file_store: FileStore) -> None:
@@ -627,7 +618,7 @@ def test_dataset_stats(engine: Engine, file_store: FileStore) -> None:
     assert data["shards"] == {"total": 1, "samples": 4, "unpublished": 1}
 
 
-# --- exforge.dlq -----------------------------------------------------------------------
+# --- exforge.core.dlq -----------------------------------------------------------------------
 
 
 STAGE_TOPICS = {"ingest": "exforge.sources.requests", "parse": "exforge.raw.packages"}
@@ -705,7 +696,7 @@ def test_failure_from_other_exceptions() -> None:
 
 
 def test_stall_watch_reports_a_partition_only_after_its_offset_stood_still() -> None:
-    from exforge.kafka import LagRow
+    from exforge.core.kafka import LagRow
     from streams.worker import StallWatch
 
     def row(partition: int, committed: int | None, end: int) -> LagRow:

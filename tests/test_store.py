@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from minio import Minio
 
-from exforge.settings import load_settings
-from exforge.store import (
+from exforge.core.settings import load_settings
+from exforge.core.store import (
     FileStore,
     ObjectNotFound,
     ObjectStore,

@@ -9,7 +9,7 @@ from mistral_common.protocol.instruct.messages import (
 )
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-from workers.trainer.chat import IGNORE, encode, load_tokenizer
+from exforge.llm.chat import IGNORE, encode, load_tokenizer
 
 CONVERSATION = [
     {"from": "system", "value": "You write idiomatic Elixir."},

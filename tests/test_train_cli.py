@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from exforge.settings import load_settings
-from exforge.store import FileStore
+from exforge.core.settings import load_settings
+from exforge.core.store import FileStore
 from workers.trainer.data import synthetic_samples, write_split
 
 EXFORGE = str(Path(sys.executable).parent / "exforge")

@@ -14,12 +14,12 @@ import torch.multiprocessing as mp
 from conftest import free_port
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from exforge.settings import load_settings
-from exforge.store import FileStore
+from exforge.core.settings import load_settings
+from exforge.core.store import FileStore
+from exforge.llm.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
+from exforge.llm.model import load_model
 from workers.trainer import checkpoint as ckpt
 from workers.trainer.data import load_split, synthetic_samples, write_split
-from workers.trainer.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
-from workers.trainer.model import load_model
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 from workers.trainer.ssr import buffer_key
 

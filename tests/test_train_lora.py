@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from workers.trainer.chat import encode, load_tokenizer
+from exforge.llm.chat import encode, load_tokenizer
+from exforge.llm.lora import LoraSettings, apply_lora, merge, trainable
+from exforge.llm.model import load_model
 from workers.trainer.data import synthetic_samples
-from workers.trainer.lora import LoraSettings, apply_lora, merge, trainable
-from workers.trainer.model import load_model
 from workers.trainer.packing import collate, forward_losses, pack
 
 

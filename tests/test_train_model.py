@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from transformers import MistralForCausalLM
 
-from workers.trainer.model import (
+from exforge.llm.model import (
     PRESETS,
     TEKKEN_VOCAB,
     load_config,

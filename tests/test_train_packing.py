@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import MistralForCausalLM
 
-from workers.trainer.chat import IGNORE, encode, load_tokenizer
+from exforge.llm.chat import IGNORE, encode, load_tokenizer
+from exforge.llm.model import preset_config
 from workers.trainer.data import synthetic_samples
-from workers.trainer.model import preset_config
 from workers.trainer.packing import collate, forward_losses, pack
 
 

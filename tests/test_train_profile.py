@@ -11,8 +11,8 @@ from transformers import MistralForCausalLM
 from typer.testing import CliRunner
 
 from exforge.cli import app
-from workers.trainer.lora import LoraSettings, apply_lora
-from workers.trainer.model import preset_config
+from exforge.llm.lora import LoraSettings, apply_lora
+from exforge.llm.model import preset_config
 from workers.trainer.profile import (
     ProfileResult,
     decoder_layers,

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from exforge.db import engine_for
-from exforge.settings import Settings, load_settings
-from exforge.store import FileStore, ObjectStore
+from exforge.core.db import engine_for
+from exforge.core.settings import Settings, load_settings
+from exforge.core.store import FileStore, ObjectStore
 from workers.trainer import checkpoint as ckpt
 from workers.trainer.data import synthetic_samples, write_split
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer

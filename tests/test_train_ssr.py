@@ -8,11 +8,11 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from exforge.settings import load_settings
-from exforge.store import FileStore
+from exforge.core.settings import load_settings
+from exforge.core.store import FileStore
+from exforge.llm.chat import encode, load_tokenizer
+from schemas.shards import decode_shard
 from schemas.sharegpt import sharegpt_problems, validate_sharegpt
-from streams.shard import decode_shard
-from workers.trainer.chat import encode, load_tokenizer
 from workers.trainer.data import synthetic_samples, write_split
 from workers.trainer.display import training_progress
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer

@@ -1,7 +1,7 @@
 """Triton python-backend model (cpu flavor): decoupled, one response per generated token.
 
 Copied into every exported version folder. It loads the merged weights beside it with
-transformers and streams through `serving.generation`, so the Python environment Triton
+transformers and streams through `exforge.llm.generation`, so the Python environment Triton
 runs it in needs exforge installed; `exforge serve up` adds the running interpreter's
 site-packages through EXFORGE_TRITON_PYTHONPATH (the stub ignores PYTHONPATH).
 
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from serving.generation import GenerationRequest, Generator  # noqa: E402
+from exforge.llm.generation import GenerationRequest, Generator  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 

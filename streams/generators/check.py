@@ -4,7 +4,7 @@ The checks of one candidate are `Code.string_to_quoted!` (`parse`) or
 `Code.compile_string` (`compile`, and `test`: code with ExUnit tests that must pass)
 calls; the code travels base64-encoded, so no quoting can break out. The instruct stage
 runs them on the evaluator's pool of warm, sandboxed BEAM VMs
-(`workers.evaluator.sandbox`), `batch` candidates per program: each candidate's checks
+(`exforge.elixir.sandbox`), `batch` candidates per program: each candidate's checks
 run in their own `try` and print a verdict line tagged with a per-program nonce; the
 program ends with a one-test ExUnit module, so the run `passed` when the program ran to
 its end. A batch that did not (a candidate halted or hung its VM) is run again one
@@ -19,8 +19,8 @@ import re
 import secrets
 from collections.abc import Sequence
 
+from exforge.elixir.sandbox import Outcome, SandboxPool
 from streams.generators.common import Check
-from workers.evaluator.sandbox import Outcome, SandboxPool
 
 FAILED_CHECK = Outcome("syntax_error")
 MARKER_TEST = """

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
+from exforge.elixir.analysis import parse
 from schemas.records import (
     FunctionInfo,
     InstructionSample,
@@ -20,7 +21,6 @@ from schemas.records import (
     SourceRef,
     Turn,
 )
-from streams.elixir.analysis import parse
 
 CheckLevel = Literal["parse", "compile", "test"]
 FENCE = re.compile(r"```(?:elixir|iex)?\n(.*?)\n```", re.DOTALL)

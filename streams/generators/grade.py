@@ -21,8 +21,8 @@ import math
 
 from tree_sitter import Node
 
+from exforge.elixir.analysis import analyse, parse
 from schemas.records import ElixirAnalysis, InstructionSample, ParsedFile
-from streams.elixir.analysis import analyse, parse
 from streams.generators.common import code_blocks
 
 STAGES: dict[str, int] = {

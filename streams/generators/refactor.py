@@ -16,8 +16,8 @@ import re
 
 from tree_sitter import Node
 
+from exforge.elixir.analysis import parse
 from schemas.records import FunctionInfo, ParsedFile
-from streams.elixir.analysis import parse
 from streams.generators.common import Candidate, Check, candidate, fenced, function_ref
 
 NOT_PIPEABLE = frozenset(

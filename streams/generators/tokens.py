@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from workers.trainer.chat import load_tokenizer, to_request
+from exforge.llm.chat import load_tokenizer, to_request
 
 TokenCounter = Callable[[Sequence[dict[str, Any]]], int]
 

@@ -11,7 +11,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from exforge.db import SeenRelease
+from exforge.core.db import SeenRelease
 from schemas.records import SourceRequest
 from streams.sources.http import PoliteClient
 
@@ -52,6 +52,7 @@ class Summary:
                 "not_modified": http.stats.not_modified,
                 "retries": dict(http.stats.retries),
                 "throttled": http.stats.throttled,
+                "encodings": dict(http.stats.encodings),
                 "budget_waits": http.limiter.waits,
             }
         return data

@@ -19,13 +19,14 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+import httpx
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore, sha256_hex
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore, sha256_hex
 from schemas.records import SourceRequest
 from streams.sources.crawl import MissingSetting, Progress, SeenReleases, Sink, Summary
-from streams.sources.http import PoliteClient, SourceHTTPError
+from streams.sources.http import SECONDARY_LIMIT, PoliteClient, SourceHTTPError
 
 SEARCH_CAP = 1000  # results one search query can reach
 PAGE_SIZE = 100
@@ -75,6 +76,22 @@ query($owner: String!, $name: String!) {{
 
 class GraphQLError(SourceHTTPError):
     """The GraphQL API answered with errors."""
+
+
+def graphql_rate_limited(response: httpx.Response) -> bool:
+    """GraphQL reports its primary limit (`RATE_LIMITED`) and, sometimes, a secondary one
+    in the errors of a 200 answer."""
+    if response.status_code != 200 or b'"errors"' not in response.content:
+        return False
+    try:
+        errors = response.json().get("errors") or []
+    except ValueError:
+        return False
+    return any(
+        error.get("type") == "RATE_LIMITED" or SECONDARY_LIMIT.search(error.get("message") or "")
+        for error in errors
+        if isinstance(error, dict)
+    )
 
 
 def api_url(settings: Settings) -> str:
@@ -163,7 +180,10 @@ class GitHubClient:
 
     async def graphql(self, query: str, variables: dict[str, Any]) -> dict[str, Any]:
         response = await self.http.request(
-            "POST", f"{self.api}/graphql", json={"query": query, "variables": variables}
+            "POST",
+            f"{self.api}/graphql",
+            json={"query": query, "variables": variables},
+            limited=graphql_rate_limited,
         )
         if response.status_code != 200:
             raise GraphQLError(f"GraphQL: HTTP {response.status_code}", response.status_code)

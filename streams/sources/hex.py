@@ -20,8 +20,8 @@ from urllib.parse import quote
 
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore, sha256_hex
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore, sha256_hex
 from schemas.records import SourceRequest
 from streams.archives import ChecksumMismatch, Limits, read_hex_tarball, verify_sha256
 from streams.sources.crawl import MissingSetting, Progress, SeenReleases, Sink, Summary

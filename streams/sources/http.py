@@ -3,9 +3,18 @@
 Crawls run unattended for weeks against services that meter their clients, so every
 request goes through the same discipline: a User-Agent, bounded concurrency, a rate-limit
 budget learnt from `x-ratelimit-limit/remaining/reset` that is never overspent (a
-request waits for the reset instead of being sent while the budget is 0), a 429 waits
-until the reset it announces, timeouts and 5xx are retried with exponential backoff and
-full jitter, and ETags are persisted so an unchanged resource costs a 304.
+request waits for the reset instead of being sent while the budget is 0), rate limits
+are waited out in the forms GitHub documents for its primary and secondary limits (a
+403 or 429 with `retry-after`, or with `x-ratelimit-remaining: 0` and
+`x-ratelimit-reset`; otherwise, for a 429 or a message naming a secondary rate limit,
+at least `http_secondary_wait_s`, doubling while it repeats), timeouts and 5xx are
+retried with exponential backoff and full jitter, and ETags are persisted so an
+unchanged resource costs a 304.
+
+Bodies are read as servers send them: httpx asks for every content coding it can decode
+(gzip, deflate, and br and zstd with the `brotli` and `zstandard` packages installed),
+redirects are followed (archive downloads go through CDNs), and a size limit holds for
+both the bytes received and the decoded body.
 """
 
 from __future__ import annotations
@@ -15,8 +24,10 @@ import email.utils
 import json
 import logging
 import random
+import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +35,16 @@ import httpx
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from exforge.db import HttpCacheEntry
-from exforge.settings import Settings
+from exforge.core.db import HttpCacheEntry
+from exforge.core.settings import Settings
 
 log = logging.getLogger("exforge.sources.http")
 
 RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+THROTTLE_STATUS = frozenset({403, 429})
+SECONDARY_LIMIT = re.compile(r"secondary rate limit|abuse detection", re.IGNORECASE)
+# What a rebuilt response must not claim: its body is decoded and its length is new.
+ENCODING_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 MAX_RATE_LIMIT_WAITS = 20
 RESET_MARGIN_S = 0.05
 
@@ -107,11 +122,6 @@ class RateLimiter:
         elif self.remaining is None or estimate < self.remaining:
             self.remaining = estimate
 
-    def exhaust(self, reset_at: float) -> None:
-        """A 429 said the budget is spent until `reset_at`."""
-        self.remaining = 0
-        self.reset_at = max(self.reset_at, reset_at)
-
 
 class EtagCache:
     """ETags and bodies of API responses, persisted in the ledger database."""
@@ -135,24 +145,45 @@ class HttpStats:
     requests: int = 0
     not_modified: int = 0
     retries: Counter[str] = field(default_factory=Counter)
-    throttled: int = 0  # 429 answers, each waited out until its reset
+    throttled: int = 0  # rate-limit answers, each waited out
+    paused: int = 0  # sends held back while a rate limit was in force
+    encodings: Counter[str] = field(default_factory=Counter)  # content codings received
 
 
-def _reset_time(response: httpx.Response) -> float:
-    """When a 429's budget comes back: x-ratelimit-reset (epoch seconds) or Retry-After."""
-    header = response.headers.get("x-ratelimit-reset")
-    if header is not None:
+def _retry_after(value: str) -> float | None:
+    """`Retry-After` (delay seconds or an HTTP date) as an epoch time."""
+    value = value.strip()
+    if value.isdigit():
+        return time.time() + int(value)
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+def throttled_until(
+    response: httpx.Response, fallback_s: float, limited: bool = False
+) -> float | None:
+    """When a rate-limited request may be sent again; None when `response` is no rate
+    limit (a 403 that is neither is a permission error, not a wait).
+
+    In the order GitHub documents: `retry-after`; `x-ratelimit-remaining: 0` until
+    `x-ratelimit-reset` (epoch seconds); then `fallback_s` from now for a 429 or a
+    message naming a secondary rate limit. `limited` says the caller already knows the
+    response is a rate limit (GraphQL reports one in a 200's body)."""
+    if not limited and response.status_code not in THROTTLE_STATUS:
+        return None
+    headers = response.headers
+    if (retry_after := headers.get("retry-after")) and (until := _retry_after(retry_after)):
+        return until
+    if headers.get("x-ratelimit-remaining", "").strip() == "0":
         try:
-            return float(header)
-        except ValueError:
+            return float(headers["x-ratelimit-reset"])
+        except (KeyError, ValueError):
             pass
-    retry_after = response.headers.get("retry-after")
-    if retry_after is not None:
-        if retry_after.isdigit():
-            return time.time() + int(retry_after)
-        parsed = email.utils.parsedate_to_datetime(retry_after)
-        return parsed.timestamp()
-    return time.time() + 60
+    if limited or response.status_code == 429 or SECONDARY_LIMIT.search(response.text):
+        return time.time() + fallback_s
+    return None
 
 
 class PoliteClient:
@@ -167,6 +198,7 @@ class PoliteClient:
         self.settings = settings
         self.cache = cache
         self.limiter = RateLimiter()
+        self.paused_until: dict[str, float] = {}  # host → when a rate limit ends
         self.stats = HttpStats()
         self.semaphore = asyncio.Semaphore(settings.http_concurrency)
         self.client = httpx.AsyncClient(
@@ -195,12 +227,16 @@ class PoliteClient:
         *,
         metered: bool = True,
         max_bytes: int | None = None,
+        limited: Callable[[httpx.Response], bool] | None = None,
         **kwargs: Any,
     ) -> httpx.Response:
-        """Send with the whole discipline; the response is read (within `max_bytes`)."""
+        """Send with the whole discipline; the response is read (within `max_bytes`) and
+        decoded. `limited` tells a rate limit the status does not show (GraphQL's)."""
         attempt = 0
         rate_waits = 0
+        host = httpx.URL(url).netloc.decode()
         while True:
+            await self._wait_pause(host)
             async with self.semaphore:  # the budget is taken only when about to send
                 seq = await self.limiter.acquire() if metered else 0
                 try:
@@ -214,12 +250,16 @@ class PoliteClient:
                 finally:
                     self.limiter.done(seq)
             if response is not None:
-                if response.status_code == 429 and rate_waits < MAX_RATE_LIMIT_WAITS:
+                fallback = self.settings.http_secondary_wait_s * 2**rate_waits
+                until = throttled_until(
+                    response, fallback, limited is not None and limited(response)
+                )
+                if until is not None and rate_waits < MAX_RATE_LIMIT_WAITS:
                     rate_waits += 1
                     self.stats.throttled += 1
-                    self.limiter.exhaust(_reset_time(response))
-                    if not metered:
-                        await asyncio.sleep(max(0.0, self.limiter.reset_at - time.time()))
+                    # every request to the host waits (the budget is left as the headers
+                    # described it: a secondary limit does not spend the primary one)
+                    self.paused_until[host] = max(self.paused_until.get(host, 0.0), until)
                     continue
                 if response.status_code not in RETRYABLE_STATUS:
                     return response
@@ -233,27 +273,42 @@ class PoliteClient:
                 )
             await asyncio.sleep(self.backoff(attempt - 1))
 
+    async def _wait_pause(self, host: str) -> None:
+        while (delay := self.paused_until.get(host, 0.0) - time.time()) > 0:
+            self.stats.paused += 1
+            log.info("rate limited by %s: waiting %.2fs", host, delay)
+            await asyncio.sleep(delay)
+
     async def _send(
         self, method: str, url: str, max_bytes: int | None, **kwargs: Any
     ) -> httpx.Response:
+        """One exchange, redirects followed, its body read and decoded. Over `max_bytes`
+        (declared, received or decoded) it stops reading: a compressed bomb is never
+        inflated past the limit. The response returned holds the decoded body, so it
+        names no content coding."""
         self.stats.requests += 1
+        limit = max_bytes if max_bytes is not None else float("inf")
         async with self.client.stream(method, url, **kwargs) as response:
-            if max_bytes is not None:
-                declared = int(response.headers.get("content-length") or 0)
-                if declared > max_bytes:
-                    raise TooLarge(f"{url} is {declared} bytes, over the {max_bytes}-byte limit")
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > max_bytes:
-                        raise TooLarge(f"{url} is over the {max_bytes}-byte limit")
-            else:
-                body = bytearray(await response.aread())
+            self.stats.encodings[response.headers.get("content-encoding", "identity")] += 1
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > limit:
+                raise TooLarge(f"{url} is {declared} bytes, over the {max_bytes}-byte limit")
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > limit or response.num_bytes_downloaded > limit:
+                    raise TooLarge(f"{url} is over the {max_bytes}-byte limit")
+        headers = [
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name.lower() not in ENCODING_HEADERS
+        ]
         return httpx.Response(
             response.status_code,
-            headers=response.headers,
+            headers=headers,
             content=bytes(body),
             request=response.request,
+            history=response.history,
         )
 
     async def get_json(self, url: str, params: dict[str, Any] | None = None) -> Any:

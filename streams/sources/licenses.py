@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from exforge.db import LicenseOutcome
+from exforge.core.db import LicenseOutcome
 
 # Free-text spellings seen in registries → SPDX id (keys are normalised by `_key`).
 ALIASES: dict[str, str] = {

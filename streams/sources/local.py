@@ -8,7 +8,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from exforge.store import ObjectStore, sha256_hex
+from exforge.core.store import ObjectStore, sha256_hex
 from schemas.records import SourceRequest
 
 # Build output, dependencies and tool state are not the project's own code.

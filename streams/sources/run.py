@@ -11,9 +11,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from exforge.kafka import producer, topic_name
-from exforge.settings import Settings
-from exforge.store import ObjectStore, sha256_hex
+from exforge.core.kafka import producer
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore, sha256_hex
+from schemas.catalogue import topic_name
 from schemas.records import SourceRequest
 from streams.sources.crawl import Sink
 
@@ -42,7 +43,7 @@ def run_with_progress(settings: Settings, crawl: Crawl, console: Console) -> dic
                 progress.update(task, total=counts["listed"], completed=done, **counts)
 
             async with producer(settings) as client:
-                topic = topic_name(settings, "sources.requests")
+                topic = topic_name(settings.topic_prefix, "sources.requests")
 
                 async def sink(request: SourceRequest) -> None:
                     await client.send_and_wait(

@@ -5,7 +5,8 @@ request with `x-ratelimit-limit/remaining/reset` (epoch seconds) and answers 429
 window's budget is spent — counting such requests as `violations`, since a polite client
 never sends them. Paths can be made to fail with 503 a number of times, or to be
 throttled once with a 429 announcing a reset. The repository side serves tarballs and
-counts downloads.
+counts downloads; with `cdn` set it answers them with a 302 to a CDN path, as a mirror
+behind a CDN does. Bodies are compressed as the base server does.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-from servers.base import Handler, serve
+from servers.base import COMPRESSORS, Handler, serve
 
 PAGE_SIZE = 100
 
@@ -180,6 +181,8 @@ class HexRegistry:
     user_agents: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     grace_s: float = 0.25
+    cdn: bool = False  # tarballs redirect to /cdn/tarballs/
+    redirects: int = 0
     _remaining: int = 0
     _reset: float = 0.0
     _grace_until: float = 0.0
@@ -234,9 +237,16 @@ class HexHandler(Handler):
         url = urlparse(self.path)
         registry: HexRegistry = self.state
         registry.user_agents.add(self.headers.get("user-agent", ""))
-        if url.path.startswith("/repo/tarballs/"):
-            self.tarball(unquote(url.path.removeprefix("/repo/tarballs/")))
+        if url.path.startswith("/repo/tarballs/") and registry.cdn:
+            with registry.lock:
+                registry.redirects += 1
+            host = self.headers.get("host")
+            self.redirect(f"http://{host}/cdn/tarballs/{url.path.removeprefix('/repo/tarballs/')}")
             return
+        for prefix in ("/repo/tarballs/", "/cdn/tarballs/"):
+            if url.path.startswith(prefix):
+                self.tarball(unquote(url.path.removeprefix(prefix)))
+                return
         if not url.path.startswith("/api/"):
             self.reply(404)
             return
@@ -318,9 +328,12 @@ class HexHandler(Handler):
 
 
 @contextmanager
-def hex_server(registry: HexRegistry) -> Iterator[tuple[str, str]]:
-    """Serve the registry; yields (API base URL, repository base URL)."""
-    with serve(HexHandler, registry) as base:
+def hex_server(
+    registry: HexRegistry, encodings: tuple[str, ...] = tuple(COMPRESSORS)
+) -> Iterator[tuple[str, str]]:
+    """Serve the registry (compressing with `encodings`); yields (API base URL,
+    repository base URL)."""
+    with serve(HexHandler, registry, encodings) as base:
         yield f"{base}/api", f"{base}/repo"
 
 

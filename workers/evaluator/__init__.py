@@ -1,1 +1,1 @@
-"""Evaluation: sandboxed Elixir execution, benchmarks, pass@k and chrF, reports."""
+"""Evaluation: benchmarks, generation, pass@k and chrF in the BEAM sandbox, reports."""

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 import torch
 from transformers import GenerationConfig, LogitsProcessor, MistralForCausalLM, StoppingCriteria
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore
 from workers.evaluator.benchmarks import Completion, Problem
 
 CACHE_PREFIX = "generations/"
@@ -119,7 +119,7 @@ class InProcessGenerator:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> InProcessGenerator:
-        from serving.generation import load_tokenizer
+        from exforge.llm.generation import load_tokenizer
 
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
         model = MistralForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
@@ -173,7 +173,7 @@ class InProcessGenerator:
 
 def merged_version_dir(settings: Settings, store: ObjectStore, row: dict[str, Any]) -> Path:
     """The version's base with its adapter folded in, merged once per version on disk."""
-    from serving.export import merged_model
+    from exforge.llm.lora import merged_model
 
     target = settings.root / "eval-models" / row["name"] / str(row["version"])
     if (target / "config.json").is_file():

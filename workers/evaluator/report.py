@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exforge.store import ObjectStore
-from workers.evaluator.sandbox import STATUSES
+from exforge.core.store import ObjectStore
+from exforge.elixir.sandbox import STATUSES
 
 PREFIX = "evals/"
 PNG_NAME = "eval-report.png"

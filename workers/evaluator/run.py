@@ -11,8 +11,10 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
-from exforge.store import ObjectStore
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore
+from exforge.elixir.sandbox import SandboxConfig, SandboxPool
+from exforge.llm.registry import record_results
 from workers.evaluator.benchmarks import (
     BUILTIN,
     Benchmark,
@@ -30,8 +32,6 @@ from workers.evaluator.generate import (
 )
 from workers.evaluator.qa import CONCEPTS_PREFIX, IDIOMS, load_concepts, load_idioms
 from workers.evaluator.report import load_results, save_result, write_report
-from workers.evaluator.results import record_results
-from workers.evaluator.sandbox import SandboxConfig, SandboxPool
 from workers.evaluator.scoring import score, score_exact
 
 DEMO_SAMPLING = Sampling(temperature=0.0, max_tokens=32, batch_size=16)
@@ -86,7 +86,7 @@ def resolve_benchmark(source: str, limit: int | None = None) -> Benchmark:
 
 
 def resolve_version(engine: Engine, model: str, version: int | None) -> dict[str, Any]:
-    from workers.trainer.registry import get_version
+    from exforge.llm.registry import get_version
 
     row = get_version(engine, model, version)
     if row is None:
@@ -172,8 +172,8 @@ def evaluate_for_demo(
     """The built-in benchmark, n=1, greedy, 32 new tokens (about 30 s for the tiny model
     on two cores); stores the result and writes the HTML report. Returns pass@1, the
     status counts and the report's paths."""
-    from exforge.db import open_database
-    from exforge.store import open_store
+    from exforge.core.db import open_database
+    from exforge.core.store import open_store
 
     store = open_store(settings)
     request = EvalRequest(model_name, version, BUILTIN, sampling=DEMO_SAMPLING, limit=limit)

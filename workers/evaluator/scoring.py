@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
+from exforge.elixir.sandbox import STATUSES, Outcome, SandboxPool
 from workers.evaluator.benchmarks import Benchmark, BenchmarkError, Completion, Problem
 from workers.evaluator.metrics import chrf, compile_rate, mean_pass_at_k, pass_at_k
-from workers.evaluator.sandbox import STATUSES, Outcome, SandboxPool
 
 RESULT_VERSION = 1
 

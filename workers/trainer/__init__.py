@@ -1,4 +1,4 @@
-"""QLoRA trainer workers: model loading, chat encoding, packing, EWC, checkpoints, registry.
+"""QLoRA trainer workers: training data, packing, the recipe, EWC, SSR, checkpoints.
 
 Torch and friends are imported only by the modules that need them (the `train` extra).
 """

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from exforge.store import ObjectNotFound, ObjectStore
+from exforge.core.store import ObjectNotFound, ObjectStore
 
 
 def run_prefix(run_id: str) -> str:

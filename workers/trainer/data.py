@@ -11,8 +11,16 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from exforge.store import ObjectNotFound, ObjectStore, sha256_hex
-from streams.shard import decode_shard, encode_shard, shard_key, shard_prefix
+from exforge.core.store import ObjectNotFound, ObjectStore, sha256_hex
+from schemas.shards import (
+    FORMAT,
+    curriculum,
+    decode_shard,
+    difficulty,
+    encode_shard,
+    manifest_key,
+    shard_key,
+)
 
 
 @dataclass(frozen=True)
@@ -34,9 +42,8 @@ class Cursor:
 
 
 def read_manifest(store: ObjectStore, dataset: str, stage: int, split: str) -> dict[str, Any]:
-    key = f"{shard_prefix(dataset, stage, split)}/manifest.json"
     try:
-        return json.loads(store.get(key))
+        return json.loads(store.get(manifest_key(dataset, stage, split)))
     except ObjectNotFound:
         return {"dataset": dataset, "stage": stage, "split": split, "shards": []}
 
@@ -68,8 +75,9 @@ def load_split(
 def epoch_order(
     samples: list[dict[str, Any]], seed: int, cursor: Cursor, rank: int
 ) -> list[dict[str, Any]]:
-    """The unlocked samples (difficulty ≤ level) of this epoch, in their seeded order."""
-    pool = [s for s in samples if s.get("meta", {}).get("difficulty", 1) <= cursor.level]
+    """The unlocked samples (difficulty ≤ level) of this epoch, in their seeded order: taken
+    in curriculum order first, so the order depends on the samples, not on their shards."""
+    pool = [s for s in curriculum(samples) if difficulty(s) <= cursor.level]
     random.Random(f"{seed}/{cursor.stage}/{cursor.epoch}/{cursor.level}/{rank}").shuffle(pool)
     return pool
 
@@ -112,12 +120,12 @@ def write_split(
         "dataset": dataset,
         "stage": stage,
         "split": split,
-        "format": "sharegpt-jsonl-zstd",
+        "format": FORMAT,
         "samples": len(samples),
         "tokens": 0,
         "shards": entries,
     }
-    store.put(f"{shard_prefix(dataset, stage, split)}/manifest.json", json.dumps(manifest).encode())
+    store.put(manifest_key(dataset, stage, split), json.dumps(manifest).encode())
     return manifest
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from workers.trainer.chat import IGNORE
-from workers.trainer.lora import trainable
+from exforge.llm.chat import IGNORE
+from exforge.llm.lora import trainable
 from workers.trainer.packing import forward_losses
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.trainer.chat import IGNORE, Encoded
+from exforge.llm.chat import IGNORE, Encoded
 
 PAD_ID = 11  # Tekken's <pad>
 

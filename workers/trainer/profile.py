@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from workers.trainer.lora import LoraSettings, apply_lora
-from workers.trainer.model import Quantisation, load_model
+from exforge.llm.lora import LoraSettings, apply_lora
+from exforge.llm.model import Quantisation, load_model
 from workers.trainer.packing import forward_losses
 
 

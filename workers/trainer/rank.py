@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from workers.trainer.lora import LoraSettings, apply_lora
+from exforge.llm.lora import LoraSettings, apply_lora
 from workers.trainer.packing import forward_losses
 
 

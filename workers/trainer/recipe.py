@@ -33,16 +33,17 @@ import torch.distributed as dist
 from pydantic import BaseModel, Field, model_validator
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from exforge import telemetry
-from exforge.settings import Settings
-from exforge.store import ObjectStore
+from exforge.core import telemetry
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore
+from exforge.llm.chat import Encoded, encode, load_tokenizer
+from exforge.llm.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
+from exforge.llm.model import Quantisation, detect_device, load_model
 from schemas.records import TrainingEvent
+from schemas.shards import difficulty
 from workers.trainer import checkpoint as ckpt
-from workers.trainer.chat import Encoded, encode, load_tokenizer
 from workers.trainer.data import Cursor, epoch_order, load_split, mix
 from workers.trainer.ewc import EwcState, consolidate, estimate_fisher, penalty, plot_importance
-from workers.trainer.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
-from workers.trainer.model import Quantisation, detect_device, load_model
 from workers.trainer.packing import Pack, collate, forward_losses, pack, padding
 from workers.trainer.ssr import SsrConfig, build_buffer, load_buffers, store_buffer
 
@@ -172,7 +173,7 @@ class Events:
         if self.settings.kafka_bootstrap:
             import asyncio
 
-            from exforge.kafka import produce
+            from exforge.core.kafka import produce
 
             asyncio.run(
                 produce(self.settings, "training.events", [(self.run_id, e) for e in self.pending])
@@ -334,7 +335,7 @@ class Trainer:
     @torch.no_grad()
     def validation_loss(self, samples: list[dict[str, Any]], level: int = 5) -> float | None:
         """Mean token loss over this rank's validation samples up to `level`, all ranks."""
-        chosen = [s for s in samples if s.get("meta", {}).get("difficulty", 1) <= level]
+        chosen = [s for s in samples if difficulty(s) <= level]
         runner = self.runner
         runner.eval()
         total = torch.zeros(2, device=self.device)
@@ -370,7 +371,7 @@ class Trainer:
         ewc: EwcState = state["ewc"]
         step = state["step"]
         if self.engine is not None and self.dist.main:
-            from workers.trainer.registry import start_run
+            from exforge.llm.registry import start_run
 
             start_run(self.engine, self.run_id, config.model, config.model_dump(mode="json"))
         self.events.emit("started", step, None, message=f"model {config.model}")
@@ -548,7 +549,7 @@ class Trainer:
         checkpoint = ckpt.Checkpoint(step, adapter_state(self.model), ewc.tensors(), trainer, state)
         key = ckpt.save(self.store, self.run_id, checkpoint)
         if self.engine is not None:
-            from workers.trainer.registry import record_checkpoint
+            from exforge.llm.registry import record_checkpoint
 
             metrics = {"loss": self.log[-1].loss} if self.log else {}
             record_checkpoint(self.engine, self.run_id, step, stage, key, metrics)
@@ -590,7 +591,7 @@ class Trainer:
             return None
         from safetensors.torch import save as save_safetensors
 
-        from workers.trainer.registry import finish_run, register_version
+        from exforge.llm.registry import finish_run, register_version
 
         key = f"models/{name}/{self.run_id}/adapter.safetensors"
         self.store.put(key, save_safetensors(adapter_state(self.model)))
@@ -604,7 +605,7 @@ class Trainer:
         if self.settings.kafka_bootstrap:
             import asyncio
 
-            from exforge.kafka import produce
+            from exforge.core.kafka import produce
 
             asyncio.run(produce(self.settings, "models.versions", [(name, event)]))
         return event.model_dump(mode="json")

@@ -31,10 +31,10 @@ import torch
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from pydantic import BaseModel, Field
 
-from exforge.store import ObjectNotFound, ObjectStore, sha256_hex
+from exforge.core.store import ObjectNotFound, ObjectStore, sha256_hex
+from exforge.llm.chat import decode, encode, prompt_ids
+from schemas.shards import decode_shard, encode_shard
 from schemas.sharegpt import validate_sharegpt
-from streams.shard import decode_shard, encode_shard
-from workers.trainer.chat import decode, encode, prompt_ids
 from workers.trainer.packing import PAD_ID
 
 Sample = dict[str, Any]

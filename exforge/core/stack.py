@@ -17,10 +17,10 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from exforge.db import open_database
-from exforge.kafka import create_topics, ping
-from exforge.settings import Settings
-from exforge.store import open_store
+from exforge.core.db import open_database
+from exforge.core.kafka import create_topics, ping
+from exforge.core.settings import Settings
+from exforge.core.store import open_store
 
 BROKER_START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0

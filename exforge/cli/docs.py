@@ -1,13 +1,12 @@
-"""Keep README's settings table in step with the code (`python -m exforge.docs`)."""
+"""Keep README's settings table in step with the code (`python -m exforge.cli.docs`)."""
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from exforge.settings import describe_settings
+from exforge.core.settings import PROJECT_ROOT, describe_settings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = PROJECT_ROOT / "README.md"
 BEGIN, END = "<!-- settings:begin -->", "<!-- settings:end -->"
 
 

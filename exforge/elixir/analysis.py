@@ -18,7 +18,7 @@ Conventions:
 * Definitions whose name is computed (`def unquote(name)(x)`) are skipped.
 * Types and callbacks (`@type`, `@typep`, `@opaque`, `@callback`, `@macrocallback`),
   behaviours (`use X`, `@behaviour X`) and `@impl`-marked definitions are read from the
-  same module bodies; `streams.elixir.features` adds what needs the whole tree (pipes,
+  same module bodies; `exforge.elixir.features` adds what needs the whole tree (pipes,
   patterns, processes, macros, ExUnit, supervision trees, doctests, metrics).
 """
 
@@ -135,7 +135,7 @@ def parse(data: bytes) -> Node:
 
 def analyse(source: str) -> FileAnalysis:
     """Parse one Elixir file and extract its modules, functions and features."""
-    from streams.elixir.features import features  # features builds on this module
+    from exforge.elixir.features import features  # features builds on this module
 
     data = source.encode("utf-8", "surrogatepass")
     root = parse(data)

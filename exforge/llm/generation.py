@@ -49,7 +49,7 @@ class PrefixCache:
 
 def load_tokenizer(model_dir: Path | None = None):  # -> mistral_common Tekkenizer
     """The model directory's own `tekken.json`, else the one mistral-common ships."""
-    from workers.trainer.chat import load_tokenizer as load_mistral
+    from exforge.llm.chat import load_tokenizer as load_mistral
 
     own = model_dir / "tekken.json" if model_dir else None
     path = str(own) if own and own.is_file() else None

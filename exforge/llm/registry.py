@@ -1,7 +1,12 @@
-"""Model registry: runs, checkpoints and model versions in the SQL database.
+"""Model registry: runs, checkpoints, model versions and their evaluation results in
+the SQL database.
 
 Versions are integers per model name, assigned in the registering transaction, and
 every registration is announced on `models.versions` when a broker is configured.
+Serving records status changes (production, staging, retired) on the same rows.
+Evaluation results: one row per (model, version, benchmark, metric); a new evaluation
+of the same version on the same benchmark replaces its rows (the full result document
+goes to the store as `evals/<model>/<version>/<benchmark>.json`).
 """
 
 from __future__ import annotations
@@ -10,11 +15,11 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from exforge.db import ModelVersion, RunCheckpoint, TrainingRun
+from exforge.core.db import EvaluationResult, ModelVersion, RunCheckpoint, TrainingRun
 from schemas.records import ModelVersionEvent
 
 
@@ -153,3 +158,72 @@ def get_version(engine: Engine, name: str, version: int | None = None) -> dict[s
     with Session(engine) as session:
         row = session.scalar(query)
         return None if row is None else as_dict(row)
+
+
+def set_status(engine: Engine, name: str, version: int, status: str, action: str) -> dict[str, Any]:
+    """Set one version's status; returns the `models.versions` event for it."""
+    with Session(engine) as session, session.begin():
+        row = session.scalar(
+            select(ModelVersion).where(ModelVersion.name == name, ModelVersion.version == version)
+        )
+        if row is None:
+            raise LookupError(f"model {name} has no version {version}")
+        row.status = status
+        return version_event(row, action).model_dump(mode="json")
+
+
+def metrics_of(result: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a result document that go to the registry."""
+    metrics: dict[str, float] = {f"pass@{k}": v for k, v in result["pass_at_k"].items()}
+    for name in ("compile_rate", "chrf", "warnings", "problems", "samples"):
+        if result.get(name) is not None:
+            metrics[name] = float(result[name])
+    return metrics
+
+
+def record_results(engine: Engine, model: str, version: int, result: dict[str, Any]) -> None:
+    benchmark = result["benchmark"]
+    with Session(engine) as session, session.begin():
+        session.execute(
+            delete(EvaluationResult).where(
+                EvaluationResult.model_name == model,
+                EvaluationResult.version == version,
+                EvaluationResult.benchmark == benchmark,
+            )
+        )
+        session.add_all(
+            EvaluationResult(
+                model_name=model, version=version, benchmark=benchmark, metric=metric, value=value
+            )
+            for metric, value in metrics_of(result).items()
+        )
+
+
+def stored_metric(
+    engine: Engine, model: str, version: int, benchmark: str, metric: str = "pass@1"
+) -> float | None:
+    query = (
+        select(EvaluationResult.value)
+        .where(
+            EvaluationResult.model_name == model,
+            EvaluationResult.version == version,
+            EvaluationResult.benchmark == benchmark,
+            EvaluationResult.metric == metric,
+        )
+        .order_by(EvaluationResult.id.desc())
+        .limit(1)
+    )
+    with Session(engine) as session:
+        return session.scalar(query)
+
+
+def production_version(engine: Engine, model: str) -> int | None:
+    """The version of `model` whose registry status is production (newest if several)."""
+    query = (
+        select(ModelVersion.version)
+        .where(ModelVersion.name == model, ModelVersion.status == "production")
+        .order_by(ModelVersion.version.desc())
+        .limit(1)
+    )
+    with Session(engine) as session:
+        return session.scalar(query)

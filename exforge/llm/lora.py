@@ -7,12 +7,19 @@ bit). Merging dequantises the base first, so the merged model is a plain bf16/fp
 
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from pydantic import BaseModel, Field
 from transformers import MistralForCausalLM
+
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -125,3 +132,21 @@ def merge(model: PeftModel, dtype: torch.dtype = torch.float32) -> MistralForCau
 
 def adapter_names(model: torch.nn.Module) -> Sequence[str]:
     return sorted(trainable(model))
+
+
+def merged_model(settings: Settings, store: ObjectStore, row: dict[str, Any], target: Path) -> None:
+    """Base model with the version's LoRA adapter folded in, saved as bf16 safetensors."""
+    from safetensors.torch import load as load_safetensors
+
+    from exforge.llm.model import load_model
+
+    base = load_model(row["base_model"], "none", settings.root / "models").to(torch.float32)
+    adapter_key = row["adapter_key"]
+    config = json.loads(store.get(adapter_key.rsplit("/", 1)[0] + "/adapter_config.json"))
+    model = get_peft_model(base, LoraConfig(**config | {"inference_mode": False}))
+    load_adapter_state(model, load_safetensors(store.get(adapter_key)))
+    merged = model.merge_and_unload().to(torch.bfloat16)
+    merged.save_pretrained(target)
+    own_tokenizer = Path(row["base_model"]) / "tekken.json"
+    if own_tokenizer.is_file():
+        shutil.copy(own_tokenizer, target / "tekken.json")

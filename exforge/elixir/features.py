@@ -28,6 +28,8 @@ from typing import TypeGuard
 import numpy as np
 from tree_sitter import Node
 
+from exforge.elixir.analysis import Definitions
+from exforge.elixir.hashing import WORD_BYTES, token_crcs, tokens
 from schemas.records import (
     BehaviourUse,
     CodeMetrics,
@@ -37,8 +39,6 @@ from schemas.records import (
     ModuleInfo,
     SupervisionTree,
 )
-from streams.elixir.analysis import Definitions
-from streams.elixir.hashing import WORD_BYTES, token_crcs, tokens
 
 __all__ = ["OTP_CALLBACKS", "code_metrics", "doctests", "features"]
 

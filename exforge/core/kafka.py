@@ -10,16 +10,12 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from exforge.settings import Settings
-from schemas.catalogue import CATALOGUE, STAGE_INPUTS, TopicSpec
+from exforge.core.settings import Settings
+from schemas.catalogue import CATALOGUE, STAGE_INPUTS, topic_name
 from schemas.records import Record
 
 CLIENT_ID = "exforge"
 REQUEST_TIMEOUT_MS = 15_000
-
-
-def topic_name(settings: Settings, spec: TopicSpec | str) -> str:
-    return settings.topic(spec if isinstance(spec, str) else spec.name)
 
 
 @asynccontextmanager
@@ -62,7 +58,9 @@ async def produce(
     async with producer(settings) as client:
         for key, value in items:
             data = value if isinstance(value, bytes) else value.to_bytes()
-            await client.send_and_wait(topic_name(settings, topic), data, key=key.encode())
+            await client.send_and_wait(
+                topic_name(settings.topic_prefix, topic), data, key=key.encode()
+            )
             count += 1
     return count
 
@@ -73,13 +71,13 @@ async def create_topics(settings: Settings) -> list[str]:
         existing = set(await admin.list_topics())
         missing = [
             NewTopic(
-                topic_name(settings, spec),
+                topic_name(settings.topic_prefix, spec),
                 spec.partitions or settings.topic_partitions,
                 1,
                 topic_configs={"cleanup.policy": spec.cleanup_policy},
             )
             for spec in CATALOGUE
-            if topic_name(settings, spec) not in existing
+            if topic_name(settings.topic_prefix, spec) not in existing
         ]
         if missing:
             response = await admin.create_topics(missing)
@@ -124,7 +122,7 @@ async def metadata_consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsume
 
 async def read_all(settings: Settings, topic: str) -> list[ConsumerRecord]:
     """Every record of a catalogue topic, from the beginning to the current end."""
-    name = topic_name(settings, topic)
+    name = topic_name(settings.topic_prefix, topic)
     async with metadata_consumer(settings) as consumer:
         partitions = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
         if not partitions:
@@ -186,7 +184,7 @@ def _group_reads(group: str, topic: str, settings: Settings) -> bool:
     """Whether an uncommitted partition counts as lag for this group (the worker reads
     every stage input; other groups only what they committed on)."""
     return group == settings.worker_group and topic in {
-        topic_name(settings, name) for name in STAGE_INPUTS.values()
+        topic_name(settings.topic_prefix, name) for name in STAGE_INPUTS.values()
     }
 
 

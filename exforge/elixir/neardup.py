@@ -4,7 +4,7 @@ Signatures are MinHash over 5-token shingles with 256 permutations, each a rando
 multiplication `a * x mod 2**32` (a odd, so a bijection) of 32-bit shingle hashes,
 computed for every permutation and shingle in one numpy operation (datasketch's
 per-shingle SHA-1 costs more than parsing the file). The shingle hashes are already
-well mixed (`streams.elixir.hashing`), so an offset `+ b` would add a pass over the
+well mixed (`exforge.elixir.hashing`), so an offset `+ b` would add a pass over the
 data and no quality: `benchmarks/neardup_quality.py` measures both.
 
 The signature is cut into `bands` bands of `rows` rows, chosen to minimise the sum of
@@ -37,7 +37,7 @@ from functools import cache
 
 import numpy as np
 
-from streams.elixir.hashing import ngram_hashes, text_ngram_hashes
+from exforge.elixir.hashing import ngram_hashes, text_ngram_hashes
 
 __all__ = [
     "NUM_PERM",

@@ -16,18 +16,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from exforge import stack
-from exforge.dataset import stats
-from exforge.db import open_database
-from exforge.kafka import produce
-from exforge.settings import Settings
-from exforge.store import ObjectStore, open_store
+from exforge.core import stack
+from exforge.core.db import open_database
+from exforge.core.kafka import produce
+from exforge.core.settings import PROJECT_ROOT, Settings
+from exforge.core.store import ObjectStore, open_store
 from schemas.records import SourceRequest
-from streams.shard import shard_prefix
+from schemas.shards import manifest_key
+from streams.dataset import stats
 from streams.sources.local import upload_directory
 from streams.sources.run import upload_book
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = PROJECT_ROOT / "examples"
 CORPUS = EXAMPLES / "corpus"
 BOOKS = EXAMPLES / "books"
 MODEL_NAME = "exforge-elixir"
@@ -75,11 +75,7 @@ def run_pipeline(settings: Settings, say: Say, corpus: Path, books: Path) -> dic
 
 
 def stages_with_data(store: ObjectStore, dataset: str) -> list[int]:
-    return [
-        stage
-        for stage in (1, 2, 3)
-        if store.exists(f"{shard_prefix(dataset, stage, 'train')}/manifest.json")
-    ]
+    return [stage for stage in (1, 2, 3) if store.exists(manifest_key(dataset, stage, "train"))]
 
 
 def stage_losses(losses: list[float], stages: list[int]) -> dict[str, dict[str, float]]:

@@ -9,8 +9,8 @@ import subprocess
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from exforge.settings import Settings
-from exforge.stack import status
+from exforge.core.settings import Settings
+from exforge.core.stack import status
 
 KEY_PACKAGES = (
     "faust-streaming",

@@ -1,27 +1,22 @@
-"""The dataset the pipeline produced: statistics, samples, curriculum order and export.
+"""The dataset the pipeline produced: statistics, samples and export.
 
 Everything is read from the ledger database (staged samples keep their ShareGPT line).
-Curriculum order (`curriculum`): stage by stage; inside a stage easy → hard by
-difficulty, and at each difficulty the kinds interleaved in proportion to the stage's
-mixing weights (`mix_ratios`: `{"<stage>": {"<kind>": weight}}`, unset kinds weigh 1, a
-weight of 0 leaves the kind out); the n-th sample of a kind at a difficulty sorts at
-n / weight, so a kind of weight 2 comes twice as often as one of weight 1.
+Exports are in the curriculum order of the shards (`schemas.shards.curriculum`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import Engine, func, select
 from sqlalchemy.orm import Session
 
-from exforge.db import FileOutcome, LicenseOutcome, Package, Sample, SampleDrop, Shard
+from exforge.core.db import FileOutcome, LicenseOutcome, Package, Sample, SampleDrop, Shard
 from schemas.records import SampleMeta
+from schemas.shards import curriculum, parquet_bytes
 
-MixRatios = dict[int, dict[str, float]]
 ExportFormat = Literal["sharegpt", "parquet"]
 SPLITS = ("train", "validation")
 
@@ -101,35 +96,6 @@ def stats(engine: Engine) -> dict[str, Any]:
         }
 
 
-def parse_mix_ratios(text: str) -> MixRatios:
-    """`mix_ratios` setting (JSON) as {stage: {kind: weight}}."""
-    if not text.strip():
-        return {}
-    raw = json.loads(text)
-    return {int(stage): {k: float(w) for k, w in kinds.items()} for stage, kinds in raw.items()}
-
-
-def curriculum(rows: Iterable[dict[str, Any]], ratios: MixRatios | None = None) -> list[dict]:
-    """ShareGPT rows in curriculum order (see the module doc); weight-0 kinds left out."""
-    ratios = ratios or {}
-    seen: dict[tuple[int, str, int], int] = {}
-    keyed = []
-    ordered = sorted(
-        rows,
-        key=lambda r: (r["meta"]["stage"], r["meta"].get("position") or 0, r["id"]),
-    )
-    for row in ordered:
-        meta = row["meta"]
-        stage, kind, level = meta["stage"], meta["kind"], meta.get("difficulty", 1)
-        weight = ratios.get(stage, {}).get(kind, 1.0)
-        if weight <= 0:
-            continue
-        nth = seen.get((stage, kind, level), 0) + 1
-        seen[(stage, kind, level)] = nth
-        keyed.append(((stage, level, nth / weight, kind), row))
-    return [row for _, row in sorted(keyed, key=lambda pair: pair[0])]
-
-
 def rows(
     engine: Engine, dataset: str, split: str | None = None, kind: str | None = None
 ) -> list[dict]:
@@ -157,17 +123,13 @@ def uniform(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, "meta": SampleMeta.model_validate(row["meta"]).model_dump()}
 
 
-def export(
-    engine: Engine, dataset: str, out: Path, fmt: ExportFormat, ratios: MixRatios | None = None
-) -> dict[str, int]:
+def export(engine: Engine, dataset: str, out: Path, fmt: ExportFormat) -> dict[str, int]:
     """Write `train` and `validation` files (ShareGPT JSONL or Parquet) in curriculum
     order into `out` (an empty split writes no file); return samples per file name."""
-    from streams.shard import parquet_bytes
-
     out.mkdir(parents=True, exist_ok=True)
     written = {}
     for split in SPLITS:
-        ordered = [uniform(row) for row in curriculum(rows(engine, dataset, split), ratios)]
+        ordered = [uniform(row) for row in curriculum(rows(engine, dataset, split))]
         if not ordered:
             continue
         if fmt == "parquet":

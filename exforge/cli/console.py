@@ -9,8 +9,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import Engine
 
-from exforge.settings import Settings, SettingsError, load_settings
+from exforge.core.settings import Settings, SettingsError, load_settings
 
 console = Console()
 errors = Console(stderr=True, soft_wrap=True)  # one line per error, whatever the width
@@ -25,6 +26,13 @@ def settings() -> Settings:
     except SettingsError as exc:
         errors.print(f"[red]error:[/] {exc}", highlight=False)
         raise typer.Exit(2) from None
+
+
+def database() -> Engine:
+    """The ledger and registry database of the settings."""
+    from exforge.core.db import open_database
+
+    return open_database(settings())
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from exforge.kafka import producer, read_all
-from exforge.settings import Settings
-from exforge.store import ObjectStore
+from exforge.core.kafka import producer, read_all
+from exforge.core.settings import Settings
+from exforge.core.store import ObjectStore
 from schemas.records import DeadLetter
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.elixir.hashing import ngram_hashes, text_ngram_hashes, tokens
+from exforge.elixir.hashing import ngram_hashes, text_ngram_hashes, tokens
 
 __all__ = ["BenchmarkIndex", "Contamination", "load_index", "ngrams"]
 

@@ -11,9 +11,11 @@ import typer
 from rich.console import Group
 
 from exforge import __version__
-from exforge.console import JsonFlag, console, emit_json, errors, fail, settings, table
-from exforge.settings import Settings, describe_settings
-from workers.evaluator.cli import eval_app
+from exforge.cli.console import JsonFlag, console, emit_json, errors, fail, settings, table
+from exforge.cli.eval import eval_app
+from exforge.cli.models import models_app
+from exforge.cli.serve import generate, serve_app, usage
+from exforge.core.settings import Settings, describe_settings
 
 app = typer.Typer(
     help="exforge: collect Elixir, turn it into training data, fine-tune, serve, evaluate.",
@@ -31,7 +33,6 @@ app.add_typer(ingest_app, name="ingest")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(dataset_app, name="dataset")
 train_app = typer.Typer(help="Fine-tune the base model with QLoRA (stages 1-3).")
-models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(models_app, name="models")
 app.add_typer(eval_app, name="eval")
@@ -91,7 +92,7 @@ def print_parts(parts: list[Any], as_json: bool) -> None:
 def stack_up(as_json: JsonFlag = False) -> None:
     """Start the embedded broker (unless EXFORGE_KAFKA_BOOTSTRAP is set), create the
     topics, prepare the store and the database."""
-    from exforge import stack
+    from exforge.core import stack
 
     try:
         parts = stack.up(settings())
@@ -105,7 +106,7 @@ def stack_up(as_json: JsonFlag = False) -> None:
 @stack_app.command("status")
 def stack_status(as_json: JsonFlag = False) -> None:
     """Prove each part with a real request: Metadata, store put/get/delete, SELECT 1."""
-    from exforge import stack
+    from exforge.core import stack
 
     parts = stack.status(settings())
     print_parts(parts, as_json)
@@ -116,7 +117,7 @@ def stack_status(as_json: JsonFlag = False) -> None:
 @stack_app.command("down")
 def stack_down() -> None:
     """Stop the embedded broker (its in-memory topics go with it)."""
-    from exforge import stack
+    from exforge.core import stack
 
     stopped = stack.down(settings())
     console.print("embedded broker stopped" if stopped else "no embedded broker was running")
@@ -128,7 +129,7 @@ def stack_down() -> None:
 @topics_app.command("create")
 def topics_create() -> None:
     """Create the catalogue topics that do not exist yet."""
-    from exforge.kafka import create_topics
+    from exforge.core.kafka import create_topics
 
     created = asyncio.run(create_topics(settings()))
     console.print(
@@ -139,14 +140,14 @@ def topics_create() -> None:
 @topics_app.command("list")
 def topics_list(as_json: JsonFlag = False) -> None:
     """The catalogue with each topic's partitions on the broker."""
-    from exforge.kafka import list_topics, topic_name
-    from schemas.catalogue import CATALOGUE
+    from exforge.core.kafka import list_topics
+    from schemas.catalogue import CATALOGUE, topic_name
 
     config = settings()
     present = asyncio.run(list_topics(config))
     rows = []
     for spec in CATALOGUE:
-        name = topic_name(config, spec)
+        name = topic_name(config.topic_prefix, spec)
         rows.append(
             {
                 "topic": name,
@@ -176,8 +177,8 @@ def ingest_dir(
     as_json: JsonFlag = False,
 ) -> None:
     """Pack a local Mix project into the store and request its ingestion."""
-    from exforge.kafka import produce
-    from exforge.store import open_store
+    from exforge.core.kafka import produce
+    from exforge.core.store import open_store
     from streams.sources.local import NotAProject, upload_directory
 
     config = settings()
@@ -201,8 +202,8 @@ def ingest_dir(
 def run_crawl(config: Settings, crawl: Any, as_json: bool) -> None:
     """Run a source crawl with a progress bar, print its summary, exit 1 on failures.
     `crawl(store, engine, sink, event)`: the source's crawl, its other arguments bound."""
-    from exforge.db import open_database
-    from exforge.store import open_store
+    from exforge.core.db import open_database
+    from exforge.core.store import open_store
     from streams.sources.run import run_with_progress
 
     store, engine = open_store(config), open_database(config)
@@ -308,8 +309,8 @@ def ingest_book(
     as_json: JsonFlag = False,
 ) -> None:
     """Store a PDF book and request its ingestion (segments flow on as book_segment)."""
-    from exforge.kafka import produce
-    from exforge.store import open_store
+    from exforge.core.kafka import produce
+    from exforge.core.store import open_store
     from streams.sources.books import NotABook, extract_book
     from streams.sources.run import upload_book
 
@@ -332,6 +333,7 @@ def ingest_book(
             for c in book.chapters
         ],
         "depends_on": {str(k): v for k, v in book.depends_on.items()},
+        "warnings": book.warnings,
     }
     if as_json:
         emit_json(summary)
@@ -340,6 +342,8 @@ def ingest_book(
             f"requested [bold]{request.source_id}[/]: {len(book.chapters)} chapters, "
             f"{sum(len(c.code_blocks) for c in book.chapters)} code blocks"
         )
+        for warning in book.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
 
 
 # ---------------------------------------------------------------------------- worker
@@ -372,7 +376,7 @@ def worker(
 @app.command("lag")
 def lag(as_json: JsonFlag = False) -> None:
     """Committed offset, end offset and lag per consumer group, topic and partition."""
-    from exforge.kafka import consumer_lag
+    from exforge.core.kafka import consumer_lag
 
     rows = asyncio.run(consumer_lag(settings()))
     data = [
@@ -399,7 +403,7 @@ def lag(as_json: JsonFlag = False) -> None:
 @dlq_app.command("list")
 def dlq_list(as_json: JsonFlag = False) -> None:
     """Every dead letter: where it came from, which stage failed, and why."""
-    from exforge.dlq import list_dead_letters
+    from exforge.core.dlq import list_dead_letters
 
     entries = asyncio.run(list_dead_letters(settings()))
     if as_json:
@@ -433,8 +437,8 @@ def dlq_replay(
     all_: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
 ) -> None:
     """Send the original messages back to their topics (processing is idempotent)."""
-    from exforge.dlq import list_dead_letters, replay, select_letters
-    from exforge.store import open_store
+    from exforge.core.dlq import list_dead_letters, replay, select_letters
+    from exforge.core.store import open_store
 
     if not (ids or stage or error_class or all_):
         raise fail("say what to replay: ids, --stage, --error-class or --all", 2)
@@ -454,8 +458,8 @@ def dlq_replay(
 @dataset_app.command("stats")
 def dataset_stats(as_json: JsonFlag = False) -> None:
     """Packages, files kept and dropped (by reason), samples, shards."""
-    from exforge.dataset import stats
-    from exforge.db import open_database
+    from exforge.core.db import open_database
+    from streams.dataset import stats
 
     data = stats(open_database(settings()))
     if as_json:
@@ -499,8 +503,8 @@ def dataset_sample(
     from rich.markdown import Markdown
     from rich.panel import Panel
 
-    from exforge.dataset import pick
-    from exforge.db import open_database
+    from exforge.core.db import open_database
+    from streams.dataset import pick
 
     config = settings()
     chosen = pick(open_database(config), config.dataset, kind, n)
@@ -526,19 +530,13 @@ def dataset_export(
     as_json: JsonFlag = False,
 ) -> None:
     """Export the dataset in curriculum order for `datasets.load_dataset`, Axolotl…"""
-    from exforge.dataset import export, parse_mix_ratios
-    from exforge.db import open_database
+    from exforge.core.db import open_database
+    from streams.dataset import export
 
     if fmt not in ("sharegpt", "parquet"):
         raise fail(f"unknown format {fmt!r}: sharegpt or parquet", 2)
     config = settings()
-    written = export(
-        open_database(config),
-        config.dataset,
-        out,
-        cast(Any, fmt),
-        parse_mix_ratios(config.mix_ratios),
-    )
+    written = export(open_database(config), config.dataset, out, cast(Any, fmt))
     if as_json:
         emit_json({"out": str(out), "format": fmt, "files": written})
         return
@@ -549,9 +547,9 @@ def dataset_export(
 
 
 def run_training(config_data: dict[str, Any], as_json: bool) -> None:
-    from exforge.db import open_database
-    from exforge.store import open_store
-    from exforge.telemetry import serve_metrics
+    from exforge.core.db import open_database
+    from exforge.core.store import open_store
+    from exforge.core.telemetry import serve_metrics
     from workers.trainer.display import training_progress
     from workers.trainer.recipe import TrainConfig, Trainer
 
@@ -597,7 +595,7 @@ def train_resume(
     run_id: Annotated[str, typer.Argument(help="The run to continue.")], as_json: JsonFlag = False
 ) -> None:
     """Continue a run from its latest checkpoint, with the configuration it saved."""
-    from exforge.store import open_store
+    from exforge.core.store import open_store
     from workers.trainer.checkpoint import saved_config
 
     data = saved_config(open_store(settings()), run_id)
@@ -620,7 +618,7 @@ def train_profile(
     as_json: JsonFlag = False,
 ) -> None:
     """Gradient checkpointing off / every layer / every k-th layer: time, memory, advice."""
-    from workers.trainer.model import Quantisation
+    from exforge.llm.model import Quantisation
     from workers.trainer.profile import run_profile
 
     budget = int(budget_gib * 2**30) if budget_gib is not None else None
@@ -639,49 +637,13 @@ def train_profile(
     console.print(f"recommended: {best['setting']}" if best else "nothing fits the budget")
 
 
-@models_app.command("list")
-def models_list(
-    name: Annotated[str | None, typer.Option(help="Only this model name.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
-    """Registered model versions."""
-    from exforge.db import open_database
-    from workers.trainer.registry import list_versions
-
-    rows = list_versions(open_database(settings()), name)
-    if as_json:
-        emit_json(rows)
-        return
-    columns = ["name", "version", "status", "base_model", "run_id", "created_at"]
-    table("model versions", columns, [[row[c] for c in columns] for row in rows])
-
-
-@models_app.command("show")
-def models_show(
-    name: Annotated[str, typer.Argument(help="Model name.")],
-    version: Annotated[int | None, typer.Argument(help="Version (default: newest).")] = None,
-    as_json: JsonFlag = False,
-) -> None:
-    """One model version with its metrics and adapter location."""
-    from exforge.db import open_database
-    from workers.trainer.registry import get_version
-
-    row = get_version(open_database(settings()), name, version)
-    if row is None:
-        raise fail(f"no model version {name} {version or ''}".strip(), 2)
-    if as_json:
-        emit_json(row)
-    else:
-        table(f"{name} v{row['version']}", ["field", "value"], [[k, v] for k, v in row.items()])
-
-
 # ---------------------------------------------------------------------------- doctor
 
 
 @app.command("doctor")
 def doctor(as_json: JsonFlag = False) -> None:
     """Dependency versions, GPU or CPU fallback, Elixir, and reachability of each service."""
-    from exforge.doctor import diagnose
+    from exforge.cli.doctor import diagnose
 
     report = diagnose(settings())
     if as_json:
@@ -710,8 +672,8 @@ def doctor(as_json: JsonFlag = False) -> None:
 def demo(as_json: JsonFlag = False) -> None:
     """The whole system on the sample corpus, on the embedded stack: pipeline, training
     of the tiny model, evaluation, and one completion streamed from Triton."""
-    from exforge.demo import run_demo
-    from exforge.stack import StackError
+    from exforge.cli.demo import run_demo
+    from exforge.core.stack import StackError
 
     try:
         data = run_demo(settings(), lambda line: errors.print(f"[bold cyan]demo:[/] {line}"))
@@ -741,10 +703,7 @@ def demo(as_json: JsonFlag = False) -> None:
         raise fail("the demo produced no samples or no shards")
 
 
-# Serving (issue 7): `serve …`, `usage`, and `models promote|rollback|split` (serving/cli.py
-# registers those on models_app); imported last because it builds on the names above.
-from serving.cli import serve_app, usage  # noqa: E402
-
+app.command("generate")(generate)
 app.add_typer(serve_app, name="serve")
 app.command("usage")(usage)
 

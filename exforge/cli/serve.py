@@ -1,26 +1,19 @@
-"""`exforge serve …`, `exforge usage` and `exforge models promote|rollback|split`."""
+"""`exforge serve …`, `exforge generate` and `exforge usage`."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import typer
 
-from exforge.cli import app, models_app
-from exforge.console import JsonFlag, console, emit_json, fail, settings, table
+from exforge.cli.console import JsonFlag, console, database, emit_json, fail, settings, table
 
 serve_app = typer.Typer(
     help="Serve model versions: Triton, the gateway, API keys.", no_args_is_help=True
 )
 keys_app = typer.Typer(help="Gateway API keys (stored hashed).", no_args_is_help=True)
 serve_app.add_typer(keys_app, name="keys")
-
-
-def _engine():
-    from exforge.db import open_database
-
-    return open_database(settings())
 
 
 def _versions(text: str | None) -> list[int] | None:
@@ -36,7 +29,7 @@ def export(
     as_json: JsonFlag = False,
 ) -> None:
     """Write a version as a Triton model repository, locally and to the store."""
-    from exforge.store import open_store
+    from exforge.core.store import open_store
     from serving.export import ExportError
     from serving.export import export as run_export
 
@@ -44,7 +37,7 @@ def export(
         raise fail("--flavor must be cpu or trtllm", 2)
     config = settings()
     try:
-        result = run_export(config, open_store(config), _engine(), name, version, flavor, out)
+        result = run_export(config, open_store(config), database(), name, version, flavor, out)
     except ExportError as exc:
         raise fail(str(exc), 2) from None
     if as_json:
@@ -60,7 +53,7 @@ def up(
     as_json: JsonFlag = False,
 ) -> None:
     """Start the local tritonserver (python backend, explicit model control) and load."""
-    from exforge.stack import StackError
+    from exforge.core.stack import StackError
     from serving import triton
     from serving.export import existing_versions, repository_dir
 
@@ -109,7 +102,7 @@ def load(
     versions: Annotated[str, typer.Argument(help="Versions to serve, e.g. 1,2.")],
 ) -> None:
     """Load exactly these versions of a model into the local Triton."""
-    from exforge.stack import StackError
+    from exforge.core.stack import StackError
     from serving import triton
 
     config = settings()
@@ -130,7 +123,6 @@ def unload(name: Annotated[str, typer.Argument(help="Model name.")]) -> None:
     console.print(f"{name} unloaded")
 
 
-@app.command("generate")
 def generate(
     prompt: Annotated[str, typer.Argument(help="Text to complete.")],
     model: Annotated[str, typer.Option(help="Model name.")] = "exforge-elixir",
@@ -167,7 +159,7 @@ def gateway() -> None:
     from serving.gateway import Gateway
 
     config = settings()
-    app = create_app(Gateway(config, _engine()))
+    app = create_app(Gateway(config, database()))
     uvicorn.run(app, host=config.gateway_host, port=config.gateway_port, log_level="warning")
 
 
@@ -183,7 +175,7 @@ def keys_create(
     from serving.keys import create_key
 
     try:
-        key_id, secret = create_key(_engine(), name, scope or ["generate", "models"], rate, burst)
+        key_id, secret = create_key(database(), name, scope or ["generate", "models"], rate, burst)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     if as_json:
@@ -197,7 +189,7 @@ def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id.")]) -> None:
     """Revoke an API key (gateways stop accepting it on restart or cache expiry)."""
     from serving.keys import revoke
 
-    if not revoke(_engine(), key_id):
+    if not revoke(database(), key_id):
         raise fail(f"no key {key_id}", 2)
     console.print(f"key {key_id} revoked")
 
@@ -206,7 +198,7 @@ def usage(as_json: JsonFlag = False) -> None:
     """Requests and tokens served per API key, day, model and version."""
     from serving.usage import report
 
-    rows = report(_engine())
+    rows = report(database())
     if as_json:
         emit_json(rows)
         return
@@ -220,71 +212,3 @@ def usage(as_json: JsonFlag = False) -> None:
         "completion_tokens",
     ]
     table("usage", columns, [[row[c] for c in columns] for row in rows])
-
-
-# ----------------------------------------------------------------------- rollouts
-
-
-def _print_state(state: object, as_json: bool) -> None:
-    data = state.as_dict()  # type: ignore[attr-defined]
-    if as_json:
-        emit_json(data)
-    else:
-        table(f"rollout {data['name']}", ["field", "value"], [[k, v] for k, v in data.items()])
-
-
-def _rollout_call(
-    action: Literal["promote", "rollback", "split"], *args: object, **kwargs: object
-) -> object:
-    from serving import rollout
-
-    try:
-        return getattr(rollout, action)(_engine(), *args, **kwargs)
-    except (rollout.RolloutError, LookupError) as exc:
-        raise fail(str(exc), 2) from None
-
-
-@models_app.command("promote")
-def models_promote(
-    name: Annotated[str, typer.Argument(help="Model name.")],
-    version: Annotated[int, typer.Argument(help="Version that takes all traffic.")],
-    force: Annotated[
-        bool, typer.Option("--force", help="Promote even if the evaluation gate refuses.")
-    ] = False,
-    as_json: JsonFlag = False,
-) -> None:
-    """Blue-green switch: VERSION serves everything; the old one stays for rollback.
-    Refused when VERSION's pass@1 on the gate benchmark falls too far below production's."""
-    from workers.evaluator.gate import promotion_decision
-
-    decision = promotion_decision(settings(), _engine(), name, version, force)
-    if not decision.allowed:
-        raise fail(decision.reason, 1)
-    _print_state(_rollout_call("promote", name, version), as_json)
-
-
-@models_app.command("rollback")
-def models_rollback(
-    name: Annotated[str, typer.Argument(help="Model name.")],
-    as_json: JsonFlag = False,
-) -> None:
-    """Drop the canary, or return to the previous stable version."""
-    _print_state(_rollout_call("rollback", name, "manual"), as_json)
-
-
-@models_app.command("split")
-def models_split(
-    name: Annotated[str, typer.Argument(help="Model name.")],
-    canary: Annotated[int, typer.Argument(help="Canary version.")],
-    percent: Annotated[float, typer.Argument(help="Share of traffic for the canary, 0-100.")],
-    sticky: Annotated[bool, typer.Option(help="Assign by a hash of user/key (A/B).")] = True,
-    steps: Annotated[str | None, typer.Option(help="Later shares, e.g. 25,50,100.")] = None,
-    interval: Annotated[float, typer.Option(help="Seconds between healthy steps.")] = 300.0,
-    as_json: JsonFlag = False,
-) -> None:
-    """Canary: PERCENT % to CANARY; steps advance while it stays healthy, 100 promotes."""
-    shares = [float(s) for s in steps.split(",")] if steps else None
-    state = _rollout_call(
-        "split", name, canary, percent, sticky=sticky, steps=shares, step_interval_s=interval
-    )
-    _print_state(state, as_json)

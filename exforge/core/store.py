@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from exforge.settings import Settings
+from exforge.core.settings import Settings
 
 
 class StoreError(RuntimeError):

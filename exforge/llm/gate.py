@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from exforge.settings import Settings
-from workers.evaluator.results import production_version, stored_metric
+from exforge.core.settings import Settings
+from exforge.llm.registry import production_version, stored_metric
 
 METRIC = "pass@1"
 

@@ -12,6 +12,7 @@ goes to the store as `evals/<model>/<version>/<benchmark>.json`).
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,21 +71,20 @@ def register_version(
 
     Two runs registering at once may both read the same highest version; the unique
     (name, version) constraint refuses the later insert, which then tries again."""
+    fields = {
+        "base_model": base_model,
+        "adapter_key": adapter_key,
+        "metrics": json.dumps(metrics, sort_keys=True),
+        "status": "registered",
+    }
     for _ in range(REGISTER_ATTEMPTS - 1):
-        try:
-            return _register_once(engine, name, base_model, adapter_key, run_id, metrics)
-        except IntegrityError:
-            continue
-    return _register_once(engine, name, base_model, adapter_key, run_id, metrics)
+        with suppress(IntegrityError):
+            return _register_once(engine, name, run_id, fields)
+    return _register_once(engine, name, run_id, fields)
 
 
 def _register_once(
-    engine: Engine,
-    name: str,
-    base_model: str,
-    adapter_key: str,
-    run_id: str | None,
-    metrics: dict[str, float],
+    engine: Engine, name: str, run_id: str | None, fields: dict[str, str]
 ) -> ModelVersionEvent:
     with Session(engine) as session, session.begin():
         existing = (
@@ -94,21 +94,11 @@ def _register_once(
             if run_id
             else None
         )
-        row = existing or ModelVersion(
-            name=name,
-            version=(
-                session.scalar(
-                    select(func.max(ModelVersion.version)).where(ModelVersion.name == name)
-                )
-                or 0
-            )
-            + 1,
-            base_model=base_model,
-            adapter_key=adapter_key,
-            run_id=run_id,
-            metrics=json.dumps(metrics, sort_keys=True),
-            status="registered",
+        latest = session.scalar(
+            select(func.max(ModelVersion.version)).where(ModelVersion.name == name)
         )
+        version = (latest or 0) + 1
+        row = existing or ModelVersion(name=name, version=version, run_id=run_id, **fields)
         session.add(row)
         session.flush()
         return version_event(row, "registered")

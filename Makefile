@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DATA := .data/demo
 
-.PHONY: demo test install elixir lint format schemas clean help
+.PHONY: demo test install elixir postgresql lint format schemas clean help
 
 help:
 	@echo "make demo    — set up, run the pipeline on the sample corpus, print dataset stats"
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,train,serve]'
+	$(BIN)/pip install --quiet -e '.[dev,train,serve,postgres]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,7 +36,16 @@ demo: install elixir
 	rm -rf $(DEMO_DATA)
 	EXFORGE_DATA_DIR=$(DEMO_DATA) $(BIN)/exforge demo
 
-test: install elixir
+# PostgreSQL's server programs (the tests start their own throwaway cluster on a free
+# loopback port), from the distribution's packages. The package's own cluster is not used.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+	@ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -n 1 || command -v initdb
+
+test: install elixir postgresql
 	$(BIN)/python -m pytest
 
 lint: install

@@ -233,3 +233,13 @@ def pipeline(broker: str, tmp_path: Path) -> Pipeline:
         EXFORGE_INSTRUCT_KINDS="doc_to_code",
     )
     return Pipeline(env)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """List every real corpus file a test left out of a comparison, with its reason."""
+    from support.corpus import EXCLUSIONS
+
+    if EXCLUSIONS:
+        terminalreporter.section("corpus files left out of comparisons")
+        for line in EXCLUSIONS:
+            terminalreporter.write_line(line)

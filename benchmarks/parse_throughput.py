@@ -36,12 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
-from exforge.elixir.analysis import definitions, file_analysis, normalise, parse
+from exforge.elixir.analysis import definitions, file_analysis, normalise
 from exforge.elixir.features import features
 from exforge.elixir.neardup import text_band_keys
 from exforge.elixir.quality import blob_reason, generated_reason, metrics_reason
 from exforge.elixir.redact import redact
 from exforge.elixir.synthetic import module
+from exforge.elixir.tree import parse
 from schemas.records import RawPackage
 from streams.files import (
     Dropped,

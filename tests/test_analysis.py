@@ -1055,7 +1055,6 @@ def test_corpus_parses_without_crashing(path: Path) -> None:
         assert f.source.startswith(f.head)
 
 
-
 def test_comments_are_never_arguments() -> None:
     source = "defmodule M do\n  def f(# the first\n a, # between\n b), do: g(# c\n a)\nend\n"
     (call,) = [n for n in parse(source.encode()).children if n.type == "call"]

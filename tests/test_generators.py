@@ -208,7 +208,7 @@ def test_pipes_both_ways() -> None:
 
 
 def test_a_comment_between_arguments_is_no_argument() -> None:
-    nested = "def f(x), do: Enum.join(Enum.map(x, & &1), # sep\n  \"-\")"
+    nested = 'def f(x), do: Enum.join(Enum.map(x, & &1), # sep\n  "-")'
     assert _rewrite(nested, "pipe") == 'def f(x), do: x |> Enum.map(& &1) |> Enum.join("-")'
 
 

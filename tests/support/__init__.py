@@ -1,0 +1,2 @@
+"""Helpers that only tests use: fixtures built from real components, reference
+implementations that check the real ones."""

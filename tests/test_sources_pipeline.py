@@ -123,6 +123,7 @@ def test_hostile_archives_licenses_and_a_book_through_the_pipeline(
     book_pdf.write_bytes(make_pdf())
     book = pipeline.json("ingest", "book", str(book_pdf), "--license", "CC0-1.0")
     assert len(book["chapters"]) == 3 and book["depends_on"]["3"] == [1]
+    assert book["warnings"] == []
 
     pipeline.run_until_idle()
 

@@ -333,6 +333,7 @@ def ingest_book(
             for c in book.chapters
         ],
         "depends_on": {str(k): v for k, v in book.depends_on.items()},
+        "warnings": book.warnings,
     }
     if as_json:
         emit_json(summary)
@@ -341,6 +342,8 @@ def ingest_book(
             f"requested [bold]{request.source_id}[/]: {len(book.chapters)} chapters, "
             f"{sum(len(c.code_blocks) for c in book.chapters)} code blocks"
         )
+        for warning in book.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
 
 
 # ---------------------------------------------------------------------------- worker

@@ -103,6 +103,9 @@ class LazyPool:
             timeout_s=settings.eval_timeout_s,
             memory_mb=settings.eval_memory_mb,
             workers=settings.check_workers,
+            # Corpus code is checked also where the kernel refuses namespaces (containers
+            # without user namespaces); evaluation of model output refuses instead.
+            allow_unisolated=True,
         )
         self._pool: SandboxPool | None = None
         self._lock = threading.Lock()

@@ -11,12 +11,13 @@ from support.elixir_ast import elixir_views
 
 from exforge.core.settings import DEFAULT_BENCHMARKS, load_settings
 from exforge.core.store import FileStore, sha256_hex
-from exforge.elixir.analysis import FileAnalysis, analyse, parse
+from exforge.elixir.analysis import FileAnalysis, analyse
 from exforge.elixir.decontam import BenchmarkIndex, load_index, read_problems
 from exforge.elixir.hashing import tokens
 from exforge.elixir.neardup import text_band_keys
 from exforge.elixir.quality import Thresholds, has_blob, is_generated, is_vendored, quality
 from exforge.elixir.redact import _IP_MARKERS, ElixirLiterals, _line_matches, redact
+from exforge.elixir.tree import parse
 from schemas.records import BookSegment, CodeMetrics, ElixirAnalysis, ParsedFile, RawPackage
 from streams.files import (
     FILTERS,

@@ -10,9 +10,12 @@ from typing import Any
 
 import pytest
 from conftest import REPO, Pipeline
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from exforge.core import tracing
 from exforge.core.tracing import JsonLinesExporter, kafka_headers
 
 UNSEEN = REPO / "tests" / "fixtures" / "unseen_project"
@@ -56,6 +59,35 @@ def test_finished_spans_are_otlp_json_lines_with_hex_ids(tmp_path: Path) -> None
     )
     assert inner["name"] == "inner" and inner["attributes"][0]["key"] == "stage"
     assert int(inner["endTimeUnixNano"]) >= int(inner["startTimeUnixNano"]) > 0
+
+
+def test_traced_calls_and_client_spans_carry_the_trace_to_the_server() -> None:
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    trace.set_tracer_provider(provider)  # this process's only provider (none was set)
+
+    @tracing.traced("train checkpoint")
+    def save(step: int) -> str:
+        span, metadata = tracing.client_span("triton stream_infer", model="m", version=step)
+        span.end()
+        return metadata["traceparent"]
+
+    with tracing.consumed(
+        "POST /v1/completions", {"traceparent": b"00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-01"}
+    ):
+        carried = save(3)
+    client, checkpoint, request = memory.get_finished_spans()
+    assert [s.name for s in (client, checkpoint, request)] == [
+        "triton stream_infer",
+        "train checkpoint",
+        "POST /v1/completions",
+    ]
+    assert {s.context.trace_id for s in (client, checkpoint, request)} == {int("ab" * 16, 16)}
+    assert request.parent is not None and request.parent.span_id == int("cd" * 8, 16)
+    assert client.parent.span_id == checkpoint.context.span_id  # type: ignore[union-attr]
+    assert carried == f"00-{'ab' * 16}-{client.context.span_id:016x}-01"
+    assert client.attributes == {"model": "m", "version": 3}
 
 
 @pytest.mark.slow

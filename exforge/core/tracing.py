@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import atexit
 import base64
+import functools
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -42,6 +43,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 TRACE_FILE_ENV = "EXFORGE_TRACE_FILE"
 TRACEPARENT = "traceparent"
 TRACER = "exforge"
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _propagator = TraceContextTextMapPropagator()
 _configured: list[TracerProvider] = []
@@ -166,24 +170,29 @@ def kafka_headers(parent: str | None = None) -> list[tuple[str, bytes]]:
     return [(TRACEPARENT, value.encode())] if value else []
 
 
-def grpc_metadata() -> dict[str, str]:
-    """The current trace context as gRPC metadata (lower-case keys)."""
-    carrier: dict[str, str] = {}
-    _propagator.inject(carrier)
-    return carrier
-
-
 @contextmanager
 def consumed(
-    name: str, headers: Headers, attributes: Mapping[str, Any] | None = None
+    name: str,
+    headers: Headers,
+    attributes: Mapping[str, Any] | None = None,
+    kind: SpanKind = SpanKind.CONSUMER,
 ) -> Iterator[Span]:
-    """A consumer span for one message, child of the producer's span when the message
-    carries a traceparent (else the root of a new trace)."""
+    """A span for one message (or, kind SERVER, one request), child of the sender's span
+    when its headers carry a traceparent (else the root of a new trace)."""
     parent = _propagator.extract(_carrier(headers))
     with tracer().start_as_current_span(
-        name, context=parent, kind=SpanKind.CONSUMER, attributes=dict(attributes or {})
+        name, context=parent, kind=kind, attributes=dict(attributes or {})
     ) as span:
         yield span
+
+
+def client_span(name: str, **attributes: Any) -> tuple[Span, dict[str, str]]:
+    """A client span (the caller ends it) and the metadata that carries it to the server.
+    It is not made current, so it may live inside an async generator."""
+    started = tracer().start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(started))
+    return started, carrier
 
 
 @contextmanager
@@ -201,3 +210,17 @@ def span(name: str, **attributes: Any) -> Iterator[Span]:
     """An internal span in the current trace."""
     with tracer().start_as_current_span(name, attributes=attributes) as current:
         yield current
+
+
+def traced(name: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """A decorator: each call of the function is a span `name` in the current trace."""
+
+    def decorate(function: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(function)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            with tracer().start_as_current_span(name):
+                return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate

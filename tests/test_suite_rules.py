@@ -1,8 +1,17 @@
-"""Every form of skip and xfail fails the suite (`tests/support/no_skips.py`)."""
+"""The suite's own rules: every form of skip and xfail fails it
+(`tests/support/no_skips.py`); every test module is in exactly one group
+(`tests/support/groups.py`), a registered marker the README says how to run."""
 
 from __future__ import annotations
 
+import tomllib
+from pathlib import Path
+
 import pytest
+
+from tests.support.groups import GROUP_OF, GROUPS
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytest_plugins = ["pytester"]
 
@@ -60,5 +69,21 @@ def test_skips_and_xfails_fail(pytester: pytest.Pytester) -> None:
     )
 
 
-def test_this_suite_runs_with_it(pytestconfig: pytest.Config) -> None:
+def test_this_suite_runs_with_both_rules(pytestconfig: pytest.Config) -> None:
     assert pytestconfig.pluginmanager.has_plugin("tests.support.no_skips")
+    assert pytestconfig.pluginmanager.has_plugin("tests.support.groups")
+
+
+def test_every_test_module_is_in_exactly_one_group() -> None:
+    on_disk = {path.stem for path in (REPO / "tests").glob("test_*.py")}
+    assert sorted(GROUP_OF) == sorted(on_disk)
+    assert sum(len(modules) for modules in GROUPS.values()) == len(GROUP_OF)
+
+
+def test_groups_are_registered_and_the_readme_says_how_to_run_each() -> None:
+    pytest_options = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["pytest"]
+    registered = {marker.split(":")[0] for marker in pytest_options["ini_options"]["markers"]}
+    assert set(GROUPS) <= registered
+    readme = (REPO / "README.md").read_text()
+    for group in GROUPS:
+        assert f"pytest -m {group}" in readme, group

@@ -46,9 +46,7 @@ def validation_reason(
     sample: InstructionSample, count: TokenCounter, max_tokens: int
 ) -> str | None:
     problems = sharegpt_problems(sample.sharegpt(), count, max_tokens)
-    if not problems:
-        return None
-    return "too_many_tokens" if any("tokens exceed" in p for p in problems) else "invalid_sharegpt"
+    return problems[0].reason if problems else None
 
 
 @dataclass(frozen=True)

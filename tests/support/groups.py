@@ -17,6 +17,7 @@ import pytest
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "unit": (
+        "test_architecture",
         "test_docs",
         "test_eval_generate",
         "test_eval_metrics",
@@ -53,13 +54,16 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_train_fsdp",
     ),
     "e2e": (
+        "test_backup",
         "test_dataset_pipeline",
         "test_dedup_stream",
         "test_eval_cli",
         "test_eval_gate",
         "test_eval_run",
         "test_eval_unisolated",
+        "test_inspect",
         "test_pipeline",
+        "test_replay",
         "test_serving_e2e",
         "test_settings",
         "test_sources_hex",

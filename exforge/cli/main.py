@@ -12,7 +12,16 @@ from rich.console import Group
 
 from exforge import __version__
 from exforge.cli.backup import backup_app, replay_app
-from exforge.cli.console import JsonFlag, console, emit_json, errors, fail, settings, table
+from exforge.cli.console import (
+    JsonFlag,
+    console,
+    database,
+    emit_json,
+    errors,
+    fail,
+    settings,
+    table,
+)
 from exforge.cli.eval import eval_app
 from exforge.cli.inspect import inspect_command
 from exforge.cli.models import models_app
@@ -737,6 +746,22 @@ app.command("generate")(generate)
 app.add_typer(serve_app, name="serve")
 app.command("usage")(usage)
 app.add_typer(backup_app, name="backup")
+
+
+@app.command("alerts")
+def alerts(as_json: JsonFlag = False) -> None:
+    """Active anomalies: stage latency or throughput, consumer-lag growth or serving
+    latency that departed from its own recent baseline (workers and gateways detect them)."""
+    from exforge.core.anomaly import active
+
+    rows = active(database())
+    if as_json:
+        emit_json(rows)
+        return
+    columns = ["signal", "subject", "since", "value", "baseline", "score", "unit", "origin"]
+    table(f"{len(rows)} active anomalies", columns, [[r[c] for c in columns] for r in rows])
+
+
 app.add_typer(replay_app, name="replay")
 
 

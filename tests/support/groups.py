@@ -17,6 +17,7 @@ import pytest
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "unit": (
+        "test_anomaly",
         "test_architecture",
         "test_docs",
         "test_eval_generate",

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import faust
 from faust.types import TP
 
+from exforge.core import tracing
 from exforge.core.kafka import LagRow, consumer_lag, create_topics
 from exforge.core.settings import Settings
 from exforge.core.telemetry import CONSUMER_LAG, STALLED_PARTITIONS, serve_metrics
@@ -108,6 +109,7 @@ async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
 
 def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> int:
     """Run a Faust worker in this process; return its exit code."""
+    tracing.setup("exforge-worker")
     asyncio.run(create_topics(settings))
     ctx = build(settings, stages)
     serve_metrics(settings.metrics_port)

@@ -17,6 +17,7 @@ from exforge.cli.eval import eval_app
 from exforge.cli.inspect import inspect_command
 from exforge.cli.models import models_app
 from exforge.cli.serve import generate, serve_app, usage
+from exforge.core import tracing
 from exforge.core.settings import Settings, describe_settings
 
 app = typer.Typer(
@@ -48,6 +49,7 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def main_callback(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=version_callback, is_eager=True)
     ] = False,
@@ -57,6 +59,8 @@ def main_callback(
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # spans name the command's service: exforge-worker, exforge-ingest, exforge-serve, …
+    tracing.setup(f"exforge-{ctx.invoked_subcommand or 'cli'}")
 
 
 @app.command("settings")

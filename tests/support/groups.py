@@ -69,6 +69,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_sources_hex",
         "test_sources_pipeline",
         "test_stack",
+        "test_tracing",
         "test_train_cli",
     ),
     "corpus": ("test_corpus",),

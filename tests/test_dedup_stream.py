@@ -16,6 +16,7 @@ import pytest
 from conftest import Pipeline
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from support.records import raw_package
 from test_filters import BENCHMARKS, GOOD, PLANTED, SECRETS_MODULE
 from test_pipeline import send, write_project
 
@@ -23,11 +24,11 @@ from exforge.core.db import FileOutcome, open_database
 from exforge.core.kafka import read_all
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore, ObjectStore, open_store
-from exforge.elixir.neardup import batch_decisions
 from exforge.elixir.synthetic import module, recommented, renamed, reordered
 from schemas.records import ParsedFile, RawPackage
 from streams.files import Dropped, FileSteps, file_outcome
 from streams.sources.local import upload_directory
+from tests.support.neardup import batch_decisions
 
 pytestmark = pytest.mark.slow
 
@@ -117,15 +118,7 @@ def expected_near_duplicates(projects: list[Path], store: ObjectStore) -> set[st
 
 
 def package_stub(name: str) -> RawPackage:
-    return RawPackage(
-        source_id=f"dir:{name}@1.0.0",
-        kind="dir",
-        name=name,
-        version="1.0.0",
-        archive_key="unused",
-        sha256="0" * 64,
-        size_bytes=0,
-    )
+    return raw_package(f"dir:{name}@1.0.0")
 
 
 def outcomes(pipeline: Pipeline) -> dict[tuple[str, str], str]:

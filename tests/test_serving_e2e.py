@@ -33,7 +33,7 @@ from serving.export import export
 from serving.keys import create_key
 from serving.usage import report
 from tests.conftest import free_port
-from tests.serving_support import MODEL, RunningGateway, register_versions, run_gateway
+from tests.support.serving import MODEL, RunningGateway, register_versions, run_gateway
 
 WIRE = {spec.name: spec.wire_type for spec in INPUTS}
 

@@ -27,6 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -57,6 +58,8 @@ class Package(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # the `raw.packages` record as sent (JSON), for `exforge replay raw`
+    record: Mapped[str | None] = mapped_column(Text)
 
 
 class FileOutcome(Base):
@@ -148,6 +151,11 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# Any constant shared by every exforge process: the key of PostgreSQL's advisory lock
+# under which one process at a time migrates (workers starting together on a new database).
+MIGRATION_LOCK_KEY = 0x6578666F
+
+
 @cache
 def engine_for(url: str) -> Engine:
     """One engine per URL per process, migrated to the latest schema."""
@@ -158,6 +166,11 @@ def engine_for(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            # held to the end of this transaction; SQLite's BEGIN IMMEDIATE does the same
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
         config = alembic_config(url)
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
@@ -331,3 +344,20 @@ class RolloutEvent(Base):
     version: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Anomaly(Base):
+    """A signal (stage latency, throughput, lag growth, serving latency) of one subject
+    and whether it departs from its baseline now (exforge.core.anomaly)."""
+
+    __tablename__ = "anomalies"
+
+    signal: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(512), primary_key=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    value: Mapped[float] = mapped_column(Float, default=0.0)
+    baseline: Mapped[float] = mapped_column(Float, default=0.0)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    origin: Mapped[str] = mapped_column(String(256), default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -1,9 +1,14 @@
 """Elixir syntax analysis on tree-sitter-elixir: modules, functions and their docs.
 
 Pure functions, no I/O. `analyse` parses a file once and reads modules (`defmodule`,
-`defprotocol`, `defimpl`), their `@moduledoc`, and the functions and macros defined
-directly in each module body (plus inside top-level `if`/`unless` blocks of that body),
-grouped by (name, arity, kind) with the `@doc` that precedes the first clause.
+`defprotocol`, `defimpl`, wherever they are), their `@moduledoc`, and the functions and
+macros each module body defines when it runs: in the body and inside any expression of
+it (`if`/`unless`/`case`/`for`, `describe` and other calls with blocks, `fn` bodies), but
+not in a function's body, not inside `quote`, not inside a nested module (which has its
+own) and not inside other `def*` macros (`defstruct`, `defguard`, DSL macros), whose
+expansion is unknown here. Definitions are grouped by (name, arity, kind) with the
+`@doc` that precedes the first clause in the order the body runs. Elixir's own parser
+agrees on every file of the real-code corpus (`tests/test_corpus.py`).
 
 Conventions:
 
@@ -25,18 +30,26 @@ Conventions:
 from __future__ import annotations
 
 import re
-import threading
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from functools import cache
 
-import tree_sitter_elixir
 from pydantic import TypeAdapter
-from tree_sitter import Language, Node, Parser
+from tree_sitter import Node
 
+from exforge.elixir.definitions import Behaviour, Definitions
+from exforge.elixir.features import features
+from exforge.elixir.tree import (
+    arguments,
+    first_argument,
+    first_named,
+    keyword_value,
+    named,
+    parse,
+)
 from schemas.records import ElixirAnalysis, FunctionInfo, ModuleInfo, TypeInfo
 
 __all__ = [
-    "LANGUAGE",
     "Behaviour",
     "Definitions",
     "FileAnalysis",
@@ -44,15 +57,19 @@ __all__ = [
     "definitions",
     "file_analysis",
     "normalise",
-    "parse",
 ]
-
-LANGUAGE: Language = Language(tree_sitter_elixir.language())
 
 _MODULE_KEYWORDS: tuple[bytes, ...] = (b"defmodule", b"defprotocol", b"defimpl")
 _DEF_KINDS: frozenset[str] = frozenset({"def", "defp", "defmacro", "defmacrop"})
-_CONDITIONALS: frozenset[str] = frozenset({"if", "unless"})
-_SKIPPED_STATEMENTS: frozenset[str] = frozenset({"comment"})
+_MODULE_KEYWORD_NAMES: frozenset[str] = frozenset(k.decode() for k in _MODULE_KEYWORDS)
+# Expressions that hold no definition whatever their text.
+_LEAVES: frozenset[str] = frozenset(
+    {"string", "charlist", "sigil", "comment", "atom", "quoted_atom", "alias", "identifier"}
+    | {"integer", "float", "char", "boolean", "nil", "keyword", "quoted_keyword"}
+)
+# Bytes every definition or module attribute holds: an expression without any of them
+# is not walked into.
+_DEFINITION_MARKS = re.compile(rb"def|@")
 _STRING_TYPES: frozenset[str] = frozenset({"string", "charlist"})
 _HEREDOC_DELIMITERS: frozenset[bytes] = frozenset({b'"""', b"'''"})
 _DOC_SIGILS: frozenset[str] = frozenset({"S", "s"})
@@ -64,26 +81,6 @@ _AT = ord("@")
 # Validates a whole file's functions in one call (cheaper than one model call each).
 _FUNCTIONS = TypeAdapter(list[FunctionInfo])
 
-_local = threading.local()
-
-
-def _parser() -> Parser:
-    """One parser per thread (parsers are not thread-safe); the language is shared."""
-    parser: Parser | None = getattr(_local, "parser", None)
-    if parser is None:
-        parser = Parser(LANGUAGE)
-        _local.parser = parser
-    return parser
-
-
-@dataclass(frozen=True)
-class Behaviour:
-    """`use X` / `@behaviour X` in a module, before callbacks are matched."""
-
-    module: str
-    name: str
-    via: str  # "use" | "behaviour"
-
 
 @dataclass(frozen=True)
 class FileAnalysis:
@@ -92,18 +89,6 @@ class FileAnalysis:
     has_errors: bool = False
     lines: int = 0
     details: ElixirAnalysis = field(default_factory=ElixirAnalysis)
-
-
-@dataclass(frozen=True)
-class Definitions:
-    """What the module walk finds, before the whole-tree features are added."""
-
-    modules: list[ModuleInfo]
-    functions: list[FunctionInfo]
-    clauses: dict[tuple[str, str, int, str], int]  # (module, name, arity, kind) → clauses
-    types: list[TypeInfo]
-    behaviours: list[Behaviour]
-    impls: dict[str, set[str]]  # module → `name/arity` of definitions marked `@impl`
 
 
 def normalise(source: str) -> str:
@@ -128,17 +113,12 @@ def normalise(source: str) -> str:
     return "\n".join(lines[start:end]) + "\n"
 
 
-def parse(data: bytes) -> Node:
-    """The root node of a file's syntax tree (tree-sitter alone: the parse stage's floor)."""
-    return _parser().parse(data).root_node
-
-
-def analyse(source: str) -> FileAnalysis:
-    """Parse one Elixir file and extract its modules, functions and features."""
-    from exforge.elixir.features import features  # features builds on this module
-
-    data = source.encode("utf-8", "surrogatepass")
-    root = parse(data)
+def analyse(source: str, data: bytes | None = None, root: Node | None = None) -> FileAnalysis:
+    """Parse one Elixir file (unless its bytes and tree are given) and extract its
+    modules, functions and features."""
+    if data is None or root is None:
+        data = source.encode("utf-8", "surrogatepass")
+        root = parse(data)
     found = definitions(data, root)
     return file_analysis(source, root, found, features(source, data, root, found))
 
@@ -162,50 +142,6 @@ def file_analysis(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _arguments(call: Node) -> Node | None:
-    """A call's `arguments`: the child after its target, unless a comment sits between."""
-    second = call.child(1)
-    if second is not None and second.type == "arguments":
-        return second
-    for child in call.children:
-        if child.type == "arguments":
-            return child
-    return None
-
-
-def _first_named(node: Node) -> Node | None:
-    first = node.named_child(0)
-    if first is None or first.type not in _SKIPPED_STATEMENTS:
-        return first
-    for child in node.named_children:
-        if child.type not in _SKIPPED_STATEMENTS:
-            return child
-    return None
-
-
-def _first_argument(call: Node) -> Node | None:
-    args = _arguments(call)
-    return None if args is None else _first_named(args)
-
-
-def _keyword_value(args: Node, key: str) -> Node | None:
-    """The value of `key:` in the trailing keyword list of call arguments."""
-    for child in args.named_children:
-        if child.type != "keywords":
-            continue
-        for pair in child.named_children:
-            if pair.type != "pair":
-                continue
-            key_node = pair.child_by_field_name("key")
-            if (
-                key_node is not None
-                and key_node.text is not None
-                and key_node.text.rstrip().rstrip(b":").decode() == key
-            ):
-                return pair.child_by_field_name("value")
-    return None
 
 
 def _dedent_heredoc(raw: str) -> str:
@@ -296,11 +232,11 @@ def _signature(data: bytes, head: Node) -> tuple[str, int] | None:
         if target is None or target.type != "identifier":
             return None
         name = data[target.start_byte : target.end_byte].decode()
-        args = _arguments(node)
+        args = arguments(node)
         if args is not None:
             arity = args.named_child_count
             if data.find(b"#", args.start_byte, args.end_byte) != -1:  # maybe comments
-                arity = len([c for c in args.named_children if c.type not in _SKIPPED_STATEMENTS])
+                arity = len(named(args))
     elif kind == "identifier":
         name = data[node.start_byte : node.end_byte].decode()
     elif kind in ("binary_operator", "unary_operator"):
@@ -359,10 +295,11 @@ class _Found:
 class _Extractor:
     """Walks one parsed file; holds the source bytes for slicing."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "marks")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+        self.marks = [m.start() for m in _DEFINITION_MARKS.finditer(data)]
 
     def text(self, start: int, end: int) -> str:
         return self.data[start:end].decode("utf-8", "replace")
@@ -383,23 +320,24 @@ class _Extractor:
                 stack.pop()
             parent = stack[-1][1] if stack else None
             target = node.child_by_field_name("target")
-            args = _arguments(node)
+            args = arguments(node)
             if target is None or target.text is None or args is None:
                 continue
-            name = self.module_name(target.text.decode(), args, parent)
-            if name is None:
+            names = self.module_names(target.text.decode(), args, parent)
+            if not names:
                 continue
             body = self.module_body(node, args)
-            moduledoc = self.collect(body, name, groups, acc)
-            modules.append(
-                ModuleInfo(
-                    name=name,
-                    moduledoc=moduledoc,
-                    start_line=node.start_point.row + 1,
-                    end_line=node.end_point.row + 1,
+            for name in names:  # `defimpl P, for: [A, B]` defines P.A and P.B
+                moduledoc = self.collect(body, name, groups, acc)
+                modules.append(
+                    ModuleInfo(
+                        name=name,
+                        moduledoc=moduledoc,
+                        start_line=node.start_point.row + 1,
+                        end_line=node.end_point.row + 1,
+                    )
                 )
-            )
-            stack.append((node.end_byte, name))
+            stack.append((node.end_byte, names[0]))
         groups.sort(key=lambda g: g.start_byte)
         functions = _FUNCTIONS.validate_python(
             [
@@ -477,28 +415,37 @@ class _Extractor:
         text = self.node_text(node).strip()
         return text or None
 
-    def module_name(self, keyword: str, args: Node, parent: str | None) -> str | None:
-        first = _first_named(args)
+    def module_names(self, keyword: str, args: Node, parent: str | None) -> list[str]:
+        """The modules a module call defines: one, or one per `for:` type of a
+        `defimpl` given a list."""
+        first = first_named(args)
         if first is None or first.type == "keywords":
-            return None
+            return []
         if keyword == "defimpl":
             protocol = self.alias_name(first, parent)
-            target = _keyword_value(args, "for")
-            impl_for = parent if target is None else self.alias_name(target, parent)
             if protocol is None:
-                return None
-            return f"{protocol}.{impl_for}" if impl_for else protocol
+                return []
+            target = keyword_value(args, "for")
+            if target is None:
+                fors = [parent]
+            elif target.type == "list":
+                fors = [self.alias_name(t, parent) for t in named(target)]
+            else:
+                fors = [self.alias_name(target, parent)]
+            modules = [f"{protocol}.{impl_for}" for impl_for in fors if impl_for]
+            return modules or [protocol]
         if first.type == "alias" and parent is not None:
             alias = _clean_alias(self.node_text(first))
             if not alias.startswith("Elixir."):
-                return f"{parent}.{alias}"
-        return self.alias_name(first, parent)
+                return [f"{parent}.{alias}"]
+        name = self.alias_name(first, parent)
+        return [name] if name else []
 
     def module_body(self, call: Node, args: Node) -> list[Node]:
         for child in call.children:
             if child.type == "do_block":
                 return child.named_children
-        value = _keyword_value(args, "do")
+        value = keyword_value(args, "do")
         if value is None:
             return []
         if value.type == "block":
@@ -516,35 +463,47 @@ class _Extractor:
         return body.moduledoc
 
     def _walk_body(self, statements: list[Node], body: _Body) -> None:
-        """Read a body's named children: calls and attributes (comments and the rest are
-        passed over)."""
+        """Read a body's expressions in order: definitions and attributes, and inside
+        whatever else may hold one (comments and literals are passed over)."""
         for stmt in statements:
             kind = stmt.type
-            if kind == "unary_operator":
+            if kind in _LEAVES:
+                continue
+            if kind == "unary_operator" and self.data[stmt.start_byte] == _AT:
                 self._attribute(stmt, body)
                 continue
-            if kind != "call":
+            target = stmt.child_by_field_name("target") if kind == "call" else None
+            if (
+                target is not None
+                and target.type == "identifier"
+                and not self._call(stmt, self.node_text(target), body)
+            ):
                 continue
-            target = stmt.child_by_field_name("target")
-            if target is None or target.type != "identifier":
-                continue
-            keyword = self.node_text(target)
-            if keyword in _DEF_KINDS or keyword == "defdelegate":
-                doc = body.doc
-                body.doc = None
-                self._clause(stmt, keyword, doc, body)
-                body.impl = False
-            elif keyword == "use":
-                self._behaviour(stmt, "use", body)
-            elif keyword in _CONDITIONALS:
-                for child in stmt.children:
-                    if child.type == "do_block":
-                        self._walk_body(child.named_children, body)
-                        for sub in child.children:
-                            if sub.type == "else_block":
-                                self._walk_body(sub.named_children, body)
-            elif keyword.startswith("def"):
-                body.doc = None  # defstruct, defguard, defexception... take the pending doc
+            if self._may_define(stmt):
+                self._walk_body(stmt.named_children, body)
+
+    def _call(self, stmt: Node, keyword: str, body: _Body) -> bool:
+        """Read a call by its name; whether its arguments and block may still define."""
+        if keyword in _DEF_KINDS or keyword == "defdelegate":
+            doc = body.doc
+            body.doc = None
+            self._clause(stmt, keyword, doc, body)
+            body.impl = False
+            return False
+        if keyword == "use":
+            self._behaviour(stmt, "use", body)
+            return False
+        if keyword in _MODULE_KEYWORD_NAMES or keyword == "quote":
+            return False  # a nested module has its own body; quoted code defines nothing
+        if keyword.startswith("def"):
+            body.doc = None  # defstruct, defguard, defexception... take the pending doc
+            return False
+        return True
+
+    def _may_define(self, node: Node) -> bool:
+        """Whether a definition mark (`def`, `@`) lies in the node's text."""
+        at = bisect_left(self.marks, node.start_byte)
+        return at < len(self.marks) and self.marks[at] < node.end_byte
 
     def _attribute(self, stmt: Node, body: _Body) -> None:
         if self.data[stmt.start_byte] != _AT:  # unary operators are prefixes: this is no `@`
@@ -561,7 +520,7 @@ class _Extractor:
         if name == "behaviour":
             self._behaviour(operand, "behaviour", body)
             return
-        value = _first_argument(operand)
+        value = first_argument(operand)
         if name == "impl":
             body.impl = value is not None and self.node_text(value) != "false"
         elif value is None:
@@ -597,7 +556,7 @@ class _Extractor:
             )
 
     def _behaviour(self, call: Node, via: str, body: _Body) -> None:
-        first = _first_argument(call)
+        first = first_argument(call)
         if first is None or first.type not in ("alias", "atom", "dot", "identifier"):
             return
         name = self.alias_name(first, body.module)
@@ -635,7 +594,7 @@ class _Extractor:
         doc: str | None,
         body: _Body,
     ) -> None:
-        head_node = _first_argument(stmt)
+        head_node = first_argument(stmt)
         if head_node is None or head_node.type == "keywords":
             return
         signature = _signature(self.data, head_node)

@@ -54,6 +54,14 @@ def load_tokenizer(path: str | None = None, generation: bool = False) -> Mistral
     return MistralTokenizer.from_file(str(file), mode=mode)
 
 
+def text_tokenizer(model_dir: Path | None = None) -> Any:  # mistral-common's Tekkenizer
+    """The plain-text tokenizer (encode/decode of raw text) of a model directory: its own
+    `tekken.json` when it has one, else the one mistral-common ships."""
+    own = model_dir / "tekken.json" if model_dir else None
+    path = str(own) if own and own.is_file() else None
+    return load_tokenizer(path, generation=True).instruct_tokenizer.tokenizer
+
+
 def to_request(conversations: Sequence[dict[str, Any]]) -> ChatCompletionRequest:
     """ShareGPT turns (`{"from", "value"}`) as a mistral-common chat request."""
     return ChatCompletionRequest(

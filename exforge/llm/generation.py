@@ -16,7 +16,11 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache, MistralForCausalLM
 
+from exforge.llm.chat import text_tokenizer
+from exforge.llm.model import load_model
+
 REPLACEMENT = "\ufffd"
+CPU = torch.device("cpu")  # the python backend decodes with tensors on the CPU
 
 
 @dataclass(frozen=True)
@@ -47,20 +51,6 @@ class PrefixCache:
     hits: int = 0
 
 
-def load_tokenizer(model_dir: Path | None = None):  # -> mistral_common Tekkenizer
-    """The model directory's own `tekken.json`, else the one mistral-common ships."""
-    from exforge.llm.chat import load_tokenizer as load_mistral
-
-    own = model_dir / "tekken.json" if model_dir else None
-    path = str(own) if own and own.is_file() else None
-    return load_mistral(path, generation=True).instruct_tokenizer.tokenizer
-
-
-def load_model(model_dir: Path) -> MistralForCausalLM:
-    model = MistralForCausalLM.from_pretrained(str(model_dir), dtype=torch.bfloat16)
-    return model.eval()
-
-
 class Generator:
     """One loaded model; `stream` may run from several threads at once."""
 
@@ -71,7 +61,8 @@ class Generator:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Generator:
-        return cls(load_model(model_dir), load_tokenizer(model_dir))
+        model = load_model(str(model_dir), "none", dtype=torch.bfloat16, device=CPU)
+        return cls(model.eval(), text_tokenizer(model_dir))
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, bos=True, eos=False)

@@ -12,11 +12,13 @@ goes to the store as `evals/<model>/<version>/<benchmark>.json`).
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from exforge.core.db import EvaluationResult, ModelVersion, RunCheckpoint, TrainingRun
@@ -62,6 +64,10 @@ def record_checkpoint(
             run.step = step
 
 
+# Registrations of one name racing for the same next version: all but one retry.
+REGISTER_ATTEMPTS = 5
+
+
 def register_version(
     engine: Engine,
     name: str,
@@ -71,7 +77,28 @@ def register_version(
     metrics: dict[str, float],
     lineage: Lineage | None = None,
 ) -> ModelVersionEvent:
-    """Add the next version of `name` (a run registers once: a retry returns its row)."""
+    """Add the next version of `name` (a run registers once: a retry returns its row).
+
+    Two runs registering at once may both read the same highest version; the unique
+    (name, version) constraint refuses the later insert, which then tries again."""
+    fields = {
+        "base_model": base_model,
+        "adapter_key": adapter_key,
+        "metrics": json.dumps(metrics, sort_keys=True),
+        "status": "registered",
+        "parent_version": lineage.parent_version if lineage else None,
+        "method": lineage.method if lineage else None,
+        "parameters": json.dumps(lineage.parameters, sort_keys=True) if lineage else None,
+    }
+    for _ in range(REGISTER_ATTEMPTS - 1):
+        with suppress(IntegrityError):
+            return _register_once(engine, name, run_id, fields)
+    return _register_once(engine, name, run_id, fields)
+
+
+def _register_once(
+    engine: Engine, name: str, run_id: str | None, fields: dict[str, Any]
+) -> ModelVersionEvent:
     with Session(engine) as session, session.begin():
         existing = (
             session.scalar(
@@ -80,24 +107,11 @@ def register_version(
             if run_id
             else None
         )
-        row = existing or ModelVersion(
-            name=name,
-            version=(
-                session.scalar(
-                    select(func.max(ModelVersion.version)).where(ModelVersion.name == name)
-                )
-                or 0
-            )
-            + 1,
-            base_model=base_model,
-            adapter_key=adapter_key,
-            run_id=run_id,
-            metrics=json.dumps(metrics, sort_keys=True),
-            status="registered",
-            parent_version=lineage.parent_version if lineage else None,
-            method=lineage.method if lineage else None,
-            parameters=json.dumps(lineage.parameters, sort_keys=True) if lineage else None,
+        latest = session.scalar(
+            select(func.max(ModelVersion.version)).where(ModelVersion.name == name)
         )
+        version = (latest or 0) + 1
+        row = existing or ModelVersion(name=name, version=version, run_id=run_id, **fields)
         session.add(row)
         session.flush()
         return version_event(row, "registered")

@@ -26,6 +26,8 @@ from transformers import GenerationConfig, LogitsProcessor, MistralForCausalLM, 
 
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
+from exforge.llm.chat import text_tokenizer
+from exforge.llm.model import load_model
 from workers.evaluator.benchmarks import Completion, Problem
 
 CACHE_PREFIX = "generations/"
@@ -119,13 +121,9 @@ class InProcessGenerator:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> InProcessGenerator:
-        from exforge.llm.generation import load_tokenizer
-
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        model = MistralForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-        if torch.cuda.is_available():
-            model = model.to("cuda")
-        return cls(model, load_tokenizer(model_dir))
+        model = load_model(str(model_dir), "none", dtype=dtype)
+        return cls(model, text_tokenizer(model_dir))
 
     @classmethod
     def for_version(

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, Field, model_validator
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from exforge.core import tracing
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
 from exforge.llm.chat import Encoded, encode, load_tokenizer
@@ -395,6 +396,7 @@ class Recipe:
 
     # ------------------------------------------------------------------ the loop
 
+    @tracing.traced("train run")
     def run(self) -> dict[str, Any]:
         state = self.restore()
         if self.engine is not None and self.dist.main:
@@ -516,6 +518,7 @@ class Recipe:
         buffers = load_buffers(self.store, self.run_id, earlier)[self.dist.rank :: self.dist.world]
         return mix(real, buffers, self.config.ssr.ratio, self.config.seed + earlier[-1])
 
+    @tracing.traced("train rehearsal")
     def rehearse(self, step: int, stage: int, real: list[dict[str, Any]]) -> None:
         """Build and store the stage's SSR buffer (rank 0; the others wait for it)."""
         if self.dist.main:
@@ -534,6 +537,7 @@ class Recipe:
         if self.dist.world > 1:
             dist.barrier()
 
+    @tracing.traced("train validation")
     def validate(
         self, step: int, stage: int, cursor: Cursor, validation: dict[int, list[dict[str, Any]]]
     ) -> Cursor:
@@ -561,6 +565,7 @@ class Recipe:
 
     # ------------------------------------------------------------------ checkpoints
 
+    @tracing.traced("train checkpoint")
     def checkpoint(self, state: RecipeState, stage: int) -> None:
         """Save `state` with the current adapters and every rank's RNG (rank 0 writes)."""
         ckpt.save_rank_rng(self.store, self.run_id, state.step, self.dist.rank)

@@ -12,6 +12,7 @@ from rich.console import Group
 
 from exforge import __version__
 from exforge.cli.backup import backup_app, replay_app
+from exforge.cli.compress import bench_app, compress_app
 from exforge.cli.console import (
     JsonFlag,
     console,
@@ -48,6 +49,8 @@ train_app = typer.Typer(help="Fine-tune the base model with QLoRA (stages 1-3)."
 app.add_typer(train_app, name="train")
 app.add_typer(models_app, name="models")
 app.add_typer(eval_app, name="eval")
+app.add_typer(compress_app, name="compress")
+app.add_typer(bench_app, name="bench")
 
 
 def version_callback(value: bool) -> None:

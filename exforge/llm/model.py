@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, MistralConfig, MistralForCausalLM
 
 from exforge.core.store import ObjectStore
+from exforge.llm.fusion import fuse_projections, marked_fused
 
 TEKKEN_VOCAB = 131_072
 Quantisation = Literal["none", "nf4", "int8"]
@@ -172,12 +173,15 @@ def load_model(
     fsdp: bool = False,
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
+    fuse: bool = True,
 ) -> MistralForCausalLM:
     """Load a model (training, evaluation and serving all load through here), memory-mapped
     and layer by layer (`low_cpu_mem_usage`).
 
     `fsdp`: lay the weights out so FSDP can shard them (see `quantisation_config`).
     `dtype` and `device` default to `detect_device`'s compute dtype and device.
+    `fuse`: an unquantised model whose configuration is marked fused gets its projections
+    fused (`exforge.llm.fusion`); False keeps the stored layout (merging, compressing).
     """
     found = detect_device()
     dtype = dtype or found.compute_dtype
@@ -196,6 +200,8 @@ def load_model(
     )
     if quantisation != "none":
         keep_standard_4bit_layout(model)
+    elif fuse and marked_fused(model):
+        fuse_projections(model)
     return model
 
 

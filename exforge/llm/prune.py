@@ -80,7 +80,7 @@ def layer_distances(model: MistralForCausalLM, batches: Iterable[Batch]) -> list
         for mask in _run(model, batches):
             for i in range(len(layers)):
                 cosine = torch.nn.functional.cosine_similarity(
-                    inputs[i][mask].float(), outputs[i][mask].float(), dim=-1
+                    inputs[i][mask].double(), outputs[i][mask].double(), dim=-1
                 )
                 sums[i] += (torch.arccos(cosine.clamp(-1, 1)) / math.pi).sum().item()
             count += int(mask.sum())

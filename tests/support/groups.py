@@ -56,6 +56,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "e2e": (
         "test_backup",
+        "test_compress",
         "test_dataset_pipeline",
         "test_dedup_stream",
         "test_eval_cli",

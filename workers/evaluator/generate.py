@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from transformers import GenerationConfig, LogitsProcessor, MistralForCausalLM, 
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
 from exforge.llm.chat import text_tokenizer
+from exforge.llm.lora import merged_version_dir
 from exforge.llm.model import load_model
 from workers.evaluator.benchmarks import Completion, Problem
 
@@ -167,23 +166,6 @@ class InProcessGenerator:
                 stopping_criteria=[stop],
             )
         return [self.decode(row[width:].tolist()) for row in output]
-
-
-def merged_version_dir(settings: Settings, store: ObjectStore, row: dict[str, Any]) -> Path:
-    """The version's base with its adapter folded in, merged once per version on disk."""
-    from exforge.llm.lora import merged_model
-
-    target = settings.root / "eval-models" / row["name"] / str(row["version"])
-    if (target / "config.json").is_file():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged_model(settings, store, row, tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another evaluation merged it first
-        shutil.rmtree(tmp)
-    return target
 
 
 # ------------------------------------------------------------------ cache and resume

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -114,19 +114,24 @@ def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
     return saved[0]
 
 
-def cpu_peak_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
-    """Parameters and buffers plus the most bytes a step allocates at once on the CPU.
+def peak_allocated(run: Callable[[], object]) -> int:
+    """The most bytes `run()` holds allocated at once on the CPU, beyond what existed.
 
-    The profiler's allocation events carry the running total of what was allocated since
-    profiling began (the same figure CUDA's allocator keeps as its peak)."""
+    The PyTorch profiler's allocation events carry the running total of what was
+    allocated since profiling began (the figure CUDA's allocator keeps as its peak)."""
     with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(model, batch)
+        run()
     totals = [
         event.extra_fields.total_allocated
         for event in _walk(prof.profiler.kineto_results.experimental_event_tree())
         if event.tag == _EventType.Allocation
     ]
-    return model_bytes(model) + max(totals, default=0)
+    return max(totals, default=0)
+
+
+def cpu_peak_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Parameters and buffers plus the most bytes a training step allocates at once."""
+    return model_bytes(model) + peak_allocated(lambda: train_step(model, batch))
 
 
 def _walk(events: Sequence[Any]) -> Iterator[Any]:

@@ -16,6 +16,9 @@ second of training, by wall clock and by CPU time (steadier on a shared machine)
 sides alternate round by round (`--repeats`), and the ratios are taken within a round.
 
 Usage: python benchmarks/train_vs_trl.py [--samples N] [--repeats R] [--out FILE]
+GPU (Devstral's layer shapes, 4 of its 40 layers, random weights):
+       python benchmarks/train_vs_trl.py --devstral-layers 4 --seq-len 2048 --samples 512 \
+           --out benchmarks/results/train_vs_trl_gpu.json
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +95,31 @@ def measure(train: Any, tokens: int, steps: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ exforge
 
 
-def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Setup:
+    model: str = "tiny"  # preset or model directory, NF4 on every side
+    seq_len: int = SEQ_LEN
+
+    def arguments(self) -> list[str]:
+        return ["--model", self.model, "--seq-len", str(self.seq_len)]
+
+
+def devstral_shaped(layers: int, directory: Path) -> Path:
+    """Devstral Small's layer shapes and vocabulary with `layers` decoder layers, randomly
+    initialised and saved (the GPU run: the real 40 layers need a real checkpoint)."""
+    from transformers import MistralForCausalLM
+
+    from exforge.llm.model import preset_config
+
+    torch.manual_seed(0)
+    config = preset_config("devstral-small", num_hidden_layers=layers)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = MistralForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    return directory
+
+
+def run_exforge(samples: list[dict[str, Any]], root: Path, setup: Setup) -> dict[str, Any]:
     from exforge.core.settings import load_settings
     from exforge.core.store import FileStore
     from workers.trainer.data import Cursor, write_split
@@ -107,9 +135,10 @@ def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
         )
         return TrainConfig(
             run_id="bench",
+            model=setup.model,
             dataset="bench",
             stages=[stage],
-            seq_len=SEQ_LEN,
+            seq_len=setup.seq_len,
             batch_size=BATCH_PACKS,
             validate_every=0,
             fisher_samples=0,
@@ -130,7 +159,9 @@ def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- TRL
 
 
-def run_trl(samples: list[dict[str, Any]], root: Path, steps: int, packed: bool) -> dict[str, Any]:
+def run_trl(
+    samples: list[dict[str, Any]], root: Path, setup: Setup, steps: int, packed: bool
+) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import MistralCommonBackend
@@ -145,7 +176,7 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int, packed: bool)
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
     # Padded: the same samples per optimiser step, in micro-batches of two samples.
     accumulation = 1 if packed else math.ceil(len(rows) / steps / BATCH_PACKS)
-    model = load_model("tiny", "nf4", root / "models", seed=0)
+    model = load_model(setup.model, "nf4", root / "models", seed=0)
     torch.manual_seed(0)
     args = SFTConfig(
         output_dir=str(root / "trl"),
@@ -158,7 +189,7 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int, packed: bool)
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        max_length=SEQ_LEN,
+        max_length=setup.seq_len,
         packing=packed,
         padding_free=packed,
         gradient_checkpointing=False,
@@ -191,7 +222,7 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int, packed: bool)
     def counting(examples: list[dict[str, Any]]) -> dict[str, Any]:
         """The real tokens and samples each batch brings (packed rows hold several)."""
         for example in examples:
-            counted["tokens"] += min(len(example["input_ids"]), SEQ_LEN)
+            counted["tokens"] += min(len(example["input_ids"]), setup.seq_len)
             counted["samples"] += len(example.get("seq_lengths", [0]))
         return collate(examples)
 
@@ -207,19 +238,22 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int, packed: bool)
 SIDES = ("exforge", "trl_padded", "trl_packed")
 
 
-def child(side: str, samples: int, steps: int) -> dict[str, Any]:
+def child(side: str, samples: int, steps: int, setup: Setup) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     data = corpus(samples)
     with tempfile.TemporaryDirectory() as tmp:
         if side == "exforge":
-            return run_exforge(data, Path(tmp))
-        return run_trl(data, Path(tmp), steps, packed=side == "trl_packed")
+            return run_exforge(data, Path(tmp), setup)
+        return run_trl(data, Path(tmp), setup, steps, packed=side == "trl_packed")
 
 
-def spawn(side: str, samples: int, steps: int = 0) -> dict[str, Any]:
+def spawn(side: str, samples: int, setup: Setup, steps: int = 0) -> dict[str, Any]:
     command = [sys.executable, __file__, "--side", side, "--samples", str(samples)]
     output = subprocess.run(
-        [*command, "--steps", str(steps)], check=True, capture_output=True, text=True
+        [*command, *setup.arguments(), "--steps", str(steps)],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -228,11 +262,11 @@ def memory_measure(result: dict[str, Any]) -> str:
     return "cuda_peak_bytes" if "cuda_peak_bytes" in result else "peak_rss_bytes"
 
 
-def one_round(samples: int) -> dict[str, dict[str, Any]]:
+def one_round(samples: int, setup: Setup) -> dict[str, dict[str, Any]]:
     """Every side once, exforge first (it fixes the number of steps)."""
-    exforge = spawn("exforge", samples)
+    exforge = spawn("exforge", samples, setup)
     return {"exforge": exforge} | {
-        side: spawn(side, samples, exforge["steps"]) for side in SIDES[1:]
+        side: spawn(side, samples, setup, exforge["steps"]) for side in SIDES[1:]
     }
 
 
@@ -241,13 +275,24 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=96)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, help="Figures JSON (with the git revision).")
+    parser.add_argument("--model", default="tiny", help="Preset or model directory.")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    parser.add_argument(
+        "--devstral-layers",
+        type=int,
+        help="Train a Devstral-shaped model with this many layers (the GPU run).",
+    )
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    setup = Setup(args.model, args.seq_len)
     if args.side:
-        print(json.dumps(child(args.side, args.samples, args.steps)), flush=True)
+        print(json.dumps(child(args.side, args.samples, args.steps, setup)), flush=True)
         return
-    rounds = [one_round(args.samples) for _ in range(args.repeats)]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.devstral_layers:
+            setup = Setup(str(devstral_shaped(args.devstral_layers, Path(tmp))), args.seq_len)
+        rounds = [one_round(args.samples, setup) for _ in range(args.repeats)]
     memory = memory_measure(rounds[0]["exforge"])
     figures = {}
     for side in SIDES:
@@ -260,7 +305,15 @@ def main() -> None:
         memory_ratios = [r["exforge"][memory] / r[side][memory] for r in rounds]
         figures[f"peak_memory_ratio_vs_{side}"] = figure(memory_ratios, "x", "lower")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    details = {"threads": THREADS, "seq_len": SEQ_LEN, "memory": memory, "rounds": rounds}
+    details = {
+        "threads": THREADS,
+        "model": args.model
+        if not args.devstral_layers
+        else f"devstral-shaped/{args.devstral_layers}",
+        "seq_len": args.seq_len,
+        "memory": memory,
+        "rounds": rounds,
+    }
     summary = {
         name: {"median": round(f.median, 3), "min": min(f.runs), "max": max(f.runs)}
         for name, f in figures.items()

@@ -18,6 +18,7 @@ import pytest
 GROUPS: dict[str, tuple[str, ...]] = {
     "unit": (
         "test_anomaly",
+        "test_bench",
         "test_architecture",
         "test_docs",
         "test_eval_generate",

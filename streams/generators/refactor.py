@@ -144,6 +144,10 @@ def _calls(source: str, function: FunctionInfo) -> bool:
     return re.search(rf"(?<![\w.:]){re.escape(function.name)}\b", source) is not None
 
 
+WORD_RUN = re.compile(r"(?<![\w.:])\w+")
+WORD = re.compile(r"\w+")
+
+
 class Siblings:
     """The definitions of one module, and which of them each one calls (found once per
     definition, however many check units include it)."""
@@ -153,8 +157,15 @@ class Siblings:
         self._callees: dict[int, list[int]] = {}
 
     def called_by(self, source: str) -> list[int]:
-        """Indices of the definitions `source` calls, in definition order."""
-        return [i for i, f in enumerate(self.functions) if _calls(source, f)]
+        """Indices of the definitions `source` calls, in definition order. A name of word
+        characters is called when it is a whole word there, not after `.` or `:` (what
+        `_calls` finds, looked up in the set of such words); other names go to `_calls`."""
+        words = set(WORD_RUN.findall(source))
+        return [
+            i
+            for i, f in enumerate(self.functions)
+            if (f.name in words if WORD.fullmatch(f.name) else _calls(source, f))
+        ]
 
     def callees(self, index: int) -> list[int]:
         if index not in self._callees:
@@ -199,15 +210,15 @@ def _pair(
 ) -> Candidate:
     itself = next(i for i, f in enumerate(siblings.functions) if f is function)
     human = f"{ask}\n\n{fenced(before)}"
+    # the function's own side first: when it does not compile alone, the rewritten side
+    # is not compiled at all
+    sides = sorted((before, after), key=lambda side: side != function.source)
     return candidate(
         kind,
         [("human", human), ("gpt", fenced(after))],
         file,
         [function_ref(file, function)],
-        checks=[
-            Check(siblings.check_unit(before, itself), "compile"),
-            Check(siblings.check_unit(after, itself), "compile"),
-        ],
+        checks=[Check(siblings.check_unit(side, itself), "compile") for side in sides],
     )
 
 

@@ -316,6 +316,9 @@ class InstructionSample(Record):
     sample_id: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
     conversations: list[Turn] = Field(min_length=2)
     meta: SampleMeta
+    tokens: int | None = Field(
+        None, ge=0, description="Tekken tokens of the conversation as the trainer encodes it."
+    )
 
     @staticmethod
     def content_id(conversations: list[Turn], kind: str) -> str:

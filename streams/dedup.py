@@ -38,7 +38,7 @@ from aiokafka import TopicPartition
 from sqlalchemy.orm import Session
 
 from exforge.core.db import FileOutcome
-from exforge.core.kafka import admin_client, metadata_consumer
+from exforge.core.kafka import admin_client, end_offsets, metadata_consumer
 from exforge.core.settings import Settings
 from exforge.elixir.neardup import Bucket, Held, bucket_partition, decide
 from schemas.catalogue import STAGE_INPUTS, topic_name
@@ -118,7 +118,7 @@ async def drained(settings: Settings, stages: Iterable[str] = UPSTREAM) -> bool:
         committed = await admin.list_consumer_group_offsets(
             settings.worker_group, partitions=partitions
         )
-        ends = await consumer.end_offsets(partitions)
+        ends = await end_offsets(consumer, partitions)
     for tp in partitions:
         meta = committed.get(tp)
         done = meta.offset if meta is not None and meta.offset >= 0 else 0
@@ -217,11 +217,7 @@ class NearDup:
     def hold(self, file: ParsedFile) -> None:
         raw = self.held[file.sha256]
         partition = _event_partition()
-        entry = (
-            HeldFile.loads(raw)
-            if raw
-            else HeldFile(partition, time.time(), "")
-        )
+        entry = HeldFile.loads(raw) if raw else HeldFile(partition, time.time(), "")
         entry.file = file.model_dump_json(by_alias=True, exclude_none=True)
         self.held[file.sha256] = entry.dumps()
         self.waiting.setdefault(partition, {})[file.sha256] = entry.since
@@ -318,9 +314,7 @@ class NearDup:
         owned = self.owned()
         if owned != self.indexed and not self.ctx.app.in_recovery:
             self.reindex(owned)
-        return {
-            p: min(files.values()) for p, files in self.waiting.items() if p in owned and files
-        }
+        return {p: min(files.values()) for p, files in self.waiting.items() if p in owned and files}
 
     def reindex(self, owned: frozenset[int]) -> None:
         """Rebuild `waiting` from the table (after a rebalance or recovery)."""

@@ -105,7 +105,11 @@ class Renaming:
             word, bang = match.group(1), match.group(2)
             qualifier = QUALIFIER.search(text, max(0, match.start() - 80), match.start())
             remote = qualifier is not None or text[max(0, match.start() - 1) : match.start()] == "."
-            if remote and word[0].islower() and (qualifier is None or qualifier[1] not in self.segments):
+            if (
+                remote
+                and word[0].islower()
+                and (qualifier is None or qualifier[1] not in self.segments)
+            ):
                 return match.group(0)  # a function of a module the package does not define
             if word in self.functions:
                 return f"{word}_{self.suffix}{bang}"
@@ -130,9 +134,7 @@ def renaming(project: Path, suffix: str) -> Renaming:
     return Renaming(frozenset(functions), frozenset(segments), suffix)
 
 
-def write_package(
-    root: Path, name: str, files: dict[str, str], version: str = "1.0.0"
-) -> Path:
+def write_package(root: Path, name: str, files: dict[str, str], version: str = "1.0.0") -> Path:
     """A Mix project of `files` (relative path → text) under `root/name`."""
     project = root / name
     if project.exists():

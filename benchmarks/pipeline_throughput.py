@@ -1,7 +1,8 @@
 """End-to-end throughput of the real pipeline on the real corpus, and where time goes.
 
     python benchmarks/pipeline_throughput.py [--processes 1,2] [--repeat 1] [--copies 1]
-        [--launch separate|processes] [--checkout DIR] [--work-dir DIR] [--json]
+        [--launch separate|processes] [--checkout DIR] [--baseline DIR] [--work-dir DIR]
+        [--json]
 
 For each worker count N of `--processes` (and each repetition), on a fresh embedded
 broker, file store and SQLite ledger: the ten libraries of `../shared/corpus/` (times
@@ -17,12 +18,14 @@ While they run, every worker's `/metrics` is read twice a second and its memory 
   over the active time (first message consumed → last message finished), and over the
   whole wall time (process start → exit, so including start-up and the idle check);
 * per stage: busy time (the sum of its handlers' time, over all processes), messages in
-  and out, the time it waited (processes × active time − busy) and its share of the
+  and out, the time it waited (processes x active time - busy) and its share of the
   active time; the bottleneck is the stage busy for the largest share;
 * CPU seconds of the workers and of their BEAM check VMs, and each worker's peak RSS.
 
-`--checkout DIR` runs the workers from another checkout of exforge (with this venv),
-so that figures before and after a change come from the same run of this script.
+`--checkout DIR` runs the workers from another checkout of exforge (with this venv);
+`--baseline DIR` runs a second checkout alternately with it, so that figures before and
+after a change come from the same run of this script (and the ratios from runs next to
+each other in time, on a machine whose load comes and goes).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class Sample:
     messages_in: dict[str, float] = field(default_factory=dict)
     messages_out: dict[str, float] = field(default_factory=dict)
     busy: dict[str, float] = field(default_factory=dict)
+    waited: dict[str, float] = field(default_factory=dict)
 
     def total_in(self) -> float:
         return sum(self.messages_in.values())
@@ -98,6 +102,8 @@ def scrape(port: int, into: Sample) -> None:
                 into.messages_out[stage] = into.messages_out.get(stage, 0) + sample.value
             elif sample.name == "exforge_stage_latency_seconds_sum":
                 into.busy[stage] = into.busy.get(stage, 0) + sample.value
+            elif sample.name == "exforge_stage_wait_seconds_total":
+                into.waited[stage] = into.waited.get(stage, 0) + sample.value
 
 
 def proc_tree(pid: int) -> list[int]:
@@ -247,30 +253,29 @@ def watch(
     return samples
 
 
-def active_window(samples: list[Sample]) -> tuple[float, float]:
-    """(first reading with a message consumed, first reading of the final totals)."""
-    started = [s.at for s in samples if s.total_in() > 0]
-    if not started:
-        raise RuntimeError("no worker consumed anything")
-    final = samples[-1]
-    settled = next(
-        s.at
-        for s in samples
-        if s.total_in() >= final.total_in() and sum(s.busy.values()) >= sum(final.busy.values())
-    )
-    return started[0] - POLL_S / 2, settled
-
-
 def last_reading(samples: list[Sample]) -> Sample:
-    """The reading with the largest totals (a worker's last scrape can come before its
-    exit, so take each stage's maximum)."""
+    """Each stage's largest totals (readings after a worker's exit are empty)."""
     best = Sample(samples[-1].at)
     for reading in samples:
-        for attr in ("messages_in", "messages_out", "busy"):
+        for attr in ("messages_in", "messages_out", "busy", "waited"):
             target = getattr(best, attr)
             for stage, value in getattr(reading, attr).items():
                 target[stage] = max(target.get(stage, 0), value)
     return best
+
+
+def active_window(samples: list[Sample], final: Sample) -> tuple[float, float]:
+    """(first reading with a message consumed, first reading with the final totals)."""
+    started = [s.at for s in samples if s.total_in() > 0]
+    if not started:
+        raise RuntimeError("no worker consumed anything")
+    done_in, done_busy = final.total_in(), sum(final.busy.values())
+    settled = next(
+        s.at
+        for s in samples
+        if s.total_in() >= done_in and sum(s.busy.values()) >= done_busy - 1e-6
+    )
+    return started[0] - POLL_S / 2, settled
 
 
 def one_run(
@@ -292,9 +297,9 @@ def one_run(
                     proc.wait()
         wall = time.monotonic() - started
         totals = stats(open_database(settings))
-    first, last = active_window(samples)
-    active = max(last - first, POLL_S)
     final = last_reading(samples)
+    first, last = active_window(samples, final)
+    active = max(last - first, POLL_S)
     stage_rows = {}
     for stage in sorted(final.messages_in, key=lambda s: -final.busy.get(s, 0.0)):
         busy = final.busy.get(stage, 0.0)
@@ -302,7 +307,8 @@ def one_run(
             "busy_s": round(busy, 2),
             "messages_in": int(final.messages_in.get(stage, 0)),
             "messages_out": int(final.messages_out.get(stage, 0)),
-            "waited_s": round(max(processes * active - busy, 0.0), 2),
+            # measured where the worker reports it, else what the busy time leaves
+            "waited_s": round(final.waited.get(stage, max(processes * active - busy, 0.0)), 2),
             "busy_share": round(busy / (processes * active), 3),
         }
     files = totals["files"]["seen"]
@@ -353,6 +359,14 @@ def show(run: dict[str, Any]) -> None:
     )
 
 
+def ratios(runs: list[dict[str, Any]], key: str, base: Any, other: Any) -> list[float]:
+    """files/s of `other` over `base` (values of `key`), repetition by repetition."""
+    pairs = zip(
+        [r for r in runs if r[key] == base], [r for r in runs if r[key] == other], strict=True
+    )
+    return [round(b["files_per_s"] / a["files_per_s"], 2) for a, b in pairs]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", default="1,2", help="Worker counts, comma-separated.")
@@ -360,6 +374,9 @@ def main() -> None:
     parser.add_argument("--copies", type=int, default=1, help="Corpus size multiple.")
     parser.add_argument("--launch", choices=("separate", "processes"), default="separate")
     parser.add_argument("--checkout", type=Path, default=REPO, help="exforge to run.")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="Another checkout, run alternately."
+    )
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--work-dir", type=Path, default=None, help="Parent of temp dirs.")
     parser.add_argument("--keep", action="store_true", help="Keep the run directories.")
@@ -368,40 +385,48 @@ def main() -> None:
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="pipeline-throughput-", dir=args.work_dir))
+    checkouts = [args.checkout.resolve()]
+    if args.baseline is not None:
+        checkouts.insert(0, args.baseline.resolve())
     try:
         projects = unpack(args.corpus, work / "corpus")
         projects = derived_copies(projects, args.copies, work / "copies")
         counts = [int(n) for n in args.processes.split(",")]
         runs = []
         for repeat in range(args.repeat):
-            for processes in counts:
-                run = one_run(
-                    projects,
-                    processes,
-                    args.launch,
-                    args.checkout.resolve(),
-                    work / f"run-{repeat}-{processes}",
-                )
-                runs.append(run)
-                if not args.json:
-                    show(run)
-        report = {"checkout": str(args.checkout), "copies": args.copies, "runs": runs}
-        if len(counts) > 1:
-            report["speedup"] = {
-                f"{n}/{counts[0]}": [
-                    round(b["files_per_s"] / a["files_per_s"], 2)
-                    for a, b in zip(
-                        [r for r in runs if r["processes"] == counts[0]],
-                        [r for r in runs if r["processes"] == n],
-                        strict=True,
+            for index, checkout in enumerate(checkouts):
+                for processes in counts:
+                    run = one_run(
+                        projects,
+                        processes,
+                        args.launch,
+                        checkout,
+                        work / f"run-{repeat}-{index}-{processes}",
                     )
-                ]
-                for n in counts[1:]
-            }
+                    run["checkout"] = str(checkout)
+                    runs.append(run)
+                    if not args.json:
+                        print(f"\n[{checkout}]", end="")
+                        show(run)
+        report: dict[str, Any] = {"copies": args.copies, "runs": runs}
+        for checkout in checkouts:
+            mine = [r for r in runs if r["checkout"] == str(checkout)]
+            for n in counts[1:]:
+                report.setdefault("speedup", {})[f"{checkout}: {n}/{counts[0]}"] = ratios(
+                    mine, "processes", counts[0], n
+                )
+        if args.baseline is not None:
+            for n in counts:
+                mine = [r for r in runs if r["processes"] == n]
+                report.setdefault("vs_baseline", {})[f"{n} process(es)"] = ratios(
+                    mine, "checkout", str(checkouts[0]), str(checkouts[1])
+                )
         if args.json:
             print(json.dumps(report, indent=2))
-        elif "speedup" in report:
-            print(f"\nspeedup (files/s, same repetition): {report['speedup']}")
+        else:
+            for name in ("speedup", "vs_baseline"):
+                if name in report:
+                    print(f"\n{name} (files/s, same repetition): {report[name]}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

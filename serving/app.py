@@ -17,9 +17,11 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from exforge.core import tracing
 from serving.gateway import End, Gateway, GatewayError, Job, Start, Token, collect, first_event
 
 VERSION_HEADER = "x-exforge-model-version"
@@ -251,6 +253,16 @@ def create_app(gateway: Gateway) -> FastAPI:
         await gateway.close()
 
     app = FastAPI(title="exforge gateway", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def traced(request: Request, call_next: Any) -> Response:
+        """A server span per request, continuing the client's traceparent if it sent one;
+        the Triton call of a generation is its child (gRPC metadata carries it on)."""
+        name = f"{request.method} {request.url.path}"
+        with tracing.consumed(
+            name, request.headers, {"http.route": request.url.path}, SpanKind.SERVER
+        ):
+            return await call_next(request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Response:

@@ -37,6 +37,7 @@ import faust
 from aiokafka import TopicPartition
 from sqlalchemy.orm import Session
 
+from exforge.core import tracing
 from exforge.core.db import FileOutcome
 from exforge.core.kafka import admin_client, end_offsets, metadata_consumer
 from exforge.core.settings import Settings
@@ -145,17 +146,19 @@ class HeldFile:
     since: float  # wall-clock time the file was first held
     file: str  # ParsedFile JSON
     heard: Held = field(default_factory=Held)
+    trace: str | None = None  # the file's trace (traceparent), continued when it is decided
 
     def dumps(self) -> str:
-        earlier, settled = self.heard.earlier or "-", self.heard.settled or "-"
-        return f"{self.partition} {self.since!r} {earlier} {settled}\n{self.file}"
+        fields = (self.heard.earlier, self.heard.settled, self.trace)
+        optional = " ".join(value or "-" for value in fields)
+        return f"{self.partition} {self.since!r} {optional}\n{self.file}"
 
     @classmethod
     def loads(cls, raw: str) -> HeldFile:
         header, file = raw.split("\n", 1)
-        partition, since, earlier, settled = header.split(" ")
-        heard = Held(None if earlier == "-" else earlier, None if settled == "-" else settled)
-        return cls(int(partition), float(since), file, heard)
+        partition, since, *optional = header.split(" ")
+        earlier, settled, trace = (None if value == "-" else value for value in optional)
+        return cls(int(partition), float(since), file, Held(earlier, settled), trace)
 
 
 def _event_partition() -> int:
@@ -219,6 +222,7 @@ class NearDup:
         partition = _event_partition()
         entry = HeldFile.loads(raw) if raw else HeldFile(partition, time.time(), "")
         entry.file = file.model_dump_json(by_alias=True, exclude_none=True)
+        entry.trace = tracing.traceparent()
         self.held[file.sha256] = entry.dumps()
         self.waiting.setdefault(partition, {})[file.sha256] = entry.since
 
@@ -228,8 +232,13 @@ class NearDup:
         for band in file.near_dup.bands:
             by_partition.setdefault(bucket_partition(band, self.partitions), []).append(band)
         return [
-            Output("files.bands", file.sha256, BandMessage(sha256=file.sha256, bands=bands), p)
-            for p, bands in sorted(by_partition.items())
+            Output(
+                "files.bands",
+                file.sha256,
+                BandMessage(sha256=file.sha256, bands=bands),
+                partition=partition,
+            )
+            for partition, bands in sorted(by_partition.items())
         ]
 
     async def on_bands(self, value: bytes, key: str | None) -> Result:
@@ -285,7 +294,7 @@ class NearDup:
             else:
                 near_dup = file.near_dup.model_copy(update={"cluster": sha})
                 kept = file.model_copy(update={"near_dup": near_dup})
-                result.outputs.append(Output("parsed.files", sha, kept))
+                result.outputs.append(Output("parsed.files", sha, kept, entry.trace))
             self.settled[sha] = duplicate_of or sha
             decided.append(sha)
         if outcomes:

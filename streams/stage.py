@@ -20,6 +20,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ import faust
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
+from exforge.core import tracing
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore, sha256_hex
 from exforge.core.telemetry import (
@@ -53,6 +55,8 @@ class Output:
     topic: str  # catalogue name, e.g. "raw.packages"
     key: str
     record: Record
+    # the trace this output continues (a W3C traceparent); None: the message being handled
+    trace: str | None = None
     partition: int | None = None  # None: the partition of the key
 
 
@@ -139,7 +143,10 @@ class StageContext:
         """Hand one output to the producer; the returned awaitable ends once the broker
         has acknowledged it."""
         pending = await self.topic(output.topic).send(
-            key=output.key.encode(), value=output.record.to_bytes(), partition=output.partition
+            key=output.key.encode(),
+            value=output.record.to_bytes(),
+            partition=output.partition,
+            headers=tracing.kafka_headers(output.trace),
         )
 
         async def acknowledged() -> None:
@@ -262,8 +269,20 @@ async def deliver(ctx: StageContext, stage: str, message: Any, result: Result) -
     task.add_done_callback(in_flight.discard)
 
 
+def consumed(stage: str, message: Any) -> AbstractContextManager[Any]:
+    """The span of one message, in the trace its headers carry."""
+    attributes = {
+        "messaging.system": "kafka",
+        "messaging.destination.name": message.topic,
+        "messaging.kafka.destination.partition": message.partition,
+        "messaging.kafka.message.offset": message.offset,
+    }
+    return tracing.consumed(f"{stage} process", message.headers, attributes)
+
+
 def attach_stage(ctx: StageContext, stage: str, source: str, handler: Handler) -> None:
-    """Define the Faust agent `stage` that runs `handler` on every message of `source`."""
+    """Define the Faust agent `stage` that runs `handler` on every message of `source`,
+    each in a span of the message's trace."""
 
     async def agent(stream: faust.StreamT) -> None:
         waited_since = time.perf_counter()
@@ -272,8 +291,9 @@ def attach_stage(ctx: StageContext, stage: str, source: str, handler: Handler) -
             STAGE_WAIT.labels(stage).inc(started - waited_since)
             ctx.touch(stage)
             MESSAGES_IN.labels(stage).inc()
-            result = await run_handler(stage, handler, event.message)
-            await deliver(ctx, stage, event.message, result)
+            with consumed(stage, event.message):
+                result = await run_handler(stage, handler, event.message)
+                await deliver(ctx, stage, event.message, result)
             ctx.touch(stage)
             waited_since = time.perf_counter()
             STAGE_LATENCY.labels(stage).observe(waited_since - started)
@@ -290,7 +310,9 @@ def attach_batch_stage(
     within_s: float = 0.2,
 ) -> None:
     """Define the Faust agent `stage` that runs `handler` on up to `max_batch` messages
-    of `source` at a time (those that arrived within `within_s` of the first)."""
+    of `source` at a time (those that arrived within `within_s` of the first). Each
+    message's outputs are produced in a span of its trace (the batch's work is shared,
+    so the span covers the delivery only)."""
 
     async def agent(stream: faust.StreamT) -> None:
         waited_since = time.perf_counter()
@@ -302,7 +324,8 @@ def attach_batch_stage(
             messages = [event.message for event in events]
             results = await run_batch(stage, handler, messages)
             for message, result in zip(messages, results, strict=True):
-                await deliver(ctx, stage, message, result)
+                with consumed(stage, message):
+                    await deliver(ctx, stage, message, result)
             ctx.touch(stage)
             waited_since = time.perf_counter()
             STAGE_LATENCY.labels(stage).observe(waited_since - started)

@@ -32,6 +32,7 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import faust
 from aiokafka import TopicPartition
@@ -159,6 +160,12 @@ class HeldFile:
         partition, since, *optional = header.split(" ")
         earlier, settled, trace = (None if value == "-" else value for value in optional)
         return cls(int(partition), float(since), file, Held(earlier, settled), trace)
+
+
+def decided_span(trace: str | None, sha256: str, reason: str | None) -> Any:
+    """The span of a file's decision, in the file's trace (`trace`, its traceparent)."""
+    attributes = {"exforge.sha256": sha256, "exforge.outcome": reason or "kept"}
+    return tracing.consumed("neardup process", tracing.kafka_headers(trace), attributes)
 
 
 def _event_partition() -> int:
@@ -289,12 +296,15 @@ class NearDup:
             duplicate_of = decide(entry.heard)
             reason = "near_duplicate" if duplicate_of else None
             outcomes.append(Outcome.of(file, reason))
+            # the decision is a step of the file's own trace
+            with decided_span(entry.trace, sha, reason):
+                trace = tracing.traceparent()
             if reason:
                 result.drop(reason)
             else:
                 near_dup = file.near_dup.model_copy(update={"cluster": sha})
                 kept = file.model_copy(update={"near_dup": near_dup})
-                result.outputs.append(Output("parsed.files", sha, kept, entry.trace))
+                result.outputs.append(Output("parsed.files", sha, kept, trace))
             self.settled[sha] = duplicate_of or sha
             decided.append(sha)
         if outcomes:

@@ -68,7 +68,9 @@ def existing_versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def export_cpu(settings: Settings, store: ObjectStore, row: dict[str, Any], root: Path) -> Path:
+def export_cpu(
+    settings: Settings, store: ObjectStore, row: dict[str, Any], root: Path, token_delay_s: float
+) -> Path:
     from exforge.llm.lora import merged_model  # torch and peft: the [train] extra
 
     model_dir = root / row["name"]
@@ -78,6 +80,9 @@ def export_cpu(settings: Settings, store: ObjectStore, row: dict[str, Any], root
     version_dir.mkdir(parents=True)
     merged_model(settings, store, row, version_dir / "model")
     shutil.copy(MODEL_TEMPLATE, version_dir / "model.py")
+    if token_delay_s:
+        decoding = {"token_delay_s": token_delay_s}
+        (version_dir / "decoding.json").write_text(json.dumps(decoding))
     (version_dir / "card.json").write_text(json.dumps(model_card(row, "cpu"), indent=2))
     config = modelconfig.cpu_config(row["name"], existing_versions(model_dir))
     (model_dir / "config.pbtxt").write_text(modelconfig.render(config))
@@ -122,13 +127,16 @@ def export(
     version: int,
     flavor: Flavor = "cpu",
     root: Path | None = None,
+    token_delay_s: float = 0.0,
 ) -> Exported:
+    """Export one version; `token_delay_s` (cpu flavor) makes it decode slowly, a test
+    model for watching streaming, deadlines and latency rollbacks."""
     row = get_version(engine, name, version)
     if row is None:
         raise ExportError(f"model {name} has no registered version {version}")
     root = root or repository_dir(settings, flavor)
     if flavor == "cpu":
-        written = export_cpu(settings, store, row, root)
+        written = export_cpu(settings, store, row, root, token_delay_s)
         uploaded = written / str(version)
     else:
         written = uploaded = export_trtllm(settings, store, row, root)

@@ -16,6 +16,7 @@ from serving.contract import io_config
 Config = dict[str, Any]
 MAX_BATCH = 8
 QUEUE_DELAY_US = 2000
+TOKENS_PER_BLOCK = 32  # KV-cache block: the unit of prefix reuse (TensorRT-LLM's default)
 
 
 def render(config: Config) -> str:
@@ -38,8 +39,9 @@ def version_policy(versions: list[int]) -> Config:
     return {"specific": {"versions": sorted(versions)}}
 
 
-def cpu_config(name: str, versions: list[int], threads: int = 4) -> Config:
-    """The python-backend model: decoupled streaming, dynamic batching, contract I/O."""
+def cpu_config(name: str, versions: list[int], decode_batch: int = MAX_BATCH) -> Config:
+    """The python-backend model: decoupled streaming, contract I/O, continuous batching of
+    up to `decode_batch` requests (1: one request at a time)."""
     return {
         "name": name,
         "backend": "python",
@@ -49,7 +51,14 @@ def cpu_config(name: str, versions: list[int], threads: int = 4) -> Config:
         "dynamic_batching": {"max_queue_delay_microseconds": QUEUE_DELAY_US},
         "instance_group": [{"kind": "KIND_CPU", "count": 1}],
         "version_policy": version_policy(versions),
-        "parameters": _params({"generation_threads": threads, "torch_threads": 1}),
+        "parameters": _params(
+            {
+                "decode_batch": decode_batch,
+                "tokens_per_block": TOKENS_PER_BLOCK,
+                "prefix_cache_entries": 8,
+                "torch_threads": 1,
+            }
+        ),
     }
 
 

@@ -28,7 +28,7 @@ from exforge.core.stack import (
     stop_pid,
     stop_recorded,
 )
-from serving.modelconfig import cpu_config
+from serving.modelconfig import MAX_BATCH, cpu_config
 
 START_TIMEOUT_S = 60.0
 REPOSITORY_TOKEN = "exforge"  # the bundled build restricts the repository API to a token
@@ -182,9 +182,10 @@ def _post(instance: Instance, path: str, body: dict[str, object]) -> dict[str, o
     return json.loads(raw) if raw else {}
 
 
-def load(instance: Instance, name: str, versions: list[int]) -> None:
-    """Load exactly `versions` of a cpu-flavor model (the policy is sent with the load)."""
-    config = json.dumps(cpu_config(name, versions))
+def load(instance: Instance, name: str, versions: list[int], decode_batch: int = MAX_BATCH) -> None:
+    """Load exactly `versions` of a cpu-flavor model (the policy is sent with the load),
+    decoding up to `decode_batch` requests together."""
+    config = json.dumps(cpu_config(name, versions, decode_batch))
     _post(instance, f"/v2/repository/models/{name}/load", {"parameters": {"config": config}})
 
 

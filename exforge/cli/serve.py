@@ -26,6 +26,9 @@ def export(
     version: Annotated[int, typer.Argument(help="Registered version.")],
     flavor: Annotated[str, typer.Option(help="cpu (python backend) or trtllm.")] = "cpu",
     out: Annotated[Path | None, typer.Option(help="Repository directory.")] = None,
+    token_delay_ms: Annotated[
+        float, typer.Option(help="cpu flavor: pause per decoding step (a slow test model).")
+    ] = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Write a version as a Triton model repository, locally and to the store."""
@@ -37,7 +40,16 @@ def export(
         raise fail("--flavor must be cpu or trtllm", 2)
     config = settings()
     try:
-        result = run_export(config, open_store(config), database(), name, version, flavor, out)
+        result = run_export(
+            config,
+            open_store(config),
+            database(),
+            name,
+            version,
+            flavor,
+            out,
+            token_delay_ms / 1000,
+        )
     except ExportError as exc:
         raise fail(str(exc), 2) from None
     if as_json:
@@ -186,7 +198,7 @@ def keys_create(
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id.")]) -> None:
-    """Revoke an API key (gateways stop accepting it on restart or cache expiry)."""
+    """Revoke an API key (running gateways refuse it within EXFORGE_GATEWAY_KEY_TTL_S)."""
     from serving.keys import revoke
 
     if not revoke(database(), key_id):

@@ -81,6 +81,12 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Default token-bucket refill per API key (requests/s)."
     )
     gateway_burst: PositiveInt = Field(20, description="Default token-bucket size per API key.")
+    gateway_key_ttl_s: float = Field(
+        2.0, gt=0, description="How long the gateway trusts a looked-up API key (revocation delay)."
+    )
+    gateway_kv_block_tokens: PositiveInt = Field(
+        32, description="Tokens per KV-cache block of the served models (cached-token counts)."
+    )
     gateway_cache_entries: int = Field(
         1024, ge=0, description="Exact-match cache size (temperature 0 + seed); 0: off."
     )

@@ -137,12 +137,18 @@ def load_model(
     cache_dir: Path | None = None,
     seed: int = 0,
     fsdp: bool = False,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
 ) -> MistralForCausalLM:
-    """Load a base model, memory-mapped and layer by layer (`low_cpu_mem_usage`).
+    """Load a model (training, evaluation and serving all load through here), memory-mapped
+    and layer by layer (`low_cpu_mem_usage`).
 
     `fsdp`: lay the weights out so FSDP can shard them (see `quantisation_config`).
+    `dtype` and `device` default to `detect_device`'s compute dtype and device.
     """
-    device = detect_device()
+    found = detect_device()
+    dtype = dtype or found.compute_dtype
+    device = device or found.device
     path = Path(spec)
     if spec in PRESETS and not path.exists():
         path = materialise_preset(spec, cache_dir or Path(".data/models"), seed)
@@ -150,12 +156,13 @@ def load_model(
         path = native_to_hf_dir(path, (cache_dir or Path(".data/models")) / f"{path.name}-hf")
     model = MistralForCausalLM.from_pretrained(
         str(path) if path.exists() else spec,
-        quantization_config=quantisation_config(quantisation, device.compute_dtype, fsdp),
-        dtype=device.compute_dtype,
+        quantization_config=quantisation_config(quantisation, dtype, fsdp),
+        dtype=dtype,
         low_cpu_mem_usage=True,
-        device_map={"": device.device.index} if device.device.type == "cuda" else "cpu",
+        device_map={"": device.index} if device.type == "cuda" else "cpu",
     )
-    keep_standard_4bit_layout(model)
+    if quantisation != "none":
+        keep_standard_4bit_layout(model)
     return model
 
 

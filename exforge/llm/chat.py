@@ -111,10 +111,6 @@ def prompt_ids(conversations: Sequence[dict[str, Any]], path: str | None = None)
     )
 
 
-def decode(tokenizer: MistralTokenizer, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids))
-
-
 # ------------------------------------------------------------- prompts as Triton text
 # Triton's LLM request carries the prompt as text (`text_input`), as TensorRT-LLM's
 # ensemble does, whose preprocessing tokenises it with the model's Hugging Face tokenizer

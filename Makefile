@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DATA := .data/demo
 
-.PHONY: demo test install elixir lint format schemas clean help
+.PHONY: demo test install elixir postgresql lint audit bandit-baseline sbom format schemas clean help
 
 help:
 	@echo "make demo    — set up, run the pipeline on the sample corpus, print dataset stats"
 	@echo "make test    — set up and run the test suite"
-	@echo "make lint    — ruff check, format check and the import-layer contract"
+	@echo "make lint    — ruff, the import-layer contract, bandit, the dependency audit"
+	@echo "make sbom    — CycloneDX SBOM of the worker image's Python packages (dist/)"
 	@echo "make schemas — regenerate schemas/json from the record models"
 
 $(STAMP): pyproject.toml
@@ -19,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,train,serve]'
+	$(BIN)/pip install --quiet -e '.[dev,train,serve,postgres]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,13 +37,52 @@ demo: install elixir
 	rm -rf $(DEMO_DATA)
 	EXFORGE_DATA_DIR=$(DEMO_DATA) $(BIN)/exforge demo
 
-test: install elixir
+# PostgreSQL's server programs (the tests start their own throwaway cluster on a free
+# loopback port), from the distribution's packages. The package's own cluster is not used.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+	@ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -n 1 || command -v initdb
+
+test: install elixir postgresql
 	$(BIN)/python -m pytest
+
+SECURITY := deploy/security
+BANDIT   := $(BIN)/bandit -q -c pyproject.toml -r exforge streams serving workers schemas deploy
 
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BANDIT) -b $(SECURITY)/bandit-baseline.json
+	$(MAKE) --no-print-directory audit
+
+# pip-audit, strict, over every installed distribution against the committed OSV snapshot
+# (deploy/security/README.md says why and how to refresh it; AUDIT_SERVICE=osv|pypi: online).
+AUDIT_SERVICE ?= snapshot
+audit: install
+	$(BIN)/python $(SECURITY)/audit.py --service $(AUDIT_SERVICE)
+
+# After reviewing new findings (and adding them to deploy/security/README.md's table).
+bandit-baseline: install
+	$(BANDIT) -f json -o $(SECURITY)/bandit-baseline.json || true
+	$(BIN)/python -c 'import json, sys; p = sys.argv[1]; r = json.load(open(p))["results"]; \
+		open(p, "w").write(json.dumps({"results": r}, indent=1, sort_keys=True) + "\n")' \
+		$(SECURITY)/bandit-baseline.json
+
+# The worker image's package set (.[postgres], as deploy/Dockerfile installs it) in a
+# throwaway environment, described by cyclonedx-py.
+SBOM_ENV := .data/sbom-env
+sbom: install
+	rm -rf $(SBOM_ENV) && $(PYTHON) -m venv $(SBOM_ENV)
+	$(SBOM_ENV)/bin/pip install --quiet '.[postgres]'
+	mkdir -p dist
+	$(BIN)/cyclonedx-py environment --output-reproducible --of JSON \
+		-o dist/exforge-worker.cdx.json $(SBOM_ENV)/bin/python
+	rm -rf $(SBOM_ENV)
+	@echo "dist/exforge-worker.cdx.json"
 
 format: install
 	$(BIN)/ruff format .

@@ -5,7 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from exforge.core.db import UsageDaily
@@ -14,21 +15,42 @@ from exforge.core.db import UsageDaily
 def record(
     engine: Engine, key_id: str, model: str, version: int, prompt: int, completion: int
 ) -> None:
+    """Add one served request. Increments happen in the database (`requests + 1`), so
+    gateways recording the same key and day at once lose none of them."""
     day = datetime.now(UTC).date()
-    with Session(engine) as session, session.begin():
-        row = session.get(UsageDaily, (key_id, day, model, version)) or UsageDaily(
-            key_id=key_id,
-            day=day,
-            model=model,
-            version=version,
-            requests=0,
-            prompt_tokens=0,
-            completion_tokens=0,
+    row = (
+        UsageDaily.key_id == key_id,
+        UsageDaily.day == day,
+        UsageDaily.model == model,
+        UsageDaily.version == version,
+    )
+    increment = (
+        update(UsageDaily)
+        .where(*row)
+        .values(
+            requests=UsageDaily.requests + 1,
+            prompt_tokens=UsageDaily.prompt_tokens + prompt,
+            completion_tokens=UsageDaily.completion_tokens + completion,
         )
-        row.requests += 1
-        row.prompt_tokens += prompt
-        row.completion_tokens += completion
-        session.add(row)
+    )
+    with Session(engine) as session, session.begin():
+        if session.execute(increment).rowcount:
+            return
+    first = UsageDaily(
+        key_id=key_id,
+        day=day,
+        model=model,
+        version=version,
+        requests=1,
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+    )
+    try:
+        with Session(engine) as session, session.begin():
+            session.add(first)
+    except IntegrityError:  # another gateway inserted the day's row first
+        with Session(engine) as session, session.begin():
+            session.execute(increment)
 
 
 def report(engine: Engine) -> list[dict[str, Any]]:

@@ -1,55 +1,62 @@
-"""The parse stage's per-file steps: analyse, filter, redact, claim-check.
+"""The parse stage's per-file steps: clean, analyse, filter, claim-check.
 
-Each step is a plain function; `file_outcome` chains them for one archive member and
-returns the `ParsedFile` to pass on or the `Dropped` reason (the label counted in the
-ledger, in `exforge dataset stats` and in `exforge_dropped_total`). In order:
+An archive member becomes a `Candidate`, whose views (decoded text; the source as the
+stage keeps it: normalised, redacted and parsed; its analysis; its record) are each
+computed once, when a filter or the record first needs them. The filters are one
+ordered list of `(reason, check)` pairs, `FILTERS`: the first check that holds drops
+the file with its reason (the label counted in the ledger, in `exforge dataset stats`
+and in `exforge_dropped_total`); adding a filter is adding a line. In order:
 
 1. `vendored`: dependency and build paths (`deps/`, `_build/`, `priv/static/`…);
 2. `not_utf8`: the bytes do not decode (also a dead letter naming the path);
-3. normalise, then redact secrets and PII, so nothing after sees them;
-4. `syntax_error`: tree-sitter finds an error in the redacted text;
-5. `auto_generated`, then the metric filters (`max_line_length`, `mean_line_length`,
-   `alphanumeric_fraction`, `too_short`, `too_long`), then `encoded_data`;
+3. `syntax_error`: tree-sitter finds an error in the cleaned text (normalised, then
+   redacted inside literals and comments only, so the code is what the author wrote);
+4. `auto_generated`: a generator header or protobuf/gRPC output;
+5. the metric filters: `max_line_length`, `mean_line_length`, `alphanumeric_fraction`,
+   `too_short`, `too_long`; then `encoded_data`;
 6. `contamination`: the file holds an evaluation benchmark's prompt or tests.
+
+`file_outcome` is the whole chain for one member; `exforge inspect` runs the same
+`Candidate` and `first_drop`, without the broker.
 
 Book segments (`kind="book_segment"`, from `streams.sources.books`) are prose and code
 already cut out of a PDF; `cleaned_book_segment` gives them the steps that apply:
-redaction (of the markdown and of the prose and code the generators read),
-`contamination`, near-duplicate bands and the claim check.
+redaction (prose as text, code inside its literals and comments), `contamination`,
+near-duplicate bands and the claim check.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
+
+from tree_sitter import Node
 
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore, sha256_hex
-from exforge.elixir.analysis import FileAnalysis, analyse, normalise
+from exforge.elixir.analysis import FileAnalysis, analyse, normalise, parse
 from exforge.elixir.decontam import BenchmarkIndex, load_index
 from exforge.elixir.neardup import THRESHOLD, text_band_keys
-from exforge.elixir.quality import (
-    Thresholds,
-    blob_reason,
-    generated_reason,
-    metrics_reason,
-    path_reason,
-    quality,
-)
-from exforge.elixir.redact import Redaction, redact
-from schemas.records import NearDup, ParsedFile, RawPackage
+from exforge.elixir.quality import Thresholds, has_blob, is_generated, is_vendored, quality
+from exforge.elixir.redact import ElixirLiterals, Redaction, redact, redact_elixir
+from schemas.records import CodeMetrics, NearDup, ParsedFile, RawPackage
 from streams.stage import Failure
 
 __all__ = [
+    "FILTERS",
+    "Candidate",
     "Dropped",
     "FileSteps",
+    "Source",
     "analysed_file",
     "claim_check",
+    "clean_source",
     "cleaned_book_segment",
     "decode_source",
-    "drop_reason",
     "file_outcome",
-    "file_record",
+    "first_drop",
 ]
 
 
@@ -93,16 +100,36 @@ def decode_source(data: bytes) -> str:
         ) from None
 
 
-def analysed_file(
-    package: RawPackage, path: str, text: str, neardup_threshold: float = THRESHOLD
-) -> ParsedFile | None:
-    """Normalise, redact and analyse one file (content inline); None when it does not parse."""
-    redaction = redact(normalise(text))
-    analysis = analyse(redaction.text)
-    if analysis.has_errors:
-        return None
-    bands = text_band_keys(redaction.text, neardup_threshold)
-    return file_record(package, path, redaction, analysis, bands)
+@dataclass(frozen=True)
+class Source:
+    """A file's text as the stage keeps it (normalised, redacted), with its bytes, its
+    syntax tree and what redaction replaced."""
+
+    text: str
+    data: bytes
+    root: Node
+    redaction: Redaction
+
+    @property
+    def literals(self) -> ElixirLiterals:
+        return ElixirLiterals(self.text, self.data, self.root)
+
+
+def _encode(text: str) -> bytes:
+    return text.encode("utf-8", "surrogatepass")
+
+
+def clean_source(text: str) -> Source:
+    """Normalise, parse, and redact inside literals and comments; the redacted text is
+    parsed again only when something was replaced."""
+    normal = normalise(text)
+    data = _encode(normal)
+    root = parse(data)
+    redaction = redact_elixir(normal, data, root)
+    if redaction.counts:
+        data = _encode(redaction.text)
+        root = parse(data)
+    return Source(redaction.text, data, root, redaction)
 
 
 def _content_fields(content: str) -> dict[str, Any]:
@@ -112,12 +139,12 @@ def _content_fields(content: str) -> dict[str, Any]:
 
 
 def file_record(
-    package: RawPackage, path: str, redaction: Redaction, analysis: FileAnalysis, bands: list[str]
+    package: RawPackage, path: str, source: Source, analysis: FileAnalysis, bands: list[str]
 ) -> ParsedFile:
     """The record of an analysed file (content inline), with its near-duplicate bands."""
     metadata: dict[str, Any] = package.metadata
     return ParsedFile(
-        **_content_fields(redaction.text),
+        **_content_fields(source.text),
         source_id=package.source_id,
         path=path,
         license=package.license,
@@ -126,23 +153,94 @@ def file_record(
         functions=analysis.functions,
         analysis=analysis.details,
         quality=quality(analysis.details.metrics, metadata),
-        redactions=dict(redaction.counts),
+        redactions=dict(source.redaction.counts),
         near_dup=NearDup(bands=bands),
     )
 
 
-def drop_reason(file: ParsedFile, steps: FileSteps) -> str | None:
-    """Why an analysed file (content inline) is not kept; None when it is."""
-    text = file.content or ""
-    thresholds = steps.thresholds
-    reason = (
-        generated_reason(text)
-        or metrics_reason(file.analysis.metrics, thresholds)
-        or blob_reason(text, file.analysis.metrics, thresholds)
-    )
-    if reason is None and steps.benchmarks is not None and steps.benchmarks.check_text(text):
-        reason = "contamination"
-    return reason
+class Candidate:
+    """One archive member on its way through the filters."""
+
+    def __init__(self, package: RawPackage, path: str, data: bytes, steps: FileSteps) -> None:
+        self.package = package
+        self.path = path
+        self.data = data
+        self.steps = steps
+        self.failure: Failure | None = None  # why the bytes do not decode
+
+    @cached_property
+    def text(self) -> str | None:
+        """The decoded text; None (and `failure`) when it is not UTF-8."""
+        try:
+            return decode_source(self.data)
+        except UnicodeDecodeError as exc:
+            self.failure = Failure.from_exception(exc, path=self.path)
+            return None
+
+    @cached_property
+    def source(self) -> Source:
+        assert self.text is not None, "the not_utf8 filter runs first"
+        return clean_source(self.text)
+
+    @cached_property
+    def analysis(self) -> FileAnalysis:
+        source = self.source
+        return analyse(source.text, source.data, source.root)
+
+    @property
+    def metrics(self) -> CodeMetrics:
+        return self.analysis.details.metrics
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.steps.thresholds
+
+    @cached_property
+    def record(self) -> ParsedFile:
+        bands = text_band_keys(self.source.text, self.steps.neardup_threshold)
+        return file_record(self.package, self.path, self.source, self.analysis, bands)
+
+
+Check = Callable[[Candidate], bool]
+
+# The parse stage's filters, in order: (drop reason, check that drops).
+FILTERS: tuple[tuple[str, Check], ...] = (
+    ("vendored", lambda c: is_vendored(c.path)),
+    ("not_utf8", lambda c: c.text is None),
+    ("syntax_error", lambda c: c.analysis.has_errors),
+    ("auto_generated", lambda c: is_generated(c.path, c.source.text, c.source.literals)),
+    ("max_line_length", lambda c: c.metrics.max_line_length > c.thresholds.max_line_length),
+    ("mean_line_length", lambda c: c.metrics.mean_line_length > c.thresholds.max_mean_line_length),
+    (
+        "alphanumeric_fraction",
+        lambda c: c.metrics.alphanumeric_fraction < c.thresholds.min_alphanumeric_fraction,
+    ),
+    ("too_short", lambda c: c.metrics.loc < c.thresholds.min_loc),
+    ("too_long", lambda c: c.metrics.loc > c.thresholds.max_loc),
+    ("encoded_data", lambda c: has_blob(c.source.text, c.metrics, c.thresholds)),
+    (
+        "contamination",
+        lambda c: (
+            c.steps.benchmarks is not None
+            and c.steps.benchmarks.check_text(c.source.text) is not None
+        ),
+    ),
+)
+
+
+def first_drop(candidate: Candidate) -> str | None:
+    """The reason of the first filter that drops the candidate; None when it is kept."""
+    return next((reason for reason, check in FILTERS if check(candidate)), None)
+
+
+def analysed_file(
+    package: RawPackage, path: str, text: str, neardup_threshold: float = THRESHOLD
+) -> ParsedFile | None:
+    """Clean and analyse one file, unfiltered (content inline); None when it does not
+    parse."""
+    steps = FileSteps(neardup_threshold=neardup_threshold)
+    candidate = Candidate(package, path, _encode(text), steps)
+    return None if candidate.analysis.has_errors else candidate.record
 
 
 def claim_check(file: ParsedFile, store: ObjectStore, limit: int) -> ParsedFile:
@@ -153,17 +251,44 @@ def claim_check(file: ParsedFile, store: ObjectStore, limit: int) -> ParsedFile:
     return file.model_copy(update={"content": None, "content_ref": key})
 
 
+def file_outcome(
+    package: RawPackage, path: str, data: bytes, store: ObjectStore, steps: FileSteps
+) -> ParsedFile | Dropped:
+    """Every per-file step for one archive member."""
+    candidate = Candidate(package, path, data, steps)
+    reason = first_drop(candidate)
+    if reason is not None:
+        return Dropped(reason, candidate.failure)
+    return claim_check(candidate.record, store, steps.claim_check_bytes)
+
+
+def _redact_code(code: str) -> Redaction:
+    data = _encode(code)
+    return redact_elixir(code, data, parse(data))
+
+
+def _redact_segment(content: str, code: str | None) -> Redaction:
+    """A segment's markdown: prose as text, its fenced code (at the end) as code."""
+    at = content.rfind(f"\n{code}\n```") + 1 if code else 0
+    if not code or at == 0:
+        return redact(content)
+    prose, fenced = redact(content[:at]), _redact_code(code)
+    result = Redaction(prose.text + fenced.text + content[at + len(code) :])
+    result.counts = prose.counts + fenced.counts
+    return result
+
+
 def cleaned_book_segment(
     segment: ParsedFile, store: ObjectStore, steps: FileSteps
 ) -> ParsedFile | Dropped:
     """A book segment (content inline), redacted, checked for contamination and banded."""
     assert segment.book is not None and segment.content is not None
-    redaction = redact(segment.content)
+    book = segment.book
+    redaction = _redact_segment(segment.content, book.code)
     content = redaction.text
     if steps.benchmarks is not None and steps.benchmarks.check_text(content):
         return Dropped("contamination")
-    book = segment.book
-    code = redact(book.code).text if book.code is not None else None
+    code = _redact_code(book.code).text if book.code is not None else None
     cleaned = segment.model_copy(
         update={
             **_content_fields(content),
@@ -173,23 +298,3 @@ def cleaned_book_segment(
         }
     )
     return claim_check(cleaned, store, steps.claim_check_bytes)
-
-
-def file_outcome(
-    package: RawPackage, path: str, data: bytes, store: ObjectStore, steps: FileSteps
-) -> ParsedFile | Dropped:
-    """Every per-file step for one archive member."""
-    reason = path_reason(path)
-    if reason is not None:
-        return Dropped(reason)
-    try:
-        text = decode_source(data)
-    except UnicodeDecodeError as exc:
-        return Dropped("not_utf8", Failure.from_exception(exc, path=path))
-    file = analysed_file(package, path, text, steps.neardup_threshold)
-    if file is None:
-        return Dropped("syntax_error")
-    reason = drop_reason(file, steps)
-    if reason is not None:
-        return Dropped(reason)
-    return claim_check(file, store, steps.claim_check_bytes)

@@ -1,5 +1,5 @@
-"""Shared fixtures: a moto S3 server, an object store on each backend, the embedded broker
-and isolated pipelines on it."""
+"""Shared fixtures: a moto S3 server, an object store on each backend, a PostgreSQL server
+and a database on each backend, the embedded broker and isolated pipelines on it."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from exforge.core.store import FileStore, ObjectStore, S3Store
+from tests.postgres import PostgresServer, running_postgres
 
 if TYPE_CHECKING:
     from exforge.core.settings import Settings
@@ -105,6 +106,31 @@ def s3_settings_env(monkeypatch: pytest.MonkeyPatch, s3_endpoint: str) -> str:
     monkeypatch.setenv("EXFORGE_S3_SECRET_KEY", S3_TEST_KEY)
     monkeypatch.setenv("EXFORGE_S3_SECURE", "false")
     return bucket
+
+
+# --------------------------------------------------------------------- databases
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of its own for the whole session, on a free loopback port."""
+    with running_postgres(free_port()) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty database on each backend: a SQLite file, or a new PostgreSQL
+    database (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'exforge.db'}"
+        return
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = server.create_database()
+    try:
+        yield server.url(name)
+    finally:
+        server.drop_database(name)
 
 
 # --------------------------------------------------------------------- the pipeline
@@ -207,3 +233,13 @@ def pipeline(broker: str, tmp_path: Path) -> Pipeline:
         EXFORGE_INSTRUCT_KINDS="doc_to_code",
     )
     return Pipeline(env)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """List every real corpus file a test left out of a comparison, with its reason."""
+    from support.corpus import EXCLUSIONS
+
+    if EXCLUSIONS:
+        terminalreporter.section("corpus files left out of comparisons")
+        for line in EXCLUSIONS:
+            terminalreporter.write_line(line)

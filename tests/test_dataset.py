@@ -57,9 +57,9 @@ def shard_objects(store: FileStore) -> dict[str, str]:
 
 @pytest.fixture
 def ledger(
-    tmp_path: Path, samples: list[InstructionSample], tokens: dict[str, int]
+    tmp_path: Path, database_url: str, samples: list[InstructionSample], tokens: dict[str, int]
 ) -> tuple[Engine, FileStore]:
-    engine = engine_for(f"sqlite:///{tmp_path}/ledger.db")
+    engine = engine_for(database_url)
     store = FileStore(tmp_path / "store")
     assert all(staged(engine, samples, tokens, 0.1))
     assert sealed(engine, store) > 0
@@ -165,14 +165,16 @@ def test_export_loads_with_datasets(
 
 def test_cli_stats_sample_and_export(
     tmp_path: Path,
+    database_url: str,
     monkeypatch: pytest.MonkeyPatch,
     samples: list[InstructionSample],
     tokens: dict[str, int],
 ) -> None:
     monkeypatch.setenv("EXFORGE_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("EXFORGE_DATABASE_URL", database_url)
     monkeypatch.setenv("EXFORGE_CONFIG", str(tmp_path / "absent.toml"))
     monkeypatch.setenv("EXFORGE_DATASET", "ds")
-    engine = engine_for(f"sqlite:///{(tmp_path / 'data').resolve()}/exforge.db")
+    engine = engine_for(database_url)
     staged(engine, samples, tokens, 0.02)
     runner = CliRunner()
     result = runner.invoke(app, ["dataset", "stats", "--json"])

@@ -16,6 +16,7 @@ import pytest
 from conftest import Pipeline
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from support.records import raw_package
 from test_filters import BENCHMARKS, GOOD, PLANTED, SECRETS_MODULE
 from test_pipeline import send, write_project
 
@@ -117,15 +118,7 @@ def expected_near_duplicates(projects: list[Path], store: ObjectStore) -> set[st
 
 
 def package_stub(name: str) -> RawPackage:
-    return RawPackage(
-        source_id=f"dir:{name}@1.0.0",
-        kind="dir",
-        name=name,
-        version="1.0.0",
-        archive_key="unused",
-        sha256="0" * 64,
-        size_bytes=0,
-    )
+    return raw_package(f"dir:{name}@1.0.0")
 
 
 def outcomes(pipeline: Pipeline) -> dict[tuple[str, str], str]:

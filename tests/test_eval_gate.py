@@ -1,4 +1,5 @@
-"""The promotion gate on the SQLite registry: stored pass@1 of candidate vs production."""
+"""The promotion gate on the registry (SQLite and PostgreSQL): stored pass@1 of candidate vs
+production."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def idiom_result(right: int) -> dict:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = engine_for(f"sqlite:///{tmp_path / 'registry.db'}")
+def engine(database_url: str) -> Engine:
+    engine = engine_for(database_url)
     for _ in range(4):
         register_version(engine, "m", "tiny", "models/m/x/adapter.safetensors", None, {})
     return engine
@@ -113,13 +114,13 @@ def test_gate_reads_its_benchmark_and_threshold_from_settings(
     assert not strict.allowed and "allowed 0.050" in strict.reason
 
 
-def test_models_promote_command_applies_the_gate(tmp_path: Path) -> None:
+def test_models_promote_command_applies_the_gate(tmp_path: Path, database_url: str) -> None:
     import os
     import subprocess
     import sys
 
     data = tmp_path / "data"
-    engine = engine_for(f"sqlite:///{data / 'exforge.db'}")
+    engine = engine_for(database_url)
     for _ in range(2):
         register_version(engine, "m", "tiny", "models/m/x/adapter.safetensors", None, {})
     total = len(load_idioms().problems)
@@ -129,6 +130,7 @@ def test_models_promote_command_applies_the_gate(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXFORGE_")}
     env.update(
         EXFORGE_DATA_DIR=str(data),
+        EXFORGE_DATABASE_URL=database_url,
         EXFORGE_EVAL_GATE_BENCHMARK="idioms",
         EXFORGE_CONFIG=str(tmp_path / "absent.toml"),
         COLUMNS="200",

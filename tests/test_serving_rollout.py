@@ -1,5 +1,6 @@
-"""Rollout mechanics on the SQLite registry: gradual steps, p95 rollback, the response
-cache and its invalidation on a version change (the gateway's own refresh path)."""
+"""Rollout mechanics on the registry (SQLite and PostgreSQL): gradual steps, p95 rollback,
+the response cache and its invalidation on a version change (the gateway's own refresh
+path)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ MODEL = "m"
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    engine = engine_for(f"sqlite:///{tmp_path / 'registry.db'}")
+def engine(database_url: str) -> Engine:
+    engine = engine_for(database_url)
     for _ in range(3):
         register_version(engine, MODEL, "tiny", "models/m/x/adapter.safetensors", None, {})
     return engine

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pymupdf
 import pytest
+from support.records import raw_package
 
 from exforge.core.store import sha256_hex
 from schemas.records import RawPackage
@@ -233,15 +234,9 @@ def test_headings_by_font_size_when_there_is_no_outline() -> None:
 
 
 def package_of(pdf: bytes) -> RawPackage:
-    return RawPackage(
-        source_id=f"book:{sha256_hex(pdf)}",
-        kind="book",
-        name=BOOK_TITLE,
-        version="1",
-        license="CC0-1.0",
-        archive_key="books/x.pdf",
-        sha256=sha256_hex(pdf),
-        size_bytes=len(pdf),
+    sha256 = sha256_hex(pdf)
+    return raw_package(
+        f"book:{sha256}", name=BOOK_TITLE, license="CC0-1.0", sha256=sha256, size_bytes=len(pdf)
     )
 
 

@@ -34,8 +34,8 @@ from streams.sources.hex import Selection
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    return engine_for(f"sqlite:///{tmp_path / 'ledger.db'}")
+def engine(database_url: str) -> Engine:
+    return engine_for(database_url)
 
 
 @pytest.fixture

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import gzip
 import io
+import json
 import tarfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Pipeline
+from conftest import Pipeline, free_port
 from servers.hex import (
     HexRegistry,
     Package,
@@ -169,3 +170,31 @@ def test_cli_top_250_then_a_second_run_downloads_no_tarball(pipeline: Pipeline) 
     assert registry.tarball_requests.total() == downloads
     assert second["fetched"] == 0 and second["skipped_by_reason"] == {"unchanged": 250}
     assert second["http"]["not_modified"] == 253
+
+
+def test_ingest_exit_codes_are_documented_and_kept(pipeline: Pipeline, tmp_path: Path) -> None:
+    """0: everything listed was handled; 1: some items failed, listed and counted;
+    2: usage errors. `--help` of each ingest command says so."""
+    for command in ("hex", "github", "dir", "book"):
+        shown = pipeline.cli("ingest", command, "--help")
+        assert "Exit codes: 0 when every item" in " ".join(shown.stdout.split()), command
+    registry = populated(3)
+    with hex_server(registry) as (api, repo):
+        pipeline.env.update(EXFORGE_HEX_API_URL=api, EXFORGE_HEX_REPO_URL=repo)
+        handled = pipeline.cli("ingest", "hex", "pkg_0000", "pkg_0001", "--json")
+        partly = pipeline.cli("ingest", "hex", "pkg_0002", "no_such_pkg", "--json", check=False)
+        usage = pipeline.cli("ingest", "hex", "--top", "2", "--since", "2026-01-01", check=False)
+    assert handled.returncode == 0 and json.loads(handled.stdout)["requested"] == 2
+    assert partly.returncode == 1
+    summary = json.loads(partly.stdout)
+    assert summary["requested"] == 1 and summary["failed_by_reason"] == {"not_found": 1}
+    assert "no_such_pkg" in partly.stderr
+    assert usage.returncode == 2 and "one of them" in usage.stderr
+    not_a_project = pipeline.cli("ingest", "dir", str(tmp_path), check=False)
+    assert not_a_project.returncode == 2 and "mix.exs" in not_a_project.stderr
+    (tmp_path / "mix.exs").write_text(
+        "defmodule P.MixProject do\n  def project, do: [app: :p]\nend\n"
+    )
+    pipeline.env["EXFORGE_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{free_port()}"  # nothing listens
+    unreachable = pipeline.cli("ingest", "dir", str(tmp_path), check=False)
+    assert unreachable.returncode == 1 and "dir:p@0.0.0: not requested" in unreachable.stderr

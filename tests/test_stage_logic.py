@@ -67,8 +67,8 @@ def file_store(tmp_path: Path) -> FileStore:
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Engine:
-    return engine_for(f"sqlite:///{tmp_path}/x.db")
+def engine(database_url: str) -> Engine:
+    return engine_for(database_url)
 
 
 def package(source_id: str = "dir:greeter@1.0.0", license: str | None = "MIT") -> RawPackage:

@@ -13,6 +13,7 @@ from rich.console import Group
 from exforge import __version__
 from exforge.cli.console import JsonFlag, console, emit_json, errors, fail, settings, table
 from exforge.cli.eval import eval_app
+from exforge.cli.inspect import inspect_command
 from exforge.cli.models import models_app
 from exforge.cli.serve import generate, serve_app, usage
 from exforge.core.settings import Settings, describe_settings
@@ -165,8 +166,27 @@ def topics_list(as_json: JsonFlag = False) -> None:
 
 # ---------------------------------------------------------------------------- ingest
 
+INGEST_EXIT_CODES = (
+    "Exit codes: 0 when every item listed was handled (requested, or skipped as "
+    "unchanged or retired); 1 when some items failed (each is listed on stderr and "
+    "counted in the summary; an unreachable broker fails them all); 2 for usage errors "
+    "(bad arguments, a missing setting, a path that is not a Mix project or a PDF)."
+)
 
-@ingest_app.command("dir")
+
+def request_ingestion(config: Settings, request: Any) -> None:
+    """Produce one `SourceRequest`; an unreachable broker fails the item (exit 1)."""
+    from aiokafka.errors import KafkaError
+
+    from exforge.core.kafka import produce
+
+    try:
+        asyncio.run(produce(config, "sources.requests", [(request.source_id, request)]))
+    except (KafkaError, OSError) as exc:
+        raise fail(f"{request.source_id}: not requested: {exc}", 1) from None
+
+
+@ingest_app.command("dir", epilog=INGEST_EXIT_CODES)
 def ingest_dir(
     path: Annotated[Path, typer.Argument(help="A Mix project directory.")],
     name: Annotated[str | None, typer.Option(help="Package name (default: from mix.exs).")] = None,
@@ -177,7 +197,6 @@ def ingest_dir(
     as_json: JsonFlag = False,
 ) -> None:
     """Pack a local Mix project into the store and request its ingestion."""
-    from exforge.core.kafka import produce
     from exforge.core.store import open_store
     from streams.sources.local import NotAProject, upload_directory
 
@@ -186,7 +205,7 @@ def ingest_dir(
         request = upload_directory(open_store(config), path, name, version, license)
     except NotAProject as exc:
         raise fail(str(exc), 2) from None
-    asyncio.run(produce(config, "sources.requests", [(request.source_id, request)]))
+    request_ingestion(config, request)
     summary = {
         "source_id": request.source_id,
         "archive_key": request.archive_key,
@@ -202,33 +221,39 @@ def ingest_dir(
 def run_crawl(config: Settings, crawl: Any, as_json: bool) -> None:
     """Run a source crawl with a progress bar, print its summary, exit 1 on failures.
     `crawl(store, engine, sink, event)`: the source's crawl, its other arguments bound."""
+    from aiokafka.errors import KafkaError
+
     from exforge.core.db import open_database
     from exforge.core.store import open_store
     from streams.sources.run import run_with_progress
 
     store, engine = open_store(config), open_database(config)
-    summary = run_with_progress(
-        config, lambda sink, event: crawl(store, engine, sink, event), errors
-    )
+    try:
+        summary = run_with_progress(
+            config, lambda sink, event: crawl(store, engine, sink, event), errors
+        )
+    except (KafkaError, OSError) as exc:
+        raise fail(f"the crawl stopped, nothing more was requested: {exc}", 1) from None
     print_crawl_summary(summary, as_json)
     if summary["failed"]:
         raise typer.Exit(1)
 
 
 def print_crawl_summary(summary: dict[str, Any], as_json: bool) -> None:
+    """The summary on stdout (a table, or JSON); each failed item on stderr."""
     if as_json:
         emit_json(summary)
-        return
-    rows = [[k, v] for k, v in summary.items() if not isinstance(v, dict | list)]
-    rows += [[f"  skipped: {k}", v] for k, v in summary["skipped_by_reason"].items()]
-    rows += [[f"  failed: {k}", v] for k, v in summary["failed_by_reason"].items()]
-    rows += [[f"http {k}", v] for k, v in summary.get("http", {}).items()]
-    table("ingest summary", ["what", "count"], rows)
+    else:
+        rows = [[k, v] for k, v in summary.items() if not isinstance(v, dict | list)]
+        rows += [[f"  skipped: {k}", v] for k, v in summary["skipped_by_reason"].items()]
+        rows += [[f"  failed: {k}", v] for k, v in summary["failed_by_reason"].items()]
+        rows += [[f"http {k}", v] for k, v in summary.get("http", {}).items()]
+        table("ingest summary", ["what", "count"], rows)
     for line in summary["errors"]:
         errors.print(f"[yellow]failed:[/] {line}", highlight=False)
 
 
-@ingest_app.command("hex")
+@ingest_app.command("hex", epilog=INGEST_EXIT_CODES)
 def ingest_hex(
     packages: Annotated[
         list[str] | None, typer.Argument(help="NAME or NAME@VERSION (default: latest).")
@@ -272,7 +297,7 @@ def ingest_hex(
     )
 
 
-@ingest_app.command("github")
+@ingest_app.command("github", epilog=INGEST_EXIT_CODES)
 def ingest_github(
     repos: Annotated[list[str] | None, typer.Argument(help="OWNER/REPO…")] = None,
     search: Annotated[
@@ -301,7 +326,7 @@ def ingest_github(
     )
 
 
-@ingest_app.command("book")
+@ingest_app.command("book", epilog=INGEST_EXIT_CODES)
 def ingest_book(
     path: Annotated[Path, typer.Argument(help="A PDF book.")],
     title: Annotated[str | None, typer.Option(help="Title (default: the file name).")] = None,
@@ -309,7 +334,6 @@ def ingest_book(
     as_json: JsonFlag = False,
 ) -> None:
     """Store a PDF book and request its ingestion (segments flow on as book_segment)."""
-    from exforge.core.kafka import produce
     from exforge.core.store import open_store
     from streams.sources.books import NotABook, extract_book
     from streams.sources.run import upload_book
@@ -322,7 +346,7 @@ def ingest_book(
     except NotABook as exc:
         raise fail(f"{path}: {exc}", 2) from None
     request = upload_book(open_store(config), path, title, license)
-    asyncio.run(produce(config, "sources.requests", [(request.source_id, request)]))
+    request_ingestion(config, request)
     summary = {
         "source_id": request.source_id,
         "archive_key": request.archive_key,
@@ -703,6 +727,7 @@ def demo(as_json: JsonFlag = False) -> None:
         raise fail("the demo produced no samples or no shards")
 
 
+app.command("inspect")(inspect_command)
 app.command("generate")(generate)
 app.add_typer(serve_app, name="serve")
 app.command("usage")(usage)

@@ -27,6 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -148,6 +149,11 @@ def _sqlite_begin(connection: Connection) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# Any constant shared by every exforge process: the key of PostgreSQL's advisory lock
+# under which one process at a time migrates (workers starting together on a new database).
+MIGRATION_LOCK_KEY = 0x6578666F
+
+
 @cache
 def engine_for(url: str) -> Engine:
     """One engine per URL per process, migrated to the latest schema."""
@@ -158,6 +164,11 @@ def engine_for(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":
+            # held to the end of this transaction; SQLite's BEGIN IMMEDIATE does the same
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            )
         config = alembic_config(url)
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

@@ -43,8 +43,8 @@ async def producer(settings: Settings) -> AsyncIterator[AIOKafkaProducer]:
         max_request_size=8 * 1024 * 1024,
         request_timeout_ms=REQUEST_TIMEOUT_MS,
     )
-    await client.start()
     try:
+        await client.start()
         yield client
     finally:
         await client.stop()

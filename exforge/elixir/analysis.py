@@ -1,9 +1,14 @@
 """Elixir syntax analysis on tree-sitter-elixir: modules, functions and their docs.
 
 Pure functions, no I/O. `analyse` parses a file once and reads modules (`defmodule`,
-`defprotocol`, `defimpl`), their `@moduledoc`, and the functions and macros defined
-directly in each module body (plus inside top-level `if`/`unless` blocks of that body),
-grouped by (name, arity, kind) with the `@doc` that precedes the first clause.
+`defprotocol`, `defimpl`, wherever they are), their `@moduledoc`, and the functions and
+macros each module body defines when it runs: in the body and inside any expression of
+it (`if`/`unless`/`case`/`for`, `describe` and other calls with blocks, `fn` bodies), but
+not in a function's body, not inside `quote`, not inside a nested module (which has its
+own) and not inside other `def*` macros (`defstruct`, `defguard`, DSL macros), whose
+expansion is unknown here. Definitions are grouped by (name, arity, kind) with the
+`@doc` that precedes the first clause in the order the body runs. Elixir's own parser
+agrees on every file of the real-code corpus (`tests/test_corpus.py`).
 
 Conventions:
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import re
 import threading
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -51,7 +57,15 @@ LANGUAGE: Language = Language(tree_sitter_elixir.language())
 
 _MODULE_KEYWORDS: tuple[bytes, ...] = (b"defmodule", b"defprotocol", b"defimpl")
 _DEF_KINDS: frozenset[str] = frozenset({"def", "defp", "defmacro", "defmacrop"})
-_CONDITIONALS: frozenset[str] = frozenset({"if", "unless"})
+_MODULE_KEYWORD_NAMES: frozenset[str] = frozenset(k.decode() for k in _MODULE_KEYWORDS)
+# Expressions that hold no definition whatever their text.
+_LEAVES: frozenset[str] = frozenset(
+    {"string", "charlist", "sigil", "comment", "atom", "quoted_atom", "alias", "identifier"}
+    | {"integer", "float", "char", "boolean", "nil", "keyword", "quoted_keyword"}
+)
+# Bytes every definition or module attribute holds: an expression without any of them
+# is not walked into.
+_DEFINITION_MARKS = re.compile(rb"def|@")
 _SKIPPED_STATEMENTS: frozenset[str] = frozenset({"comment"})
 _STRING_TYPES: frozenset[str] = frozenset({"string", "charlist"})
 _HEREDOC_DELIMITERS: frozenset[bytes] = frozenset({b'"""', b"'''"})
@@ -133,12 +147,14 @@ def parse(data: bytes) -> Node:
     return _parser().parse(data).root_node
 
 
-def analyse(source: str) -> FileAnalysis:
-    """Parse one Elixir file and extract its modules, functions and features."""
+def analyse(source: str, data: bytes | None = None, root: Node | None = None) -> FileAnalysis:
+    """Parse one Elixir file (unless its bytes and tree are given) and extract its
+    modules, functions and features."""
     from exforge.elixir.features import features  # features builds on this module
 
-    data = source.encode("utf-8", "surrogatepass")
-    root = parse(data)
+    if data is None or root is None:
+        data = source.encode("utf-8", "surrogatepass")
+        root = parse(data)
     found = definitions(data, root)
     return file_analysis(source, root, found, features(source, data, root, found))
 
@@ -359,10 +375,11 @@ class _Found:
 class _Extractor:
     """Walks one parsed file; holds the source bytes for slicing."""
 
-    __slots__ = ("data",)
+    __slots__ = ("data", "marks")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+        self.marks = [m.start() for m in _DEFINITION_MARKS.finditer(data)]
 
     def text(self, start: int, end: int) -> str:
         return self.data[start:end].decode("utf-8", "replace")
@@ -386,20 +403,21 @@ class _Extractor:
             args = _arguments(node)
             if target is None or target.text is None or args is None:
                 continue
-            name = self.module_name(target.text.decode(), args, parent)
-            if name is None:
+            names = self.module_names(target.text.decode(), args, parent)
+            if not names:
                 continue
             body = self.module_body(node, args)
-            moduledoc = self.collect(body, name, groups, acc)
-            modules.append(
-                ModuleInfo(
-                    name=name,
-                    moduledoc=moduledoc,
-                    start_line=node.start_point.row + 1,
-                    end_line=node.end_point.row + 1,
+            for name in names:  # `defimpl P, for: [A, B]` defines P.A and P.B
+                moduledoc = self.collect(body, name, groups, acc)
+                modules.append(
+                    ModuleInfo(
+                        name=name,
+                        moduledoc=moduledoc,
+                        start_line=node.start_point.row + 1,
+                        end_line=node.end_point.row + 1,
+                    )
                 )
-            )
-            stack.append((node.end_byte, name))
+            stack.append((node.end_byte, names[0]))
         groups.sort(key=lambda g: g.start_byte)
         functions = _FUNCTIONS.validate_python(
             [
@@ -477,22 +495,35 @@ class _Extractor:
         text = self.node_text(node).strip()
         return text or None
 
-    def module_name(self, keyword: str, args: Node, parent: str | None) -> str | None:
+    def module_names(self, keyword: str, args: Node, parent: str | None) -> list[str]:
+        """The modules a module call defines: one, or one per `for:` type of a
+        `defimpl` given a list."""
         first = _first_named(args)
         if first is None or first.type == "keywords":
-            return None
+            return []
         if keyword == "defimpl":
             protocol = self.alias_name(first, parent)
-            target = _keyword_value(args, "for")
-            impl_for = parent if target is None else self.alias_name(target, parent)
             if protocol is None:
-                return None
-            return f"{protocol}.{impl_for}" if impl_for else protocol
+                return []
+            target = _keyword_value(args, "for")
+            if target is None:
+                fors = [parent]
+            elif target.type == "list":
+                fors = [
+                    self.alias_name(t, parent)
+                    for t in target.named_children
+                    if t.type not in _SKIPPED_STATEMENTS
+                ]
+            else:
+                fors = [self.alias_name(target, parent)]
+            named = [f"{protocol}.{impl_for}" for impl_for in fors if impl_for]
+            return named or [protocol]
         if first.type == "alias" and parent is not None:
             alias = _clean_alias(self.node_text(first))
             if not alias.startswith("Elixir."):
-                return f"{parent}.{alias}"
-        return self.alias_name(first, parent)
+                return [f"{parent}.{alias}"]
+        name = self.alias_name(first, parent)
+        return [name] if name else []
 
     def module_body(self, call: Node, args: Node) -> list[Node]:
         for child in call.children:
@@ -516,35 +547,47 @@ class _Extractor:
         return body.moduledoc
 
     def _walk_body(self, statements: list[Node], body: _Body) -> None:
-        """Read a body's named children: calls and attributes (comments and the rest are
-        passed over)."""
+        """Read a body's expressions in order: definitions and attributes, and inside
+        whatever else may hold one (comments and literals are passed over)."""
         for stmt in statements:
             kind = stmt.type
-            if kind == "unary_operator":
+            if kind in _LEAVES:
+                continue
+            if kind == "unary_operator" and self.data[stmt.start_byte] == _AT:
                 self._attribute(stmt, body)
                 continue
-            if kind != "call":
+            target = stmt.child_by_field_name("target") if kind == "call" else None
+            if (
+                target is not None
+                and target.type == "identifier"
+                and not self._call(stmt, self.node_text(target), body)
+            ):
                 continue
-            target = stmt.child_by_field_name("target")
-            if target is None or target.type != "identifier":
-                continue
-            keyword = self.node_text(target)
-            if keyword in _DEF_KINDS or keyword == "defdelegate":
-                doc = body.doc
-                body.doc = None
-                self._clause(stmt, keyword, doc, body)
-                body.impl = False
-            elif keyword == "use":
-                self._behaviour(stmt, "use", body)
-            elif keyword in _CONDITIONALS:
-                for child in stmt.children:
-                    if child.type == "do_block":
-                        self._walk_body(child.named_children, body)
-                        for sub in child.children:
-                            if sub.type == "else_block":
-                                self._walk_body(sub.named_children, body)
-            elif keyword.startswith("def"):
-                body.doc = None  # defstruct, defguard, defexception... take the pending doc
+            if self._may_define(stmt):
+                self._walk_body(stmt.named_children, body)
+
+    def _call(self, stmt: Node, keyword: str, body: _Body) -> bool:
+        """Read a call by its name; whether its arguments and block may still define."""
+        if keyword in _DEF_KINDS or keyword == "defdelegate":
+            doc = body.doc
+            body.doc = None
+            self._clause(stmt, keyword, doc, body)
+            body.impl = False
+            return False
+        if keyword == "use":
+            self._behaviour(stmt, "use", body)
+            return False
+        if keyword in _MODULE_KEYWORD_NAMES or keyword == "quote":
+            return False  # a nested module has its own body; quoted code defines nothing
+        if keyword.startswith("def"):
+            body.doc = None  # defstruct, defguard, defexception... take the pending doc
+            return False
+        return True
+
+    def _may_define(self, node: Node) -> bool:
+        """Whether a definition mark (`def`, `@`) lies in the node's text."""
+        at = bisect_left(self.marks, node.start_byte)
+        return at < len(self.marks) and self.marks[at] < node.end_byte
 
     def _attribute(self, stmt: Node, body: _Body) -> None:
         if self.data[stmt.start_byte] != _AT:  # unary operators are prefixes: this is no `@`

@@ -1,8 +1,8 @@
-"""Quality filters and a quality score for one Elixir file.
+"""Quality checks and a quality score for one Elixir file.
 
-Every filter is a pure function returning the drop reason (the label `exforge dataset
-stats` counts) or None. Thresholds come from settings; the defaults are StarCoder's
-(max line length 1000, mean line length 100, alphanumeric fraction 0.25).
+Every check is a pure predicate; the parse stage names each with its drop reason in its
+list of filters (`streams.files.FILTERS`). Thresholds come from settings; the defaults
+are StarCoder's (max line length 1000, mean line length 100, alphanumeric fraction 0.25).
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ from itertools import pairwise
 from pathlib import PurePosixPath
 from typing import Any
 
+from exforge.elixir.redact import Scope
 from schemas.records import CodeMetrics, Quality
 
 __all__ = [
     "VENDORED_DIRS",
     "Thresholds",
-    "blob_reason",
-    "generated_reason",
-    "metrics_reason",
-    "path_reason",
+    "has_blob",
+    "is_generated",
+    "is_vendored",
+    "leading_comments",
     "quality",
 ]
 
@@ -33,22 +34,19 @@ VENDORED_DIRS: frozenset[str] = frozenset(
     {"deps", "_build", "node_modules", "vendor", ".elixir_ls", "cover"}
 )
 _VENDORED_PAIRS: frozenset[tuple[str, str]] = frozenset({("priv", "static")})
-# Markers of generated code, looked for in the head of the file (case-insensitive).
-_GENERATED_HEAD = re.compile(
-    r"(?i)(auto[- ]?generated|generated (by|from|with|using)|code generated|do not edit"
-    r"|this file (was|is) generated|@generated)"
+# Generated code says so in its header: the comment block the file opens with.
+_GENERATED_MARKER = re.compile(
+    r"(?i)auto[- ]?generated|generated (?:by|from|with|using)|code generated|do not edit"
+    r"|this file (?:was|is) (?:auto[- ]?)?generated|@generated"
 )
-_GENERATED_HEAD_CHARS = 1500
-# Each header marker holds one of these words and spans at most `_MARKER_REACH`
-# characters either side of the word's start (`this file was generated using`). Their
-# letters match case-insensitively only their own cases, so they show in the lowercased
-# head wherever a marker is.
-_MARKER_WORDS = ("generated", "do not ed")
-_MARKER_REACH = 15
-# protobuf-elixir / grpc output, wherever it is in the file.
-_GENERATED_ANYWHERE = re.compile(
-    r"protoc_gen_elixir_version|use Protobuf,|protoc-gen-elixir|use GRPC\.Service,"
+_LEADING_COMMENTS = re.compile(r"(?:[ \t]*(?:#[^\n]*)?\n)*")  # blank and comment lines
+# Known generator output: protobuf-elixir's messages and gRPC services name the
+# generator's version in their `use` call (in code, not in a doc that shows one); its
+# files are named `*.pb.ex`.
+_GENERATOR_USE = re.compile(
+    r"^[ \t]*use (?:Protobuf|GRPC\.Service),[^\n]*\bprotoc_gen_elixir_version:", re.MULTILINE
 )
+_GENERATED_SUFFIXES = (".pb.ex",)
 
 
 @dataclass(frozen=True)
@@ -72,50 +70,45 @@ class Thresholds:
         )
 
 
-def path_reason(path: str) -> str | None:
-    """`vendored` for dependencies and build output (`deps/`, `_build/`, `priv/static/`…)."""
+def is_vendored(path: str) -> bool:
+    """Dependencies and build output (`deps/`, `_build/`, `priv/static/`…)."""
     parts = PurePosixPath(path).parts[:-1]
-    if any(part in VENDORED_DIRS for part in parts):
-        return "vendored"
-    if any(pair in _VENDORED_PAIRS for pair in pairwise(parts)):
-        return "vendored"
-    return None
+    return any(part in VENDORED_DIRS for part in parts) or any(
+        pair in _VENDORED_PAIRS for pair in pairwise(parts)
+    )
 
 
-def generated_reason(text: str) -> str | None:
-    """`auto_generated` for files with a generator header or protobuf/gRPC output."""
-    if _has_generated_header(text[:_GENERATED_HEAD_CHARS]):
-        return "auto_generated"
-    if ("Protobuf" in text or "protoc" in text or "GRPC" in text) and _GENERATED_ANYWHERE.search(
-        text
-    ):
-        return "auto_generated"
-    return None
+def leading_comments(text: str) -> str:
+    """The comment block a file opens with (with the blank lines in it)."""
+    match = _LEADING_COMMENTS.match(text)
+    return match.group(0) if match else ""
 
 
-def _has_generated_header(head: str) -> bool:
-    """`_GENERATED_HEAD.search(head)`, run only around the marker words (the regex is slow:
-    case-insensitive, it tries every position)."""
-    lowered = head.lower()
-    if len(lowered) != len(head):  # some character lowercased to several: offsets differ
-        return _GENERATED_HEAD.search(head) is not None
-    for word in _MARKER_WORDS:
-        at = lowered.find(word)
-        while at != -1:
-            if _GENERATED_HEAD.search(head, max(0, at - _MARKER_REACH), at + _MARKER_REACH):
-                return True
-            at = lowered.find(word, at + 1)
-    return False
+def is_generated(path: str, text: str, literals: Scope | None = None) -> bool:
+    """Generated code: a generator marker in the leading comment block, or known
+    generator output (protobuf/gRPC; `literals` tells a `use` call in code from one in a
+    doc). Never judged from docs, strings or option names (`autogenerate: true`,
+    "Returns the generated id")."""
+    if path.endswith(_GENERATED_SUFFIXES):
+        return True
+    if _GENERATED_MARKER.search(leading_comments(text)):
+        return True
+    if "protoc_gen_elixir_version" not in text:
+        return False
+    return any(
+        literals is None or literals(m.start(), m.end()) is None
+        for m in _GENERATOR_USE.finditer(text)
+    )
 
 
-def blob_reason(text: str, metrics: CodeMetrics, thresholds: Thresholds) -> str | None:
-    """`encoded_data` for a base64 run of `max_blob_chars` characters or a hex run of
-    half that (a sha256 digest, 64 hex digits, stays). Runs are within a line: files
-    without a line that long are not searched."""
+def has_blob(text: str, metrics: CodeMetrics, thresholds: Thresholds) -> bool:
+    """A base64 run of `max_blob_chars` characters or a hex run of half that (a sha256
+    digest, 64 hex digits, stays). Runs are within a line: files without a line that
+    long are not searched."""
     size = thresholds.max_blob_chars
     if metrics.max_line_length < _hex_run(size):
-        return None
-    return "encoded_data" if _blob_pattern(size).search(text) else None
+        return False
+    return _blob_pattern(size).search(text) is not None
 
 
 def _hex_run(size: int) -> int:
@@ -125,21 +118,6 @@ def _hex_run(size: int) -> int:
 @cache
 def _blob_pattern(size: int) -> re.Pattern[str]:
     return re.compile(rf"[A-Za-z0-9+/]{{{size},}}={{0,2}}|(?i:[0-9a-f]{{{_hex_run(size)},}})")
-
-
-def metrics_reason(metrics: CodeMetrics, thresholds: Thresholds) -> str | None:
-    """StarCoder's line filters, then size."""
-    if metrics.max_line_length > thresholds.max_line_length:
-        return "max_line_length"
-    if metrics.mean_line_length > thresholds.max_mean_line_length:
-        return "mean_line_length"
-    if metrics.alphanumeric_fraction < thresholds.min_alphanumeric_fraction:
-        return "alphanumeric_fraction"
-    if metrics.loc < thresholds.min_loc:
-        return "too_short"
-    if metrics.loc > thresholds.max_loc:
-        return "too_long"
-    return None
 
 
 # Source signals and the value at which each counts fully (log-scaled below it).

@@ -12,10 +12,12 @@ goes to the store as `evals/<model>/<version>/<benchmark>.json`).
 from __future__ import annotations
 
 import json
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from exforge.core.db import EvaluationResult, ModelVersion, RunCheckpoint, TrainingRun
@@ -53,6 +55,10 @@ def record_checkpoint(
             run.step = step
 
 
+# Registrations of one name racing for the same next version: all but one retry.
+REGISTER_ATTEMPTS = 5
+
+
 def register_version(
     engine: Engine,
     name: str,
@@ -61,7 +67,25 @@ def register_version(
     run_id: str | None,
     metrics: dict[str, float],
 ) -> ModelVersionEvent:
-    """Add the next version of `name` (a run registers once: a retry returns its row)."""
+    """Add the next version of `name` (a run registers once: a retry returns its row).
+
+    Two runs registering at once may both read the same highest version; the unique
+    (name, version) constraint refuses the later insert, which then tries again."""
+    fields = {
+        "base_model": base_model,
+        "adapter_key": adapter_key,
+        "metrics": json.dumps(metrics, sort_keys=True),
+        "status": "registered",
+    }
+    for _ in range(REGISTER_ATTEMPTS - 1):
+        with suppress(IntegrityError):
+            return _register_once(engine, name, run_id, fields)
+    return _register_once(engine, name, run_id, fields)
+
+
+def _register_once(
+    engine: Engine, name: str, run_id: str | None, fields: dict[str, str]
+) -> ModelVersionEvent:
     with Session(engine) as session, session.begin():
         existing = (
             session.scalar(
@@ -70,21 +94,11 @@ def register_version(
             if run_id
             else None
         )
-        row = existing or ModelVersion(
-            name=name,
-            version=(
-                session.scalar(
-                    select(func.max(ModelVersion.version)).where(ModelVersion.name == name)
-                )
-                or 0
-            )
-            + 1,
-            base_model=base_model,
-            adapter_key=adapter_key,
-            run_id=run_id,
-            metrics=json.dumps(metrics, sort_keys=True),
-            status="registered",
+        latest = session.scalar(
+            select(func.max(ModelVersion.version)).where(ModelVersion.name == name)
         )
+        version = (latest or 0) + 1
+        row = existing or ModelVersion(name=name, version=version, run_id=run_id, **fields)
         session.add(row)
         session.flush()
         return version_event(row, "registered")

@@ -1,0 +1,1 @@
+"""Helpers the tests (and the benchmarks that measure the same things) share."""

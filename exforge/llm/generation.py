@@ -7,11 +7,11 @@ TensorRT-LLM's KV-cache reuse does), then decoded one token per step together wi
 other running request; a finished request leaves the batch at once.
 
 Sampling is per request and does not depend on the batch: temperature, top-k and top-p
-shape the row's distribution, and one uniform draw per token from the request's own
-seeded generator picks the token (inverse CDF), so the same seed gives the same text
-alone or among others. Each token produces one `Step` with the text it released: text
-is held back while it may still be the start of a stop string, or an incomplete UTF-8
-character, and the stop string itself is never released.
+shape the row's distribution, and noise from the request's own seeded generator picks
+the token (Gumbel-max), so the same seed gives the same text alone or among others.
+Each token produces one `Step` with the text it released: text is held back while it
+may still be the start of a stop string, or an incomplete UTF-8 character, and the stop
+string itself is never released.
 """
 
 from __future__ import annotations
@@ -402,32 +402,42 @@ def _pad_kv(tensor: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """The next token: greedy at temperature 0, else one draw from the tempered, top-k
-    and top-p limited distribution (one uniform number from the request's generator)."""
+    """The next token: greedy at temperature 0, else a draw from the tempered, top-k and
+    top-p limited distribution by the Gumbel-max trick (argmax of log-probabilities plus
+    Gumbel noise from the request's generator, one number per vocabulary entry). Two
+    runs whose logits differ in the last bits of float precision draw the same token
+    unless two candidates tie to that precision, which makes the draw reproducible across
+    processes and thread counts."""
     best, token = torch.max(logits, dim=-1)  # NaN and +inf show in the maximum
     if not bool(torch.isfinite(best)):
         raise FloatingPointError("the model produced non-finite logits")
     if sampling.temperature <= 0:
         return int(token)
-    scores = logits / sampling.temperature
+    noise = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator).clamp_(1e-20, 1)))
+    scores = torch.log_softmax(logits.float() / sampling.temperature, dim=-1)
+    allowed = _allowed(scores, sampling)
+    if allowed is not None:
+        scores = torch.full_like(scores, -torch.inf).index_copy_(0, allowed, scores[allowed])
+    return int(torch.argmax(scores + noise.to(scores.device)))
+
+
+def _allowed(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor | None:
+    """The token ids top-k and top-p keep (None: all). Top-p looks at the most likely
+    `NUCLEUS_PROBE` tokens first and sorts everything only when their mass falls short."""
     vocab = scores.numel()
     k = sampling.top_k if 0 < sampling.top_k < vocab else vocab
-    order = None
     if k == vocab and sampling.top_p >= 1.0:
-        probs = torch.softmax(scores, dim=-1)
-    else:
-        norm = torch.logsumexp(torch.topk(scores, k).values if k < vocab else scores, dim=-1)
-        values, order = torch.topk(scores, min(k, NUCLEUS_PROBE) if sampling.top_p < 1 else k)
-        probs = (values - norm).exp()
-        if sampling.top_p < 1.0 and float(probs.sum()) < sampling.top_p and len(order) < k:
-            values, order = torch.topk(scores, k)  # the nucleus is wider than the probe
-            probs = (values - norm).exp()
-        if sampling.top_p < 1.0:
-            probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs >= sampling.top_p, 0)
-    cumulative = torch.cumsum(probs, dim=-1)
-    draw = torch.rand((), generator=generator).to(cumulative.device) * cumulative[-1]
-    index = min(int(torch.searchsorted(cumulative, draw, right=True)), len(cumulative) - 1)
-    return index if order is None else int(order[index])
+        return None
+    if sampling.top_p >= 1.0:
+        return torch.topk(scores, k).indices
+    values, order = torch.topk(scores, min(k, NUCLEUS_PROBE))
+    if float(values.exp().sum()) < sampling.top_p and len(order) < k:
+        values, order = torch.topk(scores, k)
+    probs = values.exp()
+    if k < vocab:
+        probs = probs / probs.sum()  # top-k renormalises before the nucleus is taken
+    inside = torch.cumsum(probs, dim=-1) - probs < sampling.top_p
+    return order[inside]
 
 
 # ---------------------------------------------------------------------- batch helpers

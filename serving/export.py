@@ -20,6 +20,7 @@ from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
 from exforge.llm.registry import get_version
 from serving import modelconfig
+from serving.trtllm_config import trtllm_configs
 
 Flavor = Literal["cpu", "trtllm"]
 HERE = Path(__file__).parent
@@ -59,8 +60,8 @@ def model_card(row: dict[str, Any], flavor: Flavor) -> dict[str, Any]:
         "data": "exforge instruction shards (see the run's configuration)",
         "metrics": row["metrics"],
         "registered_at": row["created_at"],
-        "contract": "TensorRT-LLM ensemble: text_input, max_tokens, temperature, top_p, "
-        "stop_words, stream, random_seed -> text_output",
+        "contract": "TensorRT-LLM ensemble: text_input, max_tokens, stop_words, top_k, top_p, "
+        "temperature, seed, stream (+ perf and token-count flags) -> text_output",
     }
 
 
@@ -99,11 +100,12 @@ def export_trtllm(settings: Settings, store: ObjectStore, row: dict[str, Any], r
         shutil.rmtree(target)
     checkpoint = target / "checkpoint"
     merged_model(settings, store, row, checkpoint)
-    configs = modelconfig.trtllm_configs(
-        row["name"], engine_dir="/models/engine", tokenizer_dir="/models/checkpoint"
+    configs = trtllm_configs(
+        row["name"], row["version"], engine_dir="/models/engine", tokenizer_dir="/models/checkpoint"
     )
     for folder, config in configs.items():
-        (target / "repository" / folder / "1").mkdir(parents=True)
+        version = row["version"] if folder == row["name"] else 1
+        (target / "repository" / folder / str(version)).mkdir(parents=True)
         (target / "repository" / folder / "config.pbtxt").write_text(modelconfig.render(config))
     shutil.copy(BUILD_SCRIPT, target / "build_engine.sh")
     (target / "card.json").write_text(json.dumps(model_card(row, "trtllm"), indent=2))

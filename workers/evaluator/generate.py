@@ -3,8 +3,8 @@
 A `Generator` turns a batch of prompts into raw continuations; `InProcessGenerator` runs a
 registered version (base model + its LoRA adapter, merged by the serving export code)
 with the serving decoding loop, continuously batched, each sample with its own seed. A
-Triton-backed generator only needs the same `complete` method. Every continuation is cut at the first of its problem's stop
-tokens, as MultiPL-E does, and stored under
+Triton-backed generator only needs the same `complete` method. Every continuation is cut
+at the first of its problem's stop tokens, as MultiPL-E does, and stored under
 `generations/<model>/<version>/<problem digest>/<sample index>.json`, where the digest
 covers the prompt, the stop tokens and the sampling settings: a rerun generates only the
 samples that are not stored yet.

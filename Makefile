@@ -25,12 +25,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Elixir (for analysis checks and evaluation), from the distribution's packages.
+# Elixir (for analysis checks and evaluation) and bubblewrap (the evaluation sandbox),
+# from the distribution's packages.
 elixir:
-	@command -v elixir >/dev/null 2>&1 || { \
+	@{ command -v elixir && command -v bwrap; } >/dev/null 2>&1 || { \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 		$$SUDO apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq elixir >/dev/null; }
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq elixir bubblewrap >/dev/null; }
 	@elixir --version | tail -n 1
 
 demo: install elixir

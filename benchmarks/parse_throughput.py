@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
-from exforge.elixir.analysis import parse
 from exforge.elixir.synthetic import module
+from exforge.elixir.tree import parse
 from schemas.records import RawPackage
 from streams.files import Candidate, Dropped, FileSteps, claim_check, file_outcome, first_drop
 from streams.parse import elixir_members

@@ -35,7 +35,7 @@ from exforge.core.store import open_store  # noqa: E402
 from serving import rollout, triton  # noqa: E402
 from serving.export import export  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.serving_support import MODEL, register_versions, run_gateway  # noqa: E402
+from tests.support.serving import MODEL, register_versions, run_gateway  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -36,11 +36,12 @@ from tree_sitter import Node
 
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore, sha256_hex
-from exforge.elixir.analysis import FileAnalysis, analyse, normalise, parse
+from exforge.elixir.analysis import FileAnalysis, analyse, normalise
 from exforge.elixir.decontam import BenchmarkIndex, load_index
 from exforge.elixir.neardup import THRESHOLD, text_band_keys
 from exforge.elixir.quality import Thresholds, has_blob, is_generated, is_vendored, quality
 from exforge.elixir.redact import ElixirLiterals, Redaction, redact, redact_elixir
+from exforge.elixir.tree import parse
 from schemas.records import CodeMetrics, NearDup, ParsedFile, RawPackage
 from streams.stage import Failure
 

@@ -46,9 +46,7 @@ def validation_reason(
     sample: InstructionSample, count: TokenCounter, max_tokens: int
 ) -> str | None:
     problems = sharegpt_problems(sample.sharegpt(), count, max_tokens)
-    if not problems:
-        return None
-    return "too_many_tokens" if any("tokens exceed" in p for p in problems) else "invalid_sharegpt"
+    return problems[0].reason if problems else None
 
 
 @dataclass(frozen=True)
@@ -105,6 +103,9 @@ class LazyPool:
             timeout_s=settings.eval_timeout_s,
             memory_mb=settings.eval_memory_mb,
             workers=settings.check_workers,
+            # Corpus code is checked also where the kernel refuses namespaces (containers
+            # without user namespaces); evaluation of model output refuses instead.
+            allow_unisolated=True,
         )
         self._pool: SandboxPool | None = None
         self._lock = threading.Lock()

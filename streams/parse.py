@@ -61,14 +61,6 @@ def parsed_file(
     return None if file is None else claim_check(file, store, claim_check_bytes)
 
 
-def read_content(file: ParsedFile, store: ObjectStore) -> str:
-    """A parsed file's content, inline or fetched from the store."""
-    if file.content is not None:
-        return file.content
-    assert file.content_ref is not None
-    return store.get(file.content_ref).decode()
-
-
 def attach(ctx: StageContext) -> None:
     settings = ctx.settings
     steps = FileSteps.from_settings(settings)

@@ -4,7 +4,7 @@ Idle means: every stage input has zero lag for the worker group, no stage has to
 message for `idle_seconds`, and the shard stage has nothing left to seal or publish.
 
 Stalls: after a restart, an assigned partition with lag is now and then never consumed
-again (seen on the embedded broker after a SIGKILL, see issue 2's note). A quiet worker
+again (seen on the embedded broker after a SIGKILL). A quiet worker
 that sees an assigned partition's committed offset stand still for `stall_seconds` while
 it has lag logs it, counts it in `exforge_stalled_partitions`, and fetches it again from
 its next unhandled offset (`streams.offsets` keeps commits safe across such seeks).

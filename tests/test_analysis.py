@@ -8,6 +8,7 @@ import pytest
 from support.elixir_ast import analysis_view, elixir_views
 
 from exforge.elixir.analysis import FileAnalysis, analyse, normalise
+from exforge.elixir.tree import argument_nodes, first_argument, parse, text
 from schemas.records import FunctionInfo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -923,3 +924,14 @@ def test_corpus_parses_without_crashing(path: Path) -> None:
     for f in result.functions:
         assert f.start_line <= f.end_line <= result.lines
         assert f.source.startswith(f.head)
+
+
+def test_comments_are_never_arguments() -> None:
+    source = "defmodule M do\n  def f(# the first\n a, # between\n b), do: g(# c\n a)\nend\n"
+    (call,) = [n for n in parse(source.encode()).children if n.type == "call"]
+    assert [text(a) for a in argument_nodes(call)] == ["M"]
+    (found,) = analyse(source).functions
+    assert (found.name, found.arity) == ("f", 2)
+    head = parse(b"f(# note\n a, b)").children[0]
+    assert text(first_argument(head)) == "a"
+    assert [text(a) for a in argument_nodes(head)] == ["a", "b"]

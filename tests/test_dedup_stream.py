@@ -24,11 +24,11 @@ from exforge.core.db import FileOutcome, open_database
 from exforge.core.kafka import read_all
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore, ObjectStore, open_store
-from exforge.elixir.neardup import batch_decisions
 from exforge.elixir.synthetic import module, recommented, renamed, reordered
 from schemas.records import ParsedFile, RawPackage
 from streams.files import Dropped, FileSteps, file_outcome
 from streams.sources.local import upload_directory
+from tests.support.neardup import batch_decisions
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import pytest
 from exforge.core.db import engine_for
 from exforge.core.settings import Settings, load_settings
 from exforge.core.store import FileStore, open_store
-from tests.eval_support import register_tiny_version
+from tests.support.eval import register_tiny_version
 from workers.evaluator.benchmarks import BUILTIN, load_benchmark
 from workers.evaluator.generate import (
     GenerationCache,

@@ -15,7 +15,7 @@ from exforge.core.db import engine_for
 from exforge.core.settings import Settings, load_settings
 from exforge.core.store import ObjectStore, open_store
 from exforge.llm.registry import stored_metric
-from tests.eval_support import register_tiny_version
+from tests.support.eval import register_tiny_version
 from workers.evaluator.generate import Sampling
 from workers.evaluator.report import result_key
 from workers.evaluator.run import EvalError, EvalRequest, evaluate_for_demo, run_evaluation

@@ -207,6 +207,11 @@ def test_pipes_both_ways() -> None:
     assert _rewrite("def g(x), do: f(x)", "pipe") is None, "one call is no chain"
 
 
+def test_a_comment_between_arguments_is_no_argument() -> None:
+    nested = 'def f(x), do: Enum.join(Enum.map(x, & &1), # sep\n  "-")'
+    assert _rewrite(nested, "pipe") == 'def f(x), do: x |> Enum.map(& &1) |> Enum.join("-")'
+
+
 def test_multi_clause_as_case() -> None:
     source = (
         "def area({:square, s}), do: s * s\n\ndef area({:rect, w, h}) when w > 0 do\n  w * h\nend"

@@ -17,7 +17,6 @@ from exforge.elixir.neardup import (
     Bucket,
     Held,
     band_keys,
-    batch_decisions,
     decide,
     lsh_errors,
     optimal_bands,
@@ -26,6 +25,7 @@ from exforge.elixir.neardup import (
     text_band_keys,
 )
 from exforge.elixir.synthetic import module, recommented, renamed, reordered
+from tests.support.neardup import batch_decisions
 
 
 def test_bands_minimise_false_positives_plus_negatives_at_the_threshold() -> None:

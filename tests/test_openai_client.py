@@ -23,7 +23,7 @@ from serving import rollout
 from serving.app import ChatBody
 from serving.contract import LlmRequest
 from serving.keys import create_key
-from tests.serving_support import MODEL, SLOW, RunningGateway, Served, run_gateway, stable_version
+from tests.support.serving import MODEL, SLOW, RunningGateway, Served, run_gateway, stable_version
 from tests.test_serving_e2e import grpc_stream
 from workers.evaluator.generate import InProcessGenerator, Request
 from workers.evaluator.generate import Sampling as EvalSampling

@@ -29,7 +29,7 @@ from serving.contract import SPECS, LlmRequest
 from serving.export import export
 from serving.keys import create_key, revoke
 from serving.usage import report
-from tests.serving_support import (
+from tests.support.serving import (
     DIVERGED,
     MODEL,
     SLOW,

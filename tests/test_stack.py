@@ -52,6 +52,7 @@ def test_stack_up_status_down_leaves_no_process(tmp_path: Path) -> None:
         doctor = stack.json("doctor")
         checks = {c["name"]: c for c in doctor["checks"]}
         assert checks["broker"]["ok"] and checks["elixir"]["ok"]
+        assert checks["sandbox"]["ok"], checks["sandbox"]
         assert checks["elixir"]["detail"].startswith("Elixir ")
         assert doctor["accelerator"]["device"] in ("cpu", "cuda")
         assert doctor["versions"]["faust-streaming"]

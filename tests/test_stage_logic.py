@@ -31,13 +31,12 @@ from schemas.records import (
 from schemas.shards import decode_shard, encode_shard, shard_key, split_for
 from streams.dataset import stats
 from streams.ingest import ChecksumMismatch, parse_request, raw_package, verify_archive
-from streams.instruct import doc_to_code_samples
+from streams.instruct import doc_to_code_samples, file_text
 from streams.parse import (
     CorruptArchive,
     decode_source,
     elixir_members,
     parsed_file,
-    read_content,
 )
 from streams.shard import mark_published, pending_samples, seal, stage_sample, unpublished
 from streams.sources.local import (
@@ -303,7 +302,7 @@ def test_parsed_file_inline_under_the_threshold(file_store: FileStore) -> None:
     assert [(f.name, f.arity, f.doc) for f in file.functions] == [
         ("hello", 1, "Says hello to `name`.")
     ]
-    assert read_content(file, file_store) == SMALL_MODULE
+    assert file_text(file, file_store) == SMALL_MODULE
     assert list(file_store.list()) == [], "inline content is not stored"
     exact = parsed_file(package(), "p.ex", SMALL_MODULE, file_store, len(encoded))
     assert exact is not None and exact.content is not None, "the threshold itself is inline"
@@ -315,9 +314,9 @@ def test_parsed_file_by_reference_over_the_threshold(file_store: FileStore) -> N
     assert file.content is None
     assert file.content_ref == f"blobs/{file.sha256}"
     assert file_store.get(file.content_ref) == SMALL_MODULE.encode()
-    assert read_content(file, file_store) == SMALL_MODULE
+    assert file_text(file, file_store) == SMALL_MODULE
     again = ParsedFile.from_bytes(file.to_bytes())
-    assert read_content(again, file_store) == SMALL_MODULE
+    assert file_text(again, file_store) == SMALL_MODULE
 
 
 def test_parsed_file_hashes_normalised_content(file_store: FileStore) -> None:

@@ -1,4 +1,4 @@
-"""QLoRA: NF4 base frozen bit for bit, gradients only on adapters, merge matches."""
+"""QLoRA: NF4 base frozen bit for bit, gradients only on adapters."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from pathlib import Path
 import torch
 
 from exforge.llm.chat import encode, load_tokenizer
-from exforge.llm.lora import LoraSettings, apply_lora, merge, trainable
+from exforge.llm.lora import LoraSettings, apply_lora, trainable
 from exforge.llm.model import load_model
 from workers.trainer.data import synthetic_samples
 from workers.trainer.packing import collate, forward_losses, pack
 
 
-def test_base_frozen_adapters_train_and_merge_matches(tmp_path: Path) -> None:
+def test_base_frozen_adapters_train(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = apply_lora(load_model("tiny", "nf4", tmp_path), LoraSettings(rank=4))
     base_before = {
@@ -36,9 +36,3 @@ def test_base_frozen_adapters_train_and_merge_matches(tmp_path: Path) -> None:
     after = model.get_base_model().state_dict()
     for name, tensor in base_before.items():
         assert torch.equal(tensor, after[name]), name
-    model.eval()
-    ids = batch["input_ids"][:1, :64]
-    with torch.no_grad():
-        adapted = model(input_ids=ids, use_cache=False).logits.float()
-        merged = merge(model)(input_ids=ids, use_cache=False).logits.float()
-    assert float((adapted - merged).abs().max()) < 2e-2  # bf16 compute vs fp32 merged

@@ -1,7 +1,8 @@
-"""Model loading: presets, Mistral's native format round trip, quantisation report."""
+"""Model loading: presets and Mistral's native format round trip."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,16 +11,15 @@ from transformers import MistralForCausalLM
 from exforge.llm.model import (
     PRESETS,
     TEKKEN_VOCAB,
-    load_config,
+    config_from_params,
     native_to_hf_dir,
     preset_config,
-    quantisation_report,
-    save_native,
 )
+from tests.support.native import save_native
 
 
 def test_presets_are_devstral_shaped() -> None:
-    big, tiny = load_config("devstral-small"), load_config("tiny")
+    big, tiny = preset_config("devstral-small"), preset_config("tiny")
     assert (big.num_hidden_layers, big.hidden_size, big.num_key_value_heads) == (40, 5120, 8)
     assert big.vocab_size == tiny.vocab_size == TEKKEN_VOCAB
     assert set(PRESETS) == {"tiny", "devstral-small"}
@@ -29,7 +29,8 @@ def test_native_format_round_trip_keeps_weights_and_logits(tmp_path: Path) -> No
     torch.manual_seed(0)
     model = MistralForCausalLM(preset_config("tiny")).eval()
     save_native(model, tmp_path / "native")
-    assert load_config(str(tmp_path / "native")).hidden_size == model.config.hidden_size
+    params = json.loads((tmp_path / "native" / "params.json").read_text())
+    assert config_from_params(params).hidden_size == model.config.hidden_size
     back = MistralForCausalLM.from_pretrained(
         native_to_hf_dir(tmp_path / "native", tmp_path / "hf")
     )
@@ -38,13 +39,3 @@ def test_native_format_round_trip_keeps_weights_and_logits(tmp_path: Path) -> No
     ids = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, back.eval()(input_ids=ids).logits)
-
-
-def test_quantisation_report_nf4_saves_bytes_int8_is_closer() -> None:
-    torch.manual_seed(0)
-    model = MistralForCausalLM(preset_config("tiny"))
-    nf4, int8 = quantisation_report(model, "nf4"), quantisation_report(model, "int8")
-    assert len(nf4) == len(int8) == 7 * model.config.num_hidden_layers
-    assert all(row.bytes_saved > 0 and row.max_abs_error >= row.mean_abs_error for row in nf4)
-    mean = lambda rows: sum(r.mean_abs_error for r in rows) / len(rows)  # noqa: E731
-    assert 0 < mean(int8) < mean(nf4)

@@ -1,4 +1,4 @@
-"""Gradient-checkpointing profiler, `exforge train profile`, and the rank-selection helpers."""
+"""Gradient-checkpointing profiler and `exforge train profile`."""
 
 from __future__ import annotations
 
@@ -19,12 +19,6 @@ from workers.trainer.profile import (
     profile,
     profile_batch,
     recommend,
-)
-from workers.trainer.rank import (
-    effective_rank,
-    effective_ranks,
-    loss_after_budget,
-    smallest_good_rank,
 )
 
 
@@ -79,21 +73,3 @@ def test_profile_command_reports_and_recommends(
     report = json.loads(result.stdout)
     assert [r["setting"] for r in report["results"]] == ["off", "every 1 layer(s)"]
     assert report["recommended"]["setting"] in {"off", "every 1 layer(s)"}
-
-
-def test_rank_helpers_measure_what_the_update_uses() -> None:
-    generator = torch.Generator().manual_seed(0)
-    low_rank = torch.randn(32, 3, generator=generator) @ torch.randn(3, 24, generator=generator)
-    assert effective_rank(low_rank, 0.999) == 3
-    assert effective_rank(torch.zeros(4, 4)) == 0
-    batch = profile_batch(512, 1, 16)
-    losses = loss_after_budget(four_layer_base, [2, 8], [batch], steps=2, learning_rate=1e-2)
-    assert set(losses) == {2, 8} and all(v > 0 for v in losses.values())
-    assert smallest_good_rank({2: 1.0, 8: 0.99, 16: 0.98}, tolerance=0.05) == 2
-    assert smallest_good_rank({2: 2.0, 8: 1.0}) == 8
-    model = apply_lora(four_layer_base(), LoraSettings(rank=4))
-    for module in model.modules():  # a trained adapter: B is no longer zero
-        if hasattr(module, "lora_B") and "default" in module.lora_B:
-            torch.nn.init.normal_(module.lora_B["default"].weight)
-    ranks = effective_ranks(model, 0.999)
-    assert len(ranks) == 4 * 7 and all(1 <= r <= 4 for r in ranks.values())

@@ -12,7 +12,7 @@ from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
 from exforge.llm.chat import encode, load_tokenizer
 from schemas.shards import decode_shard
-from schemas.sharegpt import sharegpt_problems, validate_sharegpt
+from schemas.sharegpt import Problem, sharegpt_problems, validate_sharegpt
 from workers.trainer.data import synthetic_samples, write_split
 from workers.trainer.display import training_progress
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
@@ -29,11 +29,11 @@ def test_validator_accepts_sharegpt_and_names_each_problem() -> None:
     }
     assert validate_sharegpt(good)
     assert sharegpt_problems({"conversations": [turn("human", "Hi")]})
-    assert "turn 1 is blank" in sharegpt_problems(
-        {"conversations": [turn("human", "Hi"), turn("gpt", "  ")]}
-    )
+    assert sharegpt_problems({"conversations": [turn("human", "Hi"), turn("gpt", "  ")]}) == [
+        Problem("invalid_sharegpt", "turn 1 is blank")
+    ]
     swapped = {"conversations": [turn("gpt", "Hello"), turn("human", "Hi")]}
-    assert any("alternate" in p for p in sharegpt_problems(swapped))
+    assert any("alternate" in p.message for p in sharegpt_problems(swapped))
     assert not validate_sharegpt({**good, "meta": {"stage": 9, "kind": "x"}})
     tokenizer = load_tokenizer()
 
@@ -41,7 +41,8 @@ def test_validator_accepts_sharegpt_and_names_each_problem() -> None:
         return len(encode(tokenizer, turns).input_ids)
 
     assert validate_sharegpt(good, count, 64)
-    assert "exceed" in sharegpt_problems(good, count, 5)[0]
+    (too_long,) = sharegpt_problems(good, count, 5)
+    assert too_long.reason == "too_many_tokens" and "exceed" in too_long.message
 
 
 def test_kmeans_selection_keeps_one_representative_per_cluster() -> None:

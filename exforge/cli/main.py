@@ -11,6 +11,7 @@ import typer
 from rich.console import Group
 
 from exforge import __version__
+from exforge.cli.backup import backup_app, replay_app
 from exforge.cli.console import JsonFlag, console, emit_json, errors, fail, settings, table
 from exforge.cli.eval import eval_app
 from exforge.cli.inspect import inspect_command
@@ -731,6 +732,8 @@ app.command("inspect")(inspect_command)
 app.command("generate")(generate)
 app.add_typer(serve_app, name="serve")
 app.command("usage")(usage)
+app.add_typer(backup_app, name="backup")
+app.add_typer(replay_app, name="replay")
 
 
 def main() -> None:

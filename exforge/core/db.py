@@ -58,6 +58,8 @@ class Package(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # the `raw.packages` record as sent (JSON), for `exforge replay raw`
+    record: Mapped[str | None] = mapped_column(Text)
 
 
 class FileOutcome(Base):

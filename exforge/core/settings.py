@@ -225,6 +225,15 @@ class Settings(BaseSettings):
             "never drains (steady inflow)."
         ),
     )
+    backup_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="`exforge backup schedule` takes a backup when the newest is this old "
+        "(seconds); 0: no scheduled backups.",
+    )
+    backup_keep: PositiveInt = Field(
+        7, description="Backups kept by the schedule and `backup prune`; older ones go."
+    )
 
     @classmethod
     def settings_customise_sources(

@@ -30,19 +30,26 @@ Conventions:
 from __future__ import annotations
 
 import re
-import threading
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from functools import cache
 
-import tree_sitter_elixir
 from pydantic import TypeAdapter
-from tree_sitter import Language, Node, Parser
+from tree_sitter import Node
 
+from exforge.elixir.definitions import Behaviour, Definitions
+from exforge.elixir.features import features
+from exforge.elixir.tree import (
+    arguments,
+    first_argument,
+    first_named,
+    keyword_value,
+    named,
+    parse,
+)
 from schemas.records import ElixirAnalysis, FunctionInfo, ModuleInfo, TypeInfo
 
 __all__ = [
-    "LANGUAGE",
     "Behaviour",
     "Definitions",
     "FileAnalysis",
@@ -50,10 +57,7 @@ __all__ = [
     "definitions",
     "file_analysis",
     "normalise",
-    "parse",
 ]
-
-LANGUAGE: Language = Language(tree_sitter_elixir.language())
 
 _MODULE_KEYWORDS: tuple[bytes, ...] = (b"defmodule", b"defprotocol", b"defimpl")
 _DEF_KINDS: frozenset[str] = frozenset({"def", "defp", "defmacro", "defmacrop"})
@@ -66,7 +70,6 @@ _LEAVES: frozenset[str] = frozenset(
 # Bytes every definition or module attribute holds: an expression without any of them
 # is not walked into.
 _DEFINITION_MARKS = re.compile(rb"def|@")
-_SKIPPED_STATEMENTS: frozenset[str] = frozenset({"comment"})
 _STRING_TYPES: frozenset[str] = frozenset({"string", "charlist"})
 _HEREDOC_DELIMITERS: frozenset[bytes] = frozenset({b'"""', b"'''"})
 _DOC_SIGILS: frozenset[str] = frozenset({"S", "s"})
@@ -78,26 +81,6 @@ _AT = ord("@")
 # Validates a whole file's functions in one call (cheaper than one model call each).
 _FUNCTIONS = TypeAdapter(list[FunctionInfo])
 
-_local = threading.local()
-
-
-def _parser() -> Parser:
-    """One parser per thread (parsers are not thread-safe); the language is shared."""
-    parser: Parser | None = getattr(_local, "parser", None)
-    if parser is None:
-        parser = Parser(LANGUAGE)
-        _local.parser = parser
-    return parser
-
-
-@dataclass(frozen=True)
-class Behaviour:
-    """`use X` / `@behaviour X` in a module, before callbacks are matched."""
-
-    module: str
-    name: str
-    via: str  # "use" | "behaviour"
-
 
 @dataclass(frozen=True)
 class FileAnalysis:
@@ -106,18 +89,6 @@ class FileAnalysis:
     has_errors: bool = False
     lines: int = 0
     details: ElixirAnalysis = field(default_factory=ElixirAnalysis)
-
-
-@dataclass(frozen=True)
-class Definitions:
-    """What the module walk finds, before the whole-tree features are added."""
-
-    modules: list[ModuleInfo]
-    functions: list[FunctionInfo]
-    clauses: dict[tuple[str, str, int, str], int]  # (module, name, arity, kind) → clauses
-    types: list[TypeInfo]
-    behaviours: list[Behaviour]
-    impls: dict[str, set[str]]  # module → `name/arity` of definitions marked `@impl`
 
 
 def normalise(source: str) -> str:
@@ -142,16 +113,9 @@ def normalise(source: str) -> str:
     return "\n".join(lines[start:end]) + "\n"
 
 
-def parse(data: bytes) -> Node:
-    """The root node of a file's syntax tree (tree-sitter alone: the parse stage's floor)."""
-    return _parser().parse(data).root_node
-
-
 def analyse(source: str, data: bytes | None = None, root: Node | None = None) -> FileAnalysis:
     """Parse one Elixir file (unless its bytes and tree are given) and extract its
     modules, functions and features."""
-    from exforge.elixir.features import features  # features builds on this module
-
     if data is None or root is None:
         data = source.encode("utf-8", "surrogatepass")
         root = parse(data)
@@ -178,50 +142,6 @@ def file_analysis(
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _arguments(call: Node) -> Node | None:
-    """A call's `arguments`: the child after its target, unless a comment sits between."""
-    second = call.child(1)
-    if second is not None and second.type == "arguments":
-        return second
-    for child in call.children:
-        if child.type == "arguments":
-            return child
-    return None
-
-
-def _first_named(node: Node) -> Node | None:
-    first = node.named_child(0)
-    if first is None or first.type not in _SKIPPED_STATEMENTS:
-        return first
-    for child in node.named_children:
-        if child.type not in _SKIPPED_STATEMENTS:
-            return child
-    return None
-
-
-def _first_argument(call: Node) -> Node | None:
-    args = _arguments(call)
-    return None if args is None else _first_named(args)
-
-
-def _keyword_value(args: Node, key: str) -> Node | None:
-    """The value of `key:` in the trailing keyword list of call arguments."""
-    for child in args.named_children:
-        if child.type != "keywords":
-            continue
-        for pair in child.named_children:
-            if pair.type != "pair":
-                continue
-            key_node = pair.child_by_field_name("key")
-            if (
-                key_node is not None
-                and key_node.text is not None
-                and key_node.text.rstrip().rstrip(b":").decode() == key
-            ):
-                return pair.child_by_field_name("value")
-    return None
 
 
 def _dedent_heredoc(raw: str) -> str:
@@ -312,11 +232,11 @@ def _signature(data: bytes, head: Node) -> tuple[str, int] | None:
         if target is None or target.type != "identifier":
             return None
         name = data[target.start_byte : target.end_byte].decode()
-        args = _arguments(node)
+        args = arguments(node)
         if args is not None:
             arity = args.named_child_count
             if data.find(b"#", args.start_byte, args.end_byte) != -1:  # maybe comments
-                arity = len([c for c in args.named_children if c.type not in _SKIPPED_STATEMENTS])
+                arity = len(named(args))
     elif kind == "identifier":
         name = data[node.start_byte : node.end_byte].decode()
     elif kind in ("binary_operator", "unary_operator"):
@@ -400,7 +320,7 @@ class _Extractor:
                 stack.pop()
             parent = stack[-1][1] if stack else None
             target = node.child_by_field_name("target")
-            args = _arguments(node)
+            args = arguments(node)
             if target is None or target.text is None or args is None:
                 continue
             names = self.module_names(target.text.decode(), args, parent)
@@ -498,26 +418,22 @@ class _Extractor:
     def module_names(self, keyword: str, args: Node, parent: str | None) -> list[str]:
         """The modules a module call defines: one, or one per `for:` type of a
         `defimpl` given a list."""
-        first = _first_named(args)
+        first = first_named(args)
         if first is None or first.type == "keywords":
             return []
         if keyword == "defimpl":
             protocol = self.alias_name(first, parent)
             if protocol is None:
                 return []
-            target = _keyword_value(args, "for")
+            target = keyword_value(args, "for")
             if target is None:
                 fors = [parent]
             elif target.type == "list":
-                fors = [
-                    self.alias_name(t, parent)
-                    for t in target.named_children
-                    if t.type not in _SKIPPED_STATEMENTS
-                ]
+                fors = [self.alias_name(t, parent) for t in named(target)]
             else:
                 fors = [self.alias_name(target, parent)]
-            named = [f"{protocol}.{impl_for}" for impl_for in fors if impl_for]
-            return named or [protocol]
+            modules = [f"{protocol}.{impl_for}" for impl_for in fors if impl_for]
+            return modules or [protocol]
         if first.type == "alias" and parent is not None:
             alias = _clean_alias(self.node_text(first))
             if not alias.startswith("Elixir."):
@@ -529,7 +445,7 @@ class _Extractor:
         for child in call.children:
             if child.type == "do_block":
                 return child.named_children
-        value = _keyword_value(args, "do")
+        value = keyword_value(args, "do")
         if value is None:
             return []
         if value.type == "block":
@@ -604,7 +520,7 @@ class _Extractor:
         if name == "behaviour":
             self._behaviour(operand, "behaviour", body)
             return
-        value = _first_argument(operand)
+        value = first_argument(operand)
         if name == "impl":
             body.impl = value is not None and self.node_text(value) != "false"
         elif value is None:
@@ -640,7 +556,7 @@ class _Extractor:
             )
 
     def _behaviour(self, call: Node, via: str, body: _Body) -> None:
-        first = _first_argument(call)
+        first = first_argument(call)
         if first is None or first.type not in ("alias", "atom", "dot", "identifier"):
             return
         name = self.alias_name(first, body.module)
@@ -678,7 +594,7 @@ class _Extractor:
         doc: str | None,
         body: _Body,
     ) -> None:
-        head_node = _first_argument(stmt)
+        head_node = first_argument(stmt)
         if head_node is None or head_node.type == "keywords":
             return
         signature = _signature(self.data, head_node)

@@ -28,8 +28,9 @@ from typing import TypeGuard
 import numpy as np
 from tree_sitter import Node
 
-from exforge.elixir.analysis import Definitions
+from exforge.elixir.definitions import Definitions
 from exforge.elixir.hashing import WORD_BYTES, token_crcs, tokens
+from exforge.elixir.tree import COMMENT, argument_nodes, named, text
 from schemas.records import (
     BehaviourUse,
     CodeMetrics,
@@ -186,17 +187,6 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
 # --------------------------------------------------------------------------- helpers
 
 
-def _text(node: Node) -> str:
-    return node.text.decode("utf-8", "replace") if node.text is not None else ""
-
-
-def _args(call: Node) -> list[Node]:
-    for child in call.children:
-        if child.type == "arguments":
-            return [c for c in child.named_children if c.type != "comment"]
-    return []
-
-
 def _owner(node: Node, modules: list[ModuleInfo]) -> str | None:
     """The innermost module whose lines hold `node`."""
     row = node.start_point.row + 1
@@ -251,7 +241,7 @@ def _named_calls(
             continue  # `Name.` ends a longer alias (`My.Task.run`) or is no call's module
         call = _call_with_target(root, start, dot.end_byte, "dot")
         if call is not None:
-            remotes.append((call, name, _text(fun)))
+            remotes.append((call, name, text(fun)))
     return local_calls, remotes
 
 
@@ -337,7 +327,7 @@ def _comments(data: bytes, root: Node, words: frozenset[str]) -> list[Node]:
     comments = []
     for start in _positions(data, "#", words):
         node = root.descendant_for_byte_range(start, start + 1)
-        if node is not None and node.type == "comment" and node.start_byte == start:
+        if node is not None and node.type == COMMENT and node.start_byte == start:
             comments.append(node)
     return comments
 
@@ -387,9 +377,9 @@ def _doctest_targets(calls: Iterable[tuple[str, Node]]) -> list[str]:
     for name, call in calls:
         if name != "doctest":
             continue
-        args = _args(call)
+        args = argument_nodes(call)
         if args and args[0].type == "alias":
-            targets.append("".join(_text(args[0]).split()))
+            targets.append("".join(text(args[0]).split()))
     return sorted(set(targets))
 
 
@@ -442,7 +432,7 @@ def _supervisors(
     for call, mod, fun in remotes:
         if mod not in ("Supervisor", "DynamicSupervisor") or fun not in ("init", "start_link"):
             continue
-        args = _args(call)
+        args = argument_nodes(call)
         owner = _owner(call, modules)
         if owner is None:
             continue
@@ -456,8 +446,8 @@ def _supervisors(
             continue
         if not args or args[0].type not in ("list", "identifier"):
             continue  # Supervisor.start_link(Module, arg): the tree is in Module.init/1
-        children = args[0] if args[0].type == "list" else _bound_list(call, _text(args[0]))
-        options = [_bound_list(call, _text(a)) or a if a.type == "identifier" else a for a in args]
+        children = args[0] if args[0].type == "list" else _bound_list(call, text(args[0]))
+        options = [_bound_list(call, text(a)) or a if a.type == "identifier" else a for a in args]
         trees.append(
             SupervisionTree(
                 module=owner,
@@ -480,8 +470,8 @@ def _strategy(args: list[Node]) -> str | None:
         for pair in keywords.named_children:
             key = pair.child_by_field_name("key")
             value = pair.child_by_field_name("value")
-            if key is not None and value is not None and _text(key).strip() == "strategy:":
-                return _text(value).lstrip(":")
+            if key is not None and value is not None and text(key).strip() == "strategy:":
+                return text(value).lstrip(":")
     return None
 
 
@@ -505,7 +495,7 @@ def _bound_list(call: Node, name: str) -> Node | None:
             op is not None
             and op.type == "="
             and left is not None
-            and _text(left) == name
+            and text(left) == name
             and right is not None
             and right.type == "list"
         ):
@@ -514,28 +504,28 @@ def _bound_list(call: Node, name: str) -> Node | None:
 
 
 def _children(children: Node, owner: str) -> list[str]:
-    return [_child_name(c, owner) for c in children.named_children if c.type != "comment"]
+    return [_child_name(c, owner) for c in named(children)]
 
 
 def _child_name(spec: Node, owner: str) -> str:
     """The module a child spec starts: `Mod`, `{Mod, arg}`, `Mod.child_spec(..)`, maps…"""
     kind = spec.type
     if kind == "alias":
-        return "".join(_text(spec).split())
-    if kind == "identifier" and _text(spec) == "__MODULE__":
+        return "".join(text(spec).split())
+    if kind == "identifier" and text(spec) == "__MODULE__":
         return owner
     if kind == "tuple" and spec.named_children:
         return _child_name(spec.named_children[0], owner)
     if kind == "call":
         target = spec.child_by_field_name("target")
-        args = _args(spec)
+        args = argument_nodes(spec)
         if target is not None and target.type == "dot":
             left = target.child_by_field_name("left")
-            if left is not None and _text(left) == "Supervisor" and args:
+            if left is not None and text(left) == "Supervisor" and args:
                 return _child_name(args[0], owner)  # Supervisor.child_spec({Mod, a}, id: ..)
             if left is not None:
                 return _child_name(left, owner)
-        if target is not None and _text(target) in ("worker", "supervisor") and args:
+        if target is not None and text(target) in ("worker", "supervisor") and args:
             return _child_name(args[0], owner)
     if kind == "map":
         content = (c for c in spec.named_children if c.type == "map_content")
@@ -543,9 +533,9 @@ def _child_name(spec: Node, owner: str) -> str:
         for pair in (p for k in keywords for p in k.named_children):
             key = pair.child_by_field_name("key")
             value = pair.child_by_field_name("value")
-            if key is not None and value is not None and _text(key).strip() == "start:":
+            if key is not None and value is not None and text(key).strip() == "start:":
                 return _child_name(value, owner)
-    return " ".join(_text(spec).split())[:80]
+    return " ".join(text(spec).split())[:80]
 
 
 def doctests(modules: list[ModuleInfo], functions: list[FunctionInfo]) -> list[Doctest]:

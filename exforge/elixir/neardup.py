@@ -31,7 +31,7 @@ set does not depend on the number of workers or partitions.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -46,7 +46,6 @@ __all__ = [
     "Bucket",
     "Held",
     "band_keys",
-    "batch_decisions",
     "decide",
     "lsh_errors",
     "multipliers",
@@ -208,17 +207,3 @@ def decide(held: Held) -> str | None:
     if held.settled is not None:
         return held.settled
     return held.earlier
-
-
-def batch_decisions(files: Mapping[str, Sequence[str]]) -> dict[str, str | None]:
-    """The stream's outcome for one batch (sha256 → band keys), computed in one process:
-    sha256 → cluster it is a near-duplicate of, or None when kept. Registration order
-    does not matter (files are registered in the mapping's order)."""
-    buckets: dict[str, Bucket] = {}
-    heard: dict[str, Held] = {sha: Held() for sha in files}
-    for sha, bands in files.items():
-        for band in bands:
-            buckets[band], sends = buckets.get(band, Bucket()).register(sha)
-            for to, kind, about in sends:
-                heard[to] = heard[to].hear(kind, about)
-    return {sha: decide(held) for sha, held in heard.items()}

@@ -1,23 +1,33 @@
 """Sandboxed execution of Elixir candidates on a pool of warm BEAM workers.
 
-Each worker is one long-lived `elixir sandbox_server.exs` VM, started in its own session
-(so its own OS process group), its own temporary directory, a private network and PID
-namespace where the kernel allows it (`unshare`), under `prlimit` limits (address space,
-file size, no core dumps), with a scrubbed environment. The host sends it one program at
-a time over a pipe pair and waits at most `timeout_s` for the reply.
+Each worker is one long-lived `elixir sandbox_server.exs` VM inside a bubblewrap (`bwrap`)
+sandbox: its own user, mount, network, PID, IPC and UTS namespaces, running as an
+unprivileged user (exforge running as root first drops to `nobody`), with a read-only view
+of the system directories and the Elixir installation and nothing else of the host's file
+system but a small private home; under `prlimit` limits (address space, file size, no core
+dumps, and OS processes, counted in the sandbox's own user namespace), with a scrubbed
+environment, in its own session (so its own OS process group). The host sends it one
+program at a time over a pipe pair and waits at most `timeout_s` for the reply.
+
+Where the kernel refuses the namespaces (or bubblewrap is missing), `isolation()` says so
+and a pool refuses to start unless its config allows unisolated workers: those run with
+the same limits, session and environment, in a temporary directory, but see the host's
+network, files and processes.
 
 A worker serves candidates one after another, each in fresh Erlang processes, its own
 working directory and captured, truncated output; after each candidate it kills what the
 candidate left running, unloads the candidate's modules and compares the VM's global
-state with the state before. Any difference, a crash, `System.halt`, `:init.stop`, a
-timeout or a garbled reply gets the worker's whole process group killed and a fresh
-worker booted in its place; the other candidates never see it. `max_uses=1` gives the
-strictest mode: every candidate gets a freshly booted VM of its own.
+state (and, isolated, the OS processes of its PID namespace and the files in its home)
+with the state before. Any difference, a crash, `System.halt`, `:init.stop`, a timeout or
+a garbled reply gets the worker's whole process group killed and a fresh worker booted in
+its place; the other candidates never see it. `max_uses=1` gives the strictest mode:
+every candidate gets a freshly booted VM of its own.
 
 Threat model: generated code that is wrong, wasteful or destructive (loops, floods,
-halts, stray processes, global state), not code written to attack this sandbox: a
-candidate that hunted down the worker's reply port inside a reused VM could forge its
-own result. `max_uses=1` bounds what it could affect to its own result.
+halts, stray processes, global state, reaching for the network, files or processes of the
+host), not code written to attack this sandbox from inside the VM: a candidate that
+hunted down the worker's reply port inside a reused VM could forge its own result.
+`max_uses=1` bounds what it could affect to its own result.
 """
 
 from __future__ import annotations
@@ -55,19 +65,40 @@ ERL_FLAGS = (
 )
 FILE_SIZE_LIMIT = 16 * 1024 * 1024
 MEMORY_SIGNS = ("Cannot allocate", "bad_alloc", "Failed to create", "out of memory")
-NAMESPACE_FLAGS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("network+pid namespaces", ("--net", "--pid", "--fork", "--kill-child")),
-    (
-        "network+pid namespaces (user ns)",
-        ("--map-root-user", "--net", "--pid", "--fork", "--kill-child"),
-    ),
-    ("network namespace", ("--net",)),
-    ("network namespace (user ns)", ("--map-root-user", "--net")),
+# OS processes and threads of one isolated VM (RLIMIT_NPROC; the VM itself has ~12).
+PROCESS_LIMIT = 256
+HOME_BYTES = 64 * 1024 * 1024  # the private home (tmpfs) of an isolated VM
+UNPRIVILEGED_ID = 65534  # `nobody`: the uid and gid candidates run as
+SANDBOX_HOME = "/sandbox"
+SANDBOX_SCRIPT = "/exforge/sandbox_server.exs"
+# Every namespace (bwrap brings up the sandbox's own loopback), the sandbox's uid and gid
+# inside, a /proc of its PID namespace, a minimal /dev. Not --die-with-parent: its
+# parent-death signal fires when the *thread* that started bwrap exits, and pool threads
+# come and go; the host kills the worker's process group, which holds the namespace's init.
+NAMESPACES = (
+    "--unshare-all",
+    "--unshare-user",
+    "--uid",
+    str(UNPRIVILEGED_ID),
+    "--gid",
+    str(UNPRIVILEGED_ID),
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
 )
+SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/alternatives")
+READ_ONLY_ONCE_MOUNTED = ("/", "/dev")  # the sandbox's own root and /dev, made read-only
 
 
 class SandboxError(RuntimeError):
     """The sandbox itself cannot work here (missing tool, a worker that cannot boot)."""
+
+
+class UnisolatedError(SandboxError):
+    """The kernel refused the sandbox's namespaces and the caller did not allow running
+    candidates without them."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +109,7 @@ class SandboxConfig:
     max_output: int = 8192
     max_uses: int = 0  # candidates per VM; 0: as many as stay clean
     boot_timeout_s: float = 60.0
+    allow_unisolated: bool = False  # run without namespaces where the kernel refuses them
 
 
 @dataclass(frozen=True)
@@ -94,23 +126,7 @@ class Outcome:
 @dataclass(frozen=True)
 class Isolation:
     description: str
-    prefix: tuple[str, ...]
-
-    @property
-    def network_isolated(self) -> bool:
-        return bool(self.prefix)
-
-
-@cache
-def isolation() -> Isolation:
-    """The strongest namespace isolation this kernel grants, probed once per process."""
-    unshare = shutil.which("unshare")
-    for description, flags in NAMESPACE_FLAGS if unshare else ():
-        command = (unshare, *flags)
-        probe = subprocess.run([*command, "true"], capture_output=True, check=False)
-        if probe.returncode == 0:
-            return Isolation(description, command)
-    return Isolation("none: this kernel refused a private network namespace", ())
+    isolated: bool
 
 
 def _required_tool(name: str) -> str:
@@ -120,12 +136,91 @@ def _required_tool(name: str) -> str:
     return path
 
 
-def _worker_env(work_dir: Path) -> dict[str, str]:
+def _installation(tool: str) -> Path:
+    """The directory a tool is installed in (`…/bin/tool` → `…`), links resolved."""
+    return Path(_required_tool(tool)).resolve().parent.parent
+
+
+def _system_mounts() -> list[str]:
+    """Read-only binds of /usr, the Elixir and Erlang installations, the top-level system
+    directories (or their merged-/usr links) and the loader's files; nothing else."""
+    mounts = ["--ro-bind", "/usr", "/usr"]
+    for root in sorted({_installation("elixir"), _installation("erl")}):
+        if not root.is_relative_to("/usr"):
+            mounts += ["--ro-bind", str(root), str(root)]
+    for name in SYSTEM_DIRS:
+        path = Path(name)
+        if path.is_symlink():
+            mounts += ["--symlink", os.readlink(path), name]
+        elif path.is_dir():
+            mounts += ["--ro-bind", name, name]
+    for name in SYSTEM_FILES:
+        mounts += ["--ro-bind-try", name, name]
+    return mounts
+
+
+def _bubblewrap(mounts: list[str]) -> list[str]:
+    """The command that runs what follows it in the sandbox with `mounts` added to the
+    system's; exforge running as root drops to `nobody` first, so that the sandbox's
+    processes are nobody's on the host too (and RLIMIT_NPROC binds them)."""
+    drop_root = (
+        [
+            _required_tool("setpriv"),
+            f"--reuid={UNPRIVILEGED_ID}",
+            f"--regid={UNPRIVILEGED_ID}",
+            "--clear-groups",
+            "--",
+        ]
+        if os.geteuid() == 0
+        else []
+    )
+    return [
+        *drop_root,
+        _required_tool("bwrap"),
+        *NAMESPACES,
+        *_system_mounts(),
+        *mounts,
+        *(arg for path in READ_ONLY_ONCE_MOUNTED for arg in ("--remount-ro", path)),
+        "--",
+    ]
+
+
+@cache
+def isolation() -> Isolation:
+    """Whether this kernel grants the sandbox its namespaces, probed once per process."""
+    if shutil.which("bwrap") is None:
+        return Isolation("none: bubblewrap (bwrap) is not installed", False)
+    probe = subprocess.run(
+        [*_bubblewrap([]), "true"],
+        capture_output=True,
+        check=False,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    if probe.returncode != 0:
+        reason = probe.stderr.decode(errors="replace").strip() or f"exit {probe.returncode}"
+        return Isolation(f"none: bubblewrap could not set up the sandbox here ({reason})", False)
+    return Isolation(
+        "bubblewrap: private user, mount, network, PID, IPC and UTS namespaces, "
+        "read-only system directories, a private home, unprivileged",
+        True,
+    )
+
+
+def checked_isolation(allow_unisolated: bool) -> Isolation:
+    """The isolation workers get; UnisolatedError where there is none and that is not
+    allowed."""
+    found = isolation()
+    if not (found.isolated or allow_unisolated):
+        raise UnisolatedError(f"refusing to run candidates unisolated: {found.description}")
+    return found
+
+
+def _worker_env(home: str, path: str) -> dict[str, str]:
     """A scrubbed environment: nothing of the host's (no credentials) reaches candidates."""
     return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(work_dir),
-        "TMPDIR": str(work_dir),
+        "PATH": path,
+        "HOME": home,
+        "TMPDIR": home,
         "LANG": "C.UTF-8",
         "LC_ALL": "C.UTF-8",
         "ERL_CRASH_DUMP_SECONDS": "0",
@@ -179,16 +274,19 @@ def parse_reply(frame: bytes) -> tuple[Outcome, bool]:
 
 def classify_death(stderr_tail: str, returncode: int | None) -> Status:
     """Status of a candidate whose worker died under it. Under RLIMIT_AS the VM either
-    reports the failed allocation or, from JIT or thread-stack allocations, segfaults."""
-    if returncode == -signal.SIGSEGV or any(sign in stderr_tail for sign in MEMORY_SIGNS):
+    reports the failed allocation or, from JIT or thread-stack allocations, segfaults
+    (a signal bubblewrap reports as 128 + its number)."""
+    segfault = returncode in (-signal.SIGSEGV, 128 + signal.SIGSEGV)
+    if segfault or any(sign in stderr_tail for sign in MEMORY_SIGNS):
         return "memory"
     return "runtime_error"
 
 
 class BeamWorker:
-    """One warm VM in its own process group and temporary directory."""
+    """One warm VM in its own process group, sandbox (where isolated) and temporary
+    directory, which holds its stderr log (and, unisolated, is its home)."""
 
-    def __init__(self, config: SandboxConfig, root: Path) -> None:
+    def __init__(self, config: SandboxConfig, root: Path, isolated: bool) -> None:
         self.config = config
         self.uses = 0
         self.dir = Path(tempfile.mkdtemp(prefix="beam-", dir=root))
@@ -196,37 +294,55 @@ class BeamWorker:
         self._killed = False
         request_r, self._request_w = os.pipe()
         self._reply_r, reply_w = os.pipe()
+        fds = [request_r, reply_w]
         limits = [
             _required_tool("prlimit"),
             f"--as={config.memory_mb * 1024 * 1024}",
             f"--fsize={FILE_SIZE_LIMIT}",
             "--core=0",
-            "--",
         ]
+        if isolated:
+            fds.append(os.open(SERVER_SCRIPT, os.O_RDONLY))
+            home, script = SANDBOX_HOME, SANDBOX_SCRIPT
+            wrap = _bubblewrap(
+                [
+                    *("--size", str(HOME_BYTES), "--tmpfs", home, "--chdir", home),
+                    *("--ro-bind-data", str(fds[-1]), script),
+                ]
+            )
+            limits.append(f"--nproc={PROCESS_LIMIT}")
+            erl_bin = Path(_required_tool("erl")).resolve().parent
+            env = _worker_env(home, f"{erl_bin}:/usr/bin:/bin")
+        else:
+            home, script, wrap = str(self.dir), str(SERVER_SCRIPT), []
+            env = _worker_env(home, os.environ.get("PATH", "/usr/bin:/bin"))
         server = [
-            _required_tool("elixir"),
+            str(Path(_required_tool("elixir")).resolve()),
             "--erl",
             ERL_FLAGS,
-            str(SERVER_SCRIPT),
+            script,
             str(request_r),
             str(reply_w),
             str(int(config.timeout_s * 1000)),
             str(config.max_output),
-            str(self.dir),
+            home,
+            "1" if isolated else "0",
         ]
-        with (self.dir / "stderr.log").open("wb") as stderr:
-            self.process = subprocess.Popen(
-                [*limits, *isolation().prefix, *server],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-                pass_fds=(request_r, reply_w),
-                start_new_session=True,
-                cwd=self.dir,
-                env=_worker_env(self.dir),
-            )
-        os.close(request_r)
-        os.close(reply_w)
+        try:
+            with (self.dir / "stderr.log").open("wb") as stderr:
+                self.process = subprocess.Popen(
+                    [*wrap, *limits, "--", *server],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    pass_fds=fds,
+                    start_new_session=True,
+                    cwd=self.dir,
+                    env=env,
+                )
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + self.config.boot_timeout_s
@@ -293,7 +409,7 @@ class SandboxPool:
 
     def __init__(self, config: SandboxConfig | None = None) -> None:
         self.config = config or SandboxConfig()
-        self.isolation = isolation()
+        self.isolation = checked_isolation(self.config.allow_unisolated)
         self.replaced = 0
         self._root = Path(tempfile.mkdtemp(prefix="exforge-sandbox-"))
         self._idle: queue.Queue[BeamWorker] = queue.Queue()
@@ -308,7 +424,7 @@ class SandboxPool:
         self.close()
 
     def _spawn(self) -> None:
-        worker = BeamWorker(self.config, self._root)
+        worker = BeamWorker(self.config, self._root, self.isolation.isolated)
         self._all.add(worker)
         self._idle.put(worker)
 

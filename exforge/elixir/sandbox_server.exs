@@ -8,7 +8,9 @@
 # candidate's (truncated) output. DIRTY=1 means the candidate changed global VM state
 # that cleaning could not undo for certain; the host then discards this worker.
 #
-# Arguments: REQUEST_FD REPLY_FD TEST_TIMEOUT_MS MAX_OUTPUT_BYTES WORK_DIR
+# Arguments: REQUEST_FD REPLY_FD TEST_TIMEOUT_MS MAX_OUTPUT_BYTES WORK_DIR OWN_PID_NAMESPACE
+# (OWN_PID_NAMESPACE=1: every OS process in /proc is this VM's, so the ones a candidate
+# leaves running count as changed state.)
 
 defmodule Exforge.Sandbox.Sink do
   @moduledoc "An IO device that keeps the first `limit` bytes written to it."
@@ -107,11 +109,12 @@ defmodule Exforge.Sandbox.Server do
   end
   """
 
-  def main([request_fd, reply_fd, timeout_ms, max_output, work_dir]) do
+  def main([request_fd, reply_fd, timeout_ms, max_output, work_dir, own_pid_namespace]) do
     config = %{
       timeout_ms: String.to_integer(timeout_ms),
       max_output: String.to_integer(max_output),
-      work_dir: work_dir
+      work_dir: work_dir,
+      own_pid_namespace: own_pid_namespace == "1"
     }
 
     ExUnit.start(autorun: false)
@@ -137,7 +140,7 @@ defmodule Exforge.Sandbox.Server do
   end
 
   defp run_candidate(program, counter, config) do
-    before = snapshot()
+    before = snapshot(config)
     dir = Path.join(config.work_dir, "candidate-#{counter}")
     File.mkdir_p!(dir)
     File.cd!(dir)
@@ -166,7 +169,7 @@ defmodule Exforge.Sandbox.Server do
     warnings = err |> Exforge.Sandbox.Sink.contents() |> count_warnings()
     output = Exforge.Sandbox.Sink.contents(out) <> detail
     leftover = clean_up(before, [out, err])
-    dirty = leftover or snapshot() != before
+    dirty = leftover or snapshot(config) != before
     status = overall(status, tests)
     failures = Enum.count(tests, &(&1 != :passed and &1 != :skipped))
 
@@ -269,9 +272,18 @@ defmodule Exforge.Sandbox.Server do
   # Modules compiled from a string have no object file; the candidate's are among them.
   defp in_memory_modules, do: for({module, []} <- :code.all_loaded(), do: module)
 
+  # OS processes of this VM's PID namespace (none tracked without one of its own).
+  defp os_processes(%{own_pid_namespace: false}), do: []
+
+  defp os_processes(%{own_pid_namespace: true}) do
+    "/proc" |> File.ls!() |> Enum.filter(&(&1 =~ ~r/^[0-9]+$/)) |> Enum.sort()
+  end
+
   # Global state a candidate could change to influence a later one.
-  defp snapshot do
+  defp snapshot(config) do
     %{
+      os_processes: os_processes(config),
+      home: config.work_dir |> File.ls!() |> Enum.sort(),
       processes: Process.list() |> Enum.sort(),
       modules: in_memory_modules() |> Enum.sort(),
       registered: Process.registered() |> Enum.sort(),

@@ -1,15 +1,14 @@
 """QLoRA adapters with peft on a frozen NF4 base, and merging them back.
 
 Only adapter weights train; the quantised base never changes (tests prove it bit for
-bit). Merging dequantises the base first, so the merged model is a plain bf16/fp32
-`MistralForCausalLM` that any serving stack can load.
+bit). A registered version is merged into the unquantised base (`merged_model`), so the
+result is a plain bf16 `MistralForCausalLM` that any serving stack can load.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -84,54 +83,6 @@ def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(state[name])
-
-
-def dequantised_base(model: PeftModel, dtype: torch.dtype = torch.float32) -> MistralForCausalLM:
-    """A plain copy of the frozen base with every 4/8-bit weight dequantised."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
-
-    base = model.get_base_model()
-    plain = MistralForCausalLM(base.config).to(dtype)
-    state = {}
-    for name, module in base.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            weight = bnbf.dequantize_4bit(module.weight.data, module.weight.quant_state)
-            state[f"{_base_name(name)}.weight"] = weight.to(dtype)
-        elif isinstance(module, bnb.nn.Linear8bitLt):
-            state[f"{_base_name(name)}.weight"] = _int8_weight(module).to(dtype)
-    for name, tensor in base.state_dict().items():
-        plain_name = _base_name(name)
-        if ".lora_" in name or plain_name in state or not plain_name.endswith("weight"):
-            continue
-        if tensor.dtype in (torch.uint8, torch.int8):
-            continue
-        state[plain_name] = tensor.to(dtype)
-    plain.load_state_dict(state, strict=True)
-    return plain.eval()
-
-
-def _int8_weight(module: torch.nn.Module) -> torch.Tensor:
-    weight = module.weight
-    return weight.data.float() * weight.SCB.unsqueeze(1) / 127
-
-
-def _base_name(name: str) -> str:
-    """`model.layers.0.self_attn.q_proj.base_layer` → `model.layers.0.self_attn.q_proj`."""
-    return name.replace(".base_layer", "")
-
-
-def merge(model: PeftModel, dtype: torch.dtype = torch.float32) -> MistralForCausalLM:
-    """Adapters folded into the dequantised base: W' = dequant(W) + scale · B A."""
-    base = dequantised_base(model, dtype)
-    config = model.peft_config["default"]
-    merged = get_peft_model(base, LoraConfig(**config.to_dict() | {"inference_mode": False}))
-    load_adapter_state(merged, adapter_state(model))
-    return merged.merge_and_unload().eval()
-
-
-def adapter_names(model: torch.nn.Module) -> Sequence[str]:
-    return sorted(trainable(model))
 
 
 def merged_model(settings: Settings, store: ObjectStore, row: dict[str, Any], target: Path) -> None:

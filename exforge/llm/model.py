@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, MistralConfig, MistralForCausalLM
 
 TEKKEN_VOCAB = 131_072
@@ -78,16 +78,6 @@ def preset_config(name: str, **overrides: Any) -> MistralConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r} (known: {', '.join(PRESETS)})")
     return MistralConfig(**{**PRESETS[name], **overrides})
-
-
-def load_config(spec: str) -> MistralConfig:
-    """The configuration a spec names, read from the directory when it is one."""
-    path = Path(spec)
-    if (path / "config.json").is_file():
-        return MistralConfig.from_pretrained(path)
-    if (path / "params.json").is_file():
-        return config_from_params(json.loads((path / "params.json").read_text()))
-    return preset_config(spec)
 
 
 def materialise_preset(name: str, directory: Path, seed: int = 0) -> Path:
@@ -201,22 +191,7 @@ def config_from_params(params: dict[str, Any]) -> MistralConfig:
     )
 
 
-def params_from_config(config: MistralConfig) -> dict[str, Any]:
-    return {
-        "dim": config.hidden_size,
-        "hidden_dim": config.intermediate_size,
-        "n_layers": config.num_hidden_layers,
-        "n_heads": config.num_attention_heads,
-        "n_kv_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim,
-        "vocab_size": config.vocab_size,
-        "norm_eps": config.rms_norm_eps,
-        "rope_theta": config.rope_parameters["rope_theta"],
-        "sliding_window": config.sliding_window,
-    }
-
-
-_LAYER_NAMES = {
+LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj",
     "attention.wk": "self_attn.k_proj",
     "attention.wv": "self_attn.v_proj",
@@ -227,14 +202,14 @@ _LAYER_NAMES = {
     "attention_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
 }
-_TOP_NAMES = {
+TOP_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
 
 
-def _rotary_permute(weight: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
+def rotary_permute(weight: torch.Tensor, heads: int, inverse: bool = False) -> torch.Tensor:
     """Mistral rotates interleaved pairs (x0,x1),(x2,x3)…; transformers rotates halves.
     Reordering each head's q/k rows maps one convention onto the other."""
     rows, cols = weight.shape
@@ -248,44 +223,17 @@ def native_to_hf(state: dict[str, torch.Tensor], config: MistralConfig) -> dict[
     """Rename (and, for q/k, permute) native weights to transformers' Mistral names."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
-        if name in _TOP_NAMES:
-            out[_TOP_NAMES[name]] = tensor
+        if name in TOP_NAMES:
+            out[TOP_NAMES[name]] = tensor
             continue
         _, index, rest = name.split(".", 2)
         module, suffix = rest.rsplit(".", 1)
         if module == "attention.wq":
-            tensor = _rotary_permute(tensor, config.num_attention_heads)
+            tensor = rotary_permute(tensor, config.num_attention_heads)
         elif module == "attention.wk":
-            tensor = _rotary_permute(tensor, config.num_key_value_heads)
-        out[f"model.layers.{index}.{_LAYER_NAMES[module]}.{suffix}"] = tensor
+            tensor = rotary_permute(tensor, config.num_key_value_heads)
+        out[f"model.layers.{index}.{LAYER_NAMES[module]}.{suffix}"] = tensor
     return out
-
-
-def hf_to_native(state: dict[str, torch.Tensor], config: MistralConfig) -> dict[str, torch.Tensor]:
-    """The inverse of `native_to_hf` (exports for Mistral's own inference stack)."""
-    top = {hf: native for native, hf in _TOP_NAMES.items()}
-    layer = {hf: native for native, hf in _LAYER_NAMES.items()}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if name in top:
-            out[top[name]] = tensor
-            continue
-        _, _, index, rest = name.split(".", 3)
-        module, suffix = rest.rsplit(".", 1)
-        native = layer[module]
-        if native == "attention.wq":
-            tensor = _rotary_permute(tensor, config.num_attention_heads, inverse=True)
-        elif native == "attention.wk":
-            tensor = _rotary_permute(tensor, config.num_key_value_heads, inverse=True)
-        out[f"layers.{index}.{native}.{suffix}"] = tensor
-    return out
-
-
-def save_native(model: MistralForCausalLM, directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in hf_to_native(model.state_dict(), model.config).items()}
-    save_file(state, directory / "consolidated.safetensors")
-    (directory / "params.json").write_text(json.dumps(params_from_config(model.config), indent=2))
 
 
 def native_to_hf_dir(source: Path, target: Path) -> Path:
@@ -299,58 +247,3 @@ def native_to_hf_dir(source: Path, target: Path) -> Path:
     model.load_state_dict(state, assign=True)
     model.save_pretrained(target)
     return target
-
-
-# ------------------------------------------------------------------- quantisation report
-
-
-@dataclass(frozen=True)
-class QuantRow:
-    layer: str
-    mean_abs_error: float
-    max_abs_error: float
-    bytes_bf16: int
-    bytes_quantised: int
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.bytes_bf16 - self.bytes_quantised
-
-
-def quantisation_report(model: MistralForCausalLM, kind: Quantisation) -> list[QuantRow]:
-    """Per linear layer: the error of NF4 (double-quant) or INT8 against the bf16 weights.
-
-    Quantises each weight with the same bitsandbytes routines `load_model` uses, so the
-    numbers describe the model the trainer actually trains on.
-    """
-    import bitsandbytes.functional as bnbf
-
-    rows = []
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name == "lm_head":
-            continue
-        weight = module.weight.detach().to(torch.bfloat16)
-        if kind == "nf4":
-            packed, state = bnbf.quantize_4bit(
-                weight, quant_type="nf4", compress_statistics=True, blocksize=64
-            )
-            restored = bnbf.dequantize_4bit(packed, state).to(torch.bfloat16)
-            stats = state.absmax.numel() + state.state2.absmax.numel() * 4 + 4
-            quantised = packed.numel() * packed.element_size() + stats
-        elif kind == "int8":
-            int8, scales, _ = bnbf.int8_vectorwise_quant(weight.float())
-            restored = (int8.float() * scales.unsqueeze(1) / 127).to(torch.bfloat16)
-            quantised = int8.numel() + scales.numel() * 4
-        else:
-            raise ValueError(f"no report for quantisation {kind!r}")
-        error = (restored.float() - weight.float()).abs()
-        rows.append(
-            QuantRow(
-                name,
-                float(error.mean()),
-                float(error.max()),
-                weight.numel() * 2,
-                int(quantised),
-            )
-        )
-    return rows

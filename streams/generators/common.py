@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from exforge.elixir.analysis import parse
+from exforge.elixir.tree import parse
 from schemas.records import (
     FunctionInfo,
     InstructionSample,

@@ -21,7 +21,8 @@ import math
 
 from tree_sitter import Node
 
-from exforge.elixir.analysis import analyse, parse
+from exforge.elixir.analysis import analyse
+from exforge.elixir.tree import parse
 from schemas.records import ElixirAnalysis, InstructionSample, ParsedFile
 from streams.generators.common import code_blocks
 

@@ -16,7 +16,7 @@ import re
 
 from tree_sitter import Node
 
-from exforge.elixir.analysis import parse
+from exforge.elixir.tree import arguments, first_named, named, parse, text
 from schemas.records import FunctionInfo, ParsedFile
 from streams.generators.common import Candidate, Check, candidate, fenced, function_ref
 
@@ -47,19 +47,11 @@ CHECK_MODULE = "ExforgeRefactorCheck"
 OPERATORS = frozenset({"binary_operator", "unary_operator"})
 
 
-def _text(data: bytes, node: Node) -> str:
-    return data[node.start_byte : node.end_byte].decode()
-
-
-def _arguments(call: Node) -> Node | None:
-    return next((c for c in call.children if c.type == "arguments"), None)
-
-
 def _pipeable_call(node: Node) -> bool:
     """A call with parenthesised arguments, no do-block, to a plain or remote name."""
     if node.type != "call" or any(c.type == "do_block" for c in node.children):
         return False
-    args = _arguments(node)
+    args = arguments(node)
     target = node.child_by_field_name("target")
     if args is None or target is None or args.children[0].type != "(":
         return False
@@ -69,10 +61,10 @@ def _pipeable_call(node: Node) -> bool:
 
 
 def _call_parts(data: bytes, call: Node) -> tuple[str, list[str]]:
-    args = _arguments(call)
+    args = arguments(call)
     assert args is not None
     head = data[call.start_byte : args.start_byte].decode()
-    return head, [_text(data, a) for a in args.named_children]
+    return head, [text(a) for a in named(args)]
 
 
 def _call(head: str, args: list[str]) -> str:
@@ -87,7 +79,7 @@ def is_operator(node: Node, operator: str) -> bool:
 def unpiped(data: bytes, node: Node) -> str | None:
     """A pipe chain as nested calls; None when a stage is not a parenthesised call."""
     if not is_operator(node, "|>"):
-        return _text(data, node)
+        return text(node)
     left = node.child_by_field_name("left")
     right = node.child_by_field_name("right")
     if left is None or right is None or not _pipeable_call(right):
@@ -101,11 +93,12 @@ def unpiped(data: bytes, node: Node) -> str | None:
 
 def piped(data: bytes, node: Node) -> tuple[str, int]:
     """Nested calls as a pipe chain and its number of stages (0: not a call to pipe)."""
-    args = _arguments(node) if _pipeable_call(node) else None
-    if args is None or not args.named_children or args.named_children[0].type == "keywords":
-        text = _text(data, node)
-        return (f"({text})" if node.type in OPERATORS else text), 0
-    inner, stages = piped(data, args.named_children[0])
+    args = arguments(node) if _pipeable_call(node) else None
+    first = None if args is None else first_named(args)
+    if first is None or first.type == "keywords":
+        code = text(node)
+        return (f"({code})" if node.type in OPERATORS else code), 0
+    inner, stages = piped(data, first)
     head, rest = _call_parts(data, node)
     return f"{inner} |> {_call(head, rest[1:])}", stages + 1
 
@@ -156,9 +149,9 @@ def check_unit(source: str, siblings: list[FunctionInfo]) -> str:
     included: list[FunctionInfo] = []
     frontier = [source]
     while frontier:
-        text = frontier.pop()
+        unit = frontier.pop()
         for sibling in siblings:
-            if sibling not in included and _calls(text, sibling):
+            if sibling not in included and _calls(unit, sibling):
                 included.append(sibling)
                 frontier.append(sibling.source)
     body = "\n\n".join([source, *(s.source for s in included)])
@@ -225,21 +218,20 @@ def _clauses(source: str) -> list[tuple[list[str], str | None, str]] | None:
     if root.has_error:
         return None
     clauses = []
-    for clause in root.named_children:
-        if clause.type == "comment":
-            continue
-        args = _arguments(clause)
-        if clause.type != "call" or args is None or not args.named_children:
+    for clause in named(root):
+        args = arguments(clause)
+        head = None if args is None else first_named(args)
+        if clause.type != "call" or args is None or head is None:
             return None
-        head, guard = args.named_children[0], None
+        guard = None
         if is_operator(head, "when"):
             guard_node = head.child_by_field_name("right")
             head = head.child_by_field_name("left")  # type: ignore[assignment]
-            guard = _text(data, guard_node) if guard_node else None
-        head_args = _arguments(head) if head is not None and head.type == "call" else None
+            guard = text(guard_node) if guard_node else None
+        head_args = arguments(head) if head is not None and head.type == "call" else None
         if head_args is None:
             return None
-        patterns = [_text(data, a) for a in head_args.named_children]
+        patterns = [text(a) for a in named(head_args)]
         if any("\\\\" in p for p in patterns):
             return None
         body = _body(data, clause, args)
@@ -266,20 +258,20 @@ def _body(data: bytes, clause: Node, args: Node) -> str | None:
     if block is not None:
         if any(c.type.endswith("_block") for c in block.named_children):
             return None  # rescue/catch/after/else blocks
-        statements = [c for c in block.named_children if c.type != "comment"]
+        statements = named(block)
         if not statements:
             return None
-        text = data[statements[0].start_byte : statements[-1].end_byte].decode()
-        return dedent_after_first(text, statements[0].start_point.column)
-    keywords = args.named_children[-1]
+        code = data[statements[0].start_byte : statements[-1].end_byte].decode()
+        return dedent_after_first(code, statements[0].start_point.column)
+    keywords = named(args)[-1]
     if keywords.type != "keywords" or len(keywords.named_children) != 1:
         return None
     pair = keywords.named_children[0]
     value = pair.child_by_field_name("value")
     key = pair.child_by_field_name("key")
-    if value is None or key is None or _text(data, key).strip() != "do:":
+    if value is None or key is None or text(key).strip() != "do:":
         return None
-    return _text(data, value)
+    return text(value)
 
 
 def as_case(function: FunctionInfo) -> str | None:

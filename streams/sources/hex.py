@@ -23,9 +23,8 @@ from sqlalchemy import Engine
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore, sha256_hex
 from schemas.records import SourceRequest
-from streams.archives import ChecksumMismatch, Limits, read_hex_tarball, verify_sha256
+from streams.archives import ChecksumMismatch, verify_sha256
 from streams.sources.crawl import MissingSetting, Progress, SeenReleases, Sink, Summary
-from streams.sources.erlterms import parse_metadata
 from streams.sources.http import EtagCache, PoliteClient, SourceHTTPError
 
 PAGE_SIZE = 100  # the Hex API's fixed page size
@@ -75,11 +74,6 @@ class HexClient:
             raise SourceHTTPError(f"GET {url}: HTTP {response.status_code}", response.status_code)
         verify_sha256(response.content, checksum, f"tarball {name}-{version}")
         return response.content
-
-
-def tarball_metadata(data: bytes, limits: Limits) -> dict[str, Any]:
-    """`metadata.config` of a verified tarball (layout and inner checksum checked)."""
-    return parse_metadata(read_hex_tarball(data, limits).metadata_config)
 
 
 @dataclass(frozen=True)

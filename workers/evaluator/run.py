@@ -3,7 +3,6 @@ the result in the registry and the store; and the short evaluation the demo ends
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from sqlalchemy import Engine
 
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
-from exforge.elixir.sandbox import SandboxConfig, SandboxPool
+from exforge.elixir.sandbox import SandboxPool, checked_isolation
 from exforge.llm.registry import record_results
 from workers.evaluator.benchmarks import (
     BUILTIN,
@@ -32,7 +31,7 @@ from workers.evaluator.generate import (
 )
 from workers.evaluator.qa import CONCEPTS_PREFIX, IDIOMS, load_concepts, load_idioms
 from workers.evaluator.report import load_results, save_result, write_report
-from workers.evaluator.scoring import score, score_exact
+from workers.evaluator.scoring import sandbox_config, score, score_exact
 
 DEMO_SAMPLING = Sampling(temperature=0.0, max_tokens=32, batch_size=16)
 
@@ -50,6 +49,7 @@ class EvalRequest:
     ks: tuple[int, ...] = (1,)
     sampling: Sampling = field(default_factory=Sampling)
     limit: int | None = None
+    allow_unisolated: bool = False  # score where the kernel refuses the sandbox's namespaces
 
 
 class PhaseProgress:
@@ -95,29 +95,22 @@ def resolve_version(engine: Engine, model: str, version: int | None) -> dict[str
     return row
 
 
-def sandbox_config(settings: Settings) -> SandboxConfig:
-    return SandboxConfig(
-        timeout_s=settings.eval_timeout_s,
-        memory_mb=settings.eval_memory_mb,
-        workers=settings.eval_workers or os.cpu_count() or 1,
-        max_uses=settings.eval_max_uses,
-    )
-
-
 def _score(
     settings: Settings,
     benchmark: Benchmark,
     completions: list[Completion],
-    ks: tuple[int, ...],
+    request: EvalRequest,
     progress: PhaseProgress,
 ) -> dict[str, Any]:
     progress.start("scoring", len(completions))
     if benchmark.scoring == "exact":
-        result = score_exact(benchmark, completions, ks)
+        result = score_exact(benchmark, completions, request.ks)
         progress.advance("scoring", len(completions))
         return result
-    with SandboxPool(sandbox_config(settings)) as pool:
-        return score(benchmark, completions, pool, ks, lambda *_: progress.advance("scoring"))
+    with SandboxPool(sandbox_config(settings, request.allow_unisolated)) as pool:
+        return score(
+            benchmark, completions, pool, request.ks, lambda *_: progress.advance("scoring")
+        )
 
 
 def run_evaluation(
@@ -134,6 +127,8 @@ def run_evaluation(
         benchmark = resolve_benchmark(request.benchmark, request.limit)
     except BenchmarkError as exc:
         raise EvalError(str(exc)) from None
+    if benchmark.scoring == "sandbox":
+        checked_isolation(request.allow_unisolated)  # before generating, not after
     row = resolve_version(engine, request.model, request.version)
     generator = generator or _Lazy(lambda: InProcessGenerator.for_version(settings, store, row))
     cache = GenerationCache(store, row["name"], row["version"], request.sampling)
@@ -147,7 +142,7 @@ def run_evaluation(
         lambda count: progress.advance("generating", count),
     )
     progress.advance("generating", generated.cached)
-    result = _score(settings, benchmark, generated.completions, request.ks, progress)
+    result = _score(settings, benchmark, generated.completions, request, progress)
     result["model"] = {"name": row["name"], "version": row["version"]}
     result["generation"] = {
         "n": request.n,
@@ -170,13 +165,17 @@ def evaluate_for_demo(
     report_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The built-in benchmark, n=1, greedy, 32 new tokens (about 30 s for the tiny model
-    on two cores); stores the result and writes the HTML report. Returns pass@1, the
-    status counts and the report's paths."""
+    on two cores); stores the result and writes the HTML report. The tiny model's
+    completions run unisolated where the kernel refuses namespaces (the result's
+    isolation says so). Returns pass@1, the status counts, the isolation and the report's
+    paths."""
     from exforge.core.db import open_database
     from exforge.core.store import open_store
 
     store = open_store(settings)
-    request = EvalRequest(model_name, version, BUILTIN, sampling=DEMO_SAMPLING, limit=limit)
+    request = EvalRequest(
+        model_name, version, BUILTIN, sampling=DEMO_SAMPLING, limit=limit, allow_unisolated=True
+    )
     result = run_evaluation(settings, store, open_database(settings), request)
     page, png = write_report(load_results(store), report_dir or settings.root / "eval-report")
     return {
@@ -185,6 +184,7 @@ def evaluate_for_demo(
         "problems": result["problems"],
         "pass@1": result["pass_at_k"].get("1"),
         "status_counts": result["status_counts"],
+        "isolation": result["isolation"],
         "generation": result["generation"],
         "html": str(page),
         "png": str(png),

@@ -3,16 +3,28 @@ chrF, compile rate and warnings, overall, per category and per problem."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
-from exforge.elixir.sandbox import STATUSES, Outcome, SandboxPool
+from exforge.core.settings import Settings
+from exforge.elixir.sandbox import STATUSES, Outcome, SandboxConfig, SandboxPool
 from workers.evaluator.benchmarks import Benchmark, BenchmarkError, Completion, Problem
 from workers.evaluator.metrics import chrf, compile_rate, mean_pass_at_k, pass_at_k
 
 RESULT_VERSION = 1
+
+
+def sandbox_config(settings: Settings, allow_unisolated: bool = False) -> SandboxConfig:
+    return SandboxConfig(
+        timeout_s=settings.eval_timeout_s,
+        memory_mb=settings.eval_memory_mb,
+        workers=settings.eval_workers or os.cpu_count() or 1,
+        max_uses=settings.eval_max_uses,
+        allow_unisolated=allow_unisolated,
+    )
 
 
 def check_completions(benchmark: Benchmark, completions: Sequence[Completion]) -> None:

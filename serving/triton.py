@@ -43,6 +43,7 @@ class Instance:
     http_port: int
     grpc_port: int
     metrics_port: int
+    host: str = "127.0.0.1"  # the address it binds; it is always asked on loopback
 
     @property
     def grpc_url(self) -> str:
@@ -55,7 +56,11 @@ class Instance:
 
 def default_instance(settings: Settings) -> Instance:
     return Instance(
-        "triton", settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port
+        "triton",
+        settings.triton_http_port,
+        settings.triton_grpc_port,
+        settings.triton_metrics_port,
+        settings.triton_host,
     )
 
 
@@ -108,9 +113,9 @@ def command(settings: Settings, instance: Instance, repository: Path) -> list[st
         f"--model-repository={repository}",
         f"--backend-directory={backends_dir(settings)}",
         "--model-control-mode=explicit",
-        "--http-address=127.0.0.1",
-        "--grpc-address=127.0.0.1",
-        "--metrics-address=127.0.0.1",
+        f"--http-address={instance.host}",
+        f"--grpc-address={instance.host}",
+        f"--metrics-address={instance.host}",
         f"--http-port={instance.http_port}",
         f"--grpc-port={instance.grpc_port}",
         f"--metrics-port={instance.metrics_port}",
@@ -151,6 +156,12 @@ def start(settings: Settings, instance: Instance, repository: Path) -> int:
         time.sleep(0.1)
     stop_pid(process.pid)
     raise StackError(f"tritonserver was not live within {START_TIMEOUT_S:.0f}s")
+
+
+def wait(pid: int) -> int:
+    """Wait for a tritonserver this process started; its exit code."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def stop(settings: Settings, instance: Instance) -> bool:

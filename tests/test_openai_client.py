@@ -44,6 +44,10 @@ CONVERSATIONS: list[list[dict[str, Any]]] = [
 ]
 SHAREGPT = {"system": "system", "developer": "system", "user": "human", "assistant": "gpt"}
 
+# The first test to use the shared servers waits for two tritonservers to load five
+# model versions (minutes on a busy 2-core machine).
+pytestmark = pytest.mark.timeout(900)
+
 
 def trainer_prompt_ids(messages: list[dict[str, Any]]) -> list[int]:
     """The ids the trainer encodes for this conversation, up to its assistant answer."""

@@ -39,6 +39,10 @@ from tests.support.serving import (
     stable_version,
 )
 
+# The first test to use the shared servers waits for two tritonservers to load five
+# model versions (minutes on a busy 2-core machine).
+pytestmark = pytest.mark.timeout(900)
+
 
 @pytest.fixture(scope="module")
 def gateway_a(served: Served) -> Iterator[RunningGateway]:

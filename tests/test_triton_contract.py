@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import model_config_pb2 as pb
@@ -26,6 +27,10 @@ UPSTREAM = json.loads(
 )
 SCRIPT = Path(__file__).resolve().parent.parent / "serving" / "trtllm" / "build_engine.sh"
 PLACEHOLDER_TYPES = {"TYPE_FP32", "TYPE_FP16", "TYPE_BF16"}  # what ${..._datatype} may be
+
+# The first test to use the shared servers waits for two tritonservers to load five
+# model versions (minutes on a busy 2-core machine).
+pytestmark = pytest.mark.timeout(900)
 
 
 def upstream(model: str, kind: str) -> list[tuple[str, str, list[int], bool]]:

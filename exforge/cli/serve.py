@@ -62,9 +62,14 @@ def export(
 def up(
     model: Annotated[list[str] | None, typer.Option(help="Models to load (default: all).")] = None,
     versions: Annotated[str | None, typer.Option(help="Versions, e.g. 1,2 (default: all).")] = None,
+    foreground: Annotated[
+        bool, typer.Option(help="Stay until tritonserver exits (a container's command).")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Start the local tritonserver (python backend, explicit model control) and load."""
+    import signal
+
     from exforge.core.stack import StackError
     from serving import triton
     from serving.export import existing_versions, repository_dir
@@ -73,12 +78,15 @@ def up(
     repository = repository_dir(config, "cpu")
     instance = triton.default_instance(config)
     try:
-        triton.start(config, instance, repository)
+        pid = triton.start(config, instance, repository)
         for name in model or sorted(p.name for p in repository.iterdir() if p.is_dir()):
             triton.load(instance, name, _versions(versions) or existing_versions(repository / name))
     except StackError as exc:
         raise fail(str(exc)) from None
     status(as_json)
+    if foreground:
+        signal.signal(signal.SIGTERM, lambda *_: triton.stop(config, instance))
+        raise typer.Exit(triton.wait(pid))
 
 
 @serve_app.command("down")

@@ -7,8 +7,8 @@ TensorRT-LLM's KV-cache reuse does), then decoded one token per step together wi
 other running request; a finished request leaves the batch at once.
 
 Sampling is per request and does not depend on the batch: temperature, top-k and top-p
-shape the row's distribution, and noise from the request's own seeded generator picks
-the token (Gumbel-max), so the same seed gives the same text alone or among others.
+shape the row's distribution, and one number from the request's own seeded generator
+picks the token, so the same seed gives the same text alone or among others.
 Each token produces one `Step` with the text it released: text is held back while it
 may still be the start of a stop string, or an incomplete UTF-8 character, and the stop
 string itself is never released.
@@ -336,24 +336,38 @@ class Decoder:
 
     def _advance(self, indices: list[int], logits: torch.Tensor) -> None:
         """Sample the next token of the given rows, emit their steps, retire finished."""
+        rows = [self.rows[i] for i in indices]
+        try:
+            tokens = choose_rows(
+                logits, [r.request.sampling for r in rows], [r.generator for r in rows]
+            )
+        except FloatingPointError:  # find the rows at fault; the others go on
+            tokens = [
+                self._choose_alone(row, row_logits)
+                for row, row_logits in zip(rows, logits, strict=True)
+            ]
         finished = []
-        for index, row_logits in zip(indices, logits, strict=True):
-            row = self.rows[index]
-            try:
-                step = self._next(row, row_logits)
-            except Exception as exc:
-                row.request.emit(exc)
+        for index, row, token in zip(indices, rows, tokens, strict=True):
+            if isinstance(token, Exception):
+                row.request.emit(token)
                 finished.append(index)
                 continue
+            step = self._next(row, token)
             row.request.emit(step)
             if step.finish is not None:
                 finished.append(index)
         if finished:
             self._retire(finished)
 
-    def _next(self, row: Row, logits: torch.Tensor) -> Step:
+    @staticmethod
+    def _choose_alone(row: Row, logits: torch.Tensor) -> int | Exception:
+        try:
+            return choose(logits, row.request.sampling, row.generator)
+        except FloatingPointError as exc:
+            return exc
+
+    def _next(self, row: Row, token: int) -> Step:
         sampling = row.request.sampling
-        token = choose(logits, sampling, row.generator)
         now = time.time_ns()
         if row.request.first_token_ns is None:
             row.request.first_token_ns = now
@@ -402,41 +416,59 @@ def _pad_kv(tensor: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def choose(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    """The next token: greedy at temperature 0, else a draw from the tempered, top-k and
-    top-p limited distribution by the Gumbel-max trick (argmax of log-probabilities plus
-    Gumbel noise from the request's generator, one number per vocabulary entry). Two
-    runs whose logits differ in the last bits of float precision draw the same token
-    unless two candidates tie to that precision, which makes the draw reproducible across
-    processes and thread counts."""
-    best, token = torch.max(logits, dim=-1)  # NaN and +inf show in the maximum
-    if not bool(torch.isfinite(best)):
+    """The next token of one request (`choose_rows` for one row)."""
+    return choose_rows(logits[None], [sampling], [generator])[0]
+
+
+def choose_rows(
+    logits: torch.Tensor, samplings: Sequence[Sampling], generators: Sequence[torch.Generator]
+) -> list[int]:
+    """The next token of each row: greedy at temperature 0, else one uniform number from
+    the row's own generator, inverted through the cumulative distribution of its
+    tempered, top-k and top-p limited probabilities taken in vocabulary order. In that
+    order two runs whose logits differ in the last bits (other thread counts, other
+    batches) move the cumulative sums by far less than one token's probability, so the
+    same seed draws the same tokens in every process; sorting by probability would not
+    (near-equal probabilities swap places)."""
+    best, greedy = torch.max(logits, dim=-1)  # NaN and +inf show in the maximum
+    if not bool(torch.isfinite(best).all()):
         raise FloatingPointError("the model produced non-finite logits")
-    if sampling.temperature <= 0:
-        return int(token)
-    noise = -torch.log(-torch.log(torch.rand(logits.shape, generator=generator).clamp_(1e-20, 1)))
-    scores = torch.log_softmax(logits.float() / sampling.temperature, dim=-1)
-    allowed = _allowed(scores, sampling)
-    if allowed is not None:
-        scores = torch.full_like(scores, -torch.inf).index_copy_(0, allowed, scores[allowed])
-    return int(torch.argmax(scores + noise.to(scores.device)))
+    sampled = [i for i, s in enumerate(samplings) if s.temperature > 0]
+    tokens = greedy.tolist()
+    if not sampled:
+        return tokens
+    device = logits.device
+    rows = torch.tensor(sampled, device=device)
+    heat = torch.tensor([samplings[i].temperature for i in sampled], device=device)
+    probs = torch.softmax(logits[rows].float() / heat[:, None], dim=-1)
+    for row, index in enumerate(sampled):
+        allowed = _allowed(probs[row], samplings[index])
+        if allowed is not None:
+            probs[row] = torch.zeros_like(probs[row]).index_copy_(0, allowed, probs[row][allowed])
+    cumulative = torch.cumsum(probs, dim=-1)
+    draws = torch.tensor([float(torch.rand((), generator=generators[i])) for i in sampled])
+    targets = draws.to(device)[:, None] * cumulative[:, -1:]
+    found = torch.searchsorted(cumulative, targets, right=True)[:, 0]
+    for index, token in zip(sampled, found.clamp(max=logits.shape[-1] - 1).tolist(), strict=True):
+        tokens[index] = token
+    return tokens
 
 
-def _allowed(scores: torch.Tensor, sampling: Sampling) -> torch.Tensor | None:
+def _allowed(probs: torch.Tensor, sampling: Sampling) -> torch.Tensor | None:
     """The token ids top-k and top-p keep (None: all). Top-p looks at the most likely
     `NUCLEUS_PROBE` tokens first and sorts everything only when their mass falls short."""
-    vocab = scores.numel()
+    vocab = probs.numel()
     k = sampling.top_k if 0 < sampling.top_k < vocab else vocab
     if k == vocab and sampling.top_p >= 1.0:
         return None
     if sampling.top_p >= 1.0:
-        return torch.topk(scores, k).indices
-    values, order = torch.topk(scores, min(k, NUCLEUS_PROBE))
-    if float(values.exp().sum()) < sampling.top_p and len(order) < k:
-        values, order = torch.topk(scores, k)
-    probs = values.exp()
+        return torch.topk(probs, k).indices
+    values, order = torch.topk(probs, min(k, NUCLEUS_PROBE))
+    if float(values.sum()) < sampling.top_p and len(order) < k:
+        values, order = torch.topk(probs, k)
     if k < vocab:
-        probs = probs / probs.sum()  # top-k renormalises before the nucleus is taken
-    inside = torch.cumsum(probs, dim=-1) - probs < sampling.top_p
+        values = values / values.sum()  # top-k renormalises before the nucleus is taken
+    inside = torch.cumsum(values, dim=-1) - values < sampling.top_p
     return order[inside]
 
 

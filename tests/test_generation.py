@@ -173,3 +173,20 @@ def test_sampling_draws_from_the_tempered_nucleus() -> None:
 def test_non_finite_logits_fail_the_request() -> None:
     with pytest.raises(FloatingPointError):
         choose(torch.tensor([0.1, float("nan")]), Sampling(), torch.Generator())
+
+
+def test_a_receiver_that_fails_leaves_the_batch_and_the_others_go_on(
+    model: object, tokenizer: object
+) -> None:
+    decoder = Decoder(model, tokenizer)
+    first, second = prompts(tokenizer)[:2]
+    steps: list[Step] = []
+
+    def gone(_event: object) -> None:
+        raise ConnectionError("the client went away")
+
+    decoder.submit(Request(first, Sampling(max_tokens=5), gone))
+    decoder.submit(Request(second, Sampling(max_tokens=5), steps.append))
+    decoder.run()
+    assert steps[-1].finish == "length" and steps[-1].tokens == 5
+    assert not decoder.rows

@@ -230,13 +230,17 @@ class Decoder:
             self.step()
 
     def serve(self, stopping: threading.Event) -> None:
-        """Decode whatever arrives until `stopping` is set (a server's thread)."""
+        """Decode whatever arrives until `stopping` is set (a server's thread). A step
+        that fails fails the requests it was decoding; the loop goes on."""
         while not stopping.is_set():
             with self.wakeup:
                 if not self.busy:
                     self.wakeup.wait(0.1)
                     continue
-            self.step()
+            try:
+                self.step()
+            except Exception as exc:
+                self._fail_all(exc)
 
     # ------------------------------------------------------------------ decoding
 
@@ -274,7 +278,7 @@ class Decoder:
             )
             self._join(row, kv)
         except Exception as exc:
-            request.emit(exc)
+            _deliver(request, exc)
             return
         self._advance([len(self.rows) - 1], logits[None])
 
@@ -348,13 +352,9 @@ class Decoder:
             ]
         finished = []
         for index, row, token in zip(indices, rows, tokens, strict=True):
-            if isinstance(token, Exception):
-                row.request.emit(token)
-                finished.append(index)
-                continue
-            step = self._next(row, token)
-            row.request.emit(step)
-            if step.finish is not None:
+            event = token if isinstance(token, Exception) else self._next(row, token)
+            delivered = _deliver(row.request, event)
+            if not delivered or isinstance(event, Exception) or event.finish is not None:
                 finished.append(index)
         if finished:
             self._retire(finished)
@@ -386,7 +386,7 @@ class Decoder:
         gone = [i for i, row in enumerate(self.rows) if row.request.cancelled()]
         for index in gone:
             row = self.rows[index]
-            row.request.emit(Step("", row.tokens, time.time_ns(), "cancelled"))
+            _deliver(row.request, Step("", row.tokens, time.time_ns(), "cancelled"))
         if gone:
             self._retire(gone)
 
@@ -404,11 +404,21 @@ class Decoder:
 
     def _fail_all(self, exc: Exception) -> None:
         for row in self.rows:
-            row.request.emit(exc)
+            _deliver(row.request, exc)
         self._retire(list(range(len(self.rows))))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+
+def _deliver(request: Request, event: Event) -> bool:
+    """Hand an event to its request; False when the receiver failed (a client gone), so
+    the request leaves the batch instead of stopping the loop."""
+    try:
+        request.emit(event)
+    except Exception:
+        return False
+    return True
 
 
 def _pad_kv(tensor: torch.Tensor, width: int) -> torch.Tensor:

@@ -70,18 +70,17 @@ class Responder:
         self.job: Request | None = None
 
     def emit(self, event: Event) -> None:
-        try:
-            if isinstance(event, Exception):
-                error = pb_utils.TritonError(f"{type(event).__name__}: {event}")
-                self.sender.send(pb_utils.InferenceResponse([], error), flags=FINAL)
-            elif self.streaming:
-                self.sender.send(self._response(event, event.text), flags=_flags(event))
-            else:
-                self.text.append(event.text)
-                if event.finish is not None:
-                    self.sender.send(self._response(event, "".join(self.text)), flags=FINAL)
-        except pb_utils.TritonModelException:
-            pass  # the client went away; the decoder drops cancelled requests
+        """Send a step (or the error that ended the request); raises when the client is
+        gone, and the decoder drops the request."""
+        if isinstance(event, Exception):
+            error = pb_utils.TritonError(f"{type(event).__name__}: {event}")
+            self.sender.send(pb_utils.InferenceResponse([], error), flags=FINAL)
+        elif self.streaming:
+            self.sender.send(self._response(event, event.text), flags=_flags(event))
+        else:
+            self.text.append(event.text)
+            if event.finish is not None:
+                self.sender.send(self._response(event, "".join(self.text)), flags=FINAL)
 
     def _response(self, step: Step, text: str) -> object:
         job = self.job
@@ -137,7 +136,7 @@ class TritonPythonModel:
             responder = Responder(request, self.block)
             try:
                 job = self._job(request, responder)
-            except Exception as exc:
+            except Exception as exc:  # a malformed request fails alone
                 responder.emit(exc)
                 continue
             responder.job = job

@@ -23,9 +23,11 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from mistral_common.exceptions import MistralCommonException
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field, ValidationError
 
+from exforge.core import tracing
 from exforge.llm.chat import load_tokenizer, prompt_ids, prompt_text
 from serving.contract import LlmRequest
 from serving.gateway import End, Gateway, GatewayError, Job, Start, Token, collect, first_event
@@ -348,6 +350,16 @@ def create_app(gateway: Gateway) -> FastAPI:
         await gateway.close()
 
     app = FastAPI(title="exforge gateway", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def traced(request: Request, call_next: Any) -> Response:
+        """A server span per request, continuing the client's traceparent if it sent one;
+        the Triton call of a generation is its child (gRPC metadata carries it on)."""
+        name = f"{request.method} {request.url.path}"
+        with tracing.consumed(
+            name, request.headers, {"http.route": request.url.path}, SpanKind.SERVER
+        ):
+            return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> Response:

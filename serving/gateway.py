@@ -17,6 +17,7 @@ from datetime import datetime
 
 from sqlalchemy import Engine
 
+from exforge.core import anomaly
 from exforge.core.settings import Settings
 from exforge.llm.registry import list_versions
 from serving import keys, metrics, rollout, usage
@@ -149,10 +150,16 @@ class Gateway:
         await self.pool.close()
 
     async def _refresh_loop(self) -> None:
+        monitor, latency = anomaly.Monitor(self.engine), anomaly.MeanWatch(metrics.LATENCY_METRIC)
         while True:
             await asyncio.sleep(REFRESH_S)
             try:
                 await self.refresh()
+                changes = await asyncio.to_thread(
+                    anomaly.serving_tick, monitor, latency, anomaly.utcnow()
+                )
+                for change in changes:
+                    log.warning("anomaly: %s", change)
             except Exception:
                 log.exception("refreshing rollouts failed")
 

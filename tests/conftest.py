@@ -25,6 +25,9 @@ from tests.postgres import PostgresServer, running_postgres
 if TYPE_CHECKING:
     from exforge.core.settings import Settings
 
+# Skips and xfails fail the suite (install what is missing); every module is in a group.
+pytest_plugins = ["tests.support.no_skips", "tests.support.groups"]
+
 S3_TEST_KEY = "testing"
 MOTO_START_TIMEOUT_S = 30.0
 

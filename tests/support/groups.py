@@ -23,6 +23,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_eval_generate",
         "test_eval_metrics",
         "test_eval_qa",
+        "test_generation",
         "test_neardup",
         "test_schemas",
         "test_sources_archives",
@@ -63,6 +64,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_eval_run",
         "test_eval_unisolated",
         "test_inspect",
+        "test_openai_client",
         "test_pipeline",
         "test_replay",
         "test_serving_e2e",
@@ -72,6 +74,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_stack",
         "test_tracing",
         "test_train_cli",
+        "test_triton_contract",
     ),
     "corpus": ("test_corpus",),
 }

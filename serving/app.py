@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from exforge.core import tracing
 from exforge.llm.chat import load_tokenizer, prompt_ids, prompt_text
+from serving import guard
 from serving.contract import LlmRequest
 from serving.gateway import End, Gateway, GatewayError, Job, Start, Token, collect, first_event
 from serving.keys import KeyInfo
@@ -350,6 +351,12 @@ def create_app(gateway: Gateway) -> FastAPI:
         await gateway.close()
 
     app = FastAPI(title="exforge gateway", lifespan=lifespan)
+    limits = gateway.settings
+    app.add_middleware(
+        guard.BodyLimits,
+        max_bytes=limits.gateway_max_body_bytes,
+        max_depth=limits.gateway_max_json_depth,
+    )
 
     @app.middleware("http")
     async def traced(request: Request, call_next: Any) -> Response:
@@ -375,6 +382,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
+        try:
+            guard.check_messages(len(body.messages), gateway.settings.gateway_max_messages)
+        except guard.InputRejected as exc:
+            return error_response(GatewayError(400, str(exc), "too_many_messages", "messages"))
         return await serve(gateway, request, body, chat=True)
 
     @app.get("/v1/models")

@@ -19,8 +19,9 @@ from sqlalchemy import Engine
 
 from exforge.core import anomaly
 from exforge.core.settings import Settings
+from exforge.llm.chat import text_ids, text_tokenizer
 from exforge.llm.registry import list_versions
-from serving import keys, metrics, rollout, usage
+from serving import guard, keys, metrics, rollout, usage
 from serving.cache import CachedCompletion, CacheKey, ResponseCache
 from serving.contract import LlmRequest
 from serving.limits import Admission, RateLimiter, Rejected
@@ -124,6 +125,7 @@ class Gateway:
         self.admission = Admission(settings.gateway_concurrency, settings.gateway_queue)
         self.limiter = RateLimiter(settings.gateway_rate_per_s, settings.gateway_burst)
         self.cache = ResponseCache(settings.gateway_cache_entries)
+        self.tokenizer = text_tokenizer()
         self.thresholds = rollout.Thresholds(
             settings.rollback_window_s,
             settings.rollback_min_requests,
@@ -246,10 +248,29 @@ class Gateway:
 
     # ------------------------------------------------------------------ generation
 
+    def prompt_tokens(self, job: Job) -> int:
+        """The prompt's tokens as the cpu flavor counts them (`text_input`'s rule)."""
+        return len(text_ids(self.tokenizer, job.request.text))
+
     async def generate(self, job: Job, key: keys.KeyInfo) -> AsyncIterator[Start | Token | End]:
-        """The events of one request. A GatewayError before `Start` means nothing was
-        sent; one after it (the deadline, a failing server) ends a started stream."""
-        outcome = Outcome(job, key.key_id, self.route(job, key.key_id))
+        """The events of one request, generated text redacted when the settings say so.
+        A GatewayError before `Start` means nothing was sent; one after it (the deadline,
+        a failing server) ends a started stream."""
+        prompt_tokens = self.prompt_tokens(job)
+        try:
+            guard.check_prompt_tokens(prompt_tokens, self.settings.gateway_max_prompt_tokens)
+        except guard.InputRejected as exc:
+            raise GatewayError(400, str(exc), "prompt_too_long", "messages") from None
+        events = self._generate(job, key, prompt_tokens)
+        if self.settings.gateway_redact_output:
+            events = redacted_events(events)
+        async for event in events:
+            yield event
+
+    async def _generate(
+        self, job: Job, key: keys.KeyInfo, prompt_tokens: int
+    ) -> AsyncIterator[Start | Token | End]:
+        outcome = Outcome(job, key.key_id, self.route(job, key.key_id), prompt_tokens=prompt_tokens)
         cache_key = self._cache_key(job, outcome.version)
         cached = self.cache.get(cache_key) if cache_key else None
         if cache_key:
@@ -408,6 +429,25 @@ class Gateway:
         self.cache.invalidate(model)
         self.windows.pop((model, version), None)
         metrics.ROLLBACKS.labels(model).inc()
+
+
+async def redacted_events(
+    events: AsyncIterator[Start | Token | End],
+) -> AsyncIterator[Start | Token | End]:
+    """Token texts through the output redaction (released at whitespace); what is still
+    held when the generation ends goes out, redacted, before its `End`."""
+    redactor = guard.OutputRedactor()
+    async for event in events:
+        if isinstance(event, Token):
+            text = redactor.feed(event.text)
+            if text:
+                yield Token(text, event.produced_ns)
+            continue
+        if isinstance(event, End):
+            rest = redactor.finish()
+            if rest:
+                yield Token(rest)
+        yield event
 
 
 async def collect(events: AsyncIterator[Start | Token | End]) -> tuple[str, End]:

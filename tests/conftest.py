@@ -240,7 +240,7 @@ def pipeline(broker: str, tmp_path: Path) -> Pipeline:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """List every real corpus file a test left out of a comparison, with its reason."""
-    from support.corpus import EXCLUSIONS
+    from tests.support.corpus import EXCLUSIONS
 
     if EXCLUSIONS:
         terminalreporter.section("corpus files left out of comparisons")

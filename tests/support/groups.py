@@ -22,6 +22,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_docs",
         "test_eval_generate",
         "test_eval_metrics",
+        "test_gateway_guard",
         "test_eval_qa",
         "test_generation",
         "test_neardup",

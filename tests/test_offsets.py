@@ -18,6 +18,7 @@ from exforge.core.kafka import (
     producer,
     read_all,
 )
+from exforge.core.settings import Settings
 from schemas.catalogue import topic_name
 from streams.offsets import BrokerOffsets, HandledOffsets, Rewinds, resolve
 
@@ -67,6 +68,22 @@ def test_redelivered_offsets_below_the_base_are_ignored_and_forget_resets() -> N
 
 
 @pytest.mark.slow
+async def commit_as_worker_group(
+    settings: Settings, partition: TopicPartition, offset: int
+) -> None:
+    group = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        group_id=settings.worker_group,
+        enable_auto_commit=False,
+    )
+    await group.start()
+    try:
+        group.assign([partition])
+        await group.commit({partition: offset})
+    finally:
+        await group.stop()
+
+
 def test_the_broker_decides_jumps_and_committed_offsets(pipeline: Pipeline) -> None:
     settings = pipeline.settings
     name = topic_name(settings.topic_prefix, "parsed.files")
@@ -87,17 +104,7 @@ def test_the_broker_decides_jumps_and_committed_offsets(pipeline: Pipeline) -> N
             assert skipped == {tp: 0}  # and offset 0 must be fetched again
             unhandled = books.committable(tp)
             # a commit by the group is what a restarted worker starts from
-            group = AIOKafkaConsumer(
-                bootstrap_servers=settings.bootstrap,
-                group_id=settings.worker_group,
-                enable_auto_commit=False,
-            )
-            await group.start()
-            try:
-                group.assign([TopicPartition(name, 0)])
-                await group.commit({TopicPartition(name, 0): 3})
-            finally:
-                await group.stop()
+            await commit_as_worker_group(settings, TopicPartition(name, 0), 3)
             return never_committed, unhandled, first, await broker.committed(tp)
         finally:
             await broker.stop()
@@ -133,17 +140,7 @@ def test_end_offsets_and_lag_count_every_record_of_a_batch(pipeline: Pipeline) -
             await client.send_and_wait(name, b"w", partition=0)
             sent = [await client.send(name, b"x", partition=0) for _ in range(2)]
             await asyncio.gather(*sent)
-        group = AIOKafkaConsumer(
-            bootstrap_servers=settings.bootstrap,
-            group_id=settings.worker_group,
-            enable_auto_commit=False,
-        )
-        await group.start()
-        try:
-            group.assign([partition])
-            await group.commit({partition: 5})  # all but the last record handled
-        finally:
-            await group.stop()
+        await commit_as_worker_group(settings, partition, 5)  # all but the last record
         async with metadata_consumer(settings) as consumer:
             ends = await end_offsets(consumer, [partition])
         lag = [r.lag for r in await consumer_lag(settings) if r.topic == name and r.partition == 0]

@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import pytest
-from support.elixir_ast import elixir_views
 
 from exforge.core.settings import DEFAULT_BENCHMARKS, load_settings
 from exforge.core.store import FileStore, sha256_hex
@@ -29,6 +28,7 @@ from streams.files import (
     file_outcome,
     first_drop,
 )
+from tests.support.elixir_ast import elixir_views
 
 BENCHMARKS = load_settings().resolved_decontamination_files
 GOOD = """defmodule Good do

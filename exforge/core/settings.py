@@ -63,8 +63,11 @@ class Settings(BaseSettings):
         description="Triton gRPC endpoint(s) of the gateway, comma-separated host:port; "
         "unset: the local Triton (`exforge serve up`).",
     )
-    triton_http_port: Port = Field(8000, description="Local Triton HTTP port (loopback).")
-    triton_grpc_port: Port = Field(8001, description="Local Triton gRPC port (loopback).")
+    triton_host: str = Field(
+        "127.0.0.1", description="Address the local Triton binds (0.0.0.0 in a container)."
+    )
+    triton_http_port: Port = Field(8000, description="Local Triton HTTP port.")
+    triton_grpc_port: Port = Field(8001, description="Local Triton gRPC port.")
     triton_metrics_port: Port = Field(8002, description="Local Triton /metrics port.")
     gateway_host: str = Field("127.0.0.1", description="Address the serving gateway binds.")
     gateway_port: Port = Field(8080, description="Port of the serving gateway.")
@@ -81,8 +84,31 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Default token-bucket refill per API key (requests/s)."
     )
     gateway_burst: PositiveInt = Field(20, description="Default token-bucket size per API key.")
+    gateway_key_ttl_s: float = Field(
+        2.0, gt=0, description="How long the gateway trusts a looked-up API key (revocation delay)."
+    )
+    gateway_kv_block_tokens: PositiveInt = Field(
+        32, description="Tokens per KV-cache block of the served models (cached-token counts)."
+    )
     gateway_cache_entries: int = Field(
         1024, ge=0, description="Exact-match cache size (temperature 0 + seed); 0: off."
+    )
+    gateway_max_body_bytes: PositiveInt = Field(
+        1_048_576, description="Largest request body the gateway reads; larger: 400."
+    )
+    gateway_max_json_depth: PositiveInt = Field(
+        32, description="Deepest JSON nesting of a request body; deeper: 400."
+    )
+    gateway_max_messages: PositiveInt = Field(
+        256, description="Most messages in one chat request; more: 400."
+    )
+    gateway_max_prompt_tokens: PositiveInt = Field(
+        32_768, description="Most Tekken tokens in a rendered prompt; more: 400."
+    )
+    gateway_redact_output: bool = Field(
+        True,
+        description="Redact keys, tokens, e-mail and IP addresses in generated text (streams "
+        "are then released at whitespace).",
     )
     rollback_window_s: float = Field(
         60.0, gt=0, description="Window over which a canary's errors and latency are judged."

@@ -2,18 +2,18 @@
 
 One row per version of a model's lineage: its method and parameters (`base` for a
 version no compression made), its size on disk as served (the merged bf16 safetensors),
-decoding speed (tokens/s and first-token latency on the same prompts, every version
-measured in the same run, round by round), pass@1 on the gate benchmark and on the
-idioms set (evaluated once and kept in the registry), and whether it is on the Pareto
-front of size (smaller), speed and pass@1 (higher). `plot` draws size against pass@1 and
-against speed.
+decoding speed (tokens/s and first-token latency on the same prompts, decoded as one
+batch by the serving loop, every version measured in the same run, round by round),
+pass@1 on the gate benchmark and on the idioms set (evaluated once and kept in the
+registry), and whether it is on the Pareto front of size (smaller), speed and pass@1
+(higher). `plot` draws size against pass@1 and against speed.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +22,12 @@ from sqlalchemy import Engine
 
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
-from exforge.llm.generation import GenerationRequest, Generator, PrefixCache
+from exforge.llm.chat import text_ids
+from exforge.llm.generation import Decoder, Event, Request, Sampling
 from exforge.llm.lora import merged_version_dir
 from exforge.llm.registry import list_versions, stored_metric
 from workers.evaluator.benchmarks import BUILTIN, load_benchmark
+from workers.evaluator.generate import InProcessGenerator
 from workers.evaluator.qa import IDIOMS
 from workers.evaluator.run import DEMO_SAMPLING, EvalRequest, run_evaluation
 
@@ -68,32 +70,54 @@ def served_size(directory: Path) -> int:
     return sum(path.stat().st_size for path in directory.glob("*.safetensors"))
 
 
+def timed_batch(decoder: Decoder, prompts: Sequence[list[int]], sampling: Sampling) -> Speed:
+    """Decode the prompts as one continuously batched run: tokens/s over the run and
+    the median latency from submission to first token."""
+    tokens = [0] * len(prompts)
+
+    def counter(index: int) -> Callable[[Event], None]:
+        def emit(event: Event) -> None:
+            if isinstance(event, Exception):
+                raise event
+            tokens[index] = event.tokens
+
+        return emit
+
+    requests = [Request(list(ids), sampling, counter(i)) for i, ids in enumerate(prompts)]
+    started = time.perf_counter()
+    for request in requests:
+        decoder.submit(request)
+    decoder.run()
+    seconds = time.perf_counter() - started
+    firsts = [
+        (r.first_token_ns - r.arrived_ns) / 1e9 for r in requests if r.first_token_ns is not None
+    ]
+    return Speed(sum(tokens) / seconds, statistics.median(firsts) if firsts else 0.0)
+
+
 def decode_speed(
     directories: dict[int, Path], prompts: Sequence[str], max_tokens: int, rounds: int
 ) -> dict[int, Speed]:
-    """Greedy decoding of every prompt by every version, the versions taking turns within
-    each round; the median over rounds of tokens/s and of first-token latency."""
-    generators = {version: Generator.from_dir(path) for version, path in directories.items()}
-    rates: dict[int, list[float]] = {version: [] for version in generators}
-    firsts: dict[int, list[float]] = {version: [] for version in generators}
+    """Greedy decoding of the prompts, batched, by every version with the serving loop;
+    the versions take turns within each round; medians over the rounds."""
+    decoders = {}
+    for version, path in directories.items():
+        generator = InProcessGenerator.from_dir(path)
+        ids = [text_ids(generator.tokenizer, prompt) for prompt in prompts]
+        decoders[version] = (Decoder(generator.model, generator.tokenizer, len(ids)), ids)
+    sampling = Sampling(max_tokens=max_tokens)
+    runs: dict[int, list[Speed]] = {version: [] for version in decoders}
     for number in range(rounds + 1):  # round 0 warms every model up
-        for version, generator in generators.items():
-            tokens, seconds, first = 0, 0.0, []
-            for prompt in prompts:
-                generator.prefix = PrefixCache()  # every request pays its prefill
-                request = GenerationRequest(prompt, max_tokens)
-                started = time.perf_counter()
-                for count, _ in enumerate(generator.stream(request), 1):
-                    if count == 1:
-                        first.append(time.perf_counter() - started)
-                    tokens += 1
-                seconds += time.perf_counter() - started
+        for version, (decoder, ids) in decoders.items():
+            speed = timed_batch(decoder, ids, sampling)
             if number:
-                rates[version].append(tokens / seconds)
-                firsts[version].append(statistics.median(first) if first else 0.0)
+                runs[version].append(speed)
     return {
-        version: Speed(statistics.median(rates[version]), statistics.median(firsts[version]))
-        for version in generators
+        version: Speed(
+            statistics.median(s.tokens_per_s for s in speeds),
+            statistics.median(s.first_token_s for s in speeds),
+        )
+        for version, speeds in runs.items()
     }
 
 

@@ -33,7 +33,7 @@ from pydantic import BaseModel, Field
 
 from exforge.core.store import ObjectNotFound, ObjectStore, sha256_hex
 from exforge.llm.chat import decode, encode, prompt_ids
-from schemas.shards import decode_shard, encode_shard
+from schemas.shards import decode_shard, difficulty, encode_shard
 from schemas.sharegpt import validate_sharegpt
 from workers.trainer.packing import PAD_ID
 
@@ -118,13 +118,13 @@ def generate(
     return decode(tokenizer, output[0, ids.shape[1] :].tolist()).strip()
 
 
-def synthetic_sample(task: str, answer: str, kind: str, stage: int, difficulty: int) -> Sample:
+def synthetic_sample(task: str, answer: str, kind: str, stage: int, level: int) -> Sample:
     conversations = [{"from": "human", "value": task}, {"from": "gpt", "value": answer}]
     content = json.dumps(["ssr", kind, conversations], ensure_ascii=False)
     return {
         "id": sha256_hex(content.encode()),
         "conversations": conversations,
-        "meta": {"kind": kind, "stage": stage, "difficulty": difficulty},
+        "meta": {"kind": kind, "stage": stage, "difficulty": level},
     }
 
 
@@ -148,8 +148,7 @@ def synthesise(
         demos = rng.sample(pool, min(settings.demonstrations, len(pool)))
         task = generate(model, tokenizer, task_prompt(demos, kind), settings)
         answer = generate(model, tokenizer, answer_prompt(demos, task), settings) if task else ""
-        difficulty = demos[0].get("meta", {}).get("difficulty", 1)
-        drafts.append(synthetic_sample(task, answer, kind, stage, difficulty))
+        drafts.append(synthetic_sample(task, answer, kind, stage, difficulty(demos[0])))
     return drafts
 
 

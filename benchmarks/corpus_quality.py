@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path.insert(0, str(ROOT))
 
-from support.corpus import Judgement, judge, unpack  # noqa: E402
+from tests.support.corpus import Judgement, judge, unpack  # noqa: E402
 
 
 def figures(judgements: list[Judgement]) -> dict[str, Any]:

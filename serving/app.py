@@ -17,9 +17,12 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry.trace import SpanKind
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
+from exforge.core import tracing
+from serving import guard
 from serving.gateway import End, Gateway, GatewayError, Job, Start, Token, collect, first_event
 
 VERSION_HEADER = "x-exforge-model-version"
@@ -251,6 +254,22 @@ def create_app(gateway: Gateway) -> FastAPI:
         await gateway.close()
 
     app = FastAPI(title="exforge gateway", lifespan=lifespan)
+    limits = gateway.settings
+    app.add_middleware(
+        guard.BodyLimits,
+        max_bytes=limits.gateway_max_body_bytes,
+        max_depth=limits.gateway_max_json_depth,
+    )
+
+    @app.middleware("http")
+    async def traced(request: Request, call_next: Any) -> Response:
+        """A server span per request, continuing the client's traceparent if it sent one;
+        the Triton call of a generation is its child (gRPC metadata carries it on)."""
+        name = f"{request.method} {request.url.path}"
+        with tracing.consumed(
+            name, request.headers, {"http.route": request.url.path}, SpanKind.SERVER
+        ):
+            return await call_next(request)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request) -> Response:
@@ -258,6 +277,10 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request) -> Response:
+        try:
+            guard.check_messages(len(body.messages), gateway.settings.gateway_max_messages)
+        except guard.InputRejected as exc:
+            return error_response(GatewayError(400, str(exc)))
         job = body.job(render_chat(body.messages))
         return await serve(gateway, request, job, chat=True, stream=body.stream)
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field, replace
 
 from sqlalchemy import Engine
 
+from exforge.core import anomaly
 from exforge.core.settings import Settings
 from exforge.llm.registry import list_versions
-from serving import keys, metrics, rollout, usage
+from serving import guard, keys, metrics, rollout, usage
 from serving.cache import CachedCompletion, CacheKey, ResponseCache
 from serving.contract import request_arrays
 from serving.limits import Admission, RateLimiter, Rejected
@@ -122,10 +123,16 @@ class Gateway:
         await self.pool.close()
 
     async def _refresh_loop(self) -> None:
+        monitor, latency = anomaly.Monitor(self.engine), anomaly.MeanWatch(metrics.LATENCY_METRIC)
         while True:
             await asyncio.sleep(REFRESH_S)
             try:
                 await self.refresh()
+                changes = await asyncio.to_thread(
+                    anomaly.serving_tick, monitor, latency, anomaly.utcnow()
+                )
+                for change in changes:
+                    log.warning("anomaly: %s", change)
             except Exception:
                 log.exception("refreshing rollouts failed")
 
@@ -203,8 +210,25 @@ class Gateway:
 
     # ------------------------------------------------------------------ generation
 
+    def prompt_tokens(self, job: Job) -> int:
+        return len(self.tokenizer.encode(job.prompt, bos=True, eos=False))
+
     async def generate(self, job: Job, key: keys.KeyInfo) -> AsyncIterator[Start | Token | End]:
-        """The events of one request; raises GatewayError before `Start` only."""
+        """The events of one request, generated text redacted when the settings say so;
+        raises GatewayError before `Start` only."""
+        try:
+            guard.check_prompt_tokens(
+                self.prompt_tokens(job), self.settings.gateway_max_prompt_tokens
+            )
+        except guard.InputRejected as exc:
+            raise GatewayError(400, str(exc)) from None
+        events = self._generate(job, key)
+        if self.settings.gateway_redact_output:
+            events = redacted_events(events)
+        async for event in events:
+            yield event
+
+    async def _generate(self, job: Job, key: keys.KeyInfo) -> AsyncIterator[Start | Token | End]:
         outcome = Outcome(job, key.key_id, self.route(job, key.key_id))
         cache_key = self._cache_key(job, outcome.version)
         cached = self.cache.get(cache_key) if cache_key else None
@@ -299,7 +323,7 @@ class Gateway:
     async def _finish(self, outcome: Outcome, cached: bool) -> End:
         job, version = outcome.job, outcome.version
         latency = time.monotonic() - outcome.started
-        prompt_tokens = len(self.tokenizer.encode(job.prompt, bos=True, eos=False))
+        prompt_tokens = self.prompt_tokens(job)
         completion = len(outcome.tokens)
         await asyncio.to_thread(
             usage.record, self.engine, outcome.key_id, job.model, version, prompt_tokens, completion
@@ -341,6 +365,25 @@ class Gateway:
         self.cache.invalidate(model)
         self.windows.pop((model, version), None)
         metrics.ROLLBACKS.labels(model).inc()
+
+
+async def redacted_events(
+    events: AsyncIterator[Start | Token | End],
+) -> AsyncIterator[Start | Token | End]:
+    """Token texts through the output redaction (released at whitespace); what is still
+    held when the generation ends goes out, redacted, before its `End`."""
+    redactor = guard.OutputRedactor()
+    async for event in events:
+        if isinstance(event, Token):
+            text = redactor.feed(event.text)
+            if text:
+                yield Token(text)
+            continue
+        if isinstance(event, End):
+            rest = redactor.finish()
+            if rest:
+                yield Token(rest)
+        yield event
 
 
 async def collect(events: AsyncIterator[Start | Token | End]) -> tuple[str, End]:

@@ -11,8 +11,9 @@ REQUESTS = Counter(
     "Gateway generation requests by model, serving version and HTTP status.",
     ["model", "version", "status"],
 )
+LATENCY_METRIC = "exforge_gateway_request_seconds"
 LATENCY = Histogram(
-    "exforge_gateway_request_seconds",
+    LATENCY_METRIC,
     "Time from request to last token.",
     ["model", "version"],
     buckets=LATENCY_BUCKETS,

@@ -18,6 +18,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from exforge.core import tracing
 from serving.contract import INPUTS
 
 log = logging.getLogger("exforge.serving.pool")
@@ -141,10 +142,13 @@ class Pool:
             }
 
         endpoint.outstanding += 1
+        span, metadata = tracing.client_span(
+            "triton stream_infer", model=model, version=version, endpoint=endpoint.url
+        )
         try:
             client = endpoint.client
             assert client is not None, "Pool.start() makes the clients"
-            responses = client.stream_infer(requests(), stream_timeout=timeout_s)
+            responses = client.stream_infer(requests(), stream_timeout=timeout_s, headers=metadata)
             async for result, error in responses:
                 if error is not None:
                     raise ModelError(str(error))
@@ -163,3 +167,4 @@ class Pool:
             raise ModelError(str(exc)) from exc
         finally:
             endpoint.outstanding -= 1
+            span.end()

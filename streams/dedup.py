@@ -31,6 +31,7 @@ import faust
 from aiokafka import TopicPartition
 from sqlalchemy.orm import Session
 
+from exforge.core import tracing
 from exforge.core.db import FileOutcome
 from exforge.core.kafka import admin_client, metadata_consumer
 from exforge.core.settings import Settings
@@ -122,6 +123,7 @@ class _HeldEntry:
     since: float  # wall-clock time the file was first held
     file: str | None = None  # ParsedFile JSON
     held: Held = field(default_factory=Held)
+    trace: str | None = None  # the file's trace, continued when it is decided
 
     def dumps(self) -> str:
         return json.dumps(
@@ -131,6 +133,7 @@ class _HeldEntry:
                 "file": self.file,
                 "earlier": self.held.earlier,
                 "settled": self.held.settled,
+                "trace": self.trace,
             }
         )
 
@@ -142,6 +145,7 @@ class _HeldEntry:
             data["since"],
             data["file"],
             Held(data["earlier"], data["settled"]),
+            data.get("trace"),
         )
 
 
@@ -220,6 +224,7 @@ def attach(ctx: StageContext) -> None:
         entry = _HeldEntry.loads(raw) if raw else _HeldEntry(_event_partition(), time.time())
         if event.kind == "candidate" and event.file is not None:
             entry.file = event.file.model_dump_json(by_alias=True, exclude_none=True)
+            entry.trace = tracing.traceparent()
         elif event.other is not None:
             entry.held = entry.held.hear(event.kind, event.other)
         held[sha] = entry.dumps()
@@ -241,7 +246,7 @@ def attach(ctx: StageContext) -> None:
             else:
                 near_dup = file.near_dup.model_copy(update={"cluster": cluster})
                 kept = file.model_copy(update={"near_dup": near_dup})
-                result.outputs.append(Output("parsed.files", sha, kept))
+                result.outputs.append(Output("parsed.files", sha, kept, entry.trace))
             settle = BandMessage(kind="settle", sha256=sha, cluster=cluster)
             result.outputs.extend(Output("files.bands", b, settle) for b in file.near_dup.bands)
             settled[sha] = cluster

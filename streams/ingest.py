@@ -205,7 +205,7 @@ def record_package(engine: Engine, package: RawPackage) -> None:
         }
     )
     with Session(engine) as session, session.begin():
-        session.merge(Package(**values))
+        session.merge(Package(**values, record=package.model_dump_json()))
 
 
 def attach(ctx: StageContext) -> None:

@@ -21,6 +21,7 @@ import faust
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
+from exforge.core import tracing
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore, sha256_hex
 from exforge.core.telemetry import DLQ_MESSAGES, DROPPED, MESSAGES_IN, MESSAGES_OUT, STAGE_LATENCY
@@ -39,6 +40,8 @@ class Output:
     topic: str  # catalogue name, e.g. "raw.packages"
     key: str
     record: Record
+    # the trace this output continues (a W3C traceparent); None: the message being handled
+    trace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,9 @@ class StageContext:
     async def send(self, stage: str, output: Output) -> None:
         """Produce and wait for the broker's acknowledgement (at-least-once)."""
         pending = await self.topic(output.topic).send(
-            key=output.key.encode(), value=output.record.to_bytes()
+            key=output.key.encode(),
+            value=output.record.to_bytes(),
+            headers=tracing.kafka_headers(output.trace),
         )
         await pending
         MESSAGES_OUT.labels(stage, output.topic).inc()
@@ -148,11 +153,23 @@ class StageContext:
 
 
 async def process(ctx: StageContext, stage: str, event: faust.EventT, handler: Handler) -> None:
-    """Run one message through a handler; never raises for a bad message."""
+    """Run one message through a handler, in a span of the message's trace; never raises
+    for a bad message."""
+    message = event.message
+    attributes = {
+        "messaging.system": "kafka",
+        "messaging.destination.name": message.topic,
+        "messaging.kafka.destination.partition": message.partition,
+        "messaging.kafka.message.offset": message.offset,
+    }
+    with tracing.consumed(f"{stage} process", message.headers, attributes):
+        await _process(ctx, stage, message, handler)
+
+
+async def _process(ctx: StageContext, stage: str, message: Any, handler: Handler) -> None:
     started = time.perf_counter()
     ctx.touch(stage)
     MESSAGES_IN.labels(stage).inc()
-    message = event.message
     key = message.key.decode(errors="replace") if message.key else None
     try:
         if inspect.iscoroutinefunction(handler):

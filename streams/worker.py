@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import faust
 from faust.types import TP
 
+from exforge.core import anomaly, tracing
 from exforge.core.kafka import LagRow, consumer_lag, create_topics
 from exforge.core.settings import Settings
 from exforge.core.telemetry import CONSUMER_LAG, STALLED_PARTITIONS, serve_metrics
@@ -108,6 +109,7 @@ async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
 
 def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> int:
     """Run a Faust worker in this process; return its exit code."""
+    tracing.setup("exforge-worker")
     asyncio.run(create_topics(settings))
     ctx = build(settings, stages)
     serve_metrics(settings.metrics_port)
@@ -116,6 +118,8 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> i
     stopping: list[asyncio.Future[None]] = []  # keeps the stop task referenced
 
     stalls = StallWatch(settings.stall_seconds)
+    anomalies = anomaly.StageWatch(anomaly.Monitor(ctx.engine))
+    stage_of_topic = {topic_name(settings.topic_prefix, t): s for s, t in STAGE_INPUTS.items()}
 
     @ctx.app.timer(interval=2.0, name="lag-and-idle-watch")
     async def watch() -> None:
@@ -123,6 +127,11 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> i
             return
         try:
             lag = await input_lag(settings)
+            backlog = anomaly.lag_by_stage(lag, stage_of_topic)
+            for change in await asyncio.to_thread(
+                anomalies.tick, backlog, time.monotonic(), anomaly.utcnow()
+            ):
+                log.warning("anomaly: %s", change)
             if until_idle and await is_idle(ctx, started, lag):
                 log.info("pipeline idle: stopping the worker")
                 stopping.append(asyncio.ensure_future(worker.stop()))

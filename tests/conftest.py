@@ -25,6 +25,9 @@ from tests.postgres import PostgresServer, running_postgres
 if TYPE_CHECKING:
     from exforge.core.settings import Settings
 
+# Skips and xfails fail the suite (install what is missing); every module is in a group.
+pytest_plugins = ["tests.support.no_skips", "tests.support.groups"]
+
 S3_TEST_KEY = "testing"
 MOTO_START_TIMEOUT_S = 30.0
 
@@ -237,7 +240,7 @@ def pipeline(broker: str, tmp_path: Path) -> Pipeline:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """List every real corpus file a test left out of a comparison, with its reason."""
-    from support.corpus import EXCLUSIONS
+    from tests.support.corpus import EXCLUSIONS
 
     if EXCLUSIONS:
         terminalreporter.section("corpus files left out of comparisons")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import re
 import shutil
 import subprocess
 import tempfile
@@ -19,27 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-DEBIAN_BINDIRS = Path("/usr/lib/postgresql")
+from exforge.core.backup import postgres_program
+
 SERVER_USER = "postgres"
 SUPERUSER = "exforge"
 START_TIMEOUT_S = 60
-
-
-def bindir() -> Path:
-    """Where initdb and pg_ctl are: on PATH, else the newest Debian server version."""
-    on_path = shutil.which("initdb")
-    if on_path:
-        return Path(on_path).resolve().parent
-    versions = sorted(
-        (p for p in DEBIAN_BINDIRS.glob("*/bin") if (p / "initdb").exists()),
-        key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0),
-    )
-    if not versions:
-        raise RuntimeError(
-            "PostgreSQL's server programs (initdb, pg_ctl) are not installed: "
-            "`make postgresql` installs Debian's postgresql package"
-        )
-    return versions[-1]
 
 
 @dataclass(frozen=True)
@@ -58,8 +41,8 @@ class PostgresServer:
         ) as connection:
             connection.execute(sql)
 
-    def create_database(self) -> str:
-        name = f"t_{uuid.uuid4().hex[:16]}"
+    def create_database(self, name: str | None = None) -> str:
+        name = name or f"t_{uuid.uuid4().hex[:16]}"
         self._admin(f'CREATE DATABASE "{name}"')
         return name
 
@@ -77,7 +60,7 @@ def _run_as(user: pwd.struct_passwd | None) -> dict[str, object]:
 @contextmanager
 def running_postgres(port: int) -> Iterator[PostgresServer]:
     """Start a fresh cluster on 127.0.0.1:`port`; stop it and delete it on exit."""
-    programs = bindir()
+    programs = Path(postgres_program("initdb")).parent
     user = pwd.getpwnam(SERVER_USER) if os.geteuid() == 0 else None
     base = Path(tempfile.mkdtemp(prefix="exforge-pg-"))
     if user is not None:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from support.elixir_ast import analysis_view, elixir_views
 
 from exforge.elixir.analysis import FileAnalysis, analyse, normalise
 from exforge.elixir.tree import argument_nodes, first_argument, parse, text
 from schemas.records import FunctionInfo
+from tests.support.elixir_ast import analysis_view, elixir_views
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = sorted((REPO / "examples" / "corpus").glob("**/*.ex"))

@@ -15,10 +15,10 @@ import pytest
 from conftest import Pipeline
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from support.corpus import EXCLUSIONS, Judgement, judge, unpack
 
 from exforge.core.db import FileOutcome, open_database
 from exforge.core.store import sha256_hex
+from tests.support.corpus import EXCLUSIONS, Judgement, judge, unpack
 
 # Files Elixir's parser refuses, so no comparison can hold them to it.
 ELIXIR_REJECTS = {
@@ -82,7 +82,7 @@ def test_redaction_changes_no_code(judgements: list[Judgement]) -> None:
 
 def test_the_judge_sees_what_it_judges(tmp_path: Path) -> None:
     """The comparison can fail: a file whose definitions Elixir sees and a broken one."""
-    from support.elixir_ast import elixir_views
+    from tests.support.elixir_ast import elixir_views
 
     good = tmp_path / "good.ex"
     good.write_text('defmodule A do\n  describe "x" do\n    defp helper(a), do: a\n  end\nend\n')

@@ -16,7 +16,6 @@ import pytest
 from conftest import Pipeline
 from sqlalchemy import select
 from sqlalchemy.orm import Session
-from support.records import raw_package
 from test_filters import BENCHMARKS, GOOD, PLANTED, SECRETS_MODULE
 from test_pipeline import send, write_project
 
@@ -29,6 +28,7 @@ from schemas.records import ParsedFile, RawPackage
 from streams.files import Dropped, FileSteps, file_outcome
 from streams.sources.local import upload_directory
 from tests.support.neardup import batch_decisions
+from tests.support.records import raw_package
 
 pytestmark = pytest.mark.slow
 

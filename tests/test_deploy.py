@@ -527,14 +527,15 @@ def test_database_is_postgres(services: dict[str, Any]) -> None:
 
 
 def test_exforge_commands_exist(services: dict[str, Any]) -> None:
-    """`command:` of each exforge service is a real CLI command (checked with --help)."""
+    """`command:` of each exforge service is a real command of the installed `exforge`
+    entry point (checked with --help)."""
     commands = {name: _command(svc) for name, svc in _exforge_services(services).items()}
     assert commands.get("topics") == ["topics", "create"]
     assert commands.get("worker", [None])[0] == "worker"
     for name, args in commands.items():
         words = [arg for arg in args if not arg.startswith("-")]
         result = subprocess.run(
-            [sys.executable, "-c", "from exforge.cli import main; main()", *words, "--help"],
+            [str(Path(sys.executable).parent / "exforge"), *words, "--help"],
             cwd=ROOT,
             capture_output=True,
             text=True,

@@ -1,6 +1,6 @@
 """Where the kernel refuses namespaces, `exforge eval score` and `exforge eval run` refuse to
 run candidates unisolated, say why and how to run anyway; with `--allow-unisolated` they
-run them and say so. The refusal is real: the commands run under `no_namespaces.py`, in a
+run them and say so. The refusal is real: the commands run under `support/no_namespaces.py`, in a
 user namespace whose namespace limits are 0, so the sandbox's own probe meets the kernel's
 refusal."""
 
@@ -24,7 +24,7 @@ from workers.evaluator.generate import CACHE_PREFIX
 
 EXFORGE = str(Path(sys.executable).parent / "exforge")
 REPO = Path(__file__).resolve().parent.parent
-NO_NAMESPACES = [sys.executable, str(REPO / "tests" / "no_namespaces.py")]
+NO_NAMESPACES = [sys.executable, str(REPO / "tests" / "support" / "no_namespaces.py")]
 KERNEL_REFUSAL = re.compile(r"bubblewrap could not set up the sandbox here \(.*(ENOSPC|No space)")
 
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pymupdf
 import pytest
-from support.records import raw_package
 
 from exforge.core.store import sha256_hex
 from schemas.records import RawPackage
 from streams.sources.books import NotABook, book_files, extract_book
+from tests.support.records import raw_package
 
 GREETER = """defmodule Greeter do
   @moduledoc "Greets people."

@@ -24,6 +24,7 @@ def test_base_frozen_adapters_train(tmp_path: Path) -> None:
         pack([encode(tokenizer, s["conversations"]) for s in synthetic_samples(2, 8)], 128)
     )
     adapters = trainable(model)
+    adapters_before = {name: p.detach().clone() for name, p in adapters.items()}
     optimizer = torch.optim.AdamW(adapters.values(), lr=1e-2)
     for _ in range(3):
         optimizer.zero_grad()
@@ -33,6 +34,8 @@ def test_base_frozen_adapters_train(tmp_path: Path) -> None:
         assert with_grad and all(".lora_" in n for n in with_grad)
         optimizer.step()
     assert all(".lora_" in name for name in adapters)
+    unchanged = [n for n, p in adapters.items() if torch.equal(p.detach(), adapters_before[n])]
+    assert unchanged == [], "adapters that did not train"
     after = model.get_base_model().state_dict()
     for name, tensor in base_before.items():
         assert torch.equal(tensor, after[name]), name

@@ -9,11 +9,14 @@ files across packages, is the stage's next step and not shown).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from exforge.cli.console import JsonFlag, console, emit_json, fail, settings, table
+
+if TYPE_CHECKING:
+    from streams.files import Candidate
 
 SUFFIXES = (".ex", ".exs")
 
@@ -30,7 +33,7 @@ def elixir_files(path: Path) -> list[tuple[str, Path]]:
     ]
 
 
-def inspection(candidate: Any, outcome: str | None, with_text: bool) -> dict[str, Any]:
+def inspection(candidate: Candidate, outcome: str | None, with_text: bool) -> dict[str, Any]:
     """One file's report: its outcome and what the stage computed on the way to it."""
     from exforge.elixir.quality import quality
 
@@ -71,7 +74,6 @@ def inspect_command(
     """What the parse stage makes of a file, or of every .ex/.exs under a directory:
     kept or the drop reason, the secrets redacted (kind, line), modules, functions and
     quality. Exit 2 when PATH holds no Elixir file."""
-    from exforge.core.settings import Settings
     from schemas.records import RawPackage
     from streams.files import Candidate, FileSteps, first_drop
 
@@ -82,8 +84,7 @@ def inspect_command(
     files = elixir_files(path)
     if not files:
         raise fail(f"{path} holds no .ex or .exs file", 2)
-    config: Settings = settings()
-    steps = FileSteps.from_settings(config)
+    steps = FileSteps.from_settings(settings())
     package = RawPackage(
         source_id=f"dir:{path.resolve().name}@inspect",
         kind="dir",

@@ -11,11 +11,22 @@ import typer
 from rich.console import Group
 
 from exforge import __version__
-from exforge.cli.console import JsonFlag, console, emit_json, errors, fail, settings, table
+from exforge.cli.backup import backup_app, replay_app
+from exforge.cli.console import (
+    JsonFlag,
+    console,
+    database,
+    emit_json,
+    errors,
+    fail,
+    settings,
+    table,
+)
 from exforge.cli.eval import eval_app
 from exforge.cli.inspect import inspect_command
 from exforge.cli.models import models_app
 from exforge.cli.serve import generate, serve_app, usage
+from exforge.core import tracing
 from exforge.core.settings import Settings, describe_settings
 
 app = typer.Typer(
@@ -47,6 +58,7 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def main_callback(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=version_callback, is_eager=True)
     ] = False,
@@ -56,6 +68,8 @@ def main_callback(
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # spans name the command's service: exforge-worker, exforge-ingest, exforge-serve, …
+    tracing.setup(f"exforge-{ctx.invoked_subcommand or 'cli'}")
 
 
 @app.command("settings")
@@ -731,6 +745,24 @@ app.command("inspect")(inspect_command)
 app.command("generate")(generate)
 app.add_typer(serve_app, name="serve")
 app.command("usage")(usage)
+app.add_typer(backup_app, name="backup")
+
+
+@app.command("alerts")
+def alerts(as_json: JsonFlag = False) -> None:
+    """Active anomalies: stage latency or throughput, consumer-lag growth or serving
+    latency that departed from its own recent baseline (workers and gateways detect them)."""
+    from exforge.core.anomaly import active
+
+    rows = active(database())
+    if as_json:
+        emit_json(rows)
+        return
+    columns = ["signal", "subject", "since", "value", "baseline", "score", "unit", "origin"]
+    table(f"{len(rows)} active anomalies", columns, [[r[c] for c in columns] for r in rows])
+
+
+app.add_typer(replay_app, name="replay")
 
 
 def main() -> None:

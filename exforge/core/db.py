@@ -58,6 +58,8 @@ class Package(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(Integer)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    # the `raw.packages` record as sent (JSON), for `exforge replay raw`
+    record: Mapped[str | None] = mapped_column(Text)
 
 
 class FileOutcome(Base):
@@ -337,3 +339,20 @@ class RolloutEvent(Base):
     version: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str] = mapped_column(Text, default="")
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class Anomaly(Base):
+    """A signal (stage latency, throughput, lag growth, serving latency) of one subject
+    and whether it departs from its baseline now (exforge.core.anomaly)."""
+
+    __tablename__ = "anomalies"
+
+    signal: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(512), primary_key=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=False)
+    since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    value: Mapped[float] = mapped_column(Float, default=0.0)
+    baseline: Mapped[float] = mapped_column(Float, default=0.0)
+    score: Mapped[float] = mapped_column(Float, default=0.0)
+    origin: Mapped[str] = mapped_column(String(256), default="")
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

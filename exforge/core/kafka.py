@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from exforge.core import tracing
 from exforge.core.settings import Settings
 from schemas.catalogue import CATALOGUE, STAGE_INPUTS, topic_name
 from schemas.records import Record
@@ -55,12 +56,13 @@ async def produce(
 ) -> int:
     """Send (key, record) pairs to a catalogue topic and wait until the broker has them."""
     count = 0
+    name = topic_name(settings.topic_prefix, topic)
     async with producer(settings) as client:
         for key, value in items:
             data = value if isinstance(value, bytes) else value.to_bytes()
-            await client.send_and_wait(
-                topic_name(settings.topic_prefix, topic), data, key=key.encode()
-            )
+            with tracing.produced(name, key):  # each message starts its own trace
+                headers = tracing.kafka_headers()
+                await client.send_and_wait(name, data, key=key.encode(), headers=headers)
             count += 1
     return count
 

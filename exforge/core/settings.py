@@ -84,6 +84,23 @@ class Settings(BaseSettings):
     gateway_cache_entries: int = Field(
         1024, ge=0, description="Exact-match cache size (temperature 0 + seed); 0: off."
     )
+    gateway_max_body_bytes: PositiveInt = Field(
+        1_048_576, description="Largest request body the gateway reads; larger: 400."
+    )
+    gateway_max_json_depth: PositiveInt = Field(
+        32, description="Deepest JSON nesting of a request body; deeper: 400."
+    )
+    gateway_max_messages: PositiveInt = Field(
+        256, description="Most messages in one chat request; more: 400."
+    )
+    gateway_max_prompt_tokens: PositiveInt = Field(
+        32_768, description="Most Tekken tokens in a rendered prompt; more: 400."
+    )
+    gateway_redact_output: bool = Field(
+        True,
+        description="Redact keys, tokens, e-mail and IP addresses in generated text (streams "
+        "are then released at whitespace).",
+    )
     rollback_window_s: float = Field(
         60.0, gt=0, description="Window over which a canary's errors and latency are judged."
     )
@@ -218,6 +235,15 @@ class Settings(BaseSettings):
             "Longest a new file waits for its near-duplicate decision when the pipeline "
             "never drains (steady inflow)."
         ),
+    )
+    backup_interval_s: float = Field(
+        0.0,
+        ge=0,
+        description="`exforge backup schedule` takes a backup when the newest is this old "
+        "(seconds); 0: no scheduled backups.",
+    )
+    backup_keep: PositiveInt = Field(
+        7, description="Backups kept by the schedule and `backup prune`; older ones go."
     )
 
     @classmethod

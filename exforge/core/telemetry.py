@@ -31,6 +31,12 @@ STALLED_PARTITIONS = Gauge(
     "exforge_stalled_partitions",
     "Assigned partitions with lag whose committed offset stood still (stall_seconds).",
 )
+ANOMALY = Gauge(
+    "exforge_anomaly", "1 while a signal departs from its baseline.", ["signal", "subject"]
+)
+ANOMALY_SCORE = Gauge(
+    "exforge_anomaly_score", "Robust z-score of a signal's last observation.", ["signal", "subject"]
+)
 REDACTIONS = Counter(
     "exforge_redactions_total", "Secrets and PII replaced in kept files, by kind.", ["kind"]
 )
@@ -57,6 +63,8 @@ METRIC_NAMES = (
     "exforge_stage_latency_seconds",
     "exforge_consumer_lag",
     "exforge_stalled_partitions",
+    "exforge_anomaly",
+    "exforge_anomaly_score",
     "exforge_shards_written_total",
     "exforge_redactions_total",
     "exforge_train_loss",

@@ -37,9 +37,9 @@ __all__ = ["PLACEHOLDERS", "ElixirLiterals", "Redaction", "redact", "redact_elix
 
 PLACEHOLDERS: dict[str, str] = {"email": "<EMAIL>", "key": "<KEY>", "ip": "<IP_ADDRESS>"}
 
-# Each pattern starts with a literal (or a quote), so the regex engine skips ahead to
-# candidates instead of trying every position; what comes before a match is checked in
-# Python (`_boundary`, `_SECRET_NAME`).
+# Each pattern starts with a literal, so the regex engine skips ahead to candidates
+# instead of trying every position (a substring test before each scan measured slower);
+# what comes before a match is checked in Python (`_boundary`, the Stripe prefix).
 _KEY_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
     re.compile(p)
     for p in (
@@ -55,8 +55,9 @@ _KEY_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
         # Slack tokens and webhooks.
         r"xox[abposr]-[A-Za-z0-9-]{10,250}",
         r"https://hooks\.slack\.com/services/[A-Za-z0-9/_-]+",
-        # Stripe secret and restricted keys, live and test; Google API keys.
+        # Stripe secret and restricted keys, live and test (`s` or `r` before the `k`).
         r"k_(?:live|test)_[0-9A-Za-z]{16,}",
+        # Google API keys.
         r"AIza[0-9A-Za-z_-]{35}(?![\w-])",
         # OpenAI keys (legacy, project, service-account, admin); Hugging Face tokens.
         r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_-]{32,}",
@@ -65,10 +66,8 @@ _KEY_PATTERNS: tuple[re.Pattern[str], ...] = tuple(
         r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",
     )
 )
-_PREFIXED = {"k_(?:live": "rs"}  # Stripe: needs `r` or `s` before it
-# Credentials in a URL: `scheme://user:password@` (the `user:password` goes).
-_URL_CREDENTIALS = re.compile(r"://([^\s:/?#@\"'<>]+:[^\s/?#@\"'<>]+)@")
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*$")
+_STRIPE = re.compile(r"k_(?:live|test)_")
+_STRIPE_PREFIXES = "rs"
 # A quoted value without blanks; it is a secret when a secret-like name is bound to it
 # just before (`name: "v"`, `name = "v"`, `"name" => "v"`, `@name "v"`, `:name, "v"`) and
 # it looks random (see `_looks_random`). One pattern per quote: a pattern that starts with
@@ -78,6 +77,9 @@ _SECRET_NAME = re.compile(
     r"""(?ix)(?:secret|token|passw(?:or)?d|pwd|api_?key|access_?key|private_?key|auth_?key
         |credential|salt)\w*["']?\s*(?::|=>|=|,)?\s*$"""
 )
+# Credentials in a URL: `scheme://user:password@` (the `user:password` goes).
+_URL_CREDENTIALS = re.compile(r"://([^\s:/?#@\"'<>]+:[^\s/?#@\"'<>]+)@")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*$")
 _EMAIL_DOMAIN = re.compile(r"@((?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,24})(?![\w-])")
 _EMAIL_LOCAL = re.compile(r"[A-Za-z0-9._%+-]+$")
 _DOC_DOMAINS = ("example.com", "example.org", "example.net", "localhost")
@@ -200,11 +202,10 @@ def _boundary(text: str, start: int) -> bool:
 
 def _keys(text: str) -> Iterator[Span]:
     for pattern in _KEY_PATTERNS:
-        prefixes = next((p for k, p in _PREFIXED.items() if pattern.pattern.startswith(k)), "")
         for match in pattern.finditer(text):
             start = match.start()
-            if prefixes:
-                if start == 0 or text[start - 1] not in prefixes:
+            if _STRIPE.match(match.group(0)):
+                if start == 0 or text[start - 1] not in _STRIPE_PREFIXES:
                     continue
                 start -= 1
             if _boundary(text, start) or match.group(0).startswith("-----"):
@@ -212,6 +213,8 @@ def _keys(text: str) -> Iterator[Span]:
 
 
 def _url_credentials(text: str) -> Iterator[Span]:
+    if "://" not in text:
+        return
     for match in _URL_CREDENTIALS.finditer(text):
         if _SCHEME.search(text, max(0, match.start() - 32), match.start()):
             yield match.start(1), match.end(1), "key"

@@ -16,14 +16,14 @@ from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
 from exforge.elixir.analysis import analyse
 from streams.files import Dropped, FileSteps, clean_source, file_outcome
-from support.elixir_ast import (
+from tests.support.elixir_ast import (
     ElixirView,
     analysis_view,
     changed_definitions,
     disagreement,
     elixir_views,
 )
-from support.records import raw_package
+from tests.support.records import raw_package
 
 REPO = Path(__file__).resolve().parents[2]
 SUFFIXES = (".ex", ".exs")

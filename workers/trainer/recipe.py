@@ -33,7 +33,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, Field, model_validator
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from exforge.core import telemetry
+from exforge.core import telemetry, tracing
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
 from exforge.llm.chat import Encoded, encode, load_tokenizer
@@ -365,6 +365,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    @tracing.traced("train run")
     def run(self) -> dict[str, Any]:
         config = self.config
         state = self.resume_state()
@@ -472,6 +473,7 @@ class Trainer:
         buffers = load_buffers(self.store, self.run_id, earlier)[self.dist.rank :: self.dist.world]
         return mix(real, buffers, self.config.ssr.ratio, self.config.seed + earlier[-1])
 
+    @tracing.traced("train rehearsal")
     def rehearse(self, step: int, stage: int, real: list[dict[str, Any]]) -> None:
         """Build and store the stage's SSR buffer (rank 0; the others wait for it)."""
         if self.dist.main:
@@ -496,6 +498,7 @@ class Trainer:
         if self.dist.world > 1:
             dist.barrier()
 
+    @tracing.traced("train validation")
     def validate(
         self, step: int, stage: int, cursor: Cursor, validation: dict[int, list[dict[str, Any]]]
     ) -> Cursor:
@@ -522,6 +525,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    @tracing.traced("train checkpoint")
     def save(
         self,
         step: int,

@@ -1,4 +1,5 @@
-"""Run a command where the kernel refuses new namespaces: `python no_namespaces.py CMD…`.
+"""Run a command where the kernel refuses new namespaces:
+`python tests/support/no_namespaces.py CMD…`.
 
 The command runs in a user namespace of its own whose namespace limits
 (`/proc/sys/user/max_*_namespaces`, kept per user namespace and checked up the tree) are

@@ -5,20 +5,21 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from serving.contract import LlmRequest
+
 
 @dataclass(frozen=True)
 class CacheKey:
     model: str
     version: int
-    prompt: str
-    max_tokens: int
-    seed: int
-    stop: tuple[str, ...]
+    request: LlmRequest
 
 
 @dataclass(frozen=True)
 class CachedCompletion:
     deltas: tuple[str, ...]  # one per token served, so usage stays exact
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     @property
     def text(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from serving.contract import request_arrays
+from serving.contract import LlmRequest
 from serving.pool import Pool
 
 
@@ -23,11 +23,11 @@ async def stream_completion(
     pool = Pool(urls)
     await pool.start()
     try:
-        arrays = request_arrays(prompt, max_tokens, temperature, 1.0, [], True, seed)
+        arrays = LlmRequest(prompt, max_tokens, temperature, seed=seed).arrays()
         stream = await pool.open_stream(model, version, arrays, timeout_s)
-        for text in stream.first:
-            yield text
-        async for text in stream.rest:
-            yield text
+        for delta in stream.first:
+            yield delta.text
+        async for delta in stream.rest:
+            yield delta.text
     finally:
         await pool.close()

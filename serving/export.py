@@ -20,6 +20,7 @@ from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
 from exforge.llm.registry import get_version
 from serving import modelconfig
+from serving.trtllm_config import trtllm_configs
 
 Flavor = Literal["cpu", "trtllm"]
 HERE = Path(__file__).parent
@@ -59,8 +60,8 @@ def model_card(row: dict[str, Any], flavor: Flavor) -> dict[str, Any]:
         "data": "exforge instruction shards (see the run's configuration)",
         "metrics": row["metrics"],
         "registered_at": row["created_at"],
-        "contract": "TensorRT-LLM ensemble: text_input, max_tokens, temperature, top_p, "
-        "stop_words, stream, random_seed -> text_output",
+        "contract": "TensorRT-LLM ensemble: text_input, max_tokens, stop_words, top_k, top_p, "
+        "temperature, seed, stream (+ perf and token-count flags) -> text_output",
     }
 
 
@@ -68,7 +69,9 @@ def existing_versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def export_cpu(settings: Settings, store: ObjectStore, row: dict[str, Any], root: Path) -> Path:
+def export_cpu(
+    settings: Settings, store: ObjectStore, row: dict[str, Any], root: Path, token_delay_s: float
+) -> Path:
     from exforge.llm.lora import merged_model  # torch and peft: the [train] extra
 
     model_dir = root / row["name"]
@@ -78,6 +81,9 @@ def export_cpu(settings: Settings, store: ObjectStore, row: dict[str, Any], root
     version_dir.mkdir(parents=True)
     merged_model(settings, store, row, version_dir / "model")
     shutil.copy(MODEL_TEMPLATE, version_dir / "model.py")
+    if token_delay_s:
+        decoding = {"token_delay_s": token_delay_s}
+        (version_dir / "decoding.json").write_text(json.dumps(decoding))
     (version_dir / "card.json").write_text(json.dumps(model_card(row, "cpu"), indent=2))
     config = modelconfig.cpu_config(row["name"], existing_versions(model_dir))
     (model_dir / "config.pbtxt").write_text(modelconfig.render(config))
@@ -94,11 +100,12 @@ def export_trtllm(settings: Settings, store: ObjectStore, row: dict[str, Any], r
         shutil.rmtree(target)
     checkpoint = target / "checkpoint"
     merged_model(settings, store, row, checkpoint)
-    configs = modelconfig.trtllm_configs(
-        row["name"], engine_dir="/models/engine", tokenizer_dir="/models/checkpoint"
+    configs = trtllm_configs(
+        row["name"], row["version"], engine_dir="/models/engine", tokenizer_dir="/models/checkpoint"
     )
     for folder, config in configs.items():
-        (target / "repository" / folder / "1").mkdir(parents=True)
+        version = row["version"] if folder == row["name"] else 1
+        (target / "repository" / folder / str(version)).mkdir(parents=True)
         (target / "repository" / folder / "config.pbtxt").write_text(modelconfig.render(config))
     shutil.copy(BUILD_SCRIPT, target / "build_engine.sh")
     (target / "card.json").write_text(json.dumps(model_card(row, "trtllm"), indent=2))
@@ -122,13 +129,16 @@ def export(
     version: int,
     flavor: Flavor = "cpu",
     root: Path | None = None,
+    token_delay_s: float = 0.0,
 ) -> Exported:
+    """Export one version; `token_delay_s` (cpu flavor) makes it decode slowly, a test
+    model for watching streaming, deadlines and latency rollbacks."""
     row = get_version(engine, name, version)
     if row is None:
         raise ExportError(f"model {name} has no registered version {version}")
     root = root or repository_dir(settings, flavor)
     if flavor == "cpu":
-        written = export_cpu(settings, store, row, root)
+        written = export_cpu(settings, store, row, root, token_delay_s)
         uploaded = written / str(version)
     else:
         written = uploaded = export_trtllm(settings, store, row, root)

@@ -13,40 +13,65 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 
 from sqlalchemy import Engine
 
 from exforge.core import anomaly
 from exforge.core.settings import Settings
+from exforge.llm.chat import text_ids, text_tokenizer
 from exforge.llm.registry import list_versions
 from serving import guard, keys, metrics, rollout, usage
 from serving.cache import CachedCompletion, CacheKey, ResponseCache
-from serving.contract import request_arrays
+from serving.contract import LlmRequest
 from serving.limits import Admission, RateLimiter, Rejected
-from serving.pool import BackendDown, ModelError, Pool, Stream
+from serving.pool import BackendDown, Delta, ModelError, Pool, Stream
 
 log = logging.getLogger("exforge.serving.gateway")
 REFRESH_S = 1.0
 
 
-class GatewayError(Exception):
-    """An error with its HTTP status (and Retry-After for 429)."""
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
-    def __init__(self, status: int, message: str, retry_after: int | None = None) -> None:
+
+class GatewayError(Exception):
+    """An error as OpenAI reports it: HTTP status, message, `code`, the `param` at fault
+    (and Retry-After for 429)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
+        self.param = param
         self.retry_after = retry_after
+
+    def body(self) -> dict[str, dict[str, str | None]]:
+        kind = ERROR_TYPES.get(self.status, "server_error")
+        return {
+            "error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}
+        }
 
 
 @dataclass(frozen=True)
 class Job:
+    """One generation: the served model's name, the request in the contract's terms,
+    and who asks (`user` keeps a canary split sticky)."""
+
     model: str
-    prompt: str
-    max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int = 0
+    request: LlmRequest
     user: str | None = None
 
 
@@ -58,6 +83,7 @@ class Start:
 @dataclass(frozen=True)
 class Token:
     text: str
+    produced_ns: int | None = None  # when the server made it (its clock, Unix ns)
 
 
 @dataclass(frozen=True)
@@ -65,8 +91,9 @@ class End:
     version: int
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int
     finish_reason: str
-    cached: bool
+    cached: bool  # answered from the gateway's response cache
 
 
 @dataclass
@@ -79,6 +106,9 @@ class Outcome:
     started: float = field(default_factory=time.monotonic)
     first_token: float | None = None
     tokens: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0
+    output_tokens: int | None = None  # as the server counted them
+    reused_blocks: int = 0
 
 
 def triton_urls(settings: Settings) -> list[str]:
@@ -89,15 +119,13 @@ def triton_urls(settings: Settings) -> list[str]:
 
 class Gateway:
     def __init__(self, settings: Settings, engine: Engine, urls: list[str] | None = None) -> None:
-        from exforge.llm.chat import load_tokenizer
-
         self.settings = settings
         self.engine = engine
         self.pool = Pool(urls or triton_urls(settings))
         self.admission = Admission(settings.gateway_concurrency, settings.gateway_queue)
         self.limiter = RateLimiter(settings.gateway_rate_per_s, settings.gateway_burst)
         self.cache = ResponseCache(settings.gateway_cache_entries)
-        self.tokenizer = load_tokenizer(generation=True).instruct_tokenizer.tokenizer
+        self.tokenizer = text_tokenizer()
         self.thresholds = rollout.Thresholds(
             settings.rollback_window_s,
             settings.rollback_min_requests,
@@ -106,8 +134,9 @@ class Gateway:
         )
         self.states: dict[str, rollout.RolloutState] = {}
         self.latest: dict[str, int] = {}
+        self.created: dict[str, int] = {}
         self.windows: dict[tuple[str, int], rollout.HealthWindow] = {}
-        self.keys: dict[str, keys.KeyInfo] = {}
+        self.keys: dict[str, tuple[float, keys.KeyInfo | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -148,6 +177,8 @@ class Gateway:
             metrics.CANARY_PERCENT.labels(name).set(state.percent if state.canary else 0)
         self.states = states
         self.latest = {row["name"]: row["version"] for row in versions}
+        for row in reversed(versions):
+            self.created[row["name"]] = int(datetime.fromisoformat(row["created_at"]).timestamp())
         for endpoint in self.pool.endpoints:
             metrics.BACKEND_UP.labels(endpoint.url).set(int(endpoint.healthy))
         for state in states.values():
@@ -168,18 +199,24 @@ class Gateway:
     # ------------------------------------------------------------------ admission
 
     async def authorize(self, secret: str | None, scope: str) -> keys.KeyInfo:
+        """The key's holder, if it may use `scope` now. A looked-up key is trusted for
+        `gateway_key_ttl_s`, so a revocation takes effect within that time."""
         if not secret:
-            raise GatewayError(401, "missing API key (Authorization: Bearer …)")
-        info = self.keys.get(secret) or await asyncio.to_thread(keys.lookup, self.engine, secret)
+            raise GatewayError(401, "missing API key (Authorization: Bearer …)", "missing_api_key")
+        checked, info = self.keys.get(secret, (0.0, None))
+        if time.monotonic() - checked > self.settings.gateway_key_ttl_s:
+            info = await asyncio.to_thread(keys.lookup, self.engine, secret)
+            self.keys[secret] = (time.monotonic(), info)
         if info is None:
-            raise GatewayError(401, "invalid API key")
-        self.keys[secret] = info
+            raise GatewayError(401, "invalid or revoked API key", "invalid_api_key")
         if scope not in info.scopes:
-            raise GatewayError(403, f"this API key lacks the {scope!r} scope")
+            raise GatewayError(403, f"this API key lacks the {scope!r} scope", "insufficient_scope")
         try:
             self.limiter.check(info.key_id, info.rate_per_s, info.burst)
         except Rejected as exc:
-            raise GatewayError(429, str(exc), exc.retry_after) from None
+            raise GatewayError(
+                429, str(exc), "rate_limit_exceeded", None, exc.retry_after
+            ) from None
         return info
 
     def models(self) -> list[dict[str, object]]:
@@ -188,6 +225,7 @@ class Gateway:
             {
                 "id": name,
                 "object": "model",
+                "created": self.created.get(name, 0),
                 "owned_by": "exforge",
                 "version": self.route_stable(name),
                 "canary": self.states[name].canary if name in self.states else None,
@@ -200,7 +238,7 @@ class Gateway:
             return self.states[name].stable
         if name in self.latest:
             return self.latest[name]
-        raise GatewayError(404, f"model {name!r} is not served")
+        raise GatewayError(404, f"The model `{name}` does not exist", "model_not_found", "model")
 
     def route(self, job: Job, key_id: str) -> int:
         state = self.states.get(job.model)
@@ -211,25 +249,28 @@ class Gateway:
     # ------------------------------------------------------------------ generation
 
     def prompt_tokens(self, job: Job) -> int:
-        return len(self.tokenizer.encode(job.prompt, bos=True, eos=False))
+        """The prompt's tokens as the cpu flavor counts them (`text_input`'s rule)."""
+        return len(text_ids(self.tokenizer, job.request.text))
 
     async def generate(self, job: Job, key: keys.KeyInfo) -> AsyncIterator[Start | Token | End]:
-        """The events of one request, generated text redacted when the settings say so;
-        raises GatewayError before `Start` only."""
+        """The events of one request, generated text redacted when the settings say so.
+        A GatewayError before `Start` means nothing was sent; one after it (the deadline,
+        a failing server) ends a started stream."""
+        prompt_tokens = self.prompt_tokens(job)
         try:
-            guard.check_prompt_tokens(
-                self.prompt_tokens(job), self.settings.gateway_max_prompt_tokens
-            )
+            guard.check_prompt_tokens(prompt_tokens, self.settings.gateway_max_prompt_tokens)
         except guard.InputRejected as exc:
-            raise GatewayError(400, str(exc)) from None
-        events = self._generate(job, key)
+            raise GatewayError(400, str(exc), "prompt_too_long", "messages") from None
+        events = self._generate(job, key, prompt_tokens)
         if self.settings.gateway_redact_output:
             events = redacted_events(events)
         async for event in events:
             yield event
 
-    async def _generate(self, job: Job, key: keys.KeyInfo) -> AsyncIterator[Start | Token | End]:
-        outcome = Outcome(job, key.key_id, self.route(job, key.key_id))
+    async def _generate(
+        self, job: Job, key: keys.KeyInfo, prompt_tokens: int
+    ) -> AsyncIterator[Start | Token | End]:
+        outcome = Outcome(job, key.key_id, self.route(job, key.key_id), prompt_tokens=prompt_tokens)
         cache_key = self._cache_key(job, outcome.version)
         cached = self.cache.get(cache_key) if cache_key else None
         if cache_key:
@@ -250,23 +291,31 @@ class Gateway:
                     yield event
         except Rejected as exc:
             self._count(outcome, 429)
-            raise GatewayError(429, str(exc), exc.retry_after) from None
+            raise GatewayError(
+                429, str(exc), "rate_limit_exceeded", None, exc.retry_after
+            ) from None
         except TimeoutError:
             self._count(outcome, 504)
-            raise GatewayError(504, "deadline exceeded") from None
+            limit = self.settings.gateway_deadline_s
+            raise GatewayError(
+                504, f"the request outlived the gateway deadline ({limit:g} s)", "timeout"
+            ) from None
         finally:
             metrics.RUNNING.set(self.admission.running)
         if cache_key:
-            self.cache.put(cache_key, CachedCompletion(tuple(outcome.tokens)))
+            self.cache.put(
+                cache_key,
+                CachedCompletion(
+                    tuple(outcome.tokens), outcome.prompt_tokens, self._completion(outcome)
+                ),
+            )
         yield await self._finish(outcome, cached=False)
 
     async def _open(self, outcome: Outcome, deadline: float) -> Stream:
         """Open the stream; a failing canary falls back to the stable version before any
         token, so no client request is lost to it."""
         job = outcome.job
-        arrays = request_arrays(
-            job.prompt, job.max_tokens, job.temperature, job.top_p, list(job.stop), True, job.seed
-        )
+        arrays = job.request.arrays()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -275,13 +324,13 @@ class Gateway:
                 return await self.pool.open_stream(job.model, outcome.version, arrays, remaining)
             except BackendDown as exc:
                 self._count(outcome, 503)
-                raise GatewayError(503, str(exc)) from None
+                raise GatewayError(503, str(exc), "backend_unavailable") from None
             except ModelError as exc:
                 await self._observe(job.model, outcome.version, ok=False, latency=0.0)
                 stable = self.route_stable(job.model)
                 if outcome.version == stable:
                     self._count(outcome, 502)
-                    raise GatewayError(502, f"model error: {exc}") from None
+                    raise GatewayError(502, f"model error: {exc}", "model_error") from None
                 metrics.FAILOVERS.labels("canary_error").inc()
                 outcome.version = stable
 
@@ -289,58 +338,73 @@ class Gateway:
         self, outcome: Outcome, stream: Stream, deadline: float
     ) -> AsyncIterator[Token]:
         try:
-            for text in stream.first:
-                yield self._token(outcome, text)
-            if stream.done:
-                return
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                async for text in stream.rest:
-                    yield self._token(outcome, text)
-        except (ModelError, ConnectionError):
+                for delta in stream.first:
+                    yield self._token(outcome, delta)
+                if not stream.done:
+                    async for delta in stream.rest:
+                        yield self._token(outcome, delta)
+        except (ModelError, ConnectionError) as exc:
             await self._observe(outcome.job.model, outcome.version, ok=False, latency=0.0)
             self._count(outcome, 502)
-            raise
+            raise GatewayError(502, f"model error: {exc}", "model_error") from None
         finally:
             await stream.aclose()
 
-    def _token(self, outcome: Outcome, text: str) -> Token:
+    def _token(self, outcome: Outcome, delta: Delta) -> Token:
         if outcome.first_token is None:
             outcome.first_token = time.monotonic()
             metrics.TTFT.labels(outcome.job.model, outcome.version).observe(
                 outcome.first_token - outcome.started
             )
-        outcome.tokens.append(text)
-        return Token(text)
+        outcome.tokens.append(delta.text)
+        outcome.prompt_tokens = delta.input_tokens or outcome.prompt_tokens
+        outcome.output_tokens = delta.output_tokens
+        outcome.reused_blocks = delta.reused_blocks or outcome.reused_blocks
+        return Token(delta.text, delta.produced_ns)
 
     async def _replay(
         self, outcome: Outcome, cached: CachedCompletion
     ) -> AsyncIterator[Start | Token | End]:
         yield Start(outcome.version)
         for text in cached.deltas:
-            yield self._token(outcome, text)
+            yield self._token(outcome, Delta(text))
+        outcome.prompt_tokens = cached.prompt_tokens
+        outcome.output_tokens = cached.completion_tokens
         yield await self._finish(outcome, cached=True)
 
     async def _finish(self, outcome: Outcome, cached: bool) -> End:
         job, version = outcome.job, outcome.version
         latency = time.monotonic() - outcome.started
-        prompt_tokens = self.prompt_tokens(job)
-        completion = len(outcome.tokens)
+        completion = self._completion(outcome)
         await asyncio.to_thread(
-            usage.record, self.engine, outcome.key_id, job.model, version, prompt_tokens, completion
+            usage.record,
+            self.engine,
+            outcome.key_id,
+            job.model,
+            version,
+            outcome.prompt_tokens,
+            completion,
         )
-        metrics.TOKENS.labels(job.model, version, "prompt").inc(prompt_tokens)
+        metrics.TOKENS.labels(job.model, version, "prompt").inc(outcome.prompt_tokens)
         metrics.TOKENS.labels(job.model, version, "completion").inc(completion)
         metrics.LATENCY.labels(job.model, version).observe(latency)
         self._count(outcome, 200)
         if not cached:
             await self._observe(job.model, version, ok=True, latency=latency)
-        reason = "length" if completion >= job.max_tokens else "stop"
-        return End(version, prompt_tokens, completion, reason, cached)
+        reason = "length" if completion >= job.request.max_tokens else "stop"
+        reused = outcome.reused_blocks * self.settings.gateway_kv_block_tokens
+        return End(version, outcome.prompt_tokens, completion, reused, reason, cached)
+
+    @staticmethod
+    def _completion(outcome: Outcome) -> int:
+        """Completion tokens: the server's count, else one per response."""
+        return len(outcome.tokens) if outcome.output_tokens is None else outcome.output_tokens
 
     def _cache_key(self, job: Job, version: int) -> CacheKey | None:
-        if job.temperature > 0 or not self.settings.gateway_cache_entries:
+        if job.request.temperature > 0 or not self.settings.gateway_cache_entries:
             return None
-        return CacheKey(job.model, version, job.prompt, job.max_tokens, job.seed, job.stop)
+        return CacheKey(job.model, version, job.request)
 
     def _count(self, outcome: Outcome, status: int) -> None:
         metrics.REQUESTS.labels(outcome.job.model, outcome.version, status).inc()
@@ -377,7 +441,7 @@ async def redacted_events(
         if isinstance(event, Token):
             text = redactor.feed(event.text)
             if text:
-                yield Token(text)
+                yield Token(text, event.produced_ns)
             continue
         if isinstance(event, End):
             rest = redactor.finish()

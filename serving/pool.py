@@ -19,10 +19,9 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from exforge.core import tracing
-from serving.contract import INPUTS
+from serving.contract import SPECS
 
 log = logging.getLogger("exforge.serving.pool")
-WIRE_TYPES = {spec.name: spec.wire_type for spec in INPUTS}
 
 
 class BackendDown(Exception):
@@ -41,13 +40,39 @@ class Endpoint:
     outstanding: int = 0
 
 
+@dataclass(frozen=True)
+class Delta:
+    """One streamed response: its text and what the server said about it (None where
+    the model does not return that output)."""
+
+    text: str
+    output_tokens: int | None = None
+    input_tokens: int | None = None
+    reused_blocks: int | None = None
+    produced_ns: int | None = None
+
+    @classmethod
+    def of(cls, result: grpcclient.InferResult) -> Delta:
+        def number(name: str) -> int | None:
+            value = result.as_numpy(name)
+            return None if value is None else int(value.reshape(-1)[0])
+
+        return cls(
+            result.as_numpy("text_output").reshape(-1)[0].decode(errors="replace"),
+            number("num_output_tokens"),
+            number("num_input_tokens"),
+            number("kv_cache_reused_blocks"),
+            number("last_token_time_ns"),
+        )
+
+
 @dataclass
 class Stream:
     """A generation whose first response has arrived."""
 
     endpoint: Endpoint
-    first: list[str]
-    rest: AsyncIterator[str]
+    first: list[Delta]
+    rest: AsyncIterator[Delta]
     done: bool = False
 
     async def aclose(self) -> None:
@@ -57,7 +82,7 @@ class Stream:
 def _inputs(arrays: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
     inputs = []
     for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), WIRE_TYPES[name])
+        tensor = grpcclient.InferInput(name, list(array.shape), SPECS[name].wire_type)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
@@ -128,8 +153,8 @@ class Pool:
         version: int,
         arrays: dict[str, np.ndarray],
         timeout_s: float,
-    ) -> AsyncIterator[str]:
-        """Text deltas, one per generated token. Server loss raises ConnectionError; a
+    ) -> AsyncIterator[Delta]:
+        """One delta per generated token. Server loss raises ConnectionError; a
         model error raises ModelError."""
 
         async def requests() -> AsyncIterator[dict[str, object]]:
@@ -154,7 +179,7 @@ class Pool:
                     raise ModelError(str(error))
                 response = result.get_response()
                 if response.outputs:
-                    yield result.as_numpy("text_output").reshape(-1)[0].decode(errors="replace")
+                    yield Delta.of(result)
                 if response.parameters["triton_final_response"].bool_param:
                     return
         except grpc.aio.AioRpcError as exc:

@@ -28,7 +28,7 @@ from exforge.core.stack import (
     stop_pid,
     stop_recorded,
 )
-from serving.modelconfig import cpu_config
+from serving.modelconfig import MAX_BATCH, cpu_config
 
 START_TIMEOUT_S = 60.0
 REPOSITORY_TOKEN = "exforge"  # the bundled build restricts the repository API to a token
@@ -42,6 +42,7 @@ class Instance:
     http_port: int
     grpc_port: int
     metrics_port: int
+    host: str = "127.0.0.1"  # the address it binds; it is always asked on loopback
 
     @property
     def grpc_url(self) -> str:
@@ -54,7 +55,11 @@ class Instance:
 
 def default_instance(settings: Settings) -> Instance:
     return Instance(
-        "triton", settings.triton_http_port, settings.triton_grpc_port, settings.triton_metrics_port
+        "triton",
+        settings.triton_http_port,
+        settings.triton_grpc_port,
+        settings.triton_metrics_port,
+        settings.triton_host,
     )
 
 
@@ -107,9 +112,9 @@ def command(settings: Settings, instance: Instance, repository: Path) -> list[st
         f"--model-repository={repository}",
         f"--backend-directory={backends_dir(settings)}",
         "--model-control-mode=explicit",
-        "--http-address=127.0.0.1",
-        "--grpc-address=127.0.0.1",
-        "--metrics-address=127.0.0.1",
+        f"--http-address={instance.host}",
+        f"--grpc-address={instance.host}",
+        f"--metrics-address={instance.host}",
         f"--http-port={instance.http_port}",
         f"--grpc-port={instance.grpc_port}",
         f"--metrics-port={instance.metrics_port}",
@@ -152,6 +157,12 @@ def start(settings: Settings, instance: Instance, repository: Path) -> int:
     raise StackError(f"tritonserver was not live within {START_TIMEOUT_S:.0f}s")
 
 
+def wait(pid: int) -> int:
+    """Wait for a tritonserver this process started; its exit code."""
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
 def stop(settings: Settings, instance: Instance) -> bool:
     return stop_recorded(pid_file(settings, instance))
 
@@ -181,9 +192,10 @@ def _post(instance: Instance, path: str, body: dict[str, object]) -> dict[str, o
     return json.loads(raw) if raw else {}
 
 
-def load(instance: Instance, name: str, versions: list[int]) -> None:
-    """Load exactly `versions` of a cpu-flavor model (the policy is sent with the load)."""
-    config = json.dumps(cpu_config(name, versions))
+def load(instance: Instance, name: str, versions: list[int], decode_batch: int = MAX_BATCH) -> None:
+    """Load exactly `versions` of a cpu-flavor model (the policy is sent with the load),
+    decoding up to `decode_batch` requests together."""
+    config = json.dumps(cpu_config(name, versions, decode_batch))
     _post(instance, f"/v2/repository/models/{name}/load", {"parameters": {"config": config}})
 
 

@@ -246,3 +246,16 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("corpus files left out of comparisons")
         for line in EXCLUSIONS:
             terminalreporter.write_line(line)
+
+
+# --------------------------------------------------------------------- serving
+
+
+@pytest.fixture(scope="session")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Tiny-model versions exported and served by two tritonservers, shared by the
+    serving tests (tests/support/serving.py says which version is which)."""
+    from tests.support.serving import serve_versions
+
+    with serve_versions(tmp_path_factory.mktemp("serving")) as served:
+        yield served

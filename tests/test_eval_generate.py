@@ -113,19 +113,3 @@ def test_cache_keys_separate_versions_and_settings(tmp_path: Path) -> None:
     # The batch size changes how samples are grouped, not what a sample is.
     same = {GenerationCache(store, "a", 1, Sampling(batch_size=b)).key(problem, 0) for b in (1, 8)}
     assert len(same) == 1
-
-
-def test_gumbel_sampling_draws_from_the_tempered_nucleus() -> None:
-    import torch
-
-    from workers.evaluator.generate import _GumbelSampling
-
-    torch.manual_seed(0)
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).repeat(20000, 1)
-    draws = _GumbelSampling(1.0, 1.0)(torch.empty(0), logits).argmax(dim=-1)
-    shares = torch.bincount(draws, minlength=4) / len(draws)
-    assert torch.allclose(shares, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.015)
-    nucleus = _GumbelSampling(1.0, 0.75)(torch.empty(0), logits).argmax(dim=-1)
-    shares = torch.bincount(nucleus, minlength=4) / len(nucleus)
-    assert shares[2:].sum() == 0  # 0.5 + 0.3 reaches 0.75: the tail is never drawn
-    assert abs(shares[0] - 0.625) < 0.015

@@ -66,7 +66,7 @@ def test_redacted_events_flush_before_the_end() -> None:
         yield Start(1)
         for text in ('token = "', AWS_KEY, '"'):
             yield Token(text)
-        yield End(1, 3, 3, "stop", False)
+        yield End(1, 3, 3, 0, "stop", False)
 
     async def run() -> list[Start | Token | End]:
         return [event async for event in redacted_events(events())]

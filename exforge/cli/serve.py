@@ -26,6 +26,9 @@ def export(
     version: Annotated[int, typer.Argument(help="Registered version.")],
     flavor: Annotated[str, typer.Option(help="cpu (python backend) or trtllm.")] = "cpu",
     out: Annotated[Path | None, typer.Option(help="Repository directory.")] = None,
+    token_delay_ms: Annotated[
+        float, typer.Option(help="cpu flavor: pause per decoding step (a slow test model).")
+    ] = 0.0,
     as_json: JsonFlag = False,
 ) -> None:
     """Write a version as a Triton model repository, locally and to the store."""
@@ -37,7 +40,16 @@ def export(
         raise fail("--flavor must be cpu or trtllm", 2)
     config = settings()
     try:
-        result = run_export(config, open_store(config), database(), name, version, flavor, out)
+        result = run_export(
+            config,
+            open_store(config),
+            database(),
+            name,
+            version,
+            flavor,
+            out,
+            token_delay_ms / 1000,
+        )
     except ExportError as exc:
         raise fail(str(exc), 2) from None
     if as_json:
@@ -50,9 +62,14 @@ def export(
 def up(
     model: Annotated[list[str] | None, typer.Option(help="Models to load (default: all).")] = None,
     versions: Annotated[str | None, typer.Option(help="Versions, e.g. 1,2 (default: all).")] = None,
+    foreground: Annotated[
+        bool, typer.Option(help="Stay until tritonserver exits (a container's command).")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Start the local tritonserver (python backend, explicit model control) and load."""
+    import signal
+
     from exforge.core.stack import StackError
     from serving import triton
     from serving.export import existing_versions, repository_dir
@@ -61,12 +78,15 @@ def up(
     repository = repository_dir(config, "cpu")
     instance = triton.default_instance(config)
     try:
-        triton.start(config, instance, repository)
+        pid = triton.start(config, instance, repository)
         for name in model or sorted(p.name for p in repository.iterdir() if p.is_dir()):
             triton.load(instance, name, _versions(versions) or existing_versions(repository / name))
     except StackError as exc:
         raise fail(str(exc)) from None
     status(as_json)
+    if foreground:
+        signal.signal(signal.SIGTERM, lambda *_: triton.stop(config, instance))
+        raise typer.Exit(triton.wait(pid))
 
 
 @serve_app.command("down")
@@ -186,7 +206,7 @@ def keys_create(
 
 @keys_app.command("revoke")
 def keys_revoke(key_id: Annotated[str, typer.Argument(help="Key id.")]) -> None:
-    """Revoke an API key (gateways stop accepting it on restart or cache expiry)."""
+    """Revoke an API key (running gateways refuse it within EXFORGE_GATEWAY_KEY_TTL_S)."""
     from serving.keys import revoke
 
     if not revoke(database(), key_id):

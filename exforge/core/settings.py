@@ -63,8 +63,11 @@ class Settings(BaseSettings):
         description="Triton gRPC endpoint(s) of the gateway, comma-separated host:port; "
         "unset: the local Triton (`exforge serve up`).",
     )
-    triton_http_port: Port = Field(8000, description="Local Triton HTTP port (loopback).")
-    triton_grpc_port: Port = Field(8001, description="Local Triton gRPC port (loopback).")
+    triton_host: str = Field(
+        "127.0.0.1", description="Address the local Triton binds (0.0.0.0 in a container)."
+    )
+    triton_http_port: Port = Field(8000, description="Local Triton HTTP port.")
+    triton_grpc_port: Port = Field(8001, description="Local Triton gRPC port.")
     triton_metrics_port: Port = Field(8002, description="Local Triton /metrics port.")
     gateway_host: str = Field("127.0.0.1", description="Address the serving gateway binds.")
     gateway_port: Port = Field(8080, description="Port of the serving gateway.")
@@ -81,6 +84,12 @@ class Settings(BaseSettings):
         5.0, gt=0, description="Default token-bucket refill per API key (requests/s)."
     )
     gateway_burst: PositiveInt = Field(20, description="Default token-bucket size per API key.")
+    gateway_key_ttl_s: float = Field(
+        2.0, gt=0, description="How long the gateway trusts a looked-up API key (revocation delay)."
+    )
+    gateway_kv_block_tokens: PositiveInt = Field(
+        32, description="Tokens per KV-cache block of the served models (cached-token counts)."
+    )
     gateway_cache_entries: int = Field(
         1024, ge=0, description="Exact-match cache size (temperature 0 + seed); 0: off."
     )

@@ -7,6 +7,7 @@ carry a label, so the model learns to answer, not to predict prompts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -21,6 +22,7 @@ from mistral_common.protocol.instruct.messages import (
 )
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
 IGNORE = -100
@@ -109,5 +111,40 @@ def prompt_ids(conversations: Sequence[dict[str, Any]], path: str | None = None)
     )
 
 
-def decode(tokenizer: MistralTokenizer, ids: Sequence[int]) -> str:
-    return tokenizer.decode(list(ids))
+# ------------------------------------------------------------- prompts as Triton text
+# Triton's LLM request carries the prompt as text (`text_input`), as TensorRT-LLM's
+# ensemble does, whose preprocessing tokenises it with the model's Hugging Face tokenizer
+# (control tokens written in the text become control tokens, BOS is added). The same
+# rule here makes any prompt's ids, a chat's included, travel exactly: `prompt_text` writes
+# them and `text_ids` reads them back.
+
+
+def prompt_text(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Prompt ids as `text_input`: control tokens as their strings, without the BOS."""
+    body = list(ids[1:] if ids and ids[0] == tokenizer.bos_id else ids)
+    return tokenizer.decode(body, special_token_policy=SpecialTokenPolicy.KEEP)
+
+
+def text_ids(tokenizer: Any, text: str) -> list[int]:
+    """`text_input` as prompt ids: BOS, then each control-token string as its id and the
+    text between them encoded as plain text."""
+    pattern, ids_of = _control_tokens(tokenizer)
+    ids = [tokenizer.bos_id]
+    start = 0
+    for match in pattern.finditer(text):
+        ids += tokenizer.encode(text[start : match.start()], bos=False, eos=False)
+        ids.append(ids_of[match.group()])
+        start = match.end()
+    return ids + tokenizer.encode(text[start:], bos=False, eos=False)
+
+
+_CONTROL: dict[int, tuple[re.Pattern[str], dict[str, int]]] = {}
+
+
+def _control_tokens(tokenizer: Any) -> tuple[re.Pattern[str], dict[str, int]]:
+    """A pattern matching every control-token string, and their ids (once per tokenizer)."""
+    if id(tokenizer) not in _CONTROL:
+        ids_of = {tokenizer.id_to_piece(i): i for i in range(tokenizer.num_special_tokens)}
+        names = sorted(ids_of, key=len, reverse=True)
+        _CONTROL[id(tokenizer)] = (re.compile("|".join(map(re.escape, names))), ids_of)
+    return _CONTROL[id(tokenizer)]

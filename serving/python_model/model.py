@@ -1,12 +1,18 @@
 """Triton python-backend model (cpu flavor): decoupled, one response per generated token.
 
-Copied into every exported version folder. It loads the merged weights beside it with
-transformers and streams through `exforge.llm.generation`, so the Python environment Triton
-runs it in needs exforge installed; `exforge serve up` adds the running interpreter's
-site-packages through EXFORGE_TRITON_PYTHONPATH (the stub ignores PYTHONPATH).
+Copied into every exported version folder. It loads the merged weights beside it and
+decodes with `exforge.llm.generation.Decoder`, continuously batched on one thread:
+requests join the running batch as they arrive, and each token goes out as soon as it is
+made. The Python environment Triton runs it in needs exforge installed; `exforge serve
+up` adds the project through EXFORGE_TRITON_PYTHONPATH (the stub ignores PYTHONPATH).
 
-Requests that dynamic batching groups into one `execute` call run concurrently on a
-thread pool (`generation_threads` parameter); responses go out as tokens are made.
+Inputs and outputs are those of TensorRT-LLM's ensemble (`serving.contract`); the perf
+outputs (`arrival_time_ns`, `first_token_time_ns`, `last_token_time_ns`,
+`kv_cache_reused_blocks`) come with `return_perf_metrics`, and in a stream every
+response's `last_token_time_ns` is when its token was made. Model parameters:
+`decode_batch` (requests decoded together), `tokens_per_block` (prefix-cache reuse
+granularity), `prefix_cache_entries`, `torch_threads`. A version folder's
+`decoding.json` may set `token_delay_s` (a deliberately slow test version).
 """
 
 from __future__ import annotations
@@ -15,7 +21,6 @@ import json
 import os
 import site
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 for _entry in filter(None, os.environ.get("EXFORGE_TRITON_PYTHONPATH", "").split(os.pathsep)):
@@ -25,45 +30,80 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
-from exforge.llm.generation import GenerationRequest, Generator  # noqa: E402
+from exforge.llm.chat import text_ids, text_tokenizer  # noqa: E402
+from exforge.llm.generation import Decoder, Event, Request, Sampling, Step  # noqa: E402
+from exforge.llm.model import load_model  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+RUNTIME_FILE = "decoding.json"
+
+
+def _values(request: object, name: str) -> list[object]:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        return []
+    return [v.decode() if isinstance(v, bytes) else v for v in tensor.as_numpy().reshape(-1)]
 
 
 def _scalar(request: object, name: str, default: object) -> object:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return default if tensor is None else tensor.as_numpy().reshape(-1)[0].item()
+    values = _values(request, name)
+    return values[0].item() if values and hasattr(values[0], "item") else default
 
 
-def _strings(request: object, name: str) -> tuple[str, ...]:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return ()
-    return tuple(
-        v.decode() if isinstance(v, bytes) else str(v) for v in tensor.as_numpy().reshape(-1)
-    )
+def _tensor(name: str, value: object, dtype: type) -> object:
+    return pb_utils.Tensor(name, np.array([[value]], dtype=dtype))
 
 
-def _output(text: str) -> object:
-    array = np.array([[text.encode()]], dtype=np.object_)
-    return pb_utils.InferenceResponse([pb_utils.Tensor("text_output", array)])
+class Responder:
+    """Turns a request's decoding steps into Triton responses on its sender."""
+
+    def __init__(self, request: object, block: int) -> None:
+        self.sender = request.get_response_sender()
+        self.streaming = bool(_scalar(request, "stream", False))
+        self.perf = bool(_scalar(request, "return_perf_metrics", False))
+        self.input_count = bool(_scalar(request, "return_num_input_tokens", False))
+        self.output_count = bool(_scalar(request, "return_num_output_tokens", False))
+        self.echo = not bool(_scalar(request, "exclude_input_in_output", True))
+        self.block = block
+        self.text: list[str] = []
+        self.prompt = ""
+        self.job: Request | None = None
+
+    def emit(self, event: Event) -> None:
+        """Send a step (or the error that ended the request); raises when the client is
+        gone, and the decoder drops the request."""
+        if isinstance(event, Exception):
+            error = pb_utils.TritonError(f"{type(event).__name__}: {event}")
+            self.sender.send(pb_utils.InferenceResponse([], error), flags=FINAL)
+        elif self.streaming:
+            self.sender.send(self._response(event, event.text), flags=_flags(event))
+        else:
+            self.text.append(event.text)
+            if event.finish is not None:
+                self.sender.send(self._response(event, "".join(self.text)), flags=FINAL)
+
+    def _response(self, step: Step, text: str) -> object:
+        job = self.job
+        assert job is not None
+        if self.echo:
+            text, self.echo = self.prompt + text, False
+        outputs = [pb_utils.Tensor("text_output", np.array([[text.encode()]], dtype=np.object_))]
+        if self.input_count:
+            outputs.append(_tensor("num_input_tokens", len(job.ids), np.int32))
+        if self.output_count:
+            outputs.append(_tensor("num_output_tokens", step.tokens, np.int32))
+        if self.perf:
+            outputs += [
+                _tensor("kv_cache_reused_blocks", job.cached_tokens // self.block, np.int32),
+                _tensor("arrival_time_ns", job.arrived_ns, np.int64),
+                _tensor("first_token_time_ns", job.first_token_ns or 0, np.int64),
+                _tensor("last_token_time_ns", step.produced_ns, np.int64),
+            ]
+        return pb_utils.InferenceResponse(outputs)
 
 
-def _parse(request: object) -> tuple[GenerationRequest, bool]:
-    job = GenerationRequest(
-        text=_strings(request, "text_input")[0],
-        max_tokens=int(_scalar(request, "max_tokens", 16)),
-        temperature=float(_scalar(request, "temperature", 0.0)),
-        top_p=float(_scalar(request, "top_p", 1.0)),
-        stop_words=_strings(request, "stop_words"),
-        seed=int(_scalar(request, "random_seed", 0)),
-    )
-    return job, bool(_scalar(request, "stream", False))
-
-
-def _fail(sender: object, exc: Exception) -> None:
-    error = pb_utils.TritonError(f"{type(exc).__name__}: {exc}")
-    sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error), flags=FINAL)
+def _flags(step: Step) -> int:
+    return FINAL if step.finish is not None else 0
 
 
 class TritonPythonModel:
@@ -72,36 +112,51 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         torch.set_num_threads(int(params.get("torch_threads", "1")))
         version_dir = Path(args["model_repository"]) / args["model_version"]
-        self.generator = Generator.from_dir(version_dir / "model")
-        self.pool = ThreadPoolExecutor(int(params.get("generation_threads", "4")))
+        runtime_file = version_dir / RUNTIME_FILE
+        runtime = json.loads(runtime_file.read_text()) if runtime_file.is_file() else {}
+        model_dir = version_dir / "model"
+        model = load_model(str(model_dir), "none", dtype=torch.float32, device=torch.device("cpu"))
+        self.tokenizer = text_tokenizer(model_dir)
+        self.block = int(params.get("tokens_per_block", "32"))
+        self.decoder = Decoder(
+            model.eval(),
+            self.tokenizer,
+            max_batch=int(params.get("decode_batch", "8")),
+            prefix_entries=int(params.get("prefix_cache_entries", "8")),
+            block_tokens=self.block,
+            token_delay_s=float(runtime.get("token_delay_s", 0.0)),
+        )
         self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.decoder.serve, args=(self.stopping,))
+        self.thread.start()
 
     def execute(self, requests: list[object]) -> None:
         # Inputs live in shared memory only until execute returns: read them here.
         for request in requests:
-            sender = request.get_response_sender()
+            responder = Responder(request, self.block)
             try:
-                job, streaming = _parse(request)
-            except Exception as exc:
-                _fail(sender, exc)
+                job = self._job(request, responder)
+            except Exception as exc:  # a malformed request fails alone
+                responder.emit(exc)
                 continue
-            self.pool.submit(self._serve, job, streaming, sender)
+            responder.job = job
+            self.decoder.submit(job)
 
-    def _serve(self, job: GenerationRequest, streaming: bool, sender: object) -> None:
-        try:
-            text = []
-            for step in self.generator.stream(job, self.stopping):
-                if sender.is_cancelled():
-                    break
-                if streaming:
-                    sender.send(_output(step.text))
-                else:
-                    text.append(step.text)
-            final = None if streaming else _output("".join(text))
-            sender.send(final, flags=FINAL)
-        except Exception as exc:
-            _fail(sender, exc)
+    def _job(self, request: object, responder: Responder) -> Request:
+        text = responder.prompt = str(_values(request, "text_input")[0])
+        end_id = _scalar(request, "end_id", None)
+        sampling = Sampling(
+            max_tokens=int(_scalar(request, "max_tokens", 16)),
+            temperature=float(_scalar(request, "temperature", 0.0)),
+            top_p=float(_scalar(request, "top_p", 1.0)),
+            top_k=int(_scalar(request, "top_k", 0)),
+            seed=int(_scalar(request, "seed", 0)),
+            stop=tuple(str(w) for w in _values(request, "stop_words")),
+            stop_ids=() if end_id is None else (int(end_id),),
+        )
+        ids = text_ids(self.tokenizer, text)
+        return Request(ids, sampling, responder.emit, responder.sender.is_cancelled)
 
     def finalize(self) -> None:
         self.stopping.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.thread.join()

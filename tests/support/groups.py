@@ -24,6 +24,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_eval_metrics",
         "test_gateway_guard",
         "test_eval_qa",
+        "test_generation",
         "test_neardup",
         "test_schemas",
         "test_sources_archives",
@@ -64,6 +65,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_eval_run",
         "test_eval_unisolated",
         "test_inspect",
+        "test_openai_client",
         "test_pipeline",
         "test_replay",
         "test_serving_e2e",
@@ -73,6 +75,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_stack",
         "test_tracing",
         "test_train_cli",
+        "test_triton_contract",
     ),
     "corpus": ("test_corpus",),
 }

@@ -32,10 +32,10 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from pydantic import BaseModel, Field
 
 from exforge.core.store import ObjectNotFound, ObjectStore, sha256_hex
-from exforge.llm.chat import decode, encode, prompt_ids
+from exforge.llm.chat import encode, prompt_ids
+from exforge.llm.generation import Decoder, Sampling, complete
 from schemas.shards import decode_shard, difficulty, encode_shard
 from schemas.sharegpt import validate_sharegpt
-from workers.trainer.packing import PAD_ID
 
 Sample = dict[str, Any]
 Selection = Literal["kmeans", "random"]
@@ -95,27 +95,20 @@ def answer_prompt(demos: Sequence[Sample], task: str) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------- generation
 
 
-@torch.no_grad()
 def generate(
     model: torch.nn.Module,
     tokenizer: MistralTokenizer,
     turns: list[dict[str, str]],
     settings: SsrConfig,
+    rng: random.Random,
 ) -> str:
-    """Sample a reply to a conversation ending in a user turn."""
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids(turns)], device=device)
-    output = model.generate(
-        input_ids=ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=True,
-        temperature=settings.temperature,
-        top_p=0.95,
-        pad_token_id=PAD_ID,
-        eos_token_id=tokenizer.instruct_tokenizer.tokenizer.eos_id,
+    """Sample a reply to a conversation ending in a user turn (the serving decoding
+    loop, seeded from `rng`)."""
+    decoder = Decoder(model, tokenizer.instruct_tokenizer.tokenizer, max_batch=1)
+    sampling = Sampling(
+        settings.max_new_tokens, settings.temperature, top_p=0.95, seed=rng.getrandbits(63)
     )
-    return decode(tokenizer, output[0, ids.shape[1] :].tolist()).strip()
+    return complete(decoder, [(prompt_ids(turns), sampling)])[0].text.strip()
 
 
 def synthetic_sample(task: str, answer: str, kind: str, stage: int, level: int) -> Sample:
@@ -146,20 +139,26 @@ def synthesise(
         kind = kinds[number % len(kinds)]
         pool = by_kind[kind]
         demos = rng.sample(pool, min(settings.demonstrations, len(pool)))
-        task = generate(model, tokenizer, task_prompt(demos, kind), settings)
-        answer = generate(model, tokenizer, answer_prompt(demos, task), settings) if task else ""
+        task = generate(model, tokenizer, task_prompt(demos, kind), settings, rng)
+        answer = (
+            generate(model, tokenizer, answer_prompt(demos, task), settings, rng) if task else ""
+        )
         drafts.append(synthetic_sample(task, answer, kind, stage, difficulty(demos[0])))
     return drafts
 
 
 def refine(
-    model: torch.nn.Module, tokenizer: MistralTokenizer, sample: Sample, settings: SsrConfig
+    model: torch.nn.Module,
+    tokenizer: MistralTokenizer,
+    sample: Sample,
+    settings: SsrConfig,
+    rng: random.Random,
 ) -> Sample:
     """The latest model's own zero-shot answer replaces the draft's, when it has one."""
     task = instruction(sample)
     if not task.strip():
         return sample
-    answer = generate(model, tokenizer, [{"from": "human", "value": task}], settings)
+    answer = generate(model, tokenizer, [{"from": "human", "value": task}], settings, rng)
     if not answer:
         return sample
     meta = sample["meta"]
@@ -264,7 +263,7 @@ def build_buffer(
         torch.manual_seed(seed)
         rng = random.Random(f"ssr/{seed}/{stage}")
         drafts = synthesise(model, tokenizer, real, stage, settings, rng)
-        refined = [refine(model, tokenizer, draft, settings) for draft in drafts]
+        refined = [refine(model, tokenizer, draft, settings, rng) for draft in drafts]
     unique = {s["id"]: s for s in refined if validate_sharegpt(s, count_tokens, max_tokens)}
     valid = list(unique.values())
     vectors = embeddings(model, tokenizer, valid) if settings.selection == "kmeans" else None

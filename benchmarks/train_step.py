@@ -16,6 +16,7 @@ Usage: python benchmarks/train_step.py [--repeats N] [--out FILE]
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -23,11 +24,13 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from exforge.core.bench import figure, write_figures
 from exforge.llm.chat import IGNORE, encode, load_tokenizer
 from exforge.llm.lora import LoraSettings, apply_lora
 from exforge.llm.model import load_model
-from workers.trainer.data import synthetic_samples
+from tests.support.shards import synthetic_samples
 from workers.trainer.loss import forward_losses, token_losses
 from workers.trainer.packing import collate, pack
 from workers.trainer.profile import peak_allocated

@@ -38,8 +38,10 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from exforge.core.bench import figure, write_figures
-from workers.trainer.data import synthetic_samples
+from tests.support.shards import synthetic_samples
 
 SEQ_LEN = 512
 BATCH_PACKS = 2
@@ -122,7 +124,8 @@ def devstral_shaped(layers: int, directory: Path) -> Path:
 def run_exforge(samples: list[dict[str, Any]], root: Path, setup: Setup) -> dict[str, Any]:
     from exforge.core.settings import load_settings
     from exforge.core.store import FileStore
-    from workers.trainer.data import Cursor, write_split
+    from tests.support.shards import write_split
+    from workers.trainer.data import Cursor
     from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 
     store = FileStore(root / "store")

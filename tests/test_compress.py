@@ -26,8 +26,8 @@ from exforge.llm.prune import (
     least_distant,
 )
 from tests.support.eval import register_tiny_version
+from tests.support.shards import synthetic_samples, write_split
 from workers.evaluator.compression import Row, lineage, pareto
-from workers.trainer.data import synthetic_samples, write_split
 
 EXFORGE = str(Path(sys.executable).parent / "exforge")
 

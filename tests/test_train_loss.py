@@ -15,7 +15,7 @@ from exforge.core.store import FileStore
 from exforge.llm.chat import IGNORE, encode, load_tokenizer
 from exforge.llm.lora import LoraSettings, apply_lora, trainable
 from exforge.llm.model import materialise_preset, preset_config
-from workers.trainer.data import synthetic_samples, write_split
+from tests.support.shards import synthetic_samples, write_split
 from workers.trainer.loss import Teacher, forward_losses, head_losses, token_losses
 from workers.trainer.packing import collate, pack
 from workers.trainer.recipe import DistillConfig, Recipe, StageConfig, TrainConfig

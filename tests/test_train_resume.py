@@ -16,8 +16,8 @@ import torch
 
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore, ObjectStore
+from tests.support.shards import synthetic_samples, write_split
 from workers.trainer import checkpoint as ckpt
-from workers.trainer.data import synthetic_samples, write_split
 from workers.trainer.recipe import StageConfig, TrainConfig
 
 EXFORGE = str(Path(sys.executable).parent / "exforge")

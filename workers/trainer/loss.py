@@ -138,10 +138,10 @@ def hidden_states(
     return hidden, weight
 
 
-def chunkable(model: torch.nn.Module) -> bool:
-    """Whether the output head can be applied outside the forward: not under FSDP (it
-    holds the weight in shards there) and not when the head itself trains."""
-    if isinstance(model, FullyShardedDataParallel):
+def chunkable(model: torch.nn.Module, chunk: int | None) -> bool:
+    """Whether the output head is applied outside the forward: when chunks are asked for,
+    not under FSDP (it holds the weight in shards there) and not when the head trains."""
+    if chunk is None or isinstance(model, FullyShardedDataParallel):
         return False
     return not causal_lm(model).lm_head.weight.requires_grad
 
@@ -171,13 +171,14 @@ def forward_losses(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     distillation: Distillation | None = None,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """Per-token losses of a packed batch (positions tell the model where samples start),
-    0 where the target is ignored; chunked at the head wherever `chunkable` allows."""
+    0 where the target is ignored; chunked at the head wherever `chunkable` allows (`chunk`
+    None: the whole logits, as under FSDP)."""
     device = next(model.parameters()).device
     targets = batch["targets"].to(device)
-    if not chunkable(model):
+    if not chunkable(model, chunk):
         if distillation is not None:
             raise ValueError("distillation needs the output head outside the forward (no FSDP)")
         logits = model(

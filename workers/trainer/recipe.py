@@ -103,8 +103,11 @@ class TrainConfig(BaseModel):
     register_as: str | None = Field("exforge-elixir", description="Model name; None: skip.")
     lineage: Lineage | None = Field(None, description="Recorded with the registered version.")
     distill: DistillConfig | None = None
-    loss_chunk_tokens: int = Field(
-        DEFAULT_CHUNK, gt=0, description="Trained positions per chunk of the output-head loss."
+    loss_chunk_tokens: int | None = Field(
+        DEFAULT_CHUNK,
+        gt=0,
+        description="Trained positions per chunk of the output-head loss; None: the whole "
+        "logits at once (what FSDP does, the head's weight being sharded).",
     )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",

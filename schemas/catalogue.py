@@ -34,7 +34,9 @@ CATALOGUE: tuple[TopicSpec, ...] = (
     TopicSpec("sources.requests", "source id", SourceRequest),
     TopicSpec("raw.packages", "source id", RawPackage),
     TopicSpec("files.candidates", "sha256 of normalised content", ParsedFile, internal=True),
-    TopicSpec("files.bands", "LSH bucket `band:hash`", BandMessage, internal=True),
+    TopicSpec(
+        "files.bands", "sha256 (to the partition owning the buckets)", BandMessage, internal=True
+    ),
     TopicSpec("files.neardup", "sha256 of normalised content", NearDupEvent, internal=True),
     TopicSpec("parsed.files", "sha256 of normalised content", ParsedFile),
     TopicSpec("instruction.samples", "sample id", InstructionSample),

@@ -316,6 +316,9 @@ class InstructionSample(Record):
     sample_id: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
     conversations: list[Turn] = Field(min_length=2)
     meta: SampleMeta
+    tokens: int | None = Field(
+        None, ge=0, description="Tekken tokens of the conversation as the trainer encodes it."
+    )
 
     @staticmethod
     def content_id(conversations: list[Turn], kind: str) -> str:
@@ -391,23 +394,22 @@ class DeadLetter(Record):
 
 
 class BandMessage(Record):
-    """On `files.bands`, keyed `band:hash`: a file enters an LSH bucket, or settles in it."""
+    """On `files.bands`, keyed by the file's sha256 and sent to the partition that owns
+    these LSH buckets (`exforge.elixir.neardup.bucket_partition`): the file enters them."""
 
-    kind: Literal["register", "settle"]
     sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
-    cluster: Sha256 | None = Field(None, description="settle: the file's cluster.")
+    bands: list[str] = Field(min_length=1, description="Bucket keys `band:hash`.")
 
 
 class NearDupEvent(Record):
     """On `files.neardup`, keyed by the sha256 it concerns (`decide`: sent to a partition).
 
-    `candidate` holds a file until its batch is decided; `earlier` says a file with a
-    smaller sha256 shares an LSH bucket with it; `settled` says an already decided file
-    (of cluster `other`) does; `decide` asks a partition to decide its held files.
+    `earlier` says a file with a smaller sha256 (`other`) shares an LSH bucket with it;
+    `settled` says an already decided file of cluster `other` does; `decide` asks a
+    partition to decide its held files.
     """
 
-    kind: Literal["candidate", "earlier", "settled", "decide"]
+    kind: Literal["earlier", "settled", "decide"]
     sha256: Sha256 | None = Field(None, pattern=r"^[0-9a-f]{64}$")
-    file: ParsedFile | None = None
     other: Sha256 | None = None
     partition: int | None = Field(None, ge=0)

@@ -1,31 +1,38 @@
 """Exact and near-duplicate removal in the stream: `files.candidates` → `parsed.files`.
 
-Three agents, each owning its keys by partition in a Faust table:
+`NearDup` runs three agents over four Faust tables; every key is owned by one partition:
 
 * `dedup` (on `files.candidates`, keyed by sha256): the first source position of each
-  sha256; a file identical to one seen before is dropped (`exact_duplicate`). A new
-  one is handed to `neardup` (held) and registered in each of its LSH buckets.
-* `neardup-bands` (on `files.bands`, keyed `band:hash`): each partition owns its buckets
-  (`exforge.elixir.neardup.Bucket`) and tells the files that collide in them.
-* `neardup` (on `files.neardup`, keyed by sha256): holds each new file and what its
-  buckets told it. When the whole pipeline is drained (every stage input consumed and
-  committed, seen twice in a row) or a file has waited `neardup_max_hold_s` (steady
-  inflow never drains), the worker asks each partition it owns to decide:
-  every held file is kept or dropped (`near_duplicate`) by `neardup.decide`, which
-  depends only on the set of files, so the kept set is the same whatever the number of
-  workers or partitions; each decided file settles in its buckets, so later batches
-  are near-duplicates of it. The cluster id (sha256 of the first file of the cluster)
-  is on every kept `ParsedFile` and in the `neardup-settled` table for every file.
+  sha256 (`first-seen`); a file identical to one seen before is dropped
+  (`exact_duplicate`). A new one is held (`neardup-held`, on the partition its
+  `files.neardup` messages go to: the same key, the same partition count) and enters
+  its LSH buckets: one `files.bands` message per partition that owns some of them
+  (`exforge.elixir.neardup.bucket_partition`).
+* `neardup-bands` (on `files.bands`): each partition keeps the smallest sha256 of each
+  of its buckets (`neardup-buckets`) and tells the files that collide in them
+  (`exforge.elixir.neardup.Bucket`).
+* `neardup` (on `files.neardup`, keyed by sha256): a held file records what it hears;
+  a file decided in an earlier batch that hears of a newcomer answers `settled` with
+  its cluster, so the newcomer is dropped.
+
+Batches: when everything upstream of the decision (`sources.requests` up to
+`files.neardup`) is consumed and committed, seen twice in a row, or a file has waited
+`neardup_max_hold_s` (steady inflow never drains), the worker asks each partition it
+owns to decide: every held file is kept or dropped (`near_duplicate`) by
+`neardup.decide`, which depends only on the set of files, so the kept set is the same
+whatever the number of workers or partitions. The stages after `parsed.files` do not
+hold the decision back: they run while the next batch is parsed. The cluster id is on
+every kept `ParsedFile` (its own sha256) and in `neardup-settled` for every file.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import faust
 from aiokafka import TopicPartition
@@ -33,60 +40,76 @@ from sqlalchemy.orm import Session
 
 from exforge.core import tracing
 from exforge.core.db import FileOutcome
-from exforge.core.kafka import admin_client, metadata_consumer
+from exforge.core.kafka import admin_client, end_offsets, metadata_consumer
 from exforge.core.settings import Settings
-from exforge.elixir.neardup import Bucket, Held, decide
+from exforge.elixir.neardup import Bucket, Held, bucket_partition, decide
 from schemas.catalogue import STAGE_INPUTS, topic_name
 from schemas.records import BandMessage, NearDupEvent, ParsedFile
 from streams.stage import Output, Result, StageContext, attach_stage
 
-__all__ = ["attach", "drained", "position", "record_outcome"]
+__all__ = [
+    "UPSTREAM",
+    "HeldFile",
+    "NearDup",
+    "Outcome",
+    "attach",
+    "drained",
+    "position",
+    "record_outcomes",
+]
 
 log = logging.getLogger("exforge.dedup")
 
 DECIDE_INTERVAL_S = 1.0
 DRAINED_CHECKS = 2  # consecutive drained observations before a batch is decided
+# The stages whose inputs must be drained before a batch is decided: all that feed it.
+UPSTREAM = ("ingest", "parse", "dedup", "neardup-bands", "neardup")
 
 
 def position(file: ParsedFile) -> str:
     return f"{file.source_id}:{file.path}"
 
 
-def record_outcome(
-    ctx: StageContext,
-    source_id: str,
-    path: str,
-    sha256: str | None,
-    reason: str | None,
-    redactions: dict[str, int] | None = None,
-) -> None:
-    """Write what became of a file; keyed by position, so replays overwrite."""
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a file of a package: kept (reason None) or dropped, and why."""
+
+    source_id: str
+    path: str
+    sha256: str | None
+    reason: str | None
+    redactions: dict[str, int] | None = None
+
+    @classmethod
+    def of(cls, file: ParsedFile, reason: str | None) -> Outcome:
+        return cls(file.source_id, file.path, file.sha256, reason, file.redactions)
+
+
+def record_outcomes(ctx: StageContext, outcomes: Iterable[Outcome]) -> None:
+    """Write what became of files, in one transaction; keyed by position, so replays
+    overwrite."""
     with Session(ctx.engine) as session, session.begin():
-        session.merge(
-            FileOutcome(
-                source_id=source_id,
-                path=path,
-                sha256=sha256,
-                kept=reason is None,
-                reason=reason,
-                redactions=redactions,
+        for outcome in outcomes:
+            session.merge(
+                FileOutcome(
+                    source_id=outcome.source_id,
+                    path=outcome.path,
+                    sha256=outcome.sha256,
+                    kept=outcome.reason is None,
+                    reason=outcome.reason,
+                    redactions=outcome.redactions,
+                )
             )
-        )
 
 
-def record_file(ctx: StageContext, file: ParsedFile, reason: str | None) -> None:
-    """`record_outcome` for an analysed file, with its redaction counts."""
-    record_outcome(ctx, file.source_id, file.path, file.sha256, reason, file.redactions)
-
-
-async def drained(settings: Settings) -> bool:
-    """Whether every stage input is consumed and committed by the worker group.
+async def drained(settings: Settings, stages: Iterable[str] = UPSTREAM) -> bool:
+    """Whether the inputs of `stages` are consumed and committed by the worker group.
 
     Committed offsets are read before end offsets: a message whose processing was
     committed before the first read had produced its outputs before that, so they
     show in the end offsets read after it.
     """
-    inputs = {topic_name(settings.topic_prefix, name) for name in STAGE_INPUTS.values()}
+    inputs = {topic_name(settings.topic_prefix, STAGE_INPUTS[stage]) for stage in stages}
     async with admin_client(settings) as admin, metadata_consumer(settings) as consumer:
         topics = [t for t in await consumer.topics() if t in inputs]
         partitions = [
@@ -97,7 +120,7 @@ async def drained(settings: Settings) -> bool:
         committed = await admin.list_consumer_group_offsets(
             settings.worker_group, partitions=partitions
         )
-        ends = await consumer.end_offsets(partitions)
+        ends = await end_offsets(consumer, partitions)
     for tp in partitions:
         meta = committed.get(tp)
         done = meta.offset if meta is not None and meta.offset >= 0 else 0
@@ -110,43 +133,39 @@ def held_too_long(since: Iterable[float], now: float, max_hold_s: float) -> bool
     """Whether a batch must be decided without waiting for the pipeline to drain.
 
     Deciding early keeps the guarantee that no two near-duplicates are both kept: a file
-    whose bucket-mate is already settled hears `settled` and is dropped; only *which* of
+    whose bucket-mate is already decided hears `settled` and is dropped; only *which* of
     a pair is kept can then depend on timing."""
     return any(now - t >= max_hold_s for t in since)
 
 
 @dataclass
-class _HeldEntry:
-    """A `neardup-held` table value: the file (once its candidate came) and what it heard."""
+class HeldFile:
+    """A `neardup-held` value: a file waiting for its batch's decision, and what it
+    heard. Stored as a one-line header (read without parsing the file) and the file."""
 
     partition: int
     since: float  # wall-clock time the file was first held
-    file: str | None = None  # ParsedFile JSON
-    held: Held = field(default_factory=Held)
-    trace: str | None = None  # the file's trace, continued when it is decided
+    file: str  # ParsedFile JSON
+    heard: Held = field(default_factory=Held)
+    trace: str | None = None  # the file's trace (traceparent), continued when it is decided
 
     def dumps(self) -> str:
-        return json.dumps(
-            {
-                "partition": self.partition,
-                "since": self.since,
-                "file": self.file,
-                "earlier": self.held.earlier,
-                "settled": self.held.settled,
-                "trace": self.trace,
-            }
-        )
+        fields = (self.heard.earlier, self.heard.settled, self.trace)
+        optional = " ".join(value or "-" for value in fields)
+        return f"{self.partition} {self.since!r} {optional}\n{self.file}"
 
     @classmethod
-    def loads(cls, raw: str) -> _HeldEntry:
-        data = json.loads(raw)
-        return cls(
-            data["partition"],
-            data["since"],
-            data["file"],
-            Held(data["earlier"], data["settled"]),
-            data.get("trace"),
-        )
+    def loads(cls, raw: str) -> HeldFile:
+        header, file = raw.split("\n", 1)
+        partition, since, *optional = header.split(" ")
+        earlier, settled, trace = (None if value == "-" else value for value in optional)
+        return cls(int(partition), float(since), file, Held(earlier, settled), trace)
+
+
+def decided_span(trace: str | None, sha256: str, reason: str | None) -> Any:
+    """The span of a file's decision, in the file's trace (`trace`, its traceparent)."""
+    attributes = {"exforge.sha256": sha256, "exforge.outcome": reason or "kept"}
+    return tracing.consumed("neardup process", tracing.kafka_headers(trace), attributes)
 
 
 def _event_partition() -> int:
@@ -155,153 +174,200 @@ def _event_partition() -> int:
     return event.message.partition
 
 
-def attach(ctx: StageContext) -> None:
-    """The three agents, and the timer that asks owned partitions to decide."""
-    settings = ctx.settings
-    partitions = settings.topic_partitions
+class NearDup:
+    """The dedup and near-dup agents of one worker, their tables and decision timer."""
 
-    def table(name: str) -> faust.Table:
-        return ctx.app.Table(name, default=str, partitions=partitions, key_type=str, value_type=str)
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.settings = ctx.settings
+        self.partitions = ctx.settings.topic_partitions
+        self.first_seen = self._table("first-seen")
+        self.buckets = self._table("neardup-buckets")
+        self.held = self._table("neardup-held")
+        self.settled = self._table("neardup-settled")
+        # held, undecided files of owned partitions (partition → sha256 → since): kept
+        # beside the table so the timer need not read it; rebuilt after a rebalance
+        self.waiting: dict[int, dict[str, float]] = {}
+        self.indexed: frozenset[int] | None = None
+        self.streak = 0
+        self.neardup_topic = topic_name(ctx.settings.topic_prefix, "files.neardup")
 
-    first_seen = table("first-seen")
-    buckets = table("neardup-buckets")
-    held = table("neardup-held")
-    settled = table("neardup-settled")
-
-    async def handle_candidate(value: bytes, key: str | None) -> Result:
-        file = ParsedFile.model_validate_json(value)
-        seen = first_seen[file.sha256]
-        if seen and seen != position(file):
-            await asyncio.to_thread(record_file, ctx, file, "exact_duplicate")
-            return Result(dropped={"exact_duplicate": 1})
-        if not seen:
-            first_seen[file.sha256] = position(file)
-        candidate = NearDupEvent(kind="candidate", sha256=file.sha256, file=file)
-        return Result(
-            outputs=[
-                Output("files.neardup", file.sha256, candidate),
-                *(
-                    Output("files.bands", band, BandMessage(kind="register", sha256=file.sha256))
-                    for band in file.near_dup.bands
-                ),
-            ]
+    def _table(self, name: str) -> faust.Table:
+        return self.ctx.app.Table(
+            name, default=str, partitions=self.partitions, key_type=str, value_type=str
         )
 
-    async def handle_band(value: bytes, key: str | None) -> Result:
+    def attach(self) -> None:
+        attach_stage(self.ctx, "dedup", "files.candidates", self.on_candidate)
+        attach_stage(self.ctx, "neardup-bands", "files.bands", self.on_bands)
+        attach_stage(self.ctx, "neardup", "files.neardup", self.on_neardup)
+        self.ctx.busy.append(lambda: bool(self.owned_waiting()))
+        self.ctx.app.timer(interval=DECIDE_INTERVAL_S, name="neardup-decide")(self.ask_to_decide)
+
+    # ------------------------------------------------------------------ handlers
+
+    async def on_candidate(self, value: bytes, key: str | None) -> Result:
+        """Drop an exact duplicate; hold a new file and enter it in its buckets."""
+        file = ParsedFile.model_validate_json(value)
+        result = Result(items={"files": 1})
+        seen = self.first_seen[file.sha256]
+        if seen and seen != position(file):
+            outcome = Outcome.of(file, "exact_duplicate")
+            await asyncio.to_thread(record_outcomes, self.ctx, [outcome])
+            result.drop("exact_duplicate")
+            return result
+        if not seen:
+            self.first_seen[file.sha256] = position(file)
+        if self.settled[file.sha256]:  # a redelivery of a file decided before
+            return result
+        self.hold(file)
+        result.outputs.extend(self.registrations(file))
+        return result
+
+    def hold(self, file: ParsedFile) -> None:
+        raw = self.held[file.sha256]
+        partition = _event_partition()
+        entry = HeldFile.loads(raw) if raw else HeldFile(partition, time.time(), "")
+        entry.file = file.model_dump_json(by_alias=True, exclude_none=True)
+        entry.trace = tracing.traceparent()
+        self.held[file.sha256] = entry.dumps()
+        self.waiting.setdefault(partition, {})[file.sha256] = entry.since
+
+    def registrations(self, file: ParsedFile) -> list[Output]:
+        """One `files.bands` message per partition owning some of the file's buckets."""
+        by_partition: dict[int, list[str]] = {}
+        for band in file.near_dup.bands:
+            by_partition.setdefault(bucket_partition(band, self.partitions), []).append(band)
+        return [
+            Output(
+                "files.bands",
+                file.sha256,
+                BandMessage(sha256=file.sha256, bands=bands),
+                partition=partition,
+            )
+            for partition, bands in sorted(by_partition.items())
+        ]
+
+    async def on_bands(self, value: bytes, key: str | None) -> Result:
+        """Enter a file in buckets of this partition; tell the files that collide."""
         message = BandMessage.model_validate_json(value)
-        assert key is not None, "band messages are keyed by band:hash"
-        raw = buckets[key]
-        bucket = Bucket(**json.loads(raw)) if raw else Bucket()
-        sends: list[tuple[str, str, str]] = []
-        if message.kind == "register":
+        result = Result()
+        for band in message.bands:
+            bucket = Bucket(self.buckets[band] or None)
             updated, sends = bucket.register(message.sha256)
-        else:
-            assert message.cluster is not None
-            updated = bucket.settle(message.cluster)
-        if updated != bucket:
-            buckets[key] = json.dumps({"smallest": updated.smallest, "settled": updated.settled})
-        return Result(
-            outputs=[
+            if updated != bucket:
+                self.buckets[band] = updated.smallest
+            result.outputs.extend(
                 Output("files.neardup", to, NearDupEvent(kind=kind, sha256=to, other=about))  # type: ignore[arg-type]
                 for to, kind, about in sends
-            ]
-        )
+            )
+        return result
 
-    async def handle_neardup(value: bytes, key: str | None) -> Result:
+    async def on_neardup(self, value: bytes, key: str | None) -> Result:
         event = NearDupEvent.model_validate_json(value)
         if event.kind == "decide":
             assert event.partition is not None
-            return await decide_partition(event.partition)
-        sha = event.sha256
-        assert sha is not None
-        cluster = settled[sha]
-        if cluster:  # decided in an earlier batch
-            if event.kind == "earlier" and event.other is not None:
-                reply = NearDupEvent(kind="settled", sha256=event.other, other=cluster)
-                return Result(outputs=[Output("files.neardup", event.other, reply)])
-            return Result()
-        raw = held[sha]
-        entry = _HeldEntry.loads(raw) if raw else _HeldEntry(_event_partition(), time.time())
-        if event.kind == "candidate" and event.file is not None:
-            entry.file = event.file.model_dump_json(by_alias=True, exclude_none=True)
-            entry.trace = tracing.traceparent()
-        elif event.other is not None:
-            entry.held = entry.held.hear(event.kind, event.other)
-        held[sha] = entry.dumps()
+            return await self.decide_partition(event.partition)
+        assert event.sha256 is not None and event.other is not None
+        cluster = self.settled[event.sha256]
+        if cluster:  # decided in an earlier batch: the newcomer is its near-duplicate
+            if event.kind != "earlier":
+                return Result()
+            reply = NearDupEvent(kind="settled", sha256=event.other, other=cluster)
+            return Result(outputs=[Output("files.neardup", event.other, reply)])
+        raw = self.held[event.sha256]
+        entry = HeldFile.loads(raw) if raw else HeldFile(_event_partition(), time.time(), "")
+        entry.heard = entry.heard.hear(event.kind, event.other)
+        self.held[event.sha256] = entry.dumps()
         return Result()
 
-    async def decide_partition(partition: int) -> Result:
+    async def decide_partition(self, partition: int) -> Result:
+        """Keep or drop every held file of `partition`; forget them once the kept ones
+        are acknowledged on `parsed.files` (a crash before that redelivers the `decide`,
+        which decides them again, with the same keys)."""
         result = Result()
-        for sha, raw in list(held.items()):
-            entry = _HeldEntry.loads(raw)
-            if entry.partition != partition or entry.file is None:
+        outcomes: list[Outcome] = []
+        decided: list[str] = []
+        for sha, raw in list(self.held.items()):
+            entry = HeldFile.loads(raw)
+            if entry.partition != partition or not entry.file or self.settled[sha]:
                 continue
             file = ParsedFile.model_validate_json(entry.file)
-            duplicate_of = decide(entry.held)
-            cluster = duplicate_of or sha
+            duplicate_of = decide(entry.heard)
             reason = "near_duplicate" if duplicate_of else None
-            await asyncio.to_thread(record_file, ctx, file, reason)
+            outcomes.append(Outcome.of(file, reason))
+            # the decision is a step of the file's own trace
+            with decided_span(entry.trace, sha, reason):
+                trace = tracing.traceparent()
             if reason:
                 result.drop(reason)
             else:
-                near_dup = file.near_dup.model_copy(update={"cluster": cluster})
+                near_dup = file.near_dup.model_copy(update={"cluster": sha})
                 kept = file.model_copy(update={"near_dup": near_dup})
-                result.outputs.append(Output("parsed.files", sha, kept, entry.trace))
-            settle = BandMessage(kind="settle", sha256=sha, cluster=cluster)
-            result.outputs.extend(Output("files.bands", b, settle) for b in file.near_dup.bands)
-            settled[sha] = cluster
+                result.outputs.append(Output("parsed.files", sha, kept, trace))
+            self.settled[sha] = duplicate_of or sha
             decided.append(sha)
+        if outcomes:
+            await asyncio.to_thread(record_outcomes, self.ctx, outcomes)
+        for sha in decided:
+            self.waiting.get(partition, {}).pop(sha, None)
+        result.count("files", len(decided))
+        result.delivered.append(lambda: self.forget(decided))
         return result
 
-    decided: list[str] = []
+    def forget(self, decided: list[str]) -> None:
+        for sha in decided:
+            del self.held[sha]
 
-    async def forget_decided() -> None:
-        """Drop decided files from `held` only once their outputs are acknowledged: a
-        crash before that redelivers the `decide`, which decides them again (same keys)."""
-        while decided:
-            del held[decided.pop()]
+    # ------------------------------------------------------------------ the timer
 
-    attach_stage(ctx, "dedup", "files.candidates", handle_candidate)
-    attach_stage(ctx, "neardup-bands", "files.bands", handle_band)
-    attach_stage(ctx, "neardup", "files.neardup", handle_neardup, after=forget_decided)
+    def owned(self) -> frozenset[int]:
+        return frozenset(
+            tp.partition
+            for tp in self.ctx.app.assignor.assigned_actives()
+            if tp.topic == self.neardup_topic
+        )
 
-    neardup_topic = topic_name(settings.topic_prefix, "files.neardup")
+    def owned_waiting(self) -> dict[int, float]:
+        """Owned partitions holding undecided files → when the oldest was first held."""
+        owned = self.owned()
+        if owned != self.indexed and not self.ctx.app.in_recovery:
+            self.reindex(owned)
+        return {p: min(files.values()) for p, files in self.waiting.items() if p in owned and files}
 
-    def owned_with_held() -> dict[int, float]:
-        """Partitions of `files.neardup` this worker owns that hold undecided files, with
-        the time the oldest of them was first held."""
-        owned = {
-            tp.partition for tp in ctx.app.assignor.assigned_actives() if tp.topic == neardup_topic
-        }
-        oldest: dict[int, float] = {}
-        for raw in held.values():
-            entry = _HeldEntry.loads(raw)
-            if entry.partition in owned and entry.file is not None:
-                oldest[entry.partition] = min(entry.since, oldest.get(entry.partition, entry.since))
-        return oldest
+    def reindex(self, owned: frozenset[int]) -> None:
+        """Rebuild `waiting` from the table (after a rebalance or recovery)."""
+        waiting: dict[int, dict[str, float]] = {}
+        for sha, raw in self.held.items():
+            entry = HeldFile.loads(raw)
+            if entry.partition in owned and entry.file and not self.settled[sha]:
+                waiting.setdefault(entry.partition, {})[sha] = entry.since
+        self.waiting = waiting
+        self.indexed = owned
 
-    ctx.busy.append(lambda: bool(owned_with_held()))
-    streak = [0]
-
-    @ctx.app.timer(interval=DECIDE_INTERVAL_S, name="neardup-decide")
-    async def ask_to_decide() -> None:
-        waiting = owned_with_held()
+    async def ask_to_decide(self) -> None:
+        waiting = self.owned_waiting()
         if not waiting:
-            streak[0] = 0
+            self.streak = 0
             return
         try:
-            streak[0] = streak[0] + 1 if await drained(settings) else 0
+            self.streak = self.streak + 1 if await drained(self.settings) else 0
         except Exception as exc:  # the broker may be restarting: try again next tick
             log.warning("drain check failed: %s", exc)
-            streak[0] = 0
-        overdue = held_too_long(waiting.values(), time.time(), settings.neardup_max_hold_s)
-        if streak[0] < DRAINED_CHECKS and not overdue:
+            self.streak = 0
+        max_hold = self.settings.neardup_max_hold_s
+        overdue = held_too_long(waiting.values(), time.time(), max_hold)
+        if self.streak < DRAINED_CHECKS and not overdue:
             return
         if overdue:
-            log.info("near-dup: files held over %.0f s, deciding now", settings.neardup_max_hold_s)
-        streak[0] = 0
-        topic = ctx.topic("files.neardup")
+            log.info("near-dup: files held over %.0f s, deciding now", max_hold)
+        self.streak = 0
+        topic = self.ctx.topic("files.neardup")
         for partition in sorted(waiting):
             ask = NearDupEvent(kind="decide", partition=partition)
             await (await topic.send(value=ask.to_bytes(), partition=partition))
         log.info("near-dup: deciding partitions %s", sorted(waiting))
+
+
+def attach(ctx: StageContext) -> None:
+    NearDup(ctx).attach()

@@ -212,6 +212,8 @@ def attach(ctx: StageContext) -> None:
     deps = IngestDeps(ctx.settings, ctx.store, ctx.engine)
 
     async def handle(value: bytes, key: str | None) -> Result:
-        return await ingest_request(parse_request(value), deps)
+        result = await ingest_request(parse_request(value), deps)
+        result.count("packages")
+        return result
 
     attach_stage(ctx, "ingest", "sources.requests", handle)

@@ -8,7 +8,9 @@ candidate is then
    pairs compile on both sides, tests made from doctests pass against the file's code
    (`parse_failed`, `compile_failed`, `tests_failed`, `check_timeout`…).
 A dropped candidate is recorded in the ledger (`sample_drops`, keyed by its id, so a
-redelivery counts it once) and in `exforge_dropped_total`.
+redelivery counts it once) and in `exforge_dropped_total`. Files come in batches of up to
+`BATCH_FILES`, whose candidates are checked in one call to the pool; a kept sample
+carries its token count, so the shard stage does not tokenise it again.
 """
 
 from __future__ import annotations
@@ -17,20 +19,22 @@ import atexit
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from exforge.core.db import SampleDrop
 from exforge.core.settings import Settings
-from exforge.core.store import ObjectStore
+from exforge.core.store import ObjectNotFound, ObjectStore
 from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from schemas.records import InstructionSample, ParsedFile
 from schemas.sharegpt import sharegpt_problems
 from streams.generators import KINDS, Candidate, doc_to_code_samples, generate
 from streams.generators.check import check_all
 from streams.generators.tokens import TokenCounter, token_counter
-from streams.stage import Output, Result, StageContext, attach_stage
+from streams.stage import Failure, Output, Result, StageContext, attach_batch_stage
 
 __all__ = ["attach", "doc_to_code_samples", "file_text", "instruct"]
 
@@ -45,8 +49,22 @@ def file_text(file: ParsedFile, store: ObjectStore) -> str:
 def validation_reason(
     sample: InstructionSample, count: TokenCounter, max_tokens: int
 ) -> str | None:
-    problems = sharegpt_problems(sample.sharegpt(), count, max_tokens)
-    return problems[0].reason if problems else None
+    return validated(sample, count, max_tokens)[0]
+
+
+def validated(
+    sample: InstructionSample, count: TokenCounter, max_tokens: int
+) -> tuple[str | None, int | None]:
+    """Why the sample is not valid ShareGPT (None: it is), and its token count (None
+    when it was not counted)."""
+    counted: list[int] = []
+
+    def counting(turns: Sequence[dict[str, Any]]) -> int:
+        counted.append(count(turns))
+        return counted[-1]
+
+    problems = sharegpt_problems(sample.sharegpt(), counting, max_tokens)
+    return (problems[0].reason if problems else None), (counted[0] if counted else None)
 
 
 @dataclass(frozen=True)
@@ -59,18 +77,36 @@ def instruct(
     candidates: Sequence[Candidate], pool: SandboxPool, count: TokenCounter, max_tokens: int
 ) -> Verdicts:
     """Validate, then check through the pool; keep or drop (with a reason) each one."""
-    dropped: list[tuple[InstructionSample, str]] = []
-    valid: list[Candidate] = []
-    for c in candidates:
-        reason = validation_reason(c.sample, count, max_tokens)
+    return instruct_files([candidates], pool, count, max_tokens)[0]
+
+
+def instruct_files(
+    files: Sequence[Sequence[Candidate]],
+    pool: SandboxPool,
+    count: TokenCounter,
+    max_tokens: int,
+) -> list[Verdicts]:
+    """`instruct` for the candidates of several files, checked in one call to the pool
+    (so its VMs work in parallel and programs hold many candidates). Kept samples carry
+    their token count."""
+    dropped: list[list[tuple[InstructionSample, str]]] = [[] for _ in files]
+    valid: list[tuple[int, Candidate]] = []
+    for index, candidates in enumerate(files):
+        for c in candidates:
+            reason, tokens = validated(c.sample, count, max_tokens)
+            if reason is None:
+                sample = c.sample.model_copy(update={"tokens": tokens})
+                valid.append((index, Candidate(sample, c.checks)))
+            else:
+                dropped[index].append((c.sample, reason))
+    reasons = check_all(pool, [c.checks for _, c in valid])
+    kept: list[list[InstructionSample]] = [[] for _ in files]
+    for (index, c), reason in zip(valid, reasons, strict=True):
         if reason is None:
-            valid.append(c)
+            kept[index].append(c.sample)
         else:
-            dropped.append((c.sample, reason))
-    reasons = check_all(pool, [c.checks for c in valid])
-    kept = [c.sample for c, r in zip(valid, reasons, strict=True) if r is None]
-    dropped += [(c.sample, r) for c, r in zip(valid, reasons, strict=True) if r is not None]
-    return Verdicts(kept, dropped)
+            dropped[index].append((c.sample, reason))
+    return [Verdicts(k, d) for k, d in zip(kept, dropped, strict=True)]
 
 
 def record_drops(engine: Engine, dropped: list[tuple[InstructionSample, str]]) -> None:
@@ -118,23 +154,37 @@ class LazyPool:
             return self._pool
 
 
+BATCH_FILES = 16  # files whose candidates go to the pool together
+
+
 def attach(ctx: StageContext) -> None:
     settings = ctx.settings
     kinds = wanted_kinds(settings)
     pool = LazyPool(settings)
     count = token_counter(settings.tokenizer_path)
 
-    def handle(value: bytes, key: str | None) -> Result:
-        file = ParsedFile.model_validate_json(value)
-        candidates = generate(file, file_text(file, ctx.store), kinds)
-        verdicts = instruct(candidates, pool.get(), count, settings.sample_max_tokens)
-        result = Result(
-            outputs=[Output("instruction.samples", s.sample_id, s) for s in verdicts.kept]
+    def handle(items: list[tuple[bytes, str | None]]) -> list[Result]:
+        results = [Result() for _ in items]
+        work: list[tuple[int, list[Candidate]]] = []
+        for index, (value, _) in enumerate(items):
+            try:
+                file = ParsedFile.model_validate_json(value)
+                work.append((index, generate(file, file_text(file, ctx.store), kinds)))
+            except (ValidationError, ObjectNotFound, UnicodeDecodeError) as exc:
+                results[index].failures.append(Failure.from_exception(exc))
+        verdicts = instruct_files(
+            [candidates for _, candidates in work], pool.get(), count, settings.sample_max_tokens
         )
-        if verdicts.dropped:
-            record_drops(ctx.engine, verdicts.dropped)
-        for _, reason in verdicts.dropped:
-            result.drop(reason)
-        return result
+        drops = [drop for v in verdicts for drop in v.dropped]
+        if drops:
+            record_drops(ctx.engine, drops)
+        for (index, _), verdict in zip(work, verdicts, strict=True):
+            result = results[index]
+            result.outputs = [Output("instruction.samples", s.sample_id, s) for s in verdict.kept]
+            for _, reason in verdict.dropped:
+                result.drop(reason)
+            result.count("files")
+            result.count("samples", len(verdict.kept))
+        return results
 
-    attach_stage(ctx, "instruct", "parsed.files", handle)
+    attach_batch_stage(ctx, "instruct", "parsed.files", handle, max_batch=BATCH_FILES)

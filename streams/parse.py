@@ -17,7 +17,7 @@ from exforge.core.telemetry import REDACTIONS
 from schemas.records import ParsedFile, RawPackage
 from streams import dedup
 from streams.archives import CorruptArchive, Limits, source_members
-from streams.dedup import record_outcome
+from streams.dedup import Outcome, record_outcomes
 from streams.files import (
     Dropped,
     FileSteps,
@@ -85,16 +85,20 @@ def attach(ctx: StageContext) -> None:
             outcomes = (
                 (m.path, file_outcome(package, m.path, m.data, ctx.store, steps)) for m in members
             )
+        dropped: list[Outcome] = []
         for path, outcome in outcomes:
+            result.count("files")
             if isinstance(outcome, Dropped):
                 if outcome.failure is not None:
                     result.failures.append(outcome.failure)
-                record_outcome(ctx, package.source_id, path, None, outcome.reason)
+                dropped.append(Outcome(package.source_id, path, None, outcome.reason))
                 result.drop(outcome.reason)
                 continue
             for kind, count in outcome.redactions.items():
                 REDACTIONS.labels(kind).inc(count)
             result.outputs.append(Output("files.candidates", outcome.sha256, outcome))
+        if dropped:
+            record_outcomes(ctx, dropped)
         return result
 
     attach_stage(ctx, "parse", "raw.packages", handle_package)

@@ -22,6 +22,7 @@ import logging
 import time
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import Engine, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -43,21 +44,16 @@ from schemas.shards import (
     split_for,
 )
 from streams.generators.tokens import token_counter
-from streams.stage import Output, Result, StageContext, attach_stage
+from streams.stage import Failure, Output, Result, StageContext, attach_batch_stage
 
 log = logging.getLogger("exforge.shard")
 
 
-def stage_sample(
-    engine: Engine,
-    dataset: str,
-    sample: InstructionSample,
-    tokens: int = 0,
-    validation_fraction: float = VALIDATION_FRACTION,
-) -> bool:
-    """Stage a sample for sharding; False when it was staged before (a duplicate)."""
+def sample_row(
+    dataset: str, sample: InstructionSample, tokens: int, validation_fraction: float
+) -> Sample:
     refs = sample.meta.source_refs
-    row = Sample(
+    return Sample(
         sample_id=sample.sample_id,
         dataset=dataset,
         stage=sample.meta.stage,
@@ -70,14 +66,46 @@ def stage_sample(
         source_id=refs[0].source_id if refs else None,
         position=sample.meta.position,
     )
+
+
+def stage_sample(
+    engine: Engine,
+    dataset: str,
+    sample: InstructionSample,
+    tokens: int = 0,
+    validation_fraction: float = VALIDATION_FRACTION,
+) -> bool:
+    """Stage a sample for sharding; False when it was staged before (a duplicate)."""
+    return bool(stage_samples(engine, dataset, [(sample, tokens)], validation_fraction))
+
+
+def stage_samples(
+    engine: Engine,
+    dataset: str,
+    samples: list[tuple[InstructionSample, int]],
+    validation_fraction: float = VALIDATION_FRACTION,
+) -> set[str]:
+    """Stage (sample, token count) pairs in one transaction; the ids staged now (the
+    others were staged before, or repeat an earlier one of `samples`)."""
+    ids = [sample.sample_id for sample, _ in samples]
     try:
         with Session(engine) as session, session.begin():
-            if session.get(Sample, sample.sample_id) is not None:
-                return False
-            session.add(row)
-    except IntegrityError:  # a concurrent worker staged it first
-        return False
-    return True
+            staged = set(session.scalars(select(Sample.sample_id).where(Sample.sample_id.in_(ids))))
+            fresh: set[str] = set()
+            for sample, tokens in samples:
+                if sample.sample_id in staged or sample.sample_id in fresh:
+                    continue
+                session.add(sample_row(dataset, sample, tokens, validation_fraction))
+                fresh.add(sample.sample_id)
+            return fresh
+    except IntegrityError:  # a concurrent worker staged some first: one by one
+        if len(samples) == 1:
+            return set()
+        return {
+            sid
+            for pair in samples
+            for sid in stage_samples(engine, dataset, [pair], validation_fraction)
+        }
 
 
 def pending_groups(
@@ -292,6 +320,9 @@ def pending_samples(engine: Engine) -> int:
         )
 
 
+BATCH_SAMPLES = 256  # samples staged in one transaction
+
+
 def attach(ctx: StageContext) -> None:
     settings = ctx.settings
     publishing = asyncio.Lock()
@@ -309,15 +340,33 @@ def attach(ctx: StageContext) -> None:
             settings.shard_parquet,
         )
 
-    def handle(value: bytes, key: str | None) -> Result:
-        sample = InstructionSample.model_validate_json(value)
-        result = Result()
-        tokens = count(sample.sharegpt()["conversations"])
-        fraction = settings.validation_fraction
-        if not stage_sample(ctx.engine, settings.dataset, sample, tokens, fraction):
-            result.drop("duplicate_sample")
+    def handle(items: list[tuple[bytes, str | None]]) -> list[Result]:
+        results = [Result() for _ in items]
+        staging: list[tuple[int, InstructionSample, int]] = []
+        for index, (value, _) in enumerate(items):
+            try:
+                sample = InstructionSample.model_validate_json(value)
+            except ValidationError as exc:
+                results[index].failures.append(Failure.from_exception(exc))
+                continue
+            tokens = sample.tokens
+            if tokens is None:  # produced elsewhere than the instruct stage
+                tokens = count(sample.sharegpt()["conversations"])
+            staging.append((index, sample, tokens))
+        fresh = stage_samples(
+            ctx.engine,
+            settings.dataset,
+            [(sample, tokens) for _, sample, tokens in staging],
+            settings.validation_fraction,
+        )
+        for index, sample, _ in staging:
+            results[index].count("samples")
+            if sample.sample_id in fresh:
+                fresh.discard(sample.sample_id)  # a repeat within the batch is a duplicate
+            else:
+                results[index].drop("duplicate_sample")
         sealing(flush=False)
-        return result
+        return results
 
     async def publish() -> None:
         async with publishing:
@@ -327,17 +376,17 @@ def attach(ctx: StageContext) -> None:
                 )
                 await asyncio.to_thread(mark_published, ctx.engine, shard_id)
 
-    attach_stage(ctx, "shard", "instruction.samples", handle, after=publish)
+    attach_batch_stage(ctx, "shard", "instruction.samples", handle, max_batch=BATCH_SAMPLES)
 
-    @ctx.app.timer(interval=1.0, name="shard-idle-flush")
-    async def flush_when_idle() -> None:
+    @ctx.app.timer(interval=1.0, name="shard-seal-and-publish")
+    async def seal_and_publish() -> None:
+        """Publish sealed shards; once the stage is idle, seal the partial ones too."""
         quiet_for = time.monotonic() - ctx.last_activity.get("shard", 0.0)
-        if quiet_for < settings.idle_seconds:
-            return
         try:
-            sealed = await asyncio.to_thread(sealing, True)
-            if sealed:
-                ctx.touch("shard")
+            if quiet_for >= settings.idle_seconds:
+                sealed = await asyncio.to_thread(sealing, True)
+                if sealed:
+                    ctx.touch("shard")
             await publish()
         except Exception:  # the store or database may be back on the next tick
-            log.exception("shard: idle flush failed; retrying")
+            log.exception("shard: sealing or publishing failed; retrying")

@@ -1,10 +1,16 @@
 """What every stage agent shares: per-message processing, delivery, dead letters, metrics.
 
 A stage is a *handler*: a plain function from one message (value bytes, key) to a
-`Result` (records to produce, per-item failures). Handlers do the transformation and
-their own idempotent effects (store, ledger); the agent loop around them here does the
-Kafka side: it waits until every output is acknowledged by the broker before the input
-counts as processed, and turns any failure into a `DeadLetter` instead of stopping.
+`Result` (records to produce, per-item failures), or a *batch handler* from several
+messages to one `Result` each. Handlers do the transformation and their own idempotent
+effects (store, ledger); the agent loop around them here does the Kafka side: it turns
+any failure into a `DeadLetter` instead of stopping, and counts a message as processed
+(its offset may be committed) only once every output is acknowledged by the broker.
+
+Delivery is pipelined: the loop hands a message's outputs to the producer and goes on
+to the next message while the broker acknowledges them (up to `MAX_IN_FLIGHT` messages
+per agent), so a message with many outputs costs one round trip, not one per output,
+and the broker's acknowledgements of one message overlap the work on the next.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import inspect
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +31,15 @@ from sqlalchemy import Engine
 from exforge.core import tracing
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore, sha256_hex
-from exforge.core.telemetry import DLQ_MESSAGES, DROPPED, MESSAGES_IN, MESSAGES_OUT, STAGE_LATENCY
+from exforge.core.telemetry import (
+    DLQ_MESSAGES,
+    DROPPED,
+    ITEMS,
+    MESSAGES_IN,
+    MESSAGES_OUT,
+    STAGE_LATENCY,
+    STAGE_WAIT,
+)
 from schemas.catalogue import topic_name
 from schemas.records import DeadLetter, Record
 
@@ -42,6 +57,7 @@ class Output:
     record: Record
     # the trace this output continues (a W3C traceparent); None: the message being handled
     trace: str | None = None
+    partition: int | None = None  # None: the partition of the key
 
 
 @dataclass(frozen=True)
@@ -70,14 +86,26 @@ class Result:
     outputs: list[Output] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     dropped: dict[str, int] = field(default_factory=dict)  # reason → count (stats, metrics)
+    # items handled, by unit ("files", "samples"…): the stage's rates on dashboards
+    items: dict[str, int] = field(default_factory=dict)
+    # run once every output is acknowledged, before the input counts as handled
+    delivered: list[Callable[[], None]] = field(default_factory=list)
 
     def drop(self, reason: str) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + 1
+
+    def count(self, unit: str, n: int = 1) -> None:
+        self.items[unit] = self.items.get(unit, 0) + n
 
 
 # Plain handlers run in a thread (store and database I/O must not stall the consumer);
 # async ones run on the loop, for those that touch Faust tables.
 Handler = Callable[[bytes, str | None], Result | Awaitable[Result]]
+# A batch handler gets (value, key) of several messages and returns a Result for each,
+# in order; it runs in a thread.
+BatchHandler = Callable[[list[tuple[bytes, str | None]]], list[Result]]
+
+MAX_IN_FLIGHT = 256  # messages per agent whose outputs await acknowledgement
 
 
 @dataclass
@@ -93,6 +121,8 @@ class StageContext:
     # Stages holding work back (near-dup batches) say so here; the worker is not idle
     # while any of these returns True.
     busy: list[Callable[[], bool]] = field(default_factory=list)
+    # deliveries not yet acknowledged, per stage
+    in_flight: dict[str, set[asyncio.Task[None]]] = field(default_factory=dict)
 
     def topic(self, name: str) -> faust.TopicT:
         if name not in self.topics:
@@ -109,15 +139,28 @@ class StageContext:
     def touch(self, stage: str) -> None:
         self.last_activity[stage] = time.monotonic()
 
-    async def send(self, stage: str, output: Output) -> None:
-        """Produce and wait for the broker's acknowledgement (at-least-once)."""
+    async def produce(self, stage: str, output: Output) -> Awaitable[None]:
+        """Hand one output to the producer; the returned awaitable ends once the broker
+        has acknowledged it."""
         pending = await self.topic(output.topic).send(
             key=output.key.encode(),
             value=output.record.to_bytes(),
+            partition=output.partition,
             headers=tracing.kafka_headers(output.trace),
         )
-        await pending
-        MESSAGES_OUT.labels(stage, output.topic).inc()
+
+        async def acknowledged() -> None:
+            await pending
+            MESSAGES_OUT.labels(stage, output.topic).inc()
+
+        return acknowledged()
+
+    async def send(self, stage: str, output: Output) -> None:
+        """Produce and wait for the broker's acknowledgement (at-least-once)."""
+        await (await self.produce(stage, output))
+
+    def busy_delivering(self) -> bool:
+        return any(self.in_flight.values())
 
     async def dead_letter(
         self, stage: str, message: Any, failure: Failure, key: str | None
@@ -152,59 +195,139 @@ class StageContext:
         )
 
 
-async def process(ctx: StageContext, stage: str, event: faust.EventT, handler: Handler) -> None:
-    """Run one message through a handler, in a span of the message's trace; never raises
-    for a bad message."""
-    message = event.message
+def _key(message: Any) -> str | None:
+    return message.key.decode(errors="replace") if message.key else None
+
+
+def _failed(stage: str, exc: Exception) -> Result:
+    """Any failure of one message goes to the DLQ; the stage goes on."""
+    if not isinstance(exc, BadMessage | ValidationError | ValueError | KeyError):
+        log.error("%s: unexpected failure", stage, exc_info=exc)
+    return Result(failures=[Failure.from_exception(exc)])
+
+
+async def run_handler(stage: str, handler: Handler, message: Any) -> Result:
+    try:
+        if inspect.iscoroutinefunction(handler):
+            return await handler(message.value or b"", _key(message))
+        return await asyncio.to_thread(handler, message.value or b"", _key(message))
+    except Exception as exc:
+        return _failed(stage, exc)
+
+
+async def run_batch(stage: str, handler: BatchHandler, messages: list[Any]) -> list[Result]:
+    items = [(message.value or b"", _key(message)) for message in messages]
+    try:
+        results = await asyncio.to_thread(handler, items)
+    except Exception as exc:  # the batch failed as a whole: retry each message alone
+        log.warning("%s: batch of %d failed (%s); retrying one by one", stage, len(items), exc)
+        results = []
+        for item in items:
+            try:
+                (result,) = await asyncio.to_thread(handler, [item])
+            except Exception as one:
+                result = _failed(stage, one)
+            results.append(result)
+    assert len(results) == len(items), f"{stage}: {len(results)} results for {len(items)}"
+    return results
+
+
+async def deliver(ctx: StageContext, stage: str, message: Any, result: Result) -> None:
+    """Produce a message's outputs and dead letters; once the broker has acknowledged
+    all of them, run its `delivered` callbacks and mark it handled. Returns as soon as
+    the outputs are handed to the producer (at most `MAX_IN_FLIGHT` messages wait)."""
+    acks = [await ctx.produce(stage, output) for output in result.outputs]
+    for reason, count in result.dropped.items():
+        DROPPED.labels(stage, reason).inc(count)
+    for unit, count in result.items.items():
+        ITEMS.labels(stage, unit).inc(count)
+    in_flight = ctx.in_flight.setdefault(stage, set())
+    while len(in_flight) >= MAX_IN_FLIGHT:
+        await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+
+    async def confirm() -> None:
+        try:
+            await asyncio.gather(*acks)
+            for failure in result.failures:
+                await ctx.dead_letter(stage, message, failure, _key(message))
+        except Exception as exc:  # not marked handled: consumed again after a rewind
+            log.error(
+                "%s: outputs of %s:%d:%d not acknowledged (%s); it will be processed again",
+                stage,
+                message.topic,
+                message.partition,
+                message.offset,
+                exc,
+            )
+            return
+        for callback in result.delivered:
+            callback()
+        ctx.app.consumer.mark_handled(message)
+
+    task = asyncio.ensure_future(confirm())
+    in_flight.add(task)
+    task.add_done_callback(in_flight.discard)
+
+
+def consumed(stage: str, message: Any) -> AbstractContextManager[Any]:
+    """The span of one message, in the trace its headers carry."""
     attributes = {
         "messaging.system": "kafka",
         "messaging.destination.name": message.topic,
         "messaging.kafka.destination.partition": message.partition,
         "messaging.kafka.message.offset": message.offset,
     }
-    with tracing.consumed(f"{stage} process", message.headers, attributes):
-        await _process(ctx, stage, message, handler)
+    return tracing.consumed(f"{stage} process", message.headers, attributes)
 
 
-async def _process(ctx: StageContext, stage: str, message: Any, handler: Handler) -> None:
-    started = time.perf_counter()
-    ctx.touch(stage)
-    MESSAGES_IN.labels(stage).inc()
-    key = message.key.decode(errors="replace") if message.key else None
-    try:
-        if inspect.iscoroutinefunction(handler):
-            result = await handler(message.value or b"", key)
-        else:
-            result = await asyncio.to_thread(handler, message.value or b"", key)
-    except Exception as exc:  # any failure of one message goes to the DLQ, the stage goes on
-        if not isinstance(exc, BadMessage | ValidationError | ValueError | KeyError):
-            log.exception("%s: unexpected failure", stage)
-        result = Result(failures=[Failure.from_exception(exc)])
-    for output in result.outputs:
-        await ctx.send(stage, output)
-    for failure in result.failures:
-        await ctx.dead_letter(stage, message, failure, key)
-    for reason, count in result.dropped.items():
-        DROPPED.labels(stage, reason).inc(count)
-    STAGE_LATENCY.labels(stage).observe(time.perf_counter() - started)
-    ctx.touch(stage)
+def attach_stage(ctx: StageContext, stage: str, source: str, handler: Handler) -> None:
+    """Define the Faust agent `stage` that runs `handler` on every message of `source`,
+    each in a span of the message's trace."""
+
+    async def agent(stream: faust.StreamT) -> None:
+        waited_since = time.perf_counter()
+        async for event in stream.events():
+            started = time.perf_counter()
+            STAGE_WAIT.labels(stage).inc(started - waited_since)
+            ctx.touch(stage)
+            MESSAGES_IN.labels(stage).inc()
+            with consumed(stage, event.message):
+                result = await run_handler(stage, handler, event.message)
+                await deliver(ctx, stage, event.message, result)
+            ctx.touch(stage)
+            waited_since = time.perf_counter()
+            STAGE_LATENCY.labels(stage).observe(waited_since - started)
+
+    ctx.app.agent(ctx.topic(source), name=stage)(agent)
 
 
-def attach_stage(
+def attach_batch_stage(
     ctx: StageContext,
     stage: str,
     source: str,
-    handler: Handler,
-    after: Callable[[], Awaitable[None]] | None = None,
+    handler: BatchHandler,
+    max_batch: int,
+    within_s: float = 0.2,
 ) -> None:
-    """Define the Faust agent `stage` that runs `handler` on every message of `source`
-    (and `after`, if given, once each message is done)."""
+    """Define the Faust agent `stage` that runs `handler` on up to `max_batch` messages
+    of `source` at a time (those that arrived within `within_s` of the first). Each
+    message's outputs are produced in a span of its trace (the batch's work is shared,
+    so the span covers the delivery only)."""
 
     async def agent(stream: faust.StreamT) -> None:
-        async for event in stream.events():
-            await process(ctx, stage, event, handler)
-            if after is not None:
-                await after()
-            ctx.app.consumer.mark_handled(event.message)
+        waited_since = time.perf_counter()
+        async for events in stream.take_events(max_batch, within=within_s):
+            started = time.perf_counter()
+            STAGE_WAIT.labels(stage).inc(started - waited_since)
+            ctx.touch(stage)
+            MESSAGES_IN.labels(stage).inc(len(events))
+            messages = [event.message for event in events]
+            results = await run_batch(stage, handler, messages)
+            for message, result in zip(messages, results, strict=True):
+                with consumed(stage, message):
+                    await deliver(ctx, stage, message, result)
+            ctx.touch(stage)
+            waited_since = time.perf_counter()
+            STAGE_LATENCY.labels(stage).observe(waited_since - started)
 
     ctx.app.agent(ctx.topic(source), name=stage)(agent)

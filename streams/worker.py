@@ -98,7 +98,7 @@ async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
     latest = max(ctx.last_activity.values(), default=started)
     if time.monotonic() - latest < settings.idle_seconds:
         return False
-    if any(check() for check in ctx.busy):
+    if any(check() for check in ctx.busy) or ctx.busy_delivering():
         return False
     if any(row.lag > 0 for row in lag):
         return False

@@ -24,7 +24,7 @@ from exforge.core.kafka import read_all
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore, ObjectStore, open_store
 from exforge.elixir.synthetic import module, recommented, renamed, reordered
-from schemas.records import ParsedFile, RawPackage
+from schemas.records import ParsedFile, RawPackage, SourceRequest
 from streams.files import Dropped, FileSteps, file_outcome
 from streams.sources.local import upload_directory
 from tests.support.neardup import batch_decisions
@@ -121,6 +121,17 @@ def package_stub(name: str) -> RawPackage:
     return raw_package(f"dir:{name}@1.0.0")
 
 
+def as_raw_package(request: SourceRequest) -> RawPackage:
+    """What the ingest stage makes of an uploaded local project's request."""
+    assert request.archive_key is not None and request.sha256 is not None
+    return raw_package(
+        request.source_id,
+        archive_key=request.archive_key,
+        sha256=request.sha256,
+        license=request.license,
+    )
+
+
 def outcomes(pipeline: Pipeline) -> dict[tuple[str, str], str]:
     """(source id, path) → "kept" or the drop reason."""
     with Session(open_database(pipeline.settings)) as session:
@@ -180,18 +191,19 @@ def test_kept_and_dropped_sets_do_not_depend_on_workers_or_partitions(
 def test_steady_inflow_still_gets_decisions_after_the_max_hold(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
-    """A worker running only ingest and parse never sees the pipeline drained (a record
-    waits on `instruction.samples`, which no agent here consumes): without the max hold
-    its files would be held forever; with it they are decided and reach `parsed.files`."""
+    """A worker running only the parse stage never sees the inputs upstream of the
+    near-dup decision drained (a request waits on `sources.requests`, which no agent
+    here consumes): without the max hold its files would be held forever; with it they
+    are decided and reach `parsed.files`."""
     pipeline.env["EXFORGE_NEARDUP_MAX_HOLD_S"] = "2"
     projects = corpus(tmp_path)
-    send(pipeline, "instruction.samples", [("waiting", b"never consumed by this worker")])
+    send(pipeline, "sources.requests", [("waiting", b"never consumed by this worker")])
     store = open_store(pipeline.settings)
-    requests = [upload_directory(store, p) for p in projects]
-    send(pipeline, "sources.requests", [(r.source_id, r) for r in requests])
+    packages = [as_raw_package(upload_directory(store, p)) for p in projects]
+    send(pipeline, "raw.packages", [(p.source_id, p) for p in packages])
     expected = len(expected_near_duplicates(projects, FileStore(tmp_path / "scratch")))
     log = tmp_path / "worker.log"
-    worker = pipeline.start_worker("--stages", "ingest,parse", log=log)
+    worker = pipeline.start_worker("--stages", "parse", log=log)
     try:
         deadline = time.monotonic() + WORKER_TIMEOUT_S
         while True:

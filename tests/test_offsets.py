@@ -10,7 +10,15 @@ from aiokafka.structs import TopicPartition
 from conftest import Pipeline
 from faust.types import TP
 
-from exforge.core.kafka import create_topics, producer
+from exforge.core.kafka import (
+    consumer_lag,
+    create_topics,
+    end_offsets,
+    metadata_consumer,
+    producer,
+    read_all,
+)
+from exforge.core.settings import Settings
 from schemas.catalogue import topic_name
 from streams.offsets import BrokerOffsets, HandledOffsets, Rewinds, resolve
 
@@ -60,6 +68,22 @@ def test_redelivered_offsets_below_the_base_are_ignored_and_forget_resets() -> N
 
 
 @pytest.mark.slow
+async def commit_as_worker_group(
+    settings: Settings, partition: TopicPartition, offset: int
+) -> None:
+    group = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap,
+        group_id=settings.worker_group,
+        enable_auto_commit=False,
+    )
+    await group.start()
+    try:
+        group.assign([partition])
+        await group.commit({partition: offset})
+    finally:
+        await group.stop()
+
+
 def test_the_broker_decides_jumps_and_committed_offsets(pipeline: Pipeline) -> None:
     settings = pipeline.settings
     name = topic_name(settings.topic_prefix, "parsed.files")
@@ -80,17 +104,7 @@ def test_the_broker_decides_jumps_and_committed_offsets(pipeline: Pipeline) -> N
             assert skipped == {tp: 0}  # and offset 0 must be fetched again
             unhandled = books.committable(tp)
             # a commit by the group is what a restarted worker starts from
-            group = AIOKafkaConsumer(
-                bootstrap_servers=settings.bootstrap,
-                group_id=settings.worker_group,
-                enable_auto_commit=False,
-            )
-            await group.start()
-            try:
-                group.assign([TopicPartition(name, 0)])
-                await group.commit({TopicPartition(name, 0): 3})
-            finally:
-                await group.stop()
+            await commit_as_worker_group(settings, TopicPartition(name, 0), 3)
             return never_committed, unhandled, first, await broker.committed(tp)
         finally:
             await broker.stop()
@@ -108,3 +122,32 @@ def test_a_skipped_partition_is_rewound_once_per_base_then_after_a_cooldown() ->
     assert not rewinds.due(PARSED, 5, now=9)  # the seek may still be in flight
     assert rewinds.due(PARSED, 7, now=9)  # progress, then a new skip
     assert rewinds.due(PARSED, 7, now=19.5)  # the seek did not bring it back: again
+
+
+def test_end_offsets_and_lag_count_every_record_of_a_batch(pipeline: Pipeline) -> None:
+    """Records produced in one batch all count: the embedded broker reports the end of a
+    partition as its last batch's base offset plus one, which would let a worker call a
+    partition consumed while records of its last batch wait."""
+    settings = pipeline.settings
+    name = topic_name(settings.topic_prefix, "parsed.files")
+    partition = TopicPartition(name, 0)
+
+    async def scenario() -> tuple[int, list[int], list[int]]:
+        await create_topics(settings)
+        async with producer(settings) as client:
+            sent = [await client.send(name, b"v", partition=0) for _ in range(3)]
+            await asyncio.gather(*sent)  # three records, one produce request
+            await client.send_and_wait(name, b"w", partition=0)
+            sent = [await client.send(name, b"x", partition=0) for _ in range(2)]
+            await asyncio.gather(*sent)
+        await commit_as_worker_group(settings, partition, 5)  # all but the last record
+        async with metadata_consumer(settings) as consumer:
+            ends = await end_offsets(consumer, [partition])
+        lag = [r.lag for r in await consumer_lag(settings) if r.topic == name and r.partition == 0]
+        records = await read_all(settings, "parsed.files")
+        return ends[partition], lag, [r.offset for r in records if r.partition == 0]
+
+    end, lag, offsets = asyncio.run(scenario())
+    assert offsets == [0, 1, 2, 3, 4, 5]
+    assert end == 6
+    assert lag == [1]

@@ -157,7 +157,7 @@ def one_of_each() -> list[Record]:
             detail={"path": "lib/a.ex"},
             failed_at=AT,
         ),
-        BandMessage(kind="settle", sha256=SHA_A, cluster=SHA_B),
+        BandMessage(sha256=SHA_A, bands=["3:00ff00ff00ff00ff", "7:0123456789abcdef"]),
         NearDupEvent(kind="earlier", sha256=SHA_A, other=SHA_B),
     ]
 

@@ -122,6 +122,41 @@ async def metadata_consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsume
         await consumer.stop()
 
 
+PROBE_TIMEOUT_MS = 2000
+
+
+async def end_offsets(
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """The end offset of each partition: one past its last record.
+
+    The embedded broker (Tansu 0.6.0) answers ListOffsets with the base offset of a
+    partition's last record batch plus one, short of that batch's other records (three
+    records produced in one batch at offsets 0-2 give end offset 1). So the record
+    before the reported end is fetched as well: the broker returns its whole batch, and
+    the end is one past the last record in it. On Kafka that record is the last one and
+    the reported end stands. `consumer` must belong to no group (it is assigned here)."""
+    ends: dict[TopicPartition, int] = dict(await consumer.end_offsets(partitions))
+    probe = {tp for tp, end in ends.items() if end > 0}
+    if not probe:
+        return ends
+    consumer.assign(sorted(probe))
+    for tp in probe:
+        consumer.seek(tp, ends[tp] - 1)
+    deadline = asyncio.get_running_loop().time() + PROBE_TIMEOUT_MS / 1000
+    while probe:
+        left_ms = int((deadline - asyncio.get_running_loop().time()) * 1000)
+        if left_ms <= 0:
+            break  # e.g. the record before the end was deleted: keep the reported end
+        batch = await consumer.getmany(*probe, timeout_ms=left_ms)
+        for tp, records in batch.items():
+            if records:
+                ends[tp] = max(ends[tp], records[-1].offset + 1)
+                probe.discard(tp)
+    consumer.assign([])
+    return ends
+
+
 async def read_all(settings: Settings, topic: str) -> list[ConsumerRecord]:
     """Every record of a catalogue topic, from the beginning to the current end."""
     name = topic_name(settings.topic_prefix, topic)
@@ -129,9 +164,9 @@ async def read_all(settings: Settings, topic: str) -> list[ConsumerRecord]:
         partitions = [TopicPartition(name, p) for p in consumer.partitions_for_topic(name) or ()]
         if not partitions:
             return []
+        ends = await end_offsets(consumer, partitions)
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        ends = await consumer.end_offsets(partitions)
         records: list[ConsumerRecord] = []
         remaining = {tp for tp in partitions if ends[tp] > 0}
         while remaining:
@@ -166,7 +201,7 @@ async def consumer_lag(settings: Settings, groups: Iterable[str] | None = None) 
         partitions = [
             TopicPartition(t, p) for t in sorted(topics) for p in consumer.partitions_for_topic(t)
         ]
-        ends = await consumer.end_offsets(partitions) if partitions else {}
+        ends = await end_offsets(consumer, partitions) if partitions else {}
         rows: list[LagRow] = []
         for group in groups:
             # The broker here answers OffsetFetch only with explicit partitions.

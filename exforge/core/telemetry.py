@@ -18,9 +18,19 @@ DROPPED = Counter(
 )
 STAGE_LATENCY = Histogram(
     "exforge_stage_latency_seconds",
-    "Time a stage spends on one message.",
+    "Time a stage spends on one message (a batch, for batch stages): its busy time.",
     ["stage"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+STAGE_WAIT = Counter(
+    "exforge_stage_wait_seconds",
+    "Time a stage spent waiting for its next input message.",
+    ["stage"],
+)
+ITEMS = Counter(
+    "exforge_items",
+    "Items a stage handled, by unit (packages, files, samples).",
+    ["stage", "unit"],
 )
 CONSUMER_LAG = Gauge(
     "exforge_consumer_lag",
@@ -61,6 +71,8 @@ METRIC_NAMES = (
     "exforge_dlq_messages_total",
     "exforge_dropped_total",
     "exforge_stage_latency_seconds",
+    "exforge_stage_wait_seconds_total",
+    "exforge_items_total",
     "exforge_consumer_lag",
     "exforge_stalled_partitions",
     "exforge_anomaly",

@@ -14,12 +14,12 @@ are candidates; each band hash is a bucket key `band:hash`.
 
 The decision is made in the stream (see `streams.dedup`), by these pure rules:
 
-* `Bucket` keeps the smallest sha256 registered in it (and the cluster of a file that
-  already settled in it). A newcomer is told about a smaller member; a displaced member
-  is told about the newcomer. So once every file of a batch is registered, each file
-  knows whether *some* file of a smaller sha256 shares a bucket with it, whatever the
-  order the registrations came in.
-* `decide`: a held file colliding with an already settled file (an earlier batch) is a
+* `Bucket` keeps the smallest sha256 ever registered in it. A newcomer is told about a
+  smaller member; a displaced member is told about the newcomer. So once every file of
+  a batch is registered, each file knows whether *some* file of a smaller sha256 shares
+  a bucket with it, whatever the order the registrations came in; a displaced member
+  that was decided in an earlier batch answers the newcomer with its cluster.
+* `decide`: a held file colliding with an already decided file (an earlier batch) is a
   near-duplicate of that file's cluster; otherwise a file with a smaller colliding file
   in its own batch is a near-duplicate of the smallest one it heard of; otherwise it is
   kept and starts its own cluster.
@@ -31,6 +31,7 @@ set does not depend on the number of workers or partitions.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -46,6 +47,7 @@ __all__ = [
     "Bucket",
     "Held",
     "band_keys",
+    "bucket_partition",
     "decide",
     "lsh_errors",
     "multipliers",
@@ -161,30 +163,27 @@ def _band_keys(values: np.ndarray | None, threshold: float, num_perm: int) -> li
     ]
 
 
+def bucket_partition(band_key: str, partitions: int) -> int:
+    """The partition that owns an LSH bucket (the same in every process)."""
+    return zlib.crc32(band_key.encode()) % partitions
+
+
 # ------------------------------------------------------------------- decision rules
 
 
 @dataclass(frozen=True)
 class Bucket:
-    """One LSH bucket's state: its smallest member, and a settled file's cluster."""
+    """One LSH bucket's state: the smallest sha256 registered in it."""
 
     smallest: str | None = None
-    settled: str | None = None  # cluster of the smallest-cluster file settled here
 
     def register(self, sha256: str) -> tuple[Bucket, list[tuple[str, str, str]]]:
         """Add a file; the messages to send, as (to file, kind, about)."""
-        if self.settled is not None:
-            return self, [(sha256, "settled", self.settled)]
         if self.smallest is None or self.smallest == sha256:
-            return Bucket(sha256, None), []
+            return Bucket(sha256), []
         if self.smallest < sha256:
             return self, [(sha256, "earlier", self.smallest)]
-        return Bucket(sha256, None), [(self.smallest, "earlier", sha256)]
-
-    def settle(self, cluster: str) -> Bucket:
-        if self.settled is None or cluster < self.settled:
-            return Bucket(self.smallest, cluster)
-        return self
+        return Bucket(sha256), [(self.smallest, "earlier", sha256)]
 
 
 @dataclass(frozen=True)
@@ -192,7 +191,7 @@ class Held:
     """What a held file has heard from its buckets before its batch is decided."""
 
     earlier: str | None = None  # smallest smaller file sharing a bucket
-    settled: str | None = None  # smallest cluster of an already settled file in a bucket
+    settled: str | None = None  # smallest cluster of an already decided file in a bucket
 
     def hear(self, kind: str, about: str) -> Held:
         if kind == "earlier" and (self.earlier is None or about < self.earlier):

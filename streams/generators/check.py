@@ -4,12 +4,19 @@ The checks of one candidate are `Code.string_to_quoted!` (`parse`) or
 `Code.compile_string` (`compile`, and `test`: code with ExUnit tests that must pass)
 calls; the code travels base64-encoded, so no quoting can break out. The instruct stage
 runs them on the evaluator's pool of warm, sandboxed BEAM VMs
-(`exforge.elixir.sandbox`), `batch` candidates per program: each candidate's checks
-run in their own `try` and print a verdict line tagged with a per-program nonce; the
-program ends with a one-test ExUnit module, so the run `passed` when the program ran to
-its end. A batch that did not (a candidate halted or hung its VM) is run again one
-candidate per program, so one bad candidate never decides another's fate. A candidate
-with `test` checks runs alone: its own tests decide whether the program `passed`.
+(`exforge.elixir.sandbox`), `batch` candidates per program. A program runs each
+distinct check once (`unit`), however many candidates hold it, and remembers its
+result; each candidate's verdict line, tagged with a per-program nonce, says whether
+all of its checks passed, in order, stopping at the first that fails (so a refactor
+pair whose original side does not compile is not compiled a second time). A parse
+check of code cut from a file (`Check.within`: whole clauses or lines, maybe
+de-indented) passes when the whole file parses: a complete piece of a file Elixir
+accepts is accepted alone (the corpus tests hold every generator to it); the piece is
+parsed alone only when the file is not. The
+program ends with a `done` line; a batch that did not reach it (a candidate halted or
+hung its VM) is run again one candidate per program, so one bad candidate never decides
+another's fate. A candidate with `test` checks runs alone: its own tests decide
+whether the program `passed`.
 """
 
 from __future__ import annotations
@@ -69,23 +76,70 @@ def failure_reason(checks: Sequence[Check], outcome: Outcome) -> str | None:
     return "compile_failed" if strict else "parse_failed"
 
 
+class Units:
+    """The distinct checks of one program, numbered in order of first use."""
+
+    def __init__(self) -> None:
+        self.index: dict[tuple[str, str], int] = {}
+
+    def of(self, check: Check) -> int:
+        return self.index.setdefault((check.code, check.level), len(self.index))
+
+    def expression(self, check: Check) -> str:
+        """Elixir that is true when `check` passes (running each unit at most once)."""
+        own = f"run.({self.of(check)}) == :ok"
+        if check.level != "parse" or check.within is None:
+            return own
+        whole = self.of(Check(check.within))
+        return f"(run.({whole}) == :ok or {own})"
+
+    def definitions(self) -> str:
+        lines = [
+            f"  {i} => fn -> {check_line(i, Check(code, level))} end"  # type: ignore[arg-type]
+            for (code, level), i in self.index.items()
+        ]
+        return "units = %{\n" + ",\n".join(lines) + "\n}\n"
+
+
+RUN_UNIT = """
+run = fn index ->
+  case Process.get({:exforge_unit, index}) do
+    nil ->
+      result =
+        try do
+          units[index].()
+          :ok
+        rescue
+          _ -> :failed
+        catch
+          _, _ -> :failed
+        end
+
+      Process.put({:exforge_unit, index}, result)
+      result
+
+    result ->
+      result
+  end
+end
+"""
+
+
 def batch_program(batch: Sequence[Sequence[Check]], nonce: str) -> str:
-    """Every candidate's checks in a `try`, each printing `<nonce> <index> ok|failed`."""
-    parts = []
+    """Every candidate's verdict, `<nonce> <index> ok|failed`, then `<nonce> done`."""
+    units = Units()
+    verdicts = []
     for index, checks in enumerate(batch):
-        body = "\n".join(f"  {check_line(i, c)}" for i, c in enumerate(checks))
-        parts.append(
-            f'try do\n{body}\n  IO.puts("{nonce} {index} ok")\n'
-            f'rescue\n  _ -> IO.puts("{nonce} {index} failed")\n'
-            f'catch\n  _, _ -> IO.puts("{nonce} {index} failed")\nend'
-        )
-    return "\n".join(parts) + MARKER_TEST
+        passed = " and ".join(units.expression(c) for c in checks) or "true"
+        verdicts.append(f'IO.puts("{nonce} {index} " <> if({passed}, do: "ok", else: "failed"))')
+    return units.definitions() + RUN_UNIT + "\n".join(verdicts) + f'\nIO.puts("{nonce} done")\n'
 
 
 def batch_verdicts(outcome: Outcome, nonce: str, size: int) -> list[bool] | None:
     """Per candidate: passed? None when the program did not run to its end."""
     found = dict(re.findall(rf"^{nonce} (\d+) (ok|failed)$", outcome.output, re.MULTILINE))
-    if outcome.status != "passed" or len(found) != size:
+    done = re.search(rf"^{nonce} done$", outcome.output, re.MULTILINE) is not None
+    if not done or len(found) != size:
         return None
     return [found[str(i)] == "ok" for i in range(size)]
 

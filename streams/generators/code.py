@@ -46,6 +46,7 @@ def completion(file: ParsedFile, text: str) -> list[Candidate]:
             [("human", f"Write the Elixir source of `{file.path}`."), ("gpt", fenced(chunk))],
             file,
             [ref(file, start, end)],
+            within=text,
         )
         for chunk, start, end in chunks
     ]
@@ -75,6 +76,7 @@ def fim(file: ParsedFile, text: str) -> list[Candidate]:
             [("human", human), ("gpt", fenced(middle))],
             file,
             [function_ref(file, function)],
+            within=text,
         )
     ]
 
@@ -97,6 +99,7 @@ def doc_to_code(file: ParsedFile, text: str) -> list[Candidate]:
             [("human", doc_to_code_prompt(f, spec_of(f, found))), ("gpt", fenced(f.source))],
             file,
             [function_ref(file, f)],
+            within=text,
         )
         for f in file.functions
         if _documented(f)
@@ -121,6 +124,7 @@ def spec_to_code(file: ParsedFile, text: str) -> list[Candidate]:
                 [("human", human), ("gpt", fenced(f.source))],
                 file,
                 [function_ref(file, f)],
+                within=text,
             )
         )
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 from exforge.elixir.tree import parse
@@ -31,6 +32,9 @@ SPEC_HEAD = re.compile(r"^\s*([a-z_][\w?!]*)\s*(\((.*)\))?\s*::", re.DOTALL)
 class Check:
     code: str
     level: CheckLevel = "parse"
+    # the file `code` was cut from (whole clauses or lines, maybe de-indented): a parse
+    # check passes when the whole file parses
+    within: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -65,13 +69,18 @@ def candidate(
     refs: list[SourceRef],
     concepts: list[str] | None = None,
     checks: list[Check] | None = None,
+    within: str | None = None,
 ) -> Candidate:
     """A sample of `kind` from (role, text) turns; stage and difficulty are set later
-    (`streams.generators.grade`), checks default to parsing every gpt code block."""
+    (`streams.generators.grade`), checks default to parsing every gpt code block (cut
+    verbatim from the file text `within`, when given)."""
     conversations = [Turn(from_=role, value=text) for role, text in turns]  # type: ignore[arg-type]
     if checks is None:
         checks = [
-            Check(code) for role, text in turns if role == "gpt" for code in code_blocks(text)
+            Check(code, within=within)
+            for role, text in turns
+            if role == "gpt"
+            for code in code_blocks(text)
         ]
     sample = InstructionSample(
         sample_id=InstructionSample.content_id(conversations, kind),
@@ -98,8 +107,10 @@ def _arity(args: str | None) -> int:
     return count
 
 
+@lru_cache(maxsize=64)
 def specs(text: str) -> dict[tuple[int, str, int], str]:
-    """`@spec` source by (line of the spec, name, arity), read from the syntax tree."""
+    """`@spec` source by (line of the spec, name, arity), read from the syntax tree (once
+    per file text: two generators ask). Callers must not change the result."""
     data = text.encode()
     found: dict[tuple[int, str, int], str] = {}
     stack = [parse(data)]

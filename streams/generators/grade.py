@@ -18,6 +18,7 @@ book extraction gave it.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 from tree_sitter import Node
 
@@ -68,9 +69,14 @@ def points(features: ElixirAnalysis, nesting: int, concepts: int) -> float:
     )
 
 
+@lru_cache(maxsize=4096)
 def difficulty(code: str, concepts: int, floor: int = 1) -> int:
-    analysis = analyse(code if code.endswith("\n") else code + "\n")
-    score = 1 + math.floor(points(analysis.details, depth(parse(code.encode())), concepts))
+    """The score of `code` (parsed once; kinds that teach the same code share it)."""
+    source = code if code.endswith("\n") else code + "\n"
+    data = source.encode("utf-8", "surrogatepass")
+    root = parse(data)
+    analysis = analyse(source, data, root)
+    score = 1 + math.floor(points(analysis.details, depth(root), concepts))
     return max(floor, min(5, score))
 
 

@@ -144,40 +144,87 @@ def _calls(source: str, function: FunctionInfo) -> bool:
     return re.search(rf"(?<![\w.:]){re.escape(function.name)}\b", source) is not None
 
 
-def check_unit(source: str, siblings: list[FunctionInfo]) -> str:
-    """A module holding `source` and the sibling definitions it calls, transitively."""
-    included: list[FunctionInfo] = []
-    frontier = [source]
-    while frontier:
-        unit = frontier.pop()
-        for sibling in siblings:
-            if sibling not in included and _calls(unit, sibling):
-                included.append(sibling)
-                frontier.append(sibling.source)
-    body = "\n\n".join([source, *(s.source for s in included)])
-    indented = "\n".join(f"  {line}" if line else "" for line in body.splitlines())
-    return f"defmodule {CHECK_MODULE} do\n{indented}\nend\n"
+WORD_RUN = re.compile(r"(?<![\w.:])\w+")
+WORD = re.compile(r"\w+")
+
+
+class Siblings:
+    """The definitions of one module, and which of them each one calls (found once per
+    definition, however many check units include it)."""
+
+    def __init__(self, functions: list[FunctionInfo]) -> None:
+        self.functions = functions
+        self._callees: dict[int, list[int]] = {}
+
+    def called_by(self, source: str) -> list[int]:
+        """Indices of the definitions `source` calls, in definition order. A name of word
+        characters is called when it is a whole word there, not after `.` or `:` (what
+        `_calls` finds, looked up in the set of such words); other names go to `_calls`."""
+        words = set(WORD_RUN.findall(source))
+        return [
+            i
+            for i, f in enumerate(self.functions)
+            if (f.name in words if WORD.fullmatch(f.name) else _calls(source, f))
+        ]
+
+    def callees(self, index: int) -> list[int]:
+        if index not in self._callees:
+            self._callees[index] = self.called_by(self.functions[index].source)
+        return self._callees[index]
+
+    def check_unit(self, source: str, exclude: int) -> str:
+        """A module holding `source` and the definitions it calls, transitively (all but
+        `exclude`, the definition `source` stands for)."""
+        included: list[int] = []
+        chosen = {exclude}
+        frontier: list[int | None] = [None]  # None: `source` itself
+        while frontier:
+            current = frontier.pop()
+            called = self.called_by(source) if current is None else self.callees(current)
+            for index in called:
+                if index not in chosen:
+                    chosen.add(index)
+                    included.append(index)
+                    frontier.append(index)
+        body = "\n\n".join([source, *(self.functions[i].source for i in included)])
+        indented = "\n".join(f"  {line}" if line else "" for line in body.splitlines())
+        return f"defmodule {CHECK_MODULE} do\n{indented}\nend\n"
+
+
+def module_siblings(file: ParsedFile) -> dict[str, Siblings]:
+    """Each module's definitions, by module name."""
+    by_module: dict[str, list[FunctionInfo]] = {}
+    for function in file.functions:
+        by_module.setdefault(function.module, []).append(function)
+    return {name: Siblings(functions) for name, functions in by_module.items()}
 
 
 def _pair(
-    kind: str, file: ParsedFile, function: FunctionInfo, before: str, after: str, ask: str
+    kind: str,
+    file: ParsedFile,
+    function: FunctionInfo,
+    siblings: Siblings,
+    before: str,
+    after: str,
+    ask: str,
 ) -> Candidate:
-    siblings = [f for f in file.functions if f.module == function.module and f is not function]
+    itself = next(i for i, f in enumerate(siblings.functions) if f is function)
     human = f"{ask}\n\n{fenced(before)}"
+    # the function's own side first: when it does not compile alone, the rewritten side
+    # is not compiled at all
+    sides = sorted((before, after), key=lambda side: side != function.source)
     return candidate(
         kind,
         [("human", human), ("gpt", fenced(after))],
         file,
         [function_ref(file, function)],
-        checks=[
-            Check(check_unit(before, siblings), "compile"),
-            Check(check_unit(after, siblings), "compile"),
-        ],
+        checks=[Check(siblings.check_unit(side, itself), "compile") for side in sides],
     )
 
 
 def refactor_pipes(file: ParsedFile, text: str) -> list[Candidate]:
     out = []
+    modules = module_siblings(file)
     for function in file.functions:
         if "|>" in function.source:
             nested = _rewrite(function.source, "unpipe")
@@ -187,6 +234,7 @@ def refactor_pipes(file: ParsedFile, text: str) -> list[Candidate]:
                         "refactor_pipes",
                         file,
                         function,
+                        modules[function.module],
                         nested,
                         function.source,
                         "Rewrite this function with the pipe operator instead of nested calls.",
@@ -200,6 +248,7 @@ def refactor_pipes(file: ParsedFile, text: str) -> list[Candidate]:
                     "refactor_pipes",
                     file,
                     function,
+                    modules[function.module],
                     function.source,
                     chained,
                     "Rewrite the nested calls of this function as pipe chains.",
@@ -294,6 +343,7 @@ def as_case(function: FunctionInfo) -> str | None:
 
 def refactor_pattern_match(file: ParsedFile, text: str) -> list[Candidate]:
     out = []
+    modules = module_siblings(file)
     for function in file.functions:
         single = as_case(function)
         if single is not None:
@@ -302,6 +352,7 @@ def refactor_pattern_match(file: ParsedFile, text: str) -> list[Candidate]:
                     "refactor_pattern_match",
                     file,
                     function,
+                    modules[function.module],
                     single,
                     function.source,
                     "Refactor this function: replace the `case` on its arguments with "

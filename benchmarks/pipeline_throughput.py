@@ -1,0 +1,436 @@
+"""End-to-end throughput of the real pipeline on the real corpus, and where time goes.
+
+    python benchmarks/pipeline_throughput.py [--processes 1,2] [--repeat 1] [--copies 1]
+        [--launch separate|processes] [--checkout DIR] [--baseline DIR] [--work-dir DIR]
+        [--json]
+
+For each worker count N of `--processes` (and each repetition), on a fresh embedded
+broker, file store and SQLite ledger: the ten libraries of `../shared/corpus/` (times
+`--copies`, each copy with its own identifiers renamed: `benchmarks/corpus.py`) are
+uploaded and requested like `exforge ingest dir` does, then N worker processes run every
+stage until the pipeline is idle (`--launch separate`: N `exforge worker --until-idle`
+commands; `processes`: one `exforge worker --until-idle --processes N`).
+
+While they run, every worker's `/metrics` is read twice a second and its memory from
+`/proc`. Printed per run:
+
+* files/s and samples/s end to end: files seen (kept and dropped) and samples staged,
+  over the active time (first message consumed → last message finished), and over the
+  whole wall time (process start → exit, so including start-up and the idle check);
+* per stage: busy time (the sum of its handlers' time, over all processes), messages in
+  and out, the time it waited (processes x active time - busy) and its share of the
+  active time; the bottleneck is the stage busy for the largest share;
+* CPU seconds of the workers and of their BEAM check VMs, and each worker's peak RSS.
+
+`--checkout DIR` runs the workers from another checkout of exforge (with this venv);
+`--baseline DIR` runs a second checkout alternately with it, so that figures before and
+after a change come from the same run of this script (and the ratios from runs next to
+each other in time, on a machine whose load comes and goes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.corpus import CORPUS, REPO, derived_copies, unpack
+from exforge.core import stack
+from exforge.core.db import open_database
+from exforge.core.kafka import produce
+from exforge.core.settings import Settings
+from exforge.core.store import open_store
+from streams.dataset import stats
+from streams.sources.local import upload_directory
+
+POLL_S = 0.5
+RUN_TIMEOUT_S = 3600
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Sample:
+    """One reading of every worker's metrics."""
+
+    at: float
+    messages_in: dict[str, float] = field(default_factory=dict)
+    messages_out: dict[str, float] = field(default_factory=dict)
+    busy: dict[str, float] = field(default_factory=dict)
+    waited: dict[str, float] = field(default_factory=dict)
+
+    def total_in(self) -> float:
+        return sum(self.messages_in.values())
+
+
+def scrape(port: int, into: Sample) -> None:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+    except OSError:
+        return  # not serving yet, or already gone
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            stage = sample.labels.get("stage")
+            if stage is None:
+                continue
+            if sample.name == "exforge_messages_in_total":
+                into.messages_in[stage] = into.messages_in.get(stage, 0) + sample.value
+            elif sample.name == "exforge_messages_out_total":
+                into.messages_out[stage] = into.messages_out.get(stage, 0) + sample.value
+            elif sample.name == "exforge_stage_latency_seconds_sum":
+                into.busy[stage] = into.busy.get(stage, 0) + sample.value
+            elif sample.name == "exforge_stage_wait_seconds_total":
+                into.waited[stage] = into.waited.get(stage, 0) + sample.value
+
+
+def proc_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, stack_ = [], [pid]
+    while stack_:
+        current = stack_.pop()
+        found.append(current)
+        stack_.extend(children.get(current, []))
+    return found
+
+
+def proc_status(pid: int) -> tuple[str, int, float] | None:
+    """(command name, peak RSS in bytes, CPU seconds) of a live process."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    fields = stat.rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    peak = next(
+        (int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM")),
+        0,
+    )
+    return name, peak, cpu
+
+
+@dataclass
+class Usage:
+    """Peak RSS of each worker (Python) process; CPU of workers and their BEAM VMs."""
+
+    peak_rss: dict[int, int] = field(default_factory=dict)
+    cpu: dict[int, tuple[str, float]] = field(default_factory=dict)
+
+    def read(self, roots: list[int]) -> None:
+        for root in roots:
+            for pid in proc_tree(root):
+                status = proc_status(pid)
+                if status is None:
+                    continue
+                name, peak, cpu = status
+                self.cpu[pid] = (name, cpu)
+                if name.startswith(("python", "exforge")):
+                    self.peak_rss[pid] = max(self.peak_rss.get(pid, 0), peak)
+
+    def cpu_seconds(self) -> dict[str, float]:
+        python = sum(c for n, c in self.cpu.values() if n.startswith(("python", "exforge")))
+        beam = sum(c for n, c in self.cpu.values() if n.startswith("beam"))
+        return {"workers": round(python, 1), "beam": round(beam, 1)}
+
+
+@contextmanager
+def embedded_stack(root: Path) -> Iterator[Settings]:
+    settings = Settings(data_dir=root, embedded_kafka_port=free_port(), metrics_port=0)
+    stack.start_broker(settings)
+    try:
+        yield settings
+    finally:
+        stack.down(settings)
+
+
+def worker_env(settings: Settings, checkout: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXFORGE_")}
+    env.update(
+        EXFORGE_DATA_DIR=str(settings.root),
+        EXFORGE_KAFKA_BOOTSTRAP=settings.bootstrap,
+        EXFORGE_CONFIG=str(settings.root / "absent.toml"),
+        EXFORGE_LOG_LEVEL=os.environ.get("EXFORGE_LOG_LEVEL", "WARNING"),
+        PYTHONPATH=str(checkout),
+    )
+    return env
+
+
+def start_workers(
+    settings: Settings, checkout: Path, processes: int, launch: str, log: Path
+) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """The worker commands, and the metrics port of every worker process."""
+    command = [sys.executable, "-m", "exforge", "worker", "--until-idle"]
+    env = worker_env(settings, checkout)
+    ports = [free_port() for _ in range(processes)]
+    procs = []
+    with log.open("ab") as handle:
+        if launch == "processes":
+            env["EXFORGE_METRICS_PORT"] = str(ports[0])
+            ports = [ports[0] + i for i in range(processes)]
+            procs.append(
+                subprocess.Popen(
+                    [*command, "--processes", str(processes)],
+                    env=env,
+                    cwd=checkout,
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        else:
+            for port in ports:
+                procs.append(
+                    subprocess.Popen(
+                        command,
+                        env={**env, "EXFORGE_METRICS_PORT": str(port)},
+                        cwd=checkout,
+                        stdout=handle,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
+    return procs, ports
+
+
+def request_all(settings: Settings, projects: list[Path]) -> int:
+    store = open_store(settings)
+    requests = [upload_directory(store, project) for project in projects]
+    asyncio.run(produce(settings, "sources.requests", [(r.source_id, r) for r in requests]))
+    return len(requests)
+
+
+def watch(
+    procs: list[subprocess.Popen[bytes]], ports: list[int], usage: Usage, log: Path
+) -> list[Sample]:
+    samples: list[Sample] = []
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while any(proc.poll() is None for proc in procs):
+        if time.monotonic() > deadline:
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            raise TimeoutError(f"workers still running after {RUN_TIMEOUT_S} s; see {log}")
+        reading = Sample(time.monotonic())
+        for port in ports:
+            scrape(port, reading)
+        samples.append(reading)
+        usage.read([proc.pid for proc in procs])
+        time.sleep(POLL_S)
+    failed = [proc.returncode for proc in procs if proc.returncode != 0]
+    if failed:
+        raise RuntimeError(f"worker exited with {failed}; see {log}:\n{log.read_text()[-3000:]}")
+    return samples
+
+
+def last_reading(samples: list[Sample]) -> Sample:
+    """Each stage's largest totals (readings after a worker's exit are empty)."""
+    best = Sample(samples[-1].at)
+    for reading in samples:
+        for attr in ("messages_in", "messages_out", "busy", "waited"):
+            target = getattr(best, attr)
+            for stage, value in getattr(reading, attr).items():
+                target[stage] = max(target.get(stage, 0), value)
+    return best
+
+
+def active_window(samples: list[Sample], final: Sample) -> tuple[float, float]:
+    """(first reading with a message consumed, first reading with the final totals)."""
+    started = [s.at for s in samples if s.total_in() > 0]
+    if not started:
+        raise RuntimeError("no worker consumed anything")
+    done_in, done_busy = final.total_in(), sum(final.busy.values())
+    settled = next(
+        s.at
+        for s in samples
+        if s.total_in() >= done_in and sum(s.busy.values()) >= done_busy - 1e-6
+    )
+    return started[0] - POLL_S / 2, settled
+
+
+def one_run(
+    projects: list[Path], processes: int, launch: str, checkout: Path, root: Path
+) -> dict[str, Any]:
+    root.mkdir(parents=True)
+    with embedded_stack(root) as settings:
+        packages = request_all(settings, projects)
+        usage = Usage()
+        log = root / "workers.log"
+        started = time.monotonic()
+        procs, ports = start_workers(settings, checkout, processes, launch, log)
+        try:
+            samples = watch(procs, ports, usage, log)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        wall = time.monotonic() - started
+        totals = stats(open_database(settings))
+    final = last_reading(samples)
+    first, last = active_window(samples, final)
+    active = max(last - first, POLL_S)
+    stage_rows = {}
+    for stage in sorted(final.messages_in, key=lambda s: -final.busy.get(s, 0.0)):
+        busy = final.busy.get(stage, 0.0)
+        stage_rows[stage] = {
+            "busy_s": round(busy, 2),
+            "messages_in": int(final.messages_in.get(stage, 0)),
+            "messages_out": int(final.messages_out.get(stage, 0)),
+            # measured where the worker reports it, else what the busy time leaves
+            "waited_s": round(final.waited.get(stage, max(processes * active - busy, 0.0)), 2),
+            "busy_share": round(busy / (processes * active), 3),
+        }
+    files = totals["files"]["seen"]
+    samples_total = totals["samples"]["total"]
+    peaks = sorted(usage.peak_rss.values(), reverse=True)[:processes]
+    return {
+        "processes": processes,
+        "launch": launch,
+        "packages": packages,
+        "files": files,
+        "files_kept": totals["files"]["kept"],
+        "samples": samples_total,
+        "shards": totals["shards"]["total"],
+        "wall_s": round(wall, 1),
+        "startup_s": round(first - started, 1),
+        "active_s": round(active, 1),
+        "files_per_s": round(files / active, 2),
+        "samples_per_s": round(samples_total / active, 2),
+        "files_per_s_wall": round(files / wall, 2),
+        "samples_per_s_wall": round(samples_total / wall, 2),
+        "stages": stage_rows,
+        "bottleneck": max(stage_rows, key=lambda s: stage_rows[s]["busy_share"]),
+        "cpu_s": usage.cpu_seconds(),
+        "peak_rss_mb": [round(p / 2**20) for p in peaks],
+    }
+
+
+def show(run: dict[str, Any]) -> None:
+    print(
+        f"\n{run['processes']} worker process(es) ({run['launch']}): {run['packages']} packages, "
+        f"{run['files']} files ({run['files_kept']} kept), {run['samples']} samples"
+    )
+    print(
+        f"  active {run['active_s']} s: {run['files_per_s']} files/s, "
+        f"{run['samples_per_s']} samples/s   |   wall {run['wall_s']} s "
+        f"(start-up {run['startup_s']} s): {run['files_per_s_wall']} files/s, "
+        f"{run['samples_per_s_wall']} samples/s"
+    )
+    print(f"  {'stage':15} {'busy s':>8} {'share':>6} {'in':>8} {'out':>8} {'waited s':>9}")
+    for stage, row in run["stages"].items():
+        print(
+            f"  {stage:15} {row['busy_s']:8.1f} {row['busy_share']:6.2f} "
+            f"{row['messages_in']:8d} {row['messages_out']:8d} {row['waited_s']:9.1f}"
+        )
+    print(
+        f"  bottleneck: {run['bottleneck']}   CPU s: workers {run['cpu_s']['workers']}, "
+        f"BEAM {run['cpu_s']['beam']}   peak RSS MB: {run['peak_rss_mb']}"
+    )
+
+
+def ratios(runs: list[dict[str, Any]], key: str, base: Any, other: Any) -> list[float]:
+    """files/s of `other` over `base` (values of `key`), repetition by repetition."""
+    pairs = zip(
+        [r for r in runs if r[key] == base], [r for r in runs if r[key] == other], strict=True
+    )
+    return [round(b["files_per_s"] / a["files_per_s"], 2) for a, b in pairs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", default="1,2", help="Worker counts, comma-separated.")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--copies", type=int, default=1, help="Corpus size multiple.")
+    parser.add_argument("--launch", choices=("separate", "processes"), default="separate")
+    parser.add_argument("--checkout", type=Path, default=REPO, help="exforge to run.")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="Another checkout, run alternately."
+    )
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--work-dir", type=Path, default=None, help="Parent of temp dirs.")
+    parser.add_argument("--keep", action="store_true", help="Keep the run directories.")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    args = parser.parse_args()
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="pipeline-throughput-", dir=args.work_dir))
+    checkouts = [args.checkout.resolve()]
+    if args.baseline is not None:
+        checkouts.insert(0, args.baseline.resolve())
+    try:
+        projects = unpack(args.corpus, work / "corpus")
+        projects = derived_copies(projects, args.copies, work / "copies")
+        counts = [int(n) for n in args.processes.split(",")]
+        runs = []
+        for repeat in range(args.repeat):
+            for index, checkout in enumerate(checkouts):
+                for processes in counts:
+                    run = one_run(
+                        projects,
+                        processes,
+                        args.launch,
+                        checkout,
+                        work / f"run-{repeat}-{index}-{processes}",
+                    )
+                    run["checkout"] = str(checkout)
+                    runs.append(run)
+                    if not args.json:
+                        print(f"\n[{checkout}]", end="")
+                        show(run)
+        report: dict[str, Any] = {"copies": args.copies, "runs": runs}
+        for checkout in checkouts:
+            mine = [r for r in runs if r["checkout"] == str(checkout)]
+            for n in counts[1:]:
+                report.setdefault("speedup", {})[f"{checkout}: {n}/{counts[0]}"] = ratios(
+                    mine, "processes", counts[0], n
+                )
+        if args.baseline is not None:
+            for n in counts:
+                mine = [r for r in runs if r["processes"] == n]
+                report.setdefault("vs_baseline", {})[f"{n} process(es)"] = ratios(
+                    mine, "checkout", str(checkouts[0]), str(checkouts[1])
+                )
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            for name in ("speedup", "vs_baseline"):
+                if name in report:
+                    print(f"\n{name} (files/s, same repetition): {report[name]}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -11,9 +11,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
-from workers.trainer.data import synthetic_samples, write_split
+from tests.support.shards import synthetic_samples, write_split
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 
 STEPS = 12

@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
-from workers.trainer.data import synthetic_samples
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.support.shards import synthetic_samples
 
 SEQ_LEN = 512
 BATCH_PACKS = 2
@@ -91,7 +93,8 @@ def measure(train: Any, tokens: int, steps: int) -> dict[str, Any]:
 def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
     from exforge.core.settings import load_settings
     from exforge.core.store import FileStore
-    from workers.trainer.data import Cursor, write_split
+    from tests.support.shards import write_split
+    from workers.trainer.data import Cursor
     from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 
     store = FileStore(root / "store")

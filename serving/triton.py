@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exforge.core.settings import Settings
+from exforge.core.settings import PROJECT_ROOT, Settings
 from exforge.core.stack import (
     StackError,
     log_dir,
@@ -32,7 +32,6 @@ from serving.modelconfig import MAX_BATCH, cpu_config
 
 START_TIMEOUT_S = 60.0
 REPOSITORY_TOKEN = "exforge"  # the bundled build restricts the repository API to a token
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
-from workers.trainer.data import synthetic_samples, write_split
+from tests.support.shards import synthetic_samples, write_split
 
 EXFORGE = str(Path(sys.executable).parent / "exforge")
 

@@ -12,7 +12,7 @@ from conftest import free_port
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
 from exforge.llm.lora import adapter_state
-from workers.trainer.data import synthetic_samples, write_split
+from tests.support.shards import synthetic_samples, write_split
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 
 SEQ_LEN = 48  # every sample fills more than half a sequence: one sample per pack

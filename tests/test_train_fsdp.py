@@ -18,8 +18,9 @@ from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
 from exforge.llm.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
 from exforge.llm.model import load_model
+from tests.support.shards import synthetic_samples, write_split
 from workers.trainer import checkpoint as ckpt
-from workers.trainer.data import load_split, synthetic_samples, write_split
+from workers.trainer.data import load_split
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 from workers.trainer.ssr import buffer_key
 

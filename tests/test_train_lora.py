@@ -9,7 +9,7 @@ import torch
 from exforge.llm.chat import encode, load_tokenizer
 from exforge.llm.lora import LoraSettings, apply_lora, trainable
 from exforge.llm.model import load_model
-from workers.trainer.data import synthetic_samples
+from tests.support.shards import synthetic_samples
 from workers.trainer.packing import collate, forward_losses, pack
 
 

@@ -7,7 +7,7 @@ from transformers import MistralForCausalLM
 
 from exforge.llm.chat import IGNORE, encode, load_tokenizer
 from exforge.llm.model import preset_config
-from workers.trainer.data import synthetic_samples
+from tests.support.shards import synthetic_samples
 from workers.trainer.packing import collate, forward_losses, pack
 
 

@@ -11,8 +11,8 @@ import torch
 from exforge.core.db import engine_for
 from exforge.core.settings import Settings, load_settings
 from exforge.core.store import FileStore, ObjectStore
+from tests.support.shards import synthetic_samples, write_split
 from workers.trainer import checkpoint as ckpt
-from workers.trainer.data import synthetic_samples, write_split
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 
 

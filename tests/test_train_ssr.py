@@ -13,7 +13,7 @@ from exforge.core.store import FileStore
 from exforge.llm.chat import encode, load_tokenizer
 from schemas.shards import decode_shard
 from schemas.sharegpt import Problem, sharegpt_problems, validate_sharegpt
-from workers.trainer.data import synthetic_samples, write_split
+from tests.support.shards import synthetic_samples, write_split
 from workers.trainer.display import training_progress
 from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
 from workers.trainer.ssr import buffer_key, kmeans, nearest_to_centres, select

@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from exforge.core.store import ObjectNotFound, ObjectStore, sha256_hex
 from exforge.llm.chat import encode, prompt_ids
 from exforge.llm.generation import Decoder, Sampling, complete
-from schemas.shards import decode_shard, encode_shard
+from schemas.shards import decode_shard, difficulty, encode_shard
 from schemas.sharegpt import validate_sharegpt
 
 Sample = dict[str, Any]
@@ -111,13 +111,13 @@ def generate(
     return complete(decoder, [(prompt_ids(turns), sampling)])[0].text.strip()
 
 
-def synthetic_sample(task: str, answer: str, kind: str, stage: int, difficulty: int) -> Sample:
+def synthetic_sample(task: str, answer: str, kind: str, stage: int, level: int) -> Sample:
     conversations = [{"from": "human", "value": task}, {"from": "gpt", "value": answer}]
     content = json.dumps(["ssr", kind, conversations], ensure_ascii=False)
     return {
         "id": sha256_hex(content.encode()),
         "conversations": conversations,
-        "meta": {"kind": kind, "stage": stage, "difficulty": difficulty},
+        "meta": {"kind": kind, "stage": stage, "difficulty": level},
     }
 
 
@@ -143,8 +143,7 @@ def synthesise(
         answer = (
             generate(model, tokenizer, answer_prompt(demos, task), settings, rng) if task else ""
         )
-        difficulty = demos[0].get("meta", {}).get("difficulty", 1)
-        drafts.append(synthetic_sample(task, answer, kind, stage, difficulty))
+        drafts.append(synthetic_sample(task, answer, kind, stage, difficulty(demos[0])))
     return drafts
 
 

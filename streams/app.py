@@ -2,8 +2,11 @@
 
 Tuned for the embedded broker and for batch use: the first rebalance happens within a
 few seconds of start, offsets are committed every second, and tables live in memory
-(recovered from their changelog topics on restart). What gets committed is decided by
-`streams.offsets`: only offsets the agents marked handled, never Faust's own acks.
+(recovered from their changelog topics on restart) or, with `table_store = "rocksdb"`,
+in RocksDB (through rocksdict) under the worker process's own data directory, with
+small caches so that a worker's memory does not grow with the tables. What gets
+committed is decided by `streams.offsets`: only offsets the agents marked handled,
+never Faust's own acks.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import faust
 
@@ -27,11 +31,19 @@ log = logging.getLogger("exforge.app")
 STAGES = {"ingest": ingest, "parse": parse, "instruct": instruct, "shard": shard}
 
 
-def create_app(settings: Settings) -> faust.App:
+def worker_dir(settings: Settings, index: int) -> Path:
+    """The data directory of worker process `index` of this machine (its tables)."""
+    path = settings.root / "worker" / str(index)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def create_app(settings: Settings, index: int = 0) -> faust.App:
     app = faust.App(
         settings.worker_group,
         broker=f"kafka://{settings.bootstrap}",
-        store="memory://",
+        datadir=str(worker_dir(settings, index)),
+        store="memory://" if settings.table_store == "memory" else "rocksdb://",
         autodiscover=False,
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=1,
@@ -72,16 +84,23 @@ def create_app(settings: Settings) -> faust.App:
     return app
 
 
-def build(settings: Settings, stages: Sequence[str] = tuple(STAGES)) -> StageContext:
-    """The app with the chosen stages attached, and the context they share."""
+def check_stages(stages: Sequence[str]) -> None:
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {', '.join(unknown)}; known: {', '.join(STAGES)}")
+
+
+def build(
+    settings: Settings, stages: Sequence[str] = tuple(STAGES), index: int = 0
+) -> StageContext:
+    """The app of worker process `index` with the chosen stages attached, and the
+    context they share."""
+    check_stages(stages)
     ctx = StageContext(
         settings=settings,
         store=open_store(settings),
         engine=open_database(settings),
-        app=create_app(settings),
+        app=create_app(settings, index),
     )
     for name in stages:
         STAGES[name].attach(ctx)

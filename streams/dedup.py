@@ -35,13 +35,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
-from aiokafka import TopicPartition
 from sqlalchemy.orm import Session
 
 from exforge.core import tracing
 from exforge.core.db import FileOutcome
-from exforge.core.kafka import admin_client, end_offsets, metadata_consumer
-from exforge.core.settings import Settings
+from exforge.core.kafka import DrainWatch
 from exforge.elixir.neardup import Bucket, Held, bucket_partition, decide
 from schemas.catalogue import STAGE_INPUTS, topic_name
 from schemas.records import BandMessage, NearDupEvent, ParsedFile
@@ -53,7 +51,6 @@ __all__ = [
     "NearDup",
     "Outcome",
     "attach",
-    "drained",
     "position",
     "record_outcomes",
 ]
@@ -61,7 +58,6 @@ __all__ = [
 log = logging.getLogger("exforge.dedup")
 
 DECIDE_INTERVAL_S = 1.0
-DRAINED_CHECKS = 2  # consecutive drained observations before a batch is decided
 # The stages whose inputs must be drained before a batch is decided: all that feed it.
 UPSTREAM = ("ingest", "parse", "dedup", "neardup-bands", "neardup")
 
@@ -100,33 +96,6 @@ def record_outcomes(ctx: StageContext, outcomes: Iterable[Outcome]) -> None:
                     redactions=outcome.redactions,
                 )
             )
-
-
-async def drained(settings: Settings, stages: Iterable[str] = UPSTREAM) -> bool:
-    """Whether the inputs of `stages` are consumed and committed by the worker group.
-
-    Committed offsets are read before end offsets: a message whose processing was
-    committed before the first read had produced its outputs before that, so they
-    show in the end offsets read after it.
-    """
-    inputs = {topic_name(settings.topic_prefix, STAGE_INPUTS[stage]) for stage in stages}
-    async with admin_client(settings) as admin, metadata_consumer(settings) as consumer:
-        topics = [t for t in await consumer.topics() if t in inputs]
-        partitions = [
-            TopicPartition(t, p) for t in sorted(topics) for p in consumer.partitions_for_topic(t)
-        ]
-        if not partitions:
-            return True
-        committed = await admin.list_consumer_group_offsets(
-            settings.worker_group, partitions=partitions
-        )
-        ends = await end_offsets(consumer, partitions)
-    for tp in partitions:
-        meta = committed.get(tp)
-        done = meta.offset if meta is not None and meta.offset >= 0 else 0
-        if ends[tp] > done:
-            return False
-    return True
 
 
 def held_too_long(since: Iterable[float], now: float, max_hold_s: float) -> bool:
@@ -181,21 +150,17 @@ class NearDup:
         self.ctx = ctx
         self.settings = ctx.settings
         self.partitions = ctx.settings.topic_partitions
-        self.first_seen = self._table("first-seen")
-        self.buckets = self._table("neardup-buckets")
-        self.held = self._table("neardup-held")
-        self.settled = self._table("neardup-settled")
+        self.first_seen = ctx.table("first-seen")
+        self.buckets = ctx.table("neardup-buckets")
+        self.held = ctx.table("neardup-held")
+        self.settled = ctx.table("neardup-settled")
         # held, undecided files of owned partitions (partition → sha256 → since): kept
         # beside the table so the timer need not read it; rebuilt after a rebalance
         self.waiting: dict[int, dict[str, float]] = {}
         self.indexed: frozenset[int] | None = None
-        self.streak = 0
+        upstream = tuple(STAGE_INPUTS[stage] for stage in UPSTREAM)
+        self.drain = DrainWatch(ctx.settings, upstream)
         self.neardup_topic = topic_name(ctx.settings.topic_prefix, "files.neardup")
-
-    def _table(self, name: str) -> faust.Table:
-        return self.ctx.app.Table(
-            name, default=str, partitions=self.partitions, key_type=str, value_type=str
-        )
 
     def attach(self) -> None:
         attach_stage(self.ctx, "dedup", "files.candidates", self.on_candidate)
@@ -348,20 +313,16 @@ class NearDup:
     async def ask_to_decide(self) -> None:
         waiting = self.owned_waiting()
         if not waiting:
-            self.streak = 0
+            self.drain.reset()
             return
-        try:
-            self.streak = self.streak + 1 if await drained(self.settings) else 0
-        except Exception as exc:  # the broker may be restarting: try again next tick
-            log.warning("drain check failed: %s", exc)
-            self.streak = 0
+        settled = await self.drain.observe()
         max_hold = self.settings.neardup_max_hold_s
         overdue = held_too_long(waiting.values(), time.time(), max_hold)
-        if self.streak < DRAINED_CHECKS and not overdue:
+        if not settled and not overdue:
             return
         if overdue:
             log.info("near-dup: files held over %.0f s, deciding now", max_hold)
-        self.streak = 0
+        self.drain.reset()
         topic = self.ctx.topic("files.neardup")
         for partition in sorted(waiting):
             ask = NearDupEvent(kind="decide", partition=partition)

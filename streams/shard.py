@@ -2,10 +2,14 @@
 
 Samples are first staged in the ledger (keyed by sample id, so a redelivered or repeated
 sample is staged once) with their Tekken token count, difficulty, license and source.
-A shard is sealed from the pending samples of one (dataset, stage, split), taken in
-sample-id order, once N samples or T tokens are pending (`shard_samples`,
-`shard_tokens`), or with whatever is pending when the stage goes idle; inside a shard
-samples run easy → hard (difficulty, then curriculum position, then id). An optional
+Shards are sealed when the whole pipeline is drained (every stage input consumed and
+committed, seen over several checks): then the pending samples of each (dataset, stage,
+split), in sample-id order, are cut into shards of N samples or T tokens
+(`shard_samples`, `shard_tokens`), the last one partial. The same samples therefore make
+the same shards whatever the number of workers and whenever they arrived. Under an
+inflow that never drains, full shards are sealed once a pending sample has waited
+`shard_max_hold_s`. Inside a shard samples run easy → hard (difficulty, then
+curriculum position, then id). An optional
 Parquet copy sits next to each shard; each group's manifest lists, per shard, its key,
 sha256, sample and token counts, difficulty histogram and kinds. Sealing writes the
 shard object under a deterministic name, then commits the membership in one
@@ -19,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
+from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
@@ -28,8 +32,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from exforge.core.db import Sample, Shard
+from exforge.core.kafka import DrainWatch
 from exforge.core.store import ObjectStore, sha256_hex
 from exforge.core.telemetry import SHARDS_WRITTEN
+from schemas.catalogue import STAGE_INPUTS
 from schemas.records import InstructionSample, TrainingShard
 from schemas.shards import (
     FORMAT,
@@ -310,6 +316,21 @@ def mark_published(engine: Engine, shard_id: int) -> None:
         session.execute(update(Shard).where(Shard.id == shard_id).values(published=True))
 
 
+def oldest_pending(engine: Engine) -> datetime | None:
+    """When the oldest sample still waiting for a shard was staged (None: none waits)."""
+    with Session(engine) as session:
+        oldest = session.scalar(
+            select(func.min(Sample.recorded_at)).where(Sample.shard_index.is_(None))
+        )
+    if oldest is not None and oldest.tzinfo is None:  # SQLite forgets the zone
+        oldest = oldest.replace(tzinfo=UTC)
+    return oldest
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 def pending_samples(engine: Engine) -> int:
     with Session(engine) as session:
         return (
@@ -321,6 +342,7 @@ def pending_samples(engine: Engine) -> int:
 
 
 BATCH_SAMPLES = 256  # samples staged in one transaction
+DRAINED_CHECKS = 4  # consecutive drained observations before shards are sealed
 
 
 def attach(ctx: StageContext) -> None:
@@ -365,7 +387,6 @@ def attach(ctx: StageContext) -> None:
                 fresh.discard(sample.sample_id)  # a repeat within the batch is a duplicate
             else:
                 results[index].drop("duplicate_sample")
-        sealing(flush=False)
         return results
 
     async def publish() -> None:
@@ -378,15 +399,31 @@ def attach(ctx: StageContext) -> None:
 
     attach_batch_stage(ctx, "shard", "instruction.samples", handle, max_batch=BATCH_SAMPLES)
 
+    # sealing waits a little longer than a near-dup decision, which releases a batch
+    drain = DrainWatch(settings, tuple(STAGE_INPUTS.values()), checks=DRAINED_CHECKS)
+
+    def seal_now(drained: bool) -> int:
+        """Shards sealed: all pending samples when drained, else full shards of samples
+        held too long."""
+        oldest = oldest_pending(ctx.engine)
+        if oldest is None:
+            return 0
+        if drained:
+            return sealing(flush=True)
+        max_hold = settings.shard_max_hold_s
+        if (utcnow() - oldest).total_seconds() >= max_hold:
+            log.info("shard: samples pending over %.0f s, sealing full shards", max_hold)
+            return sealing(flush=False)
+        return 0
+
     @ctx.app.timer(interval=1.0, name="shard-seal-and-publish")
     async def seal_and_publish() -> None:
-        """Publish sealed shards; once the stage is idle, seal the partial ones too."""
-        quiet_for = time.monotonic() - ctx.last_activity.get("shard", 0.0)
+        """Seal what the pipeline's state allows, then publish sealed shards."""
         try:
-            if quiet_for >= settings.idle_seconds:
-                sealed = await asyncio.to_thread(sealing, True)
-                if sealed:
-                    ctx.touch("shard")
+            drained = await drain.observe()
+            if await asyncio.to_thread(seal_now, drained):
+                ctx.touch("shard")
+                drain.reset()
             await publish()
         except Exception:  # the store or database may be back on the next tick
             log.exception("shard: sealing or publishing failed; retrying")

@@ -123,6 +123,8 @@ class StageContext:
     busy: list[Callable[[], bool]] = field(default_factory=list)
     # deliveries not yet acknowledged, per stage
     in_flight: dict[str, set[asyncio.Task[None]]] = field(default_factory=dict)
+    # items handled by this process, per (stage, unit): the progress log
+    items: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def topic(self, name: str) -> faust.TopicT:
         if name not in self.topics:
@@ -135,6 +137,29 @@ class StageContext:
                 allow_empty=True,
             )
         return self.topics[name]
+
+    def table(self, name: str) -> faust.Table:
+        """A Faust table of str → str, partitioned like the topics, in the store the
+        settings choose (RocksDB with small caches: `table_cache_mb` per partition)."""
+        options: dict[str, Any] | None = None
+        if self.settings.table_store == "rocksdb":
+            cache = self.settings.table_cache_mb * 2**20
+            options = {
+                "driver": "rocksdict",
+                "block_cache_size": cache,
+                "block_cache_compressed_size": 0,
+                "write_buffer_size": cache // 2,
+                "max_write_buffer_number": 2,
+                "max_open_files": 256,
+            }
+        return self.app.Table(
+            name,
+            default=str,
+            partitions=self.settings.topic_partitions,
+            key_type=str,
+            value_type=str,
+            options=options,
+        )
 
     def touch(self, stage: str) -> None:
         self.last_activity[stage] = time.monotonic()
@@ -241,6 +266,7 @@ async def deliver(ctx: StageContext, stage: str, message: Any, result: Result) -
         DROPPED.labels(stage, reason).inc(count)
     for unit, count in result.items.items():
         ITEMS.labels(stage, unit).inc(count)
+        ctx.items[stage, unit] = ctx.items.get((stage, unit), 0) + count
     in_flight = ctx.in_flight.setdefault(stage, set())
     while len(in_flight) >= MAX_IN_FLIGHT:
         await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)

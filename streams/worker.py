@@ -8,12 +8,24 @@ again (seen on the embedded broker after a SIGKILL). A quiet worker
 that sees an assigned partition's committed offset stand still for `stall_seconds` while
 it has lag logs it, counts it in `exforge_stalled_partitions`, and fetches it again from
 its next unhandled offset (`streams.offsets` keeps commits safe across such seeks).
+
+Progress: every `progress_interval_s` a worker logs one line: what its stages handled
+since the last line (packages, files, samples, and their rates) and, for the whole
+group, each stage's backlog with its consumption rate and ETA.
+
+Processes: `run_workers` starts N worker processes on this machine (`exforge worker
+--processes N`), members of the same consumer group, each with its own tables
+directory and metrics port; partitions are shared out among them like among machines.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
+import signal
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -22,15 +34,18 @@ import faust
 from faust.types import TP
 
 from exforge.core import anomaly, tracing
-from exforge.core.kafka import LagRow, consumer_lag, create_topics
+from exforge.core.kafka import LagRow, consumer_lag, create_topics, eta_text, stage_progress
 from exforge.core.settings import Settings
 from exforge.core.telemetry import CONSUMER_LAG, STALLED_PARTITIONS, serve_metrics
 from schemas.catalogue import STAGE_INPUTS, topic_name
 from streams import shard
-from streams.app import build
+from streams.app import build, check_stages
 from streams.stage import StageContext
 
 log = logging.getLogger("exforge.worker")
+# progress lines show at the default log level and below it (EXFORGE_LOG_LEVEL=WARNING)
+progress_log = logging.getLogger("exforge.progress")
+progress_log.setLevel(logging.INFO)
 
 
 async def input_lag(settings: Settings) -> list[LagRow]:
@@ -107,11 +122,48 @@ async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
     return pending == 0 and not unpublished
 
 
-def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> int:
-    """Run a Faust worker in this process; return its exit code."""
+@dataclass
+class Progress:
+    """The worker's one-line progress summaries: its items since the last line and the
+    group's backlog per stage (from the last two lag readings)."""
+
+    since: float
+    counted: dict[tuple[str, str], int] = field(default_factory=dict)
+    readings: list[tuple[float, list[LagRow]]] = field(default_factory=list)
+
+    def observe(self, lag: list[LagRow], now: float) -> None:
+        self.readings = [*self.readings[-1:], (now, lag)]
+
+    def line(self, settings: Settings, items: dict[tuple[str, str], int], now: float) -> str:
+        seconds = max(now - self.since, 1e-9)
+        handled = []
+        for stage in STAGE_INPUTS:
+            changes = [
+                (unit, n - self.counted.get((s, unit), 0))
+                for (s, unit), n in items.items()
+                if s == stage and n != self.counted.get((s, unit), 0)
+            ]
+            if changes:
+                counts = ", ".join(f"{n} {unit} ({n / seconds:.1f}/s)" for unit, n in changes)
+                handled.append(f"{stage} {counts}")
+        self.since, self.counted = now, dict(items)
+        backlog = "-"
+        if self.readings:
+            (then, before), (at, rows) = self.readings[0], self.readings[-1]
+            waiting = [
+                f"{p.stage} {p.lag} (ETA {eta_text(p.eta_s)})"
+                for p in stage_progress(settings, rows, before if then < at else (), at - then)
+                if p.lag
+            ]
+            backlog = ", ".join(waiting) or "none"
+        return f"progress: {'; '.join(handled) or 'idle'} | backlog: {backlog}"
+
+
+def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, index: int = 0) -> int:
+    """Run a Faust worker (process `index` of this machine) here; return its exit code."""
     tracing.setup("exforge-worker")
     asyncio.run(create_topics(settings))
-    ctx = build(settings, stages)
+    ctx = build(settings, stages, index)
     serve_metrics(settings.metrics_port)
     started = time.monotonic()
     worker = faust.Worker(ctx.app, loglevel=settings.log_level, quiet=True)
@@ -121,12 +173,20 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> i
     anomalies = anomaly.StageWatch(anomaly.Monitor(ctx.engine))
     stage_of_topic = {topic_name(settings.topic_prefix, t): s for s, t in STAGE_INPUTS.items()}
 
+    progress = Progress(time.monotonic())
+    if settings.progress_interval_s:
+
+        @ctx.app.timer(interval=settings.progress_interval_s, name="progress-log")
+        async def report() -> None:
+            progress_log.info("%s", progress.line(settings, ctx.items, time.monotonic()))
+
     @ctx.app.timer(interval=2.0, name="lag-and-idle-watch")
     async def watch() -> None:
         if stopping:
             return
         try:
             lag = await input_lag(settings)
+            progress.observe(lag, time.monotonic())
             backlog = anomaly.lag_by_stage(lag, stage_of_topic)
             for change in await asyncio.to_thread(
                 anomalies.tick, backlog, time.monotonic(), anomaly.utcnow()
@@ -148,3 +208,50 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool) -> i
     except SystemExit as exit_:
         return int(exit_.code or 0)
     return 0
+
+
+def process_settings(settings: Settings, index: int) -> Settings:
+    """The settings of worker process `index`: its own metrics port."""
+    port = settings.metrics_port + index if settings.metrics_port else 0
+    return settings.model_copy(update={"metrics_port": port})
+
+
+def _run_child(settings: Settings, stages: Sequence[str], until_idle: bool, index: int) -> None:
+    sys.exit(run_worker(settings, stages, until_idle, index))
+
+
+def run_workers(
+    settings: Settings, stages: Sequence[str], until_idle: bool, processes: int = 1
+) -> int:
+    """Run `processes` workers, each in its own process; the exit code is the first
+    non-zero one of theirs. SIGTERM and SIGINT are passed on to every worker."""
+    check_stages(stages)
+    if processes == 1:
+        return run_worker(settings, stages, until_idle)
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(
+            target=_run_child,
+            args=(process_settings(settings, index), list(stages), until_idle, index),
+            name=f"exforge-worker-{index}",
+        )
+        for index in range(processes)
+    ]
+    for child in children:
+        child.start()
+
+    def pass_on(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.pid is not None and child.is_alive():
+                os.kill(child.pid, signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for child in children:
+            child.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    codes = [child.exitcode or 0 for child in children]
+    # a worker killed by a signal exits like a shell reports it: 128 + the signal
+    return next((code if code > 0 else 128 - code for code in codes if code), 0)

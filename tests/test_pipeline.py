@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import urllib.request
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Pipeline, free_port
+from conftest import CLI_TIMEOUT_S, REPO, Pipeline, free_port
 
 from exforge.core.db import open_database
 from exforge.core.kafka import produce
@@ -72,9 +73,12 @@ def test_unseen_project_is_counted_exactly_and_reprocessing_changes_no_shard(
     listed = sum(json.loads(store.get(k))["samples"] for k in manifests)
     assert listed == len(samples)
 
-    lag = pipeline.json("lag")
-    worker_rows = [r for r in lag if r["group"] == pipeline.settings.worker_group]
+    lag = pipeline.json("lag", "--window", "0.5")
+    worker_rows = [r for r in lag["partitions"] if r["group"] == pipeline.settings.worker_group]
     assert worker_rows and all(r["lag"] == 0 for r in worker_rows)
+    stages = {s["stage"]: s for s in lag["stages"]}
+    assert stages["ingest"]["lag"] == 0 and stages["ingest"]["eta_s"] == 0
+    assert stages["ingest"]["rate"] == 0  # nothing left to consume in the window
     assert any(r["topic"].endswith("sources.requests") and r["end"] == 1 for r in worker_rows)
 
     before = shard_objects(store)
@@ -268,3 +272,50 @@ def count_samples(engine: Any) -> int:
 
     with Session(engine) as session:
         return session.scalar(select(func.count()).select_from(Sample)) or 0
+
+
+def test_two_worker_processes_on_rocksdb_tables_make_the_shards_one_makes(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """`exforge worker --processes 2` (tables in RocksDB) against one process (tables in
+    memory): the same shards, byte for byte, and both processes did part of the work."""
+    projects = [
+        write_project(
+            tmp_path / f"q{p}",
+            f"q{p}",
+            {f"lib/m{m}.ex": documented_module(f"Q{p}.M{m}", 4) for m in range(3)},
+        )
+        for p in range(4)
+    ]
+    two = Pipeline(
+        {
+            **pipeline.env,
+            "EXFORGE_TOPIC_PREFIX": f"{pipeline.env['EXFORGE_TOPIC_PREFIX']}two.",
+            "EXFORGE_DATA_DIR": str(tmp_path / "two"),
+            "EXFORGE_TABLE_STORE": "rocksdb",
+            "EXFORGE_PROGRESS_INTERVAL_S": "1",
+        }
+    )
+    for run in (pipeline, two):
+        store = open_store(run.settings)
+        requests = [upload_directory(store, p) for p in projects]
+        send(run, "sources.requests", [(r.source_id, r) for r in requests])
+    pipeline.run_until_idle()
+    log = tmp_path / "two.log"
+    workers = two.start_worker("--until-idle", "--processes", "2", log=log)
+    try:
+        assert workers.wait(timeout=CLI_TIMEOUT_S) == 0, log.read_text()[-4000:]
+    finally:
+        if workers.poll() is None:
+            workers.kill()
+
+    expected = shard_objects(open_store(pipeline.settings))
+    assert expected and shard_objects(open_store(two.settings)) == expected
+    assert two.json("dataset", "stats")["samples"] == pipeline.json("dataset", "stats")["samples"]
+    busy = {
+        pid
+        for pid, what in re.findall(r"\[(\d+)\] \[INFO\] progress: (.*) \|", log.read_text())
+        if what != "idle"
+    }
+    assert len(busy) == 2, "both worker processes handled messages"
+    assert list((tmp_path / "two" / "worker").glob("*/v1/tables/neardup-held-*.db"))

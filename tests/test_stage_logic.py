@@ -712,3 +712,54 @@ def test_stall_watch_reports_a_partition_only_after_its_offset_stood_still() -> 
     # caught up: forgotten
     assert watch.stalled([row(0, 9, 9), row(1, 4, 4)], now=120) == []
     assert watch.since == {}
+
+
+def test_stage_progress_sums_partitions_and_rates_the_group_over_the_window() -> None:
+    from exforge.core.kafka import LagRow, eta_text, stage_progress
+    from exforge.core.settings import Settings
+
+    settings = Settings(topic_prefix="t.")
+    group = settings.worker_group
+
+    def rows(committed: tuple[int, int], other_group: int) -> list[LagRow]:
+        return [
+            LagRow(group, "t.parsed.files", 0, committed[0], 100),
+            LagRow(group, "t.parsed.files", 1, committed[1], 60),
+            LagRow(group, "t.raw.packages", 0, 7, 7),
+            LagRow("t.other", "t.parsed.files", 0, other_group, 100),
+            LagRow(group, "t.training.shards", 0, 0, 9),  # no stage reads it
+        ]
+
+    before, now = rows((10, 0), 0), rows((40, 10), 100)
+    progress = {p.stage: p for p in stage_progress(settings, now, before, seconds=4.0)}
+    assert sorted(progress) == ["instruct", "parse"]
+    instruct = progress["instruct"]
+    assert instruct.lag == (100 - 40) + (60 - 10)
+    assert instruct.rate == (40 + 10 - 10) / 4.0  # the other group's commits do not count
+    assert instruct.eta_s == 110 / 10.0
+    assert progress["parse"].eta_s == 0.0
+    single = {p.stage: p for p in stage_progress(settings, now)}
+    assert single["instruct"].rate is None and single["instruct"].eta_s is None
+    assert [eta_text(s) for s in (None, 0.4, 65, 3 * 3600 + 125)] == ["-", "0s", "1m05s", "3h02m"]
+
+
+def test_progress_line_counts_items_since_the_last_line_and_the_backlog() -> None:
+    from exforge.core.kafka import LagRow
+    from exforge.core.settings import Settings
+    from streams.worker import Progress
+
+    settings = Settings(topic_prefix="t.")
+    group = settings.worker_group
+    progress = Progress(since=100.0)
+    assert progress.line(settings, {}, 110.0) == "progress: idle | backlog: -"
+    progress.observe([LagRow(group, "t.parsed.files", 0, 10, 50)], now=110.0)
+    progress.observe([LagRow(group, "t.parsed.files", 0, 30, 50)], now=114.0)
+    items = {("parse", "files"): 40, ("instruct", "files"): 8, ("instruct", "samples"): 30}
+    line = progress.line(settings, items, 120.0)
+    assert line == (
+        "progress: parse 40 files (4.0/s); instruct 8 files (0.8/s), 30 samples (3.0/s)"
+        " | backlog: instruct 20 (ETA 4s)"
+    )
+    items[("parse", "files")] = 50  # only what changed is shown
+    assert progress.line(settings, items, 125.0).startswith("progress: parse 10 files (2.0/s) |")
+    assert progress.line(settings, items, 126.0).startswith("progress: idle |")

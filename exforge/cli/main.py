@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -398,14 +399,22 @@ def worker(
     until_idle: Annotated[
         bool, typer.Option("--until-idle", help="Exit 0 once the pipeline is idle.")
     ] = False,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes on this machine (one per core); they share the "
+            "partitions like workers on different machines.",
+        ),
+    ] = 1,
 ) -> None:
-    """Run the Faust stage worker."""
-    from streams.worker import run_worker
+    """Run the Faust stage worker. Exit status: 0, 2 for bad options, else a worker's."""
+    from streams.worker import run_workers
 
     config = settings()
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
     try:
-        code = run_worker(config, chosen, until_idle)
+        code = run_workers(config, chosen, until_idle, processes)
     except ValueError as exc:
         raise fail(str(exc), 2) from None
     raise typer.Exit(code)
@@ -415,12 +424,28 @@ def worker(
 
 
 @app.command("lag")
-def lag(as_json: JsonFlag = False) -> None:
-    """Committed offset, end offset and lag per consumer group, topic and partition."""
-    from exforge.core.kafka import consumer_lag
+def lag(
+    as_json: JsonFlag = False,
+    window: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds between the two readings that give each stage's rate and ETA "
+            "(0: one reading, no rates).",
+        ),
+    ] = 2.0,
+) -> None:
+    """Per stage: backlog, consumption rate and ETA of the worker group; per consumer
+    group, topic and partition: committed offset, end offset and lag."""
+    from exforge.core.kafka import consumer_lag, eta_text, stage_progress
 
-    rows = asyncio.run(consumer_lag(settings()))
-    data = [
+    config = settings()
+    before = asyncio.run(consumer_lag(config)) if window else []
+    if window:
+        time.sleep(window)
+    rows = asyncio.run(consumer_lag(config))
+    stages = stage_progress(config, rows, before, window)
+    partitions = [
         {
             "group": r.group,
             "topic": r.topic,
@@ -432,13 +457,35 @@ def lag(as_json: JsonFlag = False) -> None:
         for r in rows
     ]
     if as_json:
-        emit_json(data)
-    else:
-        table(
-            "consumer lag",
-            ["group", "topic", "partition", "committed", "end", "lag"],
-            [list(r.values()) for r in data],
+        emit_json(
+            {
+                "stages": [
+                    {
+                        "stage": p.stage,
+                        "topic": p.topic,
+                        "lag": p.lag,
+                        "rate": p.rate,
+                        "eta_s": p.eta_s,
+                    }
+                    for p in stages
+                ],
+                "partitions": partitions,
+            }
         )
+        return
+    table(
+        f"stages of {config.worker_group} (rate over {window:g} s)",
+        ["stage", "topic", "lag", "messages/s", "ETA"],
+        [
+            [p.stage, p.topic, p.lag, "-" if p.rate is None else f"{p.rate:.1f}", eta_text(p.eta_s)]
+            for p in stages
+        ],
+    )
+    table(
+        "consumer lag",
+        ["group", "topic", "partition", "committed", "end", "lag"],
+        [list(r.values()) for r in partitions],
+    )
 
 
 @dlq_app.command("list")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -14,6 +15,8 @@ from exforge.core import tracing
 from exforge.core.settings import Settings
 from schemas.catalogue import CATALOGUE, STAGE_INPUTS, topic_name
 from schemas.records import Record
+
+log = logging.getLogger("exforge.kafka")
 
 CLIENT_ID = "exforge"
 REQUEST_TIMEOUT_MS = 15_000
@@ -234,3 +237,122 @@ async def ping(settings: Settings, timeout: float = 5.0) -> int:
             return len(consumer._client.cluster.brokers())
 
     return await asyncio.wait_for(_metadata(), timeout)
+
+
+@dataclass(frozen=True)
+class StageProgress:
+    """One stage's input for a consumer group: its backlog, how fast the group consumes
+    it, and when the messages waiting now will be consumed at that rate."""
+
+    stage: str
+    topic: str
+    lag: int
+    rate: float | None  # messages committed per second (None: one reading only)
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds until the backlog is consumed at the current rate (0: none left; None:
+        not moving, or no rate)."""
+        if self.lag <= 0:
+            return 0.0
+        if not self.rate:
+            return None
+        return self.lag / self.rate
+
+
+def stage_progress(
+    settings: Settings,
+    now: Sequence[LagRow],
+    before: Sequence[LagRow] = (),
+    seconds: float = 0.0,
+    group: str | None = None,
+) -> list[StageProgress]:
+    """Each stage input's lag for `group` (default: the worker group) from the rows of
+    `consumer_lag`, and its consumption rate from an earlier reading `seconds` before."""
+    group = group or settings.worker_group
+    by_topic = {topic_name(settings.topic_prefix, t): s for s, t in STAGE_INPUTS.items()}
+
+    def committed(rows: Sequence[LagRow]) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for row in rows:
+            if row.group == group and row.topic in by_topic:
+                totals[row.topic] = totals.get(row.topic, 0) + (row.committed or 0)
+        return totals
+
+    lags: dict[str, int] = {}
+    for row in now:
+        if row.group == group and row.topic in by_topic:
+            lags[row.topic] = lags.get(row.topic, 0) + max(row.lag, 0)
+    after, earlier = committed(now), committed(before)
+    return [
+        StageProgress(
+            by_topic[topic],
+            topic,
+            lags[topic],
+            (after[topic] - earlier.get(topic, 0)) / seconds if before and seconds > 0 else None,
+        )
+        for topic in sorted(lags, key=lambda t: list(by_topic).index(t))
+    ]
+
+
+def eta_text(seconds: float | None) -> str:
+    """`3m05s`-style; `-` when unknown."""
+    if seconds is None:
+        return "-"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+async def drained(settings: Settings, topics: Iterable[str]) -> bool:
+    """Whether every message of these catalogue topics is consumed and committed by the
+    worker group.
+
+    Committed offsets are read before end offsets: a message whose processing was
+    committed before the first read had produced its outputs before that, so they
+    show in the end offsets read after it.
+    """
+    names = {topic_name(settings.topic_prefix, topic) for topic in topics}
+    async with admin_client(settings) as admin, metadata_consumer(settings) as consumer:
+        present = [t for t in await consumer.topics() if t in names]
+        partitions = [
+            TopicPartition(t, p) for t in sorted(present) for p in consumer.partitions_for_topic(t)
+        ]
+        if not partitions:
+            return True
+        committed = await admin.list_consumer_group_offsets(
+            settings.worker_group, partitions=partitions
+        )
+        ends = await end_offsets(consumer, partitions)
+    for tp in partitions:
+        meta = committed.get(tp)
+        done = meta.offset if meta is not None and meta.offset >= 0 else 0
+        if ends[tp] > done:
+            return False
+    return True
+
+
+@dataclass
+class DrainWatch:
+    """Whether some stage inputs stayed drained (`drained`) over `checks` consecutive
+    observations: a point at which the work that feeds a decision is complete."""
+
+    settings: Settings
+    topics: tuple[str, ...]
+    checks: int = 2
+    streak: int = 0
+
+    async def observe(self) -> bool:
+        """Look once more; True once the inputs were drained `checks` times in a row."""
+        try:
+            self.streak = self.streak + 1 if await drained(self.settings, self.topics) else 0
+        except Exception as exc:  # the broker may be restarting: look again next time
+            log.warning("drain check failed: %s", exc)
+            self.streak = 0
+        return self.streak >= self.checks
+
+    def reset(self) -> None:
+        self.streak = 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import (
@@ -161,6 +161,14 @@ class Settings(BaseSettings):
         1_000_000, description="A shard closes once its samples hold this many Tekken tokens."
     )
     shard_parquet: bool = Field(False, description="Also write a Parquet copy of every shard.")
+    shard_max_hold_s: float = Field(
+        300.0,
+        gt=0,
+        description=(
+            "Longest a staged sample waits for a full shard when the pipeline never drains "
+            "(shards are otherwise sealed when it drains)."
+        ),
+    )
     validation_fraction: float = Field(
         0.02, ge=0, le=1, description="Share of samples in the validation split (stable hash)."
     )
@@ -191,7 +199,24 @@ class Settings(BaseSettings):
             " moved for this long."
         ),
     )
-    metrics_port: Port = Field(9464, description="Worker Prometheus /metrics port; 0: off.")
+    metrics_port: Port = Field(
+        9464,
+        description="Worker Prometheus /metrics port; 0: off (`--processes N`: N ports from it).",
+    )
+    progress_interval_s: float = Field(
+        30.0, ge=0, description="Seconds between a worker's one-line progress logs; 0: off."
+    )
+    table_store: Literal["memory", "rocksdb"] = Field(
+        "memory",
+        description=(
+            "Store of the dedup and near-dup tables: `rocksdb` keeps them on disk under the "
+            "data dir (bounded memory, fast restarts), `memory` rebuilds them from their "
+            "changelogs at start (tests, the demo)."
+        ),
+    )
+    table_cache_mb: PositiveInt = Field(
+        8, description="RocksDB block cache and write buffers per table partition, MiB."
+    )
     log_level: str = Field("INFO", description="Log level of the worker and CLI.")
     eval_timeout_s: float = Field(
         5.0, gt=0, description="Wall-clock limit of one evaluated candidate (seconds)."

@@ -440,28 +440,37 @@ def choose_rows(
     batches) move the cumulative sums by far less than one token's probability, so the
     same seed draws the same tokens in every process; sorting by probability would not
     (near-equal probabilities swap places)."""
-    best, greedy = torch.max(logits, dim=-1)  # NaN and +inf show in the maximum
-    if not bool(torch.isfinite(best).all()):
-        raise FloatingPointError("the model produced non-finite logits")
     sampled = [i for i, s in enumerate(samplings) if s.temperature > 0]
-    tokens = greedy.tolist()
+    greedy = [i for i, s in enumerate(samplings) if s.temperature <= 0]
+    tokens = [0] * len(samplings)
+    if greedy:
+        best, chosen = torch.max(logits[greedy], dim=-1)  # NaN and +inf show in the maximum
+        _finite(best)
+        for index, token in zip(greedy, chosen.tolist(), strict=True):
+            tokens[index] = token
     if not sampled:
         return tokens
     device = logits.device
-    rows = torch.tensor(sampled, device=device)
+    rows = logits if len(sampled) == len(samplings) else logits[sampled]
     heat = torch.tensor([samplings[i].temperature for i in sampled], device=device)
-    probs = torch.softmax(logits[rows].float() / heat[:, None], dim=-1)
+    probs = torch.softmax(rows.float() / heat[:, None], dim=-1)  # NaN, +inf: NaN rows
     for row, index in enumerate(sampled):
         allowed = _allowed(probs[row], samplings[index])
         if allowed is not None:
             probs[row] = torch.zeros_like(probs[row]).index_copy_(0, allowed, probs[row][allowed])
     cumulative = torch.cumsum(probs, dim=-1)
+    _finite(cumulative[:, -1])
     draws = torch.tensor([float(torch.rand((), generator=generators[i])) for i in sampled])
     targets = draws.to(device)[:, None] * cumulative[:, -1:]
     found = torch.searchsorted(cumulative, targets, right=True)[:, 0]
     for index, token in zip(sampled, found.clamp(max=logits.shape[-1] - 1).tolist(), strict=True):
         tokens[index] = token
     return tokens
+
+
+def _finite(values: torch.Tensor) -> None:
+    if not bool(torch.isfinite(values).all()):
+        raise FloatingPointError("the model produced non-finite logits")
 
 
 def _allowed(probs: torch.Tensor, sampling: Sampling) -> torch.Tensor | None:

@@ -227,19 +227,43 @@ def test_websocket_cancel_stops_a_generation(gateway_a: RunningGateway) -> None:
 def test_revoked_key_stops_working_in_a_running_gateway(
     served: Served, gateway_a: RunningGateway
 ) -> None:
+    """Over HTTP, and on a WebSocket that joined with the key before it was revoked."""
     key_id, secret = create_key(served.engine, "soon revoked", ["generate", "models"])
     url = f"{gateway_a.url}/v1/models"
     headers = {"Authorization": f"Bearer {secret}"}
-    assert httpx.get(url, headers=headers).status_code == 200
-    revoke(served.engine, key_id)
-    statuses = []
-    for _ in range(50):  # the key TTL is 0.5 s here: revocation shows within a few
-        statuses.append(httpx.get(url, headers=headers).status_code)
-        if statuses[-1] == 401:
-            break
-        time.sleep(0.1)
+
+    async def run() -> tuple[list[int], list[dict[str, object]], int | None]:
+        channel = gateway_a.url.replace("http", "ws") + "/v1/channel"
+        async with websockets.connect(channel) as socket:
+            await socket.send(json.dumps({"type": "join", "model": MODEL, "api_key": secret}))
+            events = [json.loads(await socket.recv())]
+            await socket.send(
+                json.dumps({"type": "generate", "id": "a", "prompt": "x", "max_tokens": 1})
+            )
+            while events[-1]["type"] not in ("done", "error"):
+                events.append(json.loads(await socket.recv()))
+            assert httpx.get(url, headers=headers).status_code == 200
+            revoke(served.engine, key_id)
+            statuses = []
+            for _ in range(50):  # the key TTL is 0.5 s here: revocation shows within a few
+                statuses.append(httpx.get(url, headers=headers).status_code)
+                if statuses[-1] == 401:
+                    break
+                await asyncio.sleep(0.1)
+            # the gateway now knows: the open socket's next generate is refused
+            await socket.send(
+                json.dumps({"type": "generate", "id": "b", "prompt": "x", "max_tokens": 1})
+            )
+            events.append(json.loads(await socket.recv()))
+            await socket.wait_closed()
+            return statuses, events, socket.close_code
+
+    statuses, events, code = asyncio.run(run())
     assert statuses[-1] == 401
     assert httpx.get(url, headers=headers).json()["error"]["code"] == "invalid_api_key"
+    assert [e["type"] for e in events[:2]] == ["joined", "start"] and events[-2]["type"] == "done"
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "invalid_api_key"  # type: ignore[index]
+    assert code == 4401
 
 
 def test_auth_scopes_rate_limit_and_usage(served: Served, gateway_a: RunningGateway) -> None:

@@ -48,9 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from aiokafka import TopicPartition
 from servers.hex import HexRegistry, Package, Release, hex_server, hex_tarball
 
-from benchmarks.corpus import CORPUS, REPO, Renaming, renaming, source_files, unpack
+from benchmarks.corpus import REPO, Renaming, renaming, source_files, unpack
 from benchmarks.pipeline_throughput import (
     embedded_stack,
+    parse_common,
     process,
     show,
     summary,
@@ -172,13 +173,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1.2)
     parser.add_argument("--near-dup-share", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--corpus", type=Path, default=CORPUS)
-    parser.add_argument("--work-dir", type=Path, default=None, help="Parent of temp dirs.")
-    parser.add_argument("--keep", action="store_true", help="Keep the run directory.")
-    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
-    args = parser.parse_args()
-    if args.work_dir is not None:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
+    args = parse_common(parser)
     work = Path(tempfile.mkdtemp(prefix="hex-scale-", dir=args.work_dir))
     try:
         libraries = [

@@ -473,6 +473,18 @@ def report_of(
     return report
 
 
+def parse_common(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options every pipeline benchmark shares, parsed (the work dir created)."""
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--work-dir", type=Path, default=None, help="Parent of temp dirs.")
+    parser.add_argument("--keep", action="store_true", help="Keep the run directories.")
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    args = parser.parse_args()
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", default="1,2", help="Worker counts, comma-separated.")
@@ -486,13 +498,7 @@ def main() -> None:
     parser.add_argument(
         "--baseline", type=Path, default=None, help="Another checkout, run alternately."
     )
-    parser.add_argument("--corpus", type=Path, default=CORPUS)
-    parser.add_argument("--work-dir", type=Path, default=None, help="Parent of temp dirs.")
-    parser.add_argument("--keep", action="store_true", help="Keep the run directories.")
-    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
-    args = parser.parse_args()
-    if args.work_dir is not None:
-        args.work_dir.mkdir(parents=True, exist_ok=True)
+    args = parse_common(parser)
     work = Path(tempfile.mkdtemp(prefix="pipeline-throughput-", dir=args.work_dir))
     checkouts = [args.checkout.resolve()]
     if args.baseline is not None:

@@ -217,11 +217,9 @@ class DecodeOptions:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DecodeOptions:
-        return cls(
-            attention=settings.decode_attention,
-            compile=settings.decode_compile,
-            static_cache=settings.decode_static_cache,
-        )
+        """Each option from its setting `decode_<option>` (`cache_block` has none)."""
+        named = ("attention", "compile", "static_cache")
+        return cls(**{name: getattr(settings, f"decode_{name}") for name in named})
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -178,7 +178,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hex-scale-", dir=args.work_dir))
     try:
         libraries = [
-            Library(p.name, p, source_files(p), renaming(p, ""))
+            Library(p.name, p, [f for f in source_files(p) if f != p / "mix.exs"], renaming(p, ""))
             for p in unpack(args.corpus, work / "corpus")
         ]
         built_at = time.monotonic()

@@ -23,7 +23,7 @@ from sqlalchemy import Engine
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
 from exforge.llm.chat import text_ids
-from exforge.llm.generation import Decoder, Event, Request, Sampling
+from exforge.llm.generation import DecodeOptions, Decoder, Event, Request, Sampling
 from exforge.llm.lora import merged_version_dir
 from exforge.llm.registry import list_versions, stored_metric
 from workers.evaluator.benchmarks import BUILTIN, load_benchmark
@@ -96,15 +96,20 @@ def timed_batch(decoder: Decoder, prompts: Sequence[list[int]], sampling: Sampli
 
 
 def decode_speed(
-    directories: dict[int, Path], prompts: Sequence[str], max_tokens: int, rounds: int
+    directories: dict[int, Path],
+    prompts: Sequence[str],
+    max_tokens: int,
+    rounds: int,
+    options: DecodeOptions,
 ) -> dict[int, Speed]:
-    """Greedy decoding of the prompts, batched, by every version with the serving loop;
-    the versions take turns within each round; medians over the rounds."""
+    """Greedy decoding of the prompts, batched, by every version with the serving loop
+    and its options; the versions take turns within each round; medians over the rounds."""
     decoders = {}
     for version, path in directories.items():
         generator = InProcessGenerator.from_dir(path)
         ids = [text_ids(generator.tokenizer, prompt) for prompt in prompts]
-        decoders[version] = (Decoder(generator.model, generator.tokenizer, len(ids)), ids)
+        decoder = Decoder(generator.model, generator.tokenizer, len(ids), options=options)
+        decoders[version] = (decoder, ids)
     sampling = Sampling(max_tokens=max_tokens)
     runs: dict[int, list[Speed]] = {version: [] for version in decoders}
     for number in range(rounds + 1):  # round 0 warms every model up
@@ -170,7 +175,8 @@ def report(
         raise LookupError(f"the registry has no versions of {name}")
     directories = {row["version"]: merged_version_dir(settings, store, row) for row in versions}
     texts = [p.prompt for p in load_benchmark(BUILTIN).problems[:prompts]]
-    speeds = decode_speed(directories, texts, max_tokens, rounds)
+    options = DecodeOptions.from_settings(settings)
+    speeds = decode_speed(directories, texts, max_tokens, rounds, options)
     rows = [
         Row(
             version=row["version"],

@@ -5,11 +5,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_DATA := .data/demo
 
-.PHONY: demo test install elixir postgresql lint audit bandit-baseline sbom format schemas clean help
+.PHONY: demo test install elixir postgresql bench-check lint audit bandit-baseline sbom format schemas clean help
 
 help:
 	@echo "make demo    — set up, run the pipeline on the sample corpus, print dataset stats"
 	@echo "make test    — set up and run the test suite"
+	@echo "make bench-check — the CI benchmark subset against benchmarks/baselines/"
 	@echo "make lint    — ruff, the import-layer contract, bandit, the dependency audit"
 	@echo "make sbom    — CycloneDX SBOM of the worker image's Python packages (dist/)"
 	@echo "make schemas — regenerate schemas/json from the record models"
@@ -49,6 +50,12 @@ postgresql:
 
 test: install elixir postgresql
 	$(BIN)/python -m pytest
+
+# The CI benchmark subset: a training step, chunked head loss against full logits, judged
+# against the committed baseline; fails only on a move beyond the measured spread.
+bench-check: install
+	$(BIN)/python benchmarks/train_step.py --repeats 5 --out .data/bench/train_step.json
+	$(BIN)/exforge bench compare benchmarks/baselines/train_step_cpu.json .data/bench/train_step.json
 
 SECURITY := deploy/security
 BANDIT   := $(BIN)/bandit -q -c pyproject.toml -r exforge streams serving workers schemas deploy

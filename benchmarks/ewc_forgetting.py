@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
 from tests.support.shards import synthetic_samples, write_split
-from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
+from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 
 STEPS = 12
 
@@ -47,16 +47,16 @@ def forgetting(lam: float, root: Path) -> dict[str, float]:
         register_as=None,
         lora={"rank": 8},
     )
-    trainer = Trainer(config, settings, store)
+    trainer = Recipe(config, settings, store)
     trainer.run()
-    after_stage1 = trainer.validations[0]["val_loss_stage1"]
-    after_stage3 = trainer.validations[-1]["val_loss_stage1"]
+    first, last = trainer.history.validations[0].metrics, trainer.history.validations[-1].metrics
+    after_stage1, after_stage3 = first["val_loss_stage1"], last["val_loss_stage1"]
     return {
         "lambda": lam,
         "stage1_val_after_stage1": round(after_stage1, 4),
         "stage1_val_after_stage3": round(after_stage3, 4),
         "rise": round(after_stage3 - after_stage1, 4),
-        "stage3_val_after_stage3": round(trainer.validations[-1]["val_loss_stage3"], 4),
+        "stage3_val_after_stage3": round(last["val_loss_stage3"], 4),
     }
 
 

@@ -1,15 +1,16 @@
 """End-to-end throughput of the real pipeline on the real corpus, and where time goes.
 
     python benchmarks/pipeline_throughput.py [--processes 1,2] [--repeat 1] [--copies 1]
-        [--launch separate|processes] [--checkout DIR] [--baseline DIR] [--work-dir DIR]
-        [--json]
+        [--launch separate|processes] [--table-store memory|rocksdb] [--checkout DIR]
+        [--baseline DIR] [--corpus DIR] [--work-dir DIR] [--json]
 
-For each worker count N of `--processes` (and each repetition), on a fresh embedded
-broker, file store and SQLite ledger: the ten libraries of `../shared/corpus/` (times
-`--copies`, each copy with its own identifiers renamed: `benchmarks/corpus.py`) are
-uploaded and requested like `exforge ingest dir` does, then N worker processes run every
-stage until the pipeline is idle (`--launch separate`: N `exforge worker --until-idle`
-commands; `processes`: one `exforge worker --until-idle --processes N`).
+For each corpus size C of `--copies` and worker count N of `--processes` (and each
+repetition), on a fresh embedded broker, file store and SQLite ledger: the ten libraries
+of `../shared/corpus/` (C times, each copy with its own identifiers renamed:
+`benchmarks/corpus.py`) are uploaded and requested like `exforge ingest dir` does, then
+N worker processes run every stage until the pipeline is idle (`--launch separate`: N
+`exforge worker --until-idle` commands; `processes`: one `exforge worker --until-idle
+--processes N`), with their tables in `--table-store`.
 
 While they run, every worker's `/metrics` is read twice a second and its memory from
 `/proc`. Printed per run:
@@ -20,7 +21,11 @@ While they run, every worker's `/metrics` is read twice a second and its memory 
 * per stage: busy time (the sum of its handlers' time, over all processes), messages in
   and out, the time it waited (processes x active time - busy) and its share of the
   active time; the bottleneck is the stage busy for the largest share;
-* CPU seconds of the workers and of their BEAM check VMs, and each worker's peak RSS.
+* CPU seconds of the workers and of their BEAM check VMs, each worker's peak RSS, and
+  the size on disk of the workers' tables (RocksDB).
+
+With several `--copies`, the peak RSS of the largest corpus over that of the smallest
+(same worker count and repetition) shows whether a worker's memory grows with the data.
 
 `--checkout DIR` runs the workers from another checkout of exforge (with this venv);
 `--baseline DIR` runs a second checkout alternately with it, so that figures before and
@@ -177,10 +182,11 @@ def embedded_stack(root: Path) -> Iterator[Settings]:
         stack.down(settings)
 
 
-def worker_env(settings: Settings, checkout: Path) -> dict[str, str]:
+def worker_env(settings: Settings, checkout: Path, table_store: str = "memory") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXFORGE_")}
     env.update(
         EXFORGE_DATA_DIR=str(settings.root),
+        EXFORGE_TABLE_STORE=table_store,
         EXFORGE_KAFKA_BOOTSTRAP=settings.bootstrap,
         EXFORGE_CONFIG=str(settings.root / "absent.toml"),
         EXFORGE_LOG_LEVEL=os.environ.get("EXFORGE_LOG_LEVEL", "WARNING"),
@@ -190,11 +196,16 @@ def worker_env(settings: Settings, checkout: Path) -> dict[str, str]:
 
 
 def start_workers(
-    settings: Settings, checkout: Path, processes: int, launch: str, log: Path
+    settings: Settings,
+    checkout: Path,
+    processes: int,
+    launch: str,
+    log: Path,
+    table_store: str = "memory",
 ) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
     """The worker commands, and the metrics port of every worker process."""
     command = [sys.executable, "-m", "exforge", "worker", "--until-idle"]
-    env = worker_env(settings, checkout)
+    env = worker_env(settings, checkout, table_store)
     ports = [free_port() for _ in range(processes)]
     procs = []
     with log.open("ab") as handle:
@@ -278,25 +289,61 @@ def active_window(samples: list[Sample], final: Sample) -> tuple[float, float]:
     return started[0] - POLL_S / 2, settled
 
 
-def one_run(
-    projects: list[Path], processes: int, launch: str, checkout: Path, root: Path
-) -> dict[str, Any]:
-    root.mkdir(parents=True)
-    with embedded_stack(root) as settings:
-        packages = request_all(settings, projects)
-        usage = Usage()
-        log = root / "workers.log"
-        started = time.monotonic()
-        procs, ports = start_workers(settings, checkout, processes, launch, log)
-        try:
-            samples = watch(procs, ports, usage, log)
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-        wall = time.monotonic() - started
-        totals = stats(open_database(settings))
+def tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass
+class Processed:
+    """What one run of the workers did and used."""
+
+    samples: list[Sample]
+    usage: Usage
+    started: float  # when the workers were launched (monotonic)
+    wall_s: float
+    totals: dict[str, Any]
+    tables_bytes: int
+
+
+def process(
+    settings: Settings,
+    checkout: Path,
+    processes: int,
+    launch: str,
+    table_store: str,
+    log: Path,
+) -> Processed:
+    """Run the workers until the pipeline is idle, watching them."""
+    usage = Usage()
+    started = time.monotonic()
+    procs, ports = start_workers(settings, checkout, processes, launch, log, table_store)
+    try:
+        samples = watch(procs, ports, usage, log)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    wall = time.monotonic() - started
+    tables = settings.root / "worker"
+    return Processed(
+        samples,
+        usage,
+        started,
+        wall,
+        stats(open_database(settings)),
+        tree_bytes(tables) if tables.is_dir() else 0,
+    )
+
+
+def summary(processed: Processed, processes: int) -> dict[str, Any]:
+    """Throughput, stage breakdown, CPU and memory of a run."""
+    samples, usage, wall, totals = (
+        processed.samples,
+        processed.usage,
+        processed.wall_s,
+        processed.totals,
+    )
     final = last_reading(samples)
     first, last = active_window(samples, final)
     active = max(last - first, POLL_S)
@@ -316,14 +363,12 @@ def one_run(
     peaks = sorted(usage.peak_rss.values(), reverse=True)[:processes]
     return {
         "processes": processes,
-        "launch": launch,
-        "packages": packages,
         "files": files,
         "files_kept": totals["files"]["kept"],
         "samples": samples_total,
         "shards": totals["shards"]["total"],
         "wall_s": round(wall, 1),
-        "startup_s": round(first - started, 1),
+        "startup_s": round(first - processed.started, 1),
         "active_s": round(active, 1),
         "files_per_s": round(files / active, 2),
         "samples_per_s": round(samples_total / active, 2),
@@ -333,12 +378,36 @@ def one_run(
         "bottleneck": max(stage_rows, key=lambda s: stage_rows[s]["busy_share"]),
         "cpu_s": usage.cpu_seconds(),
         "peak_rss_mb": [round(p / 2**20) for p in peaks],
+        "tables_mb": round(processed.tables_bytes / 2**20, 1),
+    }
+
+
+def one_run(
+    projects: list[Path],
+    processes: int,
+    launch: str,
+    checkout: Path,
+    root: Path,
+    table_store: str = "memory",
+) -> dict[str, Any]:
+    root.mkdir(parents=True)
+    with embedded_stack(root) as settings:
+        packages = request_all(settings, projects)
+        processed = process(
+            settings, checkout, processes, launch, table_store, root / "workers.log"
+        )
+    return {
+        "launch": launch,
+        "table_store": table_store,
+        "packages": packages,
+        **summary(processed, processes),
     }
 
 
 def show(run: dict[str, Any]) -> None:
     print(
-        f"\n{run['processes']} worker process(es) ({run['launch']}): {run['packages']} packages, "
+        f"\n{run['processes']} worker process(es) ({run['launch']}, {run['table_store']} "
+        f"tables), corpus x{run['copies']}: {run['packages']} packages, "
         f"{run['files']} files ({run['files_kept']} kept), {run['samples']} samples"
     )
     print(
@@ -355,28 +424,57 @@ def show(run: dict[str, Any]) -> None:
         )
     print(
         f"  bottleneck: {run['bottleneck']}   CPU s: workers {run['cpu_s']['workers']}, "
-        f"BEAM {run['cpu_s']['beam']}   peak RSS MB: {run['peak_rss_mb']}"
+        f"BEAM {run['cpu_s']['beam']}   peak RSS MB: {run['peak_rss_mb']}   "
+        f"tables on disk MB: {run['tables_mb']}"
     )
 
 
-def ratios(runs: list[dict[str, Any]], key: str, base: Any, other: Any) -> list[float]:
-    """files/s of `other` over `base` (values of `key`), repetition by repetition."""
+def ratios(
+    runs: list[dict[str, Any]], key: str, base: Any, other: Any, of: str = "files_per_s"
+) -> list[float]:
+    """`of` (files/s) of the runs with `key == other` over those with `key == base`,
+    repetition by repetition."""
+
+    def value(run: dict[str, Any]) -> float:
+        return max(run[of]) if isinstance(run[of], list) else run[of]
+
     pairs = zip(
         [r for r in runs if r[key] == base], [r for r in runs if r[key] == other], strict=True
     )
-    return [round(b["files_per_s"] / a["files_per_s"], 2) for a, b in pairs]
+    return [round(value(b) / value(a), 2) for a, b in pairs]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--processes", default="1,2", help="Worker counts, comma-separated.")
-    parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--copies", type=int, default=1, help="Corpus size multiple.")
-    parser.add_argument("--launch", choices=("separate", "processes"), default="separate")
-    parser.add_argument("--checkout", type=Path, default=REPO, help="exforge to run.")
-    parser.add_argument(
-        "--baseline", type=Path, default=None, help="Another checkout, run alternately."
-    )
+def report_of(
+    runs: list[dict[str, Any]], checkouts: list[Path], counts: list[int], copies: list[int]
+) -> dict[str, Any]:
+    """The runs with the ratios between them: N processes over the first count, this
+    checkout over the baseline, and the peak RSS of the largest corpus over the smallest."""
+    report: dict[str, Any] = {"runs": runs}
+    for checkout in checkouts:
+        for size in copies:
+            mine = [r for r in runs if r["checkout"] == str(checkout) and r["copies"] == size]
+            for n in counts[1:]:
+                name = f"{checkout} x{size}: {n}/{counts[0]}"
+                report.setdefault("speedup", {})[name] = ratios(mine, "processes", counts[0], n)
+    if len(checkouts) > 1:
+        for n in counts:
+            mine = [r for r in runs if r["processes"] == n]
+            report.setdefault("vs_baseline", {})[f"{n} process(es)"] = ratios(
+                mine, "checkout", str(checkouts[0]), str(checkouts[1])
+            )
+    if len(copies) > 1:
+        for checkout in checkouts:
+            for n in counts:
+                mine = [r for r in runs if r["checkout"] == str(checkout) and r["processes"] == n]
+                name = f"{checkout} {n} process(es): x{copies[-1]}/x{copies[0]}"
+                report.setdefault("rss_growth", {})[name] = ratios(
+                    mine, "copies", copies[0], copies[-1], of="peak_rss_mb"
+                )
+    return report
+
+
+def parse_common(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options every pipeline benchmark shares, parsed (the work dir created)."""
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--work-dir", type=Path, default=None, help="Parent of temp dirs.")
     parser.add_argument("--keep", action="store_true", help="Keep the run directories.")
@@ -384,49 +482,58 @@ def main() -> None:
     args = parser.parse_args()
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
+    return args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--processes", default="1,2", help="Worker counts, comma-separated.")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument(
+        "--copies", default="1", help="Corpus size multiples, comma-separated (e.g. 1,10)."
+    )
+    parser.add_argument("--launch", choices=("separate", "processes"), default="separate")
+    parser.add_argument("--table-store", choices=("memory", "rocksdb"), default="memory")
+    parser.add_argument("--checkout", type=Path, default=REPO, help="exforge to run.")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help="Another checkout, run alternately."
+    )
+    args = parse_common(parser)
     work = Path(tempfile.mkdtemp(prefix="pipeline-throughput-", dir=args.work_dir))
     checkouts = [args.checkout.resolve()]
     if args.baseline is not None:
         checkouts.insert(0, args.baseline.resolve())
+    counts = [int(n) for n in args.processes.split(",")]
+    copies = [int(n) for n in args.copies.split(",")]
     try:
-        projects = unpack(args.corpus, work / "corpus")
-        projects = derived_copies(projects, args.copies, work / "copies")
-        counts = [int(n) for n in args.processes.split(",")]
+        corpus = unpack(args.corpus, work / "corpus")
         runs = []
         for repeat in range(args.repeat):
-            for index, checkout in enumerate(checkouts):
-                for processes in counts:
-                    run = one_run(
-                        projects,
-                        processes,
-                        args.launch,
-                        checkout,
-                        work / f"run-{repeat}-{index}-{processes}",
-                    )
-                    run["checkout"] = str(checkout)
-                    runs.append(run)
-                    if not args.json:
-                        print(f"\n[{checkout}]", end="")
-                        show(run)
-        report: dict[str, Any] = {"copies": args.copies, "runs": runs}
-        for checkout in checkouts:
-            mine = [r for r in runs if r["checkout"] == str(checkout)]
-            for n in counts[1:]:
-                report.setdefault("speedup", {})[f"{checkout}: {n}/{counts[0]}"] = ratios(
-                    mine, "processes", counts[0], n
-                )
-        if args.baseline is not None:
-            for n in counts:
-                mine = [r for r in runs if r["processes"] == n]
-                report.setdefault("vs_baseline", {})[f"{n} process(es)"] = ratios(
-                    mine, "checkout", str(checkouts[0]), str(checkouts[1])
-                )
+            for size in copies:
+                projects = derived_copies(corpus, size, work / f"copies-{size}")
+                for index, checkout in enumerate(checkouts):
+                    for processes in counts:
+                        run = one_run(
+                            projects,
+                            processes,
+                            args.launch,
+                            checkout,
+                            work / f"run-{repeat}-{size}-{index}-{processes}",
+                            args.table_store,
+                        )
+                        run.update(checkout=str(checkout), copies=size, repeat=repeat)
+                        runs.append(run)
+                        if not args.json:
+                            print(f"\n[{checkout}]", end="")
+                            show(run)
+                shutil.rmtree(work / f"copies-{size}", ignore_errors=True)
+        report = report_of(runs, checkouts, counts, copies)
         if args.json:
             print(json.dumps(report, indent=2))
         else:
-            for name in ("speedup", "vs_baseline"):
+            for name in ("speedup", "vs_baseline", "rss_growth"):
                 if name in report:
-                    print(f"\n{name} (files/s, same repetition): {report[name]}")
+                    print(f"\n{name} (same repetition): {report[name]}")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,19 +1,24 @@
-"""Benchmark (a): exforge's training loop against a plain TRL `SFTTrainer` + peft run.
+"""Benchmark (a): exforge's training loop against TRL's `SFTTrainer` + peft, TRL both as
+commonly run (`packing=False`: each micro-batch padded to its longest sample) and at its
+fastest documented setting (`packing=True` with `padding_free=True`: best-fit-decreasing
+packing, one flattened sequence per batch, sample boundaries from `position_ids`).
 
-Both sides train the same base (the `tiny` preset, NF4 like exforge's QLoRA), on the same
+All sides train the same base (the `tiny` preset, NF4 like exforge's QLoRA) on the same
 conversations encoded the same way (Tekken instruct format, loss on assistant tokens
 only), with the same LoRA (rank 16, alpha 32, all linear layers), optimiser (AdamW,
-lr 2e-4, cosine, clip 1.0), sequence length, micro-batch of 2 sequences and number of
-optimiser steps, for one epoch. exforge packs conversations into full sequences without
-cross-attention; the plain TRL run pads each micro-batch to its longest sample (its
-default, `packing=False`) and accumulates gradients to see the same samples per step.
+lr 2e-4, cosine, clip 1.0), sequence length and number of optimiser steps. exforge and
+packed TRL take two packed sequences per step; padded TRL takes micro-batches of two
+samples and accumulates gradients to see the same samples per step.
 
-Each side runs in its own child process of this one run, so peak memory is its own:
-CUDA's peak allocation on a GPU, else peak RSS (and its growth while training).
-Throughput counts real (non-padding) tokens per second of training, by wall clock and
-by CPU time (the latter is steadier on a shared machine).
+Each side runs in its own child process, so peak memory is its own: CUDA's peak
+allocation on a GPU, else peak RSS. Throughput counts real (non-padding) tokens per
+second of training, by wall clock and by CPU time (steadier on a shared machine). The
+sides alternate round by round (`--repeats`), and the ratios are taken within a round.
 
-Usage: python benchmarks/train_vs_trl.py [--samples N] [--out FILE]
+Usage: python benchmarks/train_vs_trl.py [--samples N] [--repeats R] [--out FILE]
+GPU (Devstral's layer shapes, 4 of its 40 layers, random weights):
+       python benchmarks/train_vs_trl.py --devstral-layers 4 --seq-len 2048 --samples 512 \
+           --out benchmarks/results/train_vs_trl_gpu.json
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from exforge.core.bench import figure, write_figures
 from tests.support.shards import synthetic_samples
 
 SEQ_LEN = 512
@@ -90,12 +97,36 @@ def measure(train: Any, tokens: int, steps: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ exforge
 
 
-def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Setup:
+    model: str = "tiny"  # preset or model directory, NF4 on every side
+    seq_len: int = SEQ_LEN
+
+    def arguments(self) -> list[str]:
+        return ["--model", self.model, "--seq-len", str(self.seq_len)]
+
+
+def devstral_shaped(layers: int, directory: Path) -> Path:
+    """Devstral Small's layer shapes and vocabulary with `layers` decoder layers, randomly
+    initialised and saved (the GPU run: the real 40 layers need a real checkpoint)."""
+    from transformers import MistralForCausalLM
+
+    from exforge.llm.model import preset_config
+
+    torch.manual_seed(0)
+    config = preset_config("devstral-small", num_hidden_layers=layers)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = MistralForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(directory)
+    return directory
+
+
+def run_exforge(samples: list[dict[str, Any]], root: Path, setup: Setup) -> dict[str, Any]:
     from exforge.core.settings import load_settings
     from exforge.core.store import FileStore
     from tests.support.shards import write_split
     from workers.trainer.data import Cursor
-    from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
+    from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 
     store = FileStore(root / "store")
     write_split(store, "bench", 1, "train", samples, 64)
@@ -107,9 +138,10 @@ def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
         )
         return TrainConfig(
             run_id="bench",
+            model=setup.model,
             dataset="bench",
             stages=[stage],
-            seq_len=SEQ_LEN,
+            seq_len=setup.seq_len,
             batch_size=BATCH_PACKS,
             validate_every=0,
             fisher_samples=0,
@@ -117,7 +149,7 @@ def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
             lora=LORA,
         )
 
-    trainer = Trainer(config(1), settings, store)
+    trainer = Recipe(config(1), settings, store)
     packs = trainer.epoch_packs(samples, Cursor(1, level=5))
     steps = len(packs) // BATCH_PACKS
     trainer.config = config(steps)
@@ -130,7 +162,9 @@ def run_exforge(samples: list[dict[str, Any]], root: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- TRL
 
 
-def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, Any]:
+def run_trl(
+    samples: list[dict[str, Any]], root: Path, setup: Setup, steps: int, packed: bool
+) -> dict[str, Any]:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import MistralCommonBackend
@@ -143,9 +177,9 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, 
     tokenizer = load_tokenizer()
     encoded = [encode(tokenizer, s["conversations"]) for s in samples]
     rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in encoded]
-    # The same number of optimiser steps, in micro-batches of exforge's batch size.
-    accumulation = math.ceil(len(rows) / steps / BATCH_PACKS)
-    model = load_model("tiny", "nf4", root / "models", seed=0)
+    # Padded: the same samples per optimiser step, in micro-batches of two samples.
+    accumulation = 1 if packed else math.ceil(len(rows) / steps / BATCH_PACKS)
+    model = load_model(setup.model, "nf4", root / "models", seed=0)
     torch.manual_seed(0)
     args = SFTConfig(
         output_dir=str(root / "trl"),
@@ -158,8 +192,9 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, 
         warmup_steps=0,
         weight_decay=0.0,
         max_grad_norm=1.0,
-        max_length=SEQ_LEN,
-        packing=False,
+        max_length=setup.seq_len,
+        packing=packed,
+        padding_free=packed,
         gradient_checkpointing=False,
         bf16=False,
         logging_steps=max(steps, 1),
@@ -184,60 +219,112 @@ def run_trl(samples: list[dict[str, Any]], root: Path, steps: int) -> dict[str, 
         processing_class=MistralCommonBackend(tokenizer_path=SHIPPED_TEKKEN),
         peft_config=peft,
     )
-    used = rows[: steps * accumulation * BATCH_PACKS]
-    tokens = sum(min(len(r["input_ids"]), SEQ_LEN) for r in used)
-    extra = {"samples": len(used), "gradient_accumulation": accumulation}
-    return measure(trainer.train, tokens, steps) | extra
+    counted = {"tokens": 0, "samples": 0}
+    collate = trainer.data_collator
+
+    def counting(examples: list[dict[str, Any]]) -> dict[str, Any]:
+        """The real tokens and samples each batch brings (packed rows hold several)."""
+        for example in examples:
+            counted["tokens"] += min(len(example["input_ids"]), setup.seq_len)
+            counted["samples"] += len(example.get("seq_lengths", [0]))
+        return collate(examples)
+
+    trainer.data_collator = counting
+    result = measure(trainer.train, 0, steps)
+    tokens_per = {"tokens_per_s": result["seconds"], "tokens_per_cpu_s": result["cpu_seconds"]}
+    result |= {key: round(counted["tokens"] / seconds, 1) for key, seconds in tokens_per.items()}
+    return result | counted | {"gradient_accumulation": accumulation}
 
 
 # --------------------------------------------------------------------------------- main
 
+SIDES = ("exforge", "trl_padded", "trl_packed")
 
-def child(side: str, samples: int, steps: int) -> dict[str, Any]:
+
+def child(side: str, samples: int, steps: int, setup: Setup) -> dict[str, Any]:
     torch.set_num_threads(THREADS)
     data = corpus(samples)
     with tempfile.TemporaryDirectory() as tmp:
         if side == "exforge":
-            return run_exforge(data, Path(tmp))
-        return run_trl(data, Path(tmp), steps)
+            return run_exforge(data, Path(tmp), setup)
+        return run_trl(data, Path(tmp), setup, steps, packed=side == "trl_packed")
 
 
-def spawn(side: str, samples: int, steps: int = 0) -> dict[str, Any]:
+def spawn(side: str, samples: int, setup: Setup, steps: int = 0) -> dict[str, Any]:
     command = [sys.executable, __file__, "--side", side, "--samples", str(samples)]
     output = subprocess.run(
-        [*command, "--steps", str(steps)], check=True, capture_output=True, text=True
+        [*command, *setup.arguments(), "--steps", str(steps)],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
+
+
+def memory_measure(result: dict[str, Any]) -> str:
+    return "cuda_peak_bytes" if "cuda_peak_bytes" in result else "peak_rss_bytes"
+
+
+def one_round(samples: int, setup: Setup) -> dict[str, dict[str, Any]]:
+    """Every side once, exforge first (it fixes the number of steps)."""
+    exforge = spawn("exforge", samples, setup)
+    return {"exforge": exforge} | {
+        side: spawn(side, samples, setup, exforge["steps"]) for side in SIDES[1:]
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=96)
-    parser.add_argument("--out", type=Path)
-    parser.add_argument("--side", choices=["exforge", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="Figures JSON (with the git revision).")
+    parser.add_argument("--model", default="tiny", help="Preset or model directory.")
+    parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
+    parser.add_argument(
+        "--devstral-layers",
+        type=int,
+        help="Train a Devstral-shaped model with this many layers (the GPU run).",
+    )
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    setup = Setup(args.model, args.seq_len)
     if args.side:
-        print(json.dumps(child(args.side, args.samples, args.steps)), flush=True)
+        print(json.dumps(child(args.side, args.samples, args.steps, setup)), flush=True)
         return
-    exforge = spawn("exforge", args.samples)
-    trl = spawn("trl", args.samples, exforge["steps"])
-    memory = "cuda_peak_bytes" if "cuda_peak_bytes" in exforge else "peak_rss_bytes"
-    report = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.devstral_layers:
+            setup = Setup(str(devstral_shaped(args.devstral_layers, Path(tmp))), args.seq_len)
+        rounds = [one_round(args.samples, setup) for _ in range(args.repeats)]
+    memory = memory_measure(rounds[0]["exforge"])
+    figures = {}
+    for side in SIDES:
+        figures[f"{side}_tokens_per_s"] = figure([r[side]["tokens_per_s"] for r in rounds], "tok/s")
+        figures[f"{side}_peak_memory"] = figure([r[side][memory] for r in rounds], "bytes", "lower")
+    for side in SIDES[1:]:
+        for measure_name in ("tokens_per_s", "tokens_per_cpu_s"):
+            ratios = [r["exforge"][measure_name] / r[side][measure_name] for r in rounds]
+            figures[f"{measure_name}_ratio_vs_{side}"] = figure(ratios, "x")
+        memory_ratios = [r["exforge"][memory] / r[side][memory] for r in rounds]
+        figures[f"peak_memory_ratio_vs_{side}"] = figure(memory_ratios, "x", "lower")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    details = {
         "threads": THREADS,
-        "seq_len": SEQ_LEN,
-        "exforge": exforge,
-        "trl": trl,
-        "tokens_per_s_ratio": round(exforge["tokens_per_s"] / trl["tokens_per_s"], 2),
-        "tokens_per_cpu_s_ratio": round(exforge["tokens_per_cpu_s"] / trl["tokens_per_cpu_s"], 2),
-        "peak_memory_ratio": round(exforge[memory] / trl[memory], 2),
-        "memory_measure": memory,
+        "model": args.model
+        if not args.devstral_layers
+        else f"devstral-shaped/{args.devstral_layers}",
+        "seq_len": args.seq_len,
+        "memory": memory,
+        "rounds": rounds,
     }
-    text = json.dumps(report, indent=2)
-    print(text)
+    summary = {
+        name: {"median": round(f.median, 3), "min": min(f.runs), "max": max(f.runs)}
+        for name, f in figures.items()
+        if "ratio" in name
+    }
+    print(json.dumps(summary, indent=2))
     if args.out:
-        args.out.write_text(text + "\n")
+        write_figures(args.out, "train_vs_trl", figures, device, details)
 
 
 if __name__ == "__main__":

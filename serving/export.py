@@ -72,7 +72,8 @@ def existing_versions(model_dir: Path) -> list[int]:
 def export_cpu(
     settings: Settings, store: ObjectStore, row: dict[str, Any], root: Path, token_delay_s: float
 ) -> Path:
-    from exforge.llm.lora import merged_model  # torch and peft: the [train] extra
+    from exforge.llm.generation import DecodeOptions  # torch: the [train] extra
+    from exforge.llm.lora import merged_model
 
     model_dir = root / row["name"]
     version_dir = model_dir / str(row["version"])
@@ -81,8 +82,11 @@ def export_cpu(
     version_dir.mkdir(parents=True)
     merged_model(settings, store, row, version_dir / "model")
     shutil.copy(MODEL_TEMPLATE, version_dir / "model.py")
-    if token_delay_s:
-        decoding = {"token_delay_s": token_delay_s}
+    options = DecodeOptions.from_settings(settings)
+    decoding: dict[str, Any] = {"token_delay_s": token_delay_s} if token_delay_s else {}
+    if options != DecodeOptions():
+        decoding["options"] = options.as_dict()
+    if decoding:
         (version_dir / "decoding.json").write_text(json.dumps(decoding))
     (version_dir / "card.json").write_text(json.dumps(model_card(row, "cpu"), indent=2))
     config = modelconfig.cpu_config(row["name"], existing_versions(model_dir))

@@ -11,10 +11,13 @@ never Faust's own acks.
 
 from __future__ import annotations
 
+import fcntl
+import itertools
 import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import faust
 
@@ -31,11 +34,28 @@ log = logging.getLogger("exforge.app")
 STAGES = {"ingest": ingest, "parse": parse, "instruct": instruct, "shard": shard}
 
 
+STREAM_BUFFER = 512
+# lock files of the worker directories this process holds, open until it exits
+_HELD_DIRS: list[IO[str]] = []
+
+
 def worker_dir(settings: Settings, index: int) -> Path:
-    """The data directory of worker process `index` of this machine (its tables)."""
-    path = settings.root / "worker" / str(index)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    """The data directory (tables) of worker process `index` of this machine: the first
+    of `worker/<index>`, `worker/<index + 1>`, … that no other live process holds, so
+    that workers started separately on one machine never open the same RocksDB files.
+    The directory's lock is held until this process exits."""
+    for slot in itertools.count(index):
+        path = settings.root / "worker" / str(slot)
+        path.mkdir(parents=True, exist_ok=True)
+        lock = (path / "lock").open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            continue
+        _HELD_DIRS.append(lock)
+        return path
+    raise AssertionError("unreachable")
 
 
 def create_app(settings: Settings, index: int = 0) -> faust.App:
@@ -54,6 +74,9 @@ def create_app(settings: Settings, index: int = 0) -> faust.App:
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
         stream_wait_empty=False,
+        # unprocessed messages an agent may hold: enough for its largest batch, and so
+        # small that a backlog waits in the broker, not in the worker's memory
+        stream_buffer_maxsize=STREAM_BUFFER,
         table_standby_replicas=0,
         web_enabled=False,
         producer_acks=-1,

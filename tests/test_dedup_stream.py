@@ -12,6 +12,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import Pipeline
 from sqlalchemy import select
@@ -23,11 +24,13 @@ from exforge.core.db import FileOutcome, open_database
 from exforge.core.kafka import read_all
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore, ObjectStore, open_store
+from exforge.elixir.hashing import tokens
+from exforge.elixir.neardup import signature
 from exforge.elixir.synthetic import module, recommented, renamed, reordered
 from schemas.records import ParsedFile, RawPackage, SourceRequest
 from streams.files import Dropped, FileSteps, file_outcome
 from streams.sources.local import upload_directory
-from tests.support.neardup import batch_decisions
+from tests.support.neardup import lsh_candidates, reference_outcomes
 from tests.support.records import raw_package
 
 pytestmark = pytest.mark.slow
@@ -102,8 +105,10 @@ def run(pipeline: Pipeline, projects: list[Path], workers: int, log: Path) -> No
 
 
 def expected_near_duplicates(projects: list[Path], store: ObjectStore) -> set[str]:
-    """Paths the pure rules (`neardup.batch_decisions`) drop as near-duplicates."""
-    bands: dict[str, list[str]] = {}
+    """Paths to drop as near-duplicates when all files are decided in one batch: those
+    with an LSH candidate (datasketch's, over the kept files' MinHash signatures) of a
+    smaller sha256."""
+    signatures: dict[str, np.ndarray] = {}
     paths: dict[str, str] = {}
     steps = FileSteps.from_settings(load_settings())
     for project in projects:
@@ -112,9 +117,13 @@ def expected_near_duplicates(projects: list[Path], store: ObjectStore) -> set[st
             file = file_outcome(stub, path.name, path.read_bytes(), store, steps)
             if isinstance(file, Dropped):
                 continue
-            bands[file.sha256] = file.near_dup.bands
+            assert file.content is not None
+            values = signature(tokens(file.content))
+            assert values is not None
+            signatures[file.sha256] = values
             paths.setdefault(file.sha256, f"lib/{path.name}")
-    return {paths[sha] for sha, cluster in batch_decisions(bands).items() if cluster}
+    allowed = reference_outcomes(lsh_candidates(signatures))
+    return {paths[sha] for sha, smaller in allowed.items() if smaller}
 
 
 def package_stub(name: str) -> RawPackage:

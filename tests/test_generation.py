@@ -5,11 +5,15 @@ blocks, and sampling draws from the distribution it claims."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from exforge.core.settings import load_settings
 from exforge.llm.chat import text_tokenizer
 from exforge.llm.generation import (
+    DecodeOptions,
     Decoder,
     Request,
     Sampling,
@@ -190,3 +194,30 @@ def test_a_receiver_that_fails_leaves_the_batch_and_the_others_go_on(
     decoder.run()
     assert steps[-1].finish == "length" and steps[-1].tokens == 5
     assert not decoder.rows
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        DecodeOptions(static_cache=True, cache_block=4),  # buffers refilled as they fill up
+        DecodeOptions(attention="math"),
+        DecodeOptions(compile=True, static_cache=True),
+    ],
+    ids=["static-cache", "math-attention", "compiled"],
+)
+def test_decode_options_change_no_text(
+    model: object, tokenizer: object, options: DecodeOptions
+) -> None:
+    """Requests joining and leaving mid-run (the static buffers rebuilt each time) decode
+    exactly what the default loop decodes."""
+    samplings = [Sampling(max_tokens=n, temperature=0.8, seed=n) for n in (9, 4, 12, 6, 3)]
+    work = list(zip(prompts(tokenizer), samplings, strict=True))
+    expected = complete(Decoder(model, tokenizer, max_batch=3), work)
+    assert complete(Decoder(model, tokenizer, max_batch=3, options=options), work) == expected
+
+
+def test_decode_settings_choose_the_options(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path, decode_attention="math", decode_static_cache=True)
+    chosen = DecodeOptions.from_settings(settings)
+    assert chosen == DecodeOptions(attention="math", static_cache=True)
+    assert DecodeOptions(**chosen.as_dict()) == chosen  # what an exported version reads back

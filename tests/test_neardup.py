@@ -1,13 +1,23 @@
-"""Near-duplicate detection: banding parameters, signatures, and order-free decisions."""
+"""Near-duplicate detection: banding parameters, signatures, and order-free decisions,
+each checked against an expectation computed without the code under test: exact
+Jaccard similarity, signatures computed by hand from their definition, datasketch's LSH
+and the kept/dropped rule stated directly, and other Python processes."""
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import os
 import random
 import re
 import string
+import subprocess
+import sys
+import zlib
 
 import numpy as np
+from conftest import REPO
 from datasketch.lsh import _optimal_param
 
 from exforge.elixir.hashing import ngram_hashes, text_ngram_hashes, tokens
@@ -17,15 +27,17 @@ from exforge.elixir.neardup import (
     Bucket,
     Held,
     band_keys,
+    bucket_partition,
     decide,
     lsh_errors,
+    multipliers,
     optimal_bands,
     shingles,
     signature,
     text_band_keys,
 )
 from exforge.elixir.synthetic import module, recommented, renamed, reordered
-from tests.support.neardup import batch_decisions
+from tests.support.neardup import batch_decisions, lsh_candidates, reference_outcomes
 
 
 def test_bands_minimise_false_positives_plus_negatives_at_the_threshold() -> None:
@@ -54,7 +66,7 @@ def test_shingles_and_band_keys() -> None:
     keys = band_keys(tokens(text))
     assert len(keys) == 25 and len(set(keys)) == 25
     assert [k.split(":")[0] for k in keys] == [str(i) for i in range(25)]
-    assert band_keys(tokens(text)) == keys  # deterministic across calls (and processes: fixed seed)
+    assert band_keys(tokens(text)) == keys
 
 
 def test_hashes_from_text_are_those_of_its_tokens() -> None:
@@ -135,3 +147,118 @@ def test_batch_decisions_do_not_depend_on_order() -> None:
         order = list(files.items())
         random.Random(seed).shuffle(order)
         assert batch_decisions(dict(order)) == expected
+
+
+def shingle_hash_by_hand(crcs: list[int]) -> int:
+    """A shingle's 32-bit hash from its tokens' CRC-32s, by the definition in
+    `exforge.elixir.hashing`: a polynomial over them, modulo 2**64, finished with
+    MurmurHash3's 64-bit mixer, its low 32 bits."""
+    mask = 2**64 - 1
+    value = 0
+    for crc in crcs:
+        value = (value * 0x9E3779B97F4A7C15 + crc) & mask
+    value ^= value >> 33
+    value = (value * 0xFF51AFD7ED558CCD) & mask
+    value ^= value >> 33
+    value = (value * 0xC4CEB9FE1A85EC53) & mask
+    value ^= value >> 33
+    return value & 0xFFFFFFFF
+
+
+def test_signatures_are_what_their_definition_gives_by_hand() -> None:
+    """Each signature value is the minimum over the text's 5-token shingles of
+    `a * shingle mod 2**32`, computed here with Python integers and zlib, token by
+    token (files longer than one block of the vectorised minimum included)."""
+    rng = random.Random(11)
+    texts = ["a b c", "x" * 80 + " y z", "défaut = école |> Élan.run()"]
+    texts += [module(rng, f"H{i}").source() for i in range(3)]
+    texts.append(" ".join(module(rng, f"L{i}").source() for i in range(12)))  # > 512 shingles
+    a = [int(x) for x in multipliers(NUM_PERM)[0]]
+    for text in texts:
+        crcs = [zlib.crc32(word.encode()) for word in re.findall(r"\w+", text)]
+        size = min(5, len(crcs))
+        grams = {shingle_hash_by_hand(crcs[i : i + size]) for i in range(len(crcs) - size + 1)}
+        expected = [min(g * a_k % 2**32 for g in grams) for a_k in a]
+        computed = signature(tokens(text))
+        assert computed is not None and computed.tolist() == expected, text[:40]
+        assert sorted(grams) == shingles(tokens(text)).tolist()
+
+
+def families(seed: int, count: int) -> dict[str, str]:
+    """sha256 → text: `count` modules, each with three near-duplicate variants."""
+    rng = random.Random(seed)
+    texts = []
+    for index in range(count):
+        base = module(rng, f"N{index}")
+        texts += [base, renamed(rng, base), reordered(rng, base), recommented(rng, base)]
+    return {hashlib.sha256(t.source().encode()).hexdigest(): t.source() for t in texts}
+
+
+def test_lsh_candidates_are_those_of_datasketch() -> None:
+    """Two files share a band key exactly when datasketch's MinHashLSH (its own choice
+    of bands and rows for the threshold, its own bucket hashing) puts their signatures
+    in a common bucket."""
+    texts = families(8, 15)
+    signatures = {sha: signature(tokens(text)) for sha, text in texts.items()}
+    expected = lsh_candidates(signatures)
+    keys = {sha: set(text_band_keys(text)) for sha, text in texts.items()}
+    computed = {
+        sha: {other for other in texts if other != sha and keys[sha] & keys[other]} for sha in texts
+    }
+    assert computed == expected
+    assert sum(map(len, expected.values())) >= 2 * 15 * 4  # variants are candidates
+
+
+def test_decisions_keep_exactly_the_files_without_a_smaller_candidate() -> None:
+    """The bucket rules, whatever the order files register in: a file is kept iff no
+    file of a smaller sha256 is its LSH candidate (datasketch), else it joins one of
+    those."""
+    texts = families(6, 12)
+    texts |= {hashlib.sha256(t.encode()).hexdigest(): t for t in ("", "a b", "c d e f g h")}
+    allowed = reference_outcomes(
+        lsh_candidates(
+            {sha: s for sha, t in texts.items() if (s := signature(tokens(t))) is not None}
+        )
+    )
+    bands = {sha: text_band_keys(text) for sha, text in texts.items()}
+    kept = {sha for sha in texts if not allowed.get(sha)}
+    assert 12 <= len(kept) < len(texts)
+    for seed in range(4):
+        order = list(bands.items())
+        random.Random(seed).shuffle(order)
+        decisions = batch_decisions(dict(order))
+        assert {sha for sha, cluster in decisions.items() if cluster is None} == kept
+        for sha, cluster in decisions.items():
+            assert cluster is None or cluster in allowed[sha]
+
+
+PROBE = """
+import json, sys
+from exforge.elixir.neardup import bucket_partition, text_band_keys
+texts = json.load(sys.stdin)
+keys = [text_band_keys(t) for t in texts]
+print(json.dumps([keys, [[bucket_partition(k, 7) for k in ks] for ks in keys]]))
+"""
+
+
+def test_band_keys_and_their_partitions_are_the_same_in_other_processes() -> None:
+    """Workers share buckets across processes: each band key and its owning partition
+    must not depend on the process (Python salts `hash` per process with
+    PYTHONHASHSEED)."""
+    texts = [*families(2, 3).values(), "défaut école", ""]
+    here = [
+        [text_band_keys(t) for t in texts],
+        [[bucket_partition(k, 7) for k in text_band_keys(t)] for t in texts],
+    ]
+    assert sum(map(len, here[0])) == 25 * (len(texts) - 1)
+    for seed in ("0", "4242"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)}
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE],
+            input=json.dumps(texts),
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert json.loads(out) == here, f"PYTHONHASHSEED={seed}"

@@ -763,3 +763,15 @@ def test_progress_line_counts_items_since_the_last_line_and_the_backlog() -> Non
     items[("parse", "files")] = 50  # only what changed is shown
     assert progress.line(settings, items, 125.0).startswith("progress: parse 10 files (2.0/s) |")
     assert progress.line(settings, items, 126.0).startswith("progress: idle |")
+
+
+def test_worker_processes_of_one_machine_never_share_a_tables_directory(tmp_path: Path) -> None:
+    from exforge.core.settings import Settings
+    from streams.app import worker_dir
+
+    settings = Settings(data_dir=tmp_path)
+    first = worker_dir(settings, 0)
+    # a directory held by another process (here: another open lock) is passed over
+    assert worker_dir(settings, 0) == tmp_path / "worker" / "1" != first
+    assert worker_dir(settings, 3) == tmp_path / "worker" / "3"
+    assert worker_dir(settings, 0) == tmp_path / "worker" / "2"

@@ -13,7 +13,7 @@ from exforge.core.settings import load_settings
 from exforge.core.store import FileStore
 from exforge.llm.lora import adapter_state
 from tests.support.shards import synthetic_samples, write_split
-from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
+from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 
 SEQ_LEN = 48  # every sample fills more than half a sequence: one sample per pack
 
@@ -38,7 +38,7 @@ def run(rank: int, world: int, root: Path, port: int, batch_size: int) -> None:
         lora={"rank": 4},
         stages=[StageConfig(stage=3, steps=3, learning_rate=1e-2)],
     )
-    trainer = Trainer(config, settings, FileStore(root / "data" / "store"))
+    trainer = Recipe(config, settings, FileStore(root / "data" / "store"))
     summary = trainer.run()
     torch.save(
         {"adapter": adapter_state(trainer.model), "losses": summary["losses"]},

@@ -10,7 +10,8 @@ from exforge.llm.chat import encode, load_tokenizer
 from exforge.llm.lora import LoraSettings, apply_lora, trainable
 from exforge.llm.model import load_model
 from tests.support.shards import synthetic_samples
-from workers.trainer.packing import collate, forward_losses, pack
+from workers.trainer.loss import forward_losses
+from workers.trainer.packing import collate, pack
 
 
 def test_base_frozen_adapters_train(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from transformers import MistralForCausalLM
 from exforge.llm.chat import IGNORE, encode, load_tokenizer
 from exforge.llm.model import preset_config
 from tests.support.shards import synthetic_samples
-from workers.trainer.packing import collate, forward_losses, pack
+from workers.trainer.loss import forward_losses
+from workers.trainer.packing import collate, pack
 
 
 def test_packed_per_sample_loss_equals_unpacked() -> None:

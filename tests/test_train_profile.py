@@ -1,46 +1,85 @@
-"""Gradient-checkpointing profiler and `exforge train profile`."""
+"""Gradient-checkpointing profiler and `exforge train profile`, checked against what the
+operating system and the model's own layers show, not against the profiler's arithmetic."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import MistralForCausalLM
 from typer.testing import CliRunner
 
 from exforge.cli import app
-from exforge.llm.lora import LoraSettings, apply_lora
-from exforge.llm.model import preset_config
+from tests.support.os_memory import LAYERS, profiled_batch, profiled_model
 from workers.trainer.profile import (
     ProfileResult,
     decoder_layers,
+    model_bytes,
     profile,
-    profile_batch,
     recommend,
+    set_checkpointing,
+    train_step,
 )
 
-
-def four_layer_base() -> MistralForCausalLM:
-    torch.manual_seed(0)
-    return MistralForCausalLM(preset_config("tiny", num_hidden_layers=4, vocab_size=512))
+OS_MEMORY = str(Path(__file__).parent / "support" / "os_memory.py")
+MIB = 2**20
 
 
-def test_checkpointing_every_kth_layer_trades_memory_for_time() -> None:
-    model = apply_lora(four_layer_base(), LoraSettings(rank=4))
-    batch = profile_batch(512, 2, 64)
+def os_step_growth(settings: list[int]) -> dict[int, int]:
+    done = subprocess.run(
+        [sys.executable, OS_MEMORY, *map(str, settings)], capture_output=True, text=True, check=True
+    )
+    return {int(k): v for k, v in json.loads(done.stdout).items()}
+
+
+def layer_forwards(model: torch.nn.Module, batch: dict[str, torch.Tensor], every: int) -> int:
+    """Decoder-layer forward calls in one step: a checkpointed layer runs twice (counted as
+    they start: a recomputation stops once it has what the backward needs)."""
+    calls: Counter[int] = Counter()
+    hooks = [
+        layer.register_forward_pre_hook(lambda *_, i=i: calls.update([i]))
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    set_checkpointing(model, every)
+    train_step(model, batch)
+    for hook in hooks:
+        hook.remove()
+    return sum(calls.values())
+
+
+def test_recommendation_fits_the_memory_the_operating_system_measures() -> None:
+    model, batch = profiled_model(), profiled_batch()
     results = {r.every: r for r in profile(model, batch, every=[2, 9], steps=1)}
     assert sorted(results) == [0, 1, 2]  # 9 ≥ the layer count is skipped
-    assert [results[k].layers for k in (0, 1, 2)] == [0, 4, 2]
-    off, all_layers, half = results[0], results[1], results[2]
-    assert off.activation_bytes > half.activation_bytes > all_layers.activation_bytes
     assert not any(layer.gradient_checkpointing for layer in decoder_layers(model))
-    assert recommend(list(results.values()), None) == min(
-        results.values(), key=lambda r: r.step_seconds
-    )
-    assert recommend(list(results.values()), all_layers.peak_bytes) in (half, all_layers)
-    assert recommend(list(results.values()), 1) is None
+
+    # What each setting recomputes, counted at the layers themselves.
+    small = {name: tensor[:1, :16] for name, tensor in batch.items()}
+    for every, result in results.items():
+        assert layer_forwards(model, small, every) == LAYERS + result.layers
+    assert [results[k].layers for k in (0, 1, 2)] == [0, LAYERS, LAYERS // 2]
+
+    # The peak each setting reaches, as the kernel's high-water mark shows it.
+    seen = os_step_growth([0, 1, 2])
+    assert seen[0] > seen[2] > seen[1]
+    params = model_bytes(model)
+    for every, result in results.items():
+        assert abs(result.peak_bytes - params - seen[every]) <= 0.1 * seen[every] + MIB, every
+
+    # Budgets between the measured peaks: the advice must fit what was measured.
+    def budget(low: int, high: int) -> int:
+        return params + (seen[low] + seen[high]) // 2
+
+    ranked = list(results.values())
+    between_off_and_half = recommend(ranked, budget(2, 0))
+    assert between_off_and_half is not None and between_off_and_half.every in (1, 2)
+    assert recommend(ranked, budget(1, 2)) == results[1]
+    assert recommend(ranked, params + seen[1] // 2) is None
+    assert recommend(ranked, None) is not None
 
 
 def test_recommend_takes_the_fastest_that_fits() -> None:

@@ -15,7 +15,7 @@ from schemas.shards import decode_shard
 from schemas.sharegpt import Problem, sharegpt_problems, validate_sharegpt
 from tests.support.shards import synthetic_samples, write_split
 from workers.trainer.display import training_progress
-from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
+from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 from workers.trainer.ssr import buffer_key, kmeans, nearest_to_centres, select
 
 
@@ -90,12 +90,12 @@ def test_ssr_buffer_is_stored_valid_and_mixed_into_the_next_stage(
             },
         }
     )
-    trainer = Trainer(config, settings, store)
+    trainer = Recipe(config, settings, store)
     with training_progress(trainer):
         trainer.run()
     shown = capsys.readouterr().err
     assert "stage 2 · loss" in shown and "tok/s" in shown
-    last = trainer.log[-1]
+    last = trainer.history.steps[-1]
     assert (
         REGISTRY.get_sample_value("exforge_train_loss", {"run": "ssr", "stage": "2"}) == last.loss
     )
@@ -113,7 +113,7 @@ def test_ssr_buffer_is_stored_valid_and_mixed_into_the_next_stage(
         )
         assert sample["meta"]["kind"] == "synthetic_stage1" and sample["meta"]["stage"] == 1
     assert not store.exists(buffer_key("ssr", 2))  # no later stage to rehearse for
-    report = next(e for e in trainer.events.sent if e.metrics.get("ssr_kept") is not None)
+    report = next(e for e in trainer.history.events if e.metrics.get("ssr_kept") is not None)
     assert report.metrics["ssr_candidates"] == 4
     assert report.metrics["ssr_kept"] == len(buffer) <= report.metrics["ssr_valid"] <= 4
     # Stage 2 trained on its 24 real samples plus round(ratio · 24) = 3 rehearsal samples.

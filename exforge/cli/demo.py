@@ -22,7 +22,6 @@ from exforge.core.kafka import produce
 from exforge.core.settings import PROJECT_ROOT, Settings
 from exforge.core.store import ObjectStore, open_store
 from schemas.records import SourceRequest
-from schemas.shards import manifest_key
 from streams.dataset import stats
 from streams.sources.local import upload_directory
 from streams.sources.run import upload_book
@@ -74,10 +73,6 @@ def run_pipeline(settings: Settings, say: Say, corpus: Path, books: Path) -> dic
     return stats(open_database(settings))
 
 
-def stages_with_data(store: ObjectStore, dataset: str) -> list[int]:
-    return [stage for stage in (1, 2, 3) if store.exists(manifest_key(dataset, stage, "train"))]
-
-
 def stage_losses(losses: list[float], stages: list[int]) -> dict[str, dict[str, float]]:
     """First and last training loss of each stage (the demo trains equal steps per stage)."""
     per_stage = len(losses) // max(len(stages), 1)
@@ -89,7 +84,8 @@ def stage_losses(losses: list[float], stages: list[int]) -> dict[str, dict[str, 
 
 def train(settings: Settings, say: Say) -> dict[str, Any]:
     """QLoRA on the tiny model through every stage with shards; registers a version."""
-    from workers.trainer.recipe import StageConfig, TrainConfig, Trainer
+    from workers.trainer.data import stages_with_data
+    from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 
     store = open_store(settings)
     stages = stages_with_data(store, settings.dataset)
@@ -107,7 +103,7 @@ def train(settings: Settings, say: Say) -> dict[str, Any]:
         validate_every=STEPS_PER_STAGE,
         register_as=MODEL_NAME,
     )
-    summary = Trainer(config, settings, store, open_database(settings)).run()
+    summary = Recipe(config, settings, store, open_database(settings)).run()
     version = summary["version"]["version"]
     return {
         "run_id": summary["run_id"],

@@ -13,6 +13,7 @@ from rich.console import Group
 
 from exforge import __version__
 from exforge.cli.backup import backup_app, replay_app
+from exforge.cli.compress import bench_app, compress_app
 from exforge.cli.console import (
     JsonFlag,
     console,
@@ -49,6 +50,8 @@ train_app = typer.Typer(help="Fine-tune the base model with QLoRA (stages 1-3)."
 app.add_typer(train_app, name="train")
 app.add_typer(models_app, name="models")
 app.add_typer(eval_app, name="eval")
+app.add_typer(compress_app, name="compress")
+app.add_typer(bench_app, name="bench")
 
 
 def version_callback(value: bool) -> None:
@@ -636,16 +639,16 @@ def run_training(config_data: dict[str, Any], as_json: bool) -> None:
     from exforge.core.store import open_store
     from exforge.core.telemetry import serve_metrics
     from workers.trainer.display import training_progress
-    from workers.trainer.recipe import TrainConfig, Trainer
+    from workers.trainer.recipe import Recipe, TrainConfig
 
     config = settings()
-    trainer = Trainer(
+    recipe = Recipe(
         TrainConfig.model_validate(config_data), config, open_store(config), open_database(config)
     )
-    if trainer.dist.main:
+    if recipe.dist.main:
         serve_metrics(config.metrics_port)
-    with training_progress(trainer, enabled=not as_json):
-        summary = trainer.run()
+    with training_progress(recipe, enabled=not as_json):
+        summary = recipe.run()
     if as_json:
         emit_json(summary)
     else:
@@ -686,7 +689,7 @@ def train_resume(
     data = saved_config(open_store(settings()), run_id)
     if data is None:
         raise fail(f"run {run_id} has no checkpoint", 2)
-    run_training(data | {"run_id": run_id, "halt_after_step": None}, as_json)
+    run_training(data | {"run_id": run_id}, as_json)
 
 
 @train_app.command("profile")

@@ -250,7 +250,9 @@ class RunCheckpoint(Base):
 
 
 class ModelVersion(Base):
-    """A registered model version: integer version per name, adapter in the store."""
+    """A registered model version: integer version per name, a base model spec and the
+    adapter in the store (none for a version whose base holds all its weights); a
+    compressed version names its parent version, the method and its parameters."""
 
     __tablename__ = "model_versions"
     __table_args__ = (UniqueConstraint("name", "version"),)
@@ -259,11 +261,14 @@ class ModelVersion(Base):
     name: Mapped[str] = mapped_column(String(256), index=True)
     version: Mapped[int] = mapped_column(Integer)
     base_model: Mapped[str] = mapped_column(String(512))
-    adapter_key: Mapped[str] = mapped_column(String(1024))
+    adapter_key: Mapped[str | None] = mapped_column(String(1024))
     run_id: Mapped[str | None] = mapped_column(String(128))
     metrics: Mapped[str] = mapped_column(Text, default="{}")
     status: Mapped[str] = mapped_column(String(16))  # registered/staging/production/retired
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    method: Mapped[str | None] = mapped_column(String(32))  # prune, distill, fuse, share
+    parameters: Mapped[str | None] = mapped_column(Text)  # JSON
 
 
 class EvaluationResult(Base):

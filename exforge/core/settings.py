@@ -29,6 +29,8 @@ DEFAULT_BENCHMARKS = tuple(
     for name in ("humaneval-elixir-transform.jsonl", "mbpp-elixir-reworded.jsonl")
 )
 Port = Annotated[int, Field(ge=0, le=65535)]
+# Scaled-dot-product attention kernels the decoding loop can insist on (auto: PyTorch picks).
+Attention = Literal["auto", "flash", "efficient", "cudnn", "math"]
 
 
 class SettingsError(ValueError):
@@ -109,6 +111,17 @@ class Settings(BaseSettings):
         True,
         description="Redact keys, tokens, e-mail and IP addresses in generated text (streams "
         "are then released at whitespace).",
+    )
+    decode_attention: Attention = Field(
+        "auto",
+        description="Attention kernel of the decoding loop: auto (PyTorch picks among those "
+        "the device has), flash, efficient (memory-efficient), cudnn or math.",
+    )
+    decode_compile: bool = Field(
+        False, description="Compile the decoding step's forward with torch.compile."
+    )
+    decode_static_cache: bool = Field(
+        False, description="Keys and values in preallocated buffers written in place."
     )
     rollback_window_s: float = Field(
         60.0, gt=0, description="Window over which a canary's errors and latency are judged."

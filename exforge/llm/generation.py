@@ -20,12 +20,16 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import Cache, DynamicCache, StaticCache
+
+from exforge.core.settings import Attention, Settings
 
 REPLACEMENT = "\ufffd"
 MAX_PENDING_TOKENS = 8  # tokens of an unfinished character before it is released anyway
@@ -185,12 +189,54 @@ def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     return n
 
 
+_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How the model runs inside the loop (settings `EXFORGE_DECODE_*`).
+
+    - `attention`: the scaled-dot-product attention kernel: `auto` lets PyTorch choose
+      among those the device has; `flash`, `efficient` (memory-efficient), `cudnn` or
+      `math` insist on one (a device without it fails the request);
+    - `compile`: the decoding step's forward through `torch.compile` (dynamic shapes;
+      its kernels fuse the step's elementwise work);
+    - `static_cache`: keys and values in buffers allocated `cache_block` columns at a
+      time and written in place, instead of a tensor concatenated every step: the
+      step's shapes stay fixed until the batch changes or the block fills."""
+
+    attention: Attention = "auto"
+    compile: bool = False
+    static_cache: bool = False
+    cache_block: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DecodeOptions:
+        """Each option from its setting `decode_<option>` (`cache_block` has none)."""
+        named = ("attention", "compile", "static_cache")
+        return cls(**{name: getattr(settings, f"decode_{name}") for name in named})
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def attention_context(self) -> AbstractContextManager[Any]:
+        if self.attention == "auto":
+            return nullcontext()
+        return sdpa_kernel([_BACKENDS[self.attention]])
+
+
 class Decoder:
     """A model and its tokenizer, decoding every submitted request in one batch.
 
     `submit` may be called from any thread; `step` and `run` (or the `serve` loop of a
     background thread) do the work. `token_delay_s` slows every step down (a slow test
-    model, to watch streaming and deadlines)."""
+    model, to watch streaming and deadlines); `options` choose the attention kernel,
+    compilation and the KV layout (`DecodeOptions`)."""
 
     def __init__(
         self,
@@ -200,8 +246,12 @@ class Decoder:
         prefix_entries: int = 8,
         block_tokens: int = 32,
         token_delay_s: float = 0.0,
+        options: DecodeOptions | None = None,
     ) -> None:
         self.model = model
+        self.options = options or DecodeOptions()
+        self.step_model = torch.compile(model, dynamic=True) if self.options.compile else model
+        self.static: StaticCache | None = None  # the KV buffers while the batch is unchanged
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.prefix = PrefixCache(prefix_entries, block_tokens)
@@ -289,13 +339,14 @@ class Decoder:
         cached, prefix = self.prefix.find(ids)
         request.cached_tokens = cached
         cache = DynamicCache(prefix) if prefix else DynamicCache()
-        out = self.model(
-            input_ids=torch.tensor([ids[cached:]], device=self.device),
-            position_ids=torch.arange(cached, len(ids), device=self.device)[None],
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with self.options.attention_context():
+            out = self.model(
+                input_ids=torch.tensor([ids[cached:]], device=self.device),
+                position_ids=torch.arange(cached, len(ids), device=self.device)[None],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         self.prefix.remember(ids, kv)
         return out.logits[0, -1].float(), kv
@@ -319,24 +370,40 @@ class Decoder:
             fresh = torch.ones((1, length), dtype=torch.long, device=self.device)
             self.mask = torch.cat([F.pad(self.mask, (old, 0)), F.pad(fresh, (new, 0))])
         self.rows.append(row)
+        self.static = None
 
     def _forward_batch(self) -> torch.Tensor:
         tokens = torch.tensor([[row.next_token] for row in self.rows], device=self.device)
         positions = torch.tensor([[row.position] for row in self.rows], device=self.device)
         mask = F.pad(self.mask, (0, 1), value=1)
-        cache = DynamicCache(self.kv)
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        cache, attended = self._cache(mask)
+        with self.options.attention_context():
+            out = self.step_model(
+                input_ids=tokens,
+                attention_mask=attended,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        width = mask.shape[1]
+        self.kv = [(layer.keys[:, :, :width], layer.values[:, :, :width]) for layer in cache.layers]
         self.mask = mask
         for row in self.rows:
             row.position += 1
         return out.logits[:, -1].float()
+
+    def _cache(self, mask: torch.Tensor) -> tuple[Cache, torch.Tensor]:
+        """The cache this step writes into and the attention mask over its columns."""
+        if not self.options.static_cache:
+            return DynamicCache(self.kv), mask
+        width, block = mask.shape[1], self.options.cache_block
+        if self.static is None or width > self.static.max_cache_len:
+            self.static = StaticCache(
+                config=self.model.config, max_cache_len=-(-width // block) * block
+            )
+            for layer, (keys, values) in zip(self.static.layers, self.kv, strict=True):
+                layer.update(keys, values)
+        return self.static, F.pad(mask, (0, self.static.max_cache_len - width))
 
     def _advance(self, indices: list[int], logits: torch.Tensor) -> None:
         """Sample the next token of the given rows, emit their steps, retire finished."""
@@ -393,6 +460,7 @@ class Decoder:
     def _retire(self, indices: list[int]) -> None:
         keep = [i for i in range(len(self.rows)) if i not in set(indices)]
         self.rows = [self.rows[i] for i in keep]
+        self.static = None
         if not self.rows:
             self.kv, self.mask = [], self.mask[:0, :0]
             return

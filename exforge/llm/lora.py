@@ -8,6 +8,7 @@ result is a plain bf16 `MistralForCausalLM` that any serving stack can load.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -86,18 +87,38 @@ def load_adapter_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -
 
 
 def merged_model(settings: Settings, store: ObjectStore, row: dict[str, Any], target: Path) -> None:
-    """Base model with the version's LoRA adapter folded in, saved as bf16 safetensors."""
+    """The version's base with its LoRA adapter (if it has one) folded in, saved as bf16
+    safetensors with the base's configuration (a fused version stays marked fused)."""
     from safetensors.torch import load as load_safetensors
 
-    from exforge.llm.model import load_model
+    from exforge.llm.model import load_model, resolve_spec
 
-    base = load_model(row["base_model"], "none", settings.root / "models").to(torch.float32)
+    models = settings.root / "models"
+    spec = resolve_spec(row["base_model"], store, models)
+    model = load_model(spec, "none", models, dtype=torch.float32, fuse=False)
     adapter_key = row["adapter_key"]
-    config = json.loads(store.get(adapter_key.rsplit("/", 1)[0] + "/adapter_config.json"))
-    model = get_peft_model(base, LoraConfig(**config | {"inference_mode": False}))
-    load_adapter_state(model, load_safetensors(store.get(adapter_key)))
-    merged = model.merge_and_unload().to(torch.bfloat16)
-    merged.save_pretrained(target)
-    own_tokenizer = Path(row["base_model"]) / "tekken.json"
+    if adapter_key:
+        config = json.loads(store.get(adapter_key.rsplit("/", 1)[0] + "/adapter_config.json"))
+        adapted = get_peft_model(model, LoraConfig(**config | {"inference_mode": False}))
+        load_adapter_state(adapted, load_safetensors(store.get(adapter_key)))
+        model = adapted.merge_and_unload()
+    model.to(torch.bfloat16).save_pretrained(target)
+    own_tokenizer = Path(spec) / "tekken.json"
     if own_tokenizer.is_file():
         shutil.copy(own_tokenizer, target / "tekken.json")
+
+
+def merged_version_dir(settings: Settings, store: ObjectStore, row: dict[str, Any]) -> Path:
+    """`merged_model` of a registered version, made once per version under
+    `<data dir>/eval-models/` (evaluation and compression reports read it there)."""
+    target = settings.root / "eval-models" / row["name"] / str(row["version"])
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged_model(settings, store, row, tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process merged it first
+        shutil.rmtree(tmp)
+    return target

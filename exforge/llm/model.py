@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,9 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, MistralConfig, MistralForCausalLM
+
+from exforge.core.store import ObjectStore
+from exforge.llm.fusion import fuse_projections, marked_fused
 
 TEKKEN_VOCAB = 131_072
 Quantisation = Literal["none", "nf4", "int8"]
@@ -80,6 +84,46 @@ def preset_config(name: str, **overrides: Any) -> MistralConfig:
     return MistralConfig(**{**PRESETS[name], **overrides})
 
 
+STORE_SPEC = "store:"
+
+
+def store_spec(prefix: str) -> str:
+    """The model spec of a model directory kept in the object store under `prefix`."""
+    return f"{STORE_SPEC}{prefix.rstrip('/')}"
+
+
+def save_to_store(model: MistralForCausalLM, store: ObjectStore, prefix: str) -> str:
+    """Write the model (config, safetensors) under `prefix` in the store; its spec."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for path in sorted(Path(tmp).iterdir()):
+            store.put(f"{prefix.rstrip('/')}/{path.name}", path.read_bytes())
+    return store_spec(prefix)
+
+
+def resolve_spec(spec: str, store: ObjectStore, cache_dir: Path) -> str:
+    """A `store:PREFIX` spec as a local directory (its files fetched once, under
+    `cache_dir/store/`); any other spec as it is."""
+    if not spec.startswith(STORE_SPEC):
+        return spec
+    prefix = spec.removeprefix(STORE_SPEC)
+    target = cache_dir / "store" / prefix
+    if (target / "config.json").is_file():
+        return str(target)
+    keys = list(store.list(f"{prefix}/"))
+    if not keys:
+        raise FileNotFoundError(f"the store holds no model under {prefix}/")
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for key in keys:
+        (tmp / key.rsplit("/", 1)[1]).write_bytes(store.get(key))
+    try:
+        tmp.rename(target)
+    except OSError:  # another process fetched it first
+        shutil.rmtree(tmp)
+    return str(target)
+
+
 def materialise_preset(name: str, directory: Path, seed: int = 0) -> Path:
     """Write a randomly initialised preset model as safetensors, once per (name, seed).
 
@@ -129,12 +173,15 @@ def load_model(
     fsdp: bool = False,
     dtype: torch.dtype | None = None,
     device: torch.device | None = None,
+    fuse: bool = True,
 ) -> MistralForCausalLM:
     """Load a model (training, evaluation and serving all load through here), memory-mapped
     and layer by layer (`low_cpu_mem_usage`).
 
     `fsdp`: lay the weights out so FSDP can shard them (see `quantisation_config`).
     `dtype` and `device` default to `detect_device`'s compute dtype and device.
+    `fuse`: an unquantised model whose configuration is marked fused gets its projections
+    fused (`exforge.llm.fusion`); False keeps the stored layout (merging, compressing).
     """
     found = detect_device()
     dtype = dtype or found.compute_dtype
@@ -153,6 +200,8 @@ def load_model(
     )
     if quantisation != "none":
         keep_standard_4bit_layout(model)
+    elif fuse and marked_fused(model):
+        fuse_projections(model)
     return model
 
 

@@ -16,12 +16,21 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import BaseModel, Field
 from sqlalchemy import Engine, delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from exforge.core.db import EvaluationResult, ModelVersion, RunCheckpoint, TrainingRun
 from schemas.records import ModelVersionEvent
+
+
+class Lineage(BaseModel):
+    """Where a compressed version comes from: its parent, the method and its parameters."""
+
+    parent_version: int = Field(ge=1)
+    method: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
 
 def start_run(engine: Engine, run_id: str, base_model: str, config: dict[str, Any]) -> None:
@@ -63,9 +72,10 @@ def register_version(
     engine: Engine,
     name: str,
     base_model: str,
-    adapter_key: str,
+    adapter_key: str | None,
     run_id: str | None,
     metrics: dict[str, float],
+    lineage: Lineage | None = None,
 ) -> ModelVersionEvent:
     """Add the next version of `name` (a run registers once: a retry returns its row).
 
@@ -76,6 +86,9 @@ def register_version(
         "adapter_key": adapter_key,
         "metrics": json.dumps(metrics, sort_keys=True),
         "status": "registered",
+        "parent_version": lineage.parent_version if lineage else None,
+        "method": lineage.method if lineage else None,
+        "parameters": json.dumps(lineage.parameters, sort_keys=True) if lineage else None,
     }
     for _ in range(REGISTER_ATTEMPTS - 1):
         with suppress(IntegrityError):
@@ -84,7 +97,7 @@ def register_version(
 
 
 def _register_once(
-    engine: Engine, name: str, run_id: str | None, fields: dict[str, str]
+    engine: Engine, name: str, run_id: str | None, fields: dict[str, Any]
 ) -> ModelVersionEvent:
     with Session(engine) as session, session.begin():
         existing = (
@@ -126,6 +139,9 @@ def as_dict(row: ModelVersion) -> dict[str, Any]:
         "run_id": row.run_id,
         "metrics": json.loads(row.metrics),
         "created_at": row.created_at.isoformat(),
+        "parent_version": row.parent_version,
+        "method": row.method,
+        "parameters": json.loads(row.parameters) if row.parameters else {},
     }
 
 

@@ -12,7 +12,9 @@ outputs (`arrival_time_ns`, `first_token_time_ns`, `last_token_time_ns`,
 response's `last_token_time_ns` is when its token was made. Model parameters:
 `decode_batch` (requests decoded together), `tokens_per_block` (prefix-cache reuse
 granularity), `prefix_cache_entries`, `torch_threads`. A version folder's
-`decoding.json` may set `token_delay_s` (a deliberately slow test version).
+`decoding.json` may set `token_delay_s` (a deliberately slow test version) and `options`
+(`DecodeOptions`: attention kernel, compiled step, static KV cache; from the exporting
+process's `EXFORGE_DECODE_*` settings).
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from exforge.llm.chat import text_ids, text_tokenizer  # noqa: E402
-from exforge.llm.generation import Decoder, Event, Request, Sampling, Step  # noqa: E402
+from exforge.llm.generation import (  # noqa: E402
+    DecodeOptions,
+    Decoder,
+    Event,
+    Request,
+    Sampling,
+    Step,
+)
 from exforge.llm.model import load_model  # noqa: E402
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -125,6 +134,7 @@ class TritonPythonModel:
             prefix_entries=int(params.get("prefix_cache_entries", "8")),
             block_tokens=self.block,
             token_delay_s=float(runtime.get("token_delay_s", 0.0)),
+            options=DecodeOptions(**runtime.get("options", {})),
         )
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.decoder.serve, args=(self.stopping,))

@@ -18,6 +18,7 @@ import pytest
 GROUPS: dict[str, tuple[str, ...]] = {
     "unit": (
         "test_anomaly",
+        "test_bench",
         "test_architecture",
         "test_docs",
         "test_eval_generate",
@@ -34,8 +35,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_train_lora",
         "test_train_model",
         "test_train_packing",
-        "test_train_profile",
-        "test_train_resume",
+        "test_train_loss",
         "test_train_ssr",
     ),
     "component": (
@@ -55,9 +55,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_store",
         "test_train_ddp",
         "test_train_fsdp",
+        "test_train_profile",
     ),
     "e2e": (
         "test_backup",
+        "test_compress",
         "test_dataset_pipeline",
         "test_dedup_stream",
         "test_eval_cli",
@@ -74,7 +76,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_sources_pipeline",
         "test_stack",
         "test_tracing",
-        "test_train_cli",
+        "test_train_resume",
         "test_triton_contract",
     ),
     "corpus": ("test_corpus",),

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from exforge.core.store import ObjectStore
 from exforge.llm import generation
 from exforge.llm.chat import text_ids, text_tokenizer
 from exforge.llm.generation import Decoder, complete
+from exforge.llm.lora import merged_version_dir
 from exforge.llm.model import load_model
 from workers.evaluator.benchmarks import Completion, Problem
 
@@ -96,23 +95,6 @@ class InProcessGenerator:
             for r in requests
         ]
         return [done.text for done in complete(decoder, prompts)]
-
-
-def merged_version_dir(settings: Settings, store: ObjectStore, row: dict[str, Any]) -> Path:
-    """The version's base with its adapter folded in, merged once per version on disk."""
-    from exforge.llm.lora import merged_model
-
-    target = settings.root / "eval-models" / row["name"] / str(row["version"])
-    if (target / "config.json").is_file():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    merged_model(settings, store, row, tmp)
-    try:
-        tmp.rename(target)
-    except OSError:  # another evaluation merged it first
-        shutil.rmtree(tmp)
-    return target
 
 
 # ------------------------------------------------------------------ cache and resume

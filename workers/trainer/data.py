@@ -40,6 +40,11 @@ def read_manifest(store: ObjectStore, dataset: str, stage: int, split: str) -> d
         return {"dataset": dataset, "stage": stage, "split": split, "shards": []}
 
 
+def stages_with_data(store: ObjectStore, dataset: str) -> list[int]:
+    """The curriculum stages whose training split the store holds."""
+    return [stage for stage in (1, 2, 3) if store.exists(manifest_key(dataset, stage, "train"))]
+
+
 def rank_slice(entries: list[dict[str, Any]], rank: int, world: int) -> list[dict[str, Any]]:
     """Shards of this rank: every world-th one, so ranks never read the same shard."""
     return [entry for i, entry in enumerate(entries) if i % world == rank]

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
-from workers.trainer.recipe import Trainer
+from schemas.records import TrainingEvent
+from workers.trainer.recipe import Recipe
 
 
-def describe(stage: int, metrics: dict[str, float]) -> str:
+def describe(stage: int | None, metrics: dict[str, float]) -> str:
     return (
         f"stage {stage} · loss {metrics['loss']:.4f} · lr {metrics['lr']:.2e}"
         f" · |g| {metrics['grad_norm']:.3f} · {metrics['tokens_per_s']:,.0f} tok/s"
@@ -19,28 +28,40 @@ def describe(stage: int, metrics: dict[str, float]) -> str:
     )
 
 
+@dataclass
+class ConsoleSink:
+    """Progress events move the bar and show the step's metrics."""
+
+    progress: Progress
+    task: TaskID
+
+    def emit(self, event: TrainingEvent) -> None:
+        if event.event == "progress":
+            description = describe(event.stage, event.metrics)
+            self.progress.update(self.task, completed=event.step, description=description)
+
+    def flush(self) -> None:
+        return None
+
+
 @contextmanager
-def training_progress(trainer: Trainer, enabled: bool = True) -> Iterator[None]:
+def training_progress(recipe: Recipe, enabled: bool = True) -> Iterator[None]:
     """Show progress on stderr (stdout stays clean for `--json`) while the block trains."""
-    if not enabled or not trainer.dist.main:
+    if not enabled or not recipe.dist.main:
         yield
         return
-    total = sum(stage.steps for stage in trainer.config.stages)
+    total = sum(stage.steps for stage in recipe.config.stages)
     columns = (
-        TextColumn(f"run {trainer.run_id}"),
+        TextColumn(f"run {recipe.run_id}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         TextColumn("{task.description}"),
     )
     with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
-        task = progress.add_task("starting", total=total)
-
-        def on_step(step: int, stage: int, metrics: dict[str, float]) -> None:
-            progress.update(task, completed=step, description=describe(stage, metrics))
-
-        trainer.on_step = on_step
+        sink = ConsoleSink(progress, progress.add_task("starting", total=total))
+        recipe.sinks.append(sink)
         try:
             yield
         finally:
-            trainer.on_step = None
+            recipe.sinks.remove(sink)

@@ -16,7 +16,7 @@ import torch
 
 from exforge.llm.chat import IGNORE
 from exforge.llm.lora import trainable
-from workers.trainer.packing import forward_losses
+from workers.trainer.loss import forward_losses
 
 
 @dataclass

@@ -62,7 +62,7 @@ def pack(samples: Iterable[Encoded], seq_len: int) -> list[Pack]:
 
 
 def padding(seq_len: int) -> Pack:
-    """A sequence of padding only: it trains and weighs nothing (see `Trainer.lockstep`)."""
+    """A sequence of padding only: it trains and weighs nothing (see `Recipe.lockstep`)."""
     return _close([], [], [], [], seq_len)
 
 
@@ -85,21 +85,3 @@ def collate(packs: Sequence[Pack]) -> dict[str, torch.Tensor]:
         "position_ids": torch.tensor([p.position_ids for p in packs]),
         "sample_index": torch.tensor([p.sample_index for p in packs]),
     }
-
-
-def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy per position in fp32 (0 where the target is ignored)."""
-    return torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none"
-    ).view_as(targets)
-
-
-def forward_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Per-token losses of a packed batch (positions tell the model where samples start)."""
-    device = next(model.parameters()).device
-    logits = model(
-        input_ids=batch["input_ids"].to(device),
-        position_ids=batch["position_ids"].to(device),
-        use_cache=False,  # a cache disables the packed-sequence mask
-    ).logits
-    return token_losses(logits, batch["targets"].to(device))

@@ -8,8 +8,10 @@ off, on every layer, and on every k-th layer, and measures for each setting
 - the median step time,
 - the activation memory: bytes of tensors autograd keeps for the backward pass (taken
   with saved-tensor hooks, so the same figure on every device),
-- the peak memory: CUDA's peak allocation on a GPU; on the CPU, whose allocator keeps
-  no peak, the parameter and buffer bytes plus the activation memory.
+- the peak memory: the most bytes allocated at once during a step, parameters included:
+  CUDA's peak allocation on a GPU; on the CPU, whose allocator keeps no peak, the running
+  total the PyTorch profiler's memory events carry (an extra, untimed step), which also
+  counts what the backward pass allocates on top of the saved activations.
 
 `recommend` picks the fastest setting whose peak fits a budget (`exforge train profile`).
 """
@@ -18,18 +20,21 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity
+from torch.profiler import profile as torch_profile
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from exforge.llm.lora import LoraSettings, apply_lora
 from exforge.llm.model import Quantisation, load_model
-from workers.trainer.packing import forward_losses
+from workers.trainer.loss import forward_losses
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,41 @@ def profile_batch(
     }
 
 
+def train_step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """One forward/backward pass; returns the bytes autograd saved for the backward."""
+    with saved_activation_bytes() as saved:
+        loss = forward_losses(model, batch).mean()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return saved[0]
+
+
+def peak_allocated(run: Callable[[], object]) -> int:
+    """The most bytes `run()` holds allocated at once on the CPU, beyond what existed.
+
+    The PyTorch profiler's allocation events carry the running total of what was
+    allocated since profiling began (the figure CUDA's allocator keeps as its peak)."""
+    with torch_profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    totals = [
+        event.extra_fields.total_allocated
+        for event in _walk(prof.profiler.kineto_results.experimental_event_tree())
+        if event.tag == _EventType.Allocation
+    ]
+    return max(totals, default=0)
+
+
+def cpu_peak_bytes(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> int:
+    """Parameters and buffers plus the most bytes a training step allocates at once."""
+    return model_bytes(model) + peak_allocated(lambda: train_step(model, batch))
+
+
+def _walk(events: Sequence[Any]) -> Iterator[Any]:
+    for event in events:
+        yield event
+        yield from _walk(event.children)
+
+
 def measure(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], every: int, steps: int = 3
 ) -> ProfileResult:
@@ -113,16 +153,12 @@ def measure(
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        with saved_activation_bytes() as saved:
-            loss = forward_losses(model, batch).mean()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        activations = train_step(model, batch)
         if cuda:
             torch.cuda.synchronize()
         if index:  # the first step warms caches and kernels up
             times.append(time.perf_counter() - started)
-        activations = saved[0]
-    peak = torch.cuda.max_memory_allocated() if cuda else model_bytes(model) + activations
+    peak = torch.cuda.max_memory_allocated() if cuda else cpu_peak_bytes(model, batch)
     return ProfileResult(every, layers, statistics.median(times), activations, peak)
 
 

@@ -16,15 +16,16 @@ FSDP (through accelerate) shards the frozen base over the ranks instead (`fsdp.p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
 import time
 import tomllib
 import uuid
-from collections.abc import Callable
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,18 +34,28 @@ import torch.distributed as dist
 from pydantic import BaseModel, Field, model_validator
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from exforge.core import telemetry, tracing
+from exforge.core import tracing
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore
 from exforge.llm.chat import Encoded, encode, load_tokenizer
 from exforge.llm.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
-from exforge.llm.model import Quantisation, detect_device, load_model
+from exforge.llm.model import Quantisation, detect_device, load_model, resolve_spec
+from exforge.llm.registry import (
+    Lineage,
+    finish_run,
+    record_checkpoint,
+    register_version,
+    start_run,
+)
 from schemas.records import TrainingEvent
 from schemas.shards import difficulty
 from workers.trainer import checkpoint as ckpt
+from workers.trainer.checkpoint import RecipeState
 from workers.trainer.data import Cursor, epoch_order, load_split, mix
 from workers.trainer.ewc import EwcState, consolidate, estimate_fisher, penalty, plot_importance
-from workers.trainer.packing import Pack, collate, forward_losses, pack, padding
+from workers.trainer.loss import DEFAULT_CHUNK, Distillation, forward_losses
+from workers.trainer.packing import Pack, collate, pack, padding
+from workers.trainer.sinks import History, Kafka, Prometheus, Sink
 from workers.trainer.ssr import SsrConfig, build_buffer, load_buffers, store_buffer
 
 # ----------------------------------------------------------------------------- config
@@ -57,6 +68,15 @@ class StageConfig(BaseModel):
     warmup_steps: int = Field(0, ge=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     ewc_lambda: float = Field(0.0, ge=0, description="λ while training this stage.")
+
+
+class DistillConfig(BaseModel):
+    """Knowledge distillation: a frozen teacher's softened logits as a second target."""
+
+    teacher: str = Field(description="Model spec of the teacher (preset, directory, store:…).")
+    teacher_quantisation: Quantisation = "none"
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1, description="Weight of the KL term; 1 - alpha: CE.")
 
 
 class TrainConfig(BaseModel):
@@ -81,7 +101,14 @@ class TrainConfig(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     ssr: SsrConfig = Field(default_factory=SsrConfig)
     register_as: str | None = Field("exforge-elixir", description="Model name; None: skip.")
-    halt_after_step: int | None = Field(None, description="Stop here (tests a resume).")
+    lineage: Lineage | None = Field(None, description="Recorded with the registered version.")
+    distill: DistillConfig | None = None
+    loss_chunk_tokens: int | None = Field(
+        DEFAULT_CHUNK,
+        gt=0,
+        description="Trained positions per chunk of the output-head loss; None: the whole "
+        "logits at once (what FSDP does, the head's weight being sharded).",
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: DDP (a whole model per rank) or FSDP through accelerate "
@@ -148,58 +175,24 @@ def lr_factor(step: int, stage: StageConfig) -> float:
     return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * cosine
 
 
-# --------------------------------------------------------------------------- events
+# --------------------------------------------------------------------------- recipe
 
 
-@dataclass
-class Events:
-    """TrainingEvents: kept in order, sent to Kafka at flush points when a broker is set."""
+class Recipe:
+    """One training run, from scratch or from the run's latest checkpoint (`run()`).
 
-    settings: Settings
-    run_id: str
-    enabled: bool
-    sent: list[TrainingEvent] = field(default_factory=list)
-    pending: list[TrainingEvent] = field(default_factory=list)
-
-    def emit(self, event: str, step: int, stage: int | None, **extra: Any) -> None:
-        if not self.enabled:
-            return
-        record = TrainingEvent(run_id=self.run_id, event=event, step=step, stage=stage, **extra)  # type: ignore[arg-type]
-        self.pending.append(record)
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        if self.settings.kafka_bootstrap:
-            import asyncio
-
-            from exforge.core.kafka import produce
-
-            asyncio.run(
-                produce(self.settings, "training.events", [(self.run_id, e) for e in self.pending])
-            )
-        self.sent.extend(self.pending)
-        self.pending = []
-
-
-# --------------------------------------------------------------------------- trainer
-
-
-@dataclass
-class StepLog:
-    step: int
-    stage: int
-    loss: float
-    lr: float
-    grad_norm: float
-    tokens: int
-
-
-class Trainer:
-    """One run. `run()` trains from scratch or from the run's latest checkpoint."""
+    `run` reads as the recipe: restore → for each remaining stage: `train_stage` (steps,
+    validation, checkpoints, then `end_stage`: Fisher, consolidation, SSR) → `finish`
+    (curriculum plot, registration). Every metric goes through `emit` to `sinks`.
+    """
 
     def __init__(
-        self, config: TrainConfig, settings: Settings, store: ObjectStore, engine: Any = None
+        self,
+        config: TrainConfig,
+        settings: Settings,
+        store: ObjectStore,
+        engine: Any = None,
+        sinks: Sequence[Sink] = (),
     ) -> None:
         self.config = config
         self.settings = settings
@@ -208,23 +201,25 @@ class Trainer:
         self.run_id = config.run_id or uuid.uuid4().hex[:12]
         self.dataset = config.dataset or settings.dataset
         self.tokenizer = load_tokenizer()
-        self.log: list[StepLog] = []
-        self.validations: list[dict[str, Any]] = []
-        self.curriculum: list[dict[str, float]] = []
         self._encoded: dict[str, Encoded] = {}
         # Load before joining the group: save_pretrained writes weights on rank 0 only once
         # a group exists, and every rank may be the one materialising a preset.
         fsdp = config.distributed == "fsdp"
-        base = load_model(
-            config.model, config.quantisation, settings.root / "models", config.seed, fsdp
-        )
+        models = settings.root / "models"
+        self.base_spec = resolve_spec(config.model, store, models)
+        base = load_model(self.base_spec, config.quantisation, models, config.seed, fsdp)
         self.dist = init_distributed()
         if self.dist.world > 1:  # every rank must write under rank 0's run id
             shared = [self.run_id]
             dist.broadcast_object_list(shared, src=0)
             self.run_id = shared[0]
-        self.events = Events(settings, self.run_id, self.dist.main)
-        self.on_step: Callable[[int, int, dict[str, float]], None] | None = None
+        self.history = History()
+        self.sinks: list[Sink] = [self.history]
+        if self.dist.main:
+            self.sinks.append(Prometheus(self.run_id))
+            if settings.kafka_bootstrap:
+                self.sinks.append(Kafka(settings, self.run_id))
+        self.sinks.extend(sinks)
         torch.manual_seed(config.seed)  # after loading: a first load initialises a preset
         self.model = apply_lora(base, config.lora, fsdp)
         self.module: torch.nn.Module = self.model
@@ -235,6 +230,27 @@ class Trainer:
         elif self.dist.world > 1:
             self.module = torch.nn.parallel.DistributedDataParallel(self.model)
         self.device = next(self.model.parameters()).device
+        self.distillation = self.teacher(config.distill) if config.distill else None
+
+    def teacher(self, distill: DistillConfig) -> Distillation:
+        """The frozen teacher, on this rank's device, in eval mode."""
+        models = self.settings.root / "models"
+        spec = resolve_spec(distill.teacher, self.store, models)
+        model = load_model(spec, distill.teacher_quantisation, models, self.config.seed)
+        model.requires_grad_(False)
+        return Distillation(model.eval(), distill.temperature, distill.alpha)
+
+    # ------------------------------------------------------------------ metrics
+
+    def emit(self, event: str, step: int, stage: int | None, **fields: Any) -> None:
+        """The one place a run reports: every sink sees every event."""
+        record = TrainingEvent(run_id=self.run_id, event=event, step=step, stage=stage, **fields)
+        for sink in self.sinks:
+            sink.emit(record)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            sink.flush()
 
     # ------------------------------------------------------------------ FSDP
 
@@ -261,8 +277,8 @@ class Trainer:
 
     def local_gradients(self) -> AbstractContextManager[Any]:
         """Backward passes whose gradients stay on this rank (per-sample Fisher)."""
-        if isinstance(self.module, FullyShardedDataParallel):
-            return self.module.no_sync()
+        if self.sharded:
+            return self.module.no_sync()  # type: ignore[operator]
         return nullcontext()  # the plain model under DDP never synchronises
 
     def unsharded(self) -> torch.nn.Module:
@@ -274,7 +290,7 @@ class Trainer:
         cuda = [self.device.index] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda):  # adapter init: keep this rank's streams
             models = self.settings.root / "models"
-            base = load_model(config.model, config.quantisation, models, config.seed, fsdp=True)
+            base = load_model(self.base_spec, config.quantisation, models, config.seed, fsdp=True)
             copy = apply_lora(base, config.lora, fsdp=True)
         load_adapter_state(copy, adapter_state(self.model))
         return copy
@@ -307,6 +323,22 @@ class Trainer:
             f"{self.config.batch_size} packed sequences of data"
         )
 
+    def stage_data(self, index: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The stage's real training samples, and those plus earlier stages' rehearsal."""
+        stages = self.config.stages
+        real = load_split(
+            self.store, self.dataset, stages[index].stage, "train", self.dist.rank, self.dist.world
+        )
+        return real, self.with_rehearsal(real, [s.stage for s in stages[:index]])
+
+    def validation_sets(self) -> dict[int, list[dict[str, Any]]]:
+        return {
+            s.stage: load_split(
+                self.store, self.dataset, s.stage, "validation", self.dist.rank, self.dist.world
+            )
+            for s in self.config.stages
+        }
+
     # ------------------------------------------------------------------ steps
 
     def train_step(
@@ -317,14 +349,16 @@ class Trainer:
         batch = collate(packs)
         tokens = (batch["targets"] != -100).sum()
         total = all_sum(tokens.clone().float().to(self.device), self.dist.world)
-        losses = forward_losses(self.module, batch)
+        losses = forward_losses(
+            self.module, batch, self.distillation, self.config.loss_chunk_tokens
+        )
         # DDP averages gradients over ranks: scale so the average is the global token mean.
         data_loss = losses.sum() / total * self.dist.world
         loss = data_loss + penalty(self.model, ewc, lam)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if isinstance(self.module, FullyShardedDataParallel):  # norms over all ranks' shards
-            grad_norm = self.module.clip_grad_norm_(self.config.max_grad_norm)
+        if self.sharded:  # norms over all ranks' shards
+            grad_norm = self.module.clip_grad_norm_(self.config.max_grad_norm)  # type: ignore[operator]
         else:
             params = [p for p in self.model.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
@@ -343,7 +377,7 @@ class Trainer:
         size = self.config.batch_size
         batches = [collate(packs[start : start + size]) for start in range(0, len(packs), size)]
         for batch in self.lockstep(batches):
-            losses = forward_losses(runner, batch)
+            losses = forward_losses(runner, batch, chunk=self.config.loss_chunk_tokens)
             total += torch.stack([losses.sum(), (batch["targets"] != -100).sum().float()])
         all_sum(total, self.dist.world)
         return float(total[0] / total[1]) if total[1] > 0 else None
@@ -367,100 +401,114 @@ class Trainer:
 
     @tracing.traced("train run")
     def run(self) -> dict[str, Any]:
-        config = self.config
-        state = self.resume_state()
-        ewc: EwcState = state["ewc"]
-        step = state["step"]
+        state = self.restore()
         if self.engine is not None and self.dist.main:
-            from exforge.llm.registry import start_run
-
+            config = self.config
             start_run(self.engine, self.run_id, config.model, config.model_dump(mode="json"))
-        self.events.emit("started", step, None, message=f"model {config.model}")
-        validation = {
-            s.stage: load_split(
-                self.store, self.dataset, s.stage, "validation", self.dist.rank, self.dist.world
-            )
-            for s in config.stages
-        }
-        for index in range(state["stage_index"], len(config.stages)):
-            stage = config.stages[index]
-            real = load_split(
-                self.store, self.dataset, stage.stage, "train", self.dist.rank, self.dist.world
-            )
-            samples = self.with_rehearsal(real, [s.stage for s in config.stages[:index]])
-            params = [p for p in self.model.parameters() if p.requires_grad]
-            optimizer = torch.optim.AdamW(
-                params, lr=stage.learning_rate, weight_decay=config.weight_decay
-            )
-            scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s, stage=stage: lr_factor(s, stage)
-            )
-            # Without pacing every difficulty is unlocked from the start.
-            cursor = Cursor(stage.stage, level=1 if config.pacing_threshold is not None else 5)
-            stage_step = 0
-            if index == state["stage_index"] and state.get("trainer"):
-                optimizer.load_state_dict(state["trainer"]["optimizer"])
-                scheduler.load_state_dict(state["trainer"]["scheduler"])
-                cursor = Cursor(**state["cursor"])
-                stage_step = state["stage_step"]
-            if stage_step == 0:
-                self.events.emit("stage", step, stage.stage, message="stage started")
-            while stage_step < stage.steps:
-                started = time.perf_counter()
-                packs, cursor = self.next_batch(samples, cursor)
-                lr = scheduler.get_last_lr()[0]
-                loss, grad_norm, tokens = self.train_step(packs, optimizer, ewc, stage.ewc_lambda)
-                scheduler.step()
-                step += 1
-                stage_step += 1
-                self.log.append(StepLog(step, stage.stage, loss, lr, grad_norm, tokens))
-                metrics = {
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "tokens_per_s": tokens * self.dist.world / (time.perf_counter() - started),
-                    "peak_memory_bytes": float(peak_memory()),
-                }
-                self.events.emit("progress", step, stage.stage, metrics=metrics)
-                self.observe(step, stage.stage, metrics)
-                if config.validate_every and stage_step % config.validate_every == 0:
-                    cursor = self.validate(step, stage.stage, cursor, validation)
-                last = stage_step == stage.steps
-                if last or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                    if last:
-                        fisher = self.fisher(samples)
-                        ewc = consolidate(ewc, self.model, fisher, stage.stage)
-                        if self.dist.main:
-                            plot_importance(
-                                fisher,
-                                self.settings.root
-                                / "runs"
-                                / self.run_id
-                                / f"fisher-stage{stage.stage}.png",
-                                f"stage {stage.stage} parameter importance",
-                            )
-                        self.events.emit("stage", step, stage.stage, message="stage finished")
-                        if config.ssr.enabled and index + 1 < len(config.stages):
-                            self.rehearse(step, stage.stage, real)
-                    position = (index + 1, 0) if last else (index, stage_step)
-                    self.save(step, position, cursor, ewc, optimizer, scheduler, stage.stage)
-                if config.halt_after_step is not None and step >= config.halt_after_step:
-                    self.events.flush()
-                    return self.summary(step, halted=True)
-        return self.finish(step, validation)
+        self.emit("started", state.step, None, message=f"model {self.config.model}")
+        validation = self.validation_sets()
+        for index in range(state.stage_index, len(self.config.stages)):
+            state = self.train_stage(index, state, validation)
+        return self.finish(state.step)
 
-    def observe(self, step: int, stage: int, metrics: dict[str, float]) -> None:
-        """Step metrics to the Prometheus gauges and the progress display (`on_step`)."""
-        if not self.dist.main:
-            return
-        labels = {"run": self.run_id, "stage": str(stage)}
-        telemetry.TRAIN_LOSS.labels(**labels).set(metrics["loss"])
-        telemetry.TRAIN_LR.labels(**labels).set(metrics["lr"])
-        telemetry.TRAIN_GRAD_NORM.labels(**labels).set(metrics["grad_norm"])
-        telemetry.TRAIN_TOKENS_PER_S.labels(**labels).set(metrics["tokens_per_s"])
-        telemetry.TRAIN_PEAK_MEMORY.labels(run=self.run_id).set(metrics["peak_memory_bytes"])
-        if self.on_step is not None:
-            self.on_step(step, stage, metrics)
+    def optimiser(
+        self, stage: StageConfig, state: RecipeState
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """AdamW with the stage's schedule; resumed mid-stage, with its saved state."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            params, lr=stage.learning_rate, weight_decay=self.config.weight_decay
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s, stage=stage: lr_factor(s, stage)
+        )
+        if state.optimizer is not None and state.scheduler is not None:
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+        return optimizer, scheduler
+
+    def train_stage(
+        self, index: int, state: RecipeState, validation: dict[int, list[dict[str, Any]]]
+    ) -> RecipeState:
+        """Train one stage from where `state` stands; returns the state at its end."""
+        config, stage = self.config, self.config.stages[index]
+        real, samples = self.stage_data(index)
+        optimizer, scheduler = self.optimiser(stage, state)
+        # Without pacing every difficulty is unlocked from the start.
+        level = 1 if config.pacing_threshold is not None else 5
+        cursor = state.cursor or Cursor(stage.stage, level=level)
+        step, stage_step, ewc = state.step, state.stage_step, state.ewc
+        if stage_step == 0:
+            self.emit("stage", step, stage.stage, message="stage started")
+        while stage_step < stage.steps:
+            packs, cursor = self.next_batch(samples, cursor)
+            step, stage_step = step + 1, stage_step + 1
+            self.optimise(step, stage, packs, optimizer, scheduler, ewc)
+            if config.validate_every and stage_step % config.validate_every == 0:
+                cursor = self.validate(step, stage.stage, cursor, validation)
+            if stage_step == stage.steps:
+                ewc = self.end_stage(step, index, samples, real, ewc)
+                self.checkpoint(RecipeState(step, index + 1, 0, ewc=ewc), stage.stage)
+            elif config.checkpoint_every and step % config.checkpoint_every == 0:
+                mid = RecipeState(
+                    step,
+                    index,
+                    stage_step,
+                    cursor,
+                    ewc,
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                )
+                self.checkpoint(mid, stage.stage)
+        return RecipeState(step, index + 1, 0, ewc=ewc)
+
+    def optimise(
+        self,
+        step: int,
+        stage: StageConfig,
+        packs: list[Pack],
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        ewc: EwcState,
+    ) -> None:
+        """One optimiser step and its progress event."""
+        started = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        loss, grad_norm, tokens = self.train_step(packs, optimizer, ewc, stage.ewc_lambda)
+        scheduler.step()
+        metrics = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens": float(tokens),
+            "tokens_per_s": tokens * self.dist.world / (time.perf_counter() - started),
+            "peak_memory_bytes": float(peak_memory()),
+        }
+        self.emit("progress", step, stage.stage, metrics=metrics)
+
+    def end_stage(
+        self,
+        step: int,
+        index: int,
+        samples: list[dict[str, Any]],
+        real: list[dict[str, Any]],
+        ewc: EwcState,
+    ) -> EwcState:
+        """Fisher and consolidation (EWC), the importance map, the SSR buffer."""
+        stage = self.config.stages[index].stage
+        fisher = self.fisher(samples)
+        ewc = consolidate(ewc, self.model, fisher, stage)
+        if self.dist.main:
+            path = self.run_dir / f"fisher-stage{stage}.png"
+            plot_importance(fisher, path, f"stage {stage} parameter importance")
+        self.emit("stage", step, stage, message="stage finished")
+        if self.config.ssr.enabled and index + 1 < len(self.config.stages):
+            self.rehearse(step, stage, real)
+        return ewc
+
+    @property
+    def run_dir(self) -> Path:
+        return self.settings.root / "runs" / self.run_id
 
     # ------------------------------------------------------------------ rehearsal
 
@@ -488,13 +536,7 @@ class Trainer:
                 ssr.limit(self.config.seq_len),
             )
             key = store_buffer(self.store, self.run_id, stage, buffer.samples)
-            self.events.emit(
-                "stage",
-                step,
-                stage,
-                message=f"ssr buffer {key}",
-                metrics=buffer.metrics(),
-            )
+            self.emit("stage", step, stage, message=f"ssr buffer {key}", metrics=buffer.metrics())
         if self.dist.world > 1:
             dist.barrier()
 
@@ -509,10 +551,11 @@ class Trainer:
             if s <= stage and (loss := self.validation_loss(samples)) is not None
         }
         current = self.validation_loss(validation[stage], cursor.level)
-        self.validations.append({"step": step, "stage": stage, **losses})
-        self.curriculum.append({"step": step, "level": cursor.level, "loss": current or 0.0})
-        self.events.emit("validation", step, stage, metrics=losses)
-        self.events.flush()
+        unlocked = {"unlocked_level": float(cursor.level)}
+        if current is not None:
+            unlocked["unlocked_loss"] = current
+        self.emit("validation", step, stage, metrics=losses | unlocked)
+        self.flush()
         threshold = self.config.pacing_threshold
         if (
             threshold is not None
@@ -526,66 +569,42 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     @tracing.traced("train checkpoint")
-    def save(
-        self,
-        step: int,
-        position: tuple[int, int],
-        cursor: Cursor,
-        ewc: EwcState,
-        optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler,
-        stage: int,
-    ) -> None:
-        ckpt.save_rank_rng(self.store, self.run_id, step, self.dist.rank)
+    def checkpoint(self, state: RecipeState, stage: int) -> None:
+        """Save `state` with the current adapters and every rank's RNG (rank 0 writes)."""
+        ckpt.save_rank_rng(self.store, self.run_id, state.step, self.dist.rank)
         if self.dist.world > 1:
             dist.barrier()
         if not self.dist.main:
             return
-        state = {
-            "step": step,
-            "stage_index": position[0],
-            "stage_step": position[1],
-            "cursor": cursor.as_dict(),
-            "ewc_stages": ewc.stages,
-            "config": self.config.model_dump(mode="json"),
-        }
-        trainer = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        checkpoint = ckpt.Checkpoint(step, adapter_state(self.model), ewc.tensors(), trainer, state)
-        key = ckpt.save(self.store, self.run_id, checkpoint)
+        state.adapter = adapter_state(self.model)
+        key = ckpt.save(self.store, self.run_id, state, self.config.model_dump(mode="json"))
         if self.engine is not None:
-            from exforge.llm.registry import record_checkpoint
+            steps = self.history.steps
+            metrics = {"loss": steps[-1].loss} if steps else {}
+            record_checkpoint(self.engine, self.run_id, state.step, stage, key, metrics)
+        self.emit("checkpoint", state.step, stage, checkpoint_key=key)
+        self.flush()
 
-            metrics = {"loss": self.log[-1].loss} if self.log else {}
-            record_checkpoint(self.engine, self.run_id, step, stage, key, metrics)
-        self.events.emit("checkpoint", step, stage, checkpoint_key=key)
-        self.events.flush()
-
-    def resume_state(self) -> dict[str, Any]:
-        """Where to start: the latest checkpoint of this run id, or the very beginning."""
-        fresh = {"step": 0, "stage_index": 0, "stage_step": 0, "ewc": EwcState()}
-        step = ckpt.latest_step(self.store, self.run_id)
-        if step is None:
-            return fresh
-        saved = ckpt.load(self.store, self.run_id, step, self.dist.rank)
-        load_adapter_state(self.model, saved.adapter)
-        ckpt.set_rng_state(saved.rng or {})
-        state = saved.state
-        fresh_stage = state["stage_step"] == 0
-        return {
-            **state,
-            "ewc": EwcState.from_tensors(saved.ewc, state["ewc_stages"]),
-            "trainer": None if fresh_stage else saved.trainer,
-        }
+    def restore(self) -> RecipeState:
+        """The run's latest checkpoint, its adapters and RNG loaded; else the beginning."""
+        saved = ckpt.latest(self.store, self.run_id, self.dist.rank)
+        if saved is None:
+            return RecipeState()
+        if saved.adapter is not None:
+            load_adapter_state(self.model, saved.adapter)
+        if saved.rng is not None:
+            ckpt.set_rng_state(saved.rng)
+        return saved
 
     # ------------------------------------------------------------------ the end
 
-    def finish(self, step: int, validation: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
-        summary = self.summary(step, halted=False)
+    def finish(self, step: int) -> dict[str, Any]:
+        summary = self.summary(step)
         if self.dist.main:
             self.plot_curriculum()
             summary["version"] = self.register(summary["final_validation"])
-            self.events.emit("finished", step, None, metrics=summary["final_validation"])
-            self.events.flush()
+            self.emit("finished", step, None, metrics=summary["final_validation"])
+            self.flush()
         return summary
 
     def register(self, metrics: dict[str, float]) -> dict[str, Any] | None:
@@ -595,8 +614,6 @@ class Trainer:
             return None
         from safetensors.torch import save as save_safetensors
 
-        from exforge.llm.registry import finish_run, register_version
-
         key = f"models/{name}/{self.run_id}/adapter.safetensors"
         self.store.put(key, save_safetensors(adapter_state(self.model)))
         config = self.model.peft_config["default"].to_dict()
@@ -604,45 +621,46 @@ class Trainer:
             f"models/{name}/{self.run_id}/adapter_config.json",
             json.dumps(config, default=sorted).encode(),
         )
-        event = register_version(self.engine, name, self.config.model, key, self.run_id, metrics)
-        finish_run(self.engine, self.run_id, "finished", self.log[-1].step if self.log else 0)
+        event = register_version(
+            self.engine, name, self.config.model, key, self.run_id, metrics, self.config.lineage
+        )
+        steps = self.history.steps
+        finish_run(self.engine, self.run_id, "finished", steps[-1].step if steps else 0)
         if self.settings.kafka_bootstrap:
-            import asyncio
-
             from exforge.core.kafka import produce
 
             asyncio.run(produce(self.settings, "models.versions", [(name, event)]))
         return event.model_dump(mode="json")
 
-    def summary(self, step: int, halted: bool) -> dict[str, Any]:
-        last = self.validations[-1] if self.validations else {}
+    def summary(self, step: int) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "step": step,
-            "halted": halted,
-            "losses": [entry.loss for entry in self.log],
-            "final_validation": {k: v for k, v in last.items() if k.startswith("val_loss")},
+            "losses": self.history.losses,
+            "final_validation": self.history.last_validation(),
         }
 
     def plot_curriculum(self) -> Path | None:
         """Difficulty level and validation loss against step, as a PNG beside the run."""
-        if not self.curriculum:
+        points = [v for v in self.history.validations if "unlocked_loss" in v.metrics]
+        if not points:
             return None
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [c["step"] for c in self.curriculum]
+        steps = [v.step for v in points]
         fig, loss_axis = plt.subplots(figsize=(7, 3.5))
-        loss_axis.plot(steps, [c["loss"] for c in self.curriculum], color="tab:blue")
+        loss_axis.plot(steps, [v.metrics["unlocked_loss"] for v in points], color="tab:blue")
         loss_axis.set_xlabel("step")
         loss_axis.set_ylabel("validation loss (unlocked)", color="tab:blue")
         level_axis = loss_axis.twinx()
-        level_axis.step(steps, [c["level"] for c in self.curriculum], color="tab:red", where="post")
+        levels = [v.metrics["unlocked_level"] for v in points]
+        level_axis.step(steps, levels, color="tab:red", where="post")
         level_axis.set_ylabel("difficulty unlocked", color="tab:red")
         fig.tight_layout()
-        path = self.settings.root / "runs" / self.run_id / "curriculum.png"
+        path = self.run_dir / "curriculum.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path)
         plt.close(fig)

@@ -157,9 +157,12 @@ def derived_copies(projects: list[Path], copies: int, dest: Path) -> list[Path]:
     for copy in range(1, copies):
         for project in projects:
             rename = renaming(project, f"c{copy}")
+            # the copy's own mix.exs names it (the original's would give it the same
+            # source id as the original, as the app name is an atom, never renamed)
             files = {
                 str(path.relative_to(project)): rename.apply(path.read_text(errors="replace"))
                 for path in source_files(project)
+                if path != project / "mix.exs"
             }
             out.append(write_package(dest, f"{project.name}_c{copy}", files))
     return out

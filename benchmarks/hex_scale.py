@@ -22,8 +22,9 @@ package), then `exforge worker --until-idle --processes P` processes everything 
 shards. Printed: crawl and processing time, files/s and samples/s, the stage breakdown
 of `benchmarks/pipeline_throughput.py`, each worker's peak RSS, the size of the
 dedup and near-dup state (the workers' RocksDB tables on disk and the table changelog
-topics' message count), and the time for `--project` packages at the measured
-per-package rates (crawl and processing added, as they ran one after the other here).
+topics' message count), and the time for `--project` packages: the crawl and the
+workers' active time scaled per package (added, as they ran one after the other here),
+plus the workers' start-up and final idle check once.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="hex-scale-", dir=args.work_dir))
     try:
         libraries = [
-            Library(p.name, p, source_files(p), renaming(p, ""))
+            Library(p.name, p, [f for f in source_files(p) if f != p / "mix.exs"], renaming(p, ""))
             for p in unpack(args.corpus, work / "corpus")
         ]
         built_at = time.monotonic()
@@ -200,7 +201,9 @@ def main() -> None:
         run = summary(processed, args.processes)
         run.update(launch="processes", table_store=args.table_store, copies=1)
         run["packages"] = args.packages
-        per_package_s = (crawled["seconds"] + processed.wall_s) / args.packages
+        # start-up and the final idle check happen once; crawl and active time scale
+        fixed_s = processed.wall_s - run["active_s"]
+        per_package_s = (crawled["seconds"] + run["active_s"]) / args.packages
         report = {
             "packages": args.packages,
             "made": made,
@@ -211,7 +214,7 @@ def main() -> None:
             "wall_s": round(crawled["seconds"] + processed.wall_s, 1),
             "projected": {
                 "packages": args.project,
-                "hours": round(per_package_s * args.project / 3600, 2),
+                "hours": round((fixed_s + per_package_s * args.project) / 3600, 2),
                 "crawl_hours": round(crawled["seconds"] / args.packages * args.project / 3600, 2),
                 "dedup_state_mb": round(run["tables_mb"] * args.project / args.packages, 1),
             },

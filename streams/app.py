@@ -34,6 +34,7 @@ log = logging.getLogger("exforge.app")
 STAGES = {"ingest": ingest, "parse": parse, "instruct": instruct, "shard": shard}
 
 
+STREAM_BUFFER = 512
 # lock files of the worker directories this process holds, open until it exits
 _HELD_DIRS: list[IO[str]] = []
 
@@ -73,6 +74,9 @@ def create_app(settings: Settings, index: int = 0) -> faust.App:
         broker_session_timeout=10.0,
         broker_heartbeat_interval=1.0,
         stream_wait_empty=False,
+        # unprocessed messages an agent may hold: enough for its largest batch, and so
+        # small that a backlog waits in the broker, not in the worker's memory
+        stream_buffer_maxsize=STREAM_BUFFER,
         table_standby_replicas=0,
         web_enabled=False,
         producer_acks=-1,

@@ -43,9 +43,21 @@ from streams.app import build, check_stages
 from streams.stage import StageContext
 
 log = logging.getLogger("exforge.worker")
-# progress lines show at the default log level and below it (EXFORGE_LOG_LEVEL=WARNING)
 progress_log = logging.getLogger("exforge.progress")
-progress_log.setLevel(logging.INFO)
+
+
+def show_progress_lines() -> None:
+    """Progress lines go to stderr whatever the log level (Faust's handlers drop INFO
+    records under EXFORGE_LOG_LEVEL=WARNING), in the worker's log format."""
+    if progress_log.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter("[%(asctime)s] [%(process)d] [%(levelname)s] %(message)s")
+    )
+    progress_log.addHandler(handler)
+    progress_log.setLevel(logging.INFO)
+    progress_log.propagate = False
 
 
 async def input_lag(settings: Settings) -> list[LagRow]:
@@ -175,6 +187,7 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
 
     progress = Progress(time.monotonic())
     if settings.progress_interval_s:
+        show_progress_lines()
 
         @ctx.app.timer(interval=settings.progress_interval_s, name="progress-log")
         async def report() -> None:

@@ -5,9 +5,10 @@ as one continuously batched run, once per configuration: the default (PyTorch's 
 attention choice, eager step, a KV cache that grows each step) and each option of
 `DecodeOptions` turned on alone: one attention kernel forced (each of those the device
 runs), the step compiled with `torch.compile`, the static KV cache; then all of the
-fastest together. Configurations take turns within each round (round 0 warms every one
-up, compilation included), and each one's speed is also taken as a ratio to the default
-of the same round, so load from other processes cancels out of the ratios.
+fastest together. Configurations take turns within each round, each round starting with
+the next one (round 0 warms every one up, compilation included), and each one's speed is
+also taken as a ratio to the default of the same round, so load from other processes
+cancels out of the ratios.
 
 CPU (the tiny model of Devstral's architecture):
     python benchmarks/decode_speed.py [--repeats R] [--out FILE]
@@ -97,9 +98,10 @@ def measure(
         name: Decoder(model, tokenizer, max_batch=len(prompts), prefix_entries=0, options=opts)
         for name, opts in chosen.items()
     }
-    rounds = []
+    names, rounds = list(decoders), []
     for number in range(repeats + 1):  # round 0: warm-up (and compilation)
-        speeds = {name: timed_batch(d, prompts, sampling) for name, d in decoders.items()}
+        order = names[number % len(names) :] + names[: number % len(names)]  # no favoured slot
+        speeds = {name: timed_batch(decoders[name], prompts, sampling) for name in order}
         if number:
             rounds.append(speeds)
     return rounds

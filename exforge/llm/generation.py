@@ -397,13 +397,13 @@ class Decoder:
         if not self.options.static_cache:
             return DynamicCache(self.kv), mask
         width, block = mask.shape[1], self.options.cache_block
-        if self.static is None or width > self.static.max_cache_len:
+        if self.static is None or width > self.static.get_max_length():
             self.static = StaticCache(
                 config=self.model.config, max_cache_len=-(-width // block) * block
             )
             for layer, (keys, values) in zip(self.static.layers, self.kv, strict=True):
                 layer.update(keys, values)
-        return self.static, F.pad(mask, (0, self.static.max_cache_len - width))
+        return self.static, F.pad(mask, (0, self.static.get_max_length() - width))
 
     def _advance(self, indices: list[int], logits: torch.Tensor) -> None:
         """Sample the next token of the given rows, emit their steps, retire finished."""

@@ -108,7 +108,10 @@ def decode_speed(
     for version, path in directories.items():
         generator = InProcessGenerator.from_dir(path)
         ids = [text_ids(generator.tokenizer, prompt) for prompt in prompts]
-        decoder = Decoder(generator.model, generator.tokenizer, len(ids), options=options)
+        # no prefix cache: every round pays the prompts' prefill, as a first request does
+        decoder = Decoder(
+            generator.model, generator.tokenizer, len(ids), prefix_entries=0, options=options
+        )
         decoders[version] = (decoder, ids)
     sampling = Sampling(max_tokens=max_tokens)
     runs: dict[int, list[Speed]] = {version: [] for version in decoders}

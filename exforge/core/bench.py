@@ -10,6 +10,7 @@ figure with fewer than two runs on either side has no band and is reported unjud
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -50,12 +51,15 @@ class Figures(BaseModel):
 def git_revision(directory: Path | None = None) -> str:
     """The checkout's HEAD commit (with `+dirty` for uncommitted changes), or `unknown`."""
     cwd = directory or Path(__file__).resolve().parent
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
     try:
         head = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+            [git, "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [git, "status", "--porcelain", "--untracked-files=no"],
             cwd=cwd,
             capture_output=True,
             text=True,

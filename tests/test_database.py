@@ -6,6 +6,8 @@ at once, each leave a consistent ledger."""
 from __future__ import annotations
 
 import multiprocessing
+import sqlite3
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import Engine, create_engine, inspect, select, text
 from sqlalchemy.orm import Session
 
 from exforge.core.db import ApiKey, Base, Sample, Shard, alembic_config, engine_for
@@ -29,6 +31,7 @@ SHARD_SIZE = 7
 SAMPLES = 240
 BARRIER_TIMEOUT_S = 60
 JOIN_TIMEOUT_S = 120
+LOCKED_FOR_S = 1.0
 USAGE_RECORDS = 40
 
 
@@ -153,6 +156,30 @@ def test_two_runs_registering_at_once_get_distinct_consecutive_versions(
     versions = list_versions(engine_for(database_url), "m")
     assert sorted(v["version"] for v in versions) == list(range(1, 11))
     assert len({v["run_id"] for v in versions}) == 10
+
+
+def test_a_worker_opening_a_new_sqlite_database_waits_while_another_holds_its_write_lock(
+    tmp_path: Path,
+) -> None:
+    # SQLite answers BUSY at once, busy_timeout or not, to a connection converting a
+    # database to WAL while another process holds the write lock of its rollback journal.
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE other_tool (x INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO other_tool VALUES (1)")
+    opened: list[Engine] = []
+    opening = threading.Thread(target=lambda: opened.append(engine_for(f"sqlite:///{path}")))
+    opening.start()
+    opening.join(LOCKED_FOR_S)
+    assert opening.is_alive(), "gave up while the write lock was held"
+    holder.execute("COMMIT")
+    holder.close()
+    opening.join(JOIN_TIMEOUT_S)
+    assert opened, "did not open the database once the lock was released"
+    with opened[0].connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    opened[0].dispose()
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)

@@ -6,6 +6,8 @@ same row: counts stay exact under at-least-once delivery.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from datetime import UTC, date, datetime
 from functools import cache
 from pathlib import Path
@@ -135,14 +137,32 @@ def alembic_config(url: str) -> Config:
     return config
 
 
+SQLITE_BUSY_TIMEOUT_S = 30
+SQLITE_WAL_RETRY_S = 0.05
+
+
 def _sqlite_connect(dbapi_connection: Any, _record: object) -> None:
     # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own is deferred).
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
-    # WAL lets readers go on while the worker writes; busy_timeout queues writers.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_S * 1000}")  # queues writers
+    _enter_wal(cursor)
     cursor.close()
+
+
+def _enter_wal(cursor: Any) -> None:
+    """WAL lets readers go on while a worker writes. Converting a new database needs an
+    exclusive lock, and SQLite answers BUSY at once, without waiting, when another
+    process holds or wants the write lock (workers starting together): retry."""
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_S
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(SQLITE_WAL_RETRY_S)
 
 
 def _sqlite_begin(connection: Connection) -> None:

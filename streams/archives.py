@@ -1,27 +1,36 @@
-"""Safe in-memory archive reading: tar, gzip'd tar, and the Hex tarball (format 3).
+"""Safe streamed archive reading: tar, gzip'd tar, and the Hex tarball (format 3).
 
 Archives come from the internet, so every member is checked before its bytes are used:
 absolute paths, `..` components, symbolic and hard links, device files and anything but
 regular files and directories are refused, as is a member or a whole archive over the
-size limits. Nothing is extracted to disk: members are read into memory, and a gzip
-stream is inflated in bounded steps, so a gzip bomb stops at the uncompressed limit
-rather than when memory runs out. Each refusal is a `BadMessage` subclass whose class
-name and message say precisely what was wrong (they become the dead letter's reason).
+size limits. Nothing is extracted to disk and no archive is held whole: it is read as a
+stream (from the store's reader, a file, or bytes), inflated in bounded steps and
+passed on one member at a time, so memory is bounded by the largest member (the member
+limit), not by the archive, and a gzip bomb stops at the uncompressed limit rather than
+when memory runs out. A Hex tarball's contents.tar.gz is spooled (to a temporary file
+past `SPOOL_BYTES`) until its checksum is verified, then streamed. Each refusal is a
+`BadMessage` subclass whose class name and message say precisely what was wrong (they
+become the dead letter's reason).
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import tarfile
+import tempfile
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO, Any, BinaryIO, cast
 
 from exforge.core.settings import Settings
 from streams.stage import BadMessage
 
 GZIP_MAGIC = b"\x1f\x8b"
-INFLATE_STEP = 1024 * 1024
+READ_STEP = 1024 * 1024  # bytes read (or inflated) from a stream at a time
+SPOOL_BYTES = 1024 * 1024  # a Hex contents.tar.gz larger than this is spooled to disk
 HEX_OUTER_MEMBERS = ("VERSION", "CHECKSUM", "metadata.config", "contents.tar.gz")
 HEX_FORMAT_VERSION = b"3"
 DEVICE_TYPES = {
@@ -129,31 +138,129 @@ def check_compressed(data: bytes, limits: Limits, what: str = "archive") -> None
         )
 
 
-def inflate(data: bytes, limit: int, what: str = "archive") -> bytes:
-    """Gunzip `data` (all concatenated members) without ever holding more than `limit`
-    bytes of output: a bomb raises `UncompressedTooLarge` after at most limit + 1 MiB."""
-    out = bytearray()
-    remaining = data
+class Bounded(io.RawIOBase):
+    """A reader that passes on at most `limit` bytes of `source`: reading past them raises
+    the error `refuse(total)` makes (so a stream is refused as soon as it is too long,
+    without ever holding it)."""
+
+    def __init__(self, source: BinaryIO, limit: int, refuse: Callable[[int], ArchiveError]) -> None:
+        self.source = source
+        self.limit = limit
+        self.refuse = refuse
+        self.total = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.source.read(len(buffer))
+        self.total += len(data)
+        if self.total > self.limit:
+            raise self.refuse(self.total)
+        buffer[: len(data)] = data
+        return len(data)
+
+
+class Gunzip(io.RawIOBase):
+    """The inflated bytes of a gzip stream (all its concatenated members), `READ_STEP`
+    of input and at most the caller's buffer of output at a time."""
+
+    def __init__(self, source: BinaryIO, what: str) -> None:
+        self.source = source
+        self.what = what
+        self.inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self.tail = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            while True:
+                if self.inflater.eof:
+                    rest = self.inflater.unused_data or self.source.read(READ_STEP)
+                    if not rest:
+                        return 0
+                    self.inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    self.tail = rest
+                if not self.tail:
+                    self.tail = self.source.read(READ_STEP)
+                    if not self.tail:
+                        raise CorruptArchive(f"{self.what}: truncated gzip stream")
+                out = self.inflater.decompress(self.tail, len(buffer))
+                self.tail = self.inflater.unconsumed_tail
+                if out:
+                    buffer[: len(out)] = out
+                    return len(out)
+        except zlib.error as exc:
+            raise CorruptArchive(f"{self.what}: corrupt gzip stream: {exc}") from exc
+
+
+def tar_stream(source: BinaryIO, limits: Limits, what: str = "archive") -> BinaryIO:
+    """The tar bytes of a tar or gzip'd tar read from `source`, within the compressed and
+    uncompressed limits (a gzip bomb stops at the uncompressed limit)."""
+
+    def over_compressed(total: int) -> ArchiveError:
+        return ArchiveTooLarge(f"{what} is over the {limits.compressed}-byte compressed limit")
+
+    def over_uncompressed(total: int) -> ArchiveError:
+        return UncompressedTooLarge(
+            f"{what} inflates past the {limits.uncompressed}-byte uncompressed limit"
+        )
+
+    compressed = io.BufferedReader(Bounded(source, limits.compressed, over_compressed))
+    raw: BinaryIO = compressed
+    if compressed.peek(len(GZIP_MAGIC)).startswith(GZIP_MAGIC):
+        raw = io.BufferedReader(Gunzip(compressed, what), READ_STEP)
+    return io.BufferedReader(Bounded(raw, limits.uncompressed, over_uncompressed), READ_STEP)
+
+
+class MemberReader(io.RawIOBase):
+    """The bytes of the current member of a streamed tar; a stream that ends early is a
+    `CorruptArchive`."""
+
+    def __init__(self, handle: IO[bytes], what: str) -> None:
+        self.handle = handle
+        self.what = what
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            data = self.handle.read(len(buffer))
+        except (tarfile.TarError, EOFError) as exc:
+            raise CorruptArchive(f"corrupt {self.what}: {exc}") from exc
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def tar_entries(
+    source: BinaryIO | bytes, limits: Limits, what: str = "archive"
+) -> Iterator[tuple[str, BinaryIO]]:
+    """Every regular file of a tar or gzip'd tar, checked, in archive order, as (safe
+    path, reader of its bytes), read from `source` as a stream: one member at a time, a
+    member's reader valid until the next is asked for. After the last member the rest
+    of the stream is read through (not kept), so the limits and the gzip framing hold
+    for all of it."""
+    if isinstance(source, bytes):
+        check_compressed(source, limits, what)  # known before reading
+        source = io.BytesIO(source)
+    stream = tar_stream(source, limits, what)
     try:
-        while remaining:
-            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-            chunk = remaining
-            while chunk:
-                out += inflater.decompress(chunk, INFLATE_STEP)
-                if len(out) > limit:
-                    raise UncompressedTooLarge(
-                        f"{what} inflates past the {limit}-byte uncompressed limit"
-                    )
-                chunk = inflater.unconsumed_tail
-            out += inflater.flush()
-            if not inflater.eof:
-                raise CorruptArchive(f"{what}: truncated gzip stream")
-            remaining = inflater.unused_data
-    except zlib.error as exc:
-        raise CorruptArchive(f"{what}: corrupt gzip stream: {exc}") from exc
-    if len(out) > limit:
-        raise UncompressedTooLarge(f"{what} inflates past the {limit}-byte uncompressed limit")
-    return bytes(out)
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for info in tar:
+                path = check_member(info, limits)
+                if path is None:
+                    continue
+                handle = tar.extractfile(info)
+                if handle is None:
+                    raise CorruptArchive(f"{what}: member {info.name!r} has no data")
+                yield path, cast(BinaryIO, MemberReader(handle, what))
+        while stream.read(READ_STEP):
+            pass
+    except (tarfile.TarError, EOFError) as exc:
+        raise CorruptArchive(f"corrupt {what}: {exc}") from exc
 
 
 def safe_path(name: str) -> str:
@@ -189,80 +296,139 @@ def check_member(member: tarfile.TarInfo, limits: Limits) -> str | None:
     return path
 
 
-def read_tar(data: bytes, limits: Limits, what: str = "archive") -> list[Member]:
-    """Every regular file of a tar or gzip'd tar, checked, in archive order."""
-    check_compressed(data, limits, what)
-    raw = inflate(data, limits.uncompressed, what) if data.startswith(GZIP_MAGIC) else data
-    if len(raw) > limits.uncompressed:
-        raise UncompressedTooLarge(
-            f"{what} is {len(raw)} bytes, over the {limits.uncompressed}-byte uncompressed limit"
-        )
-    members: list[Member] = []
-    try:
-        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
-            for info in tar:
-                path = check_member(info, limits)
-                if path is None:
-                    continue
-                handle = tar.extractfile(info)
-                if handle is None:
-                    raise CorruptArchive(f"{what}: member {info.name!r} has no data")
-                members.append(Member(path, handle.read()))
-    except (tarfile.TarError, EOFError) as exc:
-        raise CorruptArchive(f"corrupt {what}: {exc}") from exc
-    return members
+def members(source: BinaryIO | bytes, limits: Limits, what: str = "archive") -> Iterator[Member]:
+    """Every regular file of a tar or gzip'd tar, checked, in archive order, one at a time."""
+    for path, handle in tar_entries(source, limits, what):
+        yield Member(path, handle.read())
+
+
+def read_tar(data: bytes | BinaryIO, limits: Limits, what: str = "archive") -> list[Member]:
+    """Every regular file of a tar or gzip'd tar, checked, in archive order, in a list."""
+    return list(members(data, limits, what))
 
 
 @dataclass(frozen=True)
 class HexTarball:
-    """A Hex package tarball (format 3), verified and unpacked in memory."""
+    """A Hex package tarball (format 3), its layout and inner checksum verified."""
 
     metadata_config: str
-    contents: bytes  # the gzip'd inner tar, still compressed
+    contents: BinaryIO  # the gzip'd inner tar, still compressed, spooled, at its start
     inner_checksum: str
 
 
-def looks_like_hex_tarball(members: list[Member]) -> bool:
-    names = {m.path for m in members}
-    return "VERSION" in names and "contents.tar.gz" in names
+def spool(handle: BinaryIO) -> BinaryIO:
+    """A copy of the stream `handle`, in memory up to `SPOOL_BYTES`, else in a temporary
+    file; at its start."""
+    copy = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 (returned)
+    shutil.copyfileobj(handle, copy, READ_STEP)
+    copy.seek(0)
+    return cast(BinaryIO, copy)
 
 
-def read_hex_tarball(data: bytes, limits: Limits) -> HexTarball:
+def read_hex_tarball(data: bytes | BinaryIO, limits: Limits) -> HexTarball:
     """Check the outer layout (VERSION "3", CHECKSUM, metadata.config, contents.tar.gz)
     and the inner checksum: sha256 of VERSION, metadata.config and contents.tar.gz."""
-    members = read_tar(data, limits, "hex tarball")
-    return hex_tarball(members)
+    small: dict[str, bytes] = {}
+    contents: BinaryIO | None = None
+    names: list[str] = []
+    for path, handle in tar_entries(data, limits, "hex tarball"):
+        names.append(path)
+        if path == "contents.tar.gz":
+            contents = spool(handle)
+        else:
+            small[path] = handle.read()
+    return hex_tarball(names, small, contents)
 
 
-def hex_tarball(members: list[Member]) -> HexTarball:
-    by_name = {m.path: m.data for m in members}
-    names = [m.path for m in members]
-    if sorted(names) != sorted(HEX_OUTER_MEMBERS):
+def hex_tarball(names: list[str], small: dict[str, bytes], contents: BinaryIO | None) -> HexTarball:
+    """The tarball of these outer members (`small`: all but contents.tar.gz, read), its
+    layout and inner checksum checked."""
+    if sorted(names) != sorted(HEX_OUTER_MEMBERS) or contents is None:
         raise NotHexTarball(
             f"hex tarball has members {names}, expected exactly {list(HEX_OUTER_MEMBERS)}"
         )
-    version = by_name["VERSION"].strip()
+    version = small["VERSION"].strip()
     if version != HEX_FORMAT_VERSION:
         raise NotHexTarball(f"hex tarball format {version.decode(errors='replace')!r} is not 3")
-    digest = hashlib.sha256(
-        by_name["VERSION"] + by_name["metadata.config"] + by_name["contents.tar.gz"]
-    ).hexdigest()
-    declared = by_name["CHECKSUM"].strip().decode(errors="replace").lower()
-    if declared != digest:
-        raise NotHexTarball(f"hex tarball inner CHECKSUM {declared} does not match {digest}")
+    digest = hashlib.sha256(small["VERSION"] + small["metadata.config"])
+    shutil.copyfileobj(contents, HashSink(digest), READ_STEP)
+    contents.seek(0)
+    declared = small["CHECKSUM"].strip().decode(errors="replace").lower()
+    if declared != digest.hexdigest():
+        raise NotHexTarball(
+            f"hex tarball inner CHECKSUM {declared} does not match {digest.hexdigest()}"
+        )
     try:
-        metadata = by_name["metadata.config"].decode("utf-8")
+        metadata = small["metadata.config"].decode("utf-8")
     except UnicodeDecodeError as exc:
         raise NotHexTarball(f"hex metadata.config is not UTF-8 at byte {exc.start}") from None
-    return HexTarball(metadata, by_name["contents.tar.gz"], digest)
+    return HexTarball(metadata, contents, digest.hexdigest())
 
 
-def source_members(archive: bytes, limits: Limits, strip_root: bool = False) -> list[Member]:
-    """The files of a source archive: a Hex tarball's inner contents, or a plain (gzip'd)
-    tar; `strip_root` drops the single top directory GitHub archives put everything in."""
-    members = read_tar(archive, limits)
-    if looks_like_hex_tarball(members):
-        members = read_tar(hex_tarball(members).contents, limits, "hex contents.tar.gz")
-    if strip_root:
-        members = [Member(m.path.partition("/")[2], m.data) for m in members if "/" in m.path]
-    return members
+@dataclass(frozen=True)
+class HashSink:
+    """A writable end that only feeds a hash."""
+
+    digest: Any
+
+    def write(self, data: bytes) -> int:
+        self.digest.update(data)
+        return len(data)
+
+
+def source_members(
+    archive: bytes | BinaryIO, limits: Limits, strip_root: bool = False
+) -> Iterator[Member]:
+    """The files of a source archive, one at a time: a Hex tarball's inner contents, or
+    a plain (gzip'd) tar; `strip_root` drops the single top directory GitHub archives put
+    everything in.
+
+    The archive is read as a stream. Members named like a Hex tarball's are held back
+    (contents.tar.gz spooled) while every member so far has such a name; at the end, an
+    archive with VERSION and contents.tar.gz is a Hex tarball, checked as one and its
+    inner tar streamed from the spool. Once another name appears, it is a plain tar and
+    what was held back is passed on first."""
+    for member in _unwrapped(archive, limits):
+        if not strip_root:
+            yield member
+        elif "/" in member.path:
+            yield Member(member.path.partition("/")[2], member.data)
+
+
+def _unwrapped(archive: bytes | BinaryIO, limits: Limits) -> Iterator[Member]:
+    names: list[str] = []
+    small: dict[str, bytes] = {}
+    contents: BinaryIO | None = None
+    held = True
+    for path, handle in tar_entries(archive, limits):
+        if held and path in HEX_OUTER_MEMBERS and path not in names:
+            names.append(path)
+            if path == "contents.tar.gz":
+                contents = spool(handle)
+            else:
+                small[path] = handle.read()
+            continue
+        if held:
+            held = False
+            yield from _held_back(names, small, contents)
+        yield Member(path, handle.read())
+    if not held:
+        return
+    if "VERSION" in names and "contents.tar.gz" in names:
+        inner = hex_tarball(names, small, contents).contents
+        with inner:
+            yield from members(inner, limits, "hex contents.tar.gz")
+    else:
+        yield from _held_back(names, small, contents)
+
+
+def _held_back(
+    names: list[str], small: dict[str, bytes], contents: BinaryIO | None
+) -> Iterator[Member]:
+    for name in names:
+        if name == "contents.tar.gz":
+            assert contents is not None
+            with contents:
+                yield Member(name, contents.read())
+        else:
+            yield Member(name, small[name])

@@ -1,8 +1,9 @@
 """Parse stage: `raw.packages` → Elixir files, analysed, filtered → dedup → `parsed.files`.
 
-The `parse` agent reads each archive from the store in memory (never extracting to
-disk), runs every `.ex`/`.exs` file through the per-file steps of `streams.files`
-(path, encoding, redaction, syntax, quality and contamination filters) and emits each
+The `parse` agent reads each archive from the store as a stream, one member at a time
+(never extracting to disk, never holding the archive whole), runs every `.ex`/`.exs`
+file through the per-file steps of `streams.files` (path, encoding, redaction, syntax,
+quality and contamination filters) and emits each
 kept file keyed by the sha256 of its normalised content to `files.candidates`; the
 agents of `streams.dedup` then remove exact and near duplicates.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from exforge.core.store import ObjectNotFound, ObjectStore, sha256_hex
 from exforge.core.telemetry import REDACTIONS
@@ -42,11 +44,11 @@ class SourceFile:
 
 
 def elixir_members(
-    archive: bytes, limits: Limits | None = None, strip_root: bool = False
+    archive: bytes | BinaryIO, limits: Limits | None = None, strip_root: bool = False
 ) -> Iterator[SourceFile]:
     """The `.ex`/`.exs` files of a source archive (a Hex format-3 tarball's contents, or
-    a plain or gzip'd tar), read in memory by the safe reader: a hostile member or an
-    archive over the limits refuses the whole archive with a precise `ArchiveError`."""
+    a plain or gzip'd tar), streamed by the safe reader: a hostile member or an archive
+    over the limits refuses the whole archive with a precise `ArchiveError`."""
     for member in source_members(archive, limits or Limits.defaults(), strip_root):
         if member.path.endswith(ELIXIR_SUFFIXES):
             yield SourceFile(member.path, member.data)
@@ -65,28 +67,32 @@ def attach(ctx: StageContext) -> None:
     settings = ctx.settings
     steps = FileSteps.from_settings(settings)
 
+    def outcomes(package: RawPackage) -> Iterator[tuple[str, Dropped | ParsedFile]]:
+        """Each file of the package and what became of it; the archive's sha256 is
+        checked (reading it as a stream) before any of its bytes are used."""
+        if package.kind == "book":
+            pdf = ctx.store.get(package.archive_key)
+            if sha256_hex(pdf) != package.sha256:
+                raise BadMessage(f"archive {package.archive_key} does not match its sha256")
+            for segment in book_files(package, pdf):
+                yield segment.path, cleaned_book_segment(segment, ctx.store, steps)
+            return
+        if ctx.store.sha256(package.archive_key) != package.sha256:
+            raise BadMessage(f"archive {package.archive_key} does not match its sha256")
+        limits = Limits.from_settings(settings)
+        with ctx.store.reader(package.archive_key) as archive:
+            for m in elixir_members(archive, limits, strip_root=package.kind == "github"):
+                yield m.path, file_outcome(package, m.path, m.data, ctx.store, steps)
+
     def handle_package(value: bytes, key: str | None) -> Result:
         package = RawPackage.model_validate_json(value)
+        result = Result()
+        dropped: list[Outcome] = []
         try:
-            archive = ctx.store.get(package.archive_key)
+            files = list(outcomes(package))
         except ObjectNotFound:
             raise BadMessage(f"archive {package.archive_key} is not in the store") from None
-        if sha256_hex(archive) != package.sha256:
-            raise BadMessage(f"archive {package.archive_key} does not match its sha256")
-        result = Result()
-        if package.kind == "book":
-            outcomes = (
-                (segment.path, cleaned_book_segment(segment, ctx.store, steps))
-                for segment in book_files(package, archive)
-            )
-        else:
-            limits = Limits.from_settings(settings)
-            members = elixir_members(archive, limits, strip_root=package.kind == "github")
-            outcomes = (
-                (m.path, file_outcome(package, m.path, m.data, ctx.store, steps)) for m in members
-            )
-        dropped: list[Outcome] = []
-        for path, outcome in outcomes:
+        for path, outcome in files:
             result.count("files")
             if isinstance(outcome, Dropped):
                 if outcome.failure is not None:

@@ -42,6 +42,7 @@ from exforge.core.telemetry import (
 )
 from schemas.catalogue import topic_name
 from schemas.records import DeadLetter, Record
+from streams import tables
 
 log = logging.getLogger("exforge.stage")
 
@@ -140,25 +141,13 @@ class StageContext:
 
     def table(self, name: str) -> faust.Table:
         """A Faust table of str → str, partitioned like the topics, in the store the
-        settings choose (RocksDB with small caches: `table_cache_mb` per partition)."""
-        options: dict[str, Any] | None = None
-        if self.settings.table_store == "rocksdb":
-            cache = self.settings.table_cache_mb * 2**20
-            options = {
-                "driver": "rocksdict",
-                "block_cache_size": cache,
-                "block_cache_compressed_size": 0,
-                "write_buffer_size": cache // 2,
-                "max_write_buffer_number": 2,
-                "max_open_files": 256,
-            }
-        return self.app.Table(
+        settings choose (RocksDB within the process's `table_cache_mb`)."""
+        rocksdb = self.settings.table_store == "rocksdb"
+        return tables.table(
+            self.app,
             name,
-            default=str,
-            partitions=self.settings.topic_partitions,
-            key_type=str,
-            value_type=str,
-            options=options,
+            self.settings.topic_partitions,
+            self.settings.table_cache_mb if rocksdb else None,
         )
 
     def touch(self, stage: str) -> None:

@@ -13,6 +13,11 @@ Progress: every `progress_interval_s` a worker logs one line: what its stages ha
 since the last line (packages, files, samples, and their rates) and, for the whole
 group, each stage's backlog with its consumption rate and ETA.
 
+Memory: a worker caps its malloc arenas and gives freed heap back to the system every
+`RELEASE_INTERVAL_S` (`exforge.core.memory`), so that its resident size follows its live
+memory, which the corpus does not grow: archives are streamed, the tables are in RocksDB
+within one budget (`streams.tables`), caches are bounded.
+
 Processes: `run_workers` starts N worker processes on this machine (`exforge worker
 --processes N`), members of the same consumer group, each with its own tables
 directory and metrics port; partitions are shared out among them like among machines.
@@ -33,7 +38,7 @@ from dataclasses import dataclass, field
 import faust
 from faust.types import TP
 
-from exforge.core import anomaly, tracing
+from exforge.core import anomaly, memory, tracing
 from exforge.core.kafka import LagRow, consumer_lag, create_topics, eta_text, stage_progress
 from exforge.core.settings import Settings
 from exforge.core.telemetry import CONSUMER_LAG, STALLED_PARTITIONS, serve_metrics
@@ -44,6 +49,9 @@ from streams.stage import StageContext
 
 log = logging.getLogger("exforge.worker")
 progress_log = logging.getLogger("exforge.progress")
+
+MALLOC_ARENAS = 2  # the event loop's, and one for every other thread
+RELEASE_INTERVAL_S = 5.0
 
 
 def show_progress_lines() -> None:
@@ -173,6 +181,7 @@ class Progress:
 
 def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, index: int = 0) -> int:
     """Run a Faust worker (process `index` of this machine) here; return its exit code."""
+    memory.limit_arenas(MALLOC_ARENAS)  # before any thread starts
     tracing.setup("exforge-worker")
     asyncio.run(create_topics(settings))
     ctx = build(settings, stages, index)
@@ -192,6 +201,10 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
         @ctx.app.timer(interval=settings.progress_interval_s, name="progress-log")
         async def report() -> None:
             progress_log.info("%s", progress.line(settings, ctx.items, time.monotonic()))
+
+    @ctx.app.timer(interval=RELEASE_INTERVAL_S, name="release-free-memory")
+    async def release() -> None:
+        memory.release_free_memory()
 
     @ctx.app.timer(interval=2.0, name="lag-and-idle-watch")
     async def watch() -> None:

@@ -228,7 +228,11 @@ class Settings(BaseSettings):
         ),
     )
     table_cache_mb: PositiveInt = Field(
-        8, description="RocksDB block cache and write buffers per table partition, MiB."
+        64,
+        description=(
+            "RocksDB memory of a worker process's tables, MiB: one block cache shared by "
+            "every table and partition, their write buffers and index blocks charged to it."
+        ),
     )
     log_level: str = Field("INFO", description="Log level of the worker and CLI.")
     eval_timeout_s: float = Field(

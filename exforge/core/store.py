@@ -12,7 +12,9 @@ import os
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import BinaryIO, cast
 from urllib.parse import unquote, urlparse
 
 from exforge.core.settings import Settings
@@ -28,6 +30,11 @@ class ObjectNotFound(KeyError):
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_of_stream(handle: BinaryIO) -> str:
+    """The sha256 of everything `handle` has left to read, read in bounded steps."""
+    return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _check_key(key: str) -> str:
@@ -47,6 +54,16 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def get(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def reader(self, key: str) -> AbstractContextManager[BinaryIO]:
+        """The object's bytes as a stream, closed on leaving the context (for objects
+        too large to hold whole); `ObjectNotFound` when there is none."""
+
+    def sha256(self, key: str) -> str:
+        """The sha256 of an object, read as a stream."""
+        with self.reader(key) as handle:
+            return sha256_of_stream(handle)
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...
@@ -93,6 +110,15 @@ class FileStore(ObjectStore):
             return self._path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
+
+    @contextmanager
+    def reader(self, key: str) -> Iterator[BinaryIO]:
+        try:
+            handle = self._path(key).open("rb")
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ObjectNotFound(key) from None
+        with handle:
+            yield handle
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -143,6 +169,11 @@ class S3Store(ObjectStore):
         self.client.put_object(self.bucket, _check_key(key), io.BytesIO(data), len(data))
 
     def get(self, key: str) -> bytes:
+        with self.reader(key) as response:
+            return response.read()
+
+    @contextmanager
+    def reader(self, key: str) -> Iterator[BinaryIO]:
         from minio.error import S3Error
 
         try:
@@ -152,7 +183,7 @@ class S3Store(ObjectStore):
                 raise ObjectNotFound(key) from None
             raise
         try:
-            return response.read()
+            yield cast(BinaryIO, response)
         finally:
             response.close()
             response.release_conn()

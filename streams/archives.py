@@ -29,7 +29,7 @@ from exforge.core.settings import Settings
 from streams.stage import BadMessage
 
 GZIP_MAGIC = b"\x1f\x8b"
-READ_STEP = 1024 * 1024  # bytes read (or inflated) from a stream at a time
+READ_STEP = 256 * 1024  # bytes read (or inflated) from a stream at a time
 SPOOL_BYTES = 1024 * 1024  # a Hex contents.tar.gz larger than this is spooled to disk
 HEX_OUTER_MEMBERS = ("VERSION", "CHECKSUM", "metadata.config", "contents.tar.gz")
 HEX_FORMAT_VERSION = b"3"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import io
 import os
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -172,3 +175,66 @@ def test_normalise_accepts_spdx_ids_in_any_case() -> None:
     assert normalise("apache-2.0") == "Apache-2.0"
     assert normalise("isc") == "ISC"
     assert normalise("Something Else") is None
+
+
+MEMBER_BYTES = 1 << 20
+STREAM_LIMITS = Limits(compressed=64 << 20, uncompressed=256 << 20, member=32 << 20)
+
+
+def write_large_archive(path: Path, members: int, hex_layout: bool) -> None:
+    """A gzip'd tar of `members` incompressible 1 MiB files written to `path` member by
+    member (so the test itself never holds it), as a Hex tarball when `hex_layout`."""
+    inner = path.with_suffix(".contents") if hex_layout else path
+    with tarfile.open(inner, mode="w:gz", compresslevel=1) as tar:
+        for index in range(members):
+            info = tarfile.TarInfo(f"lib/m{index}.ex")
+            info.size = MEMBER_BYTES
+            tar.addfile(info, io.BytesIO(os.urandom(MEMBER_BYTES)))
+    if not hex_layout:
+        return
+    version, metadata = b"3", metadata_config({"name": "big", "version": "1.0.0"})
+    digest = hashlib.sha256(version + metadata)
+    with inner.open("rb") as handle:
+        digest.update(handle.read())  # the helper may; the reader under test may not
+    with tarfile.open(path, mode="w") as tar:
+        for name, data in (
+            ("VERSION", version),
+            ("CHECKSUM", digest.hexdigest().upper().encode()),
+            ("metadata.config", metadata),
+        ):
+            tar.addfile(file_entry(name, data)[0], io.BytesIO(data))
+        tar.add(inner, arcname="contents.tar.gz")
+    inner.unlink()
+
+
+@pytest.mark.parametrize("hex_layout", [False, True], ids=["tar.gz", "hex"])
+def test_a_large_archive_is_streamed_with_memory_bounded_by_a_member(
+    hex_layout: bool, tmp_path: Path
+) -> None:
+    members = 24
+    path = tmp_path / "big.tar"
+    write_large_archive(path, members, hex_layout)
+    size = path.stat().st_size
+    assert size > members * MEMBER_BYTES  # incompressible: the archive is as large
+    seen = 0
+    tracemalloc.start()
+    try:
+        with path.open("rb") as handle:
+            for member in source_members(handle, STREAM_LIMITS):
+                assert len(member.data) == MEMBER_BYTES
+                seen += 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert seen == members
+    # a few members and read buffers at a time, never the archive
+    assert peak < size / 4, f"peak {peak} bytes for a {size}-byte archive"
+
+
+def test_streamed_hex_tarball_still_verifies_its_inner_checksum(tmp_path: Path) -> None:
+    path = tmp_path / "big.tar"
+    write_large_archive(path, 3, hex_layout=True)
+    data = bytearray(path.read_bytes())
+    data[-4096] ^= 0xFF  # inside contents.tar.gz (the last member), past the headers
+    with pytest.raises(archives.ArchiveError):
+        list(source_members(io.BytesIO(bytes(data)), STREAM_LIMITS))

@@ -49,6 +49,18 @@ def test_put_get_round_trip(store: ObjectStore, data: bytes) -> None:
     assert store.exists("dir/blob.bin")
 
 
+def test_reader_streams_an_object_in_steps_and_hashes_it(store: ObjectStore) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    store.put("raw/blob.tar", data)
+    with store.reader("raw/blob.tar") as handle:
+        first = handle.read(1024)
+        rest = handle.read()
+    assert first + rest == data and len(first) == 1024
+    assert store.sha256("raw/blob.tar") == hashlib.sha256(data).hexdigest()
+    with pytest.raises(ObjectNotFound), store.reader("raw/absent.tar"):
+        pass
+
+
 def test_put_overwrites(store: ObjectStore) -> None:
     store.put("k", b"old content, longer than the new one")
     store.put("k", b"new")

@@ -86,7 +86,11 @@ class ChecksumMismatch(ArchiveError):
 
 def verify_sha256(data: bytes, expected: str | None, what: str = "archive") -> str:
     """The sha256 of `data`, checked against the expected one (when there is one)."""
-    actual = hashlib.sha256(data).hexdigest()
+    return check_sha256(hashlib.sha256(data).hexdigest(), expected, what)
+
+
+def check_sha256(actual: str, expected: str | None, what: str = "archive") -> str:
+    """`actual`, when it is the expected sha256 (or nothing was expected)."""
     if expected is not None and actual != expected.lower():
         raise ChecksumMismatch(f"{what} sha256 {actual} does not match the expected {expected}")
     return actual
@@ -131,10 +135,10 @@ class Member:
     data: bytes
 
 
-def check_compressed(data: bytes, limits: Limits, what: str = "archive") -> None:
-    if len(data) > limits.compressed:
+def check_compressed(size: int, limits: Limits, what: str = "archive") -> None:
+    if size > limits.compressed:
         raise ArchiveTooLarge(
-            f"{what} is {len(data)} bytes, over the {limits.compressed}-byte compressed limit"
+            f"{what} is {size} bytes, over the {limits.compressed}-byte compressed limit"
         )
 
 
@@ -244,7 +248,7 @@ def tar_entries(
     of the stream is read through (not kept), so the limits and the gzip framing hold
     for all of it."""
     if isinstance(source, bytes):
-        check_compressed(source, limits, what)  # known before reading
+        check_compressed(len(source), limits, what)  # known before reading
         source = io.BytesIO(source)
     stream = tar_stream(source, limits, what)
     try:

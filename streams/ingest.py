@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
@@ -27,6 +27,7 @@ from streams.archives import (
     ChecksumMismatch,
     Limits,
     check_compressed,
+    check_sha256,
     read_hex_tarball,
     verify_sha256,
 )
@@ -113,14 +114,6 @@ class IngestDeps:
         self.clients.clear()
 
 
-async def _from_store(request: SourceRequest, deps: IngestDeps) -> bytes:
-    assert request.archive_key is not None
-    try:
-        return await asyncio.to_thread(deps.store.get, request.archive_key)
-    except ObjectNotFound:
-        raise BadMessage(f"archive {request.archive_key} is not in the store") from None
-
-
 async def _fetch_hex(request: SourceRequest, deps: IngestDeps) -> bytes:
     client = HexClient(deps.settings, deps.client("hex"))
     return await client.tarball(request.name, request.version, request.sha256)
@@ -135,29 +128,60 @@ Fetcher = Callable[[SourceRequest, IngestDeps], Awaitable[bytes]]
 FETCHERS: dict[str, Fetcher] = {"hex": _fetch_hex, "github": _fetch_github}
 
 
-async def fetch(request: SourceRequest, deps: IngestDeps) -> tuple[bytes, bool]:
-    """The archive's bytes, and whether they were fetched (so still need storing)."""
-    if request.archive_key is not None:
-        return await _from_store(request, deps), False
+async def fetch(request: SourceRequest, deps: IngestDeps) -> bytes:
+    """The archive's bytes, from its source (a request without archive_key)."""
     fetcher = FETCHERS.get(request.kind)
     if fetcher is None:
         raise BadMessage(f"a {request.kind} source request needs archive_key (upload it first)")
     try:
-        return await fetcher(request, deps), True
+        return await fetcher(request, deps)
     except MissingSetting as exc:
         raise BadMessage(str(exc)) from exc
 
 
-def check_archive(request: SourceRequest, data: bytes, limits: Limits) -> dict[str, str]:
-    """What the archive must be for its kind; metadata learnt on the way."""
-    check_compressed(data, limits, f"{request.kind} archive")
+def check_archive(
+    request: SourceRequest, archive: bytes | BinaryIO, size: int, limits: Limits
+) -> dict[str, str]:
+    """What the archive (`size` bytes, whole or as a stream) must be for its kind;
+    metadata learnt on the way."""
+    check_compressed(size, limits, f"{request.kind} archive")
     if request.kind == "hex":
-        metadata = parse_metadata(read_hex_tarball(data, limits).metadata_config)
+        metadata = parse_metadata(read_hex_tarball(archive, limits).metadata_config)
         licenses = metadata.get("licenses") or []
         return {"metadata_licenses": " OR ".join(str(x) for x in licenses)}
-    if request.kind == "book" and not data.startswith(PDF_MAGIC):
-        raise NotAPdf(f"book {request.source_id} is not a PDF (no %PDF- header)")
+    if request.kind == "book":
+        header = archive if isinstance(archive, bytes) else archive.read(len(PDF_MAGIC))
+        if not header.startswith(PDF_MAGIC):
+            raise NotAPdf(f"book {request.source_id} is not a PDF (no %PDF- header)")
     return {}
+
+
+@dataclass(frozen=True)
+class Checked:
+    """An archive verified and checked: its sha256, size and what was learnt."""
+
+    sha256: str
+    size: int
+    learnt: dict[str, str]
+
+
+def check_stored(request: SourceRequest, deps: IngestDeps) -> Checked:
+    """An archive already in the store (uploaded by the CLI), read as a stream: hashed,
+    then checked, never held whole."""
+    assert request.archive_key is not None
+    try:
+        sha256, size = deps.store.digest(request.archive_key)
+        check_sha256(sha256, request.sha256)
+        with deps.store.reader(request.archive_key) as archive:
+            learnt = check_archive(request, archive, size, deps.limits)
+    except ObjectNotFound:
+        raise BadMessage(f"archive {request.archive_key} is not in the store") from None
+    return Checked(sha256, size, learnt)
+
+
+def check_fetched(request: SourceRequest, data: bytes, limits: Limits) -> Checked:
+    sha256 = verify_archive(data, request.sha256)
+    return Checked(sha256, len(data), check_archive(request, data, len(data), limits))
 
 
 FETCHED_SUFFIX = {"hex": ".tar", "github": ".tar.gz"}
@@ -165,9 +189,13 @@ FETCHED_SUFFIX = {"hex": ".tar", "github": ".tar.gz"}
 
 async def ingest_request(request: SourceRequest, deps: IngestDeps) -> Result:
     """Fetch, verify, gate and store one source; the `raw.packages` record to emit."""
-    data, fetched = await fetch(request, deps)
-    sha256 = verify_archive(data, request.sha256)
-    learnt = await asyncio.to_thread(check_archive, request, data, deps.limits)
+    fetched = request.archive_key is None
+    data = await fetch(request, deps) if fetched else b""
+    if fetched:
+        checked = await asyncio.to_thread(check_fetched, request, data, deps.limits)
+    else:
+        checked = await asyncio.to_thread(check_stored, request, deps)
+    learnt = checked.learnt
     declared = request.license or learnt.get("metadata_licenses") or None
     license_label = declared
     if request.kind in GATED_KINDS:
@@ -185,7 +213,7 @@ async def ingest_request(request: SourceRequest, deps: IngestDeps) -> Result:
             deps.store.put_content_addressed, prefix, data, FETCHED_SUFFIX[request.kind]
         )
     package = raw_package(
-        request, key, sha256, len(data), license_label, {**learnt, "fetched": fetched}
+        request, key, checked.sha256, checked.size, license_label, {**learnt, "fetched": fetched}
     )
     await asyncio.to_thread(record_package, deps.engine, package)
     return Result(outputs=[Output("raw.packages", package.source_id, package)])

@@ -77,7 +77,7 @@ def attach(ctx: StageContext) -> None:
             for segment in book_files(package, pdf):
                 yield segment.path, cleaned_book_segment(segment, ctx.store, steps)
             return
-        if ctx.store.sha256(package.archive_key) != package.sha256:
+        if ctx.store.digest(package.archive_key)[0] != package.sha256:
             raise BadMessage(f"archive {package.archive_key} does not match its sha256")
         limits = Limits.from_settings(settings)
         with ctx.store.reader(package.archive_key) as archive:

@@ -32,9 +32,13 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_of_stream(handle: BinaryIO) -> str:
-    """The sha256 of everything `handle` has left to read, read in bounded steps."""
-    return hashlib.file_digest(handle, "sha256").hexdigest()
+def digest_of_stream(handle: BinaryIO, step: int = 256 * 1024) -> tuple[str, int]:
+    """The sha256 and the size of everything `handle` has left to read, read in steps."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := handle.read(step):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
 
 
 def _check_key(key: str) -> str:
@@ -60,10 +64,10 @@ class ObjectStore(ABC):
         """The object's bytes as a stream, closed on leaving the context (for objects
         too large to hold whole); `ObjectNotFound` when there is none."""
 
-    def sha256(self, key: str) -> str:
-        """The sha256 of an object, read as a stream."""
+    def digest(self, key: str) -> tuple[str, int]:
+        """The sha256 and size of an object, read as a stream."""
         with self.reader(key) as handle:
-            return sha256_of_stream(handle)
+            return digest_of_stream(handle)
 
     @abstractmethod
     def exists(self, key: str) -> bool: ...

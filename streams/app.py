@@ -3,8 +3,9 @@
 Tuned for the embedded broker and for batch use: the first rebalance happens within a
 few seconds of start, offsets are committed every second, and tables live in memory
 (recovered from their changelog topics on restart) or, with `table_store = "rocksdb"`,
-in RocksDB (through rocksdict) under the worker process's own data directory, with
-small caches so that a worker's memory does not grow with the tables. What gets
+in RocksDB (through rocksdict) under the worker process's own data directory, within
+one memory budget per process (`streams.tables`) so that a worker's memory does not grow
+with the tables. What gets
 committed is decided by `streams.offsets`: only offsets the agents marked handled,
 never Faust's own acks.
 """

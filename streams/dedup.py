@@ -277,10 +277,15 @@ class NearDup:
         for sha in decided:
             self.waiting.get(partition, {}).pop(sha, None)
         result.count("files", len(decided))
-        result.delivered.append(lambda: self.forget(decided))
+        event = faust.current_event()
+        result.delivered.append(lambda: self.forget(decided, event))
         return result
 
-    def forget(self, decided: list[str]) -> None:
+    def forget(self, decided: list[str], event: Any) -> None:
+        """Delete decided files from `neardup-held`. A deletion's changelog partition is
+        the current event's, which Faust holds only by a weak reference: `event` keeps it
+        alive until the outputs are acknowledged (under load, after the stream moved on)."""
+        assert event is not None and faust.current_event() is event
         for sha in decided:
             del self.held[sha]
 

@@ -285,7 +285,6 @@ class NearDup:
         """Delete decided files from `neardup-held`. A deletion's changelog partition is
         the current event's, which Faust holds only by a weak reference: `event` keeps it
         alive until the outputs are acknowledged (under load, after the stream moved on)."""
-        assert event is not None and faust.current_event() is event
         for sha in decided:
             del self.held[sha]
 

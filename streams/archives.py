@@ -254,6 +254,7 @@ def tar_entries(
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:
             for info in tar:
+                tar.members.clear()  # tarfile keeps every header read; none is needed again
                 path = check_member(info, limits)
                 if path is None:
                     continue

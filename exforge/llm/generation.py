@@ -309,7 +309,7 @@ class Decoder:
         """Decode one token for every running request, admit waiting requests (prefill)
         while there is room, then sample every row from one output-layer product."""
         self._drop_cancelled()
-        hidden = []
+        hidden: list[torch.Tensor] = []
         if self.rows:
             if self.token_delay_s:
                 time.sleep(self.token_delay_s)

@@ -30,6 +30,7 @@ from exforge.elixir.sandbox import Outcome, SandboxPool
 from streams.generators.common import Check
 
 FAILED_CHECK = Outcome("syntax_error")
+PROGRAM_CANDIDATES = 16  # candidates that share one program
 MARKER_TEST = """
 defmodule ExforgeChecked do
   use ExUnit.Case, async: true
@@ -145,7 +146,7 @@ def batch_verdicts(outcome: Outcome, nonce: str, size: int) -> list[bool] | None
 
 
 def check_all(
-    pool: SandboxPool, candidates: Sequence[Sequence[Check]], batch: int = 16
+    pool: SandboxPool, candidates: Sequence[Sequence[Check]], batch: int = PROGRAM_CANDIDATES
 ) -> list[str | None]:
     """The failure reason (None: passed) of each candidate's checks, in order."""
     reasons: dict[int, str | None] = {}

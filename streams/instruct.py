@@ -35,7 +35,7 @@ from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from schemas.records import InstructionSample, ParsedFile
 from schemas.sharegpt import sharegpt_problems
 from streams.generators import KINDS, Candidate, doc_to_code_samples, generate
-from streams.generators.check import PROGRAM_CANDIDATES, check_all
+from streams.generators.check import PROGRAM_CANDIDATES, UnitResults, check_all
 from streams.generators.tokens import TokenCounter, token_counter
 from streams.stage import Failure, Output, Result, StageContext, attach_batch_stage
 
@@ -88,12 +88,14 @@ def instruct_files(
     pool: SandboxPool,
     count: TokenCounter,
     max_tokens: int,
+    known: UnitResults | None = None,
 ) -> list[Verdicts]:
     """`instruct` for the candidates of several files, one `Verdicts` per file. Each
     file's candidates are validated as `files` yields them; the valid ones go to the
     pool in groups that fill a program per VM, checked on a thread of their own, so
-    the pool checks one group while the next files are generated and validated. Kept
-    samples carry their token count."""
+    the pool checks one group while the next files are generated and validated (units
+    whose results `known` holds are not run again). Kept samples carry their token
+    count."""
     dropped: list[list[tuple[InstructionSample, str]]] = []
     kept: list[list[InstructionSample]] = []
     group_size = PROGRAM_CANDIDATES * pool.config.workers
@@ -104,7 +106,8 @@ def instruct_files(
         def submit() -> None:
             group = pending.copy()
             pending.clear()
-            groups.append((group, checker.submit(check_all, pool, [c.checks for _, c in group])))
+            checks = [c.checks for _, c in group]
+            groups.append((group, checker.submit(check_all, pool, checks, known=known)))
 
         for index, candidates in enumerate(files):
             dropped.append([])
@@ -182,6 +185,7 @@ def attach(ctx: StageContext) -> None:
     kinds = wanted_kinds(settings)
     pool = LazyPool(settings)
     count = token_counter(settings.tokenizer_path)
+    known = UnitResults()
 
     def handle(items: list[tuple[bytes, str | None]]) -> list[Result]:
         results = [Result() for _ in items]
@@ -198,7 +202,7 @@ def attach(ctx: StageContext) -> None:
                 work.append(index)
                 yield candidates
 
-        verdicts = instruct_files(generated(), pool.get(), count, settings.sample_max_tokens)
+        verdicts = instruct_files(generated(), pool.get(), count, settings.sample_max_tokens, known)
         drops = [drop for v in verdicts for drop in v.dropped]
         if drops:
             record_drops(ctx.engine, drops)

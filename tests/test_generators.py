@@ -21,6 +21,7 @@ from exforge.llm.chat import SHIPPED_TEKKEN
 from schemas.records import InstructionSample, ParsedFile, RawPackage
 from streams.files import analysed_file
 from streams.generators import KINDS, STAGES, Candidate, Check, generate
+from streams.generators.check import UnitResults, batch_program, check_all
 from streams.generators.code import fim_split
 from streams.generators.common import code_blocks
 from streams.generators.grade import depth, difficulty
@@ -193,6 +194,30 @@ def test_bad_code_and_overlong_samples_are_dropped_with_a_reason(
     assert [r for _, r in verdicts.dropped] == ["parse_failed", "compile_failed"]
     tiny = instruct([good], pool, token_counter(), 8)
     assert tiny.kept == [] and [r for _, r in tiny.dropped] == ["too_many_tokens"]
+
+
+def test_unit_results_carry_over_to_later_programs_and_bad_code_stays_rejected(
+    candidates: list[Candidate], pool: SandboxPool
+) -> None:
+    """Units a program ran are not run again by a later one: their results, bad code's
+    failures included, come from `UnitResults`, and the verdicts are the same."""
+    within = [c for c in candidates if any(ch.within for ch in c.checks)][:3]
+    bad_generated = [
+        Candidate(c.sample, (Check(c.checks[0].code + "\n  )", "compile"),))
+        for c in candidates
+        if c.sample.meta.kind == "refactor_pipes"
+    ][:2]
+    batch = [*within, *bad_generated, within[0]]
+    known = UnitResults()
+    first = check_all(pool, [c.checks for c in batch], known=known)
+    assert first == [None] * len(within) + ["compile_failed"] * 2 + [None]
+    program = batch_program([c.checks for c in batch], known)
+    assert program.units == [], "every unit's result is known"
+    assert check_all(pool, [c.checks for c in batch], known=known) == first
+    assert check_all(pool, [c.checks for c in batch]) == first, "the same without the cache"
+    small = UnitResults(size=1)
+    check_all(pool, [c.checks for c in bad_generated], known=small)
+    assert len(batch_program([c.checks for c in bad_generated], small).units) == 1
 
 
 # --------------------------------------------------------------------- transformations

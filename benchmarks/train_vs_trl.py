@@ -19,6 +19,15 @@ Usage: python benchmarks/train_vs_trl.py [--samples N] [--repeats R] [--out FILE
 GPU (Devstral's layer shapes, 4 of its 40 layers, random weights):
        python benchmarks/train_vs_trl.py --devstral-layers 4 --seq-len 2048 --samples 512 \
            --out benchmarks/results/train_vs_trl_gpu.json
+
+`--kernels` measures instead the trainer's fused Triton kernels (RMSNorm, SwiGLU, RoPE;
+workers/trainer/kernels.py) against PyTorch's ops: one Devstral-shaped decoder layer
+(bf16, frozen weights as under QLoRA, gradients to the hidden states), forward and
+backward over `--seq-len` tokens, the two variants alternating; figures: the speedup
+within each pair and each variant's peak CUDA allocation. It needs CUDA (or, for a
+functional check on the CPU at the tiny preset's shapes, TRITON_INTERPRET=1):
+       python benchmarks/train_vs_trl.py --kernels --seq-len 4096 --repeats 20 \
+           --out benchmarks/results/kernels_gpu.json
 """
 
 from __future__ import annotations
@@ -273,6 +282,74 @@ def one_round(samples: int, setup: Setup) -> dict[str, dict[str, Any]]:
     }
 
 
+def kernel_layer(preset: str, seq_len: int, repeats: int) -> tuple[dict[str, Any], dict]:
+    """Fused kernels against PyTorch's ops in one decoder layer of `preset`'s shapes."""
+    import copy
+    import os
+
+    from transformers.models.mistral.modeling_mistral import (
+        MistralDecoderLayer,
+        MistralRotaryEmbedding,
+    )
+
+    from exforge.llm.model import preset_config
+    from workers.trainer.kernels import use_fused_kernels
+
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--kernels needs CUDA (or TRITON_INTERPRET=1 for a CPU check)")
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32  # the interpreter has no bf16
+    torch.manual_seed(0)
+    config = preset_config(preset, num_hidden_layers=1)
+    config._attn_implementation = "sdpa"
+    with device:
+        plain = MistralDecoderLayer(config, 0).to(dtype).requires_grad_(False)
+        rotary = MistralRotaryEmbedding(config)
+        hidden = torch.randn(1, seq_len, config.hidden_size, dtype=dtype)
+        positions = torch.arange(seq_len)[None]
+        grad = torch.randn_like(hidden)
+    fused = use_fused_kernels(copy.deepcopy(plain))
+    embeddings = rotary(hidden, positions)
+    layers = {"pytorch": plain, "fused": fused}
+
+    def step(layer: torch.nn.Module) -> tuple[float, torch.Tensor]:
+        x = hidden.detach().requires_grad_()
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = layer(x, position_embeddings=embeddings, attention_mask=None, position_ids=positions)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(grad)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started, out.detach()
+
+    outputs = {name: step(layer)[1] for name, layer in layers.items()}  # warm-up, compile
+    seconds: dict[str, list[float]] = {name: [] for name in layers}
+    for _ in range(repeats):
+        for name, layer in layers.items():
+            seconds[name].append(step(layer)[0])
+    ratios = [p / f for p, f in zip(seconds["pytorch"], seconds["fused"], strict=True)]
+    figures = {"kernel_speedup": figure(ratios, "x")}
+    if cuda:
+        for name, layer in layers.items():
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            step(layer)
+            peak = torch.cuda.max_memory_allocated() - before
+            figures[f"{name}_peak_bytes"] = figure([peak], "bytes", "lower")
+    difference = (outputs["fused"].float() - outputs["pytorch"].float()).abs().max()
+    details = {
+        "layer": preset,
+        "seq_len": seq_len,
+        "dtype": str(dtype),
+        "max_abs_output_difference": float(difference),
+        "seconds": seconds,
+    }
+    return figures, details
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=96)
@@ -285,12 +362,28 @@ def main() -> None:
         type=int,
         help="Train a Devstral-shaped model with this many layers (the GPU run).",
     )
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="Fused kernels against PyTorch's ops in one Devstral-shaped decoder layer "
+        "(needs CUDA; the tiny preset's shapes under TRITON_INTERPRET=1 on the CPU).",
+    )
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     setup = Setup(args.model, args.seq_len)
     if args.side:
         print(json.dumps(child(args.side, args.samples, args.steps, setup)), flush=True)
+        return
+    if args.kernels:
+        preset = "devstral-small" if torch.cuda.is_available() else "tiny"
+        figures, details = kernel_layer(preset, args.seq_len, args.repeats)
+        for name, value in figures.items():
+            print(f"{name}: median {value.median:.4g} {value.unit} (runs {value.runs})")
+        print(f"max |fused - pytorch| of the layer output: {details['max_abs_output_difference']}")
+        if args.out:
+            device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            write_figures(args.out, "train_kernels", figures, device, details)
         return
     with tempfile.TemporaryDirectory() as tmp:
         if args.devstral_layers:

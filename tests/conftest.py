@@ -25,6 +25,11 @@ from tests.postgres import PostgresServer, running_postgres
 if TYPE_CHECKING:
     from exforge.core.settings import Settings
 
+# Triton kernels (workers/trainer/kernels.py) run in Triton's interpreter, on CPU tensors.
+# `triton.jit` reads this when it decorates, also for triton.language's own helpers, and
+# transformers imports triton: it must be set before anything imports transformers.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Skips and xfails fail the suite (install what is missing); every module is in a group.
 pytest_plugins = ["tests.support.no_skips", "tests.support.groups"]
 

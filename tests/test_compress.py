@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors import safe_open
 from transformers import MistralForCausalLM
 
 from exforge.core.db import open_database
@@ -25,9 +27,10 @@ from exforge.llm.prune import (
     layer_distances,
     least_distant,
 )
+from exforge.llm.share import embeddings_tied, tie_embeddings
 from tests.support.eval import register_tiny_version
 from tests.support.shards import synthetic_samples, write_split
-from workers.evaluator.compression import Row, lineage, pareto
+from workers.evaluator.compression import Row, lineage, pareto, served_size
 
 EXFORGE = str(Path(sys.executable).parent / "exforge")
 
@@ -105,6 +108,38 @@ def test_fused_model_equals_the_unfused_one_and_loads_fused(tmp_path: Path) -> N
     assert not isinstance(stored.model.layers[0].self_attn, FusedAttention)
 
 
+def test_shared_embeddings_are_stored_once_and_load_and_generate(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MistralForCausalLM(preset_config("tiny")).eval()  # 131,072 x 64, twice
+    model.save_pretrained(tmp_path / "untied")
+    head = model.lm_head.weight.detach().clone()
+    assert not embeddings_tied(model)
+    tie_embeddings(model)
+    assert model.model.embed_tokens.weight is model.lm_head.weight and embeddings_tied(model)
+    assert torch.equal(model.model.embed_tokens.weight, head)  # the output head's values
+    assert len(list(model.parameters())) == len(list(model.state_dict())) - 1
+    ids = torch.tensor([[5, 900, 131_071, 17, 42]])
+    expected = logits(model, {"input_ids": ids})
+    model.save_pretrained(tmp_path / "shared")
+
+    with safe_open(tmp_path / "shared" / "model.safetensors", "pt") as stored:
+        names = set(stored.keys())
+    assert len(names & {"model.embed_tokens.weight", "lm_head.weight"}) == 1
+    untied, shared = (served_size(tmp_path / name) for name in ("untied", "shared"))
+    embedding_bytes = head.numel() * head.element_size()
+    assert embedding_bytes <= untied - shared < embedding_bytes + 1024  # + its header entry
+    assert 0.49 < shared / untied < 0.51  # the tiny model is ~99 % embeddings
+
+    loaded = load_model(str(tmp_path / "shared"), "none", dtype=torch.float32)
+    assert loaded.config.tie_word_embeddings and embeddings_tied(loaded)
+    torch.testing.assert_close(logits(loaded, {"input_ids": ids}), expected)
+    with torch.no_grad():
+        generated = loaded.generate(ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 9)
+    quantised = load_model(str(tmp_path / "shared"), "nf4", dtype=torch.bfloat16)
+    assert embeddings_tied(quantised)  # the QLoRA heal run trains on the tied base
+
+
 def test_lineage_and_pareto_front() -> None:
     versions = [
         {"version": 1, "parent_version": None},
@@ -124,6 +159,7 @@ def test_lineage_and_pareto_front() -> None:
     assert [row.pareto for row in rows] == [True, True, False, True]
 
 
+@pytest.mark.timeout(900)  # four trained or merged versions and their report, on 2 cores
 def test_compress_run_and_report_through_the_cli(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EXFORGE_")}
     env.update(EXFORGE_DATA_DIR=str(tmp_path / "data"), EXFORGE_CONFIG=str(tmp_path / "no.toml"))
@@ -144,32 +180,49 @@ def test_compress_run_and_report_through_the_cli(tmp_path: Path) -> None:
     assert missing.returncode == 2 and "m:7" in missing.stderr
     steps = ["--heal-steps", "2", "--distill-steps", "2", "--seq-len", "128"]
     run = cli(
-        "compress", "run", "--model", "m:1", "--methods", "fuse,prune,distill", *steps, "--json"
+        "compress",
+        "run",
+        "--model",
+        "m:1",
+        "--methods",
+        "fuse,share,prune,distill",
+        *steps,
+        "--json",
     )
     assert run.returncode == 0, run.stderr
     made = json.loads(run.stdout)
     assert [(v["version"], v["method"], v["parent_version"]) for v in made] == [
         (2, "prune", 1),
         (3, "distill", 2),
-        (4, "fuse", 3),
+        (4, "share", 3),
+        (5, "fuse", 4),
     ]
     assert made[0]["parameters"]["dropped_layers"] in ([0], [1])
     assert made[0]["parameters"]["mlp_channels"] == "96/128"
     assert made[1]["parameters"]["teacher_version"] == 1
-    assert made[2]["adapter_key"] is None
-    assert made[2]["parameters"]["max_abs_logit_difference"] < 1e-3
+    assert made[2]["parameters"] == {"tied": "embed_tokens=lm_head", "heal_steps": 2}
+    assert made[3]["adapter_key"] is None
+    assert made[3]["parameters"]["max_abs_logit_difference"] < 1e-3
     shown = json.loads(cli("models", "show", "m", "3", "--json").stdout)
     assert (shown["method"], shown["parent_version"]) == ("distill", 2)
+    shown = json.loads(cli("models", "show", "m", "4", "--json").stdout)
+    assert (shown["method"], shown["parent_version"]) == ("share", 3)
 
     out = tmp_path / "report"
     args = ["--model", "m", "--json", "--out", str(out), "--limit", "2", "--rounds", "1"]
     done = cli("compress", "report", *args, "--prompts", "1", "--max-tokens", "4")
     assert done.returncode == 0, done.stderr
     rows = {row["version"]: row for row in json.loads(done.stdout)["rows"]}
-    assert [rows[v]["method"] for v in (1, 2, 3, 4)] == ["base", "prune", "distill", "fuse"]
-    assert all(rows[v]["size_bytes"] < rows[1]["size_bytes"] for v in (2, 3, 4))
+    methods = ["base", "prune", "distill", "share", "fuse"]
+    assert [rows[v]["method"] for v in (1, 2, 3, 4, 5)] == methods
+    assert all(rows[v]["size_bytes"] < rows[1]["size_bytes"] for v in (2, 3, 4, 5))
+    # one embedding matrix fewer (131,072 x 64 in bf16); the fused version keeps the tie
+    matrix = 131_072 * 64 * 2
+    assert matrix <= rows[3]["size_bytes"] - rows[4]["size_bytes"] < matrix + 1024
+    assert rows[5]["size_bytes"] == rows[4]["size_bytes"]
     for row in rows.values():
         assert row["tokens_per_s"] > 0 and 0 <= row["pass_at_1"] <= 1
-    assert any(row["pareto"] for row in rows.values())
+    # nothing is smaller than the tied versions: one of them is on the front
+    assert rows[4]["pareto"] or rows[5]["pareto"]
     assert (out / "compression.png").stat().st_size > 0
     assert json.loads((out / "report.json").read_text())["rows"] == list(rows.values())

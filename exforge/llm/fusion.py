@@ -32,22 +32,22 @@ def _concatenated(linears: list[torch.nn.Linear]) -> torch.nn.Linear:
     return fused
 
 
-class FusedAttention(MistralAttention):
-    """Mistral attention with one [q; k; v] projection."""
+class Attention(MistralAttention):
+    """Mistral attention whose projections and rotary embedding are methods, so that a
+    subclass replaces one of them (fused projections, a rotary kernel) and nothing else."""
 
-    def __init__(self, unfused: MistralAttention) -> None:
-        torch.nn.Module.__init__(self)
-        self.config = unfused.config
-        self.layer_idx = unfused.layer_idx
-        self.head_dim = unfused.head_dim
-        self.num_key_value_groups = unfused.num_key_value_groups
-        self.scaling = unfused.scaling
-        self.attention_dropout = unfused.attention_dropout
-        self.is_causal = True
-        self.sizes = [unfused.q_proj.out_features, unfused.k_proj.out_features]
-        self.sizes.append(unfused.v_proj.out_features)
-        self.qkv_proj = _concatenated([unfused.q_proj, unfused.k_proj, unfused.v_proj])
-        self.o_proj = unfused.o_proj
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Query, key and value as [batch, heads, seq, head_dim]."""
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        return tuple(
+            proj(hidden_states).view(shape).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+
+    def rotate(
+        self, query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary_pos_emb(query, key, cos, sin)
 
     def forward(  # type: ignore[override]
         self,
@@ -57,12 +57,8 @@ class FusedAttention(MistralAttention):
         past_key_values: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query, key, value = (
-            part.view(shape).transpose(1, 2)
-            for part in self.qkv_proj(hidden_states).split(self.sizes, dim=-1)
-        )
-        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        query, key, value = self.project(hidden_states)
+        query, key = self.rotate(query, key, *position_embeddings)
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx)
         attention: Callable[..., Any] = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -81,6 +77,31 @@ class FusedAttention(MistralAttention):
         )
         output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()
         return self.o_proj(output), weights
+
+
+class FusedAttention(Attention):
+    """Mistral attention with one [q; k; v] projection."""
+
+    def __init__(self, unfused: MistralAttention) -> None:
+        torch.nn.Module.__init__(self)
+        self.config = unfused.config
+        self.layer_idx = unfused.layer_idx
+        self.head_dim = unfused.head_dim
+        self.num_key_value_groups = unfused.num_key_value_groups
+        self.scaling = unfused.scaling
+        self.attention_dropout = unfused.attention_dropout
+        self.is_causal = True
+        self.sizes = [unfused.q_proj.out_features, unfused.k_proj.out_features]
+        self.sizes.append(unfused.v_proj.out_features)
+        self.qkv_proj = _concatenated([unfused.q_proj, unfused.k_proj, unfused.v_proj])
+        self.o_proj = unfused.o_proj
+
+    def project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        return tuple(
+            part.view(shape).transpose(1, 2)
+            for part in self.qkv_proj(hidden_states).split(self.sizes, dim=-1)
+        )
 
 
 class FusedMLP(torch.nn.Module):

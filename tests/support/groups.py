@@ -35,6 +35,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_train_lora",
         "test_train_model",
         "test_train_packing",
+        "test_train_kernels",
         "test_train_loss",
         "test_train_ssr",
     ),

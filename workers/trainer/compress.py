@@ -42,6 +42,7 @@ from exforge.llm.prune import (
     least_distant,
 )
 from exforge.llm.registry import Lineage, get_version, register_version
+from exforge.llm.share import tie_embeddings
 from workers.trainer.data import load_split, stages_with_data
 from workers.trainer.packing import collate, pack
 from workers.trainer.recipe import DistillConfig, Recipe, StageConfig, TrainConfig
@@ -214,9 +215,7 @@ class Compressor:
 
     def share(self, parent: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
         """One matrix for the input and output embeddings (the output head's)."""
-        model = self.merged(current)
-        model.model.embed_tokens.weight = model.lm_head.weight
-        model.config.tie_word_embeddings = True
+        model = tie_embeddings(self.merged(current))
         parameters = {"tied": "embed_tokens=lm_head", "heal_steps": self.options.heal_steps}
         lineage = child_of(current, "share", parameters)
         return self.train(current, model, lineage, self.options.heal_steps)

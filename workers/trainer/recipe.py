@@ -109,6 +109,11 @@ class TrainConfig(BaseModel):
         description="Trained positions per chunk of the output-head loss; None: the whole "
         "logits at once (what FSDP does, the head's weight being sharded).",
     )
+    fused_kernels: bool = Field(
+        True,
+        description="On CUDA: RMSNorm, SwiGLU and RoPE as fused Triton kernels "
+        "(workers/trainer/kernels.py). The CPU always runs PyTorch's own ops.",
+    )
     distributed: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="Under torchrun: DDP (a whole model per rank) or FSDP through accelerate "
@@ -165,6 +170,11 @@ def all_sum(value: torch.Tensor, world: int) -> torch.Tensor:
 # ------------------------------------------------------------------------- schedule
 
 
+def uses_fused_kernels(config: TrainConfig, device: torch.device) -> bool:
+    """Whether the model runs the Triton kernels: asked for, and on a GPU."""
+    return config.fused_kernels and device.type == "cuda"
+
+
 def lr_factor(step: int, stage: StageConfig) -> float:
     """Linear warm-up, then cosine down to `min_lr_ratio` at the stage's last step."""
     if step < stage.warmup_steps:
@@ -208,6 +218,10 @@ class Recipe:
         models = settings.root / "models"
         self.base_spec = resolve_spec(config.model, store, models)
         base = load_model(self.base_spec, config.quantisation, models, config.seed, fsdp)
+        if uses_fused_kernels(config, next(base.parameters()).device):
+            from workers.trainer.kernels import use_fused_kernels
+
+            use_fused_kernels(base)
         self.dist = init_distributed()
         if self.dist.world > 1:  # every rank must write under rank 0's run id
             shared = [self.run_id]

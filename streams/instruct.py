@@ -9,15 +9,18 @@ candidate is then
    (`parse_failed`, `compile_failed`, `tests_failed`, `check_timeout`…).
 A dropped candidate is recorded in the ledger (`sample_drops`, keyed by its id, so a
 redelivery counts it once) and in `exforge_dropped_total`. Files come in batches of up to
-`BATCH_FILES`, whose candidates are checked in one call to the pool; a kept sample
-carries its token count, so the shard stage does not tokenise it again.
+`BATCH_FILES`; their valid candidates go to the pool in groups of one program per VM,
+checked on a thread of their own while the next files are generated and validated (the
+Python work and the VMs' overlap); a kept sample carries its token count, so the shard
+stage does not tokenise it again.
 """
 
 from __future__ import annotations
 
 import atexit
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +35,7 @@ from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from schemas.records import InstructionSample, ParsedFile
 from schemas.sharegpt import sharegpt_problems
 from streams.generators import KINDS, Candidate, doc_to_code_samples, generate
-from streams.generators.check import check_all
+from streams.generators.check import PROGRAM_CANDIDATES, UnitResults, check_all
 from streams.generators.tokens import TokenCounter, token_counter
 from streams.stage import Failure, Output, Result, StageContext, attach_batch_stage
 
@@ -81,31 +84,51 @@ def instruct(
 
 
 def instruct_files(
-    files: Sequence[Sequence[Candidate]],
+    files: Iterable[Sequence[Candidate]],
     pool: SandboxPool,
     count: TokenCounter,
     max_tokens: int,
+    known: UnitResults | None = None,
 ) -> list[Verdicts]:
-    """`instruct` for the candidates of several files, checked in one call to the pool
-    (so its VMs work in parallel and programs hold many candidates). Kept samples carry
-    their token count."""
-    dropped: list[list[tuple[InstructionSample, str]]] = [[] for _ in files]
-    valid: list[tuple[int, Candidate]] = []
-    for index, candidates in enumerate(files):
-        for c in candidates:
-            reason, tokens = validated(c.sample, count, max_tokens)
-            if reason is None:
-                sample = c.sample.model_copy(update={"tokens": tokens})
-                valid.append((index, Candidate(sample, c.checks)))
-            else:
-                dropped[index].append((c.sample, reason))
-    reasons = check_all(pool, [c.checks for _, c in valid])
-    kept: list[list[InstructionSample]] = [[] for _ in files]
-    for (index, c), reason in zip(valid, reasons, strict=True):
-        if reason is None:
-            kept[index].append(c.sample)
-        else:
-            dropped[index].append((c.sample, reason))
+    """`instruct` for the candidates of several files, one `Verdicts` per file. Each
+    file's candidates are validated as `files` yields them; the valid ones go to the
+    pool in groups that fill a program per VM, checked on a thread of their own, so
+    the pool checks one group while the next files are generated and validated (units
+    whose results `known` holds are not run again). Kept samples carry their token
+    count."""
+    dropped: list[list[tuple[InstructionSample, str]]] = []
+    kept: list[list[InstructionSample]] = []
+    group_size = PROGRAM_CANDIDATES * pool.config.workers
+    pending: list[tuple[int, Candidate]] = []
+    groups: list[tuple[list[tuple[int, Candidate]], Future[list[str | None]]]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="instruct-check") as checker:
+
+        def submit() -> None:
+            group = pending.copy()
+            pending.clear()
+            checks = [c.checks for _, c in group]
+            groups.append((group, checker.submit(check_all, pool, checks, known=known)))
+
+        for index, candidates in enumerate(files):
+            dropped.append([])
+            kept.append([])
+            for c in candidates:
+                reason, tokens = validated(c.sample, count, max_tokens)
+                if reason is None:
+                    sample = c.sample.model_copy(update={"tokens": tokens})
+                    pending.append((index, Candidate(sample, c.checks)))
+                else:
+                    dropped[index].append((c.sample, reason))
+            if len(pending) >= group_size:
+                submit()
+        if pending:
+            submit()
+        for group, reasons in groups:
+            for (index, c), reason in zip(group, reasons.result(), strict=True):
+                if reason is None:
+                    kept[index].append(c.sample)
+                else:
+                    dropped[index].append((c.sample, reason))
     return [Verdicts(k, d) for k, d in zip(kept, dropped, strict=True)]
 
 
@@ -162,23 +185,28 @@ def attach(ctx: StageContext) -> None:
     kinds = wanted_kinds(settings)
     pool = LazyPool(settings)
     count = token_counter(settings.tokenizer_path)
+    known = UnitResults()
 
     def handle(items: list[tuple[bytes, str | None]]) -> list[Result]:
         results = [Result() for _ in items]
-        work: list[tuple[int, list[Candidate]]] = []
-        for index, (value, _) in enumerate(items):
-            try:
-                file = ParsedFile.model_validate_json(value)
-                work.append((index, generate(file, file_text(file, ctx.store), kinds)))
-            except (ValidationError, ObjectNotFound, UnicodeDecodeError) as exc:
-                results[index].failures.append(Failure.from_exception(exc))
-        verdicts = instruct_files(
-            [candidates for _, candidates in work], pool.get(), count, settings.sample_max_tokens
-        )
+        work: list[int] = []  # the items whose candidates were generated, in order
+
+        def generated() -> Iterator[list[Candidate]]:
+            for index, (value, _) in enumerate(items):
+                try:
+                    file = ParsedFile.model_validate_json(value)
+                    candidates = generate(file, file_text(file, ctx.store), kinds)
+                except (ValidationError, ObjectNotFound, UnicodeDecodeError) as exc:
+                    results[index].failures.append(Failure.from_exception(exc))
+                    continue
+                work.append(index)
+                yield candidates
+
+        verdicts = instruct_files(generated(), pool.get(), count, settings.sample_max_tokens, known)
         drops = [drop for v in verdicts for drop in v.dropped]
         if drops:
             record_drops(ctx.engine, drops)
-        for (index, _), verdict in zip(work, verdicts, strict=True):
+        for index, verdict in zip(work, verdicts, strict=True):
             result = results[index]
             result.outputs = [Output("instruction.samples", s.sample_id, s) for s in verdict.kept]
             for _, reason in verdict.dropped:

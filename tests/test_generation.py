@@ -83,7 +83,7 @@ def test_requests_join_the_running_batch(model: object, tokenizer: object) -> No
     decoder.submit(Request(second, Sampling(max_tokens=6), events["b"].append))
     decoder.step()
     assert len(decoder.rows) == 2  # b decodes beside a, which is still running
-    assert len(events["a"]) == 7 and events["a"][-1].finish is None  # prefill + 6 steps
+    assert len(events["a"]) == 6 and events["a"][-1].finish is None  # one token a step
     decoder.run()
     joined = ["".join(step.text for step in events[k]) for k in ("a", "b")]
     alone = [
@@ -105,7 +105,7 @@ def test_cancelled_requests_leave_the_batch(model: object, tokenizer: object) ->
     decoder.step()
     cancel["now"] = True
     decoder.run()
-    assert steps[-1].finish == "cancelled" and steps[-1].tokens == 3  # prefill + 2 steps
+    assert steps[-1].finish == "cancelled" and steps[-1].tokens == 2  # one token a step
     assert not decoder.rows
 
 

@@ -16,13 +16,15 @@ from test_sources_books import make_pdf
 from exforge.core.store import sha256_hex
 from exforge.elixir.analysis import analyse
 from exforge.elixir.sandbox import SandboxConfig, SandboxPool
+from exforge.elixir.tree import parse
 from exforge.llm.chat import SHIPPED_TEKKEN
 from schemas.records import InstructionSample, ParsedFile, RawPackage
 from streams.files import analysed_file
 from streams.generators import KINDS, STAGES, Candidate, Check, generate
+from streams.generators.check import UnitResults, batch_program, check_all
 from streams.generators.code import fim_split
 from streams.generators.common import code_blocks
-from streams.generators.grade import difficulty
+from streams.generators.grade import depth, difficulty
 from streams.generators.refactor import _rewrite, as_case
 from streams.generators.tokens import token_counter
 from streams.instruct import Verdicts, instruct
@@ -194,6 +196,30 @@ def test_bad_code_and_overlong_samples_are_dropped_with_a_reason(
     assert tiny.kept == [] and [r for _, r in tiny.dropped] == ["too_many_tokens"]
 
 
+def test_unit_results_carry_over_to_later_programs_and_bad_code_stays_rejected(
+    candidates: list[Candidate], pool: SandboxPool
+) -> None:
+    """Units a program ran are not run again by a later one: their results, bad code's
+    failures included, come from `UnitResults`, and the verdicts are the same."""
+    within = [c for c in candidates if any(ch.within for ch in c.checks)][:3]
+    bad_generated = [
+        Candidate(c.sample, (Check(c.checks[0].code + "\n  )", "compile"),))
+        for c in candidates
+        if c.sample.meta.kind == "refactor_pipes"
+    ][:2]
+    batch = [*within, *bad_generated, within[0]]
+    known = UnitResults()
+    first = check_all(pool, [c.checks for c in batch], known=known)
+    assert first == [None] * len(within) + ["compile_failed"] * 2 + [None]
+    program = batch_program([c.checks for c in batch], known)
+    assert program.units == [], "every unit's result is known"
+    assert check_all(pool, [c.checks for c in batch], known=known) == first
+    assert check_all(pool, [c.checks for c in batch]) == first, "the same without the cache"
+    small = UnitResults(size=1)
+    check_all(pool, [c.checks for c in bad_generated], known=small)
+    assert len(batch_program([c.checks for c in bad_generated], small).units) == 1
+
+
 # --------------------------------------------------------------------- transformations
 
 
@@ -274,6 +300,44 @@ def test_difficulty_is_deterministic_and_grows_with_features() -> None:
     assert levels[0] < levels[1] and levels[0] < levels[2] < levels[3]
     assert difficulty(simple, 4) == 2, "concepts count"
     assert difficulty(simple, 0, floor=3) == 3, "a book's own level is a floor"
+
+
+def test_a_whole_file_sample_grades_as_its_code_analysed_afresh(
+    files: list[ParsedFile], candidates: list[Candidate]
+) -> None:
+    """A sample whose code is the whole file keeps the parse stage's analysis of it; its
+    difficulty is the one a fresh analysis of its code gives."""
+    by_sha = {f.sha256: f for f in files}
+    whole = [
+        c.sample
+        for c in candidates
+        if c.sample.meta.kind == "completion"
+        and code_blocks(c.sample.conversations[-1].value)[0] + "\n"
+        == by_sha[c.sample.meta.source_refs[0].sha256].content
+    ]
+    assert len(whole) >= 5
+    for sample in whole:
+        (code,) = code_blocks(sample.conversations[-1].value)
+        assert sample.meta.difficulty == difficulty(code, len(sample.meta.concepts))
+
+
+def test_depth_counts_nested_do_blocks_and_anonymous_functions() -> None:
+    def nesting(code: str) -> int:
+        return depth(parse(code.encode()))
+
+    assert nesting("x = 1") == 0
+    assert nesting("def f(x), do: x") == 0
+    assert nesting("def f(x) do\n  x\nend") == 1
+    assert (
+        nesting("def f(xs) do\n  Enum.map(xs, fn x ->\n    if x do\n      x\n    end\n  end)\nend")
+        == 3
+    )
+    # siblings do not nest: two blocks one after the other are one level each
+    assert nesting("if a do\n  1\nend\nif b do\n  2\nend") == 1
+    assert (
+        nesting("defmodule M do\n  def a do\n    fn -> fn -> 1 end end\n  end\n  def b, do: 2\nend")
+        == 4
+    )
 
 
 def test_token_counts_read_a_model_directorys_tekken(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from mistral_common.protocol.instruct.messages import (
     AssistantMessage,
     SystemMessage,
@@ -9,8 +11,9 @@ from mistral_common.protocol.instruct.messages import (
 )
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
-from exforge.llm.chat import IGNORE, encode, load_tokenizer
+from exforge.llm.chat import IGNORE, counting_tokenizer, encode, load_tokenizer, to_request
 
+REPO = Path(__file__).resolve().parent.parent
 CONVERSATION = [
     {"from": "system", "value": "You write idiomatic Elixir."},
     {"from": "human", "value": "Sum a list."},
@@ -44,3 +47,18 @@ def test_ids_match_encode_chat_completion_and_only_answers_are_labelled() -> Non
         label in (IGNORE, token)
         for label, token in zip(encoded.labels, encoded.input_ids, strict=True)
     )
+
+
+def test_the_counting_tokenizer_gives_the_same_ids_and_leaves_the_tokenizer_alone() -> None:
+    tokenizer = load_tokenizer()
+    counting = counting_tokenizer(tokenizer)
+    elixir = (REPO / "examples" / "corpus").rglob("*.ex")
+    real = [
+        [{"from": "human", "value": f"Write `{p.name}`."}, {"from": "gpt", "value": p.read_text()}]
+        for p in sorted(elixir)
+    ]
+    for conversation in [CONVERSATION, *real]:
+        request = to_request(conversation)
+        full = tokenizer.encode_chat_completion(request)
+        assert counting.encode_chat_completion(request).tokens == full.tokens
+        assert full.text  # the original still decodes its encodings

@@ -24,6 +24,9 @@ from workers.trainer.data import load_split
 from workers.trainer.recipe import Recipe, StageConfig, TrainConfig
 from workers.trainer.ssr import buffer_key
 
+# the module's runs (two ranks, then one process) are set up once, for both tests
+pytestmark = pytest.mark.timeout(900)
+
 SEQ_LEN = 48  # every sample fills more than half a sequence: one sample per pack
 STEPS = 3
 Result = dict[str, Any]

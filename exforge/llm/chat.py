@@ -7,6 +7,7 @@ carry a label, so the model learns to answer, not to predict prompts.
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,6 +55,19 @@ def load_tokenizer(path: str | None = None, generation: bool = False) -> Mistral
         file = file / "tekken.json"
     mode = ValidationMode.test if generation else ValidationMode.finetuning
     return MistralTokenizer.from_file(str(file), mode=mode)
+
+
+def counting_tokenizer(tokenizer: MistralTokenizer) -> MistralTokenizer:
+    """A copy of `tokenizer` whose encodings hold the same token ids but no decoded text.
+
+    mistral-common decodes every encoding back to text (its `Tokenized.text`), which
+    costs as much as encoding; counting tokens needs the ids only. The copy shares the
+    vocabulary; `tokenizer` itself is unchanged."""
+    instruct = copy.copy(tokenizer.instruct_tokenizer)
+    instruct.decode = lambda tokens, special_token_policy=None: ""  # type: ignore[method-assign]
+    counting = copy.copy(tokenizer)
+    counting.instruct_tokenizer = instruct
+    return counting
 
 
 def text_tokenizer(model_dir: Path | None = None) -> Any:  # mistral-common's Tekkenizer

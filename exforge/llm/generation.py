@@ -6,6 +6,13 @@ prefilled alone (reusing the cached KV of a shared prompt prefix, in whole block
 TensorRT-LLM's KV-cache reuse does), then decoded one token per step together with every
 other running request; a finished request leaves the batch at once.
 
+A step runs the model's decoder body over the running rows (one new position each) and
+over each newly admitted prompt, then the output layer once over all their last hidden
+states: a new request's first token comes out of the same product as the running rows'
+next tokens. The output layer is most of a small model's step (the tiny model's is
+131,072 x 64, read whole for one row or for many), so one product per step is what makes
+batching pay.
+
 Sampling is per request and does not depend on the batch: temperature, top-k and top-p
 shape the row's distribution, and one number from the request's own seeded generator
 picks the token, so the same seed gives the same text alone or among others.
@@ -250,7 +257,10 @@ class Decoder:
     ) -> None:
         self.model = model
         self.options = options or DecodeOptions()
-        self.step_model = torch.compile(model, dynamic=True) if self.options.compile else model
+        self.body = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        compiled = self.options.compile
+        self.step_body = torch.compile(self.body, dynamic=True) if compiled else self.body
         self.static: StaticCache | None = None  # the KV buffers while the batch is unchanged
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -296,29 +306,39 @@ class Decoder:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit waiting requests (prefill) while there is room, then decode one token
-        for every running request."""
+        """Decode one token for every running request, admit waiting requests (prefill)
+        while there is room, then sample every row from one output-layer product."""
+        self._drop_cancelled()
+        hidden: list[torch.Tensor] = []
+        if self.rows:
+            if self.token_delay_s:
+                time.sleep(self.token_delay_s)
+            try:
+                hidden.append(self._forward_batch())
+            except Exception as exc:
+                self._fail_all(exc)
         while len(self.rows) < self.max_batch:
             with self.wakeup:
                 if not self.waiting:
                     break
                 request = self.waiting.popleft()
-            self._admit(request)
-        self._drop_cancelled()
-        if not self.rows:
+            prefilled = self._admit(request)
+            if prefilled is not None:
+                hidden.append(prefilled[None])
+        if not hidden:
             return
-        if self.token_delay_s:
-            time.sleep(self.token_delay_s)
         try:
-            logits = self._forward_batch()
+            logits = self.head(torch.cat(hidden)).float()
         except Exception as exc:
             self._fail_all(exc)
             return
         self._advance(list(range(len(self.rows))), logits)
 
-    def _admit(self, request: Request) -> None:
+    def _admit(self, request: Request) -> torch.Tensor | None:
+        """Prefill a request and put it into the batch: the last hidden state of its
+        prompt (None: it failed, and was told)."""
         try:
-            logits, kv = self._prefill(request)
+            hidden, kv = self._prefill(request)
             row = Row(
                 request,
                 TextStream(self._decode, request.sampling.stop),
@@ -329,8 +349,8 @@ class Decoder:
             self._join(row, kv)
         except Exception as exc:
             _deliver(request, exc)
-            return
-        self._advance([len(self.rows) - 1], logits[None])
+            return None
+        return hidden
 
     def _prefill(self, request: Request) -> tuple[torch.Tensor, KV]:
         if request.sampling.max_tokens <= 0 or not request.ids:
@@ -340,16 +360,15 @@ class Decoder:
         request.cached_tokens = cached
         cache = DynamicCache(prefix) if prefix else DynamicCache()
         with self.options.attention_context():
-            out = self.model(
+            out = self.body(
                 input_ids=torch.tensor([ids[cached:]], device=self.device),
                 position_ids=torch.arange(cached, len(ids), device=self.device)[None],
                 past_key_values=cache,
                 use_cache=True,
-                logits_to_keep=1,
             )
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         self.prefix.remember(ids, kv)
-        return out.logits[0, -1].float(), kv
+        return out.last_hidden_state[0, -1], kv
 
     def _join(self, row: Row, kv: KV) -> None:
         """Put a prefilled request into the batch, left-padding to a common length."""
@@ -378,7 +397,7 @@ class Decoder:
         mask = F.pad(self.mask, (0, 1), value=1)
         cache, attended = self._cache(mask)
         with self.options.attention_context():
-            out = self.step_model(
+            out = self.step_body(
                 input_ids=tokens,
                 attention_mask=attended,
                 position_ids=positions,
@@ -390,7 +409,7 @@ class Decoder:
         self.mask = mask
         for row in self.rows:
             row.position += 1
-        return out.logits[:, -1].float()
+        return out.last_hidden_state[:, -1]
 
     def _cache(self, mask: torch.Tensor) -> tuple[Cache, torch.Tensor]:
         """The cache this step writes into and the attention mask over its columns."""

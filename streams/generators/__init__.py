@@ -56,7 +56,7 @@ def generate(file: ParsedFile, text: str, kinds: Iterable[str] | None = None) ->
     wanted = set(KINDS if kinds is None else kinds)
     generators = BOOK_GENERATORS if file.kind == "book_segment" else CODE_GENERATORS
     return [
-        Candidate(graded(c.sample, file), c.checks)
+        Candidate(graded(c.sample, file, text), c.checks)
         for kind, generator in generators.items()
         if kind in wanted
         for c in generator(file, text)

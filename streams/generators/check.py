@@ -6,9 +6,11 @@ calls; the code travels base64-encoded, so no quoting can break out. The instruc
 runs them on the evaluator's pool of warm, sandboxed BEAM VMs
 (`exforge.elixir.sandbox`), `batch` candidates per program. A program runs each
 distinct check once (`unit`), however many candidates hold it, and remembers its
-result; each candidate's verdict line, tagged with a per-program nonce, says whether
-all of its checks passed, in order, stopping at the first that fails (so a refactor
-pair whose original side does not compile is not compiled a second time). A parse
+result, which it also reports, so that later programs of the same process take it
+from `UnitResults` instead of running the unit again; each candidate's verdict line,
+tagged with a per-program nonce, says whether all of its checks passed, in order,
+stopping at the first that fails (so a refactor pair whose original side does not
+compile is not compiled a second time). A parse
 check of code cut from a file (`Check.within`: whole clauses or lines, maybe
 de-indented) passes when the whole file parses: a complete piece of a file Elixir
 accepts is accepted alone (the corpus tests hold every generator to it); the piece is
@@ -22,14 +24,19 @@ whether the program `passed`.
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import secrets
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from exforge.elixir.sandbox import Outcome, SandboxPool
 from streams.generators.common import Check
 
 FAILED_CHECK = Outcome("syntax_error")
+PROGRAM_CANDIDATES = 16  # candidates that share one program
 MARKER_TEST = """
 defmodule ExforgeChecked do
   use ExUnit.Case, async: true
@@ -76,22 +83,58 @@ def failure_reason(checks: Sequence[Check], outcome: Outcome) -> str | None:
     return "compile_failed" if strict else "parse_failed"
 
 
+class UnitResults:
+    """Results of the check units programs have run in this process, by the sha256 of
+    their level and code (the `size` most recently used): a unit's result depends on its
+    code alone, so a later program does not run it again. Only programs that ran to
+    their end contribute."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._results: OrderedDict[str, bool] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(code: str, level: str) -> str:
+        return hashlib.sha256(f"{level}\0{code}".encode("utf-8", "surrogatepass")).hexdigest()
+
+    def get(self, key: str) -> bool | None:
+        with self._lock:
+            if key in self._results:
+                self._results.move_to_end(key)
+            return self._results.get(key)
+
+    def put(self, key: str, passed: bool) -> None:
+        with self._lock:
+            self._results[key] = passed
+            self._results.move_to_end(key)
+            while len(self._results) > self.size:
+                self._results.popitem(last=False)
+
+
 class Units:
-    """The distinct checks of one program, numbered in order of first use."""
+    """The distinct checks of one program, numbered in order of first use; a check
+    whose result `known` holds is not run again."""
 
-    def __init__(self) -> None:
+    def __init__(self, known: UnitResults | None = None) -> None:
         self.index: dict[tuple[str, str], int] = {}
+        self.known = known
 
-    def of(self, check: Check) -> int:
-        return self.index.setdefault((check.code, check.level), len(self.index))
+    def of(self, check: Check) -> str:
+        """Elixir that is true when the unit of `check` passes."""
+        if self.known is not None:
+            passed = self.known.get(UnitResults.key(check.code, check.level))
+            if passed is not None:
+                return "true" if passed else "false"
+        index = self.index.setdefault((check.code, check.level), len(self.index))
+        return f"run.({index}) == :ok"
 
     def expression(self, check: Check) -> str:
         """Elixir that is true when `check` passes (running each unit at most once)."""
-        own = f"run.({self.of(check)}) == :ok"
         if check.level != "parse" or check.within is None:
-            return own
+            return self.of(check)
         whole = self.of(Check(check.within))
-        return f"(run.({whole}) == :ok or {own})"
+        return whole if whole == "true" else f"({whole} or {self.of(check)})"
 
     def definitions(self) -> str:
         lines = [
@@ -99,6 +142,10 @@ class Units:
             for (code, level), i in self.index.items()
         ]
         return "units = %{\n" + ",\n".join(lines) + "\n}\n"
+
+    def keys(self) -> list[str]:
+        """The cache key of each unit, by index."""
+        return [UnitResults.key(code, level) for (code, level) in self.index]
 
 
 RUN_UNIT = """
@@ -116,6 +163,7 @@ run = fn index ->
         end
 
       Process.put({:exforge_unit, index}, result)
+      IO.puts("NONCE unit #{index} #{result}")
       result
 
     result ->
@@ -125,41 +173,66 @@ end
 """
 
 
-def batch_program(batch: Sequence[Sequence[Check]], nonce: str) -> str:
-    """Every candidate's verdict, `<nonce> <index> ok|failed`, then `<nonce> done`."""
-    units = Units()
+@dataclass(frozen=True)
+class Program:
+    """One batch program: its source, its nonce and the cache key of each of its units."""
+
+    source: str
+    nonce: str
+    units: list[str]
+
+
+def batch_program(batch: Sequence[Sequence[Check]], known: UnitResults | None = None) -> Program:
+    """Every candidate's verdict, `<nonce> <index> ok|failed`, each unit's result as it
+    runs, `<nonce> unit <index> ok|failed`, then `<nonce> done`."""
+    nonce = secrets.token_hex(8)
+    units = Units(known)
     verdicts = []
     for index, checks in enumerate(batch):
         passed = " and ".join(units.expression(c) for c in checks) or "true"
         verdicts.append(f'IO.puts("{nonce} {index} " <> if({passed}, do: "ok", else: "failed"))')
-    return units.definitions() + RUN_UNIT + "\n".join(verdicts) + f'\nIO.puts("{nonce} done")\n'
+    source = (
+        units.definitions()
+        + RUN_UNIT.replace("NONCE", nonce)
+        + "\n".join(verdicts)
+        + f'\nIO.puts("{nonce} done")\n'
+    )
+    return Program(source, nonce, units.keys())
 
 
-def batch_verdicts(outcome: Outcome, nonce: str, size: int) -> list[bool] | None:
-    """Per candidate: passed? None when the program did not run to its end."""
+def batch_verdicts(
+    outcome: Outcome, program: Program, size: int, known: UnitResults | None = None
+) -> list[bool] | None:
+    """Per candidate: passed? None when the program did not run to its end. The results
+    of the units it ran go to `known`."""
+    nonce = program.nonce
     found = dict(re.findall(rf"^{nonce} (\d+) (ok|failed)$", outcome.output, re.MULTILINE))
     done = re.search(rf"^{nonce} done$", outcome.output, re.MULTILINE) is not None
     if not done or len(found) != size:
         return None
+    if known is not None:
+        ran = re.findall(rf"^{nonce} unit (\d+) (ok|failed)$", outcome.output, re.MULTILINE)
+        for index, result in ran:
+            known.put(program.units[int(index)], result == "ok")
     return [found[str(i)] == "ok" for i in range(size)]
 
 
 def check_all(
-    pool: SandboxPool, candidates: Sequence[Sequence[Check]], batch: int = 16
+    pool: SandboxPool,
+    candidates: Sequence[Sequence[Check]],
+    batch: int = PROGRAM_CANDIDATES,
+    known: UnitResults | None = None,
 ) -> list[str | None]:
-    """The failure reason (None: passed) of each candidate's checks, in order."""
+    """The failure reason (None: passed) of each candidate's checks, in order; units
+    whose results `known` holds are not run again, and those run are added to it."""
     reasons: dict[int, str | None] = {}
     alone = [i for i, checks in enumerate(candidates) if tested(checks)]
     shared = [i for i, checks in enumerate(candidates) if not tested(checks)]
     batches = [shared[i : i + batch] for i in range(0, len(shared), batch)]
-    nonces = [secrets.token_hex(8) for _ in batches]
-    programs = [
-        batch_program([candidates[i] for i in group], nonce)
-        for group, nonce in zip(batches, nonces, strict=True)
-    ]
-    outcomes = pool.map(programs)
-    for group, nonce, outcome in zip(batches, nonces, outcomes, strict=True):
-        verdicts = batch_verdicts(outcome, nonce, len(group))
+    programs = [batch_program([candidates[i] for i in group], known) for group in batches]
+    outcomes = pool.map(p.source for p in programs)
+    for group, program, outcome in zip(batches, programs, outcomes, strict=True):
+        verdicts = batch_verdicts(outcome, program, len(group), known)
         if verdicts is None:  # run one by one: who failed, and why
             alone += group
             continue

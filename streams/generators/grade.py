@@ -20,10 +20,10 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from tree_sitter import Node
+from tree_sitter import Node, Query, QueryCursor
 
 from exforge.elixir.analysis import analyse
-from exforge.elixir.tree import parse
+from exforge.elixir.tree import LANGUAGE, parse
 from schemas.records import ElixirAnalysis, InstructionSample, ParsedFile
 from streams.generators.common import code_blocks
 
@@ -39,18 +39,21 @@ STAGES: dict[str, int] = {
     "refactor_pattern_match": 2,
     "book_qa": 3,
 }
-NESTING = frozenset({"do_block", "anonymous_function"})
+NESTING_QUERY = Query(LANGUAGE, "[(do_block) (anonymous_function)] @nesting")
 
 
 def depth(node: Node) -> int:
-    """Deepest nesting of do-blocks and anonymous functions."""
+    """Deepest nesting of do-blocks and anonymous functions (found by a query, their
+    nesting read from their byte ranges: a node encloses the ones that start inside it)."""
+    found = QueryCursor(NESTING_QUERY).captures(node).get("nesting", [])
+    spans = sorted((n.start_byte, -n.end_byte) for n in found)
     best = 0
-    stack = [(node, 0)]
-    while stack:
-        current, level = stack.pop()
-        level += current.type in NESTING
-        best = max(best, level)
-        stack.extend((child, level) for child in current.named_children)
+    open_ends: list[int] = []
+    for start, negative_end in spans:
+        while open_ends and open_ends[-1] <= start:
+            open_ends.pop()
+        open_ends.append(-negative_end)
+        best = max(best, len(open_ends))
     return best
 
 
@@ -69,19 +72,27 @@ def points(features: ElixirAnalysis, nesting: int, concepts: int) -> float:
     )
 
 
+def score(features: ElixirAnalysis, root: Node, concepts: int, floor: int) -> int:
+    """The difficulty of code with these features and this syntax tree."""
+    return max(floor, min(5, 1 + math.floor(points(features, depth(root), concepts))))
+
+
+def _encoded(code: str) -> tuple[str, bytes]:
+    source = code if code.endswith("\n") else code + "\n"
+    return source, source.encode("utf-8", "surrogatepass")
+
+
 @lru_cache(maxsize=4096)
 def difficulty(code: str, concepts: int, floor: int = 1) -> int:
     """The score of `code` (parsed once; kinds that teach the same code share it)."""
-    source = code if code.endswith("\n") else code + "\n"
-    data = source.encode("utf-8", "surrogatepass")
+    source, data = _encoded(code)
     root = parse(data)
-    analysis = analyse(source, data, root)
-    score = 1 + math.floor(points(analysis.details, depth(root), concepts))
-    return max(floor, min(5, score))
+    return score(analyse(source, data, root).details, root, concepts, floor)
 
 
-def graded(sample: InstructionSample, file: ParsedFile) -> InstructionSample:
-    """The sample with the stage of its kind and its difficulty."""
+def graded(sample: InstructionSample, file: ParsedFile, text: str) -> InstructionSample:
+    """The sample with the stage of its kind and its difficulty. Code that is the whole
+    of the file's `text` keeps the analysis the parse stage made of that same text."""
     code = "\n\n".join(
         block
         for turn in sample.conversations
@@ -89,10 +100,11 @@ def graded(sample: InstructionSample, file: ParsedFile) -> InstructionSample:
         for block in code_blocks(turn.value)
     )
     floor = file.book.difficulty if file.book is not None else 1
-    meta = sample.meta.model_copy(
-        update={
-            "stage": STAGES[sample.meta.kind],
-            "difficulty": difficulty(code, len(sample.meta.concepts), floor),
-        }
-    )
+    concepts = len(sample.meta.concepts)
+    source, data = _encoded(code)
+    if file.kind == "elixir_file" and source == text:
+        level = score(file.analysis, parse(data), concepts, floor)
+    else:
+        level = difficulty(code, concepts, floor)
+    meta = sample.meta.model_copy(update={"stage": STAGES[sample.meta.kind], "difficulty": level})
     return sample.model_copy(update={"meta": meta})

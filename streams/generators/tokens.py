@@ -8,13 +8,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from exforge.llm.chat import load_tokenizer, to_request
+from exforge.llm.chat import counting_tokenizer, load_tokenizer, to_request
 
 TokenCounter = Callable[[Sequence[dict[str, Any]]], int]
 
 
 def token_counter(tokenizer_path: Path | None = None) -> TokenCounter:
-    tokenizer = load_tokenizer(str(tokenizer_path) if tokenizer_path else None)
+    tokenizer = counting_tokenizer(load_tokenizer(str(tokenizer_path) if tokenizer_path else None))
 
     def count(conversations: Sequence[dict[str, Any]]) -> int:
         return len(tokenizer.encode_chat_completion(to_request(conversations)).tokens)

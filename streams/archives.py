@@ -22,10 +22,11 @@ import tarfile
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any, BinaryIO, cast
 
 from exforge.core.settings import Settings
+from exforge.core.store import digest_of_stream
 from streams.stage import BadMessage
 
 GZIP_MAGIC = b"\x1f\x8b"
@@ -330,55 +331,66 @@ def spool(handle: BinaryIO) -> BinaryIO:
     return cast(BinaryIO, copy)
 
 
+@dataclass
+class HexOuter:
+    """The outer members of a would-be Hex tarball as they are read, in archive order:
+    contents.tar.gz spooled, the others in memory."""
+
+    names: list[str] = field(default_factory=list)
+    small: dict[str, bytes] = field(default_factory=dict)
+    contents: BinaryIO | None = None
+
+    def add(self, path: str, handle: BinaryIO) -> None:
+        self.names.append(path)
+        if path == "contents.tar.gz":
+            self.contents = spool(handle)
+        else:
+            self.small[path] = handle.read()
+
+    def looks_like_hex(self) -> bool:
+        return "VERSION" in self.names and "contents.tar.gz" in self.names
+
+    def tarball(self) -> HexTarball:
+        """The tarball of these members, its layout and inner checksum checked."""
+        small, contents = self.small, self.contents
+        if sorted(self.names) != sorted(HEX_OUTER_MEMBERS) or contents is None:
+            raise NotHexTarball(
+                f"hex tarball has members {self.names}, expected exactly {list(HEX_OUTER_MEMBERS)}"
+            )
+        version = small["VERSION"].strip()
+        if version != HEX_FORMAT_VERSION:
+            raise NotHexTarball(f"hex tarball format {version.decode(errors='replace')!r} is not 3")
+        digest, _ = digest_of_stream(
+            contents, hashlib.sha256(small["VERSION"] + small["metadata.config"]), READ_STEP
+        )
+        contents.seek(0)
+        declared = small["CHECKSUM"].strip().decode(errors="replace").lower()
+        if declared != digest:
+            raise NotHexTarball(f"hex tarball inner CHECKSUM {declared} does not match {digest}")
+        try:
+            metadata = small["metadata.config"].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise NotHexTarball(f"hex metadata.config is not UTF-8 at byte {exc.start}") from None
+        return HexTarball(metadata, contents, digest)
+
+    def members(self) -> Iterator[Member]:
+        """The members as they were, for an archive that is not a Hex tarball after all."""
+        for name in self.names:
+            if name == "contents.tar.gz":
+                assert self.contents is not None
+                with self.contents:
+                    yield Member(name, self.contents.read())
+            else:
+                yield Member(name, self.small[name])
+
+
 def read_hex_tarball(data: bytes | BinaryIO, limits: Limits) -> HexTarball:
     """Check the outer layout (VERSION "3", CHECKSUM, metadata.config, contents.tar.gz)
     and the inner checksum: sha256 of VERSION, metadata.config and contents.tar.gz."""
-    small: dict[str, bytes] = {}
-    contents: BinaryIO | None = None
-    names: list[str] = []
+    outer = HexOuter()
     for path, handle in tar_entries(data, limits, "hex tarball"):
-        names.append(path)
-        if path == "contents.tar.gz":
-            contents = spool(handle)
-        else:
-            small[path] = handle.read()
-    return hex_tarball(names, small, contents)
-
-
-def hex_tarball(names: list[str], small: dict[str, bytes], contents: BinaryIO | None) -> HexTarball:
-    """The tarball of these outer members (`small`: all but contents.tar.gz, read), its
-    layout and inner checksum checked."""
-    if sorted(names) != sorted(HEX_OUTER_MEMBERS) or contents is None:
-        raise NotHexTarball(
-            f"hex tarball has members {names}, expected exactly {list(HEX_OUTER_MEMBERS)}"
-        )
-    version = small["VERSION"].strip()
-    if version != HEX_FORMAT_VERSION:
-        raise NotHexTarball(f"hex tarball format {version.decode(errors='replace')!r} is not 3")
-    digest = hashlib.sha256(small["VERSION"] + small["metadata.config"])
-    shutil.copyfileobj(contents, HashSink(digest), READ_STEP)
-    contents.seek(0)
-    declared = small["CHECKSUM"].strip().decode(errors="replace").lower()
-    if declared != digest.hexdigest():
-        raise NotHexTarball(
-            f"hex tarball inner CHECKSUM {declared} does not match {digest.hexdigest()}"
-        )
-    try:
-        metadata = small["metadata.config"].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise NotHexTarball(f"hex metadata.config is not UTF-8 at byte {exc.start}") from None
-    return HexTarball(metadata, contents, digest.hexdigest())
-
-
-@dataclass(frozen=True)
-class HashSink:
-    """A writable end that only feeds a hash."""
-
-    digest: Any
-
-    def write(self, data: bytes) -> int:
-        self.digest.update(data)
-        return len(data)
+        outer.add(path, handle)
+    return outer.tarball()
 
 
 def source_members(
@@ -401,39 +413,20 @@ def source_members(
 
 
 def _unwrapped(archive: bytes | BinaryIO, limits: Limits) -> Iterator[Member]:
-    names: list[str] = []
-    small: dict[str, bytes] = {}
-    contents: BinaryIO | None = None
+    outer = HexOuter()
     held = True
     for path, handle in tar_entries(archive, limits):
-        if held and path in HEX_OUTER_MEMBERS and path not in names:
-            names.append(path)
-            if path == "contents.tar.gz":
-                contents = spool(handle)
-            else:
-                small[path] = handle.read()
+        if held and path in HEX_OUTER_MEMBERS and path not in outer.names:
+            outer.add(path, handle)
             continue
         if held:
             held = False
-            yield from _held_back(names, small, contents)
+            yield from outer.members()
         yield Member(path, handle.read())
     if not held:
         return
-    if "VERSION" in names and "contents.tar.gz" in names:
-        inner = hex_tarball(names, small, contents).contents
-        with inner:
+    if outer.looks_like_hex():
+        with outer.tarball().contents as inner:
             yield from members(inner, limits, "hex contents.tar.gz")
     else:
-        yield from _held_back(names, small, contents)
-
-
-def _held_back(
-    names: list[str], small: dict[str, bytes], contents: BinaryIO | None
-) -> Iterator[Member]:
-    for name in names:
-        if name == "contents.tar.gz":
-            assert contents is not None
-            with contents:
-                yield Member(name, contents.read())
-        else:
-            yield Member(name, small[name])
+        yield from outer.members()

@@ -32,9 +32,12 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def digest_of_stream(handle: BinaryIO, step: int = 256 * 1024) -> tuple[str, int]:
-    """The sha256 and the size of everything `handle` has left to read, read in steps."""
-    digest, size = hashlib.sha256(), 0
+def digest_of_stream(
+    handle: BinaryIO, digest: hashlib._Hash | None = None, step: int = 256 * 1024
+) -> tuple[str, int]:
+    """The sha256 and the size of everything `handle` has left to read, read in steps;
+    `digest` continues a hash already fed with what precedes the stream."""
+    digest, size = digest or hashlib.sha256(), 0
     while chunk := handle.read(step):
         digest.update(chunk)
         size += len(chunk)

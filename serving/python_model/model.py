@@ -1,4 +1,4 @@
-"""Triton python-backend model (cpu flavor): decoupled, one response per generated token.
+"""Triton python-backend model (cpu flavor): one response per generated token when decoupled.
 
 Copied into every exported version folder. It loads the merged weights beside it and
 decodes with `exforge.llm.generation.Decoder`, continuously batched on one thread:
@@ -11,7 +11,9 @@ outputs (`arrival_time_ns`, `first_token_time_ns`, `last_token_time_ns`,
 `kv_cache_reused_blocks`) come with `return_perf_metrics`, and in a stream every
 response's `last_token_time_ns` is when its token was made. Model parameters:
 `decode_batch` (requests decoded together), `tokens_per_block` (prefix-cache reuse
-granularity), `prefix_cache_entries`, `torch_threads`. A version folder's
+granularity), `prefix_cache_entries`, `torch_threads`. Like upstream's models, it may be
+deployed decoupled (a request that asks to `stream` gets a response per token) or not (one
+response per request, which Triton's HTTP `infer` requires; `stream` is refused). A version folder's
 `decoding.json` may set `token_delay_s` (a deliberately slow test version) and `options`
 (`DecodeOptions`: attention kernel, compiled step, static KV cache; from the exporting
 process's `EXFORGE_DECODE_*` settings).
@@ -127,6 +129,7 @@ class TritonPythonModel:
         model = load_model(str(model_dir), "none", dtype=torch.float32, device=torch.device("cpu"))
         self.tokenizer = text_tokenizer(model_dir)
         self.block = int(params.get("tokens_per_block", "32"))
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.decoder = Decoder(
             model.eval(),
             self.tokenizer,
@@ -153,6 +156,8 @@ class TritonPythonModel:
             self.decoder.submit(job)
 
     def _job(self, request: object, responder: Responder) -> Request:
+        if responder.streaming and not self.decoupled:
+            raise ValueError("streaming needs the model deployed decoupled")
         text = responder.prompt = str(_values(request, "text_input")[0])
         end_id = _scalar(request, "end_id", None)
         sampling = Sampling(

@@ -92,12 +92,15 @@ class Dispatcher:
 
 class Responder:
     """Turns a request's decoding steps into Triton responses on its sender. `emit` (the
-    decoding thread) queues a step; the dispatcher's thread `send`s it."""
+    decoding thread) queues a step; the dispatcher's thread `send`s it, then asks Triton
+    whether the client cancelled (both wait on tritonserver: the decoding thread asks
+    neither)."""
 
     def __init__(self, request: object, block: int, dispatcher: Dispatcher) -> None:
         self.sender = request.get_response_sender()
         self.dispatcher = dispatcher
         self.gone = False  # a send failed: the client left
+        self.cancel_asked = False  # the client cancelled: the request still ends with a response
         self.streaming = bool(_scalar(request, "stream", False))
         self.perf = bool(_scalar(request, "return_perf_metrics", False))
         self.input_count = bool(_scalar(request, "return_num_input_tokens", False))
@@ -113,7 +116,7 @@ class Responder:
 
     def cancelled(self) -> bool:
         """The client cancelled or left: the decoder drops the request."""
-        return self.gone or self.sender.is_cancelled()
+        return self.gone or self.cancel_asked
 
     def send(self, event: Event) -> None:
         """Send a step (or the error that ended the request) unless the client is gone."""
@@ -121,6 +124,8 @@ class Responder:
             return
         try:
             self._send(event)
+            if isinstance(event, Step) and event.finish is None:
+                self.cancel_asked = self.sender.is_cancelled()
         except Exception:
             self.gone = True
 

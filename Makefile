@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# cyclonedx-py (make sbom, its test) in an environment of its own, as in deploy/Dockerfile:
+# its schema-validation extras make jsonschema build rfc3987-syntax's parsers whenever it is
+# imported, ~2 s of CPU in every exforge process (mistral-common imports jsonschema)
+SBOM_TOOL := $(VENV)/sbom-tool
 DEMO_DATA := .data/demo
 
 .PHONY: demo test install elixir postgresql bench-check lint audit bandit-baseline sbom format schemas clean help
@@ -22,6 +26,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev,train,serve,postgres]'
+	$(PYTHON) -m venv $(SBOM_TOOL)
+	$(SBOM_TOOL)/bin/pip install --quiet "cyclonedx-bom>=5"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -87,7 +93,7 @@ sbom: install
 	rm -rf $(SBOM_ENV) && $(PYTHON) -m venv $(SBOM_ENV)
 	$(SBOM_ENV)/bin/pip install --quiet '.[postgres]'
 	mkdir -p dist
-	$(BIN)/cyclonedx-py environment --output-reproducible --of JSON \
+	$(SBOM_TOOL)/bin/cyclonedx-py environment --output-reproducible --of JSON \
 		-o dist/exforge-worker.cdx.json $(SBOM_ENV)/bin/python
 	rm -rf $(SBOM_ENV)
 	@echo "dist/exforge-worker.cdx.json"

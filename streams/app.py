@@ -36,6 +36,7 @@ STAGES = {"ingest": ingest, "parse": parse, "instruct": instruct, "shard": shard
 
 
 STREAM_BUFFER = 512
+HEARTBEATS_PER_SESSION = 10  # a member misses several before the broker drops it
 # lock files of the worker directories this process holds, open until it exits
 _HELD_DIRS: list[IO[str]] = []
 
@@ -72,8 +73,8 @@ def create_app(settings: Settings, index: int = 0) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         broker_rebalance_timeout=10.0,
-        broker_session_timeout=10.0,
-        broker_heartbeat_interval=1.0,
+        broker_session_timeout=settings.kafka_session_timeout_s,
+        broker_heartbeat_interval=settings.kafka_session_timeout_s / HEARTBEATS_PER_SESSION,
         stream_wait_empty=False,
         # unprocessed messages an agent may hold: enough for its largest batch, and so
         # small that a backlog waits in the broker, not in the worker's memory

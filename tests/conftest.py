@@ -236,6 +236,8 @@ def pipeline(broker: str, tmp_path: Path) -> Pipeline:
         EXFORGE_DATA_DIR=str(tmp_path / "data"),
         EXFORGE_METRICS_PORT="0",
         EXFORGE_IDLE_SECONDS="2",
+        # a new consumer group forms in half of this on the embedded broker (5 s by default)
+        EXFORGE_KAFKA_SESSION_TIMEOUT_S="3",
         EXFORGE_CONFIG=str(tmp_path / "absent.toml"),
         # exact per-function counts; every generator: tests/test_dataset_pipeline.py
         EXFORGE_INSTRUCT_KINDS="doc_to_code",

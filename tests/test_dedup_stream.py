@@ -88,18 +88,28 @@ def isolated(pipeline: Pipeline, tmp_path: Path, partitions: int) -> Pipeline:
     return Pipeline(env)
 
 
-def run(pipeline: Pipeline, projects: list[Path], workers: int, log: Path) -> None:
+Workers = list[tuple[subprocess.Popen[bytes], Path]]
+
+
+def start(pipeline: Pipeline, projects: list[Path], workers: int, log: Path) -> Workers:
+    """Request the projects and start `workers` worker processes that stop once idle."""
     store = open_store(pipeline.settings)
     requests = [upload_directory(store, p) for p in projects]
     send(pipeline, "sources.requests", [(r.source_id, r) for r in requests])
-    procs = [pipeline.start_worker("--until-idle", log=log) for _ in range(workers)]
+    return [(pipeline.start_worker("--until-idle", log=log), log) for _ in range(workers)]
+
+
+def finish(workers: Workers) -> None:
+    """Every worker exits 0 (any left are killed)."""
     try:
-        for proc in procs:
-            assert proc.wait(timeout=WORKER_TIMEOUT_S) == 0, log.read_text()[-4000:]
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"workers did not finish:\n{log.read_text()[-4000:]}")
+        for proc, log in workers:
+            try:
+                code = proc.wait(timeout=WORKER_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"workers did not finish:\n{log.read_text()[-4000:]}")
+            assert code == 0, log.read_text()[-4000:]
     finally:
-        for proc in procs:
+        for proc, _ in workers:
             if proc.poll() is None:
                 proc.kill()
 
@@ -157,9 +167,12 @@ def test_kept_and_dropped_sets_do_not_depend_on_workers_or_partitions(
 ) -> None:
     projects = corpus(tmp_path / "projects")
     single = isolated(pipeline, tmp_path, partitions=1)
-    run(single, projects, workers=1, log=tmp_path / "single.log")
     double = isolated(pipeline, tmp_path, partitions=4)
-    run(double, projects, workers=2, log=tmp_path / "double.log")
+    # the two deployments share nothing but the broker: they run at the same time
+    finish(
+        start(single, projects, workers=1, log=tmp_path / "single.log")
+        + start(double, projects, workers=2, log=tmp_path / "double.log")
+    )
 
     first, second = outcomes(single), outcomes(double)
     assert first == second

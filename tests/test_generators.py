@@ -220,6 +220,58 @@ def test_unit_results_carry_over_to_later_programs_and_bad_code_stays_rejected(
     assert len(batch_program([c.checks for c in bad_generated], small).units) == 1
 
 
+# Module bodies of the kinds refactor checks compile, each with what Elixir says of it.
+COMPILE_CASES = {
+    "plain": ("def f(x), do: x |> Enum.map(&(&1 + 1)) |> Enum.sum()", True),
+    "sibling call": ("def f(x), do: g(x) + 1\n  defp g(x), do: x * 2", True),
+    "macro from a required module": ("require Logger\n  def f(x), do: Logger.debug(x)", True),
+    "undefined remote call only warns": ("def f(x), do: NoSuchModule.g(x)", True),
+    "unused attribute and variable only warn": ("@unused 1\n  def f(x), do: 1", True),
+    "behaviour callbacks missing only warn": ("@behaviour GenServer\n  def f(x), do: x", True),
+    "after_compile of itself": (
+        "@after_compile __MODULE__\n  def __after_compile__(_env, _bytecode), do: :ok",
+        True,
+    ),
+    "undefined variable": ("def f(x), do: x + y", False),
+    "undefined local function": ("def f(x), do: g(x)", False),
+    "wrong arity local call": ("def f(x), do: g(x, 1)\n  defp g(x), do: x", False),
+    "bad macro use": ("def f(x), do: unquote(x)", False),
+    "import of no module": ("import NoSuchModule\n  def f(x), do: x", False),
+    "module body raises": ('@x raise "boom"\n  def f(x), do: x', False),
+    "syntax error": ("def f(x), do: (x +", False),
+    "clauses of one function apart": (
+        "def f(0), do: 0\n  def g, do: 1\n  def f(x), do: x",
+        True,
+    ),
+    "defining a def twice with defaults": (
+        "def f(x \\\\ 1), do: x\n  def f(x \\\\ 2), do: x",
+        False,
+    ),
+}
+
+
+def test_compile_checks_reject_what_elixir_rejects(pool: SandboxPool) -> None:
+    """The `compile` check (front end only, module not loaded) passes exactly the
+    modules that Elixir's own `Code.compile_string` compiles, in a fresh `elixir`."""
+    codes = {
+        name: f"defmodule ExforgeRefactorCheck do\n  {body}\nend\n"
+        for name, (body, _) in COMPILE_CASES.items()
+    }
+    expected = {name: ok for name, (_, ok) in COMPILE_CASES.items()}
+    reasons = check_all(pool, [[Check(code, "compile")] for code in codes.values()])
+    assert dict(zip(codes, (r is None for r in reasons), strict=True)) == expected
+    script = (
+        "System.argv() |> Enum.each(fn code -> "
+        "IO.puts(try do Code.compile_string(Base.decode64!(code)) && :ok "
+        "rescue _ -> :failed end); "
+        ":code.purge(ExforgeRefactorCheck); :code.delete(ExforgeRefactorCheck) end)"
+    )
+    encoded = [base64.b64encode(c.encode()).decode() for c in codes.values()]
+    done = subprocess.run(["elixir", "-e", script, *encoded], capture_output=True, text=True)
+    judged = [line == "ok" for line in done.stdout.split()]
+    assert dict(zip(codes, judged, strict=True)) == expected, done.stderr
+
+
 # --------------------------------------------------------------------- transformations
 
 

@@ -209,7 +209,7 @@ def test_bad_inputs_land_in_the_dlq_and_the_worker_keeps_going(
 def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
-    projects, modules, functions = 40, 3, 8
+    projects, modules, functions = 20, 3, 8  # 480 samples, the kill after a fifth is staged
     pipeline.env["EXFORGE_SHARD_SAMPLES"] = "25"
     metrics_port = free_port()
     pipeline.env["EXFORGE_METRICS_PORT"] = str(metrics_port)
@@ -301,10 +301,10 @@ def test_two_worker_processes_on_rocksdb_tables_make_the_shards_one_makes(
         store = open_store(run.settings)
         requests = [upload_directory(store, p) for p in projects]
         send(run, "sources.requests", [(r.source_id, r) for r in requests])
-    pipeline.run_until_idle()
     log = tmp_path / "two.log"
     workers = two.start_worker("--until-idle", "--processes", "2", log=log)
     try:
+        pipeline.run_until_idle()  # meanwhile: the two deployments share nothing but the broker
         assert workers.wait(timeout=CLI_TIMEOUT_S) == 0, log.read_text()[-4000:]
     finally:
         if workers.poll() is None:

@@ -52,7 +52,7 @@ def compress_run(
     from exforge.cli.console import errors
     from exforge.core.store import open_store
     from exforge.llm.registry import get_version
-    from workers.trainer.compress import CompressError, CompressOptions, Compressor, parse_methods
+    from workers.trainer.compress_options import CompressError, CompressOptions, parse_methods
 
     name, version = model_version(model)
     if version is None:
@@ -77,6 +77,7 @@ def compress_run(
     config = settings()
     if get_version(database(), name, version) is None:
         raise fail(f"the registry has no {name}:{version}", 2)
+    from workers.trainer.compress import Compressor  # torch: only once the arguments hold
 
     def say(line: str) -> None:
         errors.print(f"[bold cyan]compress:[/] {line}")

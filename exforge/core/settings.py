@@ -210,6 +210,14 @@ class Settings(BaseSettings):
     idle_seconds: float = Field(
         3.0, gt=0, description="Quiet time after which a stage counts as idle."
     )
+    kafka_session_timeout_s: float = Field(
+        10.0,
+        ge=1,
+        description=(
+            "Consumer-group session timeout of a worker: a member silent this long leaves the "
+            "group (the embedded broker also lets a new group form for half of it)."
+        ),
+    )
     stall_seconds: float = Field(
         10.0,
         gt=0,

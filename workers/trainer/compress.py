@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field
 from sqlalchemy import Engine
 from transformers import MistralForCausalLM
 
@@ -43,44 +42,15 @@ from exforge.llm.prune import (
 )
 from exforge.llm.registry import Lineage, get_version, register_version
 from exforge.llm.share import tie_embeddings
+from workers.trainer.compress_options import CompressError, CompressOptions
 from workers.trainer.data import load_split, stages_with_data
 from workers.trainer.packing import collate, pack
 from workers.trainer.recipe import DistillConfig, Recipe, StageConfig, TrainConfig
 
-METHODS = ("prune", "distill", "share", "fuse")
 FUSE_TOLERANCE = 1e-3
 
 Batch = dict[str, torch.Tensor]
 Say = Callable[[str], None]
-
-
-class CompressError(RuntimeError):
-    """A compression that cannot run (unknown version or method, no data, a bad check)."""
-
-
-class CompressOptions(BaseModel):
-    drop_layers: int | None = Field(
-        None, ge=1, description="Decoder layers to remove; default: a quarter (at least one)."
-    )
-    mlp_keep: float = Field(0.75, gt=0, le=1, description="Share of MLP channels kept.")
-    heal_steps: int = Field(8, ge=1, description="QLoRA steps per stage after prune/share.")
-    distill_steps: int = Field(8, ge=1, description="Distillation steps per stage.")
-    temperature: float = Field(2.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1)
-    seq_len: int = Field(512, gt=8)
-    batch_size: int = Field(2, gt=0)
-    learning_rate: float = Field(2e-3, gt=0)
-    lora_rank: int = Field(16, gt=0)
-    calibration_batches: int = Field(8, ge=1)
-
-
-def parse_methods(text: str) -> list[str]:
-    """`prune,distill,fuse` → the methods in the order they run."""
-    asked = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = sorted(set(asked) - set(METHODS))
-    if unknown or not asked:
-        raise CompressError(f"unknown method(s) {unknown or text!r}; known: {', '.join(METHODS)}")
-    return [m for m in METHODS if m in asked]
 
 
 @dataclass

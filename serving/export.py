@@ -89,7 +89,9 @@ def export_cpu(
     if decoding:
         (version_dir / "decoding.json").write_text(json.dumps(decoding))
     (version_dir / "card.json").write_text(json.dumps(model_card(row, "cpu"), indent=2))
-    config = modelconfig.cpu_config(row["name"], existing_versions(model_dir))
+    config = modelconfig.cpu_config(
+        row["name"], existing_versions(model_dir), decoupled=settings.triton_decoupled
+    )
     (model_dir / "config.pbtxt").write_text(modelconfig.render(config))
     return model_dir
 

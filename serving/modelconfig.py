@@ -39,15 +39,19 @@ def version_policy(versions: list[int]) -> Config:
     return {"specific": {"versions": sorted(versions)}}
 
 
-def cpu_config(name: str, versions: list[int], decode_batch: int = MAX_BATCH) -> Config:
-    """The python-backend model: decoupled streaming, contract I/O, continuous batching of
-    up to `decode_batch` requests (1: one request at a time)."""
+def cpu_config(
+    name: str, versions: list[int], decode_batch: int = MAX_BATCH, decoupled: bool = True
+) -> Config:
+    """The python-backend model: contract I/O, continuous batching of up to `decode_batch`
+    requests (1: one request at a time); `decoupled` (upstream's `decoupled_mode`): a
+    response per token for requests that ask to `stream`, else exactly one response per
+    request, the transaction policy Triton's HTTP `infer` requires."""
     return {
         "name": name,
         "backend": "python",
         "max_batch_size": MAX_BATCH,
         **io_config(),
-        "model_transaction_policy": {"decoupled": True},
+        "model_transaction_policy": {"decoupled": decoupled},
         "dynamic_batching": {"max_queue_delay_microseconds": QUEUE_DELAY_US},
         "instance_group": [{"kind": "KIND_CPU", "count": 1}],
         "version_policy": version_policy(versions),

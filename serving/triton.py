@@ -192,10 +192,16 @@ def _post(instance: Instance, path: str, body: dict[str, object]) -> dict[str, o
     return json.loads(raw) if raw else {}
 
 
-def load(instance: Instance, name: str, versions: list[int], decode_batch: int = MAX_BATCH) -> None:
+def load(
+    instance: Instance,
+    name: str,
+    versions: list[int],
+    decode_batch: int = MAX_BATCH,
+    decoupled: bool = True,
+) -> None:
     """Load exactly `versions` of a cpu-flavor model (the policy is sent with the load),
-    decoding up to `decode_batch` requests together."""
-    config = json.dumps(cpu_config(name, versions, decode_batch))
+    decoding up to `decode_batch` requests together, decoupled or not (`cpu_config`)."""
+    config = json.dumps(cpu_config(name, versions, decode_batch, decoupled))
     _post(instance, f"/v2/repository/models/{name}/load", {"parameters": {"config": config}})
 
 

@@ -13,6 +13,7 @@ import torch
 from exforge.core.settings import load_settings
 from exforge.llm.chat import text_tokenizer
 from exforge.llm.generation import (
+    INVERSION_BLOCK,
     DecodeOptions,
     Decoder,
     Request,
@@ -21,6 +22,7 @@ from exforge.llm.generation import (
     TextStream,
     choose,
     complete,
+    invert,
 )
 from exforge.llm.model import load_model
 
@@ -172,6 +174,20 @@ def test_sampling_draws_from_the_tempered_nucleus() -> None:
     top2 = shares(Sampling(temperature=1.0, top_k=2))
     assert top2[2:].sum() == 0 and abs(float(top2[0]) - 0.625) < 0.02
     assert choose(logits, Sampling(temperature=0.0), torch.Generator()) == 0
+
+
+def test_two_level_inversion_picks_the_token_one_cumulative_sum_picks() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for vocab in (7, INVERSION_BLOCK, 5 * INVERSION_BLOCK + 17):
+        weights = torch.softmax(torch.randn(16, vocab, generator=generator) * 2, dim=-1)
+        weights[:, ::3] = 0  # tokens top-k or top-p removed
+        draws = torch.cat([torch.rand(14, generator=generator), torch.tensor([0.0, 1 - 2**-24])])
+        cumulative = torch.cumsum(weights.double(), dim=-1)
+        targets = draws.double()[:, None] * cumulative[:, -1:]
+        expected = torch.searchsorted(cumulative, targets, right=True)[:, 0]
+        chosen = invert(weights, draws)
+        assert chosen.tolist() == expected.tolist()
+        assert bool((weights[torch.arange(16), chosen] > 0).all())
 
 
 def test_non_finite_logits_fail_the_request() -> None:

@@ -1,7 +1,8 @@
 """The Triton contract against upstream TensorRT-LLM: the trtllm flavor's rendered configs
 carry exactly the tensors of `inflight_batcher_llm` (tests/data/trtllm, with the upstream
 commits), the cpu flavor declares a subset of the ensemble's with the same types and
-dims, and a client sending the upstream types over gRPC and HTTP is served by it."""
+dims, and a client sending the upstream types over gRPC and HTTP is served by it (HTTP
+`infer` by the model deployed without decoupling, upstream's `decoupled_mode` false)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import model_config_pb2 as pb
+from tritonclient.utils import InferenceServerException
 
 from exforge.core.settings import load_settings
+from serving import triton
 from serving.modelconfig import cpu_config, parse, render
 from serving.trtllm_config import trtllm_configs
-from tests.support.serving import MODEL, Served
+from tests.conftest import free_port
+from tests.support.serving import MODEL, Served, repository
 
 UPSTREAM = json.loads(
     (Path(__file__).parent / "data" / "trtllm" / "inflight_batcher_llm.json").read_text()
@@ -129,7 +133,7 @@ def test_build_script_targets_the_checkpoint_workflow() -> None:
     assert wrong.returncode == 2 and "unknown argument" in wrong.stderr
 
 
-def upstream_request(client_module: object, text: str) -> list[object]:
+def upstream_request(client_module: object, text: str, stream: bool = True) -> list[object]:
     """An ensemble request as a TensorRT-LLM client writes it, with upstream's types."""
     values = {
         "text_input": ("BYTES", np.array([[text.encode()]], dtype=np.object_)),
@@ -141,7 +145,7 @@ def upstream_request(client_module: object, text: str) -> list[object]:
         "end_id": ("INT32", np.array([[2]], dtype=np.int32)),
         "exclude_input_in_output": ("BOOL", np.array([[False]], dtype=np.bool_)),
         "return_num_output_tokens": ("BOOL", np.array([[True]], dtype=np.bool_)),
-        "stream": ("BOOL", np.array([[True]], dtype=np.bool_)),
+        "stream": ("BOOL", np.array([[stream]], dtype=np.bool_)),
     }
     inputs = []
     for name, (wire, array) in values.items():
@@ -151,29 +155,35 @@ def upstream_request(client_module: object, text: str) -> list[object]:
     return inputs
 
 
-def test_grpc_client_with_upstream_types_is_served(served: Served) -> None:
-    client = grpcclient.InferenceServerClient(served.a.grpc_url)
+def streamed(url: str, inputs: list[object], count: int) -> list[tuple[str, int]]:
+    """The first `count` answers (text, output tokens) of a gRPC stream; an error raises."""
+    client = grpcclient.InferenceServerClient(url)
     answers: queue.Queue[tuple[object, object]] = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)))
-    client.async_stream_infer(
-        MODEL, upstream_request(grpcclient, "defmodule A do"), model_version="1"
-    )
-    texts, counts = [], []
-    while len(texts) < 6:
-        result, error = answers.get(timeout=120)
-        assert error is None, error
-        texts.append(result.as_numpy("text_output").reshape(-1)[0].decode())  # type: ignore[attr-defined]
-        counts.append(int(result.as_numpy("num_output_tokens").reshape(-1)[0]))  # type: ignore[attr-defined]
-    assert texts[0].startswith("defmodule A do")  # exclude_input_in_output false: echoed
-    assert counts == [1, 2, 3, 4, 5, 6]
+    client.async_stream_infer(MODEL, inputs, model_version="1")
+    got = []
+    try:
+        while len(got) < count:
+            result, error = answers.get(timeout=120)
+            if error is not None:
+                raise error  # type: ignore[misc]
+            text = result.as_numpy("text_output").reshape(-1)[0].decode()  # type: ignore[attr-defined]
+            got.append((text, int(result.as_numpy("num_output_tokens").reshape(-1)[0])))  # type: ignore[attr-defined]
+    finally:
+        client.stop_stream()
+        client.close()
+    return got
+
+
+def test_grpc_client_with_upstream_types_is_served(served: Served) -> None:
+    answers = streamed(served.a.grpc_url, upstream_request(grpcclient, "defmodule A do"), 6)
+    assert answers[0][0].startswith("defmodule A do")  # exclude_input_in_output false: echoed
+    assert [count for _, count in answers] == [1, 2, 3, 4, 5, 6]
     old = grpcclient.InferInput("max_tokens", [1, 1], "UINT32")  # the contract's old type
     old.set_data_from_numpy(np.array([[6]], dtype=np.uint32))
     text = upstream_request(grpcclient, "x")[0]
-    client.async_stream_infer(MODEL, [text, old], model_version="1")
-    _, error = answers.get(timeout=120)
-    assert error is not None and "INT32" in str(error)
-    client.stop_stream()
-    client.close()
+    with pytest.raises(InferenceServerException, match="INT32"):
+        streamed(served.a.grpc_url, [text, old], 1)
 
 
 def test_http_client_sees_upstream_types_and_streams(served: Served) -> None:
@@ -211,3 +221,26 @@ def test_http_client_sees_upstream_types_and_streams(served: Served) -> None:
     assert [e["num_output_tokens"] for e in events if "text_output" in e] == [1, 2, 3, 4]
     assert events[0]["text_output"].startswith("defmodule A do")  # echoed, as asked
     client.close()
+
+
+def test_http_infer_on_the_model_deployed_without_decoupling(served: Served) -> None:
+    instance = triton.Instance("triton-http", free_port(), free_port(), free_port())
+    triton.start(served.settings, instance, repository(served.settings))
+    try:
+        triton.load(instance, MODEL, [1], decoupled=False)
+        client = httpclient.InferenceServerClient(instance.http_url.removeprefix("http://"))
+        config = client.get_model_config(MODEL, "1")
+        assert not config.get("model_transaction_policy", {}).get("decoupled", False)
+        request = upstream_request(httpclient, "defmodule A do", stream=False)
+        result = client.infer(MODEL, request, model_version="1")
+        text = result.as_numpy("text_output").reshape(-1)[0].decode()
+        assert text.startswith("defmodule A do")  # exclude_input_in_output false: echoed
+        assert int(result.as_numpy("num_output_tokens").reshape(-1)[0]) == 6
+        answers = streamed(served.a.grpc_url, upstream_request(grpcclient, "defmodule A do"), 6)
+        assert text == "".join(piece for piece, _ in answers)  # the decoupled model's stream
+        streaming = upstream_request(httpclient, "defmodule A do", stream=True)
+        with pytest.raises(InferenceServerException, match="decoupled"):
+            client.infer(MODEL, streaming, model_version="1")
+        client.close()
+    finally:
+        triton.stop(served.settings, instance)

@@ -67,7 +67,8 @@ def up(
     ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Start the local tritonserver (python backend, explicit model control) and load."""
+    """Start the local tritonserver (python backend, explicit model control) and load;
+    EXFORGE_TRITON_DECOUPLED=false loads the models for HTTP `infer` (no streaming)."""
     import signal
 
     from exforge.core.stack import StackError
@@ -80,7 +81,8 @@ def up(
     try:
         pid = triton.start(config, instance, repository)
         for name in model or sorted(p.name for p in repository.iterdir() if p.is_dir()):
-            triton.load(instance, name, _versions(versions) or existing_versions(repository / name))
+            chosen = _versions(versions) or existing_versions(repository / name)
+            triton.load(instance, name, chosen, decoupled=config.triton_decoupled)
     except StackError as exc:
         raise fail(str(exc)) from None
     status(as_json)
@@ -121,13 +123,19 @@ def load(
     name: Annotated[str, typer.Argument(help="Model name.")],
     versions: Annotated[str, typer.Argument(help="Versions to serve, e.g. 1,2.")],
 ) -> None:
-    """Load exactly these versions of a model into the local Triton."""
+    """Load exactly these versions of a model into the local Triton (decoupled unless
+    EXFORGE_TRITON_DECOUPLED=false)."""
     from exforge.core.stack import StackError
     from serving import triton
 
     config = settings()
     try:
-        triton.load(triton.default_instance(config), name, _versions(versions) or [])
+        triton.load(
+            triton.default_instance(config),
+            name,
+            _versions(versions) or [],
+            decoupled=config.triton_decoupled,
+        )
     except StackError as exc:
         raise fail(str(exc)) from None
     console.print(f"{name}: versions {versions} loaded")

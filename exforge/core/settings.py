@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     triton_http_port: Port = Field(8000, description="Local Triton HTTP port.")
     triton_grpc_port: Port = Field(8001, description="Local Triton gRPC port.")
     triton_metrics_port: Port = Field(8002, description="Local Triton /metrics port.")
+    triton_decoupled: bool = Field(
+        True,
+        description="The cpu model streams a response per token (decoupled: the gateway and "
+        "gRPC streaming clients need it); false: one response per request, which Triton's "
+        "HTTP `infer` accepts (upstream's `decoupled_mode`).",
+    )
     gateway_host: str = Field("127.0.0.1", description="Address the serving gateway binds.")
     gateway_port: Port = Field(8080, description="Port of the serving gateway.")
     gateway_concurrency: PositiveInt = Field(

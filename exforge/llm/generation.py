@@ -41,6 +41,7 @@ from exforge.core.settings import Attention, Settings
 REPLACEMENT = "\ufffd"
 MAX_PENDING_TOKENS = 8  # tokens of an unfinished character before it is released anyway
 NUCLEUS_PROBE = 1024  # top-p looks at the most likely 1024 tokens first
+INVERSION_BLOCK = 512  # tokens per block of the two-level inverse of the distribution
 Finish = Literal["stop", "length", "cancelled"]
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, heads, len, dim]
 
@@ -545,14 +546,39 @@ def choose_rows(
         allowed = _allowed(probs[row], samplings[index])
         if allowed is not None:
             probs[row] = torch.zeros_like(probs[row]).index_copy_(0, allowed, probs[row][allowed])
-    cumulative = torch.cumsum(probs, dim=-1)
-    _finite(cumulative[:, -1])
     draws = torch.tensor([float(torch.rand((), generator=generators[i])) for i in sampled])
-    targets = draws.to(device)[:, None] * cumulative[:, -1:]
-    found = torch.searchsorted(cumulative, targets, right=True)[:, 0]
-    for index, token in zip(sampled, found.clamp(max=logits.shape[-1] - 1).tolist(), strict=True):
+    for index, token in zip(sampled, invert(probs, draws.to(device)).tolist(), strict=True):
         tokens[index] = token
     return tokens
+
+
+def invert(weights: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """For each row, the first token (in vocabulary order) whose cumulative weight
+    exceeds `draw` x the row's total: the inverse of its cumulative distribution, never a
+    token of weight zero. Two short scans instead of one across the vocabulary (the
+    sequential part of sampling): the cumulative sums of blocks of `INVERSION_BLOCK`
+    tokens pick the block, then the sums inside that block pick the token."""
+    rows, vocab = weights.shape
+    blocks = -(-vocab // INVERSION_BLOCK)
+    if blocks * INVERSION_BLOCK != vocab:
+        weights = F.pad(weights, (0, blocks * INVERSION_BLOCK - vocab))
+    tiled = weights.view(rows, blocks, INVERSION_BLOCK)
+    outer = torch.cumsum(tiled.sum(dim=-1), dim=-1)
+    _finite(outer[:, -1])
+    targets = draws[:, None] * outer[:, -1:]
+    block = _first_above(outer, targets)
+    before = outer.gather(1, (block - 1).clamp(min=0)) * (block > 0)
+    inner = torch.cumsum(tiled[torch.arange(rows, device=weights.device), block[:, 0]], dim=-1)
+    within = _first_above(inner, targets - before)
+    return (block * INVERSION_BLOCK + within)[:, 0]
+
+
+def _first_above(cumulative: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative sum exceeds the target, at most the
+    last index that adds weight (rounding may put a target at or past the total)."""
+    found = torch.searchsorted(cumulative, targets, right=True)
+    last = (cumulative < cumulative[:, -1:]).sum(dim=-1, keepdim=True)
+    return torch.minimum(found, last)
 
 
 def _finite(values: torch.Tensor) -> None:

@@ -52,6 +52,7 @@ progress_log = logging.getLogger("exforge.progress")
 
 MALLOC_ARENAS = 2  # the event loop's, and one for every other thread
 RELEASE_INTERVAL_S = 5.0
+WATCH_INTERVAL_S = 2.0  # lag, idleness, stalls and anomalies
 
 
 def show_progress_lines() -> None:
@@ -206,7 +207,8 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
     async def release() -> None:
         memory.release_free_memory()
 
-    @ctx.app.timer(interval=2.0, name="lag-and-idle-watch")
+    # looks at least as often as the idle time it waits for (tests use 1 s)
+    @ctx.app.timer(interval=min(WATCH_INTERVAL_S, settings.idle_seconds), name="lag-and-idle-watch")
     async def watch() -> None:
         if stopping:
             return

@@ -235,7 +235,7 @@ def pipeline(broker: str, tmp_path: Path) -> Pipeline:
         EXFORGE_TOPIC_PREFIX=f"t{uuid.uuid4().hex[:10]}.",
         EXFORGE_DATA_DIR=str(tmp_path / "data"),
         EXFORGE_METRICS_PORT="0",
-        EXFORGE_IDLE_SECONDS="2",
+        EXFORGE_IDLE_SECONDS="1",
         # a new consumer group forms in half of this on the embedded broker (5 s by default)
         EXFORGE_KAFKA_SESSION_TIMEOUT_S="3",
         EXFORGE_CONFIG=str(tmp_path / "absent.toml"),

@@ -242,10 +242,12 @@ class Settings(BaseSettings):
         ),
     )
     table_cache_mb: PositiveInt = Field(
-        64,
+        16,
         description=(
             "RocksDB memory of a worker process's tables, MiB: one block cache shared by "
-            "every table and partition, their write buffers and index blocks charged to it."
+            "every table and partition, their write buffers and index blocks charged to it "
+            "(small, so that it is full early and a worker's memory does not grow with the "
+            "data)."
         ),
     )
     log_level: str = Field("INFO", description="Log level of the worker and CLI.")

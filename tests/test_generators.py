@@ -251,7 +251,7 @@ COMPILE_CASES = {
 
 
 def test_compile_checks_reject_what_elixir_rejects(pool: SandboxPool) -> None:
-    """The `compile` check (front end only, module not loaded) passes exactly the
+    """The `compile` check passes exactly the
     modules that Elixir's own `Code.compile_string` compiles, in a fresh `elixir`."""
     codes = {
         name: f"defmodule ExforgeRefactorCheck do\n  {body}\nend\n"

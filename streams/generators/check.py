@@ -29,7 +29,7 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from exforge.elixir.sandbox import Outcome, SandboxPool
@@ -45,55 +45,10 @@ end
 """
 
 
-# A `compile` check of code that is one module (every refactor pair's) runs Elixir's
-# whole compilation front end (expansion, variables, locals, imports, macros, the module
-# body and its `@before_compile` callbacks), which is what rejects code, and skips the
-# Erlang backend, which never rejects what the front end accepted: a core transform
-# empties the module once Elixir has translated it, and the module is not loaded.
-# It runs in a process of its own, so that the program's own compilation does not
-# queue the module for its parallel checker (which only warns). Code that names
-# `after_compile` or `on_load` (callbacks that need the module loaded) and other code
-# is compiled in full.
-COMPILE_CHECKED = """
-front_end =
-  for form <- [
-        "-module(exforge_front_end).",
-        "-export([core_transform/2]).",
-        "core_transform(Core, _) -> cerl:update_c_module(Core, cerl:module_name(Core), [], [], [])."
-      ] do
-    {:ok, tokens, _} = :erl_scan.string(String.to_charlist(form))
-    {:ok, parsed} = :erl_parse.parse_form(tokens)
-    parsed
-  end
-
-{:ok, module, binary} = :compile.forms(front_end)
-{:module, _} = :code.load_binary(module, [], binary)
-front_end = [{:autoload, false}, {:debug_info, false}, {:core_transform, module}]
-
-compile_checked = fn source, file ->
-  with false <- String.contains?(source, ["after_compile", "on_load"]),
-       {:defmodule, meta, [name, [{:do, body}]]} <- Code.string_to_quoted!(source, file: file) do
-    attribute = {:@, [], [{:compile, [], [front_end]}]}
-    quoted = {:defmodule, meta, [name, [do: {:__block__, [], [attribute, body]}]]}
-    :erpc.call(node(), fn -> Code.eval_quoted(quoted, [], file: file) end)
-  else
-    _ -> Code.compile_string(source, file)
-  end
-end
-"""
-
-
-def compile_prelude(levels: Iterable[str]) -> str:
-    """What the check lines of these levels need defined first."""
-    return COMPILE_CHECKED if "compile" in levels else ""
-
-
 def check_line(index: int, check: Check) -> str:
     code = base64.b64encode(check.code.encode()).decode()
     source = f'Base.decode64!("{code}")'
-    if check.level == "compile":
-        return f'compile_checked.({source}, "check-{index}.ex")'
-    if check.level == "test":
+    if check.level in ("compile", "test"):
         return f'Code.compile_string({source}, "check-{index}.ex")'
     return f'Code.string_to_quoted!({source}, file: "check-{index}.ex")'
 
@@ -103,11 +58,7 @@ def tested(checks: Sequence[Check]) -> bool:
 
 
 def check_lines(checks: Sequence[Check]) -> str:
-    return (
-        compile_prelude(c.level for c in checks)
-        + "\n".join(check_line(i, c) for i, c in enumerate(checks))
-        + "\n"
-    )
+    return "\n".join(check_line(i, c) for i, c in enumerate(checks)) + "\n"
 
 
 def check_program(checks: Sequence[Check]) -> str:
@@ -241,8 +192,7 @@ def batch_program(batch: Sequence[Sequence[Check]], known: UnitResults | None = 
         passed = " and ".join(units.expression(c) for c in checks) or "true"
         verdicts.append(f'IO.puts("{nonce} {index} " <> if({passed}, do: "ok", else: "failed"))')
     source = (
-        compile_prelude(level for _, level in units.index)
-        + units.definitions()
+        units.definitions()
         + RUN_UNIT.replace("NONCE", nonce)
         + "\n".join(verdicts)
         + f'\nIO.puts("{nonce} done")\n'

@@ -18,7 +18,7 @@ from conftest import Pipeline
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from test_filters import BENCHMARKS, GOOD, PLANTED, SECRETS_MODULE
-from test_pipeline import send, write_project
+from test_pipeline import request_projects, send, write_project
 
 from exforge.core.db import FileOutcome, open_database
 from exforge.core.kafka import read_all
@@ -93,9 +93,7 @@ Workers = list[tuple[subprocess.Popen[bytes], Path]]
 
 def start(pipeline: Pipeline, projects: list[Path], workers: int, log: Path) -> Workers:
     """Request the projects and start `workers` worker processes that stop once idle."""
-    store = open_store(pipeline.settings)
-    requests = [upload_directory(store, p) for p in projects]
-    send(pipeline, "sources.requests", [(r.source_id, r) for r in requests])
+    request_projects(pipeline, projects)
     return [(pipeline.start_worker("--until-idle", log=log), log) for _ in range(workers)]
 
 

@@ -45,6 +45,13 @@ def send(pipeline: Pipeline, topic: str, items: list[tuple[str, Any]]) -> None:
     asyncio.run(produce(pipeline.settings, topic, items))
 
 
+def request_projects(pipeline: Pipeline, projects: list[Path]) -> None:
+    """Upload each project directory to the store and request it on `sources.requests`."""
+    store = open_store(pipeline.settings)
+    requests = [upload_directory(store, p) for p in projects]
+    send(pipeline, "sources.requests", [(r.source_id, r) for r in requests])
+
+
 def test_unseen_project_is_counted_exactly_and_reprocessing_changes_no_shard(
     pipeline: Pipeline,
 ) -> None:
@@ -215,11 +222,11 @@ def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
     pipeline.env["EXFORGE_METRICS_PORT"] = str(metrics_port)
     settings = pipeline.settings
     store = open_store(settings)
-    requests = []
+    written = []
     for p in range(projects):
         files = {f"lib/m{m}.ex": documented_module(f"P{p}.M{m}", functions) for m in range(modules)}
-        requests.append(upload_directory(store, write_project(tmp_path / f"p{p}", f"p{p}", files)))
-    send(pipeline, "sources.requests", [(r.source_id, r) for r in requests])
+        written.append(write_project(tmp_path / f"p{p}", f"p{p}", files))
+    request_projects(pipeline, written)
     total = projects * modules * functions
 
     engine = open_database(settings)
@@ -298,9 +305,7 @@ def test_two_worker_processes_on_rocksdb_tables_make_the_shards_one_makes(
         }
     )
     for run in (pipeline, two):
-        store = open_store(run.settings)
-        requests = [upload_directory(store, p) for p in projects]
-        send(run, "sources.requests", [(r.source_id, r) for r in requests])
+        request_projects(run, projects)
     log = tmp_path / "two.log"
     workers = two.start_worker("--until-idle", "--processes", "2", log=log)
     try:

@@ -7,6 +7,7 @@ import base64
 import random
 import subprocess
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from streams.generators.refactor import _rewrite, as_case
 from streams.generators.tokens import token_counter
 from streams.instruct import Verdicts, instruct
 from streams.sources.books import book_files
+from tests.support.corpus import unpack
 
 CORPUS = REPO / "examples" / "corpus"
 IN_PLACE = {"completion", "fim", "doc_to_code", "spec_to_code", "otp_pattern", "book_qa"}
@@ -220,6 +222,39 @@ def test_unit_results_carry_over_to_later_programs_and_bad_code_stays_rejected(
     assert len(batch_program([c.checks for c in bad_generated], small).units) == 1
 
 
+def test_pipes_rewrites_elixir_expands_like_their_function_are_not_compiled_again(
+    pool: SandboxPool, tmp_path: Path
+) -> None:
+    """On real libraries, a pipes pair's rewritten side is checked `like` the function's
+    own side: the verdicts are those of compiling both sides, and a rewritten side that
+    Elixir expands to its function's code is never compiled (no result of its own). A
+    rewritten side that expands otherwise is compiled, and fails when broken."""
+    pipes = [
+        candidate
+        for library in unpack(tmp_path, ["jason", "decimal", "nimble_parsec"])
+        for path in library.files
+        if (file := analysed_file(package(), str(path), path.read_text())) is not None
+        for candidate in generate(file, file.content or "", ["refactor_pipes"])
+    ]
+    checks = [list(c.checks) for c in pipes]
+    assert len(checks) > 50 and all(own.code == rewritten.like for own, rewritten in checks)
+    known = UnitResults()
+    reasons = check_all(pool, checks, known=known)
+    assert reasons == check_all(pool, [[replace(c, like=None) for c in pair] for pair in checks])
+    passed = [pair for pair, reason in zip(checks, reasons, strict=True) if reason is None]
+    never_compiled = [
+        pair for pair in passed if known.get(UnitResults.key(pair[1].code, "compile")) is None
+    ]
+    assert never_compiled == passed
+
+    own, rewritten = passed[0]
+    broken = replace(rewritten, code=rewritten.code.replace("\nend", "\n  def g, do: h()\nend"))
+    imports = replace(rewritten, code=rewritten.code.replace("\nend", "\n  import Enum\nend"))
+    reasons = check_all(pool, [[own, broken], [own, imports]], known=known)
+    assert reasons == ["compile_failed", None]
+    assert known.get(UnitResults.key(imports.code, "compile")) is True, "compiled: it imports"
+
+
 # Module bodies of the kinds refactor checks compile, each with what Elixir says of it.
 COMPILE_CASES = {
     "plain": ("def f(x), do: x |> Enum.map(&(&1 + 1)) |> Enum.sum()", True),
@@ -283,6 +318,8 @@ def test_pipes_both_ways() -> None:
     )
     assert _rewrite(piped, "unpipe") == nested
     assert _rewrite("def g(x), do: f(x)", "pipe") is None, "one call is no chain"
+    spliced = "def g(a), do: quote(do: f(unquote_splicing(h(a))))"
+    assert _rewrite(spliced, "pipe") is None, "Elixir pipes into no unquote_splicing"
 
 
 def test_a_comment_between_arguments_is_no_argument() -> None:

@@ -10,7 +10,9 @@ result, which it also reports, so that later programs of the same process take i
 from `UnitResults` instead of running the unit again; each candidate's verdict line,
 tagged with a per-program nonce, says whether all of its checks passed, in order,
 stopping at the first that fails (so a refactor pair whose original side does not
-compile is not compiled a second time). A parse
+compile is not compiled a second time). A `compile` check `like` another (a pipes
+pair's rewritten side) passes without compiling when that one passed and Elixir expands
+both to the same code (`same_expansion`); otherwise it is compiled. A parse
 check of code cut from a file (`Check.within`: whole clauses or lines, maybe
 de-indented) passes when the whole file parses: a complete piece of a file Elixir
 accepts is accepted alone (the corpus tests hold every generator to it); the piece is
@@ -45,9 +47,12 @@ end
 """
 
 
+def encoded(code: str) -> str:
+    return base64.b64encode(code.encode()).decode()
+
+
 def check_line(index: int, check: Check) -> str:
-    code = base64.b64encode(check.code.encode()).decode()
-    source = f'Base.decode64!("{code}")'
+    source = f'Base.decode64!("{encoded(check.code)}")'
     if check.level in ("compile", "test"):
         return f'Code.compile_string({source}, "check-{index}.ex")'
     return f'Code.string_to_quoted!({source}, file: "check-{index}.ex")'
@@ -119,6 +124,7 @@ class Units:
     def __init__(self, known: UnitResults | None = None) -> None:
         self.index: dict[tuple[str, str], int] = {}
         self.known = known
+        self.compares = False  # whether some check is `like` another
 
     def of(self, check: Check) -> str:
         """Elixir that is true when the unit of `check` passes."""
@@ -131,6 +137,11 @@ class Units:
 
     def expression(self, check: Check) -> str:
         """Elixir that is true when `check` passes (running each unit at most once)."""
+        if check.like is not None:
+            self.compares = True
+            like = self.of(Check(check.like, check.level))
+            same = f'same_expansion.("{encoded(check.like)}", "{encoded(check.code)}")'
+            return f"(({like} and {same}) or {self.of(check)})"
         if check.level != "parse" or check.within is None:
             return self.of(check)
         whole = self.of(Check(check.within))
@@ -173,6 +184,37 @@ end
 """
 
 
+# Whether two modules are the same code once Elixir expands their pipes as `Kernel.|>`
+# does (`Macro.pipe`), metadata aside; never when one imports (a local `|>` could
+# replace Kernel's) or cannot be expanded.
+SAME_EXPANSION = """
+same_expansion = fn a, b ->
+  expanded = fn code ->
+    code
+    |> Base.decode64!()
+    |> Code.string_to_quoted!()
+    |> Macro.prewalk(fn
+      {:import, _, _} -> throw(:imports)
+      {:|>, _, [left, right]} -> Macro.pipe(left, right, 0)
+      other -> other
+    end)
+    |> Macro.prewalk(fn
+      {form, _meta, args} -> {form, [], args}
+      other -> other
+    end)
+  end
+
+  try do
+    expanded.(a) == expanded.(b)
+  rescue
+    _ -> false
+  catch
+    _, _ -> false
+  end
+end
+"""
+
+
 @dataclass(frozen=True)
 class Program:
     """One batch program: its source, its nonce and the cache key of each of its units."""
@@ -194,6 +236,7 @@ def batch_program(batch: Sequence[Sequence[Check]], known: UnitResults | None = 
     source = (
         units.definitions()
         + RUN_UNIT.replace("NONCE", nonce)
+        + (SAME_EXPANSION if units.compares else "")
         + "\n".join(verdicts)
         + f'\nIO.puts("{nonce} done")\n'
     )

@@ -35,6 +35,9 @@ class Check:
     # the file `code` was cut from (whole clauses or lines, maybe de-indented): a parse
     # check passes when the whole file parses
     within: str | None = field(default=None, repr=False, compare=False)
+    # a `compile` check's code that compiles exactly when this does if Elixir expands
+    # both alike (pipes unpiped, metadata aside): `code` is then not compiled again
+    like: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@
   arguments' shapes; the pair asks for the multi-clause form.
 
 Each side is checked by compiling it in a throwaway module together with the sibling
-definitions it calls (`Check(level="compile")`).
+definitions it calls (`Check(level="compile")`). A pipes pair's rewritten side is
+compiled only when Elixir does not expand it to the same code as the function's own side
+(`Check.like`): `x |> f(a)` is `f(x, a)` by the definition of `|>` (`Macro.pipe`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ NOT_PIPEABLE = frozenset(
         "fn",
         "quote",
         "unquote",
+        "unquote_splicing",
         "receive",
         "try",
         "raise",
@@ -207,18 +210,28 @@ def _pair(
     before: str,
     after: str,
     ask: str,
+    expands_alike: bool = False,
 ) -> Candidate:
+    """A pair of sides of one function; `expands_alike`: the rewrite only moves pipes, so
+    the rewritten side compiles exactly when the function does, if Elixir expands both
+    to the same code (the check then compiles only the function's own side)."""
     itself = next(i for i, f in enumerate(siblings.functions) if f is function)
     human = f"{ask}\n\n{fenced(before)}"
     # the function's own side first: when it does not compile alone, the rewritten side
     # is not compiled at all
-    sides = sorted((before, after), key=lambda side: side != function.source)
+    own, rewritten = (
+        siblings.check_unit(side, itself)
+        for side in sorted((before, after), key=lambda side: side != function.source)
+    )
     return candidate(
         kind,
         [("human", human), ("gpt", fenced(after))],
         file,
         [function_ref(file, function)],
-        checks=[Check(siblings.check_unit(side, itself), "compile") for side in sides],
+        checks=[
+            Check(own, "compile"),
+            Check(rewritten, "compile", like=own if expands_alike else None),
+        ],
     )
 
 
@@ -238,6 +251,7 @@ def refactor_pipes(file: ParsedFile, text: str) -> list[Candidate]:
                         nested,
                         function.source,
                         "Rewrite this function with the pipe operator instead of nested calls.",
+                        expands_alike=True,
                     )
                 )
             continue
@@ -252,6 +266,7 @@ def refactor_pipes(file: ParsedFile, text: str) -> list[Candidate]:
                     function.source,
                     chained,
                     "Rewrite the nested calls of this function as pipe chains.",
+                    expands_alike=True,
                 )
             )
     return out

@@ -2,7 +2,8 @@
 from the real corpus, crawled through `exforge ingest hex` and processed to shards.
 
     python benchmarks/hex_scale.py [--packages 2000] [--processes 2]
-        [--table-store rocksdb] [--project 17000] [--seed 0] [--work-dir DIR] [--json]
+        [--table-store rocksdb] [--project 17000] [--seed 0] [--work-dir DIR]
+        [--set KEY=VALUE ...] [--json]
 
 The packages: package i takes a library of `../shared/corpus/` and a random subset of
 its `.ex`/`.exs` files, with the library's own identifiers renamed with a per-package
@@ -149,8 +150,10 @@ async def changelog_messages(settings: Settings) -> int:
     return sum(ends.values())
 
 
-def crawl(settings: Settings, api: str, repo: str, packages: int, log: Path) -> dict[str, Any]:
-    env = worker_env(settings, REPO)
+def crawl(
+    settings: Settings, api: str, repo: str, packages: int, log: Path, overrides: dict[str, str]
+) -> dict[str, Any]:
+    env = worker_env(settings, REPO, overrides=overrides)
     env.update(EXFORGE_HEX_API_URL=api, EXFORGE_HEX_REPO_URL=repo)
     command = [sys.executable, "-m", "exforge", "ingest", "hex", "--top", str(packages)]
     started = time.monotonic()
@@ -195,8 +198,10 @@ def main() -> None:
         root.mkdir()
         log = root / "workers.log"
         with hex_server(registry) as (api, repo), embedded_stack(root) as settings:
-            crawled = crawl(settings, api, repo, args.packages, log)
-            processed = process(settings, REPO, args.processes, "processes", args.table_store, log)
+            crawled = crawl(settings, api, repo, args.packages, log, args.overrides)
+            processed = process(
+                settings, REPO, args.processes, "processes", args.table_store, log, args.overrides
+            )
             changelog = asyncio.run(changelog_messages(settings))
         run = summary(processed, args.processes)
         run.update(launch="processes", table_store=args.table_store, copies=1)

@@ -2,7 +2,7 @@
 
     python benchmarks/pipeline_throughput.py [--processes 1,2] [--repeat 1] [--copies 1]
         [--launch separate|processes] [--table-store memory|rocksdb] [--checkout DIR]
-        [--baseline DIR] [--corpus DIR] [--work-dir DIR] [--json]
+        [--baseline DIR] [--corpus DIR] [--work-dir DIR] [--set KEY=VALUE ...] [--json]
 
 For each corpus size C of `--copies` and worker count N of `--processes` (and each
 repetition), on a fresh embedded broker, file store and SQLite ledger: the ten libraries
@@ -60,7 +60,7 @@ from benchmarks.corpus import CORPUS, REPO, derived_copies, unpack
 from exforge.core import stack
 from exforge.core.db import open_database
 from exforge.core.kafka import produce
-from exforge.core.settings import Settings
+from exforge.core.settings import ENV_PREFIX, Settings, describe_settings
 from exforge.core.store import open_store
 from streams.dataset import stats
 from streams.sources.local import upload_directory
@@ -182,8 +182,45 @@ def embedded_stack(root: Path) -> Iterator[Settings]:
         stack.down(settings)
 
 
-def worker_env(settings: Settings, checkout: Path, table_store: str = "memory") -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EXFORGE_")}
+# Settings the benchmark itself decides for its workers (`--set` may not).
+OWN_SETTINGS = (
+    "EXFORGE_DATA_DIR",
+    "EXFORGE_TABLE_STORE",
+    "EXFORGE_KAFKA_BOOTSTRAP",
+    "EXFORGE_CONFIG",
+    "EXFORGE_METRICS_PORT",
+)
+
+
+def setting_overrides(pairs: list[str]) -> dict[str, str]:
+    """`--set KEY=VALUE` options as worker environment variables, checked against the
+    settings exforge has (the `EXFORGE_` prefix is optional)."""
+    known = {variable for variable, _, _ in describe_settings()}
+    overrides = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        variable = key.strip().upper()
+        variable = variable if variable.startswith(ENV_PREFIX) else ENV_PREFIX + variable
+        if not equals:
+            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
+        if variable not in known:
+            raise ValueError(f"--set {pair!r}: no setting {variable} (see `exforge settings`)")
+        if variable in OWN_SETTINGS:
+            raise ValueError(f"--set {pair!r}: {variable} is set by the benchmark itself")
+        overrides[variable] = value
+    return overrides
+
+
+def worker_env(
+    settings: Settings,
+    checkout: Path,
+    table_store: str = "memory",
+    overrides: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The workers' environment: this one's without its EXFORGE_* variables (a run's
+    settings are its own), then `overrides`, then the run's own settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(overrides or {})
     env.update(
         EXFORGE_DATA_DIR=str(settings.root),
         EXFORGE_TABLE_STORE=table_store,
@@ -202,10 +239,11 @@ def start_workers(
     launch: str,
     log: Path,
     table_store: str = "memory",
+    overrides: dict[str, str] | None = None,
 ) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
     """The worker commands, and the metrics port of every worker process."""
     command = [sys.executable, "-m", "exforge", "worker", "--until-idle"]
-    env = worker_env(settings, checkout, table_store)
+    env = worker_env(settings, checkout, table_store, overrides)
     ports = [free_port() for _ in range(processes)]
     procs = []
     with log.open("ab") as handle:
@@ -312,11 +350,12 @@ def process(
     launch: str,
     table_store: str,
     log: Path,
+    overrides: dict[str, str] | None = None,
 ) -> Processed:
     """Run the workers until the pipeline is idle, watching them."""
     usage = Usage()
     started = time.monotonic()
-    procs, ports = start_workers(settings, checkout, processes, launch, log, table_store)
+    procs, ports = start_workers(settings, checkout, processes, launch, log, table_store, overrides)
     try:
         samples = watch(procs, ports, usage, log)
     finally:
@@ -389,16 +428,18 @@ def one_run(
     checkout: Path,
     root: Path,
     table_store: str = "memory",
+    overrides: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     root.mkdir(parents=True)
     with embedded_stack(root) as settings:
         packages = request_all(settings, projects)
         processed = process(
-            settings, checkout, processes, launch, table_store, root / "workers.log"
+            settings, checkout, processes, launch, table_store, root / "workers.log", overrides
         )
     return {
         "launch": launch,
         "table_store": table_store,
+        "settings": overrides or {},
         "packages": packages,
         **summary(processed, processes),
     }
@@ -410,6 +451,8 @@ def show(run: dict[str, Any]) -> None:
         f"tables), corpus x{run['copies']}: {run['packages']} packages, "
         f"{run['files']} files ({run['files_kept']} kept), {run['samples']} samples"
     )
+    if run["settings"]:
+        print("  settings: " + " ".join(f"{k}={v}" for k, v in run["settings"].items()))
     print(
         f"  active {run['active_s']} s: {run['files_per_s']} files/s, "
         f"{run['samples_per_s']} samples/s   |   wall {run['wall_s']} s "
@@ -479,7 +522,18 @@ def parse_common(parser: argparse.ArgumentParser) -> argparse.Namespace:
     parser.add_argument("--work-dir", type=Path, default=None, help="Parent of temp dirs.")
     parser.add_argument("--keep", action="store_true", help="Keep the run directories.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="A setting for the workers, e.g. CHECK_WORKERS=3 (EXFORGE_ optional); repeatable.",
+    )
     args = parser.parse_args()
+    try:
+        args.overrides = setting_overrides(args.set)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
     return args
@@ -520,6 +574,7 @@ def main() -> None:
                             checkout,
                             work / f"run-{repeat}-{size}-{index}-{processes}",
                             args.table_store,
+                            args.overrides,
                         )
                         run.update(checkout=str(checkout), copies=size, repeat=repeat)
                         runs.append(run)

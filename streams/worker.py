@@ -50,6 +50,9 @@ from streams.stage import StageContext
 log = logging.getLogger("exforge.worker")
 progress_log = logging.getLogger("exforge.progress")
 
+# aiokafka lists every subscribed topic, in a table, at each rebalance: at INFO that
+# buries a worker's log (and a failing test's tail of it)
+TOPIC_LISTINGS = "aiokafka.consumer.subscription_state"
 MALLOC_ARENAS = 2  # the event loop's, and one for every other thread
 RELEASE_INTERVAL_S = 5.0
 WATCH_INTERVAL_S = 2.0  # lag, idleness, stalls and anomalies
@@ -189,6 +192,7 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
     serve_metrics(settings.metrics_port)
     started = time.monotonic()
     worker = faust.Worker(ctx.app, loglevel=settings.log_level, quiet=True)
+    logging.getLogger(TOPIC_LISTINGS).setLevel(logging.WARNING)
     stopping: list[asyncio.Future[None]] = []  # keeps the stop task referenced
 
     stalls = StallWatch(settings.stall_seconds)

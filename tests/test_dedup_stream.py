@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -18,7 +17,7 @@ from conftest import Pipeline
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from test_filters import BENCHMARKS, GOOD, PLANTED, SECRETS_MODULE
-from test_pipeline import request_projects, send, write_project
+from test_pipeline import Workers, finish, request_projects, send, write_project
 
 from exforge.core.db import FileOutcome, open_database
 from exforge.core.kafka import read_all
@@ -88,28 +87,10 @@ def isolated(pipeline: Pipeline, tmp_path: Path, partitions: int) -> Pipeline:
     return Pipeline(env)
 
 
-Workers = list[tuple[subprocess.Popen[bytes], Path]]
-
-
 def start(pipeline: Pipeline, projects: list[Path], workers: int, log: Path) -> Workers:
     """Request the projects and start `workers` worker processes that stop once idle."""
     request_projects(pipeline, projects)
     return [(pipeline.start_worker("--until-idle", log=log), log) for _ in range(workers)]
-
-
-def finish(workers: Workers) -> None:
-    """Every worker exits 0 (any left are killed)."""
-    try:
-        for proc, log in workers:
-            try:
-                code = proc.wait(timeout=WORKER_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"workers did not finish:\n{log.read_text()[-4000:]}")
-            assert code == 0, log.read_text()[-4000:]
-    finally:
-        for proc, _ in workers:
-            if proc.poll() is None:
-                proc.kill()
 
 
 def expected_near_duplicates(projects: list[Path], store: ObjectStore) -> set[str]:
@@ -169,7 +150,8 @@ def test_kept_and_dropped_sets_do_not_depend_on_workers_or_partitions(
     # the two deployments share nothing but the broker: they run at the same time
     finish(
         start(single, projects, workers=1, log=tmp_path / "single.log")
-        + start(double, projects, workers=2, log=tmp_path / "double.log")
+        + start(double, projects, workers=2, log=tmp_path / "double.log"),
+        WORKER_TIMEOUT_S,
     )
 
     first, second = outcomes(single), outcomes(double)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -43,6 +44,24 @@ def send(pipeline: Pipeline, topic: str, items: list[tuple[str, Any]]) -> None:
     import asyncio
 
     asyncio.run(produce(pipeline.settings, topic, items))
+
+
+Workers = list[tuple[subprocess.Popen[bytes], Path]]
+
+
+def finish(workers: Workers, timeout_s: float = CLI_TIMEOUT_S) -> None:
+    """Every worker exits 0 (any left are killed)."""
+    try:
+        for proc, log in workers:
+            try:
+                code = proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"workers did not finish:\n{log.read_text()[-4000:]}")
+            assert code == 0, log.read_text()[-4000:]
+    finally:
+        for proc, _ in workers:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def request_projects(pipeline: Pipeline, projects: list[Path]) -> None:
@@ -307,13 +326,11 @@ def test_two_worker_processes_on_rocksdb_tables_make_the_shards_one_makes(
     for run in (pipeline, two):
         request_projects(run, projects)
     log = tmp_path / "two.log"
-    workers = two.start_worker("--until-idle", "--processes", "2", log=log)
+    workers = [(two.start_worker("--until-idle", "--processes", "2", log=log), log)]
     try:
         pipeline.run_until_idle()  # meanwhile: the two deployments share nothing but the broker
-        assert workers.wait(timeout=CLI_TIMEOUT_S) == 0, log.read_text()[-4000:]
     finally:
-        if workers.poll() is None:
-            workers.kill()
+        finish(workers)
 
     expected = shard_objects(open_store(pipeline.settings))
     assert expected and shard_objects(open_store(two.settings)) == expected

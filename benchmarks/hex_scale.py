@@ -204,7 +204,9 @@ def main() -> None:
             )
             changelog = asyncio.run(changelog_messages(settings))
         run = summary(processed, args.processes)
-        run.update(launch="processes", table_store=args.table_store, copies=1)
+        run.update(
+            launch="processes", table_store=args.table_store, copies=1, settings=args.overrides
+        )
         run["packages"] = args.packages
         # start-up and the final idle check happen once; crawl and active time scale
         fixed_s = processed.wall_s - run["active_s"]

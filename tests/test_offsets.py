@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -11,6 +13,7 @@ from conftest import Pipeline
 from faust.types import TP
 
 from exforge.core.kafka import (
+    DrainWatch,
     consumer_lag,
     create_topics,
     end_offsets,
@@ -151,3 +154,21 @@ def test_end_offsets_and_lag_count_every_record_of_a_batch(pipeline: Pipeline) -
     assert offsets == [0, 1, 2, 3, 4, 5]
     assert end == 6
     assert lag == [1]
+
+
+def test_a_drain_check_the_broker_never_answers_is_abandoned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A broker that takes the connection and never answers: the drain check gives up
+    after its own timeout (well before the client's request timeout), counts as not
+    drained, and so cannot stop the timer that looks (shard sealing, near-dup decisions)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        settings = Settings(kafka_bootstrap=f"127.0.0.1:{port}")
+        watch = DrainWatch(settings, ("parsed.files",), streak=1, timeout_s=0.5)
+        with caplog.at_level(logging.WARNING, logger="exforge.kafka"):
+            assert asyncio.run(watch.observe()) is False
+    assert watch.streak == 0
+    assert "drain check abandoned: no answer in 0.5 s" in caplog.text

@@ -335,6 +335,11 @@ async def drained(settings: Settings, topics: Iterable[str]) -> bool:
     return True
 
 
+# A drain check that has not answered by then is abandoned: the timers that look (shard
+# sealing, near-dup decisions) would otherwise stop for good on one await that never ends.
+DRAIN_CHECK_TIMEOUT_S = 2 * REQUEST_TIMEOUT_MS / 1000
+
+
 @dataclass
 class DrainWatch:
     """Whether some stage inputs stayed drained (`drained`) over `checks` consecutive
@@ -344,11 +349,16 @@ class DrainWatch:
     topics: tuple[str, ...]
     checks: int = 2
     streak: int = 0
+    timeout_s: float = DRAIN_CHECK_TIMEOUT_S
 
     async def observe(self) -> bool:
         """Look once more; True once the inputs were drained `checks` times in a row."""
         try:
-            self.streak = self.streak + 1 if await drained(self.settings, self.topics) else 0
+            check = drained(self.settings, self.topics)
+            self.streak = self.streak + 1 if await asyncio.wait_for(check, self.timeout_s) else 0
+        except TimeoutError:
+            log.warning("drain check abandoned: no answer in %g s", self.timeout_s)
+            self.streak = 0
         except Exception as exc:  # the broker may be restarting: look again next time
             log.warning("drain check failed: %s", exc)
             self.streak = 0

@@ -218,9 +218,9 @@ def worker_env(
     overrides: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The workers' environment: this one's without its EXFORGE_* variables (a run's
-    settings are its own), then `overrides`, then the run's own settings."""
+    settings are its own), the run's own settings, then `overrides` (which may not name
+    `OWN_SETTINGS`, but may change the log level)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-    env.update(overrides or {})
     env.update(
         EXFORGE_DATA_DIR=str(settings.root),
         EXFORGE_TABLE_STORE=table_store,
@@ -229,6 +229,7 @@ def worker_env(
         EXFORGE_LOG_LEVEL=os.environ.get("EXFORGE_LOG_LEVEL", "WARNING"),
         PYTHONPATH=str(checkout),
     )
+    env.update(overrides or {})
     return env
 
 

@@ -124,7 +124,6 @@ class Units:
     def __init__(self, known: UnitResults | None = None) -> None:
         self.index: dict[tuple[str, str], int] = {}
         self.known = known
-        self.compares = False  # whether some check is `like` another
 
     def of(self, check: Check) -> str:
         """Elixir that is true when the unit of `check` passes."""
@@ -138,7 +137,6 @@ class Units:
     def expression(self, check: Check) -> str:
         """Elixir that is true when `check` passes (running each unit at most once)."""
         if check.like is not None:
-            self.compares = True
             like = self.of(Check(check.like, check.level))
             same = f'same_expansion.("{encoded(check.like)}", "{encoded(check.code)}")'
             return f"(({like} and {same}) or {self.of(check)})"
@@ -236,7 +234,7 @@ def batch_program(batch: Sequence[Sequence[Check]], known: UnitResults | None = 
     source = (
         units.definitions()
         + RUN_UNIT.replace("NONCE", nonce)
-        + (SAME_EXPANSION if units.compares else "")
+        + (SAME_EXPANSION if any(c.like is not None for cs in batch for c in cs) else "")
         + "\n".join(verdicts)
         + f'\nIO.puts("{nonce} done")\n'
     )

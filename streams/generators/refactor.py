@@ -144,11 +144,13 @@ def _rewrite(source: str, pick: str) -> str | None:
 
 
 def _calls(source: str, function: FunctionInfo) -> bool:
-    return re.search(rf"(?<![\w.:]){re.escape(function.name)}\b", source) is not None
+    return re.search(rf"(?<![\w.:]){re.escape(function.name)}(?![\w?!])", source) is not None
 
 
-WORD_RUN = re.compile(r"(?<![\w.:])\w+")
-WORD = re.compile(r"\w+")
+# A name as Elixir writes a local call to it: word characters, maybe ending in `?` or `!`
+# (not the start of `!=`), not after `.` or `:`.
+NAME_RUN = re.compile(r"(?<![\w.:])\w+(?:[?!](?!=))?")
+NAME = re.compile(r"\w+[?!]?")
 
 
 class Siblings:
@@ -161,13 +163,14 @@ class Siblings:
 
     def called_by(self, source: str) -> list[int]:
         """Indices of the definitions `source` calls, in definition order. A name of word
-        characters is called when it is a whole word there, not after `.` or `:` (what
-        `_calls` finds, looked up in the set of such words); other names go to `_calls`."""
-        words = set(WORD_RUN.findall(source))
+        characters (maybe ending in `?` or `!`) is called when it is a whole name there,
+        not after `.` or `:` (what `_calls` finds, looked up in the set of such names);
+        other names (operators) go to `_calls`."""
+        names = set(NAME_RUN.findall(source))
         return [
             i
             for i, f in enumerate(self.functions)
-            if (f.name in words if WORD.fullmatch(f.name) else _calls(source, f))
+            if (f.name in names if NAME.fullmatch(f.name) else _calls(source, f))
         ]
 
     def callees(self, index: int) -> list[int]:

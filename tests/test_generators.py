@@ -22,11 +22,11 @@ from exforge.llm.chat import SHIPPED_TEKKEN
 from schemas.records import InstructionSample, ParsedFile, RawPackage
 from streams.files import analysed_file
 from streams.generators import KINDS, STAGES, Candidate, Check, generate
-from streams.generators.check import UnitResults, batch_program, check_all
+from streams.generators.check import UnitResults, batch_program, check_all, check_lines
 from streams.generators.code import fim_split
 from streams.generators.common import code_blocks
 from streams.generators.grade import depth, difficulty
-from streams.generators.refactor import _rewrite, as_case
+from streams.generators.refactor import _rewrite, as_case, module_siblings
 from streams.generators.tokens import token_counter
 from streams.instruct import Verdicts, instruct
 from streams.sources.books import book_files
@@ -282,6 +282,16 @@ COMPILE_CASES = {
         "def f(x \\\\ 1), do: x\n  def f(x \\\\ 2), do: x",
         False,
     ),
+    "after_compile that raises": (
+        '@after_compile __MODULE__\n  def __after_compile__(_env, _bytecode), do: raise("no")',
+        False,
+    ),
+    "a module nested in it": (
+        "defmodule Inner, do: def(g(x), do: x)\n  def f(x), do: Inner.g(x)",
+        True,
+    ),
+    "a struct no module defines": ("def f(x), do: %NoSuchStruct{a: x}", False),
+    "a spec of an undefined type": ("@spec f(nope()) :: term()\n  def f(x), do: x", False),
 }
 
 
@@ -305,6 +315,36 @@ def test_compile_checks_reject_what_elixir_rejects(pool: SandboxPool) -> None:
     done = subprocess.run(["elixir", "-e", script, *encoded], capture_output=True, text=True)
     judged = [line == "ok" for line in done.stdout.split()]
     assert dict(zip(codes, judged, strict=True)) == expected, done.stderr
+
+
+def test_a_lone_module_is_compiled_up_to_code_generation_only(pool: SandboxPool) -> None:
+    """A passing `compile` check of one module leaves it unloaded: the Erlang backend
+    never ran (an Elixir that does not report the stop would compile and load it)."""
+    module = "defmodule ExforgeRefactorCheck do\n  def f(x), do: x\nend\n"
+    program = (
+        check_lines([Check(module, "compile")])
+        + 'IO.puts("unloaded: #{:code.is_loaded(ExforgeRefactorCheck) == false}")\n'
+    )
+    assert "unloaded: true" in pool.run(program).output.splitlines()
+
+
+def test_a_check_unit_holds_the_definitions_it_calls_whatever_their_names_end_in(
+    pool: SandboxPool,
+) -> None:
+    source = (
+        "defmodule M do\n"
+        "  def f(x), do: if(valid?(x), do: fetch!(x), else: x != 1)\n"
+        "  defp valid?(x), do: is_integer(x)\n"
+        "  defp fetch!(x), do: x\n"
+        "  defp valid(x), do: x\n"
+        "end\n"
+    )
+    file = analyse(source)
+    siblings = module_siblings(file)["M"]
+    unit = siblings.check_unit(file.functions[0].source, 0)
+    assert "defp valid?(x)" in unit and "defp fetch!(x)" in unit
+    assert "defp valid(x)" not in unit, "`valid?` is not a call of `valid`"
+    assert check_all(pool, [[Check(unit, "compile")]]) == [None]
 
 
 # --------------------------------------------------------------------- transformations

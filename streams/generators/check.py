@@ -1,8 +1,12 @@
 """Elixir checks the code of every candidate's `gpt` turns before it is kept.
 
-The checks of one candidate are `Code.string_to_quoted!` (`parse`) or
-`Code.compile_string` (`compile`, and `test`: code with ExUnit tests that must pass)
-calls; the code travels base64-encoded, so no quoting can break out. The instruct stage
+The checks of one candidate are `Code.string_to_quoted!` (`parse`), `COMPILES`
+(`compile`) or `Code.compile_string` (`test`: code with ExUnit tests that must pass)
+calls; the code travels base64-encoded, so no quoting can break out. A `compile` check of
+one module stops Elixir's compiler where it hands the module to the Erlang backend
+(`COMPILES`): every error Elixir reports for code is raised by then, and the backend's
+code generation, most of a small module's compile time, cannot fail on what Elixir
+accepted. The instruct stage
 runs them on the evaluator's pool of warm, sandboxed BEAM VMs
 (`exforge.elixir.sandbox`), `batch` candidates per program. A program runs each
 distinct check once (`unit`), however many candidates hold it, and remembers its
@@ -31,7 +35,7 @@ import re
 import secrets
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from exforge.elixir.sandbox import Outcome, SandboxPool
@@ -47,23 +51,102 @@ end
 """
 
 
+# `compiles.(source, file)`: raises unless Elixir compiles `source`. Code that is one
+# module whose body leaves nothing to run after its code is generated (no `use`,
+# `@after_compile`, `@after_verify`, `@on_load`, `@compile`, `Module` calls) is compiled
+# with the Erlang compiler told to stop at Core Erlang (ERL_COMPILER_OPTIONS, which Elixir
+# reads for a module's final compile only): Elixir then reports that module's missing
+# .beam, which means it accepted the module. Anything else, or an Elixir that does not
+# report the stop so (probed once per program), gets the full compile.
+COMPILES = """
+compiles =
+  (fn ->
+    stopped = "We expected the compiler to return a .beam binary"
+    late = [:after_compile, :after_verify, :on_load, :compile]
+
+    lone_module = fn quoted ->
+      {_, runs_late} =
+        Macro.prewalk(quoted, false, fn
+          {:use, _, _} = node, _ -> {node, true}
+          {:@, _, [{name, _, _}]} = node, acc -> {node, acc or name in late}
+          {:., _, [{:__aliases__, _, [:Module]}, _]} = node, _ -> {node, true}
+          node, acc -> {node, acc}
+        end)
+
+      case quoted do
+        {:defmodule, _, [name, [do: _]]} when not runs_late -> Macro.expand(name, __ENV__)
+        _ -> nil
+      end
+    end
+
+    front_end = fn quoted, module, file ->
+      System.put_env("ERL_COMPILER_OPTIONS", "[to_core]")
+
+      try do
+        Code.compile_quoted(quoted, file)
+        :accepted
+      rescue
+        error in CompileError ->
+          message = Exception.message(error)
+
+          cond do
+            message =~ "could not compile module #{inspect(module)}. #{stopped}" -> :accepted
+            message =~ stopped -> :elsewhere
+            true -> reraise error, __STACKTRACE__
+          end
+      after
+        System.delete_env("ERL_COMPILER_OPTIONS")
+      end
+    end
+
+    probe = Code.string_to_quoted!("defmodule ExforgeFrontEndProbe do\\n  def f(x), do: x\\nend")
+    stops =
+      try do
+        front_end.(probe, ExforgeFrontEndProbe, "probe.ex") == :accepted
+      rescue
+        _ -> false
+      end
+
+    fn source, file ->
+      quoted = Code.string_to_quoted!(source, file: file)
+      module = if stops, do: lone_module.(quoted)
+
+      if module == nil or front_end.(quoted, module, file) != :accepted do
+        Code.compile_quoted(quoted, file)
+      end
+
+      :ok
+    end
+  end).()
+"""
+
+
 def encoded(code: str) -> str:
     return base64.b64encode(code.encode()).decode()
 
 
 def check_line(index: int, check: Check) -> str:
     source = f'Base.decode64!("{encoded(check.code)}")'
-    if check.level in ("compile", "test"):
-        return f'Code.compile_string({source}, "check-{index}.ex")'
-    return f'Code.string_to_quoted!({source}, file: "check-{index}.ex")'
+    file = f'"check-{index}.ex"'
+    if check.level == "compile":
+        return f"compiles.({source}, {file})"
+    if check.level == "test":
+        return f"Code.compile_string({source}, {file})"
+    return f"Code.string_to_quoted!({source}, file: {file})"
 
 
 def tested(checks: Sequence[Check]) -> bool:
     return any(c.level == "test" for c in checks)
 
 
+def preamble(levels: Iterable[str]) -> str:
+    """What a program's check lines need defined first (`compiles` for `compile` ones)."""
+    return COMPILES if "compile" in set(levels) else ""
+
+
 def check_lines(checks: Sequence[Check]) -> str:
-    return "\n".join(check_line(i, c) for i, c in enumerate(checks)) + "\n"
+    lines = "\n".join(check_line(i, c) for i, c in enumerate(checks)) + "\n"
+    return preamble(c.level for c in checks) + lines
 
 
 def check_program(checks: Sequence[Check]) -> str:
@@ -232,7 +315,8 @@ def batch_program(batch: Sequence[Sequence[Check]], known: UnitResults | None = 
         passed = " and ".join(units.expression(c) for c in checks) or "true"
         verdicts.append(f'IO.puts("{nonce} {index} " <> if({passed}, do: "ok", else: "failed"))')
     source = (
-        units.definitions()
+        preamble(level for _, level in units.index)
+        + units.definitions()
         + RUN_UNIT.replace("NONCE", nonce)
         + (SAME_EXPANSION if any(c.like is not None for cs in batch for c in cs) else "")
         + "\n".join(verdicts)

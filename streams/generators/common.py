@@ -3,7 +3,7 @@
 A generator is a plain function `ParsedFile -> list[Candidate]`. A candidate is an
 `InstructionSample` plus the Elixir code the instruct stage must check before it is
 kept: each `Check` names the code and how strictly (`parse`: `Code.string_to_quoted`,
-`compile`: full compilation of a module, `test`: compile and run the ExUnit tests in it).
+`compile`: Elixir compiles it, `test`: compile and run the ExUnit tests in it).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from exforge.core.db import Sample, Shard
-from exforge.core.kafka import DrainWatch
+from exforge.core.kafka import ANSWER_TIMEOUT_S, DrainWatch
 from exforge.core.store import ObjectStore, sha256_hex
 from exforge.core.telemetry import SHARDS_WRITTEN
 from schemas.catalogue import STAGE_INPUTS
@@ -390,11 +390,13 @@ def attach(ctx: StageContext) -> None:
         return results
 
     async def publish() -> None:
+        """Announce sealed shards; one the broker does not acknowledge in time stays
+        unpublished and is announced again on a later tick (consumers read shards from
+        the store, an announcement twice is harmless)."""
         async with publishing:
             for shard_id, event in await asyncio.to_thread(unpublished, ctx.engine):
-                await ctx.send(
-                    "shard", Output("training.shards", f"{event.dataset}/{event.stage}", event)
-                )
+                output = Output("training.shards", f"{event.dataset}/{event.stage}", event)
+                await asyncio.wait_for(ctx.send("shard", output), ANSWER_TIMEOUT_S)
                 await asyncio.to_thread(mark_published, ctx.engine, shard_id)
 
     attach_batch_stage(ctx, "shard", "instruction.samples", handle, max_batch=BATCH_SAMPLES)

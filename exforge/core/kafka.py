@@ -335,9 +335,10 @@ async def drained(settings: Settings, topics: Iterable[str]) -> bool:
     return True
 
 
-# A drain check that has not answered by then is abandoned: the timers that look (shard
+# An await on the broker that a timer makes (a drain check, a shard publish) and that has
+# not ended by then is abandoned and tried again on a later tick: the timer (shard
 # sealing, near-dup decisions) would otherwise stop for good on one await that never ends.
-DRAIN_CHECK_TIMEOUT_S = 2 * REQUEST_TIMEOUT_MS / 1000
+ANSWER_TIMEOUT_S = 2 * REQUEST_TIMEOUT_MS / 1000
 
 
 @dataclass
@@ -349,7 +350,7 @@ class DrainWatch:
     topics: tuple[str, ...]
     checks: int = 2
     streak: int = 0
-    timeout_s: float = DRAIN_CHECK_TIMEOUT_S
+    timeout_s: float = ANSWER_TIMEOUT_S
 
     async def observe(self) -> bool:
         """Look once more; True once the inputs were drained `checks` times in a row."""

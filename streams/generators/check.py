@@ -64,19 +64,24 @@ compiles =
     stopped = "We expected the compiler to return a .beam binary"
     late = [:after_compile, :after_verify, :on_load, :compile]
 
-    lone_module = fn quoted ->
-      {_, runs_late} =
-        Macro.prewalk(quoted, false, fn
+    runs_late? = fn body ->
+      {_, found} =
+        Macro.prewalk(body, false, fn
           {:use, _, _} = node, _ -> {node, true}
           {:@, _, [{name, _, _}]} = node, acc -> {node, acc or name in late}
           {:., _, [{:__aliases__, _, [:Module]}, _]} = node, _ -> {node, true}
           node, acc -> {node, acc}
         end)
 
-      case quoted do
-        {:defmodule, _, [name, [do: _]]} when not runs_late -> Macro.expand(name, __ENV__)
-        _ -> nil
-      end
+      found
+    end
+
+    lone_module = fn
+      {:defmodule, _, [name, [do: body]]} ->
+        if runs_late?.(body), do: nil, else: Macro.expand(name, __ENV__)
+
+      _ ->
+        nil
     end
 
     front_end = fn quoted, module, file ->

@@ -54,8 +54,13 @@ postgresql:
 		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
 	@ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -n 1 || command -v initdb
 
+# Two xdist workers, as many as the CI machine's cores: most tests wait on another process
+# (a worker, a VM, a server) much of the time. A module's tests stay on one worker, so its
+# module-scoped fixtures (a 2-rank FSDP launch, the corpus judged by Elixir) run once.
+TEST_WORKERS ?= 2
+
 test: install elixir postgresql
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The CI benchmark subset: a training step, chunked head loss against full logits, judged
 # against the committed baseline; fails only on a move beyond the measured spread.

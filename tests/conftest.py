@@ -245,13 +245,20 @@ def pipeline(broker: str, tmp_path: Path) -> Pipeline:
     return Pipeline(env)
 
 
+EXCLUDED: list[str] = []  # the corpus exclusions tests recorded, in this process or a worker
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    from tests.support.corpus import EXCLUSION
+
+    EXCLUDED.extend(str(value) for name, value in report.user_properties if name == EXCLUSION)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """List every real corpus file a test left out of a comparison, with its reason."""
-    from tests.support.corpus import EXCLUSIONS
-
-    if EXCLUSIONS:
+    if EXCLUDED:
         terminalreporter.section("corpus files left out of comparisons")
-        for line in EXCLUSIONS:
+        for line in dict.fromkeys(EXCLUDED):
             terminalreporter.write_line(line)
 
 

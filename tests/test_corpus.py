@@ -9,6 +9,7 @@ is printed at the end of the test run, and a file that newly needs one fails the
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from exforge.core.db import FileOutcome, open_database
 from exforge.core.store import sha256_hex
-from tests.support.corpus import EXCLUSIONS, Judgement, judge, unpack
+from tests.support.corpus import EXCLUSION, Judgement, judge, unpack
 
 # Files Elixir's parser refuses, so no comparison can hold them to it.
 ELIXIR_REJECTS = {
@@ -40,10 +41,13 @@ def parsed(judgements: list[Judgement]) -> list[Judgement]:
     return [j for j in judgements if j.elixir_error is None]
 
 
-def test_elixir_rejects_only_the_listed_files(judgements: list[Judgement]) -> None:
+def test_elixir_rejects_only_the_listed_files(
+    judgements: list[Judgement], record_property: Callable[[str, object], None]
+) -> None:
     rejected = {j.where: j.elixir_error for j in judgements if j.elixir_error}
     for where, error in rejected.items():
-        EXCLUSIONS.append(f"{where}: Elixir rejects it ({error}): {ELIXIR_REJECTS.get(where)}")
+        reason = ELIXIR_REJECTS.get(where)
+        record_property(EXCLUSION, f"{where}: Elixir rejects it ({error}): {reason}")
     assert set(rejected) == set(ELIXIR_REJECTS)
 
 
@@ -56,12 +60,14 @@ def test_no_hand_written_file_is_dropped_as_generated(judgements: list[Judgement
     assert [j.where for j in judgements if j.outcome == "auto_generated"] == []
 
 
-def test_the_analysis_agrees_with_elixir_on_every_file(judgements: list[Judgement]) -> None:
+def test_the_analysis_agrees_with_elixir_on_every_file(
+    judgements: list[Judgement], record_property: Callable[[str, object], None]
+) -> None:
     """Modules (nested, `defprotocol`, `defimpl`) and the distinct `{module, kind, name,
     arity}` wherever Elixir defines them (describe/if/for/test bodies, not quote)."""
     disagreements = {j.where: j.analysis_disagreement for j in parsed(judgements)}
     for where, reason in ANALYSIS_EXCEPTIONS.items():
-        EXCLUSIONS.append(f"{where}: analysis compared with an exception: {reason}")
+        record_property(EXCLUSION, f"{where}: analysis compared with an exception: {reason}")
     unexpected = {
         where: problem
         for where, problem in disagreements.items()

@@ -27,9 +27,10 @@ from tests.support.records import raw_package
 
 REPO = Path(__file__).resolve().parents[2]
 SUFFIXES = (".ex", ".exs")
-# Corpus files a test left out of a comparison, with the reason; printed at the end of
-# the run (`conftest.pytest_terminal_summary`), so no exclusion is silent.
-EXCLUSIONS: list[str] = []
+# A test records each corpus file it leaves out of a comparison, with the reason, as a
+# user property of this name (`record_property`); the run prints them all at its end
+# (`conftest.pytest_terminal_summary`, from every xdist worker), so no exclusion is silent.
+EXCLUSION = "corpus exclusion"
 
 
 def corpus_dir() -> Path:

@@ -138,7 +138,11 @@ def test_two_fsdp_ranks_match_one_process_with_double_batch(
     assert rank0["base_numel"] < single["base_numel"]
 
     assert rank0["losses"] == rank1["losses"]
-    torch.testing.assert_close(rank0["losses"], single["losses"], rtol=1e-5, atol=1e-5)
+    # the first step's loss is of the same weights on the same 4 samples; later ones come
+    # after Adam steps on bf16 gradients that round differently at batch 2 and 4 (by more
+    # on CPUs with bf16 matrix units: 1.7e-5 apart at step 3 with AMX)
+    torch.testing.assert_close(rank0["losses"][0], single["losses"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rank0["losses"], single["losses"], rtol=1e-4, atol=0)
     # before clipping: a gradient summed instead of averaged over ranks shows here
     torch.testing.assert_close(rank0["grad_norms"], single["grad_norms"], rtol=1e-2, atol=0)
     assert rank0["validation"] == rank1["validation"]

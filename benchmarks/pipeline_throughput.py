@@ -19,8 +19,9 @@ While they run, every worker's `/metrics` is read twice a second and its memory 
   over the active time (first message consumed → last message finished), and over the
   whole wall time (process start → exit, so including start-up and the idle check);
 * per stage: busy time (the sum of its handlers' time, over all processes), messages in
-  and out, the time it waited (processes x active time - busy) and its share of the
-  active time; the bottleneck is the stage busy for the largest share;
+  and out, the time it waited (processes x active time - busy), its share of the
+  active time, and when (after the active start) it consumed its first message and its
+  last; the bottleneck is the stage busy for the largest share;
 * CPU seconds of the workers and of their BEAM check VMs, each worker's peak RSS, and
   the size on disk of the workers' tables (RocksDB).
 
@@ -376,6 +377,15 @@ def process(
     )
 
 
+def stage_span(samples: list[Sample], stage: str, final: Sample, first: float) -> list[float]:
+    """When (s after the active start) `stage` first consumed a message and when it had
+    consumed all of them: where a stage's span starts late, it waited on one upstream."""
+    total = final.messages_in.get(stage, 0)
+    began = next(s.at for s in samples if s.messages_in.get(stage, 0) > 0)
+    ended = next(s.at for s in samples if s.messages_in.get(stage, 0) >= total)
+    return [round(began - first, 1), round(ended - first, 1)]
+
+
 def summary(processed: Processed, processes: int) -> dict[str, Any]:
     """Throughput, stage breakdown, CPU and memory of a run."""
     samples, usage, wall, totals = (
@@ -397,6 +407,7 @@ def summary(processed: Processed, processes: int) -> dict[str, Any]:
             # measured where the worker reports it, else what the busy time leaves
             "waited_s": round(final.waited.get(stage, max(processes * active - busy, 0.0)), 2),
             "busy_share": round(busy / (processes * active), 3),
+            "span_s": stage_span(samples, stage, final, first),
         }
     files = totals["files"]["seen"]
     samples_total = totals["samples"]["total"]
@@ -460,11 +471,16 @@ def show(run: dict[str, Any]) -> None:
         f"(start-up {run['startup_s']} s): {run['files_per_s_wall']} files/s, "
         f"{run['samples_per_s_wall']} samples/s"
     )
-    print(f"  {'stage':15} {'busy s':>8} {'share':>6} {'in':>8} {'out':>8} {'waited s':>9}")
+    print(
+        f"  {'stage':15} {'busy s':>8} {'share':>6} {'in':>8} {'out':>8} {'waited s':>9}"
+        f"  {'consumed from → to s':>20}"
+    )
     for stage, row in run["stages"].items():
+        began, ended = row["span_s"]
         print(
             f"  {stage:15} {row['busy_s']:8.1f} {row['busy_share']:6.2f} "
             f"{row['messages_in']:8d} {row['messages_out']:8d} {row['waited_s']:9.1f}"
+            f"  {began:9.1f} → {ended:8.1f}"
         )
     print(
         f"  bottleneck: {run['bottleneck']}   CPU s: workers {run['cpu_s']['workers']}, "

@@ -192,6 +192,10 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
     serve_metrics(settings.metrics_port)
     started = time.monotonic()
     worker = faust.Worker(ctx.app, loglevel=settings.log_level, quiet=True)
+    # Faust's start-up spinner sets the root logger to DEBUG (for a handler that turns
+    # every record into a spin) and leaves it so: every debug call of Faust and aiokafka,
+    # one per message produced and fetched, then builds a record that nothing prints.
+    worker.spinner = None
     logging.getLogger(TOPIC_LISTINGS).setLevel(logging.WARNING)
     stopping: list[asyncio.Future[None]] = []  # keeps the stop task referenced
 

@@ -183,6 +183,16 @@ class Progress:
         return f"progress: {'; '.join(handled) or 'idle'} | backlog: {backlog}"
 
 
+def faust_worker(app: faust.App, settings: Settings) -> faust.Worker:
+    """The Faust worker of `app`, logging at the settings' level. Without Faust's
+    start-up spinner, which sets the root logger to DEBUG (for a handler that spins on
+    every record) and leaves it so: every debug call of Faust and aiokafka, one per
+    message produced and fetched, would build a record that nothing prints."""
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    worker.spinner = None
+    return worker
+
+
 def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, index: int = 0) -> int:
     """Run a Faust worker (process `index` of this machine) here; return its exit code."""
     memory.limit_arenas(MALLOC_ARENAS)  # before any thread starts
@@ -191,11 +201,7 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
     ctx = build(settings, stages, index)
     serve_metrics(settings.metrics_port)
     started = time.monotonic()
-    worker = faust.Worker(ctx.app, loglevel=settings.log_level, quiet=True)
-    # Faust's start-up spinner sets the root logger to DEBUG (for a handler that turns
-    # every record into a spin) and leaves it so: every debug call of Faust and aiokafka,
-    # one per message produced and fetched, then builds a record that nothing prints.
-    worker.spinner = None
+    worker = faust_worker(ctx.app, settings)
     logging.getLogger(TOPIC_LISTINGS).setLevel(logging.WARNING)
     stopping: list[asyncio.Future[None]] = []  # keeps the stop task referenced
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -775,3 +778,28 @@ def test_worker_processes_of_one_machine_never_share_a_tables_directory(tmp_path
     assert worker_dir(settings, 0) == tmp_path / "worker" / "1" != first
     assert worker_dir(settings, 3) == tmp_path / "worker" / "3"
     assert worker_dir(settings, 0) == tmp_path / "worker" / "2"
+
+
+# Set up as Faust does on a worker's first start, in a process of its own (it configures
+# the root logger), then asked which levels Faust's and aiokafka's loggers would record.
+WORKER_LOGGING = """
+import logging, sys
+import faust
+from exforge.core.settings import Settings
+from streams.worker import faust_worker
+
+worker = faust_worker(faust.App("levels"), Settings(log_level=sys.argv[1]))
+worker._setup_logging()
+names = ("aiokafka.producer.producer", "faust.topics", "exforge.worker")
+print(*(logging.getLogger(n).getEffectiveLevel() for n in names), file=sys.__stderr__)
+"""
+
+
+@pytest.mark.parametrize(
+    ("level", "number"), [("WARNING", logging.WARNING), ("INFO", logging.INFO)]
+)
+def test_a_worker_records_nothing_below_its_log_level(level: str, number: int) -> None:
+    run = subprocess.run(
+        [sys.executable, "-c", WORKER_LOGGING, level], capture_output=True, text=True, check=True
+    )
+    assert run.stderr.split()[-3:] == [str(number)] * 3, run.stderr

@@ -177,7 +177,7 @@ class LazyPool:
             return self._pool
 
 
-BATCH_FILES = 16  # files whose candidates go to the pool together
+BATCH_FILES = 64  # files whose candidates go to the pool together
 
 
 def attach(ctx: StageContext) -> None:

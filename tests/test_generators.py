@@ -22,7 +22,13 @@ from exforge.llm.chat import SHIPPED_TEKKEN
 from schemas.records import InstructionSample, ParsedFile, RawPackage
 from streams.files import analysed_file
 from streams.generators import KINDS, STAGES, Candidate, Check, generate
-from streams.generators.check import UnitResults, batch_program, check_all, check_lines
+from streams.generators.check import (
+    UnitResults,
+    batch_program,
+    check_all,
+    check_lines,
+    even_batches,
+)
 from streams.generators.code import fim_split
 from streams.generators.common import code_blocks
 from streams.generators.grade import depth, difficulty
@@ -348,6 +354,22 @@ def test_a_check_unit_holds_the_definitions_it_calls_whatever_their_names_end_in
 
 
 # --------------------------------------------------------------------- transformations
+
+
+@pytest.mark.parametrize(
+    ("items", "most", "workers"),
+    [(70, 16, 2), (33, 16, 2), (5, 16, 3), (1, 16, 2), (64, 32, 2), (0, 16, 2)],
+)
+def test_programs_share_the_candidates_evenly_among_the_vms(
+    items: int, most: int, workers: int
+) -> None:
+    batches = even_batches(list(range(items)), most, workers)
+    assert [i for batch in batches for i in batch] == list(range(items))
+    sizes = [len(batch) for batch in batches]
+    assert all(0 < size <= most for size in sizes)
+    assert max(sizes, default=0) - min(sizes, default=0) <= 1
+    # as few programs as `most` allows, a round of them for each VM
+    assert len(batches) == min(items, -(-items // (most * workers)) * workers)
 
 
 def test_pipes_both_ways() -> None:

@@ -8,7 +8,8 @@ one module stops Elixir's compiler where it hands the module to the Erlang backe
 code generation, most of a small module's compile time, cannot fail on what Elixir
 accepted. The instruct stage
 runs them on the evaluator's pool of warm, sandboxed BEAM VMs
-(`exforge.elixir.sandbox`), `batch` candidates per program. A program runs each
+(`exforge.elixir.sandbox`), at most `batch` candidates per program, in rounds of one
+program per VM, shared evenly (`even_batches`). A program runs each
 distinct check once (`unit`), however many candidates hold it, and remembers its
 result, which it also reports, so that later programs of the same process take it
 from `UnitResults` instead of running the unit again; each candidate's verdict line,
@@ -37,12 +38,13 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 from exforge.elixir.sandbox import Outcome, SandboxPool
 from streams.generators.common import Check
 
 FAILED_CHECK = Outcome("syntax_error")
-PROGRAM_CANDIDATES = 16  # candidates that share one program
+PROGRAM_CANDIDATES = 32  # candidates that share one program
 MARKER_TEST = """
 defmodule ExforgeChecked do
   use ExUnit.Case, async: true
@@ -347,6 +349,18 @@ def batch_verdicts(
     return [found[str(i)] == "ok" for i in range(size)]
 
 
+def even_batches(items: list[int], most: int, workers: int) -> list[list[int]]:
+    """`items` in batches of at most `most`, as many as a multiple of `workers` takes and
+    as even as can be, so that no VM waits on another's larger share."""
+    if not items:
+        return []
+    count = -(-len(items) // most)
+    count = -(-count // workers) * workers
+    size, extra = divmod(len(items), count)
+    starts = [i * size + min(i, extra) for i in range(count + 1)]
+    return [items[a:b] for a, b in pairwise(starts) if a < b]
+
+
 def check_all(
     pool: SandboxPool,
     candidates: Sequence[Sequence[Check]],
@@ -358,7 +372,7 @@ def check_all(
     reasons: dict[int, str | None] = {}
     alone = [i for i, checks in enumerate(candidates) if tested(checks)]
     shared = [i for i, checks in enumerate(candidates) if not tested(checks)]
-    batches = [shared[i : i + batch] for i in range(0, len(shared), batch)]
+    batches = even_batches(shared, batch, pool.config.workers)
     programs = [batch_program([candidates[i] for i in group], known) for group in batches]
     outcomes = pool.map(p.source for p in programs)
     for group, program, outcome in zip(batches, programs, outcomes, strict=True):

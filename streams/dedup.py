@@ -57,7 +57,9 @@ __all__ = [
 
 log = logging.getLogger("exforge.dedup")
 
-DECIDE_INTERVAL_S = 1.0
+# A batch is decided two drain checks after its last input is committed (Faust commits
+# every 0.5 s too): the time from a drained pipeline to the first file reaching instruct.
+DECIDE_INTERVAL_S = 0.5
 # The stages whose inputs must be drained before a batch is decided: all that feed it.
 UPSTREAM = ("ingest", "parse", "dedup", "neardup-bands", "neardup")
 

@@ -255,6 +255,10 @@ def manifest(engine: Engine, dataset: str, stage: int, split: str) -> dict[str, 
                 Sample.shard_index.is_not(None),
             )
         ).all()
+        # one pass over the members (the manifest is rewritten at every seal)
+        by_shard: dict[int, list[tuple[int, str]]] = {}
+        for index, difficulty, kind in members:
+            by_shard.setdefault(index, []).append((difficulty, kind))
         entries = [
             {
                 "index": s.shard_index,
@@ -262,8 +266,8 @@ def manifest(engine: Engine, dataset: str, stage: int, split: str) -> dict[str, 
                 "samples": s.samples,
                 "tokens": s.tokens,
                 "sha256": s.sha256,
-                "difficulty": histogram([d for i, d, _ in members if i == s.shard_index]),
-                "kinds": histogram([k for i, _, k in members if i == s.shard_index]),
+                "difficulty": histogram([d for d, _ in by_shard.get(s.shard_index, [])]),
+                "kinds": histogram([k for _, k in by_shard.get(s.shard_index, [])]),
             }
             for s in shards
         ]

@@ -41,7 +41,14 @@ from streams.parse import (
     elixir_members,
     parsed_file,
 )
-from streams.shard import mark_published, pending_samples, seal, stage_sample, unpublished
+from streams.shard import (
+    histogram,
+    mark_published,
+    pending_samples,
+    seal,
+    stage_sample,
+    unpublished,
+)
 from streams.sources.local import (
     NotAProject,
     pack_directory,
@@ -515,7 +522,10 @@ def test_seal_keeps_stages_and_splits_apart(engine: Engine, file_store: FileStor
 
 
 def test_manifest_and_publication(engine: Engine, file_store: FileStore) -> None:
-    samples = train_samples(10)
+    samples = [
+        s.model_copy(update={"meta": s.meta.model_copy(update={"difficulty": 1 + i % 3})})
+        for i, s in enumerate(train_samples(10))
+    ]
     for sample in samples:
         stage_sample(engine, "ds", sample)
     assert seal(engine, file_store, "ds", 4, flush=True) == 3
@@ -528,7 +538,12 @@ def test_manifest_and_publication(engine: Engine, file_store: FileStore) -> None
     for entry in manifest["shards"]:
         data = file_store.get(entry["key"])
         assert entry["sha256"] == sha256_hex(data)
-        assert entry["samples"] == len(decode_shard(data))
+        rows = decode_shard(data)
+        assert entry["samples"] == len(rows)
+        # each shard's histograms are of its own samples
+        assert entry["difficulty"] == histogram([r["meta"]["difficulty"] for r in rows])
+        assert entry["kinds"] == {"test": len(rows)}
+    assert manifest["difficulty"] == histogram([s.meta.difficulty for s in samples])
 
     events = unpublished(engine)
     assert [e.index for _, e in events] == [0, 1, 2]

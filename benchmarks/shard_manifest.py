@@ -1,0 +1,91 @@
+"""How a group's shard manifest scales: the shard stage rewrites it at every seal.
+
+For each group size of `--shards` (S shards of `--size` samples each, in a fresh SQLite
+ledger and file store), the samples are staged and sealed by the shard stage's own
+functions, then `streams.shard.manifest` is timed (median of `--repeats`). Printed:
+seconds per manifest and microseconds per member sample. Per member, the cost stays flat
+from the smallest group to the largest (the ratio printed last, near 1) when a manifest
+is linear in its members; it grows with the group when each shard rescans them all.
+
+Usage: python benchmarks/shard_manifest.py [--shards 40,120] [--size 500] [--repeats 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from exforge.core.db import engine_for
+from exforge.core.store import FileStore
+from schemas.records import InstructionSample, SampleMeta, Turn
+from schemas.shards import split_for
+from streams.shard import manifest, seal, stage_samples
+
+
+def train_samples(count: int) -> list[tuple[InstructionSample, int]]:
+    """`count` stage-1 train samples of five difficulties, 10 tokens each."""
+    chosen: list[tuple[InstructionSample, int]] = []
+    index = 0
+    while len(chosen) < count:
+        turns = [Turn(from_="human", value=f"q {index}"), Turn(from_="gpt", value=f"a {index}")]
+        meta = SampleMeta(kind="test", stage=1, difficulty=1 + index % 5)
+        sample = InstructionSample(
+            sample_id=InstructionSample.content_id(turns, "test"), conversations=turns, meta=meta
+        )
+        if split_for(sample.sample_id) == "train":
+            chosen.append((sample, 10))
+        index += 1
+    return chosen
+
+
+def measure(shards: int, size: int, repeats: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as root:
+        engine = engine_for(f"sqlite:///{root}/ledger.db")
+        store = FileStore(Path(root) / "store")
+        stage_samples(engine, "bench", train_samples(shards * size))
+        sealed = seal(engine, store, "bench", size, flush=True)
+        assert sealed == shards, f"sealed {sealed} of {shards}"
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            manifest(engine, "bench", 1, "train")
+            times.append(time.perf_counter() - started)
+        engine.dispose()
+    seconds = statistics.median(times)
+    return {
+        "shards": shards,
+        "members": shards * size,
+        "seconds": round(seconds, 4),
+        "us_per_member": round(seconds / (shards * size) * 1e6, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", default="40,120", help="Group sizes, comma-separated.")
+    parser.add_argument("--size", type=int, default=500, help="Samples per shard.")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="Print one JSON object.")
+    args = parser.parse_args()
+    rows = [measure(int(s), args.size, args.repeats) for s in args.shards.split(",")]
+    growth = round(rows[-1]["us_per_member"] / rows[0]["us_per_member"], 2)
+    if args.json:
+        print(json.dumps({"runs": rows, "per_member_growth": growth}))
+        return
+    for row in rows:
+        print(
+            f"{row['shards']:5d} shards, {row['members']:7d} members: "
+            f"{row['seconds']:.3f} s a manifest, {row['us_per_member']:.2f} µs a member"
+        )
+    print(f"per-member cost, largest group over smallest: {growth}x (1: linear)")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,32 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exforge.core.db import engine_for
 from exforge.core.store import FileStore
-from schemas.records import InstructionSample, SampleMeta, Turn
-from schemas.shards import split_for
 from streams.shard import manifest, seal, stage_samples
-
-
-def train_samples(count: int) -> list[tuple[InstructionSample, int]]:
-    """`count` stage-1 train samples of five difficulties, 10 tokens each."""
-    chosen: list[tuple[InstructionSample, int]] = []
-    index = 0
-    while len(chosen) < count:
-        turns = [Turn(from_="human", value=f"q {index}"), Turn(from_="gpt", value=f"a {index}")]
-        meta = SampleMeta(kind="test", stage=1, difficulty=1 + index % 5)
-        sample = InstructionSample(
-            sample_id=InstructionSample.content_id(turns, "test"), conversations=turns, meta=meta
-        )
-        if split_for(sample.sample_id) == "train":
-            chosen.append((sample, 10))
-        index += 1
-    return chosen
+from tests.support.records import train_samples
 
 
 def measure(shards: int, size: int, repeats: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as root:
         engine = engine_for(f"sqlite:///{root}/ledger.db")
         store = FileStore(Path(root) / "store")
-        stage_samples(engine, "bench", train_samples(shards * size))
+        samples = train_samples(shards * size, difficulties=5)
+        stage_samples(engine, "bench", [(sample, 10) for sample in samples])
         sealed = seal(engine, store, "bench", size, flush=True)
         assert sealed == shards, f"sealed {sealed} of {shards}"
         times = []

@@ -36,7 +36,7 @@ from serving import keys
 from streams.shard import seal, stage_sample
 from tests.conftest import EXFORGE, REPO
 from tests.postgres import PostgresServer
-from tests.test_stage_logic import make_sample
+from tests.support.records import make_sample
 
 
 def environment(tmp_path: Path, database_url: str) -> dict[str, str]:

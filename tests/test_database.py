@@ -25,7 +25,7 @@ from schemas.records import InstructionSample
 from schemas.shards import decode_shard
 from serving import keys, usage
 from streams.shard import pending_samples, seal, stage_sample
-from tests.test_stage_logic import make_sample
+from tests.support.records import make_sample
 
 SHARD_SIZE = 7
 SAMPLES = 240

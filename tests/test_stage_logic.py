@@ -26,10 +26,8 @@ from schemas.records import (
     InstructionSample,
     ParsedFile,
     RawPackage,
-    SampleMeta,
     SourceRequest,
     TrainingShard,
-    Turn,
 )
 from schemas.shards import decode_shard, encode_shard, shard_key, split_for
 from streams.dataset import stats
@@ -56,6 +54,7 @@ from streams.sources.local import (
     upload_directory,
 )
 from streams.stage import BadMessage, Failure
+from tests.support.records import make_sample, train_samples
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "examples" / "corpus"
@@ -439,27 +438,6 @@ def test_encode_decode_shard_round_trip_and_determinism() -> None:
     assert decode_shard(encode_shard([])) == []
 
 
-def make_sample(i: int, stage: int = 1, kind: str = "test") -> InstructionSample:
-    turns = [Turn(from_="human", value=f"question {i}"), Turn(from_="gpt", value=f"answer {i}")]
-    return InstructionSample(
-        sample_id=InstructionSample.content_id(turns, kind),
-        conversations=turns,
-        meta=SampleMeta(kind=kind, stage=stage),
-    )
-
-
-def train_samples(count: int) -> list[InstructionSample]:
-    """`count` samples that all fall in the train split of stage 1."""
-    chosen = []
-    i = 0
-    while len(chosen) < count:
-        sample = make_sample(i)
-        if split_for(sample.sample_id) == "train":
-            chosen.append(sample)
-        i += 1
-    return chosen
-
-
 def shard_objects(store: ObjectStore) -> dict[str, str]:
     return {k: sha256_hex(store.get(k)) for k in store.list("shards/")}
 
@@ -522,10 +500,7 @@ def test_seal_keeps_stages_and_splits_apart(engine: Engine, file_store: FileStor
 
 
 def test_manifest_and_publication(engine: Engine, file_store: FileStore) -> None:
-    samples = [
-        s.model_copy(update={"meta": s.meta.model_copy(update={"difficulty": 1 + i % 3})})
-        for i, s in enumerate(train_samples(10))
-    ]
+    samples = train_samples(10, difficulties=3)
     for sample in samples:
         stage_sample(engine, "ds", sample)
     assert seal(engine, file_store, "ds", 4, flush=True) == 3

@@ -251,14 +251,15 @@ EXCLUDED: list[str] = []  # the corpus exclusions tests recorded, in this proces
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     from tests.support.corpus import EXCLUSION
 
-    EXCLUDED.extend(str(value) for name, value in report.user_properties if name == EXCLUSION)
+    if report.when == "call":  # the setup and teardown reports carry the same properties
+        EXCLUDED.extend(str(v) for name, v in report.user_properties if name == EXCLUSION)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """List every real corpus file a test left out of a comparison, with its reason."""
     if EXCLUDED:
         terminalreporter.section("corpus files left out of comparisons")
-        for line in dict.fromkeys(EXCLUDED):
+        for line in EXCLUDED:
             terminalreporter.write_line(line)
 
 

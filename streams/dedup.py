@@ -20,7 +20,10 @@ Batches: when everything upstream of the decision (`sources.requests` up to
 `neardup_max_hold_s` (steady inflow never drains), the worker asks each partition it
 owns to decide: every held file is kept or dropped (`near_duplicate`) by
 `neardup.decide`, which depends only on the set of files, so the kept set is the same
-whatever the number of workers or partitions. The stages after `parsed.files` do not
+whatever the number of workers or partitions. A partition decides its batch in chunks of
+`neardup_decide_chunk` files, each `decide` event asking for the next, so that a
+worker's memory does not grow with the batch (the whole corpus, when it is requested at
+once). The stages after `parsed.files` do not
 hold the decision back: they run while the next batch is parsed. The cluster id is on
 every kept `ParsedFile` (its own sha256) and in `neardup-settled` for every file.
 """
@@ -139,6 +142,16 @@ def decided_span(trace: str | None, sha256: str, reason: str | None) -> Any:
     return tracing.consumed("neardup process", tracing.kafka_headers(trace), attributes)
 
 
+def decide_output(partition: int) -> Output:
+    """The `decide` event that asks `partition` to decide (the next chunk of) a batch."""
+    return Output(
+        "files.neardup",
+        f"decide:{partition}",
+        NearDupEvent(kind="decide", partition=partition),
+        partition=partition,
+    )
+
+
 def _event_partition() -> int:
     event = faust.current_event()
     assert event is not None, "table handlers run inside an agent"
@@ -156,9 +169,11 @@ class NearDup:
         self.buckets = ctx.table("neardup-buckets")
         self.held = ctx.table("neardup-held")
         self.settled = ctx.table("neardup-settled")
-        # held, undecided files of owned partitions (partition → sha256 → since): kept
-        # beside the table so the timer need not read it; rebuilt after a rebalance
+        # held files of owned partitions not yet in a batch (partition → sha256 → since):
+        # kept beside the table so the timer need not read it; rebuilt after a rebalance
         self.waiting: dict[int, dict[str, float]] = {}
+        # the files of each partition's batch not yet decided, in the order decided
+        self.batches: dict[int, list[str]] = {}
         self.indexed: frozenset[int] | None = None
         upstream = tuple(STAGE_INPUTS[stage] for stage in UPSTREAM)
         self.drain = DrainWatch(ctx.settings, upstream)
@@ -168,7 +183,7 @@ class NearDup:
         attach_stage(self.ctx, "dedup", "files.candidates", self.on_candidate)
         attach_stage(self.ctx, "neardup-bands", "files.bands", self.on_bands)
         attach_stage(self.ctx, "neardup", "files.neardup", self.on_neardup)
-        self.ctx.busy.append(lambda: bool(self.owned_waiting()))
+        self.ctx.busy.append(lambda: bool(self.owned_waiting()) or any(self.batches.values()))
         self.ctx.app.timer(interval=DECIDE_INTERVAL_S, name="neardup-decide")(self.ask_to_decide)
 
     # ------------------------------------------------------------------ handlers
@@ -249,16 +264,22 @@ class NearDup:
         return Result()
 
     async def decide_partition(self, partition: int) -> Result:
-        """Keep or drop every held file of `partition`; forget them once the kept ones
-        are acknowledged on `parsed.files` (a crash before that redelivers the `decide`,
-        which decides them again, with the same keys)."""
+        """Decide the next chunk of `partition`'s batch: keep or drop each file, and
+        while files of the batch remain, ask for the next chunk as one more output, so
+        that it is decided once this chunk's outputs are acknowledged: a worker holds
+        one chunk of files, not the batch. A chunk is forgotten once its kept files are
+        acknowledged on `parsed.files`; a crash before that redelivers the `decide`, and
+        the restarted worker, whose index has every file not yet forgotten, decides them
+        again, with the same keys."""
+        chunk = self.next_chunk(partition)
         result = Result()
         outcomes: list[Outcome] = []
         decided: list[str] = []
-        for sha, raw in list(self.held.items()):
-            entry = HeldFile.loads(raw)
-            if entry.partition != partition or not entry.file or self.settled[sha]:
+        for sha in chunk:
+            raw = self.held[sha]
+            if not raw:  # forgotten: decided again after a rebalance, delivered meanwhile
                 continue
+            entry = HeldFile.loads(raw)
             file = ParsedFile.model_validate_json(entry.file)
             duplicate_of = decide(entry.heard)
             reason = "near_duplicate" if duplicate_of else None
@@ -276,19 +297,33 @@ class NearDup:
             decided.append(sha)
         if outcomes:
             await asyncio.to_thread(record_outcomes, self.ctx, outcomes)
-        for sha in decided:
-            self.waiting.get(partition, {}).pop(sha, None)
+        if self.batches.get(partition):
+            result.outputs.append(decide_output(partition))
         result.count("files", len(decided))
         event = faust.current_event()
         result.delivered.append(lambda: self.forget(decided, event))
         return result
 
+    def next_chunk(self, partition: int) -> list[str]:
+        """The next at most `neardup_decide_chunk` files of `partition`'s batch, taken
+        off it. A `decide` that finds no batch begins one: the files waiting then, in
+        sha256 order (those held later wait for the next batch)."""
+        self.owned_waiting()  # the index is that of the partitions owned now
+        batch = self.batches.get(partition)
+        if not batch:
+            batch = self.batches[partition] = sorted(self.waiting.pop(partition, {}))
+        chunk = batch[: self.settings.neardup_decide_chunk]
+        del batch[: len(chunk)]
+        return chunk
+
     def forget(self, decided: list[str], event: Any) -> None:
         """Delete decided files from `neardup-held`. A deletion's changelog partition is
         the current event's, which Faust holds only by a weak reference: `event` keeps it
-        alive until the outputs are acknowledged (under load, after the stream moved on)."""
+        alive until the outputs are acknowledged (under load, after the stream moved on).
+        A file decided twice (after a rebalance) may be forgotten already."""
         for sha in decided:
-            del self.held[sha]
+            if sha in self.held:
+                del self.held[sha]
 
     # ------------------------------------------------------------------ the timer
 
@@ -307,13 +342,16 @@ class NearDup:
         return {p: min(files.values()) for p, files in self.waiting.items() if p in owned and files}
 
     def reindex(self, owned: frozenset[int]) -> None:
-        """Rebuild `waiting` from the table (after a rebalance or recovery)."""
+        """Rebuild `waiting` from the table (after a rebalance or recovery), batches
+        under way included: every held file not yet forgotten, decided or not (a file
+        is settled before its outputs are acknowledged; deciding it again is the same)."""
         waiting: dict[int, dict[str, float]] = {}
         for sha, raw in self.held.items():
             entry = HeldFile.loads(raw)
-            if entry.partition in owned and entry.file and not self.settled[sha]:
+            if entry.partition in owned and entry.file:
                 waiting.setdefault(entry.partition, {})[sha] = entry.since
         self.waiting = waiting
+        self.batches = {}
         self.indexed = owned
 
     async def ask_to_decide(self) -> None:
@@ -329,10 +367,8 @@ class NearDup:
         if overdue:
             log.info("near-dup: files held over %.0f s, deciding now", max_hold)
         self.drain.reset()
-        topic = self.ctx.topic("files.neardup")
         for partition in sorted(waiting):
-            ask = NearDupEvent(kind="decide", partition=partition)
-            await (await topic.send(value=ask.to_bytes(), partition=partition))
+            await self.ctx.send("neardup", decide_output(partition))
         log.info("near-dup: deciding partitions %s", sorted(waiting))
 
 

@@ -1,11 +1,13 @@
 """The parse and dedup stages end to end (real broker, real worker processes): the same
-kept/dropped sets with one worker on one partition and with two workers on four
-partitions; every drop reason counted; no planted secret reaches `parsed.files`."""
+kept/dropped sets with one worker on one partition, deciding in small chunks, and with
+two workers on four partitions; every drop reason counted; no planted secret reaches
+`parsed.files`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import time
 import uuid
@@ -26,7 +28,7 @@ from exforge.core.store import FileStore, ObjectStore, open_store
 from exforge.elixir.hashing import tokens
 from exforge.elixir.neardup import signature
 from exforge.elixir.synthetic import module, recommented, renamed, reordered
-from schemas.records import ParsedFile, RawPackage, SourceRequest
+from schemas.records import NearDupEvent, ParsedFile, RawPackage, SourceRequest
 from streams.files import Dropped, FileSteps, file_outcome
 from streams.sources.local import upload_directory
 from tests.support.neardup import lsh_candidates, reference_outcomes
@@ -38,6 +40,7 @@ PACKAGES = 4
 FAMILIES = 5
 DISTINCT = 6
 WORKER_TIMEOUT_S = 240
+DECIDE_CHUNK = 4  # the one-partition deployment's: its batch takes several chunks
 
 
 def corpus(root: Path) -> list[Path]:
@@ -141,12 +144,18 @@ def parsed(pipeline: Pipeline) -> list[bytes]:
     return [r.value for r in asyncio.run(read_all(pipeline.settings, "parsed.files"))]
 
 
+def decide_events(pipeline: Pipeline) -> int:
+    records = asyncio.run(read_all(pipeline.settings, "files.neardup"))
+    return sum(NearDupEvent.model_validate_json(r.value).kind == "decide" for r in records)
+
+
 def test_kept_and_dropped_sets_do_not_depend_on_workers_or_partitions(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:
     projects = corpus(tmp_path / "projects")
     single = isolated(pipeline, tmp_path, partitions=1)
-    double = isolated(pipeline, tmp_path, partitions=4)
+    single.env["EXFORGE_NEARDUP_DECIDE_CHUNK"] = str(DECIDE_CHUNK)
+    double = isolated(pipeline, tmp_path, partitions=4)  # one chunk per partition
     # the two deployments share nothing but the broker: they run at the same time
     finish(
         start(single, projects, workers=1, log=tmp_path / "single.log")
@@ -171,6 +180,11 @@ def test_kept_and_dropped_sets_do_not_depend_on_workers_or_partitions(
         "near_duplicate": len(near),
     }
     assert stats["kept"] == len(first) - stats["dropped"]
+    # one batch (all was requested at once), decided a chunk per `decide`: the timer's,
+    # then one asked for by each chunk that left files of the batch undecided
+    batch = stats["kept"] + len(near)
+    assert batch > 2 * DECIDE_CHUNK
+    assert decide_events(single) == math.ceil(batch / DECIDE_CHUNK)
     # every planted secret is counted once, in the one kept file that held them
     assert stats["redacted"] == 1
     assert stats["redactions_by_kind"] == {"email": 1, "ip": 2, "key": 6}

@@ -237,6 +237,8 @@ def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
 ) -> None:
     projects, modules, functions = 20, 3, 8  # 480 samples, the kill after a fifth is staged
     pipeline.env["EXFORGE_SHARD_SAMPLES"] = "25"
+    # 60 files decided 8 at a time: the kill may come while the batch is being decided
+    pipeline.env["EXFORGE_NEARDUP_DECIDE_CHUNK"] = "8"
     metrics_port = free_port()
     pipeline.env["EXFORGE_METRICS_PORT"] = str(metrics_port)
     settings = pipeline.settings

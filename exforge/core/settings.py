@@ -303,6 +303,13 @@ class Settings(BaseSettings):
             "never drains (steady inflow)."
         ),
     )
+    neardup_decide_chunk: PositiveInt = Field(
+        256,
+        description=(
+            "Most held files one near-dup `decide` event decides: a batch is decided in "
+            "chunks, one after another, so a worker's memory does not grow with the batch."
+        ),
+    )
     backup_interval_s: float = Field(
         0.0,
         ge=0,

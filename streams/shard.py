@@ -12,7 +12,8 @@ inflow that never drains, full shards are sealed once a pending sample has waite
 curriculum position, then id). An optional
 Parquet copy sits next to each shard; each group's manifest lists, per shard, its key,
 sha256, sample and token counts, difficulty histogram and kinds. Sealing writes the
-shard object under a deterministic name, then commits the membership in one
+shard object under a deterministic name, then commits the membership and the shard's row
+(with those histograms, so a manifest reads shard rows, never samples) in one
 transaction; a crash in between just rewrites the same name on the next try.
 `TrainingShard` events are published from the ledger after the commit (and
 re-published after a crash), so none is ever lost.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -205,6 +207,8 @@ def seal_group(
             tokens=tokens,
             sha256=sha256_hex(data),
             published=False,
+            difficulties=histogram([row.difficulty for row in rows]),
+            kinds=histogram([row.kind for row in rows]),
         )
         session.add(shard)
         session.execute(
@@ -236,41 +240,35 @@ def seal(
 
 
 def histogram(values: list[Any]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for value in values:
-        counts[str(value)] = counts.get(str(value), 0) + 1
-    return dict(sorted(counts.items()))
+    """How many of each value, keyed by its text, in key order: a manifest histogram."""
+    return dict(sorted(Counter(str(value) for value in values).items()))
+
+
+def add_histograms(histograms: list[dict[str, int]]) -> dict[str, int]:
+    total: Counter[str] = Counter()
+    for counts in histograms:
+        total.update(counts)
+    return dict(sorted(total.items()))
 
 
 def manifest(engine: Engine, dataset: str, stage: int, split: str) -> dict[str, Any]:
-    """The group's shards with their counts, histograms and checksums (from the ledger)."""
+    """The group's shards with their counts, histograms and checksums, from its shard rows
+    alone (rewritten at every seal: its cost grows with the shards, not the samples)."""
     group = (Shard.dataset == dataset, Shard.stage == stage, Shard.split == split)
     with Session(engine) as session:
         shards = session.scalars(select(Shard).where(*group).order_by(Shard.shard_index)).all()
-        members = session.execute(
-            select(Sample.shard_index, Sample.difficulty, Sample.kind).where(
-                Sample.dataset == dataset,
-                Sample.stage == stage,
-                Sample.split == split,
-                Sample.shard_index.is_not(None),
-            )
-        ).all()
-        # one pass over the members (the manifest is rewritten at every seal)
-        by_shard: dict[int, list[tuple[int, str]]] = {}
-        for index, difficulty, kind in members:
-            by_shard.setdefault(index, []).append((difficulty, kind))
-        entries = [
-            {
-                "index": s.shard_index,
-                "key": s.key,
-                "samples": s.samples,
-                "tokens": s.tokens,
-                "sha256": s.sha256,
-                "difficulty": histogram([d for d, _ in by_shard.get(s.shard_index, [])]),
-                "kinds": histogram([k for _, k in by_shard.get(s.shard_index, [])]),
-            }
-            for s in shards
-        ]
+    entries = [
+        {
+            "index": s.shard_index,
+            "key": s.key,
+            "samples": s.samples,
+            "tokens": s.tokens,
+            "sha256": s.sha256,
+            "difficulty": s.difficulties,
+            "kinds": s.kinds,
+        }
+        for s in shards
+    ]
     return {
         "dataset": dataset,
         "stage": stage,
@@ -278,8 +276,8 @@ def manifest(engine: Engine, dataset: str, stage: int, split: str) -> dict[str, 
         "format": FORMAT,
         "samples": sum(e["samples"] for e in entries),
         "tokens": sum(e["tokens"] for e in entries),
-        "difficulty": histogram([d for _, d, _ in members]),
-        "kinds": histogram([k for _, _, k in members]),
+        "difficulty": add_histograms([s.difficulties for s in shards]),
+        "kinds": add_histograms([s.kinds for s in shards]),
         "shards": entries,
     }
 

@@ -1,7 +1,8 @@
 """The database on SQLite and on a real PostgreSQL: the migrations build exactly the schema
-the models declare and keep rows through every step; two workers that migrate a new
-database and seal shards at the same moment (row locks), and two runs registering versions
-at once, each leave a consistent ledger."""
+the models declare and keep rows through every step (0010 fills in the histograms of
+shards sealed before it); two workers that migrate a new database and seal shards at the
+same moment (row locks), and two runs registering versions at once, each leave a
+consistent ledger."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from exforge.llm.registry import list_versions, register_version
 from schemas.records import InstructionSample
 from schemas.shards import decode_shard
 from serving import keys, usage
-from streams.shard import pending_samples, seal, stage_sample
+from streams.shard import manifest, pending_samples, seal, stage_sample
 from tests.support.records import make_sample
 
 SHARD_SIZE = 7
@@ -77,6 +78,34 @@ def test_migrations_keep_rows_through_each_step_and_downgrade_to_nothing(
     assert {"samples", "shards", "model_versions", "api_keys"} <= set(
         inspect(engine).get_table_names()
     )
+    engine.dispose()
+
+
+def test_migration_0010_fills_sealed_shards_histograms_as_sealing_records_them(
+    database_url: str, tmp_path: Path
+) -> None:
+    engine = engine_for(database_url)
+    store = FileStore(tmp_path / "store")
+    # two stages (groups), mixed kinds and difficulties: counts must land per shard
+    kinds = ("fim", "explain", "test")
+    for i in range(SAMPLES):
+        sample = make_sample(i, stage=1 + i % 2, kind=kinds[i % 3], difficulty=1 + i % 5)
+        stage_sample(engine, "ds", sample)
+    assert seal(engine, store, "ds", SHARD_SIZE, flush=True) > 2
+    with Session(engine) as session:
+        groups = session.execute(select(Shard.stage, Shard.split).distinct()).all()
+        recorded = {s.id: (s.difficulties, s.kinds) for s in session.scalars(select(Shard))}
+    manifests = {group: manifest(engine, "ds", *group) for group in groups}
+    engine.dispose()
+
+    config = alembic_config(database_url)
+    command.downgrade(config, "0009")  # the shard rows of an older ledger: no histograms
+    assert "kinds" not in {c["name"] for c in inspect(engine).get_columns("shards")}
+    command.upgrade(config, "head")
+    with Session(engine) as session:
+        filled = {s.id: (s.difficulties, s.kinds) for s in session.scalars(select(Shard))}
+    assert filled == recorded
+    assert {group: manifest(engine, "ds", *group) for group in groups} == manifests
     engine.dispose()
 
 

@@ -112,7 +112,9 @@ class SampleDrop(Base):
 
 
 class Shard(Base):
-    """A sealed shard; `published` once its `TrainingShard` event reached the broker."""
+    """A sealed shard; `published` once its `TrainingShard` event reached the broker.
+    `difficulties` and `kinds` count its members by difficulty and kind (the manifest's
+    histograms), recorded at sealing so a manifest reads shard rows, not samples."""
 
     __tablename__ = "shards"
     __table_args__ = (UniqueConstraint("dataset", "stage", "split", "shard_index"),)
@@ -128,6 +130,8 @@ class Shard(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     published: Mapped[bool] = mapped_column(Boolean, default=False)
     sealed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    difficulties: Mapped[dict[str, int]] = mapped_column(JSON)
+    kinds: Mapped[dict[str, int]] = mapped_column(JSON)
 
 
 def alembic_config(url: str) -> Config:

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from test_sources_books import make_pdf
+from tree_sitter import Tree
 
 from exforge.core.store import sha256_hex
+from exforge.elixir import tree
 from exforge.elixir.analysis import analyse
 from exforge.elixir.sandbox import SandboxConfig, SandboxPool
-from exforge.elixir.tree import parse
+from exforge.elixir.tree import parse, parsed
 from exforge.llm.chat import SHIPPED_TEKKEN
 from schemas.records import InstructionSample, ParsedFile, RawPackage
 from streams.files import analysed_file
@@ -30,7 +32,7 @@ from streams.generators.check import (
     even_batches,
 )
 from streams.generators.code import fim_split
-from streams.generators.common import code_blocks
+from streams.generators.common import code_blocks, specs
 from streams.generators.grade import depth, difficulty
 from streams.generators.refactor import _rewrite, as_case, module_siblings
 from streams.generators.tokens import token_counter
@@ -470,6 +472,41 @@ def test_a_whole_file_sample_grades_as_its_code_analysed_afresh(
     for sample in whole:
         (code,) = code_blocks(sample.conversations[-1].value)
         assert sample.meta.difficulty == difficulty(code, len(sample.meta.concepts))
+
+
+def test_parsed_shares_one_tree_per_text() -> None:
+    code = b"defmodule M do\n  def f(x), do: x |> g()\nend\n"
+    first = parsed(code)
+    assert str(first) == str(parse(code))
+    assert parsed(bytes(code)) is first
+    assert str(parsed(code + b"# more\n")) != str(first)
+
+
+def test_generation_parses_a_file_and_each_function_once(
+    files: list[ParsedFile], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file's text (its `@spec`s, its whole-file grade) and each function's source (one
+    per refactoring) are parsed once however many generators read them."""
+    seen: Counter[bytes] = Counter()
+    parser = tree._parser()
+
+    class Counting:
+        def parse(self, data: bytes) -> Tree:
+            seen[data] += 1
+            return parser.parse(data)
+
+    monkeypatch.setattr(tree, "_parser", Counting)
+    parsed.cache_clear()
+    specs.cache_clear()
+    difficulty.cache_clear()
+    code_files = [f for f in files if f.kind == "elixir_file" and f.functions]
+    for file in code_files:
+        generate(file, file.content or "")
+    texts = [(f.content or "").encode() for f in code_files]
+    assert [seen[t] for t in texts] == [1] * len(texts)
+    sources = {f.source.encode() for file in code_files for f in file.functions}
+    assert sum(seen[s] for s in sources) > len(code_files)
+    assert max(seen[s] for s in sources) == 1
 
 
 def test_depth_counts_nested_do_blocks_and_anonymous_functions() -> None:

@@ -7,6 +7,7 @@ leaves them out, so a comment between arguments is never taken for one.
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 
 import tree_sitter_elixir
 from tree_sitter import Language, Node, Parser
@@ -29,6 +30,15 @@ def _parser() -> Parser:
 def parse(data: bytes) -> Node:
     """The root node of a file's syntax tree (tree-sitter alone: the parse stage's floor)."""
     return _parser().parse(data).root_node
+
+
+@lru_cache(maxsize=128)
+def parsed(data: bytes) -> Node:
+    """`parse`, remembered for the most recently parsed texts: the instruct stage parses
+    the same text more than once (a file for its `@spec`s and for the grade of its
+    whole-file sample, a function for each of the refactorings tried on it), ~40% of
+    its parsing. Trees are only read, so callers share them."""
+    return parse(data)
 
 
 def text(node: Node) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-from exforge.elixir.tree import parse
+from exforge.elixir.tree import parsed
 from schemas.records import (
     FunctionInfo,
     InstructionSample,
@@ -116,7 +116,7 @@ def specs(text: str) -> dict[tuple[int, str, int], str]:
     per file text: two generators ask). Callers must not change the result."""
     data = text.encode()
     found: dict[tuple[int, str, int], str] = {}
-    stack = [parse(data)]
+    stack = [parsed(data)]
     while stack:
         node = stack.pop()
         if (

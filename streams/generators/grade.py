@@ -23,7 +23,7 @@ from functools import lru_cache
 from tree_sitter import Node, Query, QueryCursor
 
 from exforge.elixir.analysis import analyse
-from exforge.elixir.tree import LANGUAGE, parse
+from exforge.elixir.tree import LANGUAGE, parse, parsed
 from schemas.records import ElixirAnalysis, InstructionSample, ParsedFile
 from streams.generators.common import code_blocks
 
@@ -103,7 +103,7 @@ def graded(sample: InstructionSample, file: ParsedFile, text: str) -> Instructio
     concepts = len(sample.meta.concepts)
     source, data = _encoded(code)
     if file.kind == "elixir_file" and source == text:
-        level = score(file.analysis, parse(data), concepts, floor)
+        level = score(file.analysis, parsed(data), concepts, floor)
     else:
         level = difficulty(code, concepts, floor)
     meta = sample.meta.model_copy(update={"stage": STAGES[sample.meta.kind], "difficulty": level})

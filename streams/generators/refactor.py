@@ -18,7 +18,7 @@ import re
 
 from tree_sitter import Node
 
-from exforge.elixir.tree import arguments, first_named, named, parse, text
+from exforge.elixir.tree import arguments, first_named, named, parsed, text
 from schemas.records import FunctionInfo, ParsedFile
 from streams.generators.common import Candidate, Check, candidate, fenced, function_ref
 
@@ -109,7 +109,7 @@ def piped(data: bytes, node: Node) -> tuple[str, int]:
 def _rewrite(source: str, pick: str) -> str | None:
     """Rewrite the outermost pipes (`pick="unpipe"`) or nested calls (`"pipe"`) of a source."""
     data = source.encode()
-    root = parse(data)
+    root = parsed(data)
     if root.has_error:
         return None
     edits: list[tuple[int, int, str]] = []
@@ -281,7 +281,7 @@ def refactor_pipes(file: ParsedFile, text: str) -> list[Candidate]:
 def _clauses(source: str) -> list[tuple[list[str], str | None, str]] | None:
     """(argument patterns, guard, body) of every clause; None when one is not simple."""
     data = source.encode()
-    root = parse(data)
+    root = parsed(data)
     if root.has_error:
         return None
     clauses = []

@@ -245,6 +245,7 @@ def histogram(values: list[Any]) -> dict[str, int]:
 
 
 def add_histograms(histograms: list[dict[str, int]]) -> dict[str, int]:
+    """The sum of manifest histograms (a group's, from its shards'), in key order."""
     total: Counter[str] = Counter()
     for counts in histograms:
         total.update(counts)

@@ -20,7 +20,6 @@ Conventions:
 from __future__ import annotations
 
 import re
-import zlib
 from collections import Counter
 from collections.abc import Iterable
 from typing import TypeGuard
@@ -29,7 +28,7 @@ import numpy as np
 from tree_sitter import Node
 
 from exforge.elixir.definitions import Definitions
-from exforge.elixir.hashing import WORD_BYTES, token_crcs, tokens
+from exforge.elixir.hashing import WORD_BYTES, tokens
 from exforge.elixir.tree import COMMENT, argument_nodes, named, text
 from schemas.records import (
     BehaviourUse,
@@ -130,7 +129,7 @@ _REMOTE_MODULES = frozenset(
 _CALL_NAMES = sorted(_LOCAL_CALLS | _REMOTE_MODULES)
 # Every word the features look for: a file's tokens tell which can occur at all.
 _WORDS = sorted({*_CALL_NAMES, *(op for op in _OPERATORS if op.isalpha()), "fn"})
-_WORD_CRCS = np.array([zlib.crc32(word.encode()) for word in _WORDS], dtype=np.uint64)
+_WORD_TOKENS = [(word, word.encode()) for word in _WORDS]
 # A bytes regex's `\w`: what a word must not touch to be a whole word (true by byte).
 _IS_WORD_BYTE = bytes(b in WORD_BYTES for b in range(256))
 _BLANK_NON_WORD = bytes(b if b in WORD_BYTES else ord(" ") for b in range(256))
@@ -140,7 +139,7 @@ _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
 
 def features(source: str, data: bytes, root: Node, found: Definitions) -> ElixirAnalysis:
     """The file's features, from its tree and the module walk's definitions."""
-    words = _words_in(source, data)
+    words = _words_in(data)
     operators = _operators(data, root, words)
     local_calls, remotes = _named_calls(data, root, words)
     modules = found.modules
@@ -194,18 +193,12 @@ def _owner(node: Node, modules: list[ModuleInfo]) -> str | None:
     return max(inside, key=lambda m: m.start_line).name if inside else None
 
 
-def _words_in(source: str, data: bytes) -> frozenset[str]:
-    """The `_WORDS` that may be words of a file (`data`, the UTF-8 of `source`) as `\\w`
-    delimits them in a bytes regex: all that are, and maybe a few more."""
-    if source.isascii():  # its tokens are those words; their CRCs serve near-dup bands too
-        crcs = np.sort(token_crcs(source))
-        if not len(crcs):
-            return frozenset()
-        at = np.minimum(np.searchsorted(crcs, _WORD_CRCS), len(crcs) - 1)
-        found = (crcs[at] == _WORD_CRCS).tolist()
-        return frozenset(word for word, hit in zip(_WORDS, found, strict=True) if hit)
-    words = set(data.translate(_BLANK_NON_WORD).decode("ascii").split())
-    return frozenset(word for word in _WORDS if word in words)
+def _words_in(data: bytes) -> frozenset[str]:
+    """The `_WORDS` that are words of a file's UTF-8 `data` as `\\w` delimits them in a
+    bytes regex (the text's runs of word bytes: blanking the others and splitting is
+    cheaper than the token CRCs near-dup hashing computes, for snippets too)."""
+    words = set(data.translate(_BLANK_NON_WORD).split())
+    return frozenset(word for word, token in _WORD_TOKENS if token in words)
 
 
 def _whole_words(data: bytes, words: frozenset[str]) -> list[tuple[int, str]]:

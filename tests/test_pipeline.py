@@ -375,3 +375,36 @@ def test_two_worker_processes_on_rocksdb_tables_make_the_shards_one_makes(
     }
     assert len(busy) == 2, "both worker processes handled messages"
     assert list((tmp_path / "two" / "worker").glob("*/v1/tables/neardup-held-*.db"))
+
+
+def test_a_worker_restarted_on_its_rocksdb_tables_recovers_them(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """A worker stopped and started again on the same RocksDB tables resumes from them.
+    One handler's table writes reach a changelog in one record batch, and the embedded
+    broker reports a partition's end as its last batch's base offset plus one: Faust
+    found the store's last applied offset past that end and refused to start
+    (`ConsistencyError`). After the restart the tables hold the first run's files: a
+    renamed copy of its project is dropped file by file as exact duplicates."""
+    modules = {f"lib/m{m}.ex": documented_module(f"R.M{m}", 4) for m in range(3)}
+    original = write_project(tmp_path / "r", "r", modules)
+    copy = write_project(tmp_path / "rcopy", "rcopy", modules)
+    rocks = Pipeline(
+        {
+            **pipeline.env,
+            "EXFORGE_TOPIC_PREFIX": f"{pipeline.env['EXFORGE_TOPIC_PREFIX']}rocks.",
+            "EXFORGE_DATA_DIR": str(tmp_path / "rocks"),
+            "EXFORGE_TABLE_STORE": "rocksdb",
+        }
+    )
+    request_projects(rocks, [original])
+    rocks.run_until_idle()
+    first = rocks.json("dataset", "stats")
+
+    request_projects(rocks, [copy])
+    rocks.run_until_idle()
+
+    second = rocks.json("dataset", "stats")
+    assert first["files"]["kept"] == len(modules)
+    assert second["files"]["dropped_by_reason"].get("exact_duplicate") == len(modules), second
+    assert second["samples"]["total"] == first["samples"]["total"] > 0

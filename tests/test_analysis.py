@@ -949,8 +949,11 @@ def _depth(root: Node) -> int:
     return deepest
 
 
+WIDE = "defmodule W do\n  # a\n  # b\n\n  # c\n  def f, do: [\n # d\n 1, # e\n 2]\n  # f\nend\n"
+
+
 @pytest.mark.parametrize(
-    "source", [FEATURES, NESTED, MULTI_CLAUSE], ids=["features", "nested", "multi"]
+    "source", [FEATURES, NESTED, MULTI_CLAUSE, WIDE], ids=["features", "nested", "multi", "wide"]
 )
 def test_the_finder_answers_as_tree_sitter_from_the_root(source: str) -> None:
     data = source.encode()

@@ -72,12 +72,26 @@ class Finder:
     def find(self, start: int, end: int) -> Node:
         """The smallest node, named or not, whose bytes hold `start`..`end`."""
         path, spans, cursor = self.path, self.spans, self.cursor
-        # a node holds the range as tree-sitter's lookups take it: a node ending at
-        # `start` does not hold an empty range there
+        # A node holds the range as tree-sitter's lookups take it: a node ending at
+        # `start` does not hold an empty range there. Within a parent that holds the
+        # range, the finder moves on to later siblings rather than asking the parent
+        # for the child at `start`, which scans its children from the first (quadratic in
+        # a node of many children, thousands of comments in one body).
         while len(spans) > 1:
             node_start, node_end = spans[-1]
             if node_start <= start and node_end >= end and node_end > start:
                 break
+            parent_end = spans[-2][1]
+            # the parent holds the range, which does not start before this child
+            if node_start <= start and parent_end >= end and parent_end > start:
+                if node_end <= start and cursor.goto_next_sibling():
+                    sibling = path[-1] = cursor.node
+                    spans[-1] = (sibling.start_byte, sibling.end_byte)
+                    continue
+                path.pop()  # no child holds it (children come in order, apart)
+                spans.pop()
+                cursor.goto_parent()
+                return path[-1]
             path.pop()
             spans.pop()
             cursor.goto_parent()

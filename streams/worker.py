@@ -4,9 +4,10 @@ Idle means: every stage input has zero lag for the worker group, no stage has to
 message for `idle_seconds`, and the shard stage has nothing left to seal or publish.
 
 Stalls: after a restart, an assigned partition with lag is now and then never consumed
-again (seen on the embedded broker after a SIGKILL). A quiet worker
-that sees an assigned partition's committed offset stand still for `stall_seconds` while
-it has lag logs it, counts it in `exforge_stalled_partitions`, and fetches it again from
+again (seen on the embedded broker after a SIGKILL). A quiet worker (no stage at work,
+`streams.stage.Activity`: a long instruct batch is work, not a stall) that sees an
+assigned partition's committed offset stand still for `stall_seconds` while it has lag
+logs it, counts it in `exforge_stalled_partitions`, and fetches it again from
 its next unhandled offset (`streams.offsets` keeps commits safe across such seeks).
 
 Progress: every `progress_interval_s` a worker logs one line: what its stages handled
@@ -138,8 +139,7 @@ async def rescue_stalls(app: faust.App, rows: Iterable[LagRow]) -> None:
 
 async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
     settings = ctx.settings
-    latest = max(ctx.last_activity.values(), default=started)
-    if time.monotonic() - latest < settings.idle_seconds:
+    if ctx.activity.quiet_for(time.monotonic(), started) < settings.idle_seconds:
         return False
     if any(check() for check in ctx.busy) or ctx.busy_delivering():
         return False
@@ -242,7 +242,7 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
                 log.info("pipeline idle: stopping the worker")
                 stopping.append(asyncio.ensure_future(worker.stop()))
                 return
-            quiet_for = time.monotonic() - max(ctx.last_activity.values(), default=started)
+            quiet_for = ctx.activity.quiet_for(time.monotonic(), started)
             stalled = stalls.stalled(lag, time.monotonic())
             if quiet_for >= settings.stall_seconds:
                 await rescue_stalls(ctx.app, stalled)

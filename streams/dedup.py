@@ -308,7 +308,7 @@ class NearDup:
         """The next at most `neardup_decide_chunk` files of `partition`'s batch, taken
         off it. A `decide` that finds no batch begins one: the files waiting then, in
         sha256 order (those held later wait for the next batch)."""
-        self.owned_waiting()  # the index is that of the partitions owned now
+        self.ensure_indexed()
         batch = self.batches.get(partition)
         if not batch:
             batch = self.batches[partition] = sorted(self.waiting.pop(partition, {}))
@@ -334,11 +334,17 @@ class NearDup:
             if tp.topic == self.neardup_topic
         )
 
-    def owned_waiting(self) -> dict[int, float]:
-        """Owned partitions holding undecided files → when the oldest was first held."""
+    def ensure_indexed(self) -> frozenset[int]:
+        """The partitions owned now, `waiting` and `batches` indexed for them: rebuilt
+        from the table when they changed (a rebalance), unless tables are recovering."""
         owned = self.owned()
         if owned != self.indexed and not self.ctx.app.in_recovery:
             self.reindex(owned)
+        return owned
+
+    def owned_waiting(self) -> dict[int, float]:
+        """Owned partitions holding undecided files → when the oldest was first held."""
+        owned = self.ensure_indexed()
         return {p: min(files.values()) for p, files in self.waiting.items() if p in owned and files}
 
     def reindex(self, owned: frozenset[int]) -> None:

@@ -11,10 +11,13 @@ and in `exforge_dropped_total`); adding a filter is adding a line. In order:
 2. `not_utf8`: the bytes do not decode (also a dead letter naming the path);
 3. `syntax_error`: tree-sitter finds an error in the cleaned text (normalised, then
    redacted inside literals and comments only, so the code is what the author wrote);
-4. `auto_generated`: a generator header or protobuf/gRPC output;
-5. the metric filters: `max_line_length`, `mean_line_length`, `alphanumeric_fraction`,
+4. `too_deep`: its syntax tree nests deeper than `max_depth` levels (hostile or
+   generated input: the analysis recurses per level, and the names of nested modules
+   grow with the depth: 100,000 nested `defmodule`s, 2.4 MB, would name 30 GB);
+5. `auto_generated`: a generator header or protobuf/gRPC output;
+6. the metric filters: `max_line_length`, `mean_line_length`, `alphanumeric_fraction`,
    `too_short`, `too_long`; then `encoded_data`;
-6. `contamination`: the file holds an evaluation benchmark's prompt or tests.
+7. `contamination`: the file holds an evaluation benchmark's prompt or tests.
 
 `file_outcome` is the whole chain for one member; `exforge inspect` runs the same
 `Candidate` and `first_drop`, without the broker.
@@ -41,7 +44,7 @@ from exforge.elixir.decontam import BenchmarkIndex, load_index
 from exforge.elixir.neardup import THRESHOLD, text_band_keys
 from exforge.elixir.quality import Thresholds, has_blob, is_generated, is_vendored, quality
 from exforge.elixir.redact import ElixirLiterals, Redaction, redact, redact_elixir
-from exforge.elixir.tree import parse
+from exforge.elixir.tree import deeper_than, parse
 from schemas.records import CodeMetrics, NearDup, ParsedFile, RawPackage
 from streams.stage import Failure
 
@@ -208,7 +211,8 @@ Check = Callable[[Candidate], bool]
 FILTERS: tuple[tuple[str, Check], ...] = (
     ("vendored", lambda c: is_vendored(c.path)),
     ("not_utf8", lambda c: c.text is None),
-    ("syntax_error", lambda c: c.analysis.has_errors),
+    ("syntax_error", lambda c: c.source.root.has_error),
+    ("too_deep", lambda c: deeper_than(c.source.root, c.thresholds.max_depth)),
     ("auto_generated", lambda c: is_generated(c.path, c.source.text, c.source.literals)),
     ("max_line_length", lambda c: c.metrics.max_line_length > c.thresholds.max_line_length),
     ("mean_line_length", lambda c: c.metrics.mean_line_length > c.thresholds.max_mean_line_length),

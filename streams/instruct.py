@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from exforge.core.db import SampleDrop
+from exforge.core.db import SampleDrop, upsert
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectNotFound, ObjectStore
 from exforge.elixir.sandbox import SandboxConfig, SandboxPool
@@ -133,17 +133,18 @@ def instruct_files(
 
 
 def record_drops(engine: Engine, dropped: list[tuple[InstructionSample, str]]) -> None:
+    """One `sample_drops` row per dropped sample (a redelivered drop rewrites its row)."""
+    rows = [
+        {
+            "sample_id": sample.sample_id,
+            "kind": sample.meta.kind,
+            "reason": reason,
+            "source_id": sample.meta.source_refs[0].source_id if sample.meta.source_refs else None,
+        }
+        for sample, reason in dropped
+    ]
     with Session(engine) as session, session.begin():
-        for sample, reason in dropped:
-            refs = sample.meta.source_refs
-            session.merge(
-                SampleDrop(
-                    sample_id=sample.sample_id,
-                    kind=sample.meta.kind,
-                    reason=reason,
-                    source_id=refs[0].source_id if refs else None,
-                )
-            )
+        upsert(session, SampleDrop, rows)
 
 
 def wanted_kinds(settings: Settings) -> list[str]:

@@ -16,7 +16,7 @@ revocation and shutdown still decide *when* to commit; this module decides *what
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import Consumer as FaustAIOKafkaConsumer
 from faust.types import TP, Message
+
+from exforge.core.kafka import end_offsets
 
 log = logging.getLogger("exforge.offsets")
 
@@ -131,6 +133,21 @@ class HandledOffsetsConsumer(FaustAIOKafkaConsumer):
 
     def _new_offset(self, tp: TP) -> int | None:
         return self.progress.committable(tp)
+
+    async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
+        """One past the last record of each partition. Faust's table recovery reads each
+        changelog up to this end and refuses a RocksDB store that applied records past
+        it; the embedded broker reports a partition's end short of its last record batch
+        (`exforge.core.kafka.end_offsets`), and one handler's table writes go out in one
+        batch, so without the correction a worker never restarted on its own tables."""
+        bootstrap = ",".join(f"{url.host}:{url.port}" for url in self.app.conf.broker)
+        probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+        await probe.start()
+        try:
+            ends = await end_offsets(probe, [TopicPartition(*tp) for tp in partitions])
+        finally:
+            await probe.stop()
+        return {TP(tp.topic, tp.partition): end for tp, end in ends.items()}
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:
         # Faust waits here for the events in flight; commit what they finished, then

@@ -427,7 +427,7 @@ def attach(ctx: StageContext) -> None:
         try:
             drained = await drain.observe()
             if await asyncio.to_thread(seal_now, drained):
-                ctx.touch("shard")
+                ctx.activity.touch("shard")
                 drain.reset()
             await publish()
         except Exception:  # the store or database may be back on the next tick

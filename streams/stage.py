@@ -19,8 +19,9 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractContextManager
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,37 @@ MAX_IN_FLIGHT = 256  # messages per agent whose outputs await acknowledgement
 
 
 @dataclass
+class Activity:
+    """When each stage of a worker last worked, and which are at work now. A stage in
+    the middle of a long batch is not quiet: its input partitions commit nothing until
+    the batch is delivered, and a quiet worker fetches such partitions again (a stall),
+    which would hand the batch's messages to the stage a second time."""
+
+    last: dict[str, float] = field(default_factory=dict)
+    working: Counter[str] = field(default_factory=Counter)
+
+    def touch(self, stage: str) -> None:
+        self.last[stage] = time.monotonic()
+
+    @contextmanager
+    def during(self, stage: str) -> Iterator[None]:
+        """`stage` is at work for the duration."""
+        self.touch(stage)
+        self.working[stage] += 1
+        try:
+            yield
+        finally:
+            self.working[stage] -= 1
+            self.touch(stage)
+
+    def quiet_for(self, now: float, since: float) -> float:
+        """Seconds no stage has worked (none yet: since `since`); 0 while one works."""
+        if any(count > 0 for count in self.working.values()):
+            return 0.0
+        return now - max(self.last.values(), default=since)
+
+
+@dataclass
 class StageContext:
     """Everything a stage needs, built once per worker."""
 
@@ -118,7 +150,7 @@ class StageContext:
     engine: Engine
     app: faust.App
     topics: dict[str, faust.TopicT] = field(default_factory=dict)
-    last_activity: dict[str, float] = field(default_factory=dict)
+    activity: Activity = field(default_factory=Activity)
     # Stages holding work back (near-dup batches) say so here; the worker is not idle
     # while any of these returns True.
     busy: list[Callable[[], bool]] = field(default_factory=list)
@@ -149,9 +181,6 @@ class StageContext:
             self.settings.topic_partitions,
             self.settings.table_cache_mb if rocksdb else None,
         )
-
-    def touch(self, stage: str) -> None:
-        self.last_activity[stage] = time.monotonic()
 
     async def produce(self, stage: str, output: Output) -> Awaitable[None]:
         """Hand one output to the producer; the returned awaitable ends once the broker
@@ -304,12 +333,10 @@ def attach_stage(ctx: StageContext, stage: str, source: str, handler: Handler) -
         async for event in stream.events():
             started = time.perf_counter()
             STAGE_WAIT.labels(stage).inc(started - waited_since)
-            ctx.touch(stage)
             MESSAGES_IN.labels(stage).inc()
-            with consumed(stage, event.message):
+            with ctx.activity.during(stage), consumed(stage, event.message):
                 result = await run_handler(stage, handler, event.message)
                 await deliver(ctx, stage, event.message, result)
-            ctx.touch(stage)
             waited_since = time.perf_counter()
             STAGE_LATENCY.labels(stage).observe(waited_since - started)
 
@@ -334,14 +361,13 @@ def attach_batch_stage(
         async for events in stream.take_events(max_batch, within=within_s):
             started = time.perf_counter()
             STAGE_WAIT.labels(stage).inc(started - waited_since)
-            ctx.touch(stage)
             MESSAGES_IN.labels(stage).inc(len(events))
             messages = [event.message for event in events]
-            results = await run_batch(stage, handler, messages)
-            for message, result in zip(messages, results, strict=True):
-                with consumed(stage, message):
-                    await deliver(ctx, stage, message, result)
-            ctx.touch(stage)
+            with ctx.activity.during(stage):
+                results = await run_batch(stage, handler, messages)
+                for message, result in zip(messages, results, strict=True):
+                    with consumed(stage, message):
+                        await deliver(ctx, stage, message, result)
             waited_since = time.perf_counter()
             STAGE_LATENCY.labels(stage).observe(waited_since - started)
 

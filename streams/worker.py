@@ -4,9 +4,10 @@ Idle means: every stage input has zero lag for the worker group, no stage has to
 message for `idle_seconds`, and the shard stage has nothing left to seal or publish.
 
 Stalls: after a restart, an assigned partition with lag is now and then never consumed
-again (seen on the embedded broker after a SIGKILL). A quiet worker
-that sees an assigned partition's committed offset stand still for `stall_seconds` while
-it has lag logs it, counts it in `exforge_stalled_partitions`, and fetches it again from
+again (seen on the embedded broker after a SIGKILL). A quiet worker (no stage at work,
+`streams.stage.Activity`: a long instruct batch is work, not a stall) that sees an
+assigned partition's committed offset stand still for `stall_seconds` while it has lag
+logs it, counts it in `exforge_stalled_partitions`, and fetches it again from
 its next unhandled offset (`streams.offsets` keeps commits safe across such seeks).
 
 Progress: every `progress_interval_s` a worker logs one line: what its stages handled
@@ -21,11 +22,14 @@ within one budget (`streams.tables`), caches are bounded.
 Processes: `run_workers` starts N worker processes on this machine (`exforge worker
 --processes N`), members of the same consumer group, each with its own tables
 directory and metrics port; partitions are shared out among them like among machines.
+The workers die with their supervisor, however it dies (SIGTERM from the kernel, then
+their usual shutdown).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -56,6 +60,7 @@ TOPIC_LISTINGS = "aiokafka.consumer.subscription_state"
 MALLOC_ARENAS = 2  # the event loop's, and one for every other thread
 RELEASE_INTERVAL_S = 5.0
 WATCH_INTERVAL_S = 2.0  # lag, idleness, stalls and anomalies
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 
 
 def show_progress_lines() -> None:
@@ -134,8 +139,7 @@ async def rescue_stalls(app: faust.App, rows: Iterable[LagRow]) -> None:
 
 async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
     settings = ctx.settings
-    latest = max(ctx.last_activity.values(), default=started)
-    if time.monotonic() - latest < settings.idle_seconds:
+    if ctx.activity.quiet_for(time.monotonic(), started) < settings.idle_seconds:
         return False
     if any(check() for check in ctx.busy) or ctx.busy_delivering():
         return False
@@ -238,7 +242,7 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
                 log.info("pipeline idle: stopping the worker")
                 stopping.append(asyncio.ensure_future(worker.stop()))
                 return
-            quiet_for = time.monotonic() - max(ctx.last_activity.values(), default=started)
+            quiet_for = ctx.activity.quiet_for(time.monotonic(), started)
             stalled = stalls.stalled(lag, time.monotonic())
             if quiet_for >= settings.stall_seconds:
                 await rescue_stalls(ctx.app, stalled)
@@ -258,7 +262,25 @@ def process_settings(settings: Settings, index: int) -> Settings:
     return settings.model_copy(update={"metrics_port": port})
 
 
-def _run_child(settings: Settings, stages: Sequence[str], until_idle: bool, index: int) -> None:
+def _die_with(supervisor: int) -> bool:
+    """Have the kernel send this worker SIGTERM when its supervisor (pid `supervisor`)
+    dies, however it dies: a supervisor killed with SIGKILL passes nothing on, and its
+    workers would go on consuming unsupervised (Linux's parent-death signal; elsewhere
+    only the check below). Whether the supervisor is still this process's parent: if it
+    died before the request, the signal will never come."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    return os.getppid() == supervisor
+
+
+def _run_child(
+    settings: Settings, stages: Sequence[str], until_idle: bool, index: int, supervisor: int
+) -> None:
+    if not _die_with(supervisor):
+        log.warning("worker %d: its supervisor %d is gone; not starting", index, supervisor)
+        sys.exit(0)
     sys.exit(run_worker(settings, stages, until_idle, index))
 
 
@@ -266,7 +288,8 @@ def run_workers(
     settings: Settings, stages: Sequence[str], until_idle: bool, processes: int = 1
 ) -> int:
     """Run `processes` workers, each in its own process; the exit code is the first
-    non-zero one of theirs. SIGTERM and SIGINT are passed on to every worker."""
+    non-zero one of theirs. SIGTERM and SIGINT are passed on to every worker; a worker
+    whose supervisor dies otherwise (SIGKILL) gets SIGTERM from the kernel."""
     check_stages(stages)
     if processes == 1:
         return run_worker(settings, stages, until_idle)
@@ -274,7 +297,7 @@ def run_workers(
     children = [
         context.Process(
             target=_run_child,
-            args=(process_settings(settings, index), list(stages), until_idle, index),
+            args=(process_settings(settings, index), list(stages), until_idle, index, os.getpid()),
             name=f"exforge-worker-{index}",
         )
         for index in range(processes)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tree_sitter import Node
 
 from exforge.elixir.analysis import FileAnalysis, analyse, normalise
-from exforge.elixir.tree import argument_nodes, first_argument, parse, text
+from exforge.elixir.tree import Finder, argument_nodes, deeper_than, first_argument, parse, text
 from schemas.records import FunctionInfo
 from tests.support.elixir_ast import analysis_view, elixir_views
 
@@ -935,3 +936,42 @@ def test_comments_are_never_arguments() -> None:
     head = parse(b"f(# note\n a, b)").children[0]
     assert text(first_argument(head)) == "a"
     assert [text(a) for a in argument_nodes(head)] == ["a", "b"]
+
+
+def _depth(root: Node) -> int:
+    """The tree's depth by a walk over every node."""
+    below = [(child, 1) for child in root.children]
+    deepest = 0
+    while below:
+        node, depth = below.pop()
+        deepest = max(deepest, depth)
+        below.extend((child, depth + 1) for child in node.children)
+    return deepest
+
+
+WIDE = "defmodule W do\n  # a\n  # b\n\n  # c\n  def f, do: [\n # d\n 1, # e\n 2]\n  # f\nend\n"
+
+
+@pytest.mark.parametrize(
+    "source", [FEATURES, NESTED, MULTI_CLAUSE, WIDE], ids=["features", "nested", "multi", "wide"]
+)
+def test_the_finder_answers_as_tree_sitter_from_the_root(source: str) -> None:
+    data = source.encode()
+    root = parse(data)
+    ranges = [(start, start + size) for start in range(len(data)) for size in (1, 2, 3)]
+    for order in (ranges, ranges[::-1]):  # in source order (its use) and against it
+        finder = Finder(root)
+        for start, end in order:
+            node = finder.find(start, end)
+            assert node == root.descendant_for_byte_range(start, end), (start, end)
+            assert finder.parent(node) == node.parent
+            named = finder.find_named(start, end)
+            assert named == root.named_descendant_for_byte_range(start, end), (start, end)
+            assert finder.parent(named) == named.parent
+
+
+@pytest.mark.parametrize("source", [FEATURES, NESTED, "[[[[[1]]]]]", "x"], ids=repr)
+def test_deeper_than_is_the_depth_of_the_tree(source: str) -> None:
+    root = parse(source.encode())
+    depth = _depth(root)
+    assert [deeper_than(root, limit) for limit in range(depth + 2)] == [True] * depth + [False] * 2

@@ -114,8 +114,9 @@ def test_stats_by_kind_stage_difficulty_license_source_and_drops(
     ledger: tuple[Engine, FileStore], samples: list[InstructionSample], tokens: dict[str, int]
 ) -> None:
     engine, _ = ledger
-    record_drops(engine, [(samples[0], "compile_failed"), (samples[1], "too_many_tokens")])
-    record_drops(engine, [(samples[0], "compile_failed")])  # redelivered: counted once
+    record_drops(engine, [(samples[0], "parse_failed"), (samples[1], "too_many_tokens")])
+    # redelivered, twice in one batch: counted once, with the last reason given
+    record_drops(engine, [(samples[0], "tests_failed"), (samples[0], "compile_failed")])
     data = stats(engine)["samples"]
     assert data["total"] == len(samples)
     assert data["by_kind"] == dict(sorted(Counter(s.meta.kind for s in samples).items()))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,7 +18,7 @@ from exforge.elixir.hashing import tokens
 from exforge.elixir.neardup import text_band_keys
 from exforge.elixir.quality import Thresholds, has_blob, is_generated, is_vendored, quality
 from exforge.elixir.redact import _IP_MARKERS, ElixirLiterals, _line_matches, redact
-from exforge.elixir.tree import parse
+from exforge.elixir.tree import deeper_than, parse
 from schemas.records import BookSegment, CodeMetrics, ElixirAnalysis, ParsedFile, RawPackage
 from streams.files import (
     FILTERS,
@@ -170,6 +172,7 @@ def test_the_filters_are_one_ordered_list_of_reasons() -> None:
         "vendored",
         "not_utf8",
         "syntax_error",
+        "too_deep",
         "auto_generated",
         "max_line_length",
         "mean_line_length",
@@ -514,6 +517,106 @@ def test_file_outcome_reasons(tmp_path: Path, benchmarks: BenchmarkIndex) -> Non
     assert len(kept.near_dup.bands) == 25 and kept.near_dup.cluster is None
     assert kept.analysis.metrics.loc == 6
     assert list(store.list()) == [], "small content stays inline"
+
+
+# --- hostile nesting ----------------------------------------------------------------------
+
+
+def nested_modules(depth: int) -> str:
+    """`depth` modules, each inside the last, each defining a function that calls an OTP
+    module (a token per level for every lookup the analysis makes)."""
+    opening = "".join(
+        f"defmodule M{i} do\n  # level {i}\n  def f{i}(x), do: Task.async(x) |> g()\n"
+        for i in range(depth)
+    )
+    return opening + "end\n" * depth
+
+
+# Shapes of deep nesting (each level one tree level or more), as files of `depth` levels.
+HOSTILE: dict[str, Callable[[int], str]] = {
+    "modules": lambda n: "".join(f"defmodule M{i} do\n" for i in range(n)) + "end\n" * n,
+    "fns": lambda n: (
+        "defmodule A do\n  def f do\n" + "fn ->\n" * n + "1\n" + "end\n" * n + "end\nend\n"
+    ),
+    "cases": lambda n: (
+        "defmodule A do\n  def f(x) do\n"
+        + "case x do\n_ ->\n" * n
+        + "1\n"
+        + "end\n" * n
+        + "end\nend\n"
+    ),
+    "lists around an attribute": lambda n: (
+        "defmodule A do\n  x = " + "[" * n + "@a" + "]" * n + "\nend\n"
+    ),
+    "ifs around a def": lambda n: (
+        "defmodule A do\n" + "if x do\n" * n + "def f, do: 1\n" + "end\n" * n + "end\n"
+    ),
+    "a pipe chain": lambda n: (
+        "defmodule A do\n  def f(x) do\n x" + "\n |> g()" * n + "\n  end\nend\n"
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("shape", "depth"),
+    [("modules", 100_000), *((shape, 10_000) for shape in HOSTILE)],
+    ids=str,
+)
+def test_hostile_nesting_is_dropped_as_too_deep(tmp_path: Path, shape: str, depth: int) -> None:
+    """Nesting past `max_depth` is dropped before the analysis, whose cost per token grew
+    with the depth (100,000 nested modules, 2 MB: over 60 s) and whose walk of a module
+    body recursed (a RecursionError failed the whole package)."""
+    text = HOSTILE[shape](depth)
+    outcome = file_outcome(
+        package(), "lib/deep.ex", text.encode(), FileStore(tmp_path), FileSteps()
+    )
+    assert isinstance(outcome, Dropped) and outcome.reason == "too_deep"
+    assert outcome.failure is None  # a quality drop, not a dead letter
+
+
+def test_nesting_under_the_limit_is_analysed(tmp_path: Path) -> None:
+    depth = 240  # modules: 481 levels of tree, under the 500 of `max_depth`
+    text = nested_modules(depth)
+    store = FileStore(tmp_path)
+    outcome = file_outcome(package(), "lib/deep.ex", text.encode(), store, FileSteps())
+    assert not isinstance(outcome, Dropped)
+    names = [".".join(f"M{j}" for j in range(i + 1)) for i in range(depth)]
+    assert [m.name for m in outcome.modules] == names
+    assert [(f.module, f.name) for f in outcome.functions] == [
+        (name, f"f{i}") for i, name in enumerate(names)
+    ]
+    assert [(b.module, b.behaviour) for b in outcome.analysis.behaviours] == [
+        (name, "Task") for name in names
+    ]
+    assert (outcome.analysis.pipes, outcome.analysis.metrics.comment_lines) == (depth, depth)
+
+
+@pytest.mark.parametrize("shape", HOSTILE)
+def test_the_deepest_nesting_let_through_is_analysed(shape: str) -> None:
+    """At the deepest nesting of each shape that `max_depth` lets through, the analysis
+    (whose walk of a module body recurses per level) runs and finds the definitions."""
+    limit, make = Thresholds().max_depth, HOSTILE[shape]
+    levels = bisect.bisect(
+        range(limit), False, key=lambda n: deeper_than(parse(make(n).encode()), limit)
+    )
+    assert deeper_than(parse(make(levels).encode()), limit)
+    result = analyse(make(levels - 1))
+    assert not result.has_errors and result.modules
+    if shape == "ifs around a def":
+        assert [(f.module, f.name) for f in result.functions] == [("A", "f")]
+
+
+def test_many_modules_each_own_their_calls() -> None:
+    count = 2_000
+    text = "".join(
+        f"defmodule M{i} do\n  def f(x), do: Agent.get(x, & &1)\nend\n" for i in range(count)
+    )
+    text += "defimpl P, for: [A, B] do\n  def f(x), do: Task.async(x)\nend\n"
+    behaviours = analyse(text).details.behaviours
+    assert [(b.module, b.behaviour) for b in behaviours] == [
+        *((f"M{i}", "Agent") for i in range(count)),
+        ("P.A", "Task"),  # of modules on the same lines, the first
+    ]
 
 
 # --- book segments ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 import subprocess
 from collections import Counter
 from dataclasses import replace
@@ -33,7 +34,7 @@ from streams.generators.check import (
     check_lines,
     even_batches,
 )
-from streams.generators.code import fim_split
+from streams.generators.code import WHOLE_FILE_LINES, fim_split
 from streams.generators.common import code_blocks, specs
 from streams.generators.grade import depth, difficulty
 from streams.generators.refactor import _rewrite, as_case, module_siblings
@@ -408,6 +409,32 @@ def test_pipes_both_ways() -> None:
     assert _rewrite(spliced, "pipe") is None, "Elixir pipes into no unquote_splicing"
 
 
+def test_pipes_rewrite_the_outermost_chains_only() -> None:
+    # a call that is no chain may hold one; a pipe inside a stage stays as it is
+    assert _rewrite("def f(x), do: g(x, h(k(x)))", "pipe") == "def f(x), do: g(x, x |> k() |> h())"
+    assert _rewrite("def f(x), do: x |> g(y |> h())", "unpipe") == "def f(x), do: g(x, y |> h())"
+    nested = "def f(x) do\n  a(b(x))\n  c(d(e(x)))\nend"
+    chains = "def f(x) do\n  x |> b() |> a()\n  x |> e() |> d() |> c()\nend"
+    assert _rewrite(nested, "pipe") == chains
+
+
+def test_code_blocks_are_what_the_fence_regex_finds() -> None:
+    fence = re.compile(r"```(?:elixir|iex)?\n(.*?)\n```", re.DOTALL)
+    pieces = ["`", "```", "```elixir\n", "```iex", "\n```", "\n", "elixir", "x", " "]
+    rng = random.Random(7)
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert code_blocks(text) == fence.findall(text), text
+
+
+def test_specs_are_attributes_not_text_in_docs_strings_or_comments() -> None:
+    text = (
+        'defmodule M do\n  @doc """\n  @spec f(a) :: doc\n  """\n  # @spec f(b) :: comment\n'
+        '  @spec f(integer()) :: integer()\n  def f(x), do: "@spec f(c) :: string"\nend\n'
+    )
+    assert specs(text) == {(6, "f", 1): "@spec f(integer()) :: integer()"}
+
+
 def test_a_comment_between_arguments_is_no_argument() -> None:
     nested = 'def f(x), do: Enum.join(Enum.map(x, & &1), # sep\n  "-")'
     assert _rewrite(nested, "pipe") == 'def f(x), do: x |> Enum.map(& &1) |> Enum.join("-")'
@@ -504,11 +531,9 @@ def test_parsed_shares_one_tree_per_text() -> None:
     assert str(parsed(code + b"# more\n")) != str(first)
 
 
-def test_generation_parses_a_file_and_each_function_once(
-    files: list[ParsedFile], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A file's text (its `@spec`s, its whole-file grade) and each function's source (one
-    per refactoring) are parsed once however many generators read them."""
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> Counter[bytes]:
+    """How many times each text is parsed from now on (no tree remembered before)."""
     seen: Counter[bytes] = Counter()
     parser = tree._parser()
 
@@ -521,14 +546,39 @@ def test_generation_parses_a_file_and_each_function_once(
     parsed.cache_clear()
     specs.cache_clear()
     difficulty.cache_clear()
+    return seen
+
+
+def test_generation_parses_a_file_and_each_function_once(
+    files: list[ParsedFile], parses: Counter[bytes]
+) -> None:
+    """A file's text (its `@spec`s, its whole-file grade) and each function's source (one
+    per refactoring) are parsed once however many generators read them."""
     code_files = [f for f in files if f.kind == "elixir_file" and f.functions]
     for file in code_files:
         generate(file, file.content or "")
     texts = [(f.content or "").encode() for f in code_files]
-    assert [seen[t] for t in texts] == [1] * len(texts)
+    assert [parses[t] for t in texts] == [1] * len(texts)
     sources = {f.source.encode() for file in code_files for f in file.functions}
-    assert sum(seen[s] for s in sources) > len(code_files)
-    assert max(seen[s] for s in sources) == 1
+    assert sum(parses[s] for s in sources) > len(code_files)
+    assert max(parses[s] for s in sources) == 1
+
+
+def test_a_long_file_without_specs_is_not_parsed_again(parses: Counter[bytes]) -> None:
+    """Its completion samples are its modules (no whole-file grade) and it has no `@spec`
+    to read: the parse stage's analysis is all generation needs of the whole text."""
+    text = "".join(
+        f"defmodule {name} do\n"
+        + "".join(f"  def {name.lower()}{i}(x) do\n    x + {i}\n  end\n" for i in range(60))
+        + "end\n"
+        for name in ("A", "B")
+    )
+    file = analysed_file(package(), "lib/long.ex", text)
+    assert file is not None and file.lines > WHOLE_FILE_LINES
+    parses.clear()  # the parse stage's own
+    assert "completion" in {c.sample.meta.kind for c in generate(file, text)}
+    assert parses[text.encode()] == 0
+    assert parses[b"def a0(x) do\n  x + 0\nend"] == 1, "its functions are parsed"
 
 
 def test_depth_counts_nested_do_blocks_and_anonymous_functions() -> None:

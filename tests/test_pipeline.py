@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
 import signal
 import subprocess
 import time
@@ -11,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from conftest import CLI_TIMEOUT_S, REPO, Pipeline, free_port
 
@@ -232,9 +235,27 @@ def test_bad_inputs_land_in_the_dlq_and_the_worker_keeps_going(
     assert bad.returncode == 2 and "9:999" in bad.stderr
 
 
+def still_running(pidfds: dict[int, int], timeout_s: float) -> list[int]:
+    """Wait until the processes of `pidfds` (pidfd → pid: a pidfd turns readable when its
+    process exits, whoever its parent is) have exited, closing and forgetting the pidfds
+    of those that have; the pids still running at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while pidfds:
+        ready, _, _ = select.select(list(pidfds), [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            break
+        for fd in ready:
+            os.close(fd)
+            del pidfds[fd]
+    return sorted(pidfds.values())
+
+
+@pytest.mark.parametrize("processes", [1, 2])
 def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
-    pipeline: Pipeline, tmp_path: Path
+    pipeline: Pipeline, tmp_path: Path, processes: int
 ) -> None:
+    """SIGKILL a worker mid-run (with 2 processes: their supervisor, whose workers then
+    stop too), run the pipeline again: every sample, each in one shard."""
     projects, modules, functions = 20, 3, 8  # 480 samples, the kill after a fifth is staged
     pipeline.env["EXFORGE_SHARD_SAMPLES"] = "25"
     # 60 files decided 8 at a time: the kill may come while the batch is being decided
@@ -251,7 +272,8 @@ def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
     total = projects * modules * functions
 
     engine = open_database(settings)
-    worker = pipeline.start_worker(log=tmp_path / "worker.log")
+    worker = pipeline.start_worker("--processes", str(processes), log=tmp_path / "worker.log")
+    children: dict[int, int] = {}  # pidfd → pid, open before the kill (pids get reused)
     try:
         deadline = time.monotonic() + 120
         staged = 0
@@ -261,11 +283,20 @@ def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
             staged = count_samples(engine)
             time.sleep(0.02)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
+        if processes > 1:  # its workers (and multiprocessing's resource tracker) go with it
+            pids = [child.pid for child in psutil.Process(worker.pid).children()]
+            children = {os.pidfd_open(pid): pid for pid in pids}
+            assert len(children) >= processes
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
+        assert still_running(children, CLI_TIMEOUT_S) == [], "workers outlived their supervisor"
     finally:
         if worker.poll() is None:
             worker.kill()
+        for pid in still_running(children, 0):
+            os.kill(pid, signal.SIGKILL)
+        for fd in children:
+            os.close(fd)
     staged_at_kill = count_samples(engine)
     assert staged_at_kill < total, "the kill came after the run had finished"
     for name in (
@@ -344,3 +375,36 @@ def test_two_worker_processes_on_rocksdb_tables_make_the_shards_one_makes(
     }
     assert len(busy) == 2, "both worker processes handled messages"
     assert list((tmp_path / "two" / "worker").glob("*/v1/tables/neardup-held-*.db"))
+
+
+def test_a_worker_restarted_on_its_rocksdb_tables_recovers_them(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """A worker stopped and started again on the same RocksDB tables resumes from them.
+    One handler's table writes reach a changelog in one record batch, and the embedded
+    broker reports a partition's end as its last batch's base offset plus one: Faust
+    found the store's last applied offset past that end and refused to start
+    (`ConsistencyError`). After the restart the tables hold the first run's files: a
+    renamed copy of its project is dropped file by file as exact duplicates."""
+    modules = {f"lib/m{m}.ex": documented_module(f"R.M{m}", 4) for m in range(3)}
+    original = write_project(tmp_path / "r", "r", modules)
+    copy = write_project(tmp_path / "rcopy", "rcopy", modules)
+    rocks = Pipeline(
+        {
+            **pipeline.env,
+            "EXFORGE_TOPIC_PREFIX": f"{pipeline.env['EXFORGE_TOPIC_PREFIX']}rocks.",
+            "EXFORGE_DATA_DIR": str(tmp_path / "rocks"),
+            "EXFORGE_TABLE_STORE": "rocksdb",
+        }
+    )
+    request_projects(rocks, [original])
+    rocks.run_until_idle()
+    first = rocks.json("dataset", "stats")
+
+    request_projects(rocks, [copy])
+    rocks.run_until_idle()
+
+    second = rocks.json("dataset", "stats")
+    assert first["files"]["kept"] == len(modules)
+    assert second["files"]["dropped_by_reason"].get("exact_duplicate") == len(modules), second
+    assert second["samples"]["total"] == first["samples"]["total"] > 0

@@ -707,6 +707,27 @@ def test_stall_watch_reports_a_partition_only_after_its_offset_stood_still() -> 
     assert watch.since == {}
 
 
+def test_a_stage_at_work_keeps_its_worker_from_being_quiet() -> None:
+    """The hex-scale run's instruct batches outlasted `stall_seconds`: the worker, quiet
+    by its stages' last touches, fetched the batch's partition again and instruct
+    processed ~5 % of its files twice. Work in progress is not quiet."""
+    import time
+
+    from streams.stage import Activity
+
+    activity = Activity()
+    start = time.monotonic()
+    assert activity.quiet_for(start + 5, since=start) == 5  # nothing ran yet
+    with activity.during("instruct"):
+        later = time.monotonic() + 100
+        assert activity.quiet_for(later, since=start) == 0
+        with activity.during("shard"):
+            pass
+        assert activity.quiet_for(later, since=start) == 0  # instruct still works
+    ended = activity.last["instruct"]
+    assert activity.quiet_for(ended + 100, since=start) == 100
+
+
 def test_stage_progress_sums_partitions_and_rates_the_group_over_the_window() -> None:
     from exforge.core.kafka import LagRow, eta_text, stage_progress
     from exforge.core.settings import Settings

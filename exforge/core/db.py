@@ -29,9 +29,11 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
     text,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from exforge.core.settings import Settings
 
@@ -132,6 +134,29 @@ class Shard(Base):
     sealed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     difficulties: Mapped[dict[str, int]] = mapped_column(JSON)
     kinds: Mapped[dict[str, int]] = mapped_column(JSON)
+
+
+def upsert(session: Session, model: type[Base], rows: list[dict[str, Any]]) -> None:
+    """Insert `rows` into `model`'s table; where a row with the same primary key exists,
+    set the columns the row gives instead (as `Session.merge` would, in one statement
+    for all rows rather than a lookup and a write each). A key given twice keeps its
+    last row (PostgreSQL refuses to update a row twice in one statement)."""
+    if not rows:
+        return
+    keys = [column.name for column in inspect(model).primary_key]
+    unique = list({tuple(row[k] for k in keys): row for row in rows}.values())
+    statement: postgresql.Insert | sqlite.Insert = (
+        postgresql.insert(model)
+        if session.get_bind().dialect.name == "postgresql"
+        else sqlite.insert(model)
+    )
+    updated = [name for name in unique[0] if name not in keys]
+    session.execute(
+        statement.on_conflict_do_update(
+            index_elements=keys, set_={name: statement.excluded[name] for name in updated}
+        ),
+        unique,
+    )
 
 
 def alembic_config(url: str) -> Config:

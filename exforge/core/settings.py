@@ -278,6 +278,11 @@ class Settings(BaseSettings):
     )
     quality_min_loc: int = Field(5, ge=0, description="Drop files with fewer lines of code.")
     quality_max_loc: PositiveInt = Field(10_000, description="Drop files with more lines of code.")
+    quality_max_depth: PositiveInt = Field(
+        500,
+        description="Drop files whose syntax tree nests deeper than this (the real-code "
+        "corpus reaches 39): the analysis recurses per level.",
+    )
     quality_max_blob_chars: PositiveInt = Field(
         256, description="Drop files with a base64 run this long (hex: half as long)."
     )

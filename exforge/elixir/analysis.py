@@ -40,6 +40,7 @@ from tree_sitter import Node
 from exforge.elixir.definitions import Behaviour, Definitions
 from exforge.elixir.features import features
 from exforge.elixir.tree import (
+    Finder,
     arguments,
     first_argument,
     first_named,
@@ -367,19 +368,15 @@ class _Extractor:
         """
         data = self.data
         calls: list[Node] = []
+        finder = Finder(root)
         for keyword in _MODULE_KEYWORDS:
             size = len(keyword)
             pos = data.find(keyword)
             while pos != -1:
                 end = pos + size
-                node = root.descendant_for_byte_range(pos, end)
-                if (
-                    node is not None
-                    and node.type == "identifier"
-                    and node.start_byte == pos
-                    and node.end_byte == end
-                ):
-                    call = node.parent
+                node = finder.find(pos, end)
+                if node.type == "identifier" and node.start_byte == pos and node.end_byte == end:
+                    call = finder.parent(node)
                     if call is not None and call.type == "call":
                         target = call.child_by_field_name("target")
                         if target is not None and target.start_byte == pos:

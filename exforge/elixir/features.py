@@ -20,8 +20,7 @@ Conventions:
 from __future__ import annotations
 
 import re
-import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable
 from typing import TypeGuard
 
@@ -29,8 +28,8 @@ import numpy as np
 from tree_sitter import Node
 
 from exforge.elixir.definitions import Definitions
-from exforge.elixir.hashing import WORD_BYTES, token_crcs, tokens
-from exforge.elixir.tree import COMMENT, argument_nodes, named, text
+from exforge.elixir.hashing import WORD_BYTES, tokens
+from exforge.elixir.tree import COMMENT, Finder, argument_nodes, named, text
 from schemas.records import (
     BehaviourUse,
     CodeMetrics,
@@ -130,7 +129,7 @@ _REMOTE_MODULES = frozenset(
 _CALL_NAMES = sorted(_LOCAL_CALLS | _REMOTE_MODULES)
 # Every word the features look for: a file's tokens tell which can occur at all.
 _WORDS = sorted({*_CALL_NAMES, *(op for op in _OPERATORS if op.isalpha()), "fn"})
-_WORD_CRCS = np.array([zlib.crc32(word.encode()) for word in _WORDS], dtype=np.uint64)
+_WORD_TOKENS = [(word, word.encode()) for word in _WORDS]
 # A bytes regex's `\w`: what a word must not touch to be a whole word (true by byte).
 _IS_WORD_BYTE = bytes(b in WORD_BYTES for b in range(256))
 _BLANK_NON_WORD = bytes(b if b in WORD_BYTES else ord(" ") for b in range(256))
@@ -140,19 +139,21 @@ _CONTINUATION = re.compile(r"^\s*\.\.\.(?:\(\d+\))?>\s?(.*)$")
 
 def features(source: str, data: bytes, root: Node, found: Definitions) -> ElixirAnalysis:
     """The file's features, from its tree and the module walk's definitions."""
-    words = _words_in(source, data)
-    operators = _operators(data, root, words)
-    local_calls, remotes = _named_calls(data, root, words)
+    words = _words_in(data)
+    finder = Finder(root)
+    operators = _operators(data, finder, words)
+    local_calls, remotes = _named_calls(data, finder, words)
+    owners = _owners([call for call, _, _ in remotes], found.modules)
     modules = found.modules
     locals_ = Counter(name for name, _ in local_calls)
     pipes = operators["|>"]
     matches = operators["="] + operators["<-"]
     patterns = (m.child_by_field_name("left") for m in matches)
-    trees = _supervisors(remotes, modules)
+    trees = _supervisors(remotes, owners, finder)
     return ElixirAnalysis(
         types=found.types,
         doctests=doctests(modules, found.functions),
-        behaviours=_behaviours(found, remotes, trees),
+        behaviours=_behaviours(found, remotes, owners, trees),
         supervisors=trees,
         pipes=len(pipes),
         longest_pipe=_longest_pipe(pipes),
@@ -177,9 +178,9 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
         metrics=code_metrics(
             source,
             data,
-            _comments(data, root, words),
+            _comments(data, finder, words),
             found.functions,
-            _complexity(found, _fns(data, root, words), operators, local_calls),
+            _complexity(found, _fns(data, finder, words), operators, local_calls),
         ),
     )
 
@@ -187,25 +188,43 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
 # --------------------------------------------------------------------------- helpers
 
 
-def _owner(node: Node, modules: list[ModuleInfo]) -> str | None:
-    """The innermost module whose lines hold `node`."""
-    row = node.start_point.row + 1
-    inside = [m for m in modules if m.start_line <= row <= m.end_line]
-    return max(inside, key=lambda m: m.start_line).name if inside else None
+def _owners(nodes: list[Node], modules: list[ModuleInfo]) -> list[str | None]:
+    """The innermost module whose lines hold each node: of the modules whose lines hold
+    its row, the one starting last (the first listed of those starting on that line: the
+    implementations of one `defimpl P, for: [A, B]`).
+
+    Nodes and modules come in source order, so one sweep finds them all: a module opens
+    when the rows reach its start line and, once a row has passed its end line, stays
+    closed (asking every module for every node was quadratic in files of many modules)."""
+    owners: list[str | None] = []
+    opened: list[deque[ModuleInfo]] = []  # open modules by start line, the last started last
+    added = 0
+    for node in nodes:
+        row = node.start_point.row + 1
+        while added < len(modules) and modules[added].start_line <= row:
+            module = modules[added]
+            if opened and opened[-1][0].start_line == module.start_line:
+                opened[-1].append(module)
+            else:
+                opened.append(deque([module]))
+            added += 1
+        while opened:
+            group = opened[-1]
+            while group and group[0].end_line < row:
+                group.popleft()
+            if group:
+                break
+            opened.pop()
+        owners.append(opened[-1][0].name if opened else None)
+    return owners
 
 
-def _words_in(source: str, data: bytes) -> frozenset[str]:
-    """The `_WORDS` that may be words of a file (`data`, the UTF-8 of `source`) as `\\w`
-    delimits them in a bytes regex: all that are, and maybe a few more."""
-    if source.isascii():  # its tokens are those words; their CRCs serve near-dup bands too
-        crcs = np.sort(token_crcs(source))
-        if not len(crcs):
-            return frozenset()
-        at = np.minimum(np.searchsorted(crcs, _WORD_CRCS), len(crcs) - 1)
-        found = (crcs[at] == _WORD_CRCS).tolist()
-        return frozenset(word for word, hit in zip(_WORDS, found, strict=True) if hit)
-    words = set(data.translate(_BLANK_NON_WORD).decode("ascii").split())
-    return frozenset(word for word in _WORDS if word in words)
+def _words_in(data: bytes) -> frozenset[str]:
+    """The `_WORDS` that are words of a file's UTF-8 `data` as `\\w` delimits them in a
+    bytes regex (the text's runs of word bytes: blanking the others and splitting is
+    cheaper than the token CRCs near-dup hashing computes, for snippets too)."""
+    words = set(data.translate(_BLANK_NON_WORD).split())
+    return frozenset(word for word, token in _WORD_TOKENS if token in words)
 
 
 def _whole_words(data: bytes, words: frozenset[str]) -> list[tuple[int, str]]:
@@ -217,7 +236,7 @@ def _whole_words(data: bytes, words: frozenset[str]) -> list[tuple[int, str]]:
 
 
 def _named_calls(
-    data: bytes, root: Node, words: frozenset[str]
+    data: bytes, finder: Finder, words: frozenset[str]
 ) -> tuple[list[tuple[str, Node]], list[tuple[Node, str, str]]]:
     """(name, call) of local calls named in `_LOCAL_CALLS`; (call, module, function) of
     remote calls on `_REMOTE_MODULES` (`Name.`). Text in strings and comments is no call."""
@@ -226,35 +245,35 @@ def _named_calls(
     for start, name in _whole_words(data, words):
         end = start + len(name)
         if name in _LOCAL_CALLS:
-            call = _call_with_target(root, start, end, "identifier")
+            call = _call_with_target(finder, start, end, "identifier")
             if call is not None:
                 local_calls.append((name, call))
             continue
         if data[end : end + 1] != b".":
             continue
-        dot = root.named_descendant_for_byte_range(start, end + 1)
-        if dot is None or dot.type != "dot" or dot.start_byte != start:
+        dot = finder.find_named(start, end + 1)
+        if dot.type != "dot" or dot.start_byte != start:
             continue
         alias = dot.child_by_field_name("left")
         fun = dot.child_by_field_name("right")
         if alias is None or alias.type != "alias" or alias.end_byte != end or fun is None:
             continue  # `Name.` ends a longer alias (`My.Task.run`) or is no call's module
-        call = _call_with_target(root, start, dot.end_byte, "dot")
+        call = _call_with_target(finder, start, dot.end_byte, "dot")
         if call is not None:
             remotes.append((call, name, text(fun)))
     return local_calls, remotes
 
 
-def _call_with_target(root: Node, start: int, end: int, kind: str) -> Node | None:
+def _call_with_target(finder: Finder, start: int, end: int, kind: str) -> Node | None:
     """The call whose target, of type `kind`, spans bytes `start`..`end`; None if none.
 
     A target is followed by its arguments or `do` block, so the byte after it lies in its
     call: the smallest named node over the target and that byte is the call (a
     `Name.fun` without arguments is a call of the target's extent: its parent)."""
-    node = root.named_descendant_for_byte_range(start, end + 1)
+    node: Node | None = finder.find_named(start, end + 1)
     if node is None or node.start_byte != start or node.type != "call":
-        node = root.named_descendant_for_byte_range(start, end)
-        node = node.parent if node is not None and node.end_byte == end else None
+        node = finder.find_named(start, end)
+        node = finder.parent(node) if node.end_byte == end else None
         if node is None or node.type != "call" or node.end_byte != end:
             return None
     target = node.child_by_field_name("target")
@@ -293,41 +312,40 @@ def _positions(data: bytes, text: str, words: frozenset[str]) -> list[int]:
     return found
 
 
-def _operators(data: bytes, root: Node, words: frozenset[str]) -> dict[str, list[Node]]:
+def _operators(data: bytes, finder: Finder, words: frozenset[str]) -> dict[str, list[Node]]:
     """Binary operator nodes by the operators the features count (`|>`, `=`, `and`...).
 
     The operator token is unnamed, so the smallest named node over it is its
-    `binary_operator` (asking for the token's parent would descend from the root again)."""
-    found: dict[str, list[Node]] = {}
-    for op in _OPERATORS:
-        size = len(op)
-        binaries = found[op] = []
-        for start in _positions(data, op, words):
-            node = root.named_descendant_for_byte_range(start, start + size)
-            if node is None or node.type != "binary_operator":
-                continue
-            operator = node.child_by_field_name("operator")
-            if operator is not None and operator.start_byte == start and operator.type == op:
-                binaries.append(node)
+    `binary_operator`. All operators are looked up in one pass in source order, where the
+    finder moves least from one token to the next."""
+    found: dict[str, list[Node]] = {op: [] for op in _OPERATORS}
+    tokens = sorted((start, op) for op in _OPERATORS for start in _positions(data, op, words))
+    for start, token in tokens:
+        node = finder.find_named(start, start + len(token))
+        if node.type != "binary_operator":
+            continue
+        operator = node.child_by_field_name("operator")
+        if operator is not None and operator.start_byte == start and operator.type == token:
+            found[token].append(node)
     return found
 
 
-def _fns(data: bytes, root: Node, words: frozenset[str]) -> list[Node]:
+def _fns(data: bytes, finder: Finder, words: frozenset[str]) -> list[Node]:
     """Every `fn ... end` of the tree (the unnamed `fn` token starts one)."""
     fns = []
     for start in _positions(data, "fn", words):
-        node = root.named_descendant_for_byte_range(start, start + 2)
-        if node is not None and node.type == "anonymous_function" and node.start_byte == start:
+        node = finder.find_named(start, start + 2)
+        if node.type == "anonymous_function" and node.start_byte == start:
             fns.append(node)
     return fns
 
 
-def _comments(data: bytes, root: Node, words: frozenset[str]) -> list[Node]:
+def _comments(data: bytes, finder: Finder, words: frozenset[str]) -> list[Node]:
     """Every comment of the tree (each starts with `#`; a `#` inside one is no start)."""
     comments = []
     for start in _positions(data, "#", words):
-        node = root.descendant_for_byte_range(start, start + 1)
-        if node is not None and node.type == COMMENT and node.start_byte == start:
+        node = finder.find(start, start + 1)
+        if node.type == COMMENT and node.start_byte == start:
             comments.append(node)
     return comments
 
@@ -384,7 +402,10 @@ def _doctest_targets(calls: Iterable[tuple[str, Node]]) -> list[str]:
 
 
 def _behaviours(
-    found: Definitions, remotes: list[tuple[Node, str, str]], trees: list[SupervisionTree]
+    found: Definitions,
+    remotes: list[tuple[Node, str, str]],
+    owners: list[str | None],
+    trees: list[SupervisionTree],
 ) -> list[BehaviourUse]:
     """Adopted behaviours with their implemented callbacks; then OTP modules only called
     or supervised (`via="call"`)."""
@@ -416,7 +437,7 @@ def _behaviours(
                 callbacks=sorted(callbacks),
             )
         )
-    called = [(_owner(node, found.modules), mod) for node, mod, _fun in remotes]
+    called = [(owner, mod) for (_, mod, _), owner in zip(remotes, owners, strict=True)]
     called += [(t.module, c) for t in trees for c in t.children]
     for owner, mod in called:
         if mod in _CALLED_OTP and owner is not None and (owner, mod) not in seen:
@@ -426,14 +447,13 @@ def _behaviours(
 
 
 def _supervisors(
-    remotes: list[tuple[Node, str, str]], modules: list[ModuleInfo]
+    remotes: list[tuple[Node, str, str]], owners: list[str | None], finder: Finder
 ) -> list[SupervisionTree]:
     trees = []
-    for call, mod, fun in remotes:
+    for (call, mod, fun), owner in zip(remotes, owners, strict=True):
         if mod not in ("Supervisor", "DynamicSupervisor") or fun not in ("init", "start_link"):
             continue
         args = argument_nodes(call)
-        owner = _owner(call, modules)
         if owner is None:
             continue
         if mod == "DynamicSupervisor":
@@ -446,8 +466,10 @@ def _supervisors(
             continue
         if not args or args[0].type not in ("list", "identifier"):
             continue  # Supervisor.start_link(Module, arg): the tree is in Module.init/1
-        children = args[0] if args[0].type == "list" else _bound_list(call, text(args[0]))
-        options = [_bound_list(call, text(a)) or a if a.type == "identifier" else a for a in args]
+        children = args[0] if args[0].type == "list" else _bound_list(finder, call, text(args[0]))
+        options = [
+            _bound_list(finder, call, text(a)) or a if a.type == "identifier" else a for a in args
+        ]
         trees.append(
             SupervisionTree(
                 module=owner,
@@ -475,11 +497,10 @@ def _strategy(args: list[Node]) -> str | None:
     return None
 
 
-def _bound_list(call: Node, name: str) -> Node | None:
+def _bound_list(finder: Finder, call: Node, name: str) -> Node | None:
     """The list last bound to `name` before `call` in the enclosing definition."""
-    scope: Node | None = call.parent
-    while scope is not None and scope.type != "do_block":
-        scope = scope.parent
+    finder.find(call.start_byte, call.end_byte)
+    scope = finder.enclosing(call, lambda node: node.type == "do_block")
     if scope is None:
         return None
     bound = None

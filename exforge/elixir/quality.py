@@ -57,6 +57,7 @@ class Thresholds:
     min_loc: int = 5
     max_loc: int = 10_000
     max_blob_chars: int = 256
+    max_depth: int = 500
 
     @classmethod
     def from_settings(cls, settings: Any) -> Thresholds:
@@ -67,6 +68,7 @@ class Thresholds:
             min_loc=settings.quality_min_loc,
             max_loc=settings.quality_max_loc,
             max_blob_chars=settings.quality_max_blob_chars,
+            max_depth=settings.quality_max_depth,
         )
 
 

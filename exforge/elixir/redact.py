@@ -33,6 +33,8 @@ from itertools import chain
 
 from tree_sitter import Node
 
+from exforge.elixir.tree import Finder
+
 __all__ = ["PLACEHOLDERS", "ElixirLiterals", "Redaction", "redact", "redact_elixir"]
 
 PLACEHOLDERS: dict[str, str] = {"email": "<EMAIL>", "key": "<KEY>", "ip": "<IP_ADDRESS>"}
@@ -164,7 +166,7 @@ class ElixirLiterals:
     def __init__(self, text: str, data: bytes, root: Node) -> None:
         self.text = text
         self.data = data
-        self.root = root
+        self.finder = Finder(root)  # spans come in source order
         self.ascii = len(text) == len(data)
 
     def offset(self, index: int) -> int:
@@ -173,15 +175,14 @@ class ElixirLiterals:
 
     def __call__(self, start: int, end: int) -> str | None:
         first, last = self.offset(start), self.offset(end)
-        node = self.root.descendant_for_byte_range(first, last)
-        if node is None:
-            return None
+        node = self.finder.find(first, last)
         if node.type == "comment":
             return ""
         if node.type == "quoted_content":
-            node = node.parent
-            if node is None:
+            literal = self.finder.parent(node)
+            if literal is None:
                 return None
+            node = literal
         if node.type not in _LITERALS:
             return None
         opening = node.child_by_field_name("quoted_start")

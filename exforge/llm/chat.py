@@ -64,15 +64,17 @@ def counting_tokenizer(tokenizer: MistralTokenizer) -> MistralTokenizer:
     costs as much as encoding; counting tokens needs the ids only. Tekken also shifts
     every id by `num_special_tokens`, a property it computes again for each token (half
     of the encoding's time); the copy's Tekkenizer holds that number instead. The copy
-    shares the vocabulary; `tokenizer` itself is unchanged."""
+    shares the vocabulary; `tokenizer` itself is unchanged. (`copy.copy` of the
+    MistralTokenizer itself would load its file again: its pickling recipe, which copy
+    follows, is `from_file`.)"""
     instruct = copy.copy(tokenizer.instruct_tokenizer)
     instruct.decode = lambda tokens, special_token_policy=None: ""  # type: ignore[method-assign]
     tekken = copy.copy(instruct.tokenizer)
     fixed = {"num_special_tokens": tekken.num_special_tokens}
     tekken.__class__ = type(type(tekken).__name__, (type(tekken),), fixed)
     instruct.tokenizer = tekken
-    counting = copy.copy(tokenizer)
-    counting.instruct_tokenizer = instruct
+    counting = object.__new__(type(tokenizer))
+    counting.__dict__.update(vars(tokenizer), instruct_tokenizer=instruct)
     return counting
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
+from tree_sitter import Node
+
 from exforge.elixir.tree import parsed
 from schemas.records import (
     FunctionInfo,
@@ -24,7 +26,8 @@ from schemas.records import (
 )
 
 CheckLevel = Literal["parse", "compile", "test"]
-FENCE = re.compile(r"```(?:elixir|iex)?\n(.*?)\n```", re.DOTALL)
+FENCE_OPENERS = ("```elixir\n", "```iex\n", "```\n")
+SPEC = b"@spec"
 SPEC_HEAD = re.compile(r"^\s*([a-z_][\w?!]*)\s*(\((.*)\))?\s*::", re.DOTALL)
 
 
@@ -51,8 +54,21 @@ def fenced(code: str) -> str:
 
 
 def code_blocks(text: str) -> list[str]:
-    """The fenced code blocks of a turn, in order."""
-    return FENCE.findall(text)
+    """The fenced code blocks of a turn, in order. A block opens with a `FENCE_OPENERS`
+    line and ends before the next line that starts with three backticks (what the regex
+    ```` ```(?:elixir|iex)?\\n(.*?)\\n``` ```` finds, by string searches: the regex would
+    try its lazy `.*?` at every character of a block, and blocks are whole files)."""
+    blocks = []
+    start = text.find("```")
+    while start != -1:
+        opener = next((o for o in FENCE_OPENERS if text.startswith(o, start)), "")
+        end = text.find("\n```", start + len(opener)) if opener else -1
+        if end == -1:  # no block starts here: the next backtick may open one
+            start = text.find("```", start + 1)
+            continue
+        blocks.append(text[start + len(opener) : end])
+        start = text.find("```", end + 4)
+    return blocks
 
 
 def ref(file: ParsedFile, start: int | None = None, end: int | None = None) -> SourceRef:
@@ -113,24 +129,38 @@ def _arity(args: str | None) -> int:
 @lru_cache(maxsize=64)
 def specs(text: str) -> dict[tuple[int, str, int], str]:
     """`@spec` source by (line of the spec, name, arity), read from the syntax tree (once
-    per file text: two generators ask). Callers must not change the result."""
+    per file text: two generators ask). Callers must not change the result.
+
+    A spec is a unary `@` node whose text starts with `@spec`, not inside another: the
+    bytes `@spec` are found in the text and each hit confirmed in the tree (the smallest
+    named node over its `@` is the attribute starting there; text in a string or a
+    comment is none), rather than visiting every node from Python; a text without
+    them is not parsed. A later spec of the same key and line gives way to an earlier
+    one."""
     data = text.encode()
-    found: dict[tuple[int, str, int], str] = {}
-    stack = [parsed(data)]
-    while stack:
-        node = stack.pop()
+    start = data.find(SPEC)
+    if start == -1:
+        return {}
+    root = parsed(data)
+    attributes: list[Node] = []
+    end = -1  # where the last attribute found ends: one inside it is part of it
+    while start != -1:
+        node = root.named_descendant_for_byte_range(start, start + 1)
         if (
-            node.type == "unary_operator"
-            and node.text is not None
-            and node.text.startswith(b"@spec")
+            node is not None
+            and node.type == "unary_operator"
+            and node.start_byte == start
+            and start >= end
         ):
-            source = node.text.decode()
-            match = SPEC_HEAD.match(source.removeprefix("@spec"))
-            if match:
-                key = (node.start_point.row + 1, match.group(1), _arity(match.group(3)))
-                found[key] = source
-            continue
-        stack.extend(node.named_children)
+            attributes.append(node)
+            end = node.end_byte
+        start = data.find(SPEC, start + 1)
+    found: dict[tuple[int, str, int], str] = {}
+    for node in reversed(attributes):
+        source = data[node.start_byte : node.end_byte].decode()
+        match = SPEC_HEAD.match(source.removeprefix("@spec"))
+        if match:
+            found[(node.start_point.row + 1, match.group(1), _arity(match.group(3)))] = source
     return found
 
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import re
 
-from tree_sitter import Node
+from tree_sitter import Node, Query, QueryCursor
 
-from exforge.elixir.tree import arguments, first_named, named, parsed, text
+from exforge.elixir.tree import LANGUAGE, arguments, first_named, named, parsed, text
 from schemas.records import FunctionInfo, ParsedFile
 from streams.generators.common import Candidate, Check, candidate, fenced, function_ref
 
@@ -48,6 +48,8 @@ NOT_PIPEABLE = frozenset(
 )
 CHECK_MODULE = "ExforgeRefactorCheck"
 OPERATORS = frozenset({"binary_operator", "unary_operator"})
+PIPES = Query(LANGUAGE, '(binary_operator operator: "|>") @pipe')
+CALLS = Query(LANGUAGE, "(call) @call")
 
 
 def _pipeable_call(node: Node) -> bool:
@@ -106,38 +108,56 @@ def piped(data: bytes, node: Node) -> tuple[str, int]:
     return f"{inner} |> {_call(head, rest[1:])}", stages + 1
 
 
+def pipe_stages(node: Node) -> int:
+    """The stages `piped` makes of a node, without writing the chain."""
+    stages = 0
+    while True:
+        args = arguments(node) if _pipeable_call(node) else None
+        first = None if args is None else first_named(args)
+        if first is None or first.type == "keywords":
+            return stages
+        stages += 1
+        node = first
+
+
+def _outermost(nodes: list[Node]) -> list[Node]:
+    """The nodes not inside another of them, in source order."""
+    out: list[Node] = []
+    end = -1
+    for node in sorted(nodes, key=lambda n: (n.start_byte, -n.end_byte)):
+        if node.start_byte >= end:
+            out.append(node)
+            end = node.end_byte
+    return out
+
+
 def _rewrite(source: str, pick: str) -> str | None:
-    """Rewrite the outermost pipes (`pick="unpipe"`) or nested calls (`"pipe"`) of a source."""
+    """Rewrite the outermost pipes (`pick="unpipe"`) or nested calls of two stages or more
+    (`"pipe"`) of a source. A query finds the pipes or calls (rather than a walk of every
+    node from Python); a call that is not rewritten may hold one that is."""
     data = source.encode()
     root = parsed(data)
     if root.has_error:
         return None
     edits: list[tuple[int, int, str]] = []
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        if pick == "unpipe" and is_operator(node, "|>"):
+    if pick == "unpipe":
+        for node in _outermost(QueryCursor(PIPES).captures(root).get("pipe", [])):
             replacement = unpiped(data, node)
             if replacement is None:
                 return None
             edits.append((node.start_byte, node.end_byte, replacement))
-            continue
-        if pick == "pipe" and node.type == "call":
-            replacement, depth = piped(data, node)
-            if depth >= 2:
-                parent = node.parent
-                if parent is not None and parent.type in (
-                    "binary_operator",
-                    "unary_operator",
-                    "dot",
-                ):
-                    replacement = f"({replacement})"
-                edits.append((node.start_byte, node.end_byte, replacement))
-                continue
-        stack.extend(node.named_children)
+    else:
+        calls = QueryCursor(CALLS).captures(root).get("call", [])
+        chains = [c for c in calls if pipe_stages(c) >= 2]
+        for node in _outermost(chains):
+            replacement, _ = piped(data, node)
+            parent = node.parent
+            if parent is not None and parent.type in ("binary_operator", "unary_operator", "dot"):
+                replacement = f"({replacement})"
+            edits.append((node.start_byte, node.end_byte, replacement))
     if not edits:
         return None
-    out = source.encode()
+    out = data
     for start, end, replacement in sorted(edits, reverse=True):
         out = out[:start] + replacement.encode() + out[end:]
     return out.decode()
@@ -154,29 +174,34 @@ NAME = re.compile(r"\w+[?!]?")
 
 
 class Siblings:
-    """The definitions of one module, and which of them each one calls (found once per
-    definition, however many check units include it)."""
+    """The definitions of one module, and which of them each source calls (found once per
+    source: a definition's own source is a side of each pair made of it, and a callee in
+    the check units of the definitions that call it)."""
 
     def __init__(self, functions: list[FunctionInfo]) -> None:
         self.functions = functions
-        self._callees: dict[int, list[int]] = {}
+        self._called: dict[str, list[int]] = {}
+        # definitions by name, for names of word characters (maybe ending in `?` or `!`);
+        # the others (operators) are looked for one by one
+        self._named: dict[str, list[int]] = {}
+        self._operators: list[int] = []
+        for index, function in enumerate(functions):
+            if NAME.fullmatch(function.name):
+                self._named.setdefault(function.name, []).append(index)
+            else:
+                self._operators.append(index)
 
     def called_by(self, source: str) -> list[int]:
         """Indices of the definitions `source` calls, in definition order. A name of word
         characters (maybe ending in `?` or `!`) is called when it is a whole name there,
         not after `.` or `:` (what `_calls` finds, looked up in the set of such names);
         other names (operators) go to `_calls`."""
-        names = set(NAME_RUN.findall(source))
-        return [
-            i
-            for i, f in enumerate(self.functions)
-            if (f.name in names if NAME.fullmatch(f.name) else _calls(source, f))
-        ]
-
-    def callees(self, index: int) -> list[int]:
-        if index not in self._callees:
-            self._callees[index] = self.called_by(self.functions[index].source)
-        return self._callees[index]
+        if source not in self._called:
+            names = set(NAME_RUN.findall(source)) & self._named.keys()
+            called = [index for name in names for index in self._named[name]]
+            called += [i for i in self._operators if _calls(source, self.functions[i])]
+            self._called[source] = sorted(called)
+        return self._called[source]
 
     def check_unit(self, source: str, exclude: int) -> str:
         """A module holding `source` and the definitions it calls, transitively (all but
@@ -186,7 +211,7 @@ class Siblings:
         frontier: list[int | None] = [None]  # None: `source` itself
         while frontier:
             current = frontier.pop()
-            called = self.called_by(source) if current is None else self.callees(current)
+            called = self.called_by(source if current is None else self.functions[current].source)
             for index in called:
                 if index not in chosen:
                     chosen.add(index)

@@ -26,6 +26,8 @@ from schemas.records import InstructionSample, ParsedFile, RawPackage
 from streams.files import analysed_file
 from streams.generators import KINDS, STAGES, Candidate, Check, generate
 from streams.generators.check import (
+    FRONT_END_PROBE,
+    STOPS_KEY,
     UnitResults,
     batch_program,
     check_all,
@@ -328,13 +330,33 @@ def test_compile_checks_reject_what_elixir_rejects(pool: SandboxPool) -> None:
 
 def test_a_lone_module_is_compiled_up_to_code_generation_only(pool: SandboxPool) -> None:
     """A passing `compile` check of one module leaves it unloaded: the Erlang backend
-    never ran (an Elixir that does not report the stop would compile and load it)."""
+    never ran (an Elixir that does not report the stop would compile and load it). The
+    compiler options are as before."""
     module = "defmodule ExforgeRefactorCheck do\n  def f(x), do: x\nend\n"
     program = (
-        check_lines([Check(module, "compile")])
+        "options = Code.compiler_options()\n"
+        + check_lines([Check(module, "compile")])
         + 'IO.puts("unloaded: #{:code.is_loaded(ExforgeRefactorCheck) == false}")\n'
+        + 'IO.puts("options kept: #{Code.compiler_options() == options}")\n'
     )
-    assert "unloaded: true" in pool.run(program).output.splitlines()
+    output = pool.run(program).output.splitlines()
+    assert "unloaded: true" in output and "options kept: true" in output
+
+
+def test_the_front_end_stop_is_probed_once_per_process(pool: SandboxPool) -> None:
+    """The first program that compiles probes whether Elixir reports the stop at Core
+    Erlang; later programs with the same `UnitResults` take the result from it."""
+    checks = [
+        [Check(f"defmodule ExforgeRefactorCheck do\n  def f(x), do: {n}\nend\n", "compile")]
+        for n in range(2)
+    ]
+    known = UnitResults()
+    assert FRONT_END_PROBE in batch_program(checks[:1], known).source
+    assert check_all(pool, checks[:1], known=known) == [None]
+    assert known.get(STOPS_KEY) is True
+    later = batch_program(checks[1:], known).source
+    assert FRONT_END_PROBE not in later and "stops = true" in later
+    assert check_all(pool, checks[1:], known=known) == [None]
 
 
 def test_a_check_unit_holds_the_definitions_it_calls_whatever_their_names_end_in(

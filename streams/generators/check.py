@@ -6,10 +6,12 @@ calls; the code travels base64-encoded, so no quoting can break out. A `compile`
 one module stops Elixir's compiler where it hands the module to the Erlang backend
 (`COMPILES`): every error Elixir reports for code is raised by then, and the backend's
 code generation, most of a small module's compile time, cannot fail on what Elixir
-accepted. The instruct stage
-runs them on the evaluator's pool of warm, sandboxed BEAM VMs
-(`exforge.elixir.sandbox`), at most `batch` candidates per program, in rounds of one
-program per VM, shared evenly (`even_batches`). A program runs each
+accepted. Whether this Elixir reports that stop as expected is probed by the first
+program of a process that compiles, and remembered (`STOPS_KEY`); the front end skips
+Elixir's "redefining module" check (`ignore_module_conflict`: a warning, paid for with a
+code path search per module). The instruct stage runs them on the evaluator's pool of
+warm, sandboxed BEAM VMs (`exforge.elixir.sandbox`), at most `batch` candidates per
+program, in rounds of one program per VM, shared evenly (`even_batches`). A program runs each
 distinct check once (`unit`), however many candidates hold it, and remembers its
 result, which it also reports, so that later programs of the same process take it
 from `UnitResults` instead of running the unit again; each candidate's verdict line,
@@ -59,7 +61,12 @@ end
 # with the Erlang compiler told to stop at Core Erlang (ERL_COMPILER_OPTIONS, which Elixir
 # reads for a module's final compile only): Elixir then reports that module's missing
 # .beam, which means it accepted the module. Anything else, or an Elixir that does not
-# report the stop so (probed once per program), gets the full compile.
+# report the stop so (STOPS: `FRONT_END_PROBE`, or its result once known), gets the full
+# compile. That front end runs with `ignore_module_conflict`, which only skips Elixir's
+# "redefining module" warning and the code path search behind it (`code:ensure_loaded`
+# of the module, a miss for a module no file defines): a module never loaded by the front
+# end is neither redefined nor looked up again, and any module its body uses is loaded on
+# demand all the same.
 COMPILES = """
 compiles =
   (fn ->
@@ -88,6 +95,8 @@ compiles =
 
     front_end = fn quoted, module, file ->
       System.put_env("ERL_COMPILER_OPTIONS", "[to_core]")
+      conflicts = Code.get_compiler_option(:ignore_module_conflict)
+      Code.put_compiler_option(:ignore_module_conflict, true)
 
       try do
         Code.compile_quoted(quoted, file)
@@ -103,16 +112,11 @@ compiles =
           end
       after
         System.delete_env("ERL_COMPILER_OPTIONS")
+        Code.put_compiler_option(:ignore_module_conflict, conflicts)
       end
     end
 
-    probe = Code.string_to_quoted!("defmodule ExforgeFrontEndProbe do\\n  def f(x), do: x\\nend")
-    stops =
-      try do
-        front_end.(probe, ExforgeFrontEndProbe, "probe.ex") == :accepted
-      rescue
-        _ -> false
-      end
+    stops = STOPS
 
     fn source, file ->
       quoted = Code.string_to_quoted!(source, file: file)
@@ -146,9 +150,22 @@ def tested(checks: Sequence[Check]) -> bool:
     return any(c.level == "test" for c in checks)
 
 
-def preamble(levels: Iterable[str]) -> str:
-    """What a program's check lines need defined first (`compiles` for `compile` ones)."""
-    return COMPILES if "compile" in set(levels) else ""
+# Whether this Elixir reports a lone module stopped at Core Erlang as COMPILES reads it
+# (an expression in the scope of `front_end`).
+FRONT_END_PROBE = """(
+  try do
+    probe = Code.string_to_quoted!("defmodule ExforgeFrontEndProbe do\\n  def f(x), do: x\\nend")
+    front_end.(probe, ExforgeFrontEndProbe, "probe.ex") == :accepted
+  rescue
+    _ -> false
+  end
+)"""
+
+
+def preamble(levels: Iterable[str], stops: str = FRONT_END_PROBE) -> str:
+    """What a program's check lines need defined first (`compiles` for `compile` ones,
+    whose front-end stop is `stops`)."""
+    return COMPILES.replace("STOPS", stops) if "compile" in set(levels) else ""
 
 
 def check_lines(checks: Sequence[Check]) -> str:
@@ -205,6 +222,20 @@ class UnitResults:
             self._results.move_to_end(key)
             while len(self._results) > self.size:
                 self._results.popitem(last=False)
+
+
+# The probe's result depends on the Elixir installation alone: a batch program reports
+# it (`<nonce> stops true|false`) and later programs of the process take it from
+# `UnitResults`.
+STOPS_KEY = UnitResults.key(FRONT_END_PROBE, "stops")
+
+
+def reported_stops(nonce: str, known: UnitResults | None) -> str:
+    """The `stops` expression of a batch program: the known result, or the probe, reported."""
+    stops = known.get(STOPS_KEY) if known is not None else None
+    if stops is not None:
+        return "true" if stops else "false"
+    return f'(fn stops -> IO.puts("{nonce} stops #{{stops}}"); stops end).({FRONT_END_PROBE})'
 
 
 class Units:
@@ -322,7 +353,7 @@ def batch_program(batch: Sequence[Sequence[Check]], known: UnitResults | None = 
         passed = " and ".join(units.expression(c) for c in checks) or "true"
         verdicts.append(f'IO.puts("{nonce} {index} " <> if({passed}, do: "ok", else: "failed"))')
     source = (
-        preamble(level for _, level in units.index)
+        preamble((level for _, level in units.index), reported_stops(nonce, known))
         + units.definitions()
         + RUN_UNIT.replace("NONCE", nonce)
         + (SAME_EXPANSION if any(c.like is not None for cs in batch for c in cs) else "")
@@ -343,6 +374,8 @@ def batch_verdicts(
     if not done or len(found) != size:
         return None
     if known is not None:
+        for stops in re.findall(rf"^{nonce} stops (true|false)$", outcome.output, re.MULTILINE):
+            known.put(STOPS_KEY, stops == "true")
         ran = re.findall(rf"^{nonce} unit (\d+) (ok|failed)$", outcome.output, re.MULTILINE)
         for index, result in ran:
             known.put(program.units[int(index)], result == "ok")

@@ -31,24 +31,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exforge.elixir.sandbox import SandboxConfig, SandboxPool
-from schemas.records import RawPackage
 from streams.files import analysed_file
 from streams.generators import Candidate, generate
 from streams.generators.check import check_all, check_program
+from tests.support.records import raw_package
 
 CORPUS = Path(__file__).resolve().parent.parent / "examples" / "corpus"
 
 
 def corpus_candidates(limit: int) -> list[Candidate]:
-    package = RawPackage(
-        source_id="dir:corpus@1",
-        kind="dir",
-        name="corpus",
-        version="1",
-        archive_key="k",
-        sha256="0" * 64,
-        size_bytes=0,
-    )
+    package = raw_package("dir:corpus@1", archive_key="k")
     found = []
     for path in sorted(CORPUS.rglob("*.ex*")):
         file = analysed_file(package, str(path.relative_to(CORPUS)), path.read_text())

@@ -64,19 +64,10 @@ def measure(records: Path) -> dict[str, object]:
 def write_records(corpus: Path, work: Path) -> Path:
     """The corpus' files as this checkout's parse stage records them (inline content)."""
     from benchmarks.corpus import source_files, unpack
-    from schemas.records import RawPackage
     from streams.files import analysed_file
+    from tests.support.records import raw_package
 
-    package = RawPackage(
-        source_id="dir:corpus@1",
-        kind="dir",
-        name="corpus",
-        version="1",
-        license="MIT",
-        archive_key="k",
-        sha256="0" * 64,
-        size_bytes=0,
-    )
+    package = raw_package("dir:corpus@1", license="MIT", archive_key="k")
     out = work / "records.jsonl"
     with out.open("w") as handle:
         for project in unpack(corpus, work / "corpus"):

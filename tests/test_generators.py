@@ -42,6 +42,7 @@ from streams.generators.tokens import token_counter
 from streams.instruct import Verdicts, instruct
 from streams.sources.books import book_files
 from tests.support.corpus import unpack
+from tests.support.records import raw_package
 
 CORPUS = REPO / "examples" / "corpus"
 IN_PLACE = {"completion", "fim", "doc_to_code", "spec_to_code", "otp_pattern", "book_qa"}
@@ -49,16 +50,7 @@ REFACTORS = {"refactor_pipes", "refactor_pattern_match"}
 
 
 def package(source_id: str = "dir:corpus@1", kind: str = "dir") -> RawPackage:
-    return RawPackage(
-        source_id=source_id,
-        kind=kind,  # type: ignore[arg-type]
-        name="corpus",
-        version="1",
-        license="MIT",
-        archive_key="k",
-        sha256="0" * 64,
-        size_bytes=0,
-    )
+    return raw_package(source_id, kind=kind, license="MIT", archive_key="k")
 
 
 def corpus_files() -> list[ParsedFile]:

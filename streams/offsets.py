@@ -25,7 +25,7 @@ from aiokafka.structs import TopicPartition
 from faust.transport.drivers.aiokafka import Consumer as FaustAIOKafkaConsumer
 from faust.types import TP, Message
 
-from exforge.core.kafka import end_offsets
+from exforge.core.kafka import bootstrap_consumer, end_offsets
 
 log = logging.getLogger("exforge.offsets")
 
@@ -141,12 +141,8 @@ class HandledOffsetsConsumer(FaustAIOKafkaConsumer):
         (`exforge.core.kafka.end_offsets`), and one handler's table writes go out in one
         batch, so without the correction a worker never restarted on its own tables."""
         bootstrap = ",".join(f"{url.host}:{url.port}" for url in self.app.conf.broker)
-        probe = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-        await probe.start()
-        try:
+        async with bootstrap_consumer(bootstrap) as probe:
             ends = await end_offsets(probe, [TopicPartition(*tp) for tp in partitions])
-        finally:
-            await probe.stop()
         return {TP(tp.topic, tp.partition): end for tp, end in ends.items()}
 
     async def on_partitions_revoked(self, revoked: set[TP]) -> None:

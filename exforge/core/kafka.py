@@ -108,8 +108,15 @@ async def list_topics(settings: Settings) -> dict[str, int]:
 
 @asynccontextmanager
 async def metadata_consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsumer]:
+    async with bootstrap_consumer(settings.bootstrap) as consumer:
+        yield consumer
+
+
+@asynccontextmanager
+async def bootstrap_consumer(bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
+    """A started consumer of no group on `bootstrap` (host:port,…), stopped after."""
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap,
+        bootstrap_servers=bootstrap,
         client_id=CLIENT_ID,
         enable_auto_commit=False,
         request_timeout_ms=REQUEST_TIMEOUT_MS,

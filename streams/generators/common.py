@@ -15,7 +15,7 @@ from typing import Literal
 
 from tree_sitter import Node
 
-from exforge.elixir.tree import parsed
+from exforge.elixir.tree import Finder, parsed
 from schemas.records import (
     FunctionInfo,
     InstructionSample,
@@ -141,17 +141,12 @@ def specs(text: str) -> dict[tuple[int, str, int], str]:
     start = data.find(SPEC)
     if start == -1:
         return {}
-    root = parsed(data)
+    finder = Finder(parsed(data))  # the hits come in source order
     attributes: list[Node] = []
     end = -1  # where the last attribute found ends: one inside it is part of it
     while start != -1:
-        node = root.named_descendant_for_byte_range(start, start + 1)
-        if (
-            node is not None
-            and node.type == "unary_operator"
-            and node.start_byte == start
-            and start >= end
-        ):
+        node = finder.find_named(start, start + 1)
+        if node.type == "unary_operator" and node.start_byte == start and start >= end:
             attributes.append(node)
             end = node.end_byte
         start = data.find(SPEC, start + 1)

@@ -23,8 +23,11 @@ from mistral_common.protocol.instruct.messages import (
 )
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.protocol.instruct.validator import ValidationMode
-from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy, TokenizerVersion
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+from schemas.sharegpt import TokenCounter
 
 IGNORE = -100
 SHIPPED_TEKKEN = Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
@@ -76,6 +79,85 @@ def counting_tokenizer(tokenizer: MistralTokenizer) -> MistralTokenizer:
     counting = object.__new__(type(tokenizer))
     counting.__dict__.update(vars(tokenizer), instruct_tokenizer=instruct)
     return counting
+
+
+# The Tekken instruct formats `token_counter` counts from the turns' texts, each mapped
+# to where it puts the system prompt: its own turn, [SYSTEM_PROMPT] text [/SYSTEM_PROMPT]
+# after BOS (True: `InstructTokenizerV7.encode_system_message`), or in front of the last
+# user message's text, "\n\n" between (False: `InstructTokenizerV1.encode_user_content`,
+# which v3 inherits). v15 adds model settings to the format: not counted here.
+_SYSTEM_TURN = {
+    TokenizerVersion.v3: False,
+    TokenizerVersion.v7: True,
+    TokenizerVersion.v11: True,
+    TokenizerVersion.v13: True,
+}
+
+
+def token_counter(tokenizer: MistralTokenizer) -> TokenCounter:
+    """`len(tokenizer.encode_chat_completion(to_request(conversations)).tokens)`, cheaply.
+
+    Building, validating and normalising mistral-common's request costs more than
+    encoding its text. A conversation of plain turns, as a fine-tuning tokenizer takes
+    it (an optional system turn, then human/gpt turns alternating, ending in gpt, none
+    empty), in a format of `_SYSTEM_TURN`, is counted from its texts alone, each encoded
+    as the instruct tokenizer encodes it, plus the format's control tokens: BOS, then
+    [INST] text [/INST] per user message and text </s> per answer (trailing spaces
+    stripped: `InstructTokenizerV2._encode_normal_content_assistant_message`), with the
+    system prompt where the format puts it. Any other conversation or tokenizer goes
+    through mistral-common itself (and raises what it raises)."""
+    counting = counting_tokenizer(tokenizer)
+
+    def exact(conversations: Sequence[dict[str, Any]]) -> int:
+        return len(counting.encode_chat_completion(to_request(conversations)).tokens)
+
+    tekken = tokenizer.instruct_tokenizer.tokenizer
+    if tokenizer.mode is not ValidationMode.finetuning or not isinstance(tekken, Tekkenizer):
+        return exact
+    system_turn = _SYSTEM_TURN.get(tekken.version)
+    if system_turn is None:
+        return exact
+    # What `Tekkenizer.encode` calls; it only shifts the ids past the special tokens.
+    encode = tekken._model.encode
+
+    def count(conversations: Sequence[dict[str, Any]]) -> int:
+        turns = _plain_turns(conversations)
+        if turns is None:
+            return exact(conversations)
+        system, users, answers = turns
+        tokens = 1 + 3 * len(answers)  # BOS; [INST], [/INST] and </s> per exchange
+        if system is not None and system_turn:
+            tokens += 2 + len(encode(system))
+        elif system is not None:
+            users[-1] = f"{system}\n\n{users[-1]}"
+        tokens += sum(len(encode(text)) for text in users)
+        return tokens + sum(len(encode(text.rstrip(" "))) for text in answers)
+
+    return count
+
+
+def _plain_turns(
+    conversations: Sequence[dict[str, Any]],
+) -> tuple[str | None, list[str], list[str]] | None:
+    """The system prompt (or None), user messages and answers of a conversation of
+    non-empty texts: an optional system turn, then human/gpt alternating, ending in gpt;
+    None for any other."""
+    try:
+        roles = [turn["from"] for turn in conversations]
+        values = [turn["value"] for turn in conversations]
+    except (KeyError, TypeError):
+        return None
+    start = 1 if roles[:1] == ["system"] else 0
+    users, answers = values[start::2], values[start + 1 :: 2]
+    if (
+        not answers
+        or len(users) != len(answers)
+        or any(role != "human" for role in roles[start::2])
+        or any(role != "gpt" for role in roles[start + 1 :: 2])
+        or not all(isinstance(value, str) and value for value in values)
+    ):
+        return None
+    return (values[0] if start else None), users, answers
 
 
 def text_tokenizer(model_dir: Path | None = None) -> Any:  # mistral-common's Tekkenizer

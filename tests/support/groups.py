@@ -8,7 +8,8 @@ it. A module in no group stops the run: add it here.
   servers, gloo ranks);
 - e2e: exforge as a user runs it (the CLI in a subprocess, worker processes over the
   broker, the gateway in front of tritonserver);
-- corpus: the ten real libraries of the shared corpus, judged by Elixir's parser.
+- corpus: the ten real libraries of the shared corpus, judged by Elixir's parser or
+  made into every candidate conversation.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         "test_train_resume",
         "test_triton_contract",
     ),
-    "corpus": ("test_corpus",),
+    "corpus": ("test_corpus", "test_token_counts"),
 }
 GROUP_OF = {module: group for group, modules in GROUPS.items() for module in modules}
 

@@ -3,7 +3,7 @@ from the real corpus, crawled through `exforge ingest hex` and processed to shar
 
     python benchmarks/hex_scale.py [--packages 2000] [--processes 2]
         [--table-store rocksdb] [--project 17000] [--seed 0] [--work-dir DIR]
-        [--set KEY=VALUE ...] [--json]
+        [--checkout DIR] [--set KEY=VALUE ...] [--json]
 
 The packages: package i takes a library of `../shared/corpus/` and a random subset of
 its `.ex`/`.exs` files, with the library's own identifiers renamed with a per-package
@@ -25,7 +25,9 @@ of `benchmarks/pipeline_throughput.py`, each worker's peak RSS, the size of the
 dedup and near-dup state (the workers' RocksDB tables on disk and the table changelog
 topics' message count), and the time for `--project` packages: the crawl and the
 workers' active time scaled per package (added, as they ran one after the other here),
-plus the workers' start-up and final idle check once.
+plus the workers' start-up and final idle check once. `--checkout DIR` crawls and
+processes with another checkout of exforge (with this venv): runs of two checkouts,
+alternated, compare them.
 """
 
 from __future__ import annotations
@@ -151,15 +153,21 @@ async def changelog_messages(settings: Settings) -> int:
 
 
 def crawl(
-    settings: Settings, api: str, repo: str, packages: int, log: Path, overrides: dict[str, str]
+    settings: Settings,
+    checkout: Path,
+    api: str,
+    repo: str,
+    packages: int,
+    log: Path,
+    overrides: dict[str, str],
 ) -> dict[str, Any]:
-    env = worker_env(settings, REPO, overrides=overrides)
+    env = worker_env(settings, checkout, overrides=overrides)
     env.update(EXFORGE_HEX_API_URL=api, EXFORGE_HEX_REPO_URL=repo)
     command = [sys.executable, "-m", "exforge", "ingest", "hex", "--top", str(packages)]
     started = time.monotonic()
     with log.open("ab") as errors:
         out = subprocess.run(
-            [*command, "--json"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=errors
+            [*command, "--json"], env=env, cwd=checkout, stdout=subprocess.PIPE, stderr=errors
         )
     seconds = time.monotonic() - started
     if out.returncode != 0:
@@ -177,6 +185,7 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=1.2)
     parser.add_argument("--near-dup-share", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkout", type=Path, default=REPO, help="exforge to run.")
     args = parse_common(parser)
     work = Path(tempfile.mkdtemp(prefix="hex-scale-", dir=args.work_dir))
     try:
@@ -198,9 +207,16 @@ def main() -> None:
         root.mkdir()
         log = root / "workers.log"
         with hex_server(registry) as (api, repo), embedded_stack(root) as settings:
-            crawled = crawl(settings, api, repo, args.packages, log, args.overrides)
+            checkout = args.checkout.resolve()
+            crawled = crawl(settings, checkout, api, repo, args.packages, log, args.overrides)
             processed = process(
-                settings, REPO, args.processes, "processes", args.table_store, log, args.overrides
+                settings,
+                checkout,
+                args.processes,
+                "processes",
+                args.table_store,
+                log,
+                args.overrides,
             )
             changelog = asyncio.run(changelog_messages(settings))
         run = summary(processed, args.processes)

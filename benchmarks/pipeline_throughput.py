@@ -22,8 +22,9 @@ While they run, every worker's `/metrics` is read twice a second and its memory 
   and out, the time it waited (processes x active time - busy), its share of the
   active time, and when (after the active start) it consumed its first message and its
   last; the bottleneck is the stage busy for the largest share;
-* CPU seconds of the workers and of their BEAM check VMs, each worker's peak RSS, and
-  the size on disk of the workers' tables (RocksDB).
+* CPU seconds of the workers, of their BEAM check VMs and of the embedded broker while
+  the workers ran, all three together per file seen, each worker's peak RSS, and the
+  size on disk of the workers' tables (RocksDB).
 
 With several `--copies`, the peak RSS of the largest corpus over that of the smallest
 (same worker count and repetition) shows whether a worker's memory grows with the data.
@@ -151,12 +152,18 @@ def proc_status(pid: int) -> tuple[str, int, float] | None:
 
 @dataclass
 class Usage:
-    """Peak RSS of each worker (Python) process; CPU of workers and their BEAM VMs."""
+    """Peak RSS of each worker (Python) process; CPU of workers, their BEAM VMs and,
+    given its pid, the broker (from the first reading on: what the workers cost it)."""
 
     peak_rss: dict[int, int] = field(default_factory=dict)
     cpu: dict[int, tuple[str, float]] = field(default_factory=dict)
+    broker_pid: int | None = None
+    broker_cpu: list[float] = field(default_factory=list)  # at the first and last reading
 
     def read(self, roots: list[int]) -> None:
+        broker = None if self.broker_pid is None else proc_status(self.broker_pid)
+        if broker is not None:
+            self.broker_cpu[1:] = [broker[2]]
         for root in roots:
             for pid in proc_tree(root):
                 status = proc_status(pid)
@@ -170,7 +177,8 @@ class Usage:
     def cpu_seconds(self) -> dict[str, float]:
         python = sum(c for n, c in self.cpu.values() if n.startswith(("python", "exforge")))
         beam = sum(c for n, c in self.cpu.values() if n.startswith("beam"))
-        return {"workers": round(python, 1), "beam": round(beam, 1)}
+        broker = self.broker_cpu[-1] - self.broker_cpu[0] if self.broker_cpu else 0.0
+        return {"workers": round(python, 1), "beam": round(beam, 1), "broker": round(broker, 1)}
 
 
 @contextmanager
@@ -354,8 +362,10 @@ def process(
     log: Path,
     overrides: dict[str, str] | None = None,
 ) -> Processed:
-    """Run the workers until the pipeline is idle, watching them."""
-    usage = Usage()
+    """Run the workers until the pipeline is idle, watching them (and the embedded
+    broker's CPU)."""
+    usage = Usage(broker_pid=stack.running_pid(stack.broker_pid_file(settings)))
+    usage.read([])
     started = time.monotonic()
     procs, ports = start_workers(settings, checkout, processes, launch, log, table_store, overrides)
     try:
@@ -412,6 +422,7 @@ def summary(processed: Processed, processes: int) -> dict[str, Any]:
     files = totals["files"]["seen"]
     samples_total = totals["samples"]["total"]
     peaks = sorted(usage.peak_rss.values(), reverse=True)[:processes]
+    cpu = usage.cpu_seconds()
     return {
         "processes": processes,
         "files": files,
@@ -427,7 +438,8 @@ def summary(processed: Processed, processes: int) -> dict[str, Any]:
         "samples_per_s_wall": round(samples_total / wall, 2),
         "stages": stage_rows,
         "bottleneck": max(stage_rows, key=lambda s: stage_rows[s]["busy_share"]),
-        "cpu_s": usage.cpu_seconds(),
+        "cpu_s": cpu,
+        "cpu_ms_per_file": round(sum(cpu.values()) * 1000 / max(files, 1), 1),
         "peak_rss_mb": [round(p / 2**20) for p in peaks],
         "tables_mb": round(processed.tables_bytes / 2**20, 1),
     }
@@ -484,7 +496,8 @@ def show(run: dict[str, Any]) -> None:
         )
     print(
         f"  bottleneck: {run['bottleneck']}   CPU s: workers {run['cpu_s']['workers']}, "
-        f"BEAM {run['cpu_s']['beam']}   peak RSS MB: {run['peak_rss_mb']}   "
+        f"BEAM {run['cpu_s']['beam']}, broker {run['cpu_s']['broker']} "
+        f"({run['cpu_ms_per_file']} ms a file)   peak RSS MB: {run['peak_rss_mb']}   "
         f"tables on disk MB: {run['tables_mb']}"
     )
 

@@ -225,6 +225,31 @@ def test_unit_results_carry_over_to_later_programs_and_bad_code_stays_rejected(
     assert len(batch_program([c.checks for c in bad_generated], small).units) == 1
 
 
+def test_a_program_holds_each_code_once_compressed_and_checks_it_as_written(
+    pool: SandboxPool,
+) -> None:
+    """The pieces cut from a file, the file and a pipes pair's sides travel once in a
+    program, compressed (its literals are compiled byte by byte): the program is smaller
+    than the file alone. Their verdicts are those of the code as written, non-ASCII
+    text and a broken piece included."""
+    functions = "\n\n".join(
+        f'  @doc "Größe {n}: ünïcode ✓"\n  def f{n}(x), do: x |> Enum.map(&(&1 + {n}))'
+        for n in range(120)
+    )
+    file = f"defmodule Big do\n{functions}\nend\n"
+    pieces = [f"def f{n}(x), do: x |> Enum.map(&(&1 + {n}))" for n in range(0, 120, 10)]
+    module = "defmodule ExforgeRefactorCheck do\n  def f(x), do: x |> Enum.map(&(&1 + 1))\nend\n"
+    unpiped = module.replace("x |> Enum.map(", "Enum.map(x, ")
+    checks = [
+        *([Check(piece, within=file)] for piece in pieces),
+        [Check(module, "compile"), Check(unpiped, "compile", like=module)],
+        [Check("def f(x), do: ü(", within=file + "\n)")],
+    ]
+    program = batch_program(checks)
+    assert len(program.source.encode()) < len(file.encode()), "the file travels compressed"
+    assert check_all(pool, checks) == [None] * (len(pieces) + 1) + ["parse_failed"]
+
+
 def test_pipes_rewrites_elixir_expands_like_their_function_are_not_compiled_again(
     pool: SandboxPool, tmp_path: Path
 ) -> None:

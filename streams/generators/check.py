@@ -12,7 +12,8 @@ Elixir's "redefining module" check (`ignore_module_conflict`: a warning, paid fo
 code path search per module). The instruct stage runs them on the evaluator's pool of
 warm, sandboxed BEAM VMs (`exforge.elixir.sandbox`), at most `batch` candidates per
 program, in rounds of one program per VM, shared evenly (`even_batches`). A program runs each
-distinct check once (`unit`), however many candidates hold it, and remembers its
+distinct check once (`unit`), its code held once in the program, compressed
+(`term_literal`), however many candidates hold it, and remembers its
 result, which it also reports, so that later programs of the same process take it
 from `UnitResults` instead of running the unit again; each candidate's verdict line,
 tagged with a per-program nonce, says whether all of its checks passed, in order,
@@ -37,6 +38,7 @@ import hashlib
 import re
 import secrets
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -132,12 +134,18 @@ compiles =
 """
 
 
+def encoded_bytes(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 def encoded(code: str) -> str:
-    return base64.b64encode(code.encode()).decode()
+    return encoded_bytes(code.encode())
 
 
-def check_line(index: int, check: Check) -> str:
-    source = f'Base.decode64!("{encoded(check.code)}")'
+def check_line(index: int, check: Check, source: str | None = None) -> str:
+    """The Elixir call that checks `check`; `source`: an expression for its code (by
+    default a literal of it)."""
+    source = source or f'Base.decode64!("{encoded(check.code)}")'
     file = f'"check-{index}.ex"'
     if check.level == "compile":
         return f"compiles.({source}, {file})"
@@ -238,13 +246,33 @@ def reported_stops(nonce: str, known: UnitResults | None) -> str:
     return f'(fn stops -> IO.puts("{nonce} stops #{{stops}}"); stops end).({FRONT_END_PROBE})'
 
 
+def term_literal(texts: Sequence[str]) -> str:
+    """Elixir for the tuple of `texts`, from one base64 literal of them as Erlang's
+    compressed external term format (a list of binaries), which `binary_to_term`
+    inflates natively. Why not a literal per text: a program is compiled by the Erlang
+    compiler, which handles a binary literal byte by byte through every pass (~16 ms of
+    the ~24 ms a 32-candidate program took to compile, most of them its files' text);
+    compressed, a file and the pieces cut from it take little more than the file."""
+    items = [t.encode() for t in texts]
+    term = b"l" + len(items).to_bytes(4, "big") if items else b""
+    term += b"".join(b"m" + len(i).to_bytes(4, "big") + i for i in items) + b"j"
+    blob = b"\x83P" + len(term).to_bytes(4, "big") + zlib.compress(term)
+    return f'List.to_tuple(:erlang.binary_to_term(Base.decode64!("{encoded_bytes(blob)}")))'
+
+
 class Units:
     """The distinct checks of one program, numbered in order of first use; a check
-    whose result `known` holds is not run again."""
+    whose result `known` holds is not run again. The code they need is held once, in
+    `texts` (numbered in order of first use)."""
 
     def __init__(self, known: UnitResults | None = None) -> None:
         self.index: dict[tuple[str, str], int] = {}
+        self.texts: dict[str, int] = {}
         self.known = known
+
+    def text(self, code: str) -> str:
+        """Elixir for `code`, from `texts`."""
+        return f"elem(texts, {self.texts.setdefault(code, len(self.texts))})"
 
     def of(self, check: Check) -> str:
         """Elixir that is true when the unit of `check` passes."""
@@ -259,7 +287,7 @@ class Units:
         """Elixir that is true when `check` passes (running each unit at most once)."""
         if check.like is not None:
             like = self.of(Check(check.like, check.level))
-            same = f'same_expansion.("{encoded(check.like)}", "{encoded(check.code)}")'
+            same = f"same_expansion.({self.text(check.like)}, {self.text(check.code)})"
             return f"(({like} and {same}) or {self.of(check)})"
         if check.level != "parse" or check.within is None:
             return self.of(check)
@@ -267,11 +295,13 @@ class Units:
         return whole if whole == "true" else f"({whole} or {self.of(check)})"
 
     def definitions(self) -> str:
+        """`texts` and `units` (once every expression is made)."""
         lines = [
-            f"  {i} => fn -> {check_line(i, Check(code, level))} end"  # type: ignore[arg-type]
+            f"  {i} => fn -> {check_line(i, Check(code, level), self.text(code))} end"  # type: ignore[arg-type]
             for (code, level), i in self.index.items()
         ]
-        return "units = %{\n" + ",\n".join(lines) + "\n}\n"
+        texts = f"texts = {term_literal(list(self.texts))}\n"
+        return texts + "units = %{\n" + ",\n".join(lines) + "\n}\n"
 
     def keys(self) -> list[str]:
         """The cache key of each unit, by index."""
@@ -310,7 +340,6 @@ SAME_EXPANSION = """
 same_expansion = fn a, b ->
   expanded = fn code ->
     code
-    |> Base.decode64!()
     |> Code.string_to_quoted!()
     |> Macro.prewalk(fn
       {:import, _, _} -> throw(:imports)

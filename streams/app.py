@@ -83,6 +83,7 @@ def create_app(settings: Settings, index: int = 0) -> faust.App:
         table_standby_replicas=0,
         web_enabled=False,
         producer_acks=-1,
+        producer_linger=settings.producer_linger_ms / 1000,
     )
     app.transport.Consumer = HandledOffsetsConsumer
     broker = BrokerOffsets(settings.bootstrap, settings.worker_group)

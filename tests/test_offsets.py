@@ -225,6 +225,8 @@ def test_a_watch_looks_again_without_new_clients_and_sees_new_records(
                 await look()
                 await batch(2)
                 await look()
+                await commit_as_worker_group(settings, partition, 4)  # within the last batch
+                await look()
                 await commit_as_worker_group(settings, partition, 5)
                 await look()
             finally:
@@ -232,7 +234,7 @@ def test_a_watch_looks_again_without_new_clients_and_sees_new_records(
             return seen, accepted[0]
 
     seen, clients = asyncio.run(scenario())
-    assert seen == [[], True, [3], False, [3], False, [5], False, [0], True]
+    assert seen == [[], True, [3], False, [3], False, [5], False, [1], False, [0], True]
     assert clients == 2  # the admin client and the consumer, once
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -148,7 +148,10 @@ KnownEnds = dict[TopicPartition, tuple[int, int]]
 
 
 async def end_offsets(
-    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], known: KnownEnds | None = None
+    consumer: AIOKafkaConsumer,
+    partitions: list[TopicPartition],
+    known: KnownEnds | None = None,
+    past: Mapping[TopicPartition, int] | None = None,
 ) -> dict[TopicPartition, int]:
     """The end offset of each partition: one past its last record.
 
@@ -162,14 +165,21 @@ async def end_offsets(
     `known`, kept by the caller between calls on one broker, saves those fetches (each
     of which the embedded broker answers by listing every batch of the partition): a
     written batch never changes and a new one moves the reported end, so a partition
-    whose reported end has not moved keeps the end found before."""
+    whose reported end has not moved keeps the end found before. Nor is a partition whose
+    reported end already lies past `past[tp]` probed: its end is then the reported one, a
+    lower bound, enough to tell that `past` is not the end (`drained`)."""
     reported: dict[TopicPartition, int] = dict(await consumer.end_offsets(partitions))
     known = {} if known is None else known
+    past = {} if past is None else past
     ends = {
         tp: known[tp][1] if known.get(tp, (-1, 0))[0] == end else end
         for tp, end in reported.items()
     }
-    probe = {tp for tp, end in reported.items() if end > 0 and known.get(tp, (-1, 0))[0] != end}
+    probe = {
+        tp
+        for tp, end in reported.items()
+        if end > 0 and known.get(tp, (-1, 0))[0] != end and end <= past.get(tp, end)
+    }
     if not probe:
         return ends
     consumer.assign(sorted(probe))
@@ -295,9 +305,12 @@ class BrokerWatch:
             for p in range(self._partitions[name])
         ]
 
-    async def ends(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    async def ends(
+        self, partitions: list[TopicPartition], past: Mapping[TopicPartition, int] | None = None
+    ) -> dict[TopicPartition, int]:
+        """`end_offsets` of the partitions (lower bounds where they lie past `past`)."""
         async with self._look() as (_, consumer), self._probing:
-            return await end_offsets(consumer, partitions, self._ends)
+            return await end_offsets(consumer, partitions, self._ends, past)
 
     async def committed(self, group: str, partitions: list[TopicPartition]) -> dict[Any, Any]:
         """The group's committed offset metadata per partition (the broker here answers
@@ -451,13 +464,13 @@ async def drained(
         if not partitions:
             return True
         committed = await look.committed(settings.worker_group, partitions)
-        ends = await look.ends(partitions)
-    for tp in partitions:
-        meta = committed.get(tp)
-        done = meta.offset if meta is not None and meta.offset >= 0 else 0
-        if ends[tp] > done:
-            return False
-    return True
+        done = {}
+        for tp in partitions:
+            meta = committed.get(tp)
+            done[tp] = meta.offset if meta is not None and meta.offset >= 0 else 0
+        # a partition with records past its committed offset is not probed for its end
+        ends = await look.ends(partitions, past=done)
+    return all(ends[tp] <= done[tp] for tp in partitions)
 
 
 # An await on the broker that a timer makes (a drain check, a shard publish) and that has

@@ -218,6 +218,14 @@ class Settings(BaseSettings):
             "group (the embedded broker also lets a new group form for half of it)."
         ),
     )
+    producer_linger_ms: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "How long a worker's producer waits for more records of a partition before"
+            " sending them: fewer, larger record batches, which the broker handles per batch."
+        ),
+    )
     stall_seconds: float = Field(
         10.0,
         gt=0,

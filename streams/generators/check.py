@@ -134,18 +134,26 @@ compiles =
 """
 
 
-def encoded_bytes(data: bytes) -> str:
+def encoded(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def encoded(code: str) -> str:
-    return encoded_bytes(code.encode())
+def term_literal(texts: Sequence[str]) -> str:
+    """Elixir for the tuple of `texts`, from one base64 literal of them as Erlang's
+    compressed external term format (a list of binaries), which `binary_to_term`
+    inflates natively. Why not a literal per text: a program is compiled by the Erlang
+    compiler, which handles a binary literal byte by byte through every pass (~16 ms of
+    the ~24 ms a 32-candidate program took to compile, most of them its files' text);
+    compressed, a file and the pieces cut from it take little more than the file."""
+    items = [t.encode() for t in texts]
+    term = b"l" + len(items).to_bytes(4, "big") if items else b""
+    term += b"".join(b"m" + len(i).to_bytes(4, "big") + i for i in items) + b"j"
+    blob = b"\x83P" + len(term).to_bytes(4, "big") + zlib.compress(term)
+    return f'List.to_tuple(:erlang.binary_to_term(Base.decode64!("{encoded(blob)}")))'
 
 
-def check_line(index: int, check: Check, source: str | None = None) -> str:
-    """The Elixir call that checks `check`; `source`: an expression for its code (by
-    default a literal of it)."""
-    source = source or f'Base.decode64!("{encoded(check.code)}")'
+def check_line(index: int, check: Check, source: str) -> str:
+    """The Elixir call that checks `check`, whose code is the expression `source`."""
     file = f'"check-{index}.ex"'
     if check.level == "compile":
         return f"compiles.({source}, {file})"
@@ -177,8 +185,9 @@ def preamble(levels: Iterable[str], stops: str = FRONT_END_PROBE) -> str:
 
 
 def check_lines(checks: Sequence[Check]) -> str:
-    lines = "\n".join(check_line(i, c) for i, c in enumerate(checks)) + "\n"
-    return preamble(c.level for c in checks) + lines
+    texts = f"texts = {term_literal([c.code for c in checks])}\n"
+    lines = "\n".join(check_line(i, c, f"elem(texts, {i})") for i, c in enumerate(checks))
+    return preamble(c.level for c in checks) + texts + lines + "\n"
 
 
 def check_program(checks: Sequence[Check]) -> str:
@@ -244,20 +253,6 @@ def reported_stops(nonce: str, known: UnitResults | None) -> str:
     if stops is not None:
         return "true" if stops else "false"
     return f'(fn stops -> IO.puts("{nonce} stops #{{stops}}"); stops end).({FRONT_END_PROBE})'
-
-
-def term_literal(texts: Sequence[str]) -> str:
-    """Elixir for the tuple of `texts`, from one base64 literal of them as Erlang's
-    compressed external term format (a list of binaries), which `binary_to_term`
-    inflates natively. Why not a literal per text: a program is compiled by the Erlang
-    compiler, which handles a binary literal byte by byte through every pass (~16 ms of
-    the ~24 ms a 32-candidate program took to compile, most of them its files' text);
-    compressed, a file and the pieces cut from it take little more than the file."""
-    items = [t.encode() for t in texts]
-    term = b"l" + len(items).to_bytes(4, "big") if items else b""
-    term += b"".join(b"m" + len(i).to_bytes(4, "big") + i for i in items) + b"j"
-    blob = b"\x83P" + len(term).to_bytes(4, "big") + zlib.compress(term)
-    return f'List.to_tuple(:erlang.binary_to_term(Base.decode64!("{encoded_bytes(blob)}")))'
 
 
 class Units:

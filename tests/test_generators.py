@@ -26,6 +26,7 @@ from schemas.records import InstructionSample, ParsedFile, RawPackage
 from streams.files import analysed_file
 from streams.generators import KINDS, STAGES, Candidate, Check, generate
 from streams.generators.check import (
+    CHECK_PRELUDE,
     FRONT_END_PROBE,
     STOPS_KEY,
     UnitResults,
@@ -71,7 +72,7 @@ def book_segments(tmp_path: Path) -> list[ParsedFile]:
 
 @pytest.fixture(scope="module")
 def pool() -> SandboxPool:
-    with SandboxPool(SandboxConfig(workers=2, timeout_s=20)) as warm:
+    with SandboxPool(SandboxConfig(workers=2, timeout_s=20, prelude=CHECK_PRELUDE)) as warm:
         yield warm
 
 

@@ -1,34 +1,34 @@
 """Elixir checks the code of every candidate's `gpt` turns before it is kept.
 
-The checks of one candidate are `Code.string_to_quoted!` (`parse`), `COMPILES`
-(`compile`) or `Code.compile_string` (`test`: code with ExUnit tests that must pass)
-calls; the code travels base64-encoded, so no quoting can break out. A `compile` check of
-one module stops Elixir's compiler where it hands the module to the Erlang backend
-(`COMPILES`): every error Elixir reports for code is raised by then, and the backend's
-code generation, most of a small module's compile time, cannot fail on what Elixir
-accepted. Whether this Elixir reports that stop as expected is probed by the first
-program of a process that compiles, and remembered (`STOPS_KEY`); the front end skips
-Elixir's "redefining module" check (`ignore_module_conflict`: a warning, paid for with a
-code path search per module). The instruct stage runs them on the evaluator's pool of
-warm, sandboxed BEAM VMs (`exforge.elixir.sandbox`), at most `batch` candidates per
-program, in rounds of one program per VM, shared evenly (`even_batches`). A program runs each
+The checks of one candidate are `Code.string_to_quoted!` (`parse`),
+`ExforgeCheck.compiles` (`compile`; `CHECK_PRELUDE`) or `Code.compile_string` (`test`:
+code with ExUnit tests that must pass) calls; the code travels base64-encoded, so no
+quoting can break out. A `compile` check of one module stops Elixir's compiler where it
+hands the module to the Erlang backend: every error Elixir reports for code is raised by
+then, and the backend's code generation, most of a small module's compile time, cannot
+fail on what Elixir accepted. Whether this Elixir reports that stop as expected is
+probed by the first program of a process that compiles, and remembered (`STOPS_KEY`);
+the front end skips Elixir's "redefining module" check (`ignore_module_conflict`: a
+warning, paid for with a code path search per module). The instruct stage runs them on
+the evaluator's pool of warm, sandboxed BEAM VMs (`exforge.elixir.sandbox`), which
+compile `ExforgeCheck` once as their prelude, at most `batch` candidates per program, in
+rounds of one program per VM, shared evenly (`even_batches`). A program runs each
 distinct check once (`unit`), its code held once in the program, compressed
-(`term_literal`), however many candidates hold it, and remembers its
-result, which it also reports, so that later programs of the same process take it
-from `UnitResults` instead of running the unit again; each candidate's verdict line,
-tagged with a per-program nonce, says whether all of its checks passed, in order,
-stopping at the first that fails (so a refactor pair whose original side does not
-compile is not compiled a second time). A `compile` check `like` another (a pipes
-pair's rewritten side) passes without compiling when that one passed and Elixir expands
-both to the same code (`same_expansion`); otherwise it is compiled. A parse
-check of code cut from a file (`Check.within`: whole clauses or lines, maybe
-de-indented) passes when the whole file parses: a complete piece of a file Elixir
-accepts is accepted alone (the corpus tests hold every generator to it); the piece is
-parsed alone only when the file is not. The
-program ends with a `done` line; a batch that did not reach it (a candidate halted or
-hung its VM) is run again one candidate per program, so one bad candidate never decides
-another's fate. A candidate with `test` checks runs alone: its own tests decide
-whether the program `passed`.
+(`term_literal`), however many candidates hold it, and remembers its result, which it
+also reports, so that later programs of the same process take it from `UnitResults`
+instead of running the unit again; each candidate's verdict line, tagged with a
+per-program nonce, says whether all of its checks passed, in order, stopping at the
+first that fails (so a refactor pair whose original side does not compile is not
+compiled a second time). A `compile` check `like` another (a pipes pair's rewritten
+side) passes without compiling when that one passed and Elixir expands both to the same
+code (`ExforgeCheck.same_expansion`); otherwise it is compiled. A parse check of code
+cut from a file (`Check.within`: whole clauses or lines, maybe de-indented) passes when
+the whole file parses: a complete piece of a file Elixir accepts is accepted alone (the
+corpus tests hold every generator to it); the piece is parsed alone only when the file
+is not. The program ends with a `done` line; a batch that did not reach it (a candidate
+halted or hung its VM) is run again one candidate per program, so one bad candidate
+never decides another's fate. A candidate with `test` checks runs alone: its own tests
+decide whether the program `passed`.
 """
 
 from __future__ import annotations

@@ -2,15 +2,16 @@
 
     python benchmarks/instruct_generation.py [--baseline DIR] [--repeat 2] [--corpus DIR]
 
-Every corpus file is analysed once (this checkout's parse stage) into `ParsedFile`
-records; then, in a fresh process per run, each record is read back and every candidate
-generated and graded (`streams.generators.generate`, all kinds) and validated with its
-Tekken token count (`streams.instruct.validated`), as the stage's handler does before
-the checks. Printed per run: process CPU seconds of generation and of validation, the
-candidates, and a sha256 over every candidate (sample JSON, check units, validation
-verdict and token count). `--baseline DIR` runs another checkout (with this venv)
-alternately with this one: the digests must agree, and the CPU figures come from runs
-next to each other in time.
+Every corpus file is analysed once by each checkout's parse stage into its own
+`ParsedFile` records (printed: the process CPU seconds of unpacking and analysing, as
+the records may differ); then, in a fresh process per run, each record is read back and
+every candidate generated and graded (`streams.generators.generate`, all kinds) and
+validated with its Tekken token count (`streams.instruct.validated`), as the stage's
+handler does before the checks. Printed per run: process CPU seconds of generation and
+of validation, the candidates, and a sha256 over every candidate (sample JSON, check
+units, validation verdict and token count). `--baseline DIR` runs another checkout
+(with this venv) alternately with this one: the digests must agree, and the CPU figures
+come from runs next to each other in time.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ def write_records(corpus: Path, work: Path) -> Path:
     return out
 
 
-def run(checkout: Path, records: Path) -> dict[str, object]:
-    """`measure` in a new process importing `checkout`."""
+def run(checkout: Path, *args: str) -> dict[str, object]:
+    """This script with `args` in a new process importing `checkout`."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
-    command = [sys.executable, __file__, "--measure", str(records)]
+    command = [sys.executable, __file__, *args]
     done = subprocess.run(command, env=env, cwd=checkout, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"{checkout}: {done.stderr}")
@@ -95,20 +96,32 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--corpus", type=Path, default=None, help="Default: shared/corpus.")
     parser.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--records", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure is not None:
         print(json.dumps(measure(args.measure)))
         return
-    checkouts = [REPO] if args.baseline is None else [args.baseline.resolve(), REPO]
-    with tempfile.TemporaryDirectory(prefix="instruct-generation-") as work:
-        sys.path.insert(0, str(REPO))
+    if args.records is not None:  # into this (empty) directory
         from benchmarks.corpus import CORPUS
 
-        records = write_records(args.corpus or CORPUS, Path(work))
+        args.records.mkdir(parents=True)
+        start = time.process_time()
+        records = write_records(args.corpus or CORPUS, args.records)
+        analyse_s = round(time.process_time() - start, 3)
+        print(json.dumps({"records": str(records), "analyse_s": analyse_s}))
+        return
+    checkouts = [REPO] if args.baseline is None else [args.baseline.resolve(), REPO]
+    with tempfile.TemporaryDirectory(prefix="instruct-generation-") as work:
+        records = {}
+        for index, checkout in enumerate(checkouts):
+            corpus = ["--corpus", str(args.corpus)] if args.corpus else []
+            made = run(checkout, "--records", str(Path(work) / str(index)), *corpus)
+            records[checkout] = str(made["records"])
+            print(f"[{checkout}] records: analyse_s {made['analyse_s']}", flush=True)
         digests = set()
         for repeat in range(args.repeat):
             for checkout in checkouts:
-                result = run(checkout, records)
+                result = run(checkout, "--measure", records[checkout])
                 digests.add(result["digest"])
                 print(f"[{checkout}] run {repeat}: {json.dumps(result)}", flush=True)
     print("digests agree" if len(digests) == 1 else f"DIGESTS DIFFER: {sorted(digests)}")

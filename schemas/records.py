@@ -175,6 +175,11 @@ class CodeMetrics(BaseModel):
     complexity: int = Field(
         1, ge=1, description="1 + branch points (extra clauses, if/unless, guards, and/or…)."
     )
+    nesting: int | None = Field(
+        None,
+        ge=0,
+        description="Deepest nesting of do-blocks and anonymous functions (None: not measured).",
+    )
 
 
 class ElixirAnalysis(BaseModel):

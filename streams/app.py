@@ -23,6 +23,7 @@ from typing import IO
 import faust
 
 from exforge.core.db import open_database
+from exforge.core.kafka import BrokerWatch
 from exforge.core.settings import Settings
 from exforge.core.store import open_store
 from streams import ingest, instruct, parse, shard
@@ -126,7 +127,13 @@ def build(
         store=open_store(settings),
         engine=open_database(settings),
         app=create_app(settings, index),
+        broker=BrokerWatch(settings.bootstrap),
     )
+
+    @ctx.app.on_before_shutdown.connect
+    async def close_watch(app: faust.App, **kwargs: object) -> None:
+        await ctx.broker.close()
+
     for name in stages:
         STAGES[name].attach(ctx)
     return ctx

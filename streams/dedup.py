@@ -176,7 +176,7 @@ class NearDup:
         self.batches: dict[int, list[str]] = {}
         self.indexed: frozenset[int] | None = None
         upstream = tuple(STAGE_INPUTS[stage] for stage in UPSTREAM)
-        self.drain = DrainWatch(ctx.settings, upstream)
+        self.drain = DrainWatch(ctx.settings, upstream, watch=ctx.broker)
         self.neardup_topic = topic_name(ctx.settings.topic_prefix, "files.neardup")
 
     def attach(self) -> None:

@@ -405,7 +405,9 @@ def attach(ctx: StageContext) -> None:
     attach_batch_stage(ctx, "shard", "instruction.samples", handle, max_batch=BATCH_SAMPLES)
 
     # sealing waits a little longer than a near-dup decision, which releases a batch
-    drain = DrainWatch(settings, tuple(STAGE_INPUTS.values()), checks=DRAINED_CHECKS)
+    drain = DrainWatch(
+        settings, tuple(STAGE_INPUTS.values()), checks=DRAINED_CHECKS, watch=ctx.broker
+    )
 
     def seal_now(drained: bool) -> int:
         """Shards sealed: all pending samples when drained, else full shards of samples

@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from sqlalchemy import Engine
 
 from exforge.core import tracing
+from exforge.core.kafka import BrokerWatch
 from exforge.core.settings import Settings
 from exforge.core.store import ObjectStore, sha256_hex
 from exforge.core.telemetry import (
@@ -149,6 +150,7 @@ class StageContext:
     store: ObjectStore
     engine: Engine
     app: faust.App
+    broker: BrokerWatch  # the process's looks at lag and drained inputs
     topics: dict[str, faust.TopicT] = field(default_factory=dict)
     activity: Activity = field(default_factory=Activity)
     # Stages holding work back (near-dup batches) say so here; the worker is not idle

@@ -77,14 +77,13 @@ def show_progress_lines() -> None:
     progress_log.propagate = False
 
 
-async def input_lag(settings: Settings) -> list[LagRow]:
+async def input_lag(ctx: StageContext) -> list[LagRow]:
     """The worker group's lag per stage-input partition (and update the gauge)."""
-    inputs = {topic_name(settings.topic_prefix, name) for name in STAGE_INPUTS.values()}
-    rows = []
-    for row in await consumer_lag(settings, groups=[settings.worker_group]):
+    settings = ctx.settings
+    inputs = [topic_name(settings.topic_prefix, name) for name in STAGE_INPUTS.values()]
+    rows = await consumer_lag(settings, [settings.worker_group], inputs, ctx.broker)
+    for row in rows:
         CONSUMER_LAG.labels(row.group, row.topic, str(row.partition)).set(row.lag)
-        if row.topic in inputs:
-            rows.append(row)
     return rows
 
 
@@ -231,7 +230,7 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
         if stopping:
             return
         try:
-            lag = await input_lag(settings)
+            lag = await input_lag(ctx)
             progress.observe(lag, time.monotonic())
             backlog = anomaly.lag_by_stage(lag, stage_of_topic)
             for change in await asyncio.to_thread(

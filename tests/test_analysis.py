@@ -9,7 +9,7 @@ from tree_sitter import Node
 
 from exforge.elixir.analysis import FileAnalysis, analyse, normalise
 from exforge.elixir.tree import Finder, argument_nodes, deeper_than, first_argument, parse, text
-from schemas.records import FunctionInfo
+from schemas.records import CodeMetrics, ElixirAnalysis, FunctionInfo
 from tests.support.elixir_ast import analysis_view, elixir_views
 
 REPO = Path(__file__).resolve().parent.parent
@@ -754,7 +754,8 @@ def test_syntax_error() -> None:
 
 
 def test_empty_and_moduleless() -> None:
-    assert analyse("") == FileAnalysis(modules=[], functions=[], has_errors=False, lines=0)
+    measured = ElixirAnalysis(metrics=CodeMetrics(nesting=0))
+    assert analyse("") == FileAnalysis(modules=[], functions=[], lines=0, details=measured)
     result = analyse("def loose(x), do: x\nIO.puts(:hi)")
     assert result.functions == []
     assert result.lines == 2

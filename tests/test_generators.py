@@ -19,6 +19,7 @@ from tree_sitter import Tree
 from exforge.core.store import sha256_hex
 from exforge.elixir import tree
 from exforge.elixir.analysis import analyse
+from exforge.elixir.features import nesting
 from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from exforge.elixir.tree import parse, parsed
 from exforge.llm.chat import SHIPPED_TEKKEN
@@ -38,7 +39,7 @@ from streams.generators.check import (
 )
 from streams.generators.code import WHOLE_FILE_LINES, fim_split
 from streams.generators.common import code_blocks, specs
-from streams.generators.grade import depth, difficulty
+from streams.generators.grade import difficulty
 from streams.generators.refactor import _rewrite, as_case, module_siblings
 from streams.generators.tokens import token_counter
 from streams.instruct import Verdicts, instruct
@@ -577,13 +578,15 @@ def parses(monkeypatch: pytest.MonkeyPatch) -> Counter[bytes]:
 def test_generation_parses_a_file_and_each_function_once(
     files: list[ParsedFile], parses: Counter[bytes]
 ) -> None:
-    """A file's text (its `@spec`s, its whole-file grade) and each function's source (one
-    per refactoring) are parsed once however many generators read them."""
+    """A file's text is parsed once for its `@spec`s, however many generators read them,
+    and not at all without them (its whole-file grade takes the nesting the parse stage
+    measured); each function's source (one per refactoring) is parsed once."""
     code_files = [f for f in files if f.kind == "elixir_file" and f.functions]
     for file in code_files:
         generate(file, file.content or "")
     texts = [(f.content or "").encode() for f in code_files]
-    assert [parses[t] for t in texts] == [1] * len(texts)
+    assert [parses[t] for t in texts] == [int(b"@spec" in t) for t in texts]
+    assert 0 in [parses[t] for t in texts]
     sources = {f.source.encode() for file in code_files for f in file.functions}
     assert sum(parses[s] for s in sources) > len(code_files)
     assert max(parses[s] for s in sources) == 1
@@ -606,23 +609,40 @@ def test_a_long_file_without_specs_is_not_parsed_again(parses: Counter[bytes]) -
     assert parses[b"def a0(x) do\n  x + 0\nend"] == 1, "its functions are parsed"
 
 
-def test_depth_counts_nested_do_blocks_and_anonymous_functions() -> None:
-    def nesting(code: str) -> int:
-        return depth(parse(code.encode()))
+def test_nesting_counts_nested_do_blocks_and_anonymous_functions() -> None:
+    def depth(code: str) -> int:
+        return nesting(parse(code.encode()))
 
-    assert nesting("x = 1") == 0
-    assert nesting("def f(x), do: x") == 0
-    assert nesting("def f(x) do\n  x\nend") == 1
+    assert depth("x = 1") == 0
+    assert depth("def f(x), do: x") == 0
+    assert depth("def f(x) do\n  x\nend") == 1
     assert (
-        nesting("def f(xs) do\n  Enum.map(xs, fn x ->\n    if x do\n      x\n    end\n  end)\nend")
+        depth("def f(xs) do\n  Enum.map(xs, fn x ->\n    if x do\n      x\n    end\n  end)\nend")
         == 3
     )
     # siblings do not nest: two blocks one after the other are one level each
-    assert nesting("if a do\n  1\nend\nif b do\n  2\nend") == 1
+    assert depth("if a do\n  1\nend\nif b do\n  2\nend") == 1
     assert (
-        nesting("defmodule M do\n  def a do\n    fn -> fn -> 1 end end\n  end\n  def b, do: 2\nend")
+        depth("defmodule M do\n  def a do\n    fn -> fn -> 1 end end\n  end\n  def b, do: 2\nend")
         == 4
     )
+
+
+def test_a_record_without_nesting_grades_as_one_with_it(files: list[ParsedFile]) -> None:
+    """The parse stage records each file's nesting; a record without it (another
+    producer's, or one from before) is graded from its parsed text, alike."""
+    code_files = [f for f in files if f.kind == "elixir_file"]
+    assert all(f.analysis.metrics.nesting is not None for f in code_files)
+    difficulty.cache_clear()
+    for file in code_files:
+        metrics = file.analysis.metrics.model_copy(update={"nesting": None})
+        unmeasured = file.model_copy(
+            update={"analysis": file.analysis.model_copy(update={"metrics": metrics})}
+        )
+        text = file.content or ""
+        assert [c.sample for c in generate(unmeasured, text)] == [
+            c.sample for c in generate(file, text)
+        ]
 
 
 def test_token_counts_read_a_model_directorys_tekken(tmp_path: Path) -> None:

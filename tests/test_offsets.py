@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 from aiokafka import AIOKafkaConsumer
@@ -13,9 +15,11 @@ from conftest import Pipeline
 from faust.types import TP
 
 from exforge.core.kafka import (
+    BrokerWatch,
     DrainWatch,
     consumer_lag,
     create_topics,
+    drained,
     end_offsets,
     metadata_consumer,
     producer,
@@ -154,6 +158,82 @@ def test_end_offsets_and_lag_count_every_record_of_a_batch(pipeline: Pipeline) -
     assert offsets == [0, 1, 2, 3, 4, 5]
     assert end == 6
     assert lag == [1]
+
+
+@asynccontextmanager
+async def counting_forwarder(bootstrap: str) -> AsyncIterator[tuple[str, list[int]]]:
+    """A TCP forwarder to `bootstrap`, and the count of connections it took: a client
+    bootstraps through it (then talks to the broker's advertised address)."""
+    host, port = bootstrap.rsplit(":", 1)
+    accepted = [0]
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def forward(client: asyncio.StreamReader, back: asyncio.StreamWriter) -> None:
+        accepted[0] += 1
+        upstream, out = await asyncio.open_connection(host, int(port))
+        await asyncio.gather(pipe(client, out), pipe(upstream, back))
+
+    server = await asyncio.start_server(forward, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{server.sockets[0].getsockname()[1]}", accepted
+    finally:
+        server.close()
+
+
+def test_a_watch_looks_again_without_new_clients_and_sees_new_records(
+    pipeline: Pipeline,
+) -> None:
+    """A worker's periodic looks (lag, drain checks) go through one `BrokerWatch`: its
+    clients start once, not per look (each start has the embedded broker list every
+    record batch it holds), and a partition's end, remembered between looks, still moves
+    with every new batch, each of whose records counts."""
+    settings = pipeline.settings
+    name = topic_name(settings.topic_prefix, "parsed.files")
+    partition = TopicPartition(name, 0)
+
+    async def batch(records: int) -> None:
+        async with producer(settings) as client:
+            await asyncio.gather(
+                *[await client.send(name, b"v", partition=0) for _ in range(records)]
+            )
+
+    async def scenario() -> tuple[list[object], int]:
+        await create_topics(settings)
+        seen: list[object] = []
+        async with counting_forwarder(settings.bootstrap) as (bootstrap, accepted):
+            watched = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+            watch = BrokerWatch(bootstrap)
+
+            async def look() -> None:
+                rows = await consumer_lag(watched, [settings.worker_group], [name], watch)
+                seen.append([r.lag for r in rows if r.partition == 0])
+                seen.append(await drained(watched, ["parsed.files"], watch))
+
+            try:
+                await look()
+                await batch(3)
+                await look()
+                await look()
+                await batch(2)
+                await look()
+                await commit_as_worker_group(settings, partition, 5)
+                await look()
+            finally:
+                await watch.close()
+            return seen, accepted[0]
+
+    seen, clients = asyncio.run(scenario())
+    assert seen == [[], True, [3], False, [3], False, [5], False, [0], True]
+    assert clients == 2  # the admin client and the consumer, once
 
 
 def test_a_drain_check_the_broker_never_answers_is_abandoned(

@@ -4,6 +4,7 @@ on every conversation the generators make of the real corpus and on edge cases."
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable, Sequence
 from itertools import pairwise
 from pathlib import Path
@@ -14,7 +15,13 @@ from mistral_common.tokens.tokenizers.base import SpecialTokens
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from mistral_common.tokens.tokenizers.tekken import Tekkenizer
 
-from exforge.llm.chat import SHIPPED_TEKKEN, load_tokenizer, to_request, token_counter
+from exforge.llm.chat import (
+    SHIPPED_TEKKEN,
+    TEKKEN_PATTERN,
+    load_tokenizer,
+    to_request,
+    token_counter,
+)
 from streams.files import analysed_file
 from streams.generators import generate
 from tests.support.corpus import unpack
@@ -78,6 +85,8 @@ def test_counts_equal_mistral_commons_on_every_corpus_conversation(
     conversations: list[Conversation],
 ) -> None:
     tokenizer = load_tokenizer()
+    # the texts are counted by paragraphs, as this pattern allows
+    assert tokenizer.instruct_tokenizer.tokenizer._model._pat_str == TEKKEN_PATTERN
     count = token_counter(tokenizer)
     every = conversations + variants(conversations[::5])
     counted = [count(c) for c in every]
@@ -117,8 +126,11 @@ TEXTS = [
     "naïve — 漢字 🙂 e\u0301",
     "lone \ud800 surrogate and a pair \ud83d\ude00",
     "crlf\r\n  line\r\n",
-    "a)\n/path\n\n\n  \n\tdef x,\n  do: 1\n\n",
     "\n\n\n",
+    # where paragraphs are cut, and where not: a newline that a match may run past
+    "a)\n\n/path\n\n\n  \n\tdef x,\n\n  do: 1\n\n",
+    "x  \n\n  \n  y\n\n\u00a0z\n\n\u2028w\n\n\x1cv\n\n",
+    'end\n\n\n\n  @doc """\n\n  Text.\n\n  """\r\n\r\n  def f, do: 1\n\n# c\n\n)\n\n1',
 ]
 EDGE = [
     *(turns(("human", t), ("gpt", "ok")) for t in TEXTS),
@@ -149,3 +161,18 @@ def test_edge_cases_count_or_fail_as_mistral_commons(version: str, tmp_path: Pat
     for conversation in EDGE:
         expected = outcome(lambda c: exact(tokenizer, c), conversation)
         assert outcome(count, conversation) == expected, conversation
+
+
+def test_texts_cut_into_paragraphs_count_as_whole_texts() -> None:
+    """Random texts of the pieces that decide where a pre-tokenizer match ends (newlines,
+    blank lines, spaces, tabs, other whitespace, "/", punctuation, letters, digits):
+    counted by paragraphs, as mistral-common counts them whole."""
+    pieces = ["\n", "\n\n", "\r\n", " ", "  ", "\t", "\u00a0", "\u2028", "/", "//", ")", "#"]
+    pieces += ["end", "Def", "x1", "7", "é", "漢", "🙂", '"""', "[INST]", "</s>"]
+    rng = random.Random(16)
+    tokenizer = load_tokenizer()
+    count = token_counter(tokenizer)
+    for _ in range(2_000):
+        text = "".join(rng.choices(pieces, k=rng.randint(1, 40)))
+        conversation = turns(("human", text), ("gpt", f"{text}x"))
+        assert count(conversation) == exact(tokenizer, conversation), text

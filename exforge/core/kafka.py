@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -22,13 +23,15 @@ CLIENT_ID = "exforge"
 REQUEST_TIMEOUT_MS = 15_000
 
 
+def _admin(bootstrap: str) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap, client_id=CLIENT_ID, request_timeout_ms=REQUEST_TIMEOUT_MS
+    )
+
+
 @asynccontextmanager
 async def admin_client(settings: Settings) -> AsyncIterator[AIOKafkaAdminClient]:
-    admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.bootstrap,
-        client_id=CLIENT_ID,
-        request_timeout_ms=REQUEST_TIMEOUT_MS,
-    )
+    admin = _admin(settings.bootstrap)
     await admin.start()
     try:
         yield admin
@@ -115,6 +118,14 @@ async def metadata_consumer(settings: Settings) -> AsyncIterator[AIOKafkaConsume
 @asynccontextmanager
 async def bootstrap_consumer(bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
     """A started consumer of no group on `bootstrap` (host:port,…), stopped after."""
+    consumer = await _started_consumer(bootstrap)
+    try:
+        yield consumer
+    finally:
+        await consumer.stop()
+
+
+async def _started_consumer(bootstrap: str) -> AIOKafkaConsumer:
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         client_id=CLIENT_ID,
@@ -126,17 +137,18 @@ async def bootstrap_consumer(bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
     except BaseException:
         await consumer.stop()
         raise
-    try:
-        yield consumer
-    finally:
-        await consumer.stop()
+    return consumer
 
 
 PROBE_TIMEOUT_MS = 2000
 
 
+# partition → (end the broker reported, end found by fetching the record before it)
+KnownEnds = dict[TopicPartition, tuple[int, int]]
+
+
 async def end_offsets(
-    consumer: AIOKafkaConsumer, partitions: list[TopicPartition]
+    consumer: AIOKafkaConsumer, partitions: list[TopicPartition], known: KnownEnds | None = None
 ) -> dict[TopicPartition, int]:
     """The end offset of each partition: one past its last record.
 
@@ -145,9 +157,19 @@ async def end_offsets(
     records produced in one batch at offsets 0-2 give end offset 1). So the record
     before the reported end is fetched as well: the broker returns its whole batch, and
     the end is one past the last record in it. On Kafka that record is the last one and
-    the reported end stands. `consumer` must belong to no group (it is assigned here)."""
-    ends: dict[TopicPartition, int] = dict(await consumer.end_offsets(partitions))
-    probe = {tp for tp, end in ends.items() if end > 0}
+    the reported end stands. `consumer` must belong to no group (it is assigned here).
+
+    `known`, kept by the caller between calls on one broker, saves those fetches (each
+    of which the embedded broker answers by listing every batch of the partition): a
+    written batch never changes and a new one moves the reported end, so a partition
+    whose reported end has not moved keeps the end found before."""
+    reported: dict[TopicPartition, int] = dict(await consumer.end_offsets(partitions))
+    known = {} if known is None else known
+    ends = {
+        tp: known[tp][1] if known.get(tp, (-1, 0))[0] == end else end
+        for tp, end in reported.items()
+    }
+    probe = {tp for tp, end in reported.items() if end > 0 and known.get(tp, (-1, 0))[0] != end}
     if not probe:
         return ends
     consumer.assign(sorted(probe))
@@ -162,8 +184,11 @@ async def end_offsets(
         for tp, records in batch.items():
             if records:
                 ends[tp] = max(ends[tp], records[-1].offset + 1)
+                known[tp] = (reported[tp], ends[tp])
                 probe.discard(tp)
-    consumer.assign([])
+    # paused, not unassigned: an empty assignment has the client ask for the metadata of
+    # every topic, which the embedded broker answers by listing every batch it holds
+    consumer.pause(*consumer.assignment())
     return ends
 
 
@@ -201,21 +226,117 @@ class LagRow:
         return self.end - (self.committed or 0)
 
 
-async def consumer_lag(settings: Settings, groups: Iterable[str] | None = None) -> list[LagRow]:
-    """Committed offset, end offset and lag per group/topic/partition of exforge topics."""
-    async with admin_client(settings) as admin, metadata_consumer(settings) as consumer:
-        if groups is None:
-            listed = await admin.list_consumer_groups()
-            groups = sorted(g for g, *_ in listed if g.startswith(settings.topic_prefix))
-        topics = [t for t in await consumer.topics() if t.startswith(settings.topic_prefix)]
-        partitions = [
-            TopicPartition(t, p) for t in sorted(topics) for p in consumer.partitions_for_topic(t)
+class BrokerWatch:
+    """A process's clients for its periodic looks at the broker (lag, drain checks),
+    started at the first look and kept: a look costs only its own requests. A client
+    started for each look bootstraps with the metadata of every topic, which the
+    embedded broker answers by listing every record batch it holds, so looks made that
+    way cost the broker more the more data it held (most of its CPU in a hex-scale run).
+    So partitions come from the metadata of the named topics only, and each partition's
+    end is fetched again only once its reported end moved (`end_offsets`). A look that
+    fails or is abandoned stops the clients; the next one starts them afresh."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self._clients: tuple[AIOKafkaAdminClient, AIOKafkaConsumer] | None = None
+        self._partitions: dict[str, int] = {}  # topic → partition count
+        self._ends: KnownEnds = {}
+        self._starting = asyncio.Lock()  # looks made at once start one pair of clients
+        self._probing = asyncio.Lock()  # the probes share the consumer's assignment
+
+    @asynccontextmanager
+    async def _look(self) -> AsyncIterator[tuple[AIOKafkaAdminClient, AIOKafkaConsumer]]:
+        async with self._starting:
+            if self._clients is None:
+                admin = _admin(self.bootstrap)
+                await admin.start()
+                try:
+                    self._clients = (admin, await _started_consumer(self.bootstrap))
+                except BaseException:
+                    await admin.close()
+                    raise
+            clients = self._clients
+        try:
+            yield clients
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        clients, self._clients = self._clients, None
+        self._ends = {}
+        if clients is not None:
+            admin, consumer = clients
+            await consumer.stop()
+            await admin.close()
+
+    async def groups(self) -> list[str]:
+        async with self._look() as (admin, _):
+            return [group for group, *_ in await admin.list_consumer_groups()]
+
+    async def topics(self) -> set[str]:
+        """Every topic's name (the metadata of every topic: for one-off looks)."""
+        async with self._look() as (_, consumer):
+            return set(await consumer.topics())
+
+    async def partitions(self, topics: Iterable[str]) -> list[TopicPartition]:
+        """The partitions of those of `topics` that exist."""
+        names = sorted(set(topics))
+        async with self._look() as (admin, _):
+            missing = [name for name in names if name not in self._partitions]
+            if missing:
+                for topic in await admin.describe_topics(missing):
+                    if topic["error_code"] == 0 and topic["partitions"]:
+                        self._partitions[topic["topic"]] = len(topic["partitions"])
+        return [
+            TopicPartition(name, p)
+            for name in names
+            if name in self._partitions
+            for p in range(self._partitions[name])
         ]
-        ends = await end_offsets(consumer, partitions) if partitions else {}
+
+    async def ends(self, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+        async with self._look() as (_, consumer), self._probing:
+            return await end_offsets(consumer, partitions, self._ends)
+
+    async def committed(self, group: str, partitions: list[TopicPartition]) -> dict[Any, Any]:
+        """The group's committed offset metadata per partition (the broker here answers
+        OffsetFetch only with explicit partitions)."""
+        async with self._look() as (admin, _):
+            return dict(await admin.list_consumer_group_offsets(group, partitions=partitions))
+
+
+@asynccontextmanager
+async def watching(settings: Settings, watch: BrokerWatch | None) -> AsyncIterator[BrokerWatch]:
+    """`watch`, or one for a single look (closed after it)."""
+    if watch is not None:
+        yield watch
+        return
+    once = BrokerWatch(settings.bootstrap)
+    try:
+        yield once
+    finally:
+        await once.close()
+
+
+async def consumer_lag(
+    settings: Settings,
+    groups: Iterable[str] | None = None,
+    topics: Iterable[str] | None = None,
+    watch: BrokerWatch | None = None,
+) -> list[LagRow]:
+    """Committed offset, end offset and lag per group/topic/partition of `topics` (full
+    names; default: every exforge topic)."""
+    async with watching(settings, watch) as look:
+        if groups is None:
+            groups = sorted(g for g in await look.groups() if g.startswith(settings.topic_prefix))
+        if topics is None:
+            topics = [t for t in await look.topics() if t.startswith(settings.topic_prefix)]
+        partitions = await look.partitions(topics)
+        ends = await look.ends(partitions) if partitions else {}
         rows: list[LagRow] = []
         for group in groups:
-            # The broker here answers OffsetFetch only with explicit partitions.
-            offsets = await admin.list_consumer_group_offsets(group, partitions=partitions)
+            offsets = await look.committed(group, partitions)
             for tp in partitions:
                 meta = offsets.get(tp)
                 committed = meta.offset if meta is not None and meta.offset >= 0 else None
@@ -314,7 +435,9 @@ def eta_text(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-async def drained(settings: Settings, topics: Iterable[str]) -> bool:
+async def drained(
+    settings: Settings, topics: Iterable[str], watch: BrokerWatch | None = None
+) -> bool:
     """Whether every message of these catalogue topics is consumed and committed by the
     worker group.
 
@@ -323,17 +446,12 @@ async def drained(settings: Settings, topics: Iterable[str]) -> bool:
     show in the end offsets read after it.
     """
     names = {topic_name(settings.topic_prefix, topic) for topic in topics}
-    async with admin_client(settings) as admin, metadata_consumer(settings) as consumer:
-        present = [t for t in await consumer.topics() if t in names]
-        partitions = [
-            TopicPartition(t, p) for t in sorted(present) for p in consumer.partitions_for_topic(t)
-        ]
+    async with watching(settings, watch) as look:
+        partitions = await look.partitions(names)
         if not partitions:
             return True
-        committed = await admin.list_consumer_group_offsets(
-            settings.worker_group, partitions=partitions
-        )
-        ends = await end_offsets(consumer, partitions)
+        committed = await look.committed(settings.worker_group, partitions)
+        ends = await look.ends(partitions)
     for tp in partitions:
         meta = committed.get(tp)
         done = meta.offset if meta is not None and meta.offset >= 0 else 0
@@ -358,11 +476,12 @@ class DrainWatch:
     checks: int = 2
     streak: int = 0
     timeout_s: float = ANSWER_TIMEOUT_S
+    watch: BrokerWatch | None = None  # the process's; None: clients of its own per look
 
     async def observe(self) -> bool:
         """Look once more; True once the inputs were drained `checks` times in a row."""
         try:
-            check = drained(self.settings, self.topics)
+            check = drained(self.settings, self.topics, self.watch)
             self.streak = self.streak + 1 if await asyncio.wait_for(check, self.timeout_s) else 0
         except TimeoutError:
             log.warning("drain check abandoned: no answer in %g s", self.timeout_s)

@@ -5,7 +5,8 @@ primitives, macros, ExUnit, supervision trees) comes from the tokens that show i
 binary operators counted, `fn`, comments and calls by name are found in the text and
 confirmed in the tree (cheaper than any walk of the whole tree, a tree-sitter query's
 too); Python only looks at those nodes, so the cost stays close to parsing alone.
-Doctests come from the docs the module walk read; metrics from the text.
+Doctests come from the docs the module walk read; metrics from the text, but for the
+nesting of do-blocks and anonymous functions, which a query finds.
 
 Conventions:
 
@@ -25,11 +26,11 @@ from collections.abc import Iterable
 from typing import TypeGuard
 
 import numpy as np
-from tree_sitter import Node
+from tree_sitter import Node, Query, QueryCursor
 
 from exforge.elixir.definitions import Definitions
 from exforge.elixir.hashing import WORD_BYTES, tokens
-from exforge.elixir.tree import COMMENT, Finder, argument_nodes, named, text
+from exforge.elixir.tree import COMMENT, LANGUAGE, Finder, argument_nodes, named, text
 from schemas.records import (
     BehaviourUse,
     CodeMetrics,
@@ -40,7 +41,9 @@ from schemas.records import (
     SupervisionTree,
 )
 
-__all__ = ["OTP_CALLBACKS", "code_metrics", "doctests", "features"]
+__all__ = ["OTP_CALLBACKS", "code_metrics", "doctests", "features", "nesting"]
+
+NESTING_QUERY = Query(LANGUAGE, "[(do_block) (anonymous_function)] @nesting")
 
 # Callbacks of the process behaviours a module can adopt with `use`/`@behaviour`.
 OTP_CALLBACKS: dict[str, frozenset[str]] = {
@@ -181,8 +184,24 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
             _comments(data, finder, words),
             found.functions,
             _complexity(found, _fns(data, finder, words), operators, local_calls),
+            nesting(root),
         ),
     )
+
+
+def nesting(node: Node) -> int:
+    """Deepest nesting of do-blocks and anonymous functions (found by a query, their
+    nesting read from their byte ranges: a node encloses the ones that start inside it)."""
+    found = QueryCursor(NESTING_QUERY).captures(node).get("nesting", [])
+    spans = sorted((n.start_byte, -n.end_byte) for n in found)
+    best = 0
+    open_ends: list[int] = []
+    for start, negative_end in spans:
+        while open_ends and open_ends[-1] <= start:
+            open_ends.pop()
+        open_ends.append(-negative_end)
+        best = max(best, len(open_ends))
+    return best
 
 
 # --------------------------------------------------------------------------- helpers
@@ -613,13 +632,14 @@ def code_metrics(
     comments: Iterable[Node],
     functions: list[FunctionInfo],
     complexity: int,
+    nesting: int,
 ) -> CodeMetrics:
     """Line metrics of `source` (`data` is its UTF-8 encoding, `comments` its comments)."""
     lines = source.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if not lines:
-        return CodeMetrics(complexity=complexity)
+        return CodeMetrics(complexity=complexity, nesting=nesting)
     lengths = list(map(len, lines))
     non_blank = len(lines) - lines.count("") - sum(map(str.isspace, lines))
     comment_rows = set()
@@ -640,4 +660,5 @@ def code_metrics(
         mean_line_length=sum(lengths) / len(lengths),
         alphanumeric_fraction=alnum / len(source) if source else 0.0,
         complexity=complexity,
+        nesting=nesting,
     )

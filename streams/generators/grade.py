@@ -20,10 +20,9 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from tree_sitter import Node, Query, QueryCursor
-
 from exforge.elixir.analysis import analyse
-from exforge.elixir.tree import LANGUAGE, parse, parsed
+from exforge.elixir.features import nesting
+from exforge.elixir.tree import parse, parsed
 from schemas.records import ElixirAnalysis, InstructionSample, ParsedFile
 from streams.generators.common import code_blocks
 
@@ -39,32 +38,16 @@ STAGES: dict[str, int] = {
     "refactor_pattern_match": 2,
     "book_qa": 3,
 }
-NESTING_QUERY = Query(LANGUAGE, "[(do_block) (anonymous_function)] @nesting")
 
 
-def depth(node: Node) -> int:
-    """Deepest nesting of do-blocks and anonymous functions (found by a query, their
-    nesting read from their byte ranges: a node encloses the ones that start inside it)."""
-    found = QueryCursor(NESTING_QUERY).captures(node).get("nesting", [])
-    spans = sorted((n.start_byte, -n.end_byte) for n in found)
-    best = 0
-    open_ends: list[int] = []
-    for start, negative_end in spans:
-        while open_ends and open_ends[-1] <= start:
-            open_ends.pop()
-        open_ends.append(-negative_end)
-        best = max(best, len(open_ends))
-    return best
-
-
-def points(features: ElixirAnalysis, nesting: int, concepts: int) -> float:
+def points(features: ElixirAnalysis, depth: int, concepts: int) -> float:
     otp = bool(features.behaviours or features.supervisors) or (
         features.spawns + features.sends + features.receives > 0
     )
     macros = features.macros + features.quotes + features.unquotes > 0
     return (
         min(features.metrics.complexity - 1, 8) / 4
-        + min(max(nesting - 2, 0), 2) / 2
+        + min(max(depth - 2, 0), 2) / 2
         + (1.0 if otp else 0.0)
         + (1.5 if macros else 0.0)
         + (0.5 if features.metrics.loc > 40 else 0.0)
@@ -72,9 +55,14 @@ def points(features: ElixirAnalysis, nesting: int, concepts: int) -> float:
     )
 
 
-def score(features: ElixirAnalysis, root: Node, concepts: int, floor: int) -> int:
-    """The difficulty of code with these features and this syntax tree."""
-    return max(floor, min(5, 1 + math.floor(points(features, depth(root), concepts))))
+def score(features: ElixirAnalysis, data: bytes, concepts: int, floor: int) -> int:
+    """The difficulty of code with these features; its bytes, `data`, are parsed only
+    when the features lack its nesting (a record another producer made, or one from
+    before the analysis measured it)."""
+    depth = features.metrics.nesting
+    if depth is None:
+        depth = nesting(parsed(data))
+    return max(floor, min(5, 1 + math.floor(points(features, depth, concepts))))
 
 
 def _encoded(code: str) -> tuple[str, bytes]:
@@ -84,10 +72,9 @@ def _encoded(code: str) -> tuple[str, bytes]:
 
 @lru_cache(maxsize=4096)
 def difficulty(code: str, concepts: int, floor: int = 1) -> int:
-    """The score of `code` (parsed once; kinds that teach the same code share it)."""
+    """The score of `code` (analysed once; kinds that teach the same code share it)."""
     source, data = _encoded(code)
-    root = parse(data)
-    return score(analyse(source, data, root).details, root, concepts, floor)
+    return score(analyse(source, data, parse(data)).details, data, concepts, floor)
 
 
 def graded(sample: InstructionSample, file: ParsedFile, text: str) -> InstructionSample:
@@ -103,7 +90,7 @@ def graded(sample: InstructionSample, file: ParsedFile, text: str) -> Instructio
     concepts = len(sample.meta.concepts)
     source, data = _encoded(code)
     if file.kind == "elixir_file" and source == text:
-        level = score(file.analysis, parsed(data), concepts, floor)
+        level = score(file.analysis, data, concepts, floor)
     else:
         level = difficulty(code, concepts, floor)
     meta = sample.meta.model_copy(update={"stage": STAGES[sample.meta.kind], "difficulty": level})

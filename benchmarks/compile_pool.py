@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from streams.files import analysed_file
 from streams.generators import Candidate, generate
-from streams.generators.check import check_all, check_program
+from streams.generators.check import CHECK_PRELUDE, check_all, check_program
 from tests.support.records import raw_package
 
 CORPUS = Path(__file__).resolve().parent.parent / "examples" / "corpus"
@@ -63,7 +63,8 @@ def per_process(candidates: list[Candidate], workers: int) -> list[bool]:
 
 
 def pooled(candidates: list[Candidate], workers: int) -> list[bool]:
-    with SandboxPool(SandboxConfig(workers=workers, timeout_s=20)) as pool:
+    config = SandboxConfig(workers=workers, timeout_s=20, prelude=CHECK_PRELUDE)
+    with SandboxPool(config) as pool:
         return [r is None for r in check_all(pool, [c.checks for c in candidates])]
 
 

@@ -35,7 +35,12 @@ from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from schemas.records import InstructionSample, ParsedFile
 from schemas.sharegpt import sharegpt_problems
 from streams.generators import KINDS, Candidate, doc_to_code_samples, generate
-from streams.generators.check import PROGRAM_CANDIDATES, UnitResults, check_all
+from streams.generators.check import (
+    CHECK_PRELUDE,
+    PROGRAM_CANDIDATES,
+    UnitResults,
+    check_all,
+)
 from streams.generators.tokens import TokenCounter, token_counter
 from streams.stage import Failure, Output, Result, StageContext, attach_batch_stage
 
@@ -166,6 +171,7 @@ class LazyPool:
             # Corpus code is checked also where the kernel refuses namespaces (containers
             # without user namespaces); evaluation of model output refuses instead.
             allow_unisolated=True,
+            prelude=CHECK_PRELUDE,
         )
         self._pool: SandboxPool | None = None
         self._lock = threading.Lock()

@@ -145,6 +145,22 @@ def test_candidates_do_not_see_each_other_or_the_host(monkeypatch: pytest.Monkey
     assert not any(o.worker_replaced for o in (second, fourth, sixth))
 
 
+def test_a_prelude_stays_loaded_and_a_candidate_that_redefines_it_is_discarded() -> None:
+    """Every VM compiles the pool's prelude once, before its baseline: each candidate
+    finds it loaded; one that redefines a module of it leaves the VM dirty, and the next
+    candidate gets the prelude as it was."""
+    prelude = "defmodule Prelude do\n  def double(x), do: x * 2\nend\n"
+    uses = program("Prelude.double(x)")
+    redefines = program(
+        "Prelude.double(x)",
+        before="defmodule Prelude do\n  def double(x), do: x * 3\nend\n",
+    )
+    with SandboxPool(SandboxConfig(workers=1, prelude=prelude)) as pool:
+        outcomes = pool.map([uses, uses, redefines, uses])
+    assert [o.status for o in outcomes] == ["passed", "passed", "failed", "passed"]
+    assert [o.worker_replaced for o in outcomes] == [False, False, True, False]
+
+
 def test_strict_mode_gives_every_candidate_a_fresh_vm() -> None:
     with SandboxPool(SandboxConfig(workers=2, max_uses=1)) as pool:
         outcomes = pool.map([GOOD, HOSTILE["assertion"][0], GOOD])

@@ -27,6 +27,7 @@ from schemas.records import InstructionSample, ParsedFile, RawPackage
 from streams.files import analysed_file
 from streams.generators import KINDS, STAGES, Candidate, Check, generate
 from streams.generators.check import (
+    CHECK_PRELUDE,
     FRONT_END_PROBE,
     STOPS_KEY,
     UnitResults,
@@ -34,6 +35,7 @@ from streams.generators.check import (
     check_all,
     check_lines,
     even_batches,
+    pool_program,
 )
 from streams.generators.code import WHOLE_FILE_LINES, fim_split
 from streams.generators.common import code_blocks, specs
@@ -71,7 +73,7 @@ def book_segments(tmp_path: Path) -> list[ParsedFile]:
 
 @pytest.fixture(scope="module")
 def pool() -> SandboxPool:
-    with SandboxPool(SandboxConfig(workers=2, timeout_s=20)) as warm:
+    with SandboxPool(SandboxConfig(workers=2, timeout_s=20, prelude=CHECK_PRELUDE)) as warm:
         yield warm
 
 
@@ -248,7 +250,13 @@ def test_a_program_holds_each_code_once_compressed_and_checks_it_as_written(
     ]
     program = batch_program(checks)
     assert len(program.source.encode()) < len(file.encode()), "the file travels compressed"
-    assert check_all(pool, checks) == [None] * (len(pieces) + 1) + ["parse_failed"]
+    tests = (
+        'defmodule BigTest do\n  use ExUnit.Case\n  test "f", do: assert Big.f3([1]) == [4]\nend\n'
+    )
+    alone = [Check(f"{file}\n{tests}", "test")]
+    assert len(pool_program(alone).encode()) < len(file.encode()), "so does a tested one's"
+    checks.append(alone)
+    assert check_all(pool, checks) == [None] * (len(pieces) + 1) + ["parse_failed", None]
 
 
 def test_pipes_rewrites_elixir_expands_like_their_function_are_not_compiled_again(

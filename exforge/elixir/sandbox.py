@@ -32,6 +32,7 @@ hunted down the worker's reply port inside a reused VM could forge its own resul
 
 from __future__ import annotations
 
+import base64
 import os
 import queue
 import select
@@ -110,6 +111,10 @@ class SandboxConfig:
     max_uses: int = 0  # candidates per VM; 0: as many as stay clean
     boot_timeout_s: float = 60.0
     allow_unisolated: bool = False  # run without namespaces where the kernel refuses them
+    # Elixir each VM compiles once at boot, before its baseline state is taken: modules
+    # every program of this pool uses, kept loaded (a program that redefines one leaves
+    # its VM dirty)
+    prelude: str = ""
 
 
 @dataclass(frozen=True)
@@ -327,6 +332,7 @@ class BeamWorker:
             str(config.max_output),
             home,
             "1" if isolated else "0",
+            base64.b64encode(config.prelude.encode()).decode(),
         ]
         try:
             with (self.dir / "stderr.log").open("wb") as stderr:

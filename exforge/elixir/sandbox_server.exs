@@ -9,8 +9,9 @@
 # that cleaning could not undo for certain; the host then discards this worker.
 #
 # Arguments: REQUEST_FD REPLY_FD TEST_TIMEOUT_MS MAX_OUTPUT_BYTES WORK_DIR OWN_PID_NAMESPACE
-# (OWN_PID_NAMESPACE=1: every OS process in /proc is this VM's, so the ones a candidate
-# leaves running count as changed state.)
+# PRELUDE (OWN_PID_NAMESPACE=1: every OS process in /proc is this VM's, so the ones a
+# candidate leaves running count as changed state. PRELUDE: base64 of Elixir compiled once
+# before the baseline, maybe empty.)
 
 defmodule Exforge.Sandbox.Sink do
   @moduledoc "An IO device that keeps the first `limit` bytes written to it."
@@ -109,7 +110,7 @@ defmodule Exforge.Sandbox.Server do
   end
   """
 
-  def main([request_fd, reply_fd, timeout_ms, max_output, work_dir, own_pid_namespace]) do
+  def main([request_fd, reply_fd, timeout_ms, max_output, work_dir, own_pid_namespace, prelude]) do
     config = %{
       timeout_ms: String.to_integer(timeout_ms),
       max_output: String.to_integer(max_output),
@@ -118,6 +119,7 @@ defmodule Exforge.Sandbox.Server do
     }
 
     ExUnit.start(autorun: false)
+    Code.compile_string(Base.decode64!(prelude), "prelude.ex")
     fds = {:fd, String.to_integer(request_fd), String.to_integer(reply_fd)}
     # :eof: the host closing its end (it exited, even by SIGKILL) ends this VM too.
     port = Port.open(fds, [:binary, {:packet, 4}, :eof])
@@ -237,7 +239,7 @@ defmodule Exforge.Sandbox.Server do
     Enum.each(sinks, &Process.exit(&1, :kill))
     strays = Process.list() -- [self() | before.processes ++ sinks]
     Enum.each(strays, &Process.exit(&1, :kill))
-    Enum.each(in_memory_modules() -- before.modules, &unload/1)
+    Enum.each(in_memory_modules() -- Enum.map(before.modules, &elem(&1, 0)), &unload/1)
     drain_test_modules()
     await_exit(strays)
     strays != []
@@ -285,7 +287,8 @@ defmodule Exforge.Sandbox.Server do
       os_processes: os_processes(config),
       home: config.work_dir |> File.ls!() |> Enum.sort(),
       processes: Process.list() |> Enum.sort(),
-      modules: in_memory_modules() |> Enum.sort(),
+      # with their checksums: a module of the baseline redefined is changed state too
+      modules: in_memory_modules() |> Enum.map(&{&1, &1.module_info(:md5)}) |> Enum.sort(),
       registered: Process.registered() |> Enum.sort(),
       ports: Port.list() |> Enum.sort(),
       ets: :ets.all() |> Enum.sort(),

@@ -1,34 +1,34 @@
 """Elixir checks the code of every candidate's `gpt` turns before it is kept.
 
-The checks of one candidate are `Code.string_to_quoted!` (`parse`), `COMPILES`
-(`compile`) or `Code.compile_string` (`test`: code with ExUnit tests that must pass)
-calls; the code travels base64-encoded, so no quoting can break out. A `compile` check of
-one module stops Elixir's compiler where it hands the module to the Erlang backend
-(`COMPILES`): every error Elixir reports for code is raised by then, and the backend's
-code generation, most of a small module's compile time, cannot fail on what Elixir
-accepted. Whether this Elixir reports that stop as expected is probed by the first
-program of a process that compiles, and remembered (`STOPS_KEY`); the front end skips
-Elixir's "redefining module" check (`ignore_module_conflict`: a warning, paid for with a
-code path search per module). The instruct stage runs them on the evaluator's pool of
-warm, sandboxed BEAM VMs (`exforge.elixir.sandbox`), at most `batch` candidates per
-program, in rounds of one program per VM, shared evenly (`even_batches`). A program runs each
+The checks of one candidate are `Code.string_to_quoted!` (`parse`),
+`ExforgeCheck.compiles` (`compile`; `CHECK_PRELUDE`) or `Code.compile_string` (`test`:
+code with ExUnit tests that must pass) calls; the code travels base64-encoded, so no
+quoting can break out. A `compile` check of one module stops Elixir's compiler where it
+hands the module to the Erlang backend: every error Elixir reports for code is raised by
+then, and the backend's code generation, most of a small module's compile time, cannot
+fail on what Elixir accepted. Whether this Elixir reports that stop as expected is
+probed by the first program of a process that compiles, and remembered (`STOPS_KEY`);
+the front end skips Elixir's "redefining module" check (`ignore_module_conflict`: a
+warning, paid for with a code path search per module). The instruct stage runs them on
+the evaluator's pool of warm, sandboxed BEAM VMs (`exforge.elixir.sandbox`), which
+compile `ExforgeCheck` once as their prelude, at most `batch` candidates per program, in
+rounds of one program per VM, shared evenly (`even_batches`). A program runs each
 distinct check once (`unit`), its code held once in the program, compressed
-(`term_literal`), however many candidates hold it, and remembers its
-result, which it also reports, so that later programs of the same process take it
-from `UnitResults` instead of running the unit again; each candidate's verdict line,
-tagged with a per-program nonce, says whether all of its checks passed, in order,
-stopping at the first that fails (so a refactor pair whose original side does not
-compile is not compiled a second time). A `compile` check `like` another (a pipes
-pair's rewritten side) passes without compiling when that one passed and Elixir expands
-both to the same code (`same_expansion`); otherwise it is compiled. A parse
-check of code cut from a file (`Check.within`: whole clauses or lines, maybe
-de-indented) passes when the whole file parses: a complete piece of a file Elixir
-accepts is accepted alone (the corpus tests hold every generator to it); the piece is
-parsed alone only when the file is not. The
-program ends with a `done` line; a batch that did not reach it (a candidate halted or
-hung its VM) is run again one candidate per program, so one bad candidate never decides
-another's fate. A candidate with `test` checks runs alone: its own tests decide
-whether the program `passed`.
+(`term_literal`), however many candidates hold it, and remembers its result, which it
+also reports, so that later programs of the same process take it from `UnitResults`
+instead of running the unit again; each candidate's verdict line, tagged with a
+per-program nonce, says whether all of its checks passed, in order, stopping at the
+first that fails (so a refactor pair whose original side does not compile is not
+compiled a second time). A `compile` check `like` another (a pipes pair's rewritten
+side) passes without compiling when that one passed and Elixir expands both to the same
+code (`ExforgeCheck.same_expansion`); otherwise it is compiled. A parse check of code
+cut from a file (`Check.within`: whole clauses or lines, maybe de-indented) passes when
+the whole file parses: a complete piece of a file Elixir accepts is accepted alone (the
+corpus tests hold every generator to it); the piece is parsed alone only when the file
+is not. The program ends with a `done` line; a batch that did not reach it (a candidate
+halted or hung its VM) is run again one candidate per program, so one bad candidate
+never decides another's fate. A candidate with `test` checks runs alone: its own tests
+decide whether the program `passed`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import secrets
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -57,98 +57,138 @@ end
 """
 
 
-# `compiles.(source, file)`: raises unless Elixir compiles `source`. Code that is one
-# module whose body leaves nothing to run after its code is generated (no `use`,
-# `@after_compile`, `@after_verify`, `@on_load`, `@compile`, `Module` calls) is compiled
-# with the Erlang compiler told to stop at Core Erlang (ERL_COMPILER_OPTIONS, which Elixir
-# reads for a module's final compile only): Elixir then reports that module's missing
-# .beam, which means it accepted the module. Anything else, or an Elixir that does not
-# report the stop so (STOPS: `FRONT_END_PROBE`, or its result once known), gets the full
-# compile. That front end runs with `ignore_module_conflict`, which only skips Elixir's
-# "redefining module" warning and the code path search behind it (`code:ensure_loaded`
-# of the module, a miss for a module no file defines): a module never loaded by the front
-# end is neither redefined nor looked up again, and any module its body uses is loaded on
-# demand all the same.
-COMPILES = """
-compiles =
-  (fn ->
-    stopped = "We expected the compiler to return a .beam binary"
-    late = [:after_compile, :after_verify, :on_load, :compile]
+# `ExforgeCheck.compiles(source, file, stops)`: raises unless Elixir compiles `source`.
+# Code that is one module whose body leaves nothing to run after its code is generated
+# (no `use`, `@after_compile`, `@after_verify`, `@on_load`, `@compile`, `Module` calls) is
+# compiled with the Erlang compiler told to stop at Core Erlang (ERL_COMPILER_OPTIONS,
+# which Elixir reads for a module's final compile only): Elixir then reports that
+# module's missing .beam, which means it accepted the module. Anything else, or an
+# Elixir that does not report the stop so (`stops`: `FRONT_END_PROBE`, or its result once
+# known), gets the full compile. That front end runs with `ignore_module_conflict`, which
+# only skips Elixir's "redefining module" warning and the code path search behind it
+# (`code:ensure_loaded` of the module, a miss for a module no file defines): a module
+# never loaded by the front end is neither redefined nor looked up again, and any module
+# its body uses is loaded on demand all the same. A module name is expanded as at the top
+# level of a file (no module, no aliases).
+# `ExforgeCheck.same_expansion(a, b)`: whether two modules are the same code once Elixir
+# expands their pipes as `Kernel.|>` does (`Macro.pipe`), metadata aside; never when one
+# imports (a local `|>` could replace Kernel's) or cannot be expanded.
+# The check pool's VMs compile this module once, as their prelude (`SandboxConfig`); a
+# program on another VM (or an `elixir` script) compiles it first: compiling it took a
+# program ~6 ms, more than a small module's check.
+CHECK_PRELUDE = """
+defmodule ExforgeCheck do
+  @moduledoc false
+  @stopped "We expected the compiler to return a .beam binary"
+  @late [:after_compile, :after_verify, :on_load, :compile]
 
-    runs_late? = fn body ->
-      {_, found} =
-        Macro.prewalk(body, false, fn
-          {:use, _, _} = node, _ -> {node, true}
-          {:@, _, [{name, _, _}]} = node, acc -> {node, acc or name in late}
-          {:., _, [{:__aliases__, _, [:Module]}, _]} = node, _ -> {node, true}
-          node, acc -> {node, acc}
-        end)
+  def compiles(source, file, stops) do
+    quoted = Code.string_to_quoted!(source, file: file)
+    module = if stops, do: lone_module(quoted)
 
-      found
+    if module == nil or front_end(quoted, module, file) != :accepted do
+      Code.compile_quoted(quoted, file)
     end
 
-    lone_module = fn
-      {:defmodule, _, [name, [do: body]]} ->
-        if runs_late?.(body), do: nil, else: Macro.expand(name, __ENV__)
+    :ok
+  end
 
-      _ ->
-        nil
+  def stops? do
+    probe = Code.string_to_quoted!("defmodule ExforgeFrontEndProbe do\\n  def f(x), do: x\\nend")
+    front_end(probe, ExforgeFrontEndProbe, "probe.ex") == :accepted
+  rescue
+    _ -> false
+  end
+
+  def same_expansion(a, b) do
+    expanded(a) == expanded(b)
+  rescue
+    _ -> false
+  catch
+    _, _ -> false
+  end
+
+  defp expanded(code) do
+    code
+    |> Code.string_to_quoted!()
+    |> Macro.prewalk(fn
+      {:import, _, _} -> throw(:imports)
+      {:|>, _, [left, right]} -> Macro.pipe(left, right, 0)
+      other -> other
+    end)
+    |> Macro.prewalk(fn
+      {form, _meta, args} -> {form, [], args}
+      other -> other
+    end)
+  end
+
+  defp runs_late?(body) do
+    {_, found} =
+      Macro.prewalk(body, false, fn
+        {:use, _, _} = node, _ -> {node, true}
+        {:@, _, [{name, _, _}]} = node, acc -> {node, acc or name in @late}
+        {:., _, [{:__aliases__, _, [:Module]}, _]} = node, _ -> {node, true}
+        node, acc -> {node, acc}
+      end)
+
+    found
+  end
+
+  defp lone_module({:defmodule, _, [name, [do: body]]}) do
+    if runs_late?(body), do: nil, else: Macro.expand(name, %{__ENV__ | module: nil, function: nil})
+  end
+
+  defp lone_module(_), do: nil
+
+  defp front_end(quoted, module, file) do
+    System.put_env("ERL_COMPILER_OPTIONS", "[to_core]")
+    conflicts = Code.get_compiler_option(:ignore_module_conflict)
+    Code.put_compiler_option(:ignore_module_conflict, true)
+
+    try do
+      Code.compile_quoted(quoted, file)
+      :accepted
+    rescue
+      error in CompileError ->
+        message = Exception.message(error)
+
+        cond do
+          message =~ "could not compile module #{inspect(module)}. #{@stopped}" -> :accepted
+          message =~ @stopped -> :elsewhere
+          true -> reraise error, __STACKTRACE__
+        end
+    after
+      System.delete_env("ERL_COMPILER_OPTIONS")
+      Code.put_compiler_option(:ignore_module_conflict, conflicts)
     end
-
-    front_end = fn quoted, module, file ->
-      System.put_env("ERL_COMPILER_OPTIONS", "[to_core]")
-      conflicts = Code.get_compiler_option(:ignore_module_conflict)
-      Code.put_compiler_option(:ignore_module_conflict, true)
-
-      try do
-        Code.compile_quoted(quoted, file)
-        :accepted
-      rescue
-        error in CompileError ->
-          message = Exception.message(error)
-
-          cond do
-            message =~ "could not compile module #{inspect(module)}. #{stopped}" -> :accepted
-            message =~ stopped -> :elsewhere
-            true -> reraise error, __STACKTRACE__
-          end
-      after
-        System.delete_env("ERL_COMPILER_OPTIONS")
-        Code.put_compiler_option(:ignore_module_conflict, conflicts)
-      end
-    end
-
-    stops = STOPS
-
-    fn source, file ->
-      quoted = Code.string_to_quoted!(source, file: file)
-      module = if stops, do: lone_module.(quoted)
-
-      if module == nil or front_end.(quoted, module, file) != :accepted do
-        Code.compile_quoted(quoted, file)
-      end
-
-      :ok
-    end
-  end).()
+  end
+end
 """
 
 
-def encoded_bytes(data: bytes) -> str:
+def encoded(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def encoded(code: str) -> str:
-    return encoded_bytes(code.encode())
+def term_literal(texts: Sequence[str]) -> str:
+    """Elixir for the tuple of `texts`, from one base64 literal of them as Erlang's
+    compressed external term format (a list of binaries), which `binary_to_term`
+    inflates natively. Why not a literal per text: a program is compiled by the Erlang
+    compiler, which handles a binary literal byte by byte through every pass (~16 ms of
+    the ~24 ms a 32-candidate program took to compile, most of them its files' text);
+    compressed, a file and the pieces cut from it take little more than the file."""
+    items = [t.encode() for t in texts]
+    term = b"l" + len(items).to_bytes(4, "big") if items else b""
+    term += b"".join(b"m" + len(i).to_bytes(4, "big") + i for i in items) + b"j"
+    blob = b"\x83P" + len(term).to_bytes(4, "big") + zlib.compress(term)
+    return f'List.to_tuple(:erlang.binary_to_term(Base.decode64!("{encoded(blob)}")))'
 
 
-def check_line(index: int, check: Check, source: str | None = None) -> str:
-    """The Elixir call that checks `check`; `source`: an expression for its code (by
-    default a literal of it)."""
-    source = source or f'Base.decode64!("{encoded(check.code)}")'
+def check_line(index: int, check: Check, source: str) -> str:
+    """The Elixir call that checks `check`, whose code is the expression `source`."""
     file = f'"check-{index}.ex"'
     if check.level == "compile":
-        return f"compiles.({source}, {file})"
+        return f"ExforgeCheck.compiles({source}, {file}, stops)"
     if check.level == "test":
         return f"Code.compile_string({source}, {file})"
     return f"Code.string_to_quoted!({source}, file: {file})"
@@ -158,27 +198,24 @@ def tested(checks: Sequence[Check]) -> bool:
     return any(c.level == "test" for c in checks)
 
 
-# Whether this Elixir reports a lone module stopped at Core Erlang as COMPILES reads it
-# (an expression in the scope of `front_end`).
-FRONT_END_PROBE = """(
-  try do
-    probe = Code.string_to_quoted!("defmodule ExforgeFrontEndProbe do\\n  def f(x), do: x\\nend")
-    front_end.(probe, ExforgeFrontEndProbe, "probe.ex") == :accepted
-  rescue
-    _ -> false
-  end
-)"""
+# Whether this Elixir reports a lone module stopped at Core Erlang as `compiles` reads it.
+FRONT_END_PROBE = "ExforgeCheck.stops?()"
+LOAD_PRELUDE = (
+    "unless :erlang.module_loaded(ExforgeCheck),\n"
+    f'  do: Code.compile_string(elem({term_literal([CHECK_PRELUDE])}, 0), "exforge_check.ex")\n'
+)
 
 
-def preamble(levels: Iterable[str], stops: str = FRONT_END_PROBE) -> str:
-    """What a program's check lines need defined first (`compiles` for `compile` ones,
-    whose front-end stop is `stops`)."""
-    return COMPILES.replace("STOPS", stops) if "compile" in set(levels) else ""
+def preamble(needed: bool, stops: str = FRONT_END_PROBE) -> str:
+    """What a program's check lines need first, if `needed` (they compile, or compare
+    expansions): `ExforgeCheck`, and `stops`, its front-end stop."""
+    return LOAD_PRELUDE + f"stops = {stops}\n" if needed else ""
 
 
 def check_lines(checks: Sequence[Check]) -> str:
-    lines = "\n".join(check_line(i, c) for i, c in enumerate(checks)) + "\n"
-    return preamble(c.level for c in checks) + lines
+    texts = f"texts = {term_literal([c.code for c in checks])}\n"
+    lines = "\n".join(check_line(i, c, f"elem(texts, {i})") for i, c in enumerate(checks))
+    return preamble(any(c.level == "compile" for c in checks)) + texts + lines + "\n"
 
 
 def check_program(checks: Sequence[Check]) -> str:
@@ -246,20 +283,6 @@ def reported_stops(nonce: str, known: UnitResults | None) -> str:
     return f'(fn stops -> IO.puts("{nonce} stops #{{stops}}"); stops end).({FRONT_END_PROBE})'
 
 
-def term_literal(texts: Sequence[str]) -> str:
-    """Elixir for the tuple of `texts`, from one base64 literal of them as Erlang's
-    compressed external term format (a list of binaries), which `binary_to_term`
-    inflates natively. Why not a literal per text: a program is compiled by the Erlang
-    compiler, which handles a binary literal byte by byte through every pass (~16 ms of
-    the ~24 ms a 32-candidate program took to compile, most of them its files' text);
-    compressed, a file and the pieces cut from it take little more than the file."""
-    items = [t.encode() for t in texts]
-    term = b"l" + len(items).to_bytes(4, "big") if items else b""
-    term += b"".join(b"m" + len(i).to_bytes(4, "big") + i for i in items) + b"j"
-    blob = b"\x83P" + len(term).to_bytes(4, "big") + zlib.compress(term)
-    return f'List.to_tuple(:erlang.binary_to_term(Base.decode64!("{encoded_bytes(blob)}")))'
-
-
 class Units:
     """The distinct checks of one program, numbered in order of first use; a check
     whose result `known` holds is not run again. The code they need is held once, in
@@ -287,7 +310,7 @@ class Units:
         """Elixir that is true when `check` passes (running each unit at most once)."""
         if check.like is not None:
             like = self.of(Check(check.like, check.level))
-            same = f"same_expansion.({self.text(check.like)}, {self.text(check.code)})"
+            same = f"ExforgeCheck.same_expansion({self.text(check.like)}, {self.text(check.code)})"
             return f"(({like} and {same}) or {self.of(check)})"
         if check.level != "parse" or check.within is None:
             return self.of(check)
@@ -333,36 +356,6 @@ end
 """
 
 
-# Whether two modules are the same code once Elixir expands their pipes as `Kernel.|>`
-# does (`Macro.pipe`), metadata aside; never when one imports (a local `|>` could
-# replace Kernel's) or cannot be expanded.
-SAME_EXPANSION = """
-same_expansion = fn a, b ->
-  expanded = fn code ->
-    code
-    |> Code.string_to_quoted!()
-    |> Macro.prewalk(fn
-      {:import, _, _} -> throw(:imports)
-      {:|>, _, [left, right]} -> Macro.pipe(left, right, 0)
-      other -> other
-    end)
-    |> Macro.prewalk(fn
-      {form, _meta, args} -> {form, [], args}
-      other -> other
-    end)
-  end
-
-  try do
-    expanded.(a) == expanded.(b)
-  rescue
-    _ -> false
-  catch
-    _, _ -> false
-  end
-end
-"""
-
-
 @dataclass(frozen=True)
 class Program:
     """One batch program: its source, its nonce and the cache key of each of its units."""
@@ -382,10 +375,13 @@ def batch_program(batch: Sequence[Sequence[Check]], known: UnitResults | None = 
         passed = " and ".join(units.expression(c) for c in checks) or "true"
         verdicts.append(f'IO.puts("{nonce} {index} " <> if({passed}, do: "ok", else: "failed"))')
     source = (
-        preamble((level for _, level in units.index), reported_stops(nonce, known))
+        preamble(
+            any(level == "compile" for _, level in units.index)
+            or any(c.like is not None for cs in batch for c in cs),
+            reported_stops(nonce, known),
+        )
         + units.definitions()
         + RUN_UNIT.replace("NONCE", nonce)
-        + (SAME_EXPANSION if any(c.like is not None for cs in batch for c in cs) else "")
         + "\n".join(verdicts)
         + f'\nIO.puts("{nonce} done")\n'
     )

@@ -161,6 +161,24 @@ def test_a_prelude_stays_loaded_and_a_candidate_that_redefines_it_is_discarded()
     assert [o.worker_replaced for o in outcomes] == [False, False, True, False]
 
 
+def test_a_module_loaded_from_a_file_the_candidate_wrote_is_discarded() -> None:
+    """A module loaded from an object file of the candidate's own, the file then deleted,
+    leaves its VM dirty: only Erlang's and Elixir's modules load from files unnoticed."""
+    plant = program(
+        "x * 2",
+        before="{:module, _, binary, _} = defmodule Planted do\n  def hi, do: :hi\nend\n"
+        'File.write!("Elixir.Planted.beam", binary)\n'
+        ":code.purge(Planted)\n:code.delete(Planted)\n:code.purge(Planted)\n"
+        '{:module, Planted} = :code.load_abs(String.to_charlist(Path.expand("Elixir.Planted")))\n'
+        'File.rm!("Elixir.Planted.beam")\n',
+    )
+    look = program("x * 2", before="false = Code.ensure_loaded?(Planted)\n")
+    with SandboxPool(SandboxConfig(workers=1)) as pool:
+        outcomes = pool.map([look, plant, look])
+    assert [o.status for o in outcomes] == ["passed"] * 3, [o.output for o in outcomes]
+    assert [o.worker_replaced for o in outcomes] == [False, True, False]
+
+
 def test_strict_mode_gives_every_candidate_a_fresh_vm() -> None:
     with SandboxPool(SandboxConfig(workers=2, max_uses=1)) as pool:
         outcomes = pool.map([GOOD, HOSTILE["assertion"][0], GOOD])

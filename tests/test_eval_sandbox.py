@@ -122,27 +122,42 @@ def test_candidates_do_not_see_each_other_or_the_host(monkeypatch: pytest.Monkey
         "defmodule Leaky do\n  def hello, do: :hi\nend\n"
         ":persistent_term.put(:leak, 1)\n",
     )
+    os_env_writer = program("x * 2", before='System.put_env("EXFORGE_LEAK", "1")\n')
+    ets_writer = program("x * 2", before=":ets.insert(:inet_db, {:exforge_leak, 1})\n")
     reader = program(
         "x * 2",
         before='false = File.exists?("left-behind.txt")\n'
         "false = Code.ensure_loaded?(Leaky)\n"
         ":undefined = :persistent_term.get(:leak, :undefined)\n"
         'nil = System.get_env("EXFORGE_S3_SECRET_KEY")\n'
-        "true = String.starts_with?(File.cwd!(), System.tmp_dir!())\n",
+        "true = String.starts_with?(File.cwd!(), System.tmp_dir!())\n"
+        'nil = System.get_env("EXFORGE_LEAK")\n'
+        "[] = :ets.lookup(:inet_db, :exforge_leak)\n",
     )
     home_writer = program("x * 2", before='File.write!("../left-in-home.txt", "x")\n')
     home_reader = program("x * 2", before='false = File.exists?("../left-in-home.txt")\n')
     stray = program(
         "x * 2", before='System.cmd("sh", ["-c", "nohup sleep 600 >/dev/null 2>&1 &"])\n'
     )
+    # each candidate and whether it leaves its VM dirty: persistent_term changed, a file
+    # left in the VM's home, an OS process left running, an OS environment variable set,
+    # a public ETS table written
+    expected = [
+        (writer, True),
+        (reader, False),
+        (home_writer, True),
+        (home_reader, False),
+        (stray, True),
+        (GOOD, False),
+        (os_env_writer, True),
+        (reader, False),
+        (ets_writer, True),
+        (reader, False),
+    ]
     with SandboxPool(SandboxConfig(workers=1)) as pool:
-        outcomes = pool.map([writer, reader, home_writer, home_reader, stray, GOOD])
-    first, second, third, fourth, fifth, sixth = outcomes
-    assert [o.status for o in outcomes] == ["passed"] * 6, [o.output for o in outcomes]
-    assert first.worker_replaced  # persistent_term changed
-    assert third.worker_replaced  # a file left in the VM's home
-    assert fifth.worker_replaced  # an OS process left running
-    assert not any(o.worker_replaced for o in (second, fourth, sixth))
+        outcomes = pool.map(candidate for candidate, _ in expected)
+    assert [o.status for o in outcomes] == ["passed"] * len(expected), [o.output for o in outcomes]
+    assert [o.worker_replaced for o in outcomes] == [replaced for _, replaced in expected]
 
 
 def test_a_prelude_stays_loaded_and_a_candidate_that_redefines_it_is_discarded() -> None:

@@ -311,6 +311,13 @@ defmodule Exforge.Sandbox.Server do
     ArgumentError -> :old_code_only
   end
 
+  # a table deleted meanwhile has none
+  defp ets_contents(table) do
+    table |> :ets.tab2list() |> Enum.sort()
+  rescue
+    ArgumentError -> :deleted
+  end
+
   # OS processes of this VM's PID namespace (none tracked without one of its own).
   defp os_processes(%{own_pid_namespace: false}), do: []
 
@@ -331,6 +338,10 @@ defmodule Exforge.Sandbox.Server do
       registered: Process.registered() |> Enum.sort(),
       ports: Port.list() |> Enum.sort(),
       ets: :ets.all() |> Enum.sort(),
+      # what any process may write: the public tables' contents (~7 small ones, ~50 µs)
+      public_ets:
+        for(t <- :ets.all(), :ets.info(t, :protection) == :public, do: {t, ets_contents(t)}),
+      os_env: System.get_env(),
       persistent_terms: :persistent_term.info().count,
       env:
         Enum.sort(

@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exforge.elixir.sandbox import SandboxConfig, SandboxPool
+from exforge.elixir.sandbox import Program, SandboxConfig, SandboxPool
 from workers.evaluator.benchmarks import BUILTIN, load_benchmark
 
 HUMANEVAL = (
@@ -44,7 +44,7 @@ HUMANEVAL = (
 TIMEOUT_S = 5.0
 
 
-def candidates(count: int, samples_per_problem: int = 1) -> list[str]:
+def candidates(count: int, samples_per_problem: int = 1) -> list[Program]:
     builtin = load_benchmark(BUILTIN).problems
     programs = [p.program(p.reference or "") for p in builtin]
     programs += [p.program(p.broken or "") for p in builtin]
@@ -52,11 +52,11 @@ def candidates(count: int, samples_per_problem: int = 1) -> list[str]:
     return [program for program in programs for _ in range(samples_per_problem)][:count]
 
 
-def one_process(program: str) -> bool:
+def one_process(program: Program) -> bool:
     """MultiPL-E's method: write the program, run `elixir file.exs`, passed iff exit 0."""
     with tempfile.TemporaryDirectory(prefix="multipl-e-") as directory:
         path = Path(directory) / "candidate.exs"
-        path.write_text(program)
+        path.write_text(program.text)
         try:
             run = subprocess.run(
                 ["elixir", str(path)], cwd=directory, capture_output=True, timeout=TIMEOUT_S
@@ -66,12 +66,12 @@ def one_process(program: str) -> bool:
         return run.returncode == 0
 
 
-def per_process(programs: list[str], workers: int) -> list[bool]:
+def per_process(programs: list[Program], workers: int) -> list[bool]:
     with ThreadPoolExecutor(workers) as executor:
         return list(executor.map(one_process, programs))
 
 
-def pooled(programs: list[str], workers: int, max_uses: int) -> list[bool]:
+def pooled(programs: list[Program], workers: int, max_uses: int) -> list[bool]:
     config = SandboxConfig(workers=workers, timeout_s=TIMEOUT_S, max_uses=max_uses)
     with SandboxPool(config) as pool:
         return [outcome.status == "passed" for outcome in pool.map(programs)]

@@ -18,6 +18,7 @@ import pytest
 from exforge.elixir.sandbox import (
     UNPRIVILEGED_ID,
     Outcome,
+    Program,
     SandboxConfig,
     SandboxPool,
     classify_death,
@@ -112,6 +113,61 @@ def test_output_is_truncated_and_warnings_counted(pool: SandboxPool) -> None:
     assert outcome.status == "passed"
     assert len(outcome.output.encode()) == 2048
     assert outcome.warnings == 1  # variable "y" is unused
+
+
+def _verdict(outcome: Outcome) -> tuple[object, ...]:
+    """All of an outcome but what ExUnit prints of its run's timing and seed."""
+    output = re.sub(r"(Finished in|Randomized with seed) .*\n", "", outcome.output)
+    return outcome.status, outcome.tests, outcome.failures, outcome.warnings, output
+
+
+def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: SandboxPool) -> None:
+    double = "defmodule Double do\n  def double(x) do\n    {}\n  end\nend\n"
+    codes = {
+        "passing": double.format("x * 2"),
+        "failing": double.format("x + 1"),
+        # the undefined-function check of the tests depends on the candidate
+        "missing_function": "defmodule Double do\n  def triple(x), do: x * 3\nend\n",
+        "missing_module": "defmodule Treble do\n  def double(x), do: x * 2\nend\n",
+        "unused_variable": double.format("y = 1\n    x * 2"),
+        # a remote call to a macro compiles differently: the tests must see the candidate's
+        "macro": "defmodule Double do\n  defmacro double(x), do: quote(do: unquote(x) * 2)\nend\n",
+        "top_level_code": "IO.puts(:hello)\n" + double.format("x * 2"),
+        "redefines_the_tests": double.format("x * 2")
+        + "defmodule DoubleTest do\n  def x, do: 1\nend\n",
+        "compiler_option": "Code.put_compiler_option(:ignore_module_conflict, true)\n"
+        + double.format("x * 2"),
+        "syntax_error": double.format("x *"),
+        "unclosed_heredoc": 'defmodule Double do\n  @doc """\n',
+        # the same tests from another line: failures report their own line numbers
+        "failing_lower_down": "\n\n\n" + double.format("x - 1"),
+    }
+    unused = TESTS.replace(
+        "assert Double.double(2) == 4", "y = 2\n    assert Double.double(2) == 4"
+    )
+    programs = [Program(code, tests) for code in codes.values() for tests in (TESTS, unused)]
+    outcomes = pool.map(programs * 2)
+    wholes = pool.map([p.text for p in programs])
+    assert [_verdict(o) for o in outcomes] == [_verdict(o) for o in wholes] * 2
+    got = {name: outcomes[2 * i] for i, name in enumerate(codes)}
+    assert {name: (o.status, o.warnings) for name, o in got.items()} == {
+        "passing": ("passed", 0),
+        "failing": ("failed", 0),
+        "missing_function": ("runtime_error", 1),
+        "missing_module": ("runtime_error", 1),
+        "unused_variable": ("passed", 1),
+        "macro": ("runtime_error", 1),
+        "top_level_code": ("passed", 0),
+        "redefines_the_tests": ("passed", 1),
+        "compiler_option": ("passed", 0),
+        "syntax_error": ("syntax_error", 0),
+        "unclosed_heredoc": ("syntax_error", 0),
+        "failing_lower_down": ("failed", 0),
+    }
+    assert outcomes[1].warnings == 1  # the tests' own unused variable, compiled once
+    assert "candidate.exs:10" in got["failing"].output
+    assert "candidate.exs:13" in got["failing_lower_down"].output
+    assert "Be sure to require Double" in got["macro"].output
 
 
 def test_candidates_do_not_see_each_other_or_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -120,6 +120,25 @@ class SandboxConfig:
 
 
 @dataclass(frozen=True)
+class Program:
+    """One Elixir file, `code` then `tests`. A worker compiles the same `tests` starting
+    on the same line once and reuses them after any `code` that cannot change how they
+    compile, with the outcome of compiling the whole file (sandbox_server.exs says when)."""
+
+    code: str
+    tests: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.code + self.tests
+
+    def request(self) -> bytes:
+        """The worker's request: the code's size in bytes on a line, then the file."""
+        code = self.code.encode()
+        return f"{len(code)}\n".encode() + code + self.tests.encode()
+
+
+@dataclass(frozen=True)
 class Outcome:
     status: Status
     tests: int = 0
@@ -363,7 +382,7 @@ class BeamWorker:
             raise SandboxError(f"a sandbox worker did not boot: {self._stderr_tail()}")
         self._ready = True
 
-    def run(self, program: str) -> tuple[Outcome, bool]:
+    def run(self, program: Program) -> tuple[Outcome, bool]:
         """Run one candidate; the outcome and whether this worker may serve another."""
         if not self._ready:
             self._await_ready()
@@ -371,7 +390,7 @@ class BeamWorker:
         started = time.monotonic()
         deadline = started + self.config.timeout_s
         try:
-            write_frame(self._request_w, program.encode())
+            write_frame(self._request_w, program.request())
             frame = read_frame(self._reply_r, deadline)
         except TimeoutError:
             return Outcome(
@@ -443,10 +462,13 @@ class SandboxPool:
         self.replaced += 1
         self._spawn()
 
-    def run(self, program: str) -> Outcome:
+    def run(self, program: str | Program) -> Outcome:
+        """One program: a whole file, or code and tests a worker may compile once."""
         worker = self._idle.get()
         try:
-            outcome, reusable = worker.run(program)
+            outcome, reusable = worker.run(
+                program if isinstance(program, Program) else Program(program)
+            )
         except BaseException:
             self._retire(worker)
             raise
@@ -457,7 +479,9 @@ class SandboxPool:
         return replace(outcome, worker_replaced=True)
 
     def map(
-        self, programs: Iterable[str], on_done: Callable[[int, Outcome], None] | None = None
+        self,
+        programs: Iterable[str | Program],
+        on_done: Callable[[int, Outcome], None] | None = None,
     ) -> list[Outcome]:
         """Outcomes in the order of `programs`; `on_done(index, outcome)` as each ends."""
         items = list(programs)

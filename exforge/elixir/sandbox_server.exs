@@ -3,8 +3,9 @@
 #
 # Protocol (a pipe pair passed as two file descriptors, never stdout, so that a candidate writing to the
 # real stdout through `:user` cannot forge a frame): every frame is a 4-byte big-endian
-# length and a payload. The worker first sends "READY". Each request is one program;
-# each reply is one header line "STATUS TESTS FAILURES WARNINGS DIRTY\n" followed by the
+# length and a payload. The worker first sends "READY". Each request is one program, as
+# "CODE_BYTES\n" <> code <> tests: the candidate's code and the tests that follow it, one
+# Elixir file (tests may be empty). Each reply is one header line "STATUS TESTS FAILURES WARNINGS DIRTY\n" followed by the
 # candidate's (truncated) output. DIRTY=1 means the candidate changed global VM state
 # that cleaning could not undo for certain; the host then discards this worker.
 #
@@ -101,8 +102,167 @@ defmodule Exforge.Sandbox.Collector do
   end
 end
 
+defmodule Exforge.Sandbox.Tests do
+  @moduledoc """
+  A program's tests compiled once per VM and reused after every candidate that cannot
+  change how they compile, with verdicts and warnings identical to compiling the whole
+  program. Only tests of MultiPL-E's shape are kept: top-level `ExUnit.start(...)` and
+  modules of nothing but `use ExUnit.Case` and `test` with a literal name (no `unquote`),
+  whose compilation has no effect beyond their binary and ExUnit's registration. They are
+  compiled in a clean VM before the candidate, without the undefined-function check
+  (whose warnings depend on the candidate: it runs again for each candidate) and their
+  compiler warnings kept to be printed again.
+
+  A candidate reuses them when the whole program parses into the candidate's top-level
+  `defmodule`s followed by exactly the tests' forms, and compiling those modules left the
+  compiler options, ExUnit's and Elixir's configuration and every module the VM had
+  loaded as they were, and defined no module that the tests define, that exists in the
+  code path, or that exports macros (a remote call to a macro compiles differently).
+  Else the tests compile after the candidate's modules in the same check, as in
+  `Code.compile_string/2`.
+  """
+
+  @file_name "candidate.exs"
+
+  def parse!(text, line) do
+    text
+    |> String.to_charlist()
+    |> :elixir.string_to_quoted!(line, 1, @file_name, :elixir_config.get(:parser_options))
+    |> top_level()
+  end
+
+  def compile(forms), do: :elixir_compiler.quoted(block(forms), @file_name, fn _, _ -> :ok end)
+
+  # Compiled in the calling process: a map, or nil for tests of another shape.
+  def build(text, line) do
+    forms = parse!(text, line)
+
+    if Enum.all?(forms, &cacheable?/1) and not unquotes?(forms) do
+      binaries = Map.new(compile(forms))
+      ExUnit.Server.modules_loaded()
+      async = take_async_modules([])
+      steps = Enum.map(forms, &step(&1, binaries, async))
+      modules = for {:module, module, _binary, _map, _async} <- steps, do: module
+      %{forms: forms, steps: steps, modules: MapSet.new(modules), warnings: ""}
+    end
+  end
+
+  # The candidate's modules before the tests: reused if `head` is the whole program but
+  # for the tests' forms and compiling it changed nothing they depend on.
+  def compile_program(forms, nil, _before, _context), do: compile(forms)
+
+  def compile_program(forms, tests, before, context) do
+    count = length(forms) - length(tests.forms)
+    {head, rest} = Enum.split(forms, max(count, 0))
+
+    if count >= 0 and rest == tests.forms and Enum.all?(head, &defmodule?/1) do
+      compile(head)
+      if unchanged?(tests, before, context), do: load(tests), else: compile(tests.forms)
+    else
+      compile(forms)
+    end
+  end
+
+  defp load(tests) do
+    Enum.each(tests.steps, fn
+      {:eval, form} ->
+        compile([form])
+
+      {:module, module, binary, map, async} ->
+        {:module, ^module} = :code.load_binary(module, [], binary)
+        Module.ParallelChecker.spawn(Module.ParallelChecker.get(), module, map)
+
+        if async,
+          do: ExUnit.Server.add_async_module(module),
+          else: ExUnit.Server.add_sync_module(module)
+    end)
+
+    IO.write(:stderr, tests.warnings)
+  end
+
+  defp unchanged?(tests, before, context) do
+    Code.compiler_options() == before.compiler and
+      Enum.all?([:elixir, :ex_unit], &(Application.get_all_env(&1) == before.env[&1])) and
+      Enum.all?(:erlang.loaded(), &harmless?(&1, tests, before.modules, context))
+  end
+
+  defp harmless?(module, tests, modules, context) do
+    case modules do
+      %{^module => checksum} ->
+        context.checksum.(module) == checksum
+
+      _ ->
+        context.autoloaded?.(module) or
+          not (MapSet.member?(tests.modules, module) or
+                 MapSet.member?(context.available, module) or macros?(module))
+    end
+  end
+
+  defp macros?(module) do
+    function_exported?(module, :__info__, 1) and module.__info__(:macros) != []
+  end
+
+  defp step({:defmodule, _, [{:__aliases__, _, parts}, _]}, binaries, async) do
+    module = Module.concat(parts)
+    binary = Map.fetch!(binaries, module)
+    {:module, module, binary, module_map(binary, module), module in async}
+  end
+
+  defp step(form, _binaries, _async), do: {:eval, form}
+
+  # what the undefined-function check reads from a module's binary
+  defp module_map(binary, module) do
+    {:ok, {_, [debug_info: {:debug_info_v1, backend, data}]}} =
+      :beam_lib.chunks(binary, [:debug_info])
+
+    {:ok, map} = backend.debug_info(:elixir_v1, module, data, [])
+    map
+  end
+
+  defp take_async_modules(acc) do
+    case ExUnit.Server.take_async_modules(1_000) do
+      nil -> acc
+      modules -> take_async_modules(modules ++ acc)
+    end
+  end
+
+  defp cacheable?({:defmodule, _, [{:__aliases__, _, parts}, [do: body]]}),
+    do: Enum.all?(parts, &is_atom/1) and Enum.all?(top_level(body), &test_module_form?/1)
+
+  defp cacheable?({{:., _, [{:__aliases__, _, [:ExUnit]}, :start]}, _, args}),
+    do: Macro.quoted_literal?(args)
+
+  defp cacheable?(_form), do: false
+
+  defp test_module_form?({:use, _, [{:__aliases__, _, [:ExUnit, :Case]} | options]}),
+    do: Macro.quoted_literal?(options)
+
+  defp test_module_form?({:test, _, [name, [do: _]]}), do: Macro.quoted_literal?(name)
+  defp test_module_form?(_form), do: false
+
+  defp unquotes?(forms) do
+    forms
+    |> Macro.prewalk(false, fn
+      {name, _, _} = node, _found when name in [:unquote, :unquote_splicing] -> {node, true}
+      node, found -> {node, found}
+    end)
+    |> elem(1)
+  end
+
+  defp defmodule?(form), do: match?({:defmodule, _, [{:__aliases__, _, _}, [do: _]]}, form)
+
+  defp top_level({:__block__, [], forms}), do: forms
+  defp top_level(form), do: [form]
+
+  defp block([form]), do: form
+  defp block(forms), do: {:__block__, [], forms}
+end
+
 defmodule Exforge.Sandbox.Server do
   @syntax_errors [SyntaxError, TokenMissingError, CompileError]
+  # tests compiled once (Exforge.Sandbox.Tests), kept for this many distinct tests texts
+  # at most (then all are dropped: a bound on memory, not a cache policy)
+  @tests_kept 256
   @warm_up """
   defmodule WarmUpTest do
     use ExUnit.Case, async: true
@@ -125,24 +285,82 @@ defmodule Exforge.Sandbox.Server do
     port = Port.open(fds, [:binary, {:packet, 4}, :eof])
     # Warm up the compiler and ExUnit so that their lazily started state is part of
     # the baseline every later candidate is compared with.
-    run_candidate(@warm_up, 0, config, snapshot(config))
+    config = Map.put(config, :available, available_modules())
+    run_candidate({@warm_up, nil}, 0, config, snapshot(config))
     # The baseline every candidate is compared with: a clean candidate leaves the VM as
     # it found it, so this is also the state before each candidate; taken once, it also
     # catches what changes between candidates.
     baseline = snapshot(config)
     Port.command(port, "READY")
-    serve(port, config, baseline, 1)
+    serve(port, config, baseline, 1, %{})
   end
 
-  defp serve(port, config, baseline, counter) do
+  defp serve(port, config, baseline, counter, kept) do
     receive do
-      {^port, {:data, program}} ->
-        Port.command(port, run_candidate(program, counter, config, baseline))
-        serve(port, config, baseline, counter + 1)
+      {^port, {:data, frame}} ->
+        [size, rest] = :binary.split(frame, "\n")
+        size = String.to_integer(size)
+        code = binary_part(rest, 0, size)
+        tests = binary_part(rest, size, byte_size(rest) - size)
+        {compiled, kept} = compiled_tests(tests, code, config, baseline, kept)
+        Port.command(port, run_candidate({code <> tests, compiled}, counter, config, baseline))
+        serve(port, config, baseline, counter + 1, kept)
 
       {^port, :eof} ->
         System.halt(0)
     end
+  end
+
+  # The tests compiled once for this text and starting line, built in a clean VM (before
+  # the candidate) and cleaned up like a candidate's modules; nil for no tests or tests
+  # that cannot be kept.
+  defp compiled_tests("", _code, _config, _before, kept), do: {nil, kept}
+
+  defp compiled_tests(tests, code, config, before, kept) do
+    key = {tests, length(:binary.matches(code, "\n")) + 1}
+
+    case kept do
+      %{^key => compiled} ->
+        {compiled, kept}
+
+      _ ->
+        compiled = build_tests(key, config, before)
+        {compiled, Map.put(if(map_size(kept) >= @tests_kept, do: %{}, else: kept), key, compiled)}
+    end
+  end
+
+  defp build_tests({tests, line}, config, before) do
+    err = Exforge.Sandbox.Sink.start(config.max_output)
+    standard_error = Process.whereis(:standard_error)
+    swap_registered(:standard_error, err)
+
+    {pid, ref} =
+      spawn_monitor(fn ->
+        Process.group_leader(self(), err)
+        exit({:exforge_result, Exforge.Sandbox.Tests.build(tests, line)})
+      end)
+
+    compiled =
+      receive do
+        {:DOWN, ^ref, :process, ^pid, {:exforge_result, compiled}} -> compiled
+        {:DOWN, ^ref, :process, ^pid, _reason} -> nil
+      end
+
+    swap_registered(:standard_error, standard_error)
+    warnings = Exforge.Sandbox.Sink.contents(err)
+    clean_up(before, [err])
+    compiled && %{compiled | warnings: warnings}
+  end
+
+  # Every module an object file in the code path could load: a candidate that defines
+  # one of them could change what the tests compile against.
+  defp available_modules do
+    for directory <- :code.get_path(),
+        {:ok, files} <- [:file.list_dir(directory)],
+        file <- files,
+        :filename.extension(file) == ~c".beam",
+        into: MapSet.new(),
+        do: List.to_atom(:filename.rootname(file))
   end
 
   defp run_candidate(program, counter, config, before) do
@@ -165,7 +383,7 @@ defmodule Exforge.Sandbox.Server do
       autorun: false
     )
 
-    {pid, ref} = spawn_monitor(fn -> compile_and_test(program, out) end)
+    {pid, ref} = spawn_monitor(fn -> compile_and_test(program, out, config, before) end)
     {status, detail} = await(pid, ref)
     tests = collect_tests([])
     swap_registered(:standard_error, standard_error)
@@ -184,12 +402,25 @@ defmodule Exforge.Sandbox.Server do
     [header, "\n", binary_part(output, 0, min(byte_size(output), config.max_output))]
   end
 
-  defp compile_and_test(program, out) do
+  defp compile_and_test({program, tests}, out, config, before) do
     Process.group_leader(self(), out)
+    code_path = :code.get_path()
+
+    context = %{
+      available: config.available,
+      checksum: &checksum/1,
+      autoloaded?: &autoloaded?(&1, code_path)
+    }
 
     result =
       try do
-        Code.compile_string(program, "candidate.exs")
+        # as Code.compile_string/2: one parse, every module compiled then checked together
+        Module.ParallelChecker.verify(fn ->
+          program
+          |> Exforge.Sandbox.Tests.parse!(1)
+          |> Exforge.Sandbox.Tests.compile_program(tests, before, context)
+        end)
+
         ExUnit.Server.modules_loaded()
         ExUnit.run()
         {:ran, ""}

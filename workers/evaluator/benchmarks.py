@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from exforge.elixir.sandbox import Program
+
 BUILTIN = "builtin"
 BUILTIN_PATH = Path(__file__).with_name("data") / "builtin.jsonl"
 REQUIRED = ("name", "language", "prompt", "tests", "stop_tokens")
@@ -36,8 +38,9 @@ class Problem:
     broken: str | None = None
     answers: tuple[str, ...] = ()  # exact-answer problems: every accepted answer
 
-    def program(self, completion: str) -> str:
-        return self.prompt + completion + "\n" + self.tests
+    def program(self, completion: str) -> Program:
+        """What the sandbox runs: its `text` is prompt + completion + "\\n" + tests."""
+        return Program(self.prompt + completion + "\n", self.tests)
 
 
 @dataclass(frozen=True)

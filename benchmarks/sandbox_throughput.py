@@ -1,10 +1,14 @@
 """Candidates per second: the pooled sandbox against MultiPL-E's one process per candidate.
 
-    python benchmarks/sandbox_throughput.py [--candidates 200] [--workers N] [--json]
+    python benchmarks/sandbox_throughput.py [--candidates 200] [--samples-per-problem 1]
+        [--workers N] [--json]
 
 The same candidates, in the same run: the built-in benchmark's reference and broken
 solutions, then MultiPL-E HumanEval problems completed with `nil` (a failing answer),
-up to `--candidates`. Three ways, each with `--workers` candidates in flight:
+each `--samples-per-problem` times in a row as a pass@k run scores n samples of a
+problem (here n copies of one program, which every method runs n times: none caches
+results), up to `--candidates` in all. Three ways, each with `--workers` candidates in
+flight:
 
 * multipl-e: `elixir candidate.exs` per candidate in its own temporary directory under
   a 5 s timeout, passed when it exits 0, as MultiPL-E's Elixir executor does;
@@ -40,12 +44,12 @@ HUMANEVAL = (
 TIMEOUT_S = 5.0
 
 
-def candidates(count: int) -> list[str]:
+def candidates(count: int, samples_per_problem: int = 1) -> list[str]:
     builtin = load_benchmark(BUILTIN).problems
     programs = [p.program(p.reference or "") for p in builtin]
     programs += [p.program(p.broken or "") for p in builtin]
     programs += [p.program("nil\n  end\nend\n") for p in load_benchmark(HUMANEVAL).problems]
-    return programs[:count]
+    return [program for program in programs for _ in range(samples_per_problem)][:count]
 
 
 def one_process(program: str) -> bool:
@@ -82,10 +86,16 @@ def timed(run: Callable[[], list[bool]]) -> tuple[float, list[bool]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--candidates", type=int, default=200)
+    parser.add_argument(
+        "--samples-per-problem",
+        type=int,
+        default=1,
+        help="Each program this many times in a row, as pass@k's n samples of a problem.",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--json", action="store_true", help="Print one JSON object.")
     args = parser.parse_args()
-    programs = candidates(args.candidates)
+    programs = candidates(args.candidates, args.samples_per_problem)
     runs = {
         "multipl-e (elixir file.exs per candidate)": lambda: per_process(programs, args.workers),
         "pooled (warm VMs, reused while clean)": lambda: pooled(programs, args.workers, 0),
@@ -95,6 +105,7 @@ def main() -> None:
     baseline_s, baseline_passed = results["multipl-e (elixir file.exs per candidate)"]
     report = {
         "candidates": len(programs),
+        "samples_per_problem": args.samples_per_problem,
         "workers": args.workers,
         "cpus": os.cpu_count(),
         "methods": {
@@ -111,7 +122,10 @@ def main() -> None:
     if args.json:
         print(json.dumps(report, indent=2))
         return
-    print(f"{report['candidates']} candidates, {args.workers} in flight, {report['cpus']} CPUs")
+    print(
+        f"{report['candidates']} candidates ({args.samples_per_problem} a problem), "
+        f"{args.workers} in flight, {report['cpus']} CPUs"
+    )
     for name, row in report["methods"].items():
         print(
             f"{name:44} {row['seconds']:7.2f} s {row['candidates_per_s']:7.1f} cand/s "

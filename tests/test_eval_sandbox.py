@@ -122,27 +122,42 @@ def test_candidates_do_not_see_each_other_or_the_host(monkeypatch: pytest.Monkey
         "defmodule Leaky do\n  def hello, do: :hi\nend\n"
         ":persistent_term.put(:leak, 1)\n",
     )
+    os_env_writer = program("x * 2", before='System.put_env("EXFORGE_LEAK", "1")\n')
+    ets_writer = program("x * 2", before=":ets.insert(:inet_db, {:exforge_leak, 1})\n")
     reader = program(
         "x * 2",
         before='false = File.exists?("left-behind.txt")\n'
         "false = Code.ensure_loaded?(Leaky)\n"
         ":undefined = :persistent_term.get(:leak, :undefined)\n"
         'nil = System.get_env("EXFORGE_S3_SECRET_KEY")\n'
-        "true = String.starts_with?(File.cwd!(), System.tmp_dir!())\n",
+        "true = String.starts_with?(File.cwd!(), System.tmp_dir!())\n"
+        'nil = System.get_env("EXFORGE_LEAK")\n'
+        "[] = :ets.lookup(:inet_db, :exforge_leak)\n",
     )
     home_writer = program("x * 2", before='File.write!("../left-in-home.txt", "x")\n')
     home_reader = program("x * 2", before='false = File.exists?("../left-in-home.txt")\n')
     stray = program(
         "x * 2", before='System.cmd("sh", ["-c", "nohup sleep 600 >/dev/null 2>&1 &"])\n'
     )
+    # each candidate and whether it leaves its VM dirty: persistent_term changed, a file
+    # left in the VM's home, an OS process left running, an OS environment variable set,
+    # a public ETS table written
+    expected = [
+        (writer, True),
+        (reader, False),
+        (home_writer, True),
+        (home_reader, False),
+        (stray, True),
+        (GOOD, False),
+        (os_env_writer, True),
+        (reader, False),
+        (ets_writer, True),
+        (reader, False),
+    ]
     with SandboxPool(SandboxConfig(workers=1)) as pool:
-        outcomes = pool.map([writer, reader, home_writer, home_reader, stray, GOOD])
-    first, second, third, fourth, fifth, sixth = outcomes
-    assert [o.status for o in outcomes] == ["passed"] * 6, [o.output for o in outcomes]
-    assert first.worker_replaced  # persistent_term changed
-    assert third.worker_replaced  # a file left in the VM's home
-    assert fifth.worker_replaced  # an OS process left running
-    assert not any(o.worker_replaced for o in (second, fourth, sixth))
+        outcomes = pool.map(candidate for candidate, _ in expected)
+    assert [o.status for o in outcomes] == ["passed"] * len(expected), [o.output for o in outcomes]
+    assert [o.worker_replaced for o in outcomes] == [replaced for _, replaced in expected]
 
 
 def test_a_prelude_stays_loaded_and_a_candidate_that_redefines_it_is_discarded() -> None:
@@ -159,6 +174,24 @@ def test_a_prelude_stays_loaded_and_a_candidate_that_redefines_it_is_discarded()
         outcomes = pool.map([uses, uses, redefines, uses])
     assert [o.status for o in outcomes] == ["passed", "passed", "failed", "passed"]
     assert [o.worker_replaced for o in outcomes] == [False, False, True, False]
+
+
+def test_a_module_loaded_from_a_file_the_candidate_wrote_is_discarded() -> None:
+    """A module loaded from an object file of the candidate's own, the file then deleted,
+    leaves its VM dirty: only Erlang's and Elixir's modules load from files unnoticed."""
+    plant = program(
+        "x * 2",
+        before="{:module, _, binary, _} = defmodule Planted do\n  def hi, do: :hi\nend\n"
+        'File.write!("Elixir.Planted.beam", binary)\n'
+        ":code.purge(Planted)\n:code.delete(Planted)\n:code.purge(Planted)\n"
+        '{:module, Planted} = :code.load_abs(String.to_charlist(Path.expand("Elixir.Planted")))\n'
+        'File.rm!("Elixir.Planted.beam")\n',
+    )
+    look = program("x * 2", before="false = Code.ensure_loaded?(Planted)\n")
+    with SandboxPool(SandboxConfig(workers=1)) as pool:
+        outcomes = pool.map([look, plant, look])
+    assert [o.status for o in outcomes] == ["passed"] * 3, [o.output for o in outcomes]
+    assert [o.worker_replaced for o in outcomes] == [False, True, False]
 
 
 def test_strict_mode_gives_every_candidate_a_fresh_vm() -> None:

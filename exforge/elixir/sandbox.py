@@ -18,7 +18,9 @@ A worker serves candidates one after another, each in fresh Erlang processes, it
 working directory and captured, truncated output; after each candidate it kills what the
 candidate left running, unloads the candidate's modules and compares the VM's global
 state (and, isolated, the OS processes of its PID namespace and the files in its home)
-with the state before. Any difference, a crash, `System.halt`, `:init.stop`, a timeout or
+with the baseline it took once at boot, so a change made between candidates counts too;
+every loaded module is compared by checksum, and only Erlang's and Elixir's own may load
+from object files on first use. Any difference, a crash, `System.halt`, `:init.stop`, a timeout or
 a garbled reply gets the worker's whole process group killed and a fresh worker booted in
 its place; the other candidates never see it. `max_uses=1` gives the strictest mode:
 every candidate gets a freshly booted VM of its own.

@@ -12,13 +12,14 @@ the front end skips Elixir's "redefining module" check (`ignore_module_conflict`
 warning, paid for with a code path search per module). The instruct stage runs them on
 the evaluator's pool of warm, sandboxed BEAM VMs (`exforge.elixir.sandbox`), which
 compile `ExforgeCheck` once as their prelude, at most `batch` candidates per program, in
-rounds of one program per VM, shared evenly (`even_batches`). A program runs each
-distinct check once (`unit`), its code held once in the program, compressed
-(`term_literal`), however many candidates hold it, and remembers its result, which it
-also reports, so that later programs of the same process take it from `UnitResults`
-instead of running the unit again; each candidate's verdict line, tagged with a
-per-program nonce, says whether all of its checks passed, in order, stopping at the
-first that fails (so a refactor pair whose original side does not compile is not
+rounds of one program per VM, shared evenly (`even_batches`). A batch program is one call
+of `ExforgeCheck.batch` with everything as data (`external_term`): its distinct checks
+(units), each code held once, compressed, however many candidates hold it, and each
+candidate's verdict as a term over them. It runs each unit at most once and remembers
+its result, which it also reports, so that later programs of the same process take it
+from `UnitResults` instead of running the unit again; each candidate's verdict line,
+tagged with a per-program nonce, says whether all of its checks passed, in order,
+stopping at the first that fails (so a refactor pair whose original side does not compile is not
 compiled a second time). A `compile` check `like` another (a pipes pair's rewritten
 side) passes without compiling when that one passed and Elixir expands both to the same
 code (`ExforgeCheck.same_expansion`); otherwise it is compiled. A parse check of code
@@ -43,6 +44,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TypeAlias
 
 from exforge.elixir.sandbox import Outcome, SandboxPool
 from streams.generators.common import Check
@@ -73,6 +75,8 @@ end
 # `ExforgeCheck.same_expansion(a, b)`: whether two modules are the same code once Elixir
 # expands their pipes as `Kernel.|>` does (`Macro.pipe`), metadata aside; never when one
 # imports (a local `|>` could replace Kernel's) or cannot be expanded.
+# `ExforgeCheck.batch(data)`: a batch program's checks (`batch_program`), which it reads
+# as data: compiled code per unit and verdict cost a program more than its parse checks.
 # The check pool's VMs compile this module once, as their prelude (`SandboxConfig`); a
 # program on another VM (or an `elixir` script) compiles it first: compiling it took a
 # program ~6 ms, more than a small module's check.
@@ -92,6 +96,61 @@ defmodule ExforgeCheck do
 
     :ok
   end
+
+  def batch(encoded) do
+    {nonce, stops, texts, units, verdicts} =
+      encoded |> Base.decode64!() |> :erlang.binary_to_term([:safe])
+
+    batch = %{nonce: nonce, stops: stops, texts: List.to_tuple(texts), units: List.to_tuple(units)}
+
+    verdicts
+    |> Enum.with_index()
+    |> Enum.each(fn {verdict, index} ->
+      IO.puts("#{nonce} #{index} #{if holds(verdict, batch), do: "ok", else: "failed"}")
+    end)
+
+    IO.puts("#{nonce} done")
+  end
+
+  defp holds(known, _batch) when is_boolean(known), do: known
+  defp holds({:all, terms}, batch), do: Enum.all?(terms, &holds(&1, batch))
+  defp holds({:any, terms}, batch), do: Enum.any?(terms, &holds(&1, batch))
+  defp holds({:same, a, b}, batch), do: same_expansion(elem(batch.texts, a), elem(batch.texts, b))
+  defp holds({:unit, index}, batch), do: unit(index, batch) == :ok
+
+  defp unit(index, batch) do
+    with nil <- Process.get({:exforge_unit, index}) do
+      {level, text} = elem(batch.units, index)
+
+      result =
+        try do
+          check(level, elem(batch.texts, text), "check-#{index}.ex", batch)
+          :ok
+        rescue
+          _ -> :failed
+        catch
+          _, _ -> :failed
+        end
+
+      Process.put({:exforge_unit, index}, result)
+      IO.puts("#{batch.nonce} unit #{index} #{result}")
+      result
+    end
+  end
+
+  defp check(:parse, code, file, _batch), do: Code.string_to_quoted!(code, file: file)
+  defp check(:compile, code, file, batch), do: compiles(code, file, batch_stops(batch))
+
+  defp batch_stops(%{stops: nil, nonce: nonce}) do
+    with nil <- Process.get(:exforge_stops) do
+      stops = stops?()
+      Process.put(:exforge_stops, stops)
+      IO.puts("#{nonce} stops #{stops}")
+      stops
+    end
+  end
+
+  defp batch_stops(%{stops: stops}), do: stops
 
   def stops? do
     probe = Code.string_to_quoted!("defmodule ExforgeFrontEndProbe do\\n  def f(x), do: x\\nend")
@@ -170,18 +229,53 @@ def encoded(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
+class Atom(str):
+    """An Erlang atom in a term for `external_term`."""
+
+
+Term: TypeAlias = Atom | str | int | bool | tuple["Term", ...] | list["Term"] | None
+
+
+def _term(value: Term) -> bytes:
+    """`value` in Erlang's external term format (without its version byte): true, false
+    and None as the atoms `true`, `false` and `nil`, a str as a UTF-8 binary."""
+    match value:
+        case Atom():
+            name = value.encode()
+            return b"w" + len(name).to_bytes(1, "big") + name
+        case bool() | None:
+            return _term(Atom("nil" if value is None else str(value).lower()))
+        case str():
+            data = value.encode("utf-8", "surrogatepass")
+            return b"m" + len(data).to_bytes(4, "big") + data
+        case int() if 0 <= value < 256:
+            return b"a" + value.to_bytes(1, "big")
+        case int():
+            return b"b" + value.to_bytes(4, "big", signed=True)
+        case tuple():
+            return b"h" + len(value).to_bytes(1, "big") + b"".join(map(_term, value))
+        case list() if value:
+            return b"l" + len(value).to_bytes(4, "big") + b"".join(map(_term, value)) + b"j"
+        case list():
+            return b"j"
+    raise TypeError(f"no external term for {value!r}")
+
+
+def external_term(value: Term) -> str:
+    """Base64 of `value` as Erlang's compressed external term format, which
+    `binary_to_term` inflates natively. Why a program holds its data so, not as Elixir
+    literals: a program is compiled by the Erlang compiler, which handles a binary literal
+    byte by byte through every pass (~16 ms of the ~24 ms a 32-candidate program took to
+    compile, most of them its files' text), and every expression of the program's own
+    code too; compressed, a file and the pieces cut from it take little more than the
+    file."""
+    term = _term(value)
+    return encoded(b"\x83P" + len(term).to_bytes(4, "big") + zlib.compress(term))
+
+
 def term_literal(texts: Sequence[str]) -> str:
-    """Elixir for the tuple of `texts`, from one base64 literal of them as Erlang's
-    compressed external term format (a list of binaries), which `binary_to_term`
-    inflates natively. Why not a literal per text: a program is compiled by the Erlang
-    compiler, which handles a binary literal byte by byte through every pass (~16 ms of
-    the ~24 ms a 32-candidate program took to compile, most of them its files' text);
-    compressed, a file and the pieces cut from it take little more than the file."""
-    items = [t.encode() for t in texts]
-    term = b"l" + len(items).to_bytes(4, "big") if items else b""
-    term += b"".join(b"m" + len(i).to_bytes(4, "big") + i for i in items) + b"j"
-    blob = b"\x83P" + len(term).to_bytes(4, "big") + zlib.compress(term)
-    return f'List.to_tuple(:erlang.binary_to_term(Base.decode64!("{encoded(blob)}")))'
+    """Elixir for the tuple of `texts`, from one literal (`external_term`)."""
+    return f'List.to_tuple(:erlang.binary_to_term(Base.decode64!("{external_term(list(texts))}")))'
 
 
 def check_line(index: int, check: Check, source: str) -> str:
@@ -275,14 +369,6 @@ class UnitResults:
 STOPS_KEY = UnitResults.key(FRONT_END_PROBE, "stops")
 
 
-def reported_stops(nonce: str, known: UnitResults | None) -> str:
-    """The `stops` expression of a batch program: the known result, or the probe, reported."""
-    stops = known.get(STOPS_KEY) if known is not None else None
-    if stops is not None:
-        return "true" if stops else "false"
-    return f'(fn stops -> IO.puts("{nonce} stops #{{stops}}"); stops end).({FRONT_END_PROBE})'
-
-
 class Units:
     """The distinct checks of one program, numbered in order of first use; a check
     whose result `known` holds is not run again. The code they need is held once, in
@@ -293,99 +379,67 @@ class Units:
         self.texts: dict[str, int] = {}
         self.known = known
 
-    def text(self, code: str) -> str:
-        """Elixir for `code`, from `texts`."""
-        return f"elem(texts, {self.texts.setdefault(code, len(self.texts))})"
+    def text(self, code: str) -> int:
+        return self.texts.setdefault(code, len(self.texts))
 
-    def of(self, check: Check) -> str:
-        """Elixir that is true when the unit of `check` passes."""
+    def of(self, check: Check) -> Term:
+        """A term that holds when the unit of `check` passes: its known result, or the
+        unit to run (`{:unit, index}`)."""
         if self.known is not None:
             passed = self.known.get(UnitResults.key(check.code, check.level))
             if passed is not None:
-                return "true" if passed else "false"
-        index = self.index.setdefault((check.code, check.level), len(self.index))
-        return f"run.({index}) == :ok"
+                return passed
+        if check.level == "test":
+            raise ValueError("a candidate with tests runs alone, not in a batch program")
+        self.text(check.code)
+        return (Atom("unit"), self.index.setdefault((check.code, check.level), len(self.index)))
 
-    def expression(self, check: Check) -> str:
-        """Elixir that is true when `check` passes (running each unit at most once)."""
+    def expression(self, check: Check) -> Term:
+        """A term that holds when `check` passes (`ExforgeCheck.holds`)."""
         if check.like is not None:
             like = self.of(Check(check.like, check.level))
-            same = f"ExforgeCheck.same_expansion({self.text(check.like)}, {self.text(check.code)})"
-            return f"(({like} and {same}) or {self.of(check)})"
+            same = (Atom("same"), self.text(check.like), self.text(check.code))
+            return (Atom("any"), [(Atom("all"), [like, same]), self.of(check)])
         if check.level != "parse" or check.within is None:
             return self.of(check)
         whole = self.of(Check(check.within))
-        return whole if whole == "true" else f"({whole} or {self.of(check)})"
+        return whole if whole is True else (Atom("any"), [whole, self.of(check)])
 
-    def definitions(self) -> str:
-        """`texts` and `units` (once every expression is made)."""
-        lines = [
-            f"  {i} => fn -> {check_line(i, Check(code, level), self.text(code))} end"  # type: ignore[arg-type]
-            for (code, level), i in self.index.items()
-        ]
-        texts = f"texts = {term_literal(list(self.texts))}\n"
-        return texts + "units = %{\n" + ",\n".join(lines) + "\n}\n"
+    def definitions(self) -> list[Term]:
+        """Each unit as `{level, text}`, by index (once every expression is made)."""
+        return [(Atom(level), self.texts[code]) for (code, level) in self.index]
 
     def keys(self) -> list[str]:
         """The cache key of each unit, by index."""
         return [UnitResults.key(code, level) for (code, level) in self.index]
 
 
-RUN_UNIT = """
-run = fn index ->
-  case Process.get({:exforge_unit, index}) do
-    nil ->
-      result =
-        try do
-          units[index].()
-          :ok
-        rescue
-          _ -> :failed
-        catch
-          _, _ -> :failed
-        end
-
-      Process.put({:exforge_unit, index}, result)
-      IO.puts("NONCE unit #{index} #{result}")
-      result
-
-    result ->
-      result
-  end
-end
-"""
-
-
 @dataclass(frozen=True)
 class Program:
-    """One batch program: its source, its nonce and the cache key of each of its units."""
+    """One batch program: its source, its nonce, the cache key of each of its units and
+    the front-end stop it was given (None: it probes and reports it)."""
 
     source: str
     nonce: str
     units: list[str]
+    stops: bool | None
 
 
 def batch_program(batch: Sequence[Sequence[Check]], known: UnitResults | None = None) -> Program:
     """Every candidate's verdict, `<nonce> <index> ok|failed`, each unit's result as it
-    runs, `<nonce> unit <index> ok|failed`, then `<nonce> done`."""
+    runs, `<nonce> unit <index> ok|failed`, the probed front-end stop, `<nonce> stops
+    true|false`, then `<nonce> done`. The program is one call of
+    `ExforgeCheck.batch` with all of it as data: compiling a program's own code (a
+    closure per unit, an expression per candidate) took ~30 ms, more than its checks
+    of parsing."""
     nonce = secrets.token_hex(8)
     units = Units(known)
-    verdicts = []
-    for index, checks in enumerate(batch):
-        passed = " and ".join(units.expression(c) for c in checks) or "true"
-        verdicts.append(f'IO.puts("{nonce} {index} " <> if({passed}, do: "ok", else: "failed"))')
-    source = (
-        preamble(
-            any(level == "compile" for _, level in units.index)
-            or any(c.like is not None for cs in batch for c in cs),
-            reported_stops(nonce, known),
-        )
-        + units.definitions()
-        + RUN_UNIT.replace("NONCE", nonce)
-        + "\n".join(verdicts)
-        + f'\nIO.puts("{nonce} done")\n'
-    )
-    return Program(source, nonce, units.keys())
+    verdicts: list[Term] = [(Atom("all"), [units.expression(c) for c in cs]) for cs in batch]
+    stops = known.get(STOPS_KEY) if known is not None else None
+    texts = list(units.texts)
+    term = (nonce, stops, texts, units.definitions(), verdicts)
+    source = LOAD_PRELUDE + f'ExforgeCheck.batch("{external_term(term)}")\n'
+    return Program(source, nonce, units.keys(), stops)
 
 
 def batch_verdicts(

@@ -69,6 +69,7 @@ from streams.sources.local import upload_directory
 
 POLL_S = 0.5
 RUN_TIMEOUT_S = 3600
+WORKER_STOP_S = 30.0
 
 
 def free_port() -> int:
@@ -372,9 +373,7 @@ def process(
         samples = watch(procs, ports, usage, log)
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            stop_worker(proc)
     wall = time.monotonic() - started
     tables = settings.root / "worker"
     return Processed(
@@ -385,6 +384,20 @@ def process(
         stats(open_database(settings)),
         tree_bytes(tables) if tables.is_dir() else 0,
     )
+
+
+def stop_worker(proc: subprocess.Popen[bytes]) -> None:
+    """End a worker command still running (the benchmark failed or was stopped): SIGTERM
+    first, which a supervisor passes on to its worker processes (SIGKILL would leave them
+    to end on their own while the broker goes away), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(WORKER_STOP_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def stage_span(samples: list[Sample], stage: str, final: Sample, first: float) -> list[float]:
@@ -546,8 +559,20 @@ def report_of(
     return report
 
 
+def unwind_on_sigterm() -> None:
+    """Have SIGTERM unwind the benchmark as Ctrl-C does, through the `finally` blocks that
+    stop its workers and embedded broker: by default SIGTERM ends the process on the
+    spot, and the broker (in a session of its own) and the workers run on."""
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)  # the exit status a shell reports for the signal
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 def parse_common(parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """The options every pipeline benchmark shares, parsed (the work dir created)."""
+    """The options every pipeline benchmark shares, parsed (the work dir created); from
+    here on SIGTERM stops the benchmark cleanly (`unwind_on_sigterm`)."""
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--work-dir", type=Path, default=None, help="Parent of temp dirs.")
     parser.add_argument("--keep", action="store_true", help="Keep the run directories.")
@@ -566,6 +591,7 @@ def parse_common(parser: argparse.ArgumentParser) -> argparse.Namespace:
         parser.error(str(exc))
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
+    unwind_on_sigterm()
     return args
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import time
@@ -23,6 +22,7 @@ from exforge.core.store import ObjectStore, open_store, sha256_hex
 from schemas.records import SourceRequest
 from schemas.shards import decode_shard
 from streams.sources.local import upload_directory
+from tests.support.processes import still_running
 
 pytestmark = pytest.mark.slow
 
@@ -233,21 +233,6 @@ def test_bad_inputs_land_in_the_dlq_and_the_worker_keeps_going(
     assert pipeline.json("dataset", "stats")["samples"]["total"] == stats["samples"]["total"] + 3
     bad = pipeline.cli("dlq", "replay", "9:999", check=False)
     assert bad.returncode == 2 and "9:999" in bad.stderr
-
-
-def still_running(pidfds: dict[int, int], timeout_s: float) -> list[int]:
-    """Wait until the processes of `pidfds` (pidfd → pid: a pidfd turns readable when its
-    process exits, whoever its parent is) have exited, closing and forgetting the pidfds
-    of those that have; the pids still running at the deadline."""
-    deadline = time.monotonic() + timeout_s
-    while pidfds:
-        ready, _, _ = select.select(list(pidfds), [], [], max(deadline - time.monotonic(), 0))
-        if not ready:
-            break
-        for fd in ready:
-            os.close(fd)
-            del pidfds[fd]
-    return sorted(pidfds.values())
 
 
 @pytest.mark.parametrize("processes", [1, 2])

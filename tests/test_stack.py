@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from aiokafka import AIOKafkaProducer
-from conftest import REPO, Pipeline, free_port
+from conftest import CLI_TIMEOUT_S, REPO, Pipeline, free_port
 
 from exforge.core.stack import process_alive
 from exforge.core.store import open_store
 from schemas.catalogue import CATALOGUE
 from schemas.records import SourceRequest
 from streams.sources.local import upload_directory
+from tests.support.processes import pidfds, still_running
 
 pytestmark = pytest.mark.slow
 UNSEEN = REPO / "tests" / "fixtures" / "unseen_project"
@@ -125,3 +132,42 @@ def test_the_readme_producer_examples_send_valid_records() -> None:
     assert request.source_id == key
     assert "-t exforge.sources.requests" in kcat and "-K'|'" in kcat
     assert "AIOKafkaProducer" in readme and '"exforge.sources.requests"' in readme
+
+
+def child_commands(pid: int) -> list[list[str]]:
+    commands = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):  # it ended meanwhile
+            commands.append(child.cmdline())
+    return commands
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stopped_hex_scale_run_leaves_no_broker_or_worker(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """`benchmarks/hex_scale.py` stopped while its workers run takes its broker and
+    workers with it (SIGTERM used to end it on the spot and leave both running)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EXFORGE_")}
+    command = [sys.executable, "benchmarks/hex_scale.py", "--packages", "2"]
+    bench = subprocess.Popen(
+        [*command, "--work-dir", str(tmp_path)], cwd=REPO, env=env, stdout=subprocess.DEVNULL
+    )
+    started: dict[int, int] = {}  # pidfd → pid, open before the signal (pids get reused)
+    try:
+        deadline = time.monotonic() + 120
+        while not any("worker" in command for command in child_commands(bench.pid)):
+            assert bench.poll() is None and time.monotonic() < deadline, "no worker started"
+            time.sleep(0.05)
+        # the broker, up before the workers, and the workers
+        started = pidfds({child.pid for child in psutil.Process(bench.pid).children(True)})
+        (pid_file,) = tmp_path.glob("hex-scale-*/run/run/broker.pid")
+        assert int(pid_file.read_text()) in started.values()
+        bench.send_signal(signum)
+        assert bench.wait(timeout=90) != 0
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    assert still_running(started, CLI_TIMEOUT_S) == [], "the broker or a worker outlived it"
+    assert not list(tmp_path.glob("hex-scale-*"))  # its run directory is gone too

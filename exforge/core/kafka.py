@@ -7,10 +7,10 @@ import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.structs import OffsetAndMetadata
 
 from exforge.core import tracing
 from exforge.core.settings import Settings
@@ -312,11 +312,19 @@ class BrokerWatch:
         async with self._look() as (_, consumer), self._probing:
             return await end_offsets(consumer, partitions, self._ends, past)
 
-    async def committed(self, group: str, partitions: list[TopicPartition]) -> dict[Any, Any]:
-        """The group's committed offset metadata per partition (the broker here answers
-        OffsetFetch only with explicit partitions)."""
+    async def committed(
+        self, group: str, partitions: list[TopicPartition]
+    ) -> dict[TopicPartition, int | None]:
+        """The group's committed offset of each partition; None where it never committed
+        (the broker answers -1 or leaves the partition out). The broker here answers
+        OffsetFetch only with explicit partitions."""
         async with self._look() as (admin, _):
-            return dict(await admin.list_consumer_group_offsets(group, partitions=partitions))
+            offsets = await admin.list_consumer_group_offsets(group, partitions=partitions)
+        return {tp: _offset(offsets.get(tp)) for tp in partitions}
+
+
+def _offset(meta: OffsetAndMetadata | None) -> int | None:
+    return meta.offset if meta is not None and meta.offset >= 0 else None
 
 
 @asynccontextmanager
@@ -351,8 +359,7 @@ async def consumer_lag(
         for group in groups:
             offsets = await look.committed(group, partitions)
             for tp in partitions:
-                meta = offsets.get(tp)
-                committed = meta.offset if meta is not None and meta.offset >= 0 else None
+                committed = offsets[tp]
                 if committed is None and ends[tp] == 0:
                     continue
                 if committed is None and not _group_reads(group, tp.topic, settings):
@@ -464,10 +471,7 @@ async def drained(
         if not partitions:
             return True
         committed = await look.committed(settings.worker_group, partitions)
-        done = {}
-        for tp in partitions:
-            meta = committed.get(tp)
-            done[tp] = meta.offset if meta is not None and meta.offset >= 0 else 0
+        done = {tp: offset or 0 for tp, offset in committed.items()}
         # a partition with records past its committed offset is not probed for its end
         ends = await look.ends(partitions, past=done)
     return all(ends[tp] <= done[tp] for tp in partitions)

@@ -1,0 +1,34 @@
+"""Waiting on processes that are not the test's children."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import time
+from collections.abc import Iterable
+
+
+def still_running(pidfds: dict[int, int], timeout_s: float) -> list[int]:
+    """Wait until the processes of `pidfds` (pidfd → pid: a pidfd turns readable when its
+    process exits, whoever its parent is) have exited, closing and forgetting the pidfds
+    of those that have; the pids still running at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while pidfds:
+        ready, _, _ = select.select(list(pidfds), [], [], max(deadline - time.monotonic(), 0))
+        if not ready:
+            break
+        for fd in ready:
+            os.close(fd)
+            del pidfds[fd]
+    return sorted(pidfds.values())
+
+
+def pidfds(pids: Iterable[int]) -> dict[int, int]:
+    """pidfd → pid of those of `pids` still running (a pidfd, unlike a pid, is never
+    reused for another process)."""
+    fds = {}
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # it ended already
+            fds[os.pidfd_open(pid)] = pid
+    return fds

@@ -7,8 +7,8 @@ The same candidates, in the same run: the built-in benchmark's reference and bro
 solutions, then MultiPL-E HumanEval problems completed with `nil` (a failing answer),
 each `--samples-per-problem` times in a row as a pass@k run scores n samples of a
 problem (here n copies of one program, which every method runs n times: none caches
-results), up to `--candidates` in all. Three ways, each with `--workers` candidates in
-flight:
+results, though a pooled VM compiles a problem's tests once), up to `--candidates` in
+all. Three ways, each with `--workers` candidates in flight:
 
 * multipl-e: `elixir candidate.exs` per candidate in its own temporary directory under
   a 5 s timeout, passed when it exits 0, as MultiPL-E's Elixir executor does;

@@ -559,20 +559,23 @@ def report_of(
     return report
 
 
-def unwind_on_sigterm() -> None:
-    """Have SIGTERM unwind the benchmark as Ctrl-C does, through the `finally` blocks that
-    stop its workers and embedded broker: by default SIGTERM ends the process on the
-    spot, and the broker (in a session of its own) and the workers run on."""
+def unwind_on_stop_signals() -> None:
+    """Have SIGTERM and SIGINT unwind the benchmark through the `finally` blocks that stop
+    its workers and embedded broker: by default SIGTERM ends the process on the spot,
+    and the broker (in a session of its own) and the workers run on. SIGINT is set too
+    because a process started in the background by a non-interactive shell inherits it
+    ignored, and then `kill -INT` would not stop the run at all."""
 
     def leave(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)  # the exit status a shell reports for the signal
 
     signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def parse_common(parser: argparse.ArgumentParser) -> argparse.Namespace:
     """The options every pipeline benchmark shares, parsed (the work dir created); from
-    here on SIGTERM stops the benchmark cleanly (`unwind_on_sigterm`)."""
+    here on SIGTERM or SIGINT stops the benchmark cleanly (`unwind_on_stop_signals`)."""
     parser.add_argument("--corpus", type=Path, default=CORPUS)
     parser.add_argument("--work-dir", type=Path, default=None, help="Parent of temp dirs.")
     parser.add_argument("--keep", action="store_true", help="Keep the run directories.")
@@ -591,7 +594,7 @@ def parse_common(parser: argparse.ArgumentParser) -> argparse.Namespace:
         parser.error(str(exc))
     if args.work_dir is not None:
         args.work_dir.mkdir(parents=True, exist_ok=True)
-    unwind_on_sigterm()
+    unwind_on_stop_signals()
     return args
 
 

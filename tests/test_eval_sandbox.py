@@ -146,9 +146,10 @@ def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: Sandbo
         "assert Double.double(2) == 4", "y = 2\n    assert Double.double(2) == 4"
     )
     programs = [Program(code, tests) for code in codes.values() for tests in (TESTS, unused)]
-    outcomes = pool.map(programs * 2)
+    # three of each on two VMs: one VM sees each twice, and builds its tests on that sight
+    outcomes = pool.map(programs * 3)
     wholes = pool.map([p.text for p in programs])
-    assert [_verdict(o) for o in outcomes] == [_verdict(o) for o in wholes] * 2
+    assert [_verdict(o) for o in outcomes] == [_verdict(o) for o in wholes] * 3
     got = {name: outcomes[2 * i] for i, name in enumerate(codes)}
     assert {name: (o.status, o.warnings) for name, o in got.items()} == {
         "passing": ("passed", 0),

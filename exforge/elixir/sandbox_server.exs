@@ -312,20 +312,24 @@ defmodule Exforge.Sandbox.Server do
   end
 
   # The tests compiled once for this text and starting line, built in a clean VM (before
-  # the candidate) and cleaned up like a candidate's modules; nil for no tests or tests
-  # that cannot be kept.
+  # the candidate) and cleaned up like a candidate's modules; nil for no tests, tests that
+  # cannot be kept, and tests seen for the first time: they are built on their second
+  # sight, so a problem run once (pass@1) costs no more than compiling its whole program.
   defp compiled_tests("", _code, _config, _before, kept), do: {nil, kept}
 
   defp compiled_tests(tests, code, config, before, kept) do
     key = {tests, length(:binary.matches(code, "\n")) + 1}
 
     case kept do
+      %{^key => :seen} ->
+        compiled = build_tests(key, config, before)
+        {compiled, Map.put(kept, key, compiled)}
+
       %{^key => compiled} ->
         {compiled, kept}
 
       _ ->
-        compiled = build_tests(key, config, before)
-        {compiled, Map.put(if(map_size(kept) >= @tests_kept, do: %{}, else: kept), key, compiled)}
+        {nil, Map.put(if(map_size(kept) >= @tests_kept, do: %{}, else: kept), key, :seen)}
     end
   end
 

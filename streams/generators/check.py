@@ -300,10 +300,10 @@ LOAD_PRELUDE = (
 )
 
 
-def preamble(needed: bool, stops: str = FRONT_END_PROBE) -> str:
-    """What a program's check lines need first, if `needed` (they compile, or compare
-    expansions): `ExforgeCheck`, and `stops`, its front-end stop."""
-    return LOAD_PRELUDE + f"stops = {stops}\n" if needed else ""
+def preamble(needed: bool) -> str:
+    """What a program's check lines need first, if `needed` (they compile): `ExforgeCheck`,
+    and `stops`, its front-end stop, probed."""
+    return LOAD_PRELUDE + f"stops = {FRONT_END_PROBE}\n" if needed else ""
 
 
 def check_lines(checks: Sequence[Check]) -> str:

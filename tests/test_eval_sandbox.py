@@ -123,6 +123,10 @@ def _verdict(outcome: Outcome) -> tuple[object, ...]:
 
 def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: SandboxPool) -> None:
     double = "defmodule Double do\n  def double(x) do\n    {}\n  end\nend\n"
+    protocol = (
+        "defprotocol Double do\n  def double(x)\nend\n"
+        "defimpl Double, for: Integer do\n  def double(x), do: {}\nend\n"
+    )
     codes = {
         "passing": double.format("x * 2"),
         "failing": double.format("x + 1"),
@@ -141,6 +145,9 @@ def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: Sandbo
         "unclosed_heredoc": 'defmodule Double do\n  @doc """\n',
         # the same tests from another line: failures report their own line numbers
         "failing_lower_down": "\n\n\n" + double.format("x - 1"),
+        # protocols and implementations define modules too
+        "protocol": protocol.format("x * 2"),
+        "protocol_failing": protocol.format("x + 1"),
     }
     unused = TESTS.replace(
         "assert Double.double(2) == 4", "y = 2\n    assert Double.double(2) == 4"
@@ -164,6 +171,8 @@ def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: Sandbo
         "syntax_error": ("syntax_error", 0),
         "unclosed_heredoc": ("syntax_error", 0),
         "failing_lower_down": ("failed", 0),
+        "protocol": ("passed", 0),
+        "protocol_failing": ("failed", 0),
     }
     assert outcomes[1].warnings == 1  # the tests' own unused variable, compiled once
     assert "candidate.exs:10" in got["failing"].output

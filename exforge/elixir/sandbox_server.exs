@@ -138,7 +138,7 @@ defmodule Exforge.Sandbox.Tests do
   compiler warnings kept to be printed again.
 
   A candidate reuses them when the whole program parses into the candidate's top-level
-  `defmodule`s followed by exactly the tests' forms, and compiling those modules left the
+  `defmodule`s, `defprotocol`s and `defimpl`s followed by exactly the tests' forms, and compiling those modules left the
   compiler options, ExUnit's and Elixir's configuration and every module the VM had
   loaded as they were, and defined no module that the tests define, that exists in the
   code path, or that exports macros (a remote call to a macro compiles differently).
@@ -179,7 +179,7 @@ defmodule Exforge.Sandbox.Tests do
     count = length(forms) - length(tests.forms)
     {head, rest} = Enum.split(forms, max(count, 0))
 
-    if count >= 0 and rest == tests.forms and Enum.all?(head, &defmodule?/1) do
+    if count >= 0 and rest == tests.forms and Enum.all?(head, &module_form?/1) do
       compile(head)
       if unchanged?(tests, before, context), do: load(tests), else: compile(tests.forms)
     else
@@ -280,7 +280,12 @@ defmodule Exforge.Sandbox.Tests do
     |> elem(1)
   end
 
-  defp defmodule?(form), do: match?({:defmodule, _, [{:__aliases__, _, _}, [do: _]]}, form)
+  # Top-level forms that define modules and leave nothing the tests could see in the file's
+  # scope (defimpl's variables are hygienic, of Protocol's context).
+  defp module_form?({:defmodule, _, [{:__aliases__, _, _}, [do: _]]}), do: true
+  defp module_form?({:defprotocol, _, [{:__aliases__, _, _}, [do: _]]}), do: true
+  defp module_form?({:defimpl, _, [{:__aliases__, _, _}, [for: _], [do: _]]}), do: true
+  defp module_form?(_form), do: false
 
   defp top_level({:__block__, [], forms}), do: forms
   defp top_level(form), do: [form]

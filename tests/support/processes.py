@@ -53,3 +53,18 @@ def wait_for_text(
         assert proc.poll() is None, f"exited {proc.returncode} before {text!r}:\n{tail}"
         assert time.monotonic() < deadline, f"no {text!r} within {timeout_s} s:\n{tail}"
         time.sleep(0.05)
+
+
+def wait_while_logging(proc: subprocess.Popen[bytes], log: Path, quiet_s: float) -> int | None:
+    """Wait for `proc` to exit for as long as it makes progress, which is to say its log
+    file `log` grows at least every `quiet_s` seconds (however slow a loaded machine
+    makes it); its exit code, or None once it has logged nothing for `quiet_s`."""
+    size, since = -1, time.monotonic()
+    while True:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return proc.wait(timeout=0.2)
+        grown = log.stat().st_size
+        if grown != size:
+            size, since = grown, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return None

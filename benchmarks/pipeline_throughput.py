@@ -24,7 +24,10 @@ While they run, every worker's `/metrics` is read twice a second and its memory 
   last; the bottleneck is the stage busy for the largest share;
 * CPU seconds of the workers, of their BEAM check VMs and of the embedded broker while
   the workers ran, all three together per file seen, each worker's peak RSS, and the
-  size on disk of the workers' tables (RocksDB).
+  size on disk of the workers' tables (RocksDB);
+* the check pools' mishaps (`exforge_check_pool_events_total`): batch programs run again
+  one candidate per program, check programs timed out, check VMs replaced. A run that
+  keeps a sample fewer than another of the same input shows here why.
 
 With several `--copies`, the peak RSS of the largest corpus over that of the smallest
 (same worker count and repetition) shows whether a worker's memory grows with the data.
@@ -89,6 +92,7 @@ class Sample:
     messages_out: dict[str, float] = field(default_factory=dict)
     busy: dict[str, float] = field(default_factory=dict)
     waited: dict[str, float] = field(default_factory=dict)
+    check_events: dict[str, float] = field(default_factory=dict)  # the check pools' mishaps
 
     def total_in(self) -> float:
         return sum(self.messages_in.values())
@@ -101,6 +105,9 @@ def scrape(port: int, into: Sample) -> None:
         return  # not serving yet, or already gone
     for family in text_string_to_metric_families(text.decode()):
         for sample in family.samples:
+            if sample.name == "exforge_check_pool_events_total":
+                event = sample.labels["event"]
+                into.check_events[event] = into.check_events.get(event, 0) + sample.value
             stage = sample.labels.get("stage")
             if stage is None:
                 continue
@@ -317,7 +324,7 @@ def last_reading(samples: list[Sample]) -> Sample:
     """Each stage's largest totals (readings after a worker's exit are empty)."""
     best = Sample(samples[-1].at)
     for reading in samples:
-        for attr in ("messages_in", "messages_out", "busy", "waited"):
+        for attr in ("messages_in", "messages_out", "busy", "waited", "check_events"):
             target = getattr(best, attr)
             for stage, value in getattr(reading, attr).items():
                 target[stage] = max(target.get(stage, 0), value)
@@ -455,6 +462,12 @@ def summary(processed: Processed, processes: int) -> dict[str, Any]:
         "cpu_ms_per_file": round(sum(cpu.values()) * 1000 / max(files, 1), 1),
         "peak_rss_mb": [round(p / 2**20) for p in peaks],
         "tables_mb": round(processed.tables_bytes / 2**20, 1),
+        # the check pools': batch programs run again one candidate per program, check
+        # programs timed out, check VMs replaced (a checkout without the counter: none)
+        "check_events": {
+            event: int(final.check_events.get(event, 0))
+            for event in ("batch_rerun", "timeout", "vm_replaced")
+        },
     }
 
 
@@ -512,6 +525,11 @@ def show(run: dict[str, Any]) -> None:
         f"BEAM {run['cpu_s']['beam']}, broker {run['cpu_s']['broker']} "
         f"({run['cpu_ms_per_file']} ms a file)   peak RSS MB: {run['peak_rss_mb']}   "
         f"tables on disk MB: {run['tables_mb']}"
+    )
+    events = run["check_events"]
+    print(
+        f"  check pool: {events['batch_rerun']} batch programs run again, "
+        f"{events['timeout']} programs timed out, {events['vm_replaced']} VMs replaced"
     )
 
 

@@ -123,6 +123,10 @@ def _verdict(outcome: Outcome) -> tuple[object, ...]:
 
 def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: SandboxPool) -> None:
     double = "defmodule Double do\n  def double(x) do\n    {}\n  end\nend\n"
+    protocol = (
+        "defprotocol Double do\n  def double(x)\nend\n"
+        "defimpl Double, for: Integer do\n  def double(x), do: {}\nend\n"
+    )
     codes = {
         "passing": double.format("x * 2"),
         "failing": double.format("x + 1"),
@@ -141,12 +145,15 @@ def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: Sandbo
         "unclosed_heredoc": 'defmodule Double do\n  @doc """\n',
         # the same tests from another line: failures report their own line numbers
         "failing_lower_down": "\n\n\n" + double.format("x - 1"),
+        # protocols and implementations define modules too
+        "protocol": protocol.format("x * 2"),
+        "protocol_failing": protocol.format("x + 1"),
     }
     unused = TESTS.replace(
         "assert Double.double(2) == 4", "y = 2\n    assert Double.double(2) == 4"
     )
     programs = [Program(code, tests) for code in codes.values() for tests in (TESTS, unused)]
-    # three of each on two VMs: one VM sees each twice, and builds its tests on that sight
+    # three of each: the VM that runs a problem sees its tests again and builds them then
     outcomes = pool.map(programs * 3)
     wholes = pool.map([p.text for p in programs])
     assert [_verdict(o) for o in outcomes] == [_verdict(o) for o in wholes] * 3
@@ -164,11 +171,48 @@ def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: Sandbo
         "syntax_error": ("syntax_error", 0),
         "unclosed_heredoc": ("syntax_error", 0),
         "failing_lower_down": ("failed", 0),
+        "protocol": ("passed", 0),
+        "protocol_failing": ("failed", 0),
     }
     assert outcomes[1].warnings == 1  # the tests' own unused variable, compiled once
     assert "candidate.exs:10" in got["failing"].output
     assert "candidate.exs:13" in got["failing_lower_down"].output
     assert "Be sure to require Double" in got["macro"].output
+
+
+def _vm(outcome: Outcome) -> str:
+    """Which VM ran a candidate of `_vm_candidate`'s: its time offset, fixed at boot."""
+    found = re.search(r"^VM (-?\d+)$", outcome.output, re.MULTILINE)
+    assert found, outcome.output
+    return found.group(1)
+
+
+def _vm_candidate(name: str) -> str:
+    """A passing Double that names its VM as it compiles, in a module `name`."""
+    shown = 'IO.puts("VM #{:erlang.time_offset()}")'
+    return f"defmodule {name} do\n  {shown}\nend\n" + double_code()
+
+
+def double_code() -> str:
+    return "defmodule Double do\n  def double(x), do: x * 2\nend\n"
+
+
+def test_a_problems_programs_go_to_the_vm_that_compiled_its_tests() -> None:
+    """`map` runs programs with the same tests on one VM (which compiles them once),
+    the other VM taking another problem's, whatever their order; with one problem
+    left, both VMs run it."""
+    other = TESTS.replace("DoubleTest", "DoubleOtherTest")
+    first = [Program(_vm_candidate("First"), TESTS) for _ in range(4)]
+    second = [Program(_vm_candidate("Second"), other) for _ in range(4)]
+    with SandboxPool(SandboxConfig(workers=2)) as pool:
+        pool.map([GOOD, GOOD])  # both VMs booted
+        outcomes = pool.map(first + second)
+        alone = pool.map([Program(_vm_candidate("Only"), TESTS) for _ in range(6)])
+    assert [o.status for o in outcomes + alone] == ["passed"] * 14
+    vms = [_vm(o) for o in outcomes]
+    # a VM with nothing left of its own takes another's, last first
+    assert vms[0] == vms[1] != vms[4] == vms[5]
+    assert len({_vm(o) for o in alone}) == 2
 
 
 def test_candidates_do_not_see_each_other_or_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

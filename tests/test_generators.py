@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO
+from prometheus_client import REGISTRY
 from test_sources_books import make_pdf
 from tree_sitter import Tree
 
@@ -394,6 +395,29 @@ def test_the_front_end_stop_is_probed_once_per_process(pool: SandboxPool) -> Non
     assert known.get(STOPS_KEY) is True
     assert batch_program(checks[1:], known).stops is True
     assert check_all(pool, checks[1:], known=known) == [None]
+
+
+def check_pool_events() -> dict[str, float]:
+    return {
+        event: REGISTRY.get_sample_value("exforge_check_pool_events_total", {"event": event}) or 0.0
+        for event in ("batch_rerun", "timeout", "vm_replaced")
+    }
+
+
+def test_a_timed_out_check_batch_is_counted_as_a_rerun_timeouts_and_replaced_vms() -> None:
+    """A module whose body loops hangs its batch program: the program times out, its VM
+    is replaced and its candidates run again one per program, where the loop times out
+    (and takes its VM) once more while the other candidate passes; each of it counts."""
+    looping = "defmodule ExforgeLoops do\n  Stream.repeatedly(fn -> :ok end) |> Stream.run()\nend\n"
+    fine = "defmodule ExforgeFine do\n  def f(x), do: x\nend\n"
+    before = check_pool_events()
+    config = SandboxConfig(workers=1, timeout_s=3, prelude=CHECK_PRELUDE)
+    with SandboxPool(config) as pool:
+        reasons = check_all(pool, [[Check(fine, "compile")], [Check(looping, "compile")]])
+    assert reasons == [None, "check_timeout"]
+    after = check_pool_events()
+    counted = {event: after[event] - before[event] for event in after}
+    assert counted == {"batch_rerun": 1, "timeout": 2, "vm_replaced": 2}
 
 
 def test_a_check_unit_holds_the_definitions_it_calls_whatever_their_names_end_in(

@@ -47,6 +47,14 @@ ANOMALY = Gauge(
 ANOMALY_SCORE = Gauge(
     "exforge_anomaly_score", "Robust z-score of a signal's last observation.", ["signal", "subject"]
 )
+CHECK_POOL_EVENTS = Counter(
+    "exforge_check_pool_events",
+    "Mishaps of the instruct stage's check pool (streams.generators.check): batch_rerun (a "
+    "batch program that did not reach its end, its candidates run again one per program), "
+    "timeout (a check program that ran out of time), vm_replaced (a check VM killed and "
+    "booted again after a program).",
+    ["event"],
+)
 REDACTIONS = Counter(
     "exforge_redactions_total", "Secrets and PII replaced in kept files, by kind.", ["kind"]
 )
@@ -79,6 +87,7 @@ METRIC_NAMES = (
     "exforge_anomaly_score",
     "exforge_shards_written_total",
     "exforge_redactions_total",
+    "exforge_check_pool_events_total",
     "exforge_train_loss",
     "exforge_train_learning_rate",
     "exforge_train_grad_norm",

@@ -42,8 +42,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass, replace
@@ -464,7 +466,10 @@ class SandboxPool:
 
     def run(self, program: str | Program) -> Outcome:
         """One program: a whole file, or code and tests a worker may compile once."""
-        worker = self._idle.get()
+        return self._run_on(self._idle.get(), program)
+
+    def _run_on(self, worker: BeamWorker, program: str | Program) -> Outcome:
+        """`program` on `worker`, taken from the idle ones: put back, or replaced."""
         try:
             outcome, reusable = worker.run(
                 program if isinstance(program, Program) else Program(program)
@@ -483,20 +488,69 @@ class SandboxPool:
         programs: Iterable[str | Program],
         on_done: Callable[[int, Outcome], None] | None = None,
     ) -> list[Outcome]:
-        """Outcomes in the order of `programs`; `on_done(index, outcome)` as each ends."""
+        """Outcomes in the order of `programs`; `on_done(index, outcome)` as each ends.
+        Programs with the same tests go to the worker that ran them first while it has
+        them to run (it compiles those tests once: `Program`); an idle worker with none of
+        its own left takes the next unclaimed tests, then helps another's."""
         items = list(programs)
+        outcomes: list[Outcome | None] = [None] * len(items)
+        schedule = _Affinity([_tests_key(item) for item in items])
 
-        def one(index: int) -> Outcome:
-            outcome = self.run(items[index])
-            if on_done is not None:
-                on_done(index, outcome)
-            return outcome
+        def serve() -> None:
+            while True:
+                worker = self._idle.get()
+                index = schedule.take(worker, lambda owner: owner in self._all)
+                if index is None:
+                    self._idle.put(worker)
+                    return
+                outcome = self._run_on(worker, items[index])
+                outcomes[index] = outcome
+                if on_done is not None:
+                    on_done(index, outcome)
 
         with ThreadPoolExecutor(self.config.workers) as executor:
-            return list(executor.map(one, range(len(items))))
+            for future in [executor.submit(serve) for _ in range(self.config.workers)]:
+                future.result()
+        return [outcome for outcome in outcomes if outcome is not None]
 
     def close(self) -> None:
         for worker in list(self._all):
             worker.kill()
         self._all.clear()
         shutil.rmtree(self._root, ignore_errors=True)
+
+
+def _tests_key(program: str | Program) -> Hashable | None:
+    """What a worker compiles once for `program` (its tests and their first line), or
+    None: a whole file, nothing kept."""
+    if isinstance(program, Program) and program.tests:
+        return program.tests, program.code.count("\n")
+    return None
+
+
+class _Affinity:
+    """Which program a worker runs next, each once: first those whose tests it claimed,
+    in order; else the first whose tests are unclaimed (or claimed by a worker that is
+    gone), claiming them; else the last of the longest queue of another's."""
+
+    def __init__(self, keys: list[Hashable | None]) -> None:
+        self._queues: dict[Hashable, deque[int]] = {}
+        for index, key in enumerate(keys):
+            # a program without tests to keep is a queue of its own
+            self._queues.setdefault(("whole", index) if key is None else key, deque()).append(index)
+        self._owners: dict[Hashable, object] = {}
+        self._lock = threading.Lock()
+
+    def take(self, worker: object, alive: Callable[[object], bool]) -> int | None:
+        with self._lock:
+            for key in [k for k, owner in self._owners.items() if owner is worker]:
+                if self._queues[key]:
+                    return self._queues[key].popleft()
+                del self._owners[key], self._queues[key]
+            for key, queue in self._queues.items():
+                owner = self._owners.get(key)
+                if queue and (owner is None or not alive(owner)):
+                    self._owners[key] = worker
+                    return queue.popleft()
+            longest = max(self._queues.values(), key=len, default=None)
+            return longest.pop() if longest else None

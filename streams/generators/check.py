@@ -2,34 +2,36 @@
 
 The checks of one candidate are `Code.string_to_quoted!` (`parse`),
 `ExforgeCheck.compiles` (`compile`; `CHECK_PRELUDE`) or `Code.compile_string` (`test`:
-code with ExUnit tests that must pass) calls; the code travels base64-encoded, so no
-quoting can break out. A `compile` check of one module stops Elixir's compiler where it
-hands the module to the Erlang backend: every error Elixir reports for code is raised by
-then, and the backend's code generation, most of a small module's compile time, cannot
-fail on what Elixir accepted. Whether this Elixir reports that stop as expected is
-probed by the first program of a process that compiles, and remembered (`STOPS_KEY`);
-the front end skips Elixir's "redefining module" check (`ignore_module_conflict`: a
-warning, paid for with a code path search per module). The instruct stage runs them on
-the evaluator's pool of warm, sandboxed BEAM VMs (`exforge.elixir.sandbox`), which
-compile `ExforgeCheck` once as their prelude, at most `batch` candidates per program, in
-rounds of one program per VM, shared evenly (`even_batches`). A batch program is one call
-of `ExforgeCheck.batch` with everything as data (`external_term`): its distinct checks
-(units), each code held once, compressed, however many candidates hold it, and each
-candidate's verdict as a term over them. It runs each unit at most once and remembers
-its result, which it also reports, so that later programs of the same process take it
-from `UnitResults` instead of running the unit again; each candidate's verdict line,
-tagged with a per-program nonce, says whether all of its checks passed, in order,
-stopping at the first that fails (so a refactor pair whose original side does not compile is not
-compiled a second time). A `compile` check `like` another (a pipes pair's rewritten
-side) passes without compiling when that one passed and Elixir expands both to the same
-code (`ExforgeCheck.same_expansion`); otherwise it is compiled. A parse check of code
-cut from a file (`Check.within`: whole clauses or lines, maybe de-indented) passes when
-the whole file parses: a complete piece of a file Elixir accepts is accepted alone (the
-corpus tests hold every generator to it); the piece is parsed alone only when the file
-is not. The program ends with a `done` line; a batch that did not reach it (a candidate
-halted or hung its VM) is run again one candidate per program, so one bad candidate
-never decides another's fate. A candidate with `test` checks runs alone: its own tests
-decide whether the program `passed`.
+code with ExUnit tests that must pass) calls, each made by `ExforgeCheck.check`; the
+code travels base64-encoded, so no quoting can break out. A `compile` check of one
+module stops Elixir's compiler where it hands the module to the Erlang backend: every
+error Elixir reports for code is raised by then, and the backend's code generation, most
+of a small module's compile time, cannot fail on what Elixir accepted. Whether this
+Elixir reports that stop as expected is probed by the first program of a process that
+compiles, and remembered (`STOPS_KEY`); the front end skips Elixir's "redefining module"
+check (`ignore_module_conflict`: a warning, paid for with a code path search per
+module). The instruct stage runs them on the evaluator's pool of warm, sandboxed BEAM
+VMs (`exforge.elixir.sandbox`), which compile `ExforgeCheck` once as their prelude, at
+most `batch` candidates per program, in rounds of one program per VM, shared evenly
+(`even_batches`). A batch program is one call of `ExforgeCheck.batch` with everything as
+data (`external_term`): its distinct checks (units), each code held once, compressed,
+however many candidates hold it, and each candidate's verdict as a term over them. It
+runs each unit at most once and remembers its result, which it also reports, so that
+later programs of the same process take it from `UnitResults` instead of running the
+unit again; each candidate's verdict line, tagged with a per-program nonce, says whether
+all of its checks passed, in order, stopping at the first that fails (so a refactor pair
+whose original side does not compile is not compiled a second time). A `compile` check
+`like` another (a pipes pair's rewritten side) passes without compiling when that one
+passed and Elixir expands both to the same code (`ExforgeCheck.same_expansion`);
+otherwise it is compiled. A parse check of code cut from a file (`Check.within`: whole
+clauses or lines, maybe de-indented) passes when the whole file parses: a complete piece
+of a file Elixir accepts is accepted alone (the corpus tests hold every generator to
+it); the piece is parsed alone only when the file is not. The program ends with a `done`
+line; a batch that did not reach it (a candidate halted or hung its VM) is run again one
+candidate per program, so one bad candidate never decides another's fate; such reruns,
+programs that timed out and the VMs replaced after a program count in
+`exforge_check_pool_events_total`. A candidate with `test` checks runs alone: its own
+tests decide whether the program `passed`.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import TypeAlias
 
+from exforge.core.telemetry import CHECK_POOL_EVENTS
 from exforge.elixir.sandbox import Outcome, SandboxPool
 from streams.generators.common import Check
 
@@ -61,17 +64,25 @@ end
 
 # `ExforgeCheck.compiles(source, file, stops)`: raises unless Elixir compiles `source`.
 # Code that is one module whose body leaves nothing to run after its code is generated
-# (no `use`, `@after_compile`, `@after_verify`, `@on_load`, `@compile`, `Module` calls) is
-# compiled with the Erlang compiler told to stop at Core Erlang (ERL_COMPILER_OPTIONS,
-# which Elixir reads for a module's final compile only): Elixir then reports that
-# module's missing .beam, which means it accepted the module. Anything else, or an
-# Elixir that does not report the stop so (`stops`: `FRONT_END_PROBE`, or its result once
-# known), gets the full compile. That front end runs with `ignore_module_conflict`, which
-# only skips Elixir's "redefining module" warning and the code path search behind it
-# (`code:ensure_loaded` of the module, a miss for a module no file defines): a module
-# never loaded by the front end is neither redefined nor looked up again, and any module
-# its body uses is loaded on demand all the same. A module name is expanded as at the top
-# level of a file (no module, no aliases).
+# (no `use`, `@after_compile`, `@after_verify`, `@on_load`, `@compile`, `Module` calls)
+# gets Elixir's front end only: ERL_COMPILER_OPTIONS, which Elixir reads for a module's
+# final compile only, names `ExforgeCheck` as a parse transform, and a parse transform
+# runs before anything else of the Erlang compiler, so Elixir hands it the module's
+# Erlang forms and it answers with an error that names the module (`stopped`): Elixir
+# raises it, which means it accepted the module. Elixir 1.14 lowers a module to Core
+# Erlang itself and lints nothing in Erlang form; stopping there, not at Core Erlang,
+# also skips that lowering and the Core passes (lint, folding) after it, ~10 % of a
+# compile check: none of them fails on what Elixir accepted (they warn). Anything else,
+# or an Elixir that does not report the stop so (`stops`: `FRONT_END_PROBE`, or its
+# result once known), gets the full compile. That front end runs with
+# `ignore_module_conflict`, which only skips Elixir's "redefining module" warning and
+# the code path search behind it (`code:ensure_loaded` of the module, a miss for a
+# module no file defines): a module never loaded by the front end is neither redefined
+# nor looked up again, and any module its body uses is loaded on demand all the same. A
+# module name is expanded as at the top level of a file (no module, no aliases).
+# `ExforgeCheck.check(level, code, file, stops)`: one check of `level` (`:parse`,
+# `:compile`, `:test`), as a batch program checks its units and a single-candidate
+# program its lines (`check_line`).
 # `ExforgeCheck.same_expansion(a, b)`: whether two modules are the same code once Elixir
 # expands their pipes as `Kernel.|>` does (`Macro.pipe`), metadata aside; never when one
 # imports (a local `|>` could replace Kernel's) or cannot be expanded.
@@ -83,7 +94,7 @@ end
 CHECK_PRELUDE = """
 defmodule ExforgeCheck do
   @moduledoc false
-  @stopped "We expected the compiler to return a .beam binary"
+  @stopped "exforge-front-end"
   @late [:after_compile, :after_verify, :on_load, :compile]
 
   def compiles(source, file, stops) do
@@ -122,9 +133,11 @@ defmodule ExforgeCheck do
     with nil <- Process.get({:exforge_unit, index}) do
       {level, text} = elem(batch.units, index)
 
+      stops = if level == :compile, do: batch_stops(batch)
+
       result =
         try do
-          check(level, elem(batch.texts, text), "check-#{index}.ex", batch)
+          check(level, elem(batch.texts, text), "check-#{index}.ex", stops)
           :ok
         rescue
           _ -> :failed
@@ -138,8 +151,9 @@ defmodule ExforgeCheck do
     end
   end
 
-  defp check(:parse, code, file, _batch), do: Code.string_to_quoted!(code, file: file)
-  defp check(:compile, code, file, batch), do: compiles(code, file, batch_stops(batch))
+  def check(:parse, code, file, _stops), do: Code.string_to_quoted!(code, file: file)
+  def check(:compile, code, file, stops), do: compiles(code, file, stops)
+  def check(:test, code, file, _stops), do: Code.compile_string(code, file)
 
   defp batch_stops(%{stops: nil, nonce: nonce}) do
     with nil <- Process.get(:exforge_stops) do
@@ -199,8 +213,21 @@ defmodule ExforgeCheck do
 
   defp lone_module(_), do: nil
 
+  # The Erlang compiler's first pass, as the front end's parse transform: stop.
+  def parse_transform(forms, _options) do
+    module =
+      Enum.find_value(forms, fn
+        {:attribute, _, :module, module} -> module
+        _ -> nil
+      end)
+
+    {:error, [{~c"#{@stopped}", [{:none, __MODULE__, {:stopped, module}}]}], []}
+  end
+
+  def format_error({:stopped, module}), do: ~c"stopped: #{inspect(module)}"
+
   defp front_end(quoted, module, file) do
-    System.put_env("ERL_COMPILER_OPTIONS", "[to_core]")
+    System.put_env("ERL_COMPILER_OPTIONS", "[{parse_transform, 'Elixir.ExforgeCheck'}]")
     conflicts = Code.get_compiler_option(:ignore_module_conflict)
     Code.put_compiler_option(:ignore_module_conflict, true)
 
@@ -209,12 +236,10 @@ defmodule ExforgeCheck do
       :accepted
     rescue
       error in CompileError ->
-        message = Exception.message(error)
-
         cond do
-          message =~ "could not compile module #{inspect(module)}. #{@stopped}" -> :accepted
-          message =~ @stopped -> :elsewhere
-          true -> reraise error, __STACKTRACE__
+          error.file != @stopped -> reraise error, __STACKTRACE__
+          error.description == "stopped: #{inspect(module)}" -> :accepted
+          true -> :elsewhere
         end
     after
       System.delete_env("ERL_COMPILER_OPTIONS")
@@ -279,20 +304,17 @@ def term_literal(texts: Sequence[str]) -> str:
 
 
 def check_line(index: int, check: Check, source: str) -> str:
-    """The Elixir call that checks `check`, whose code is the expression `source`."""
-    file = f'"check-{index}.ex"'
-    if check.level == "compile":
-        return f"ExforgeCheck.compiles({source}, {file}, stops)"
-    if check.level == "test":
-        return f"Code.compile_string({source}, {file})"
-    return f"Code.string_to_quoted!({source}, file: {file})"
+    """The Elixir call that checks `check`, whose code is the expression `source`
+    (`ExforgeCheck.check`, as a batch program's units are checked)."""
+    return f'ExforgeCheck.check(:{check.level}, {source}, "check-{index}.ex", stops)\n'
 
 
 def tested(checks: Sequence[Check]) -> bool:
     return any(c.level == "test" for c in checks)
 
 
-# Whether this Elixir reports a lone module stopped at Core Erlang as `compiles` reads it.
+# Whether this Elixir reports a lone module stopped by the parse transform as `compiles`
+# reads it.
 FRONT_END_PROBE = "ExforgeCheck.stops?()"
 LOAD_PRELUDE = (
     "unless :erlang.module_loaded(ExforgeCheck),\n"
@@ -300,16 +322,16 @@ LOAD_PRELUDE = (
 )
 
 
-def preamble(needed: bool) -> str:
-    """What a program's check lines need first, if `needed` (they compile): `ExforgeCheck`,
-    and `stops`, its front-end stop, probed."""
-    return LOAD_PRELUDE + f"stops = {FRONT_END_PROBE}\n" if needed else ""
+def preamble(compiles: bool) -> str:
+    """What a program's check lines need first: `ExforgeCheck`, and `stops`, its front-end
+    stop, probed if they `compile`."""
+    return LOAD_PRELUDE + f"stops = {FRONT_END_PROBE if compiles else 'false'}\n"
 
 
 def check_lines(checks: Sequence[Check]) -> str:
     texts = f"texts = {term_literal([c.code for c in checks])}\n"
-    lines = "\n".join(check_line(i, c, f"elem(texts, {i})") for i, c in enumerate(checks))
-    return preamble(any(c.level == "compile" for c in checks)) + texts + lines + "\n"
+    lines = "".join(check_line(i, c, f"elem(texts, {i})") for i, c in enumerate(checks))
+    return preamble(any(c.level == "compile" for c in checks)) + texts + lines
 
 
 def check_program(checks: Sequence[Check]) -> str:
@@ -473,6 +495,14 @@ def even_batches(items: list[int], most: int, workers: int) -> list[list[int]]:
     return [items[a:b] for a, b in pairwise(starts) if a < b]
 
 
+def count_events(outcome: Outcome) -> None:
+    """A check program's mishaps, as `exforge_check_pool_events_total`."""
+    if outcome.status == "timeout":
+        CHECK_POOL_EVENTS.labels(event="timeout").inc()
+    if outcome.worker_replaced:
+        CHECK_POOL_EVENTS.labels(event="vm_replaced").inc()
+
+
 def check_all(
     pool: SandboxPool,
     candidates: Sequence[Sequence[Check]],
@@ -480,7 +510,9 @@ def check_all(
     known: UnitResults | None = None,
 ) -> list[str | None]:
     """The failure reason (None: passed) of each candidate's checks, in order; units
-    whose results `known` holds are not run again, and those run are added to it."""
+    whose results `known` holds are not run again, and those run are added to it. Its
+    programs' timeouts, the VMs they left to be replaced and the batch programs run again
+    one candidate per program count in `exforge_check_pool_events_total`."""
     reasons: dict[int, str | None] = {}
     alone = [i for i, checks in enumerate(candidates) if tested(checks)]
     shared = [i for i, checks in enumerate(candidates) if not tested(checks)]
@@ -488,13 +520,16 @@ def check_all(
     programs = [batch_program([candidates[i] for i in group], known) for group in batches]
     outcomes = pool.map(p.source for p in programs)
     for group, program, outcome in zip(batches, programs, outcomes, strict=True):
+        count_events(outcome)
         verdicts = batch_verdicts(outcome, program, len(group), known)
         if verdicts is None:  # run one by one: who failed, and why
+            CHECK_POOL_EVENTS.labels(event="batch_rerun").inc()
             alone += group
             continue
         for index, ok in zip(group, verdicts, strict=True):
             reasons[index] = None if ok else failure_reason(candidates[index], FAILED_CHECK)
     single = pool.map([pool_program(candidates[i]) for i in alone])
     for index, outcome in zip(alone, single, strict=True):
+        count_events(outcome)
         reasons[index] = failure_reason(candidates[index], outcome)
     return [reasons[i] for i in range(len(candidates))]

@@ -69,6 +69,8 @@ class HandledOffsets:
 
     def __init__(self) -> None:
         self.partitions: dict[TP, PartitionProgress] = {}
+        # the offset the group last committed, as far as this process knows
+        self.committed: dict[TP, int] = {}
 
     def mark(self, tp: TP, offset: int) -> None:
         self.partitions.setdefault(tp, PartitionProgress()).mark(offset)
@@ -77,7 +79,26 @@ class HandledOffsets:
         """The partition's committed offset is `committed`: count from there."""
         progress = self.partitions.get(tp)  # None: revoked meanwhile
         if progress is not None:
+            self.committed.setdefault(tp, committed)
             progress.move_base(max(committed, progress.base or 0))
+
+    def was_committed(self, offsets: Mapping[TP, int]) -> None:
+        """The broker took these commits."""
+        self.committed.update(offsets)
+
+    def uncommitted(self) -> dict[TP, tuple[int | None, int | None, int]]:
+        """Partitions holding handled offsets the group has not committed → (the offset
+        last committed, None: unknown; the committable offset, None: unknown; how many
+        offsets past that were handled too). A restart reads them again. (Safe to call
+        from another thread: it only copies.)"""
+        found = {}
+        for tp, progress in list(self.partitions.items()):
+            committed, base = self.committed.get(tp), progress.base
+            beyond = len(progress.handled)
+            moved = base is not None and committed is not None and base > committed
+            if moved or beyond:
+                found[tp] = (committed, base, beyond)
+        return found
 
     def skip_to(self, tp: TP, offset: int) -> None:
         """The broker has no offsets between the base and `offset`."""
@@ -104,6 +125,7 @@ class HandledOffsets:
     def forget(self, tps: Iterable[TP]) -> None:
         for tp in tps:
             self.partitions.pop(tp, None)
+            self.committed.pop(tp, None)
 
 
 class HandledOffsetsConsumer(FaustAIOKafkaConsumer):
@@ -133,6 +155,12 @@ class HandledOffsetsConsumer(FaustAIOKafkaConsumer):
 
     def _new_offset(self, tp: TP) -> int | None:
         return self.progress.committable(tp)
+
+    async def _commit(self, offsets: Mapping[TP, int]) -> bool:
+        done = bool(await super()._commit(offsets))
+        if done:
+            self.progress.was_committed(offsets)
+        return done
 
     async def highwaters(self, *partitions: TP) -> Mapping[TP, int]:
         """One past the last record of each partition. Faust's table recovery reads each

@@ -19,6 +19,17 @@ Memory: a worker caps its malloc arenas and gives freed heap back to the system 
 memory, which the corpus does not grow: archives are streamed, the tables are in RocksDB
 within one budget (`streams.tables`), caches are bounded.
 
+Stopping: a stopping worker (SIGTERM, SIGINT, `--until-idle`) waits for the broker to
+acknowledge its outputs and to take its commits, which a broker that is gone never does:
+aiokafka retries a produce until it expires (Faust's `producer_request_timeout`, 20
+minutes) and Faust flushes the producer before it stops, so such a worker hung in
+shutdown, retrying, for up to that long. `StopDeadline` bounds the stop: after
+`worker_stop_timeout_s` the worker logs what it could not deliver or commit and why (is
+the broker reachable?) and exits with status `STOP_INCOMPLETE` at once. Nothing is lost:
+an input counts as handled only once its outputs are acknowledged, only handled offsets
+are committed (`streams.offsets`), so every input not delivered is read again after a
+restart, like after a SIGKILL.
+
 Processes: `run_workers` starts N worker processes on this machine (`exforge worker
 --processes N`), members of the same consumer group, each with its own tables
 directory and metrics port; partitions are shared out among them like among machines.
@@ -34,9 +45,11 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import faust
@@ -49,6 +62,7 @@ from exforge.core.telemetry import CONSUMER_LAG, STALLED_PARTITIONS, serve_metri
 from schemas.catalogue import STAGE_INPUTS, topic_name
 from streams import shard
 from streams.app import build, check_stages
+from streams.offsets import HandledOffsets
 from streams.stage import StageContext
 
 log = logging.getLogger("exforge.worker")
@@ -61,6 +75,10 @@ MALLOC_ARENAS = 2  # the event loop's, and one for every other thread
 RELEASE_INTERVAL_S = 5.0
 WATCH_INTERVAL_S = 2.0  # lag, idleness, stalls and anomalies
 PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+# exit status of a worker that stopped before delivering or committing everything
+# (EX_TEMPFAIL: those inputs are consumed again by the next worker)
+STOP_INCOMPLETE = 75
+BROKER_PROBE_TIMEOUT_S = 1.0
 
 
 def show_progress_lines() -> None:
@@ -186,12 +204,107 @@ class Progress:
         return f"progress: {'; '.join(handled) or 'idle'} | backlog: {backlog}"
 
 
-def faust_worker(app: faust.App, settings: Settings) -> faust.Worker:
-    """The Faust worker of `app`, logging at the settings' level. Without Faust's
-    start-up spinner, which sets the root logger to DEBUG (for a handler that spins on
-    every record) and leaves it so: every debug call of Faust and aiokafka, one per
-    message produced and fetched, would build a record that nothing prints."""
-    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+def broker_state(bootstrap: str) -> str:
+    """Whether the broker at `bootstrap` accepts TCP connections, in words."""
+    failures = []
+    for address in bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        try:
+            with socket.create_connection((host, int(port)), timeout=BROKER_PROBE_TIMEOUT_S):
+                return f"the broker ({address}) accepts connections"
+        except (OSError, ValueError) as exc:
+            failures.append(f"{address}: {exc}")
+    return f"the broker is unreachable ({'; '.join(failures)})"
+
+
+def pending_work(ctx: StageContext) -> str:
+    """What a stopping worker has not delivered or committed, and why, in words. Reads
+    the loop's structures from another thread: copies only, no iteration of live ones."""
+    parts = [broker_state(ctx.settings.bootstrap)]
+    waiting = {stage: len(tasks) for stage, tasks in list(ctx.in_flight.items()) if tasks}
+    if waiting:
+        by_stage = ", ".join(f"{stage} {n}" for stage, n in sorted(waiting.items()))
+        parts.append(
+            f"outputs of {sum(waiting.values())} input messages not acknowledged ({by_stage})"
+        )
+    else:
+        parts.append("no outputs awaiting acknowledgement")
+    # the consumer if the app made one (`app.consumer` would make one, on the wrong thread)
+    progress = getattr(ctx.app._consumer, "progress", None)
+    uncommitted = progress.uncommitted() if isinstance(progress, HandledOffsets) else {}
+    if uncommitted:
+        counts = []
+        for tp, (committed, base, beyond) in sorted(uncommitted.items()):
+            handled = beyond
+            if committed is not None and base is not None:
+                handled += max(base - committed, 0)
+            since = f" past offset {committed}" if committed is not None else ""
+            counts.append(f"{tp.topic}[{tp.partition}] {handled}{since}")
+        parts.append(f"handled messages not committed: {', '.join(counts)}")
+    else:
+        parts.append("no handled offset left uncommitted")
+    return "; ".join(parts)
+
+
+@dataclass
+class StopDeadline:
+    """Ends a stopping worker that is not done `timeout_s` after the stop began: logs
+    `report()` (what it could not deliver or commit) and exits with `STOP_INCOMPLETE`.
+    A thread's timer, so that a loop busy retrying a broker that is gone cannot hold it
+    up; the exit skips the rest of the shutdown, which holds no state a restart needs
+    (like a SIGKILL: every input not delivered is uncommitted and read again)."""
+
+    timeout_s: float
+    report: Callable[[], str]
+    timer: threading.Timer | None = None
+
+    def arm(self) -> None:
+        if self.timer is None:
+            self.timer = threading.Timer(self.timeout_s, self.expire)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def expire(self) -> None:
+        try:
+            what = self.report()
+        except Exception as exc:  # no report must keep the process alive
+            what = f"what was left is unknown ({exc!r})"
+        log.error(
+            "stop not done after %g s (worker_stop_timeout_s): %s; exiting with status %d, "
+            "inputs not committed are read again when a worker restarts",
+            self.timeout_s,
+            what,
+            STOP_INCOMPLETE,
+        )
+        for handler in [*logging.getLogger().handlers, *log.handlers]:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(STOP_INCOMPLETE)
+
+
+class Worker(faust.Worker):
+    """Faust's worker, whose stop is bounded by a `StopDeadline`."""
+
+    def __init__(self, app: faust.App, deadline: StopDeadline | None, **kwargs: object) -> None:
+        super().__init__(app, **kwargs)
+        self.deadline = deadline
+
+    async def stop(self) -> None:
+        if self.deadline is not None:
+            self.deadline.arm()
+        await super().stop()
+
+
+def faust_worker(
+    app: faust.App, settings: Settings, deadline: StopDeadline | None = None
+) -> faust.Worker:
+    """The Faust worker of `app`, logging at the settings' level, its stop bounded by
+    `deadline`. Without Faust's start-up spinner, which sets the root logger to DEBUG
+    (for a handler that spins on every record) and leaves it so: every debug call of
+    Faust and aiokafka, one per message produced and fetched, would build a record that
+    nothing prints."""
+    worker = Worker(app, deadline, loglevel=settings.log_level, quiet=True)
     worker.spinner = None
     return worker
 
@@ -204,7 +317,8 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
     ctx = build(settings, stages, index)
     serve_metrics(settings.metrics_port)
     started = time.monotonic()
-    worker = faust_worker(ctx.app, settings)
+    deadline = StopDeadline(settings.worker_stop_timeout_s, lambda: pending_work(ctx))
+    worker = faust_worker(ctx.app, settings, deadline)
     logging.getLogger(TOPIC_LISTINGS).setLevel(logging.WARNING)
     stopping: list[asyncio.Future[None]] = []  # keeps the stop task referenced
 

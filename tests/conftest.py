@@ -21,6 +21,7 @@ import pytest
 
 from exforge.core.store import FileStore, ObjectStore, S3Store
 from tests.postgres import PostgresServer, running_postgres
+from tests.support.processes import wait_while_logging
 
 if TYPE_CHECKING:
     from exforge.core.settings import Settings
@@ -215,16 +216,24 @@ class Pipeline:
         log.parent.mkdir(parents=True, exist_ok=True)
         # the worker's log stays beside the data: the first place to look when a check fails
         with log.open("ab") as handle:
-            result = subprocess.run(
+            worker = subprocess.Popen(
                 [EXFORGE, "worker", "--until-idle"],
                 env=self.env,
                 stdout=handle,
                 stderr=subprocess.STDOUT,
-                timeout=CLI_TIMEOUT_S,
                 cwd=REPO,
             )
-        if result.returncode != 0:
-            pytest.fail(f"worker --until-idle exited {result.returncode}; see {log}")
+        try:
+            # no limit on the whole run (a loaded machine slows it down), only on silence
+            code = wait_while_logging(worker, log, CLI_TIMEOUT_S)
+        finally:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+        if code is None:
+            pytest.fail(f"worker --until-idle logged nothing for {CLI_TIMEOUT_S} s; see {log}")
+        if code != 0:
+            pytest.fail(f"worker --until-idle exited {code}; see {log}")
 
 
 @pytest.fixture

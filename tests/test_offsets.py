@@ -74,6 +74,23 @@ def test_redelivered_offsets_below_the_base_are_ignored_and_forget_resets() -> N
     assert books.committable(PARSED) is None
 
 
+def test_the_books_say_which_handled_messages_are_not_committed() -> None:
+    """What a worker that cannot stop in time reports (streams.worker.pending_work)."""
+    books = HandledOffsets()
+    books.mark(PARSED, 3)
+    assert books.uncommitted() == {PARSED: (None, None, 1)}  # committed offset unknown
+    books.start(PARSED, 2)
+    assert books.uncommitted() == {PARSED: (2, 2, 1)}  # 3 handled, 2 not: 4 not committable
+    books.mark(PARSED, 2)
+    assert books.uncommitted() == {PARSED: (2, 4, 0)}
+    books.was_committed({PARSED: 4})
+    assert books.uncommitted() == {}
+    books.mark(PARSED, 4)
+    assert books.uncommitted() == {PARSED: (4, 5, 0)}
+    books.forget([PARSED])
+    assert books.uncommitted() == {} and books.committed == {}
+
+
 @pytest.mark.slow
 async def commit_as_worker_group(
     settings: Settings, partition: TopicPartition, offset: int

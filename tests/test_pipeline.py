@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,16 @@ import psutil
 import pytest
 from conftest import CLI_TIMEOUT_S, REPO, Pipeline, free_port
 
+from exforge.core import stack
 from exforge.core.db import open_database
 from exforge.core.kafka import produce
+from exforge.core.settings import Settings, load_settings
 from exforge.core.store import ObjectStore, open_store, sha256_hex
 from schemas.records import SourceRequest
 from schemas.shards import decode_shard
 from streams.sources.local import upload_directory
-from tests.support.processes import still_running
+from streams.worker import STOP_INCOMPLETE
+from tests.support.processes import pidfds, still_running, wait_for_text
 
 pytestmark = pytest.mark.slow
 
@@ -236,6 +240,7 @@ def test_bad_inputs_land_in_the_dlq_and_the_worker_keeps_going(
 
 
 @pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.timeout(900)  # two runs of 480 samples, one with two worker processes, on 2 cores
 def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
     pipeline: Pipeline, tmp_path: Path, processes: int
 ) -> None:
@@ -260,18 +265,25 @@ def test_sigkill_mid_run_loses_nothing_and_duplicates_nothing(
     worker = pipeline.start_worker("--processes", str(processes), log=tmp_path / "worker.log")
     children: dict[int, int] = {}  # pidfd → pid, open before the kill (pids get reused)
     try:
-        deadline = time.monotonic() + 120
+        # progress: samples staged, or (starting, joining the group) lines logged
+        progress, since = (0, 0), time.monotonic()
         staged = 0
+        log = tmp_path / "worker.log"
         while staged < total // 5:
-            assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "worker made no progress"
+            assert worker.poll() is None, log.read_text()[-3000:]
             staged = count_samples(engine)
+            if (staged, log.stat().st_size) != progress:
+                progress, since = (staged, log.stat().st_size), time.monotonic()
+            stuck_s = time.monotonic() - since
+            assert stuck_s < CLI_TIMEOUT_S, (
+                f"no progress for {stuck_s:.0f} s:\n{log.read_text()[-3000:]}"
+            )
             time.sleep(0.02)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics").read().decode()
         if processes > 1:  # its workers (and multiprocessing's resource tracker) go with it
             pids = [child.pid for child in psutil.Process(worker.pid).children()]
-            children = {os.pidfd_open(pid): pid for pid in pids}
-            assert len(children) >= processes
+            children = pidfds(pids)
+            assert len(children) >= processes, "a worker had ended before the kill"
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
         assert still_running(children, CLI_TIMEOUT_S) == [], "workers outlived their supervisor"
@@ -393,3 +405,58 @@ def test_a_worker_restarted_on_its_rocksdb_tables_recovers_them(
     assert first["files"]["kept"] == len(modules)
     assert second["files"]["dropped_by_reason"].get("exact_duplicate") == len(modules), second
     assert second["samples"]["total"] == first["samples"]["total"] > 0
+
+
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[tuple[Settings, int]]:
+    """A broker of the test's own, to kill (the session's is shared); its settings, pid."""
+    settings = load_settings(data_dir=tmp_path / "broker", embedded_kafka_port=free_port())
+    pid = stack.start_broker(settings)
+    try:
+        yield settings, pid
+    finally:
+        stack.down(settings)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_worker_whose_broker_is_gone_stops_within_its_stop_timeout(
+    pipeline: Pipeline, own_broker: tuple[Settings, int], tmp_path: Path, processes: int
+) -> None:
+    """The broker is killed under a busy worker, then the worker gets SIGTERM. Its
+    producer retried the outputs it still held until they expired (Faust's producer
+    request timeout, 20 minutes) before the worker stopped; now it gives up after
+    `worker_stop_timeout_s`, says why and what it left, and exits with status 75."""
+    settings, broker_pid = own_broker
+    run = Pipeline(
+        {
+            **pipeline.env,
+            "EXFORGE_KAFKA_BOOTSTRAP": settings.bootstrap,
+            "EXFORGE_WORKER_STOP_TIMEOUT_S": "5",
+        }
+    )
+    # a backlog of bad requests: each becomes a dead letter, one produce per message
+    send(run, "sources.requests", [(f"dir:junk{i}@1", b"\x00junk") for i in range(2000)])
+    log = tmp_path / "worker.log"
+    worker = run.start_worker("--stages", "ingest", "--processes", str(processes), log=log)
+    try:
+        wait_for_text(log, "dead letter", worker, CLI_TIMEOUT_S)  # at work on the backlog
+        broker = pidfds([broker_pid])
+        os.killpg(broker_pid, signal.SIGKILL)
+        assert still_running(broker, CLI_TIMEOUT_S) == []
+        killed_at = log.stat().st_size
+        # the worker's producer now holds outputs the broker will never acknowledge
+        wait_for_text(log, "error produce response", worker, CLI_TIMEOUT_S, killed_at)
+        worker.send_signal(signal.SIGTERM)
+        try:
+            code = worker.wait(timeout=CLI_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker did not stop:\n{log.read_text()[-3000:]}")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert code == STOP_INCOMPLETE, log.read_text()[-3000:]
+    reports = [line for line in log.read_text().splitlines() if "stop not done" in line]
+    assert reports, log.read_text()[-3000:]
+    assert all("the broker is unreachable" in line for line in reports), reports
+    assert any("input messages not acknowledged (ingest " in line for line in reports)

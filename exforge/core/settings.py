@@ -234,6 +234,16 @@ class Settings(BaseSettings):
             " moved for this long."
         ),
     )
+    worker_stop_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Longest a stopping worker (SIGTERM, SIGINT, `--until-idle`) waits for the broker"
+            " to acknowledge its outputs and take its commits; then it logs what it could not"
+            " deliver or commit and exits with status 75 (those inputs are consumed again"
+            " when a worker restarts)."
+        ),
+    )
     metrics_port: Port = Field(
         9464,
         description="Worker Prometheus /metrics port; 0: off (`--processes N`: N ports from it).",

@@ -409,12 +409,19 @@ class BandMessage(Record):
 class NearDupEvent(Record):
     """On `files.neardup`, keyed by the sha256 it concerns (`decide`: sent to a partition).
 
+    From a bucket's partition (`files.bands`), to a file that registered there:
     `earlier` says a file with a smaller sha256 (`other`) shares an LSH bucket with it;
-    `settled` says an already decided file of cluster `other` does; `decide` asks a
-    partition to decide its held files.
+    `later` says it displaced `other` as its bucket's smallest, so it must wait for
+    `other`'s `answer`; `registered` says its registration on partition `partition` is
+    processed, every event it caused for the file sent before.
+    To a file displaced by a smaller newcomer (`other`): `displaced`, which the file
+    answers. `answer`: `other` heard it was displaced by this file; `cluster` is its
+    cluster if it was already decided. `decide` asks a partition to decide its held
+    files.
     """
 
-    kind: Literal["earlier", "settled", "decide"]
+    kind: Literal["earlier", "later", "registered", "displaced", "answer", "decide"]
     sha256: Sha256 | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     other: Sha256 | None = None
+    cluster: Sha256 | None = None
     partition: int | None = Field(None, ge=0)

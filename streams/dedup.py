@@ -10,10 +10,21 @@
   (`exforge.elixir.neardup.bucket_partition`).
 * `neardup-bands` (on `files.bands`): each partition keeps the smallest sha256 of each
   of its buckets (`neardup-buckets`) and tells the files that collide in them
-  (`exforge.elixir.neardup.Bucket`).
+  (`exforge.elixir.neardup.Bucket`): a newcomer hears `earlier` of a smaller member; a
+  member displaced by a smaller newcomer hears `displaced`, and the newcomer `later`,
+  so that it waits for the displaced member's `answer`. Last, the partition tells the
+  registering file `registered` (the same key: the same `files.neardup` partition, after
+  the events it sent that file).
 * `neardup` (on `files.neardup`, keyed by sha256): a held file records what it hears;
-  a file decided in an earlier batch that hears of a newcomer answers `settled` with
-  its cluster, so the newcomer is dropped.
+  a displaced file answers the newcomer: with its cluster if it was decided in an
+  earlier batch, so that the newcomer is dropped; if it is held, once it is ready, with
+  the cluster of an earlier batch's file it collides with, if any (through it the
+  newcomer may collide with that file, which no longer is its bucket's smallest).
+
+A held file is *ready* once every partition it registered with acknowledged it
+(`registered`) and every file it displaced answered: it has heard everything its own
+registration caused, so no decision depends on when a batch is decided. A batch takes
+only ready files; the others wait for the next one.
 
 Batches: when everything upstream of the decision (`sources.requests` up to
 `files.neardup`) is consumed and committed, seen twice in a row, or a file has waited
@@ -106,25 +117,54 @@ def record_outcomes(ctx: StageContext, outcomes: Iterable[Outcome]) -> None:
 def held_too_long(since: Iterable[float], now: float, max_hold_s: float) -> bool:
     """Whether a batch must be decided without waiting for the pipeline to drain.
 
-    Deciding early keeps the guarantee that no two near-duplicates are both kept: a file
-    whose bucket-mate is already decided hears `settled` and is dropped; only *which* of
-    a pair is kept can then depend on timing."""
+    Deciding early keeps the guarantee that no two near-duplicates are both kept only
+    because a batch takes ready files alone (`HeldFile.ready`): a file decided before
+    its own registrations were processed would be kept, and a bucket-mate decided in an
+    earlier batch too. Only *which* of a pair is kept depends on timing."""
     return any(now - t >= max_hold_s for t in since)
 
 
 @dataclass
 class HeldFile:
     """A `neardup-held` value: a file waiting for its batch's decision, and what it
-    heard. Stored as a one-line header (read without parsing the file) and the file."""
+    heard. Stored as a one-line header (read without parsing the file) and the file.
+
+    `awaiting` names what the file must hear before it is decided: the partitions its
+    bands were sent to (their `registered`) and the files it displaced (their `answer`);
+    `received`, what it heard of these; `owed`, the files that displaced it, answered
+    once it is ready. Sets, so that redeliveries change nothing."""
 
     partition: int
     since: float  # wall-clock time the file was first held
     file: str  # ParsedFile JSON
     heard: Held = field(default_factory=Held)
     trace: str | None = None  # the file's trace (traceparent), continued when it is decided
+    awaiting: frozenset[str] = frozenset()
+    received: frozenset[str] = frozenset()
+    owed: frozenset[str] = frozenset()
+
+    @property
+    def ready(self) -> bool:
+        return self.awaiting <= self.received
+
+    def hear(self, event: NearDupEvent) -> None:
+        assert event.other is not None or event.kind == "registered"
+        if event.kind in ("earlier", "displaced"):
+            self.heard = self.heard.hear("earlier", event.other)  # type: ignore[arg-type]
+            if event.kind == "displaced":
+                self.owed |= {event.other}  # type: ignore[operator]
+        elif event.kind == "later":
+            self.awaiting |= {event.other}  # type: ignore[operator]
+        elif event.kind == "answer":
+            self.received |= {event.other}  # type: ignore[operator]
+            if event.cluster:
+                self.heard = self.heard.hear("settled", event.cluster)
+        elif event.kind == "registered":
+            self.received |= {str(event.partition)}
 
     def dumps(self) -> str:
-        fields = (self.heard.earlier, self.heard.settled, self.trace)
+        sets = (",".join(sorted(s)) for s in (self.awaiting, self.received, self.owed))
+        fields = (self.heard.earlier, self.heard.settled, self.trace, *sets)
         optional = " ".join(value or "-" for value in fields)
         return f"{self.partition} {self.since!r} {optional}\n{self.file}"
 
@@ -132,8 +172,32 @@ class HeldFile:
     def loads(cls, raw: str) -> HeldFile:
         header, file = raw.split("\n", 1)
         partition, since, *optional = header.split(" ")
-        earlier, settled, trace = (None if value == "-" else value for value in optional)
-        return cls(int(partition), float(since), file, Held(earlier, settled), trace)
+        earlier, settled, trace, *sets = (None if value == "-" else value for value in optional)
+        awaiting, received, owed = (frozenset(s.split(",")) if s else frozenset() for s in sets)
+        return cls(
+            int(partition),
+            float(since),
+            file,
+            Held(earlier, settled),
+            trace,
+            awaiting,
+            received,
+            owed,
+        )
+
+    def answers(self, sha: str) -> list[Output]:
+        """The answers to the files that displaced this held one (`sha`): once it is
+        ready, it knows the files of earlier batches it collides with (`heard.settled`),
+        which they collide with too (the same bucket) or may (another one: dropping them
+        is safe). It is dropped itself: it heard of them (`earlier`)."""
+        return [
+            Output(
+                "files.neardup",
+                to,
+                NearDupEvent(kind="answer", sha256=to, other=sha, cluster=self.heard.settled),
+            )
+            for to in sorted(self.owed)
+        ]
 
 
 def decided_span(trace: str | None, sha256: str, reason: str | None) -> Any:
@@ -202,16 +266,19 @@ class NearDup:
             self.first_seen[file.sha256] = position(file)
         if self.settled[file.sha256]:  # a redelivery of a file decided before
             return result
-        self.hold(file)
-        result.outputs.extend(self.registrations(file))
+        registrations = self.registrations(file)
+        self.hold(file, {str(output.partition) for output in registrations})
+        result.outputs.extend(registrations)
         return result
 
-    def hold(self, file: ParsedFile) -> None:
+    def hold(self, file: ParsedFile, registered_with: set[str]) -> None:
+        """Hold a file until its batch, awaiting `registered` from `registered_with`."""
         raw = self.held[file.sha256]
         partition = _event_partition()
         entry = HeldFile.loads(raw) if raw else HeldFile(partition, time.time(), "")
         entry.file = file.model_dump_json(by_alias=True, exclude_none=True)
         entry.trace = tracing.traceparent()
+        entry.awaiting |= registered_with
         self.held[file.sha256] = entry.dumps()
         self.waiting.setdefault(partition, {})[file.sha256] = entry.since
 
@@ -231,18 +298,27 @@ class NearDup:
         ]
 
     async def on_bands(self, value: bytes, key: str | None) -> Result:
-        """Enter a file in buckets of this partition; tell the files that collide."""
+        """Enter a file in buckets of this partition; tell the files that collide, then
+        the file that it is registered here."""
         message = BandMessage.model_validate_json(value)
+        sha = message.sha256
         result = Result()
+
+        def event(to: str, kind: str, **fields: Any) -> Output:
+            return Output("files.neardup", to, NearDupEvent(kind=kind, sha256=to, **fields))  # type: ignore[arg-type]
+
         for band in message.bands:
             bucket = Bucket(self.buckets[band] or None)
-            updated, sends = bucket.register(message.sha256)
+            updated, sends = bucket.register(sha)
             if updated != bucket:
                 self.buckets[band] = updated.smallest
-            result.outputs.extend(
-                Output("files.neardup", to, NearDupEvent(kind=kind, sha256=to, other=about))  # type: ignore[arg-type]
-                for to, kind, about in sends
-            )
+            for to, _, about in sends:
+                if to == sha:  # a smaller file was there before
+                    result.outputs.append(event(sha, "earlier", other=about))
+                else:  # `sha` displaced `to`: both must hear, `sha` waits for the answer
+                    result.outputs.append(event(to, "displaced", other=sha))
+                    result.outputs.append(event(sha, "later", other=to))
+        result.outputs.append(event(sha, "registered", partition=_event_partition()))
         return result
 
     async def on_neardup(self, value: bytes, key: str | None) -> Result:
@@ -250,18 +326,22 @@ class NearDup:
         if event.kind == "decide":
             assert event.partition is not None
             return await self.decide_partition(event.partition)
-        assert event.sha256 is not None and event.other is not None
+        assert event.sha256 is not None
         cluster = self.settled[event.sha256]
-        if cluster:  # decided in an earlier batch: the newcomer is its near-duplicate
-            if event.kind != "earlier":
+        if cluster:  # decided in an earlier batch (or a redelivery)
+            if event.kind != "displaced":
                 return Result()
-            reply = NearDupEvent(kind="settled", sha256=event.other, other=cluster)
+            assert event.other is not None  # the newcomer waits for this answer
+            reply = NearDupEvent(
+                kind="answer", sha256=event.other, other=event.sha256, cluster=cluster
+            )
             return Result(outputs=[Output("files.neardup", event.other, reply)])
         raw = self.held[event.sha256]
         entry = HeldFile.loads(raw) if raw else HeldFile(_event_partition(), time.time(), "")
-        entry.heard = entry.heard.hear(event.kind, event.other)
+        entry.hear(event)
         self.held[event.sha256] = entry.dumps()
-        return Result()
+        # answered again with each event once ready (and when decided): redeliveries
+        return Result(outputs=entry.answers(event.sha256) if entry.ready else [])
 
     async def decide_partition(self, partition: int) -> Result:
         """Decide the next chunk of `partition`'s batch: keep or drop each file, and
@@ -294,6 +374,9 @@ class NearDup:
                 kept = file.model_copy(update={"near_dup": near_dup})
                 result.outputs.append(Output("parsed.files", sha, kept, trace))
             self.settled[sha] = duplicate_of or sha
+            # answered when it got ready; again, as that event may be redelivered once it
+            # is settled (a crash), when its answers are lost
+            result.outputs.extend(entry.answers(sha))
             decided.append(sha)
         if outcomes:
             await asyncio.to_thread(record_outcomes, self.ctx, outcomes)
@@ -306,15 +389,23 @@ class NearDup:
 
     def next_chunk(self, partition: int) -> list[str]:
         """The next at most `neardup_decide_chunk` files of `partition`'s batch, taken
-        off it. A `decide` that finds no batch begins one: the files waiting then, in
-        sha256 order (those held later wait for the next batch)."""
+        off it. A `decide` that finds no batch begins one: the files waiting then that
+        are ready, in sha256 order (those held later, or not ready, wait for the next
+        batch)."""
         self.ensure_indexed()
         batch = self.batches.get(partition)
         if not batch:
-            batch = self.batches[partition] = sorted(self.waiting.pop(partition, {}))
+            waiting = self.waiting.get(partition, {})
+            batch = self.batches[partition] = sorted(filter(self.ready, waiting))
+            for sha in batch:
+                del waiting[sha]
         chunk = batch[: self.settings.neardup_decide_chunk]
         del batch[: len(chunk)]
         return chunk
+
+    def ready(self, sha: str) -> bool:
+        raw = self.held[sha]  # the header alone: the file is not read
+        return not raw or HeldFile.loads(raw[: raw.index("\n") + 1]).ready
 
     def forget(self, decided: list[str], event: Any) -> None:
         """Delete decided files from `neardup-held`. A deletion's changelog partition is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -12,15 +13,21 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from faust.types import TP as TopicPartition
 from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from exforge.core.db import FileOutcome, Package, engine_for
 from exforge.core.dlq import DeadLetterEntry, select_letters
+from exforge.core.settings import load_settings
 from exforge.core.store import FileStore, ObjectStore, sha256_hex
+from exforge.elixir.neardup import Held
+from schemas.catalogue import topic_name
 from schemas.records import (
     DeadLetter,
     InstructionSample,
@@ -30,6 +37,7 @@ from schemas.records import (
     TrainingShard,
 )
 from schemas.shards import decode_shard, encode_shard, shard_key, split_for
+from streams import dedup
 from streams.dataset import stats
 from streams.ingest import ChecksumMismatch, parse_request, raw_package, verify_archive
 from streams.instruct import doc_to_code_samples, file_text
@@ -53,7 +61,7 @@ from streams.sources.local import (
     read_mix_project,
     upload_directory,
 )
-from streams.stage import BadMessage, Failure
+from streams.stage import BadMessage, Failure, Output
 from tests.support.records import make_sample, train_samples
 
 REPO = Path(__file__).resolve().parent.parent
@@ -814,3 +822,194 @@ def test_a_worker_records_nothing_below_its_log_level(level: str, number: int) -
         [sys.executable, "-c", WORKER_LOGGING, level], capture_output=True, text=True, check=True
     )
     assert run.stderr.split()[-3:] == [str(number)] * 3, run.stderr
+
+
+# --- near-duplicate decisions, message by message ---------------------------------------
+
+
+class Unset(dict[str, str]):
+    """A Faust table of the stage: a missing key reads as "" (and is not stored)."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+class NearDupBench:
+    """The dedup stage's handlers on one partition, fed by hand: the messages each
+    handler sends wait in `pending` until a step delivers them, so a test chooses the
+    order in which the broker would have delivered them (any order is possible under
+    load)."""
+
+    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+        settings = load_settings(topic_partitions=1, neardup_decide_chunk=2)
+        topic = topic_name(settings.topic_prefix, "files.neardup")
+        app = SimpleNamespace(
+            assignor=SimpleNamespace(assigned_actives=lambda: {TopicPartition(topic, 0)}),
+            in_recovery=False,
+        )
+        ctx = SimpleNamespace(
+            settings=settings, engine=engine, app=app, broker=None, table=lambda _: Unset()
+        )
+        monkeypatch.setattr(dedup, "_event_partition", lambda: 0)
+        self.stage = dedup.NearDup(ctx)  # type: ignore[arg-type]
+        self.pending: list[Output] = []
+        self.kept: list[str] = []
+        self.dropped: list[str] = []
+
+    async def handle(self, handler: Any, output: Output) -> None:
+        result = await handler(output.record.to_bytes(), output.key)
+        for delivered in result.delivered:
+            delivered()
+        for out in result.outputs:
+            if out.topic == "parsed.files":
+                self.kept.append(out.key)
+            else:
+                self.pending.append(out)
+
+    async def candidate(self, file: ParsedFile) -> None:
+        await self.handle(self.stage.on_candidate, Output("files.candidates", file.sha256, file))
+
+    async def deliver(self, topic: str, key: str | None = None) -> None:
+        """Deliver the pending messages of `topic` (for `key`), and those they cause."""
+        handler = {"files.bands": self.stage.on_bands, "files.neardup": self.stage.on_neardup}
+        while todo := [o for o in self.pending if o.topic == topic and key in (None, o.key)]:
+            self.pending.remove(todo[0])
+            await self.handle(handler[topic], todo[0])
+
+    async def everything(self) -> None:
+        while self.pending:
+            await self.deliver(self.pending[0].topic)
+
+    async def decide(self) -> None:
+        """What the timer does when the max hold struck: ask the partition to decide,
+        then each chunk asks for the next."""
+        before = len(self.stage.settled)
+        await self.handle(self.stage.on_neardup, dedup.decide_output(0))
+        await self.deliver("files.neardup", "decide:0")
+        decided = [sha for sha in list(self.stage.settled)[before:]]
+        self.dropped.extend(sha for sha in decided if sha not in self.kept)
+
+
+def near_dup_file(sha: str, *bands: str) -> ParsedFile:
+    return ParsedFile(
+        sha256=sha,
+        source_id=f"dir:{sha[-4:]}@1.0.0",
+        path="lib/a.ex",
+        content="defmodule A do\nend\n",
+        size_bytes=19,
+        lines=2,
+        near_dup={"bands": list(bands)},
+    )
+
+
+SMALL, LARGE, OTHER = "1" * 64, "2" * 64, "3" * 64
+
+
+def test_a_file_decided_by_the_max_hold_before_its_bands_are_registered_waits(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The larger file of a pair is held, and the max hold strikes before its bands
+    reach the bucket that the smaller file, kept in an earlier batch, is in: it must
+    not be decided before it has heard of the smaller one."""
+    bench = NearDupBench(engine, monkeypatch)
+
+    async def run() -> None:
+        await bench.candidate(near_dup_file(SMALL, "0:shared", "1:small"))
+        await bench.everything()
+        await bench.decide()
+        await bench.candidate(near_dup_file(LARGE, "0:shared", "1:large"))
+        await bench.decide()  # its `files.bands` message is not delivered yet
+        await bench.everything()
+        await bench.decide()
+
+    asyncio.run(run())
+    assert (bench.kept, bench.dropped) == ([SMALL], [LARGE])
+    assert bench.stage.settled[LARGE] == SMALL
+
+
+def test_a_newcomer_waits_for_the_answer_of_the_decided_file_it_displaced(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The smaller file of a pair arrives after the larger one was kept: its bands are
+    registered and every event for it delivered before the max hold strikes, but the
+    larger file has not answered yet that it is decided."""
+    bench = NearDupBench(engine, monkeypatch)
+
+    async def run() -> None:
+        await bench.candidate(near_dup_file(LARGE, "0:shared", "1:large"))
+        await bench.everything()
+        await bench.decide()
+        await bench.candidate(near_dup_file(SMALL, "0:shared", "1:small"))
+        await bench.deliver("files.bands")
+        await bench.deliver("files.neardup", SMALL)
+        await bench.decide()  # the larger file's answer is not delivered yet
+        await bench.everything()
+        await bench.decide()
+
+    asyncio.run(run())
+    assert (bench.kept, bench.dropped) == ([LARGE], [SMALL])
+    assert bench.stage.settled[SMALL] == LARGE
+
+
+def test_redelivered_registrations_and_files_without_bands(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A redelivered `files.bands` message changes nothing (at-least-once); a file with
+    no bands registers nowhere and is decided at once; one batch of a pair keeps the
+    smaller file, in chunks."""
+    bench = NearDupBench(engine, monkeypatch)
+
+    async def run() -> None:
+        for sha in (LARGE, SMALL):
+            await bench.candidate(near_dup_file(sha, "0:shared", f"1:{sha[0]}"))
+        await bench.candidate(near_dup_file(OTHER))
+        bench.pending += [o for o in bench.pending if o.topic == "files.bands"]
+        await bench.decide()
+        assert bench.kept == [OTHER]
+        await bench.everything()
+        await bench.decide()
+
+    asyncio.run(run())
+    assert (bench.kept, sorted(bench.dropped)) == ([OTHER, SMALL], [LARGE])
+
+
+def test_held_file_header_round_trips() -> None:
+    bare = dedup.HeldFile(3, 1.5, '{"a": "b\\nc"}')
+    full = dedup.HeldFile(
+        0,
+        1733300000.25,
+        "{}\n",
+        Held(SMALL, LARGE),
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        frozenset({"0", "3", LARGE}),
+        frozenset({"3", LARGE}),
+        frozenset({OTHER}),
+    )
+    for held in (bare, full):
+        assert dedup.HeldFile.loads(held.dumps()) == held
+    assert not full.ready and bare.ready
+
+
+def test_a_file_decided_earlier_reaches_newcomers_through_a_held_file(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket keeps its smallest file only: the first newcomer displaces the file kept
+    in an earlier batch, a smaller one displaces the first before the kept file's answer
+    reaches it. The smaller newcomer hears of the kept file through the first one."""
+    bench = NearDupBench(engine, monkeypatch)
+
+    async def run() -> None:
+        await bench.candidate(near_dup_file(OTHER, "0:shared", "1:other"))
+        await bench.everything()
+        await bench.decide()
+        await bench.candidate(near_dup_file(LARGE, "0:shared", "1:large"))
+        await bench.deliver("files.bands")
+        await bench.candidate(near_dup_file(SMALL, "0:shared", "1:small"))
+        await bench.deliver("files.bands")
+        for sha in (LARGE, SMALL, OTHER, LARGE, SMALL):
+            await bench.deliver("files.neardup", sha)
+        await bench.decide()
+
+    asyncio.run(run())
+    assert bench.kept == [OTHER]
+    assert sorted(bench.dropped) == [SMALL, LARGE]

@@ -181,6 +181,28 @@ def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: Sandbo
     assert "Be sure to require Double" in got["macro"].output
 
 
+def test_tests_compiled_once_are_reused() -> None:
+    """A probe counts the compiles of test modules (ExUnit.Case.__after_compile__/2) from
+    the candidate's compile to its test: one for a problem's first program, none once
+    the VM that runs it keeps its tests."""
+    counted = "{ExUnit.Case, :__after_compile__, 2}"
+    probe = f"defmodule Probe do\n  :erlang.trace_pattern({counted}, true, [:call_count])\nend\n"
+    shown = (
+        f'IO.inspect(:erlang.trace_info({counted}, :call_count), label: "probe")\n'
+        f"    :erlang.trace_pattern({counted}, false, [:call_count])\n    x * 2"
+    )
+    double = f"defmodule Double do\n  def double(x) do\n    {shown}\n  end\nend\n"
+    candidate = Program(double + probe, TESTS)
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=2.0, max_output=2048)) as pool:
+        outcomes = pool.map([candidate] * 3)
+    assert [o.status for o in outcomes] == ["passed"] * 3
+    assert [re.findall(r"probe: (.*)", o.output) for o in outcomes] == [
+        ["{:call_count, 1}"],
+        ["{:call_count, 0}"],
+        ["{:call_count, 0}"],
+    ]
+
+
 POINT_TESTS = """
 ExUnit.start()
 defmodule PointTest do

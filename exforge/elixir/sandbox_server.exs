@@ -542,7 +542,8 @@ defmodule Exforge.Sandbox.Server do
       File.rm_rf(dir)
       compiled
     else
-      _ -> nil
+      # built alone, or no candidate's modules to build them after
+      built_or_nil -> if is_map(built_or_nil), do: built_or_nil
     end
   end
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -178,6 +179,106 @@ def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: Sandbo
     assert "candidate.exs:10" in got["failing"].output
     assert "candidate.exs:13" in got["failing_lower_down"].output
     assert "Be sure to require Double" in got["macro"].output
+
+
+def test_tests_compiled_once_are_reused() -> None:
+    """A probe counts the compiles of test modules (ExUnit.Case.__after_compile__/2) from
+    the candidate's compile to its test: one for a problem's first program, none once
+    the VM that runs it keeps its tests."""
+    counted = "{ExUnit.Case, :__after_compile__, 2}"
+    probe = f"defmodule Probe do\n  :erlang.trace_pattern({counted}, true, [:call_count])\nend\n"
+    shown = (
+        f'IO.inspect(:erlang.trace_info({counted}, :call_count), label: "probe")\n'
+        f"    :erlang.trace_pattern({counted}, false, [:call_count])\n    x * 2"
+    )
+    double = f"defmodule Double do\n  def double(x) do\n    {shown}\n  end\nend\n"
+    candidate = Program(double + probe, TESTS)
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=2.0, max_output=2048)) as pool:
+        outcomes = pool.map([candidate] * 3)
+    assert [o.status for o in outcomes] == ["passed"] * 3
+    assert [re.findall(r"probe: (.*)", o.output) for o in outcomes] == [
+        ["{:call_count, 1}"],
+        ["{:call_count, 0}"],
+        ["{:call_count, 0}"],
+    ]
+
+
+POINT_TESTS = """
+ExUnit.start()
+defmodule PointTest do
+  use ExUnit.Case, async: true
+  test "shift" do
+    assert %Point{x: 2, y: 0} = Point.shift(%Point{x: 1})
+  end
+end
+"""
+
+
+def test_tests_expanding_a_candidates_struct_give_the_verdicts_of_the_whole_program() -> None:
+    """Tests that expand the candidate's struct are kept after a candidate that defines
+    it, and reused only where the later candidate's `__struct__` is the same code. A
+    probe counts the calls of `Point.__struct__/1`: the tests' compile expands
+    `%Point{x: 1}` with one, the kept tests make none."""
+    probe = (
+        "defmodule Probe do\n"
+        "  :erlang.trace_pattern({Point, :__struct__, 1}, true, [:call_count])\nend\n"
+    )
+    point = (
+        "defmodule Point do\n  {}\n  def shift(p) do\n"
+        "    {{Point, :__struct__, 1}} |> :erlang.trace_info(:call_count) |> "
+        'IO.inspect(label: "probe")\n'
+        "    %{{p | x: p.x + 1}}\n  end\nend\n"
+    )
+    hand_written = (
+        "def __struct__, do: %{__struct__: __MODULE__, x: 0, y: 0}\n"
+        "  def __struct__(kv), do: Enum.reduce(kv, __struct__(), fn {k, v}, m -> "
+        "Map.put(m, k, v) end)"
+    )
+    codes = {
+        "same": point.format("defstruct x: 0, y: 0"),
+        "failing": point.format("defstruct x: 0, y: 0").replace("+ 1", "+ 2"),
+        # the same struct from another line and spelled otherwise
+        "same_moved": point.format("")
+        .replace("do\n  \n", "do\n")
+        .replace("  end\nend", "  end\n  defstruct [x: 0,  y: 0]\nend"),
+        # the tests' %Point{x: 1} takes the default of y: 1 and no longer matches
+        "other_default": point.format("defstruct x: 0, y: 1"),
+        # the tests' pattern names a key the struct lacks: a compile error
+        "missing_key": point.format("defstruct x: 0, z: 0"),
+        "extra_key": point.format("defstruct x: 0, y: 0, z: 0"),
+        # %Point{x: 1} without y: an ArgumentError as the tests compile
+        "enforced": point.format("@enforce_keys [:y]\n  defstruct x: 0, y: 0"),
+        "hand_written": point.format(hand_written),
+        "no_struct": "defmodule Point do\n  def shift(p), do: p\nend\n",
+    }
+    programs = [Program(code + probe, POINT_TESTS) for code in codes.values()]
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=2.0, max_output=2048)) as pool:
+        # the second sees the tests again and keeps them, compiled after its Point
+        outcomes = pool.map(programs[:1] * 2 + programs)[2:]
+        wholes = pool.map([p.text for p in programs])
+
+    def probe_of(outcome: Outcome) -> str | None:
+        found = re.search(r"^probe: \{:call_count, (\d+)\}\n", outcome.output, re.MULTILINE)
+        return found and found.group(1)
+
+    def verdict(outcome: Outcome) -> tuple[object, ...]:
+        return _verdict(replace(outcome, output=re.sub(r"probe: .*\n", "", outcome.output)))
+
+    assert [verdict(o) for o in outcomes] == [verdict(o) for o in wholes]
+    assert [probe_of(o) for o in wholes] == ["1", "1", "1", "1", None, "1", None, "1", None]
+    got = {name: outcome for name, outcome in zip(codes, outcomes, strict=True)}
+    assert {name: (o.status, probe_of(o)) for name, o in got.items()} == {
+        "same": ("passed", "0"),
+        "failing": ("failed", "0"),
+        "same_moved": ("passed", "0"),
+        "other_default": ("failed", "1"),
+        "missing_key": ("syntax_error", None),
+        "extra_key": ("passed", "1"),
+        "enforced": ("runtime_error", None),
+        "hand_written": ("passed", "1"),
+        "no_struct": ("syntax_error", None),
+    }
+    assert "unknown key :y for struct Point" in got["missing_key"].output
 
 
 def _vm(outcome: Outcome) -> str:

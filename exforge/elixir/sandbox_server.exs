@@ -126,6 +126,36 @@ defmodule Exforge.Sandbox.Modules do
   end
 end
 
+defmodule Exforge.Sandbox.Tracer do
+  @moduledoc "Compile tracer: keeps the events of a compilation in the compiling process."
+
+  def trace({:on_module, _binary, _}, _env), do: :ok
+
+  def trace(event, _env) do
+    case Process.get(:exforge_trace) do
+      events when is_list(events) -> Process.put(:exforge_trace, [event | events])
+      _ -> :ok
+    end
+
+    :ok
+  end
+
+  # `fun`'s result and the events its compilation traced
+  def traced(fun) do
+    previous = Code.get_compiler_option(:tracers)
+    Process.put(:exforge_trace, [])
+    Code.put_compiler_option(:tracers, [__MODULE__ | previous])
+
+    try do
+      result = fun.()
+      {result, Enum.reverse(Process.get(:exforge_trace))}
+    after
+      Code.put_compiler_option(:tracers, previous)
+      Process.delete(:exforge_trace)
+    end
+  end
+end
+
 defmodule Exforge.Sandbox.Tests do
   @moduledoc """
   A program's tests compiled once per VM and reused after every candidate that cannot
@@ -157,18 +187,127 @@ defmodule Exforge.Sandbox.Tests do
 
   def compile(forms), do: :elixir_compiler.quoted(block(forms), @file_name, fn _, _ -> :ok end)
 
-  # Compiled in the calling process: a map, or nil for tests of another shape.
-  def build(text, line) do
+  # Compiled in the calling process: a map, or nil for tests of another shape or that
+  # depend on the modules loaded since `before` (a candidate's, `binaries` their object
+  # code) other than through remote calls and the expansion of structs whose `__struct__`
+  # functions are kept (as code) to be compared with a later candidate's.
+  def build(text, line, before, context, binaries \\ %{}) do
     forms = parse!(text, line)
 
     if Enum.all?(forms, &cacheable?/1) and not unquotes?(forms) do
-      binaries = Map.new(compile(forms))
-      ExUnit.Server.modules_loaded()
-      async = take_async_modules([])
-      steps = Enum.map(forms, &step(&1, binaries, async))
-      modules = for {:module, module, _binary, _map, _async} <- steps, do: module
-      %{forms: forms, steps: steps, modules: MapSet.new(modules), warnings: ""}
+      names =
+        for {:defmodule, _, [{:__aliases__, _, parts}, _]} <- forms, do: Module.concat(parts)
+
+      # the candidate's modules: what the tests could depend on besides the baseline
+      candidate =
+        for module <- :erlang.loaded(),
+            not Map.has_key?(before.modules, module),
+            not Exforge.Sandbox.Modules.autoloaded?(module, context.code_path),
+            into: MapSet.new(),
+            do: module
+
+      with true <- unchanged?(%{modules: MapSet.new(names)}, before, context),
+           {compiled, events} = Exforge.Sandbox.Tracer.traced(fn -> compile(forms) end),
+           {:ok, structs} <- dependencies(events, candidate, binaries) do
+        binaries = Map.new(compiled)
+        ExUnit.Server.modules_loaded()
+        async = take_async_modules([])
+        steps = Enum.map(forms, &step(&1, binaries, async))
+        modules = for {:module, module, _binary, _map, _async} <- steps, do: module
+
+        %{
+          forms: forms,
+          steps: steps,
+          modules: MapSet.new(modules),
+          warnings: "",
+          structs: structs
+        }
+      else
+        _ -> nil
+      end
     end
+  end
+
+  # The structs of the candidate's modules the tests expanded, each with its `__struct__`
+  # definitions; :error where the tests depend on one of its modules any other way (an
+  # import, a require, a macro) or on a struct whose `__struct__` could vary.
+  defp dependencies(events, candidate, binaries) do
+    Enum.reduce_while(events, {:ok, %{}}, fn event, {:ok, structs} ->
+      case event do
+        {:struct_expansion, _meta, module, _keys} ->
+          if MapSet.member?(candidate, module) do
+            case struct_definitions(module, binaries) do
+              nil -> {:halt, :error}
+              definitions -> {:cont, {:ok, Map.put(structs, module, definitions)}}
+            end
+          else
+            {:cont, {:ok, structs}}
+          end
+
+        {kind, _meta, _module} when kind == :alias_reference ->
+          {:cont, {:ok, structs}}
+
+        {:remote_function, _meta, _module, _name, _arity} ->
+          {:cont, {:ok, structs}}
+
+        # :start, :stop
+        atom when is_atom(atom) ->
+          {:cont, {:ok, structs}}
+
+        _other ->
+          names = event |> Tuple.to_list() |> tl()
+
+          if Enum.any?(names, &(is_atom(&1) and MapSet.member?(candidate, &1))),
+            do: {:halt, :error},
+            else: {:cont, {:ok, structs}}
+      end
+    end)
+  end
+
+  # `module`'s `__struct__/0` and `__struct__/1` from its object code, without metadata,
+  # where each is one clause calling nothing but pure functions (as `defstruct` defines
+  # them): equal definitions expand a struct alike. Else nil.
+  def struct_definitions(module, binaries) do
+    with binary when is_binary(binary) <- Map.get(binaries, module),
+         {:ok, {_, [debug_info: {:debug_info_v1, backend, data}]}} <-
+           :beam_lib.chunks(binary, [:debug_info]),
+         {:ok, %{definitions: definitions}} <- backend.debug_info(:elixir_v1, module, data, []) do
+      found =
+        for {{:__struct__, arity}, :def, _meta, [{_, args, [], body}]} <- definitions,
+            pure?(body),
+            do: {arity, strip({args, body})}
+
+      if Enum.sort(Enum.map(found, &elem(&1, 0))) == [0, 1], do: Enum.sort(found)
+    else
+      _ -> nil
+    end
+  end
+
+  @pure_remote [
+    {Enum, :reduce},
+    {List, :delete},
+    {:erlang, :error},
+    {ArgumentError, :exception},
+    {Kernel, :inspect}
+  ]
+  @special [:%{}, :{}, :=, :|, :fn, :->, :case, :<<>>, :__block__, :_]
+
+  defp pure?({:"::", _, [expression, _type]}), do: pure?(expression)
+
+  defp pure?({{:., _, [module, name]}, _, args}) when is_list(args),
+    do: {module, name} in @pure_remote and pure?(args)
+
+  defp pure?({name, _, context}) when is_atom(name) and is_atom(context), do: true
+  defp pure?({name, _, args}) when is_list(args), do: name in @special and pure?(args)
+  defp pure?({left, right}), do: pure?(left) and pure?(right)
+  defp pure?(list) when is_list(list), do: Enum.all?(list, &pure?/1)
+  defp pure?(other), do: not is_tuple(other)
+
+  defp strip(ast) do
+    Macro.prewalk(ast, fn
+      {name, meta, args} when is_list(meta) -> {name, [], args}
+      other -> other
+    end)
   end
 
   # The candidate's modules before the tests: reused if `head` is the whole program but
@@ -180,8 +319,11 @@ defmodule Exforge.Sandbox.Tests do
     {head, rest} = Enum.split(forms, max(count, 0))
 
     if count >= 0 and rest == tests.forms and Enum.all?(head, &module_form?/1) do
-      compile(head)
-      if unchanged?(tests, before, context), do: load(tests), else: compile(tests.forms)
+      binaries = Map.new(compile(head))
+
+      if unchanged?(tests, before, context) and same_structs?(tests.structs, binaries),
+        do: load(tests),
+        else: compile(tests.forms)
     else
       compile(forms)
     end
@@ -206,6 +348,12 @@ defmodule Exforge.Sandbox.Tests do
     end)
 
     IO.write(:stderr, tests.warnings)
+  end
+
+  defp same_structs?(structs, binaries) do
+    Enum.all?(structs, fn {module, definitions} ->
+      struct_definitions(module, binaries) == definitions
+    end)
   end
 
   defp unchanged?(tests, before, context) do
@@ -282,10 +430,10 @@ defmodule Exforge.Sandbox.Tests do
 
   # Top-level forms that define modules and leave nothing the tests could see in the file's
   # scope (defimpl's variables are hygienic, of Protocol's context).
-  defp module_form?({:defmodule, _, [{:__aliases__, _, _}, [do: _]]}), do: true
-  defp module_form?({:defprotocol, _, [{:__aliases__, _, _}, [do: _]]}), do: true
-  defp module_form?({:defimpl, _, [{:__aliases__, _, _}, [for: _], [do: _]]}), do: true
-  defp module_form?(_form), do: false
+  def module_form?({:defmodule, _, [{:__aliases__, _, _}, [do: _]]}), do: true
+  def module_form?({:defprotocol, _, [{:__aliases__, _, _}, [do: _]]}), do: true
+  def module_form?({:defimpl, _, [{:__aliases__, _, _}, [for: _], [do: _]]}), do: true
+  def module_form?(_form), do: false
 
   defp top_level({:__block__, [], forms}), do: forms
   defp top_level(form), do: [form]
@@ -299,6 +447,8 @@ defmodule Exforge.Sandbox.Server do
   # tests compiled once (Exforge.Sandbox.Tests), kept for this many distinct tests texts
   # at most (then all are dropped: a bound on memory, not a cache policy)
   @tests_kept 256
+  # candidates tried to build tests that need a candidate's modules, per VM and tests
+  @build_tries 3
   @warm_up """
   defmodule WarmUpTest do
     use ExUnit.Case, async: true
@@ -357,28 +507,82 @@ defmodule Exforge.Sandbox.Server do
     key = {tests, length(:binary.matches(code, "\n")) + 1}
 
     case kept do
-      %{^key => :seen} ->
-        compiled = build_tests(key, config, before)
-        {compiled, Map.put(kept, key, compiled)}
+      %{^key => {:seen, tries}} ->
+        case build_tests(key, code, config, before) do
+          # tests that need a candidate's structs: another candidate may define them
+          nil when tries < @build_tries -> {nil, Map.put(kept, key, {:seen, tries + 1})}
+          compiled -> {compiled, Map.put(kept, key, compiled)}
+        end
 
       %{^key => compiled} ->
         {compiled, kept}
 
       _ ->
-        {nil, Map.put(if(map_size(kept) >= @tests_kept, do: %{}, else: kept), key, :seen)}
+        kept = if(map_size(kept) >= @tests_kept, do: %{}, else: kept)
+        {nil, Map.put(kept, key, {:seen, 1})}
     end
   end
 
-  defp build_tests({tests, line}, config, before) do
-    err = Exforge.Sandbox.Sink.start(config.max_output)
-    compiled = in_process(err, err, fn -> Exforge.Sandbox.Tests.build(tests, line) end)
-    warnings = Exforge.Sandbox.Sink.contents(err)
-    clean_up(before, [err])
+  # Built alone; else, for tests that do not compile alone (those that expand a
+  # candidate's struct), after the candidate's modules (its code, when that is nothing
+  # but modules) in a directory of their own.
+  defp build_tests({tests, line}, code, config, before) do
+    context = %{available: config.available, code_path: :code.get_path()}
 
-    case compiled do
-      {:ok, %{} = compiled} -> %{compiled | warnings: warnings}
-      _nil_or_exit -> nil
+    with nil <- build_tests(tests, line, config, before, context, fn -> {:ok, %{}} end),
+         [_ | _] = head <- candidate_modules(code) do
+      dir = Path.join(config.work_dir, "build")
+      File.mkdir_p!(dir)
+      File.cd!(dir)
+
+      compiled =
+        build_tests(tests, line, config, before, context, fn -> compile_quietly(head, config) end)
+
+      File.cd!(config.work_dir)
+      File.rm_rf(dir)
+      compiled
+    else
+      # built alone, or no candidate's modules to build them after
+      built_or_nil -> if is_map(built_or_nil), do: built_or_nil
     end
+  end
+
+  defp build_tests(tests, line, config, before, context, candidate) do
+    with {:ok, binaries} <- candidate.() do
+      err = Exforge.Sandbox.Sink.start(config.max_output)
+
+      compiled =
+        in_process(err, err, fn ->
+          Exforge.Sandbox.Tests.build(tests, line, before, context, binaries)
+        end)
+
+      warnings = Exforge.Sandbox.Sink.contents(err)
+      clean_up(before, [err])
+
+      case compiled do
+        {:ok, %{} = compiled} -> %{compiled | warnings: warnings}
+        _nil_or_exit -> nil
+      end
+    else
+      _exit ->
+        clean_up(before, [])
+        nil
+    end
+  end
+
+  defp candidate_modules(code) do
+    forms = Exforge.Sandbox.Tests.parse!(code, 1)
+    if Enum.all?(forms, &Exforge.Sandbox.Tests.module_form?/1), do: forms, else: []
+  rescue
+    _ -> []
+  end
+
+  # the candidate's modules compiled, their output and warnings dropped: {:ok, binaries}
+  defp compile_quietly(head, config) do
+    sink = Exforge.Sandbox.Sink.start(config.max_output)
+    result = in_process(sink, sink, fn -> Map.new(Exforge.Sandbox.Tests.compile(head)) end)
+    Process.exit(sink, :kill)
+    result
   end
 
   # `fun` run in a fresh process whose group leader is `out` while `err` is the

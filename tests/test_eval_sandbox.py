@@ -22,6 +22,7 @@ from exforge.elixir.sandbox import (
     Program,
     SandboxConfig,
     SandboxPool,
+    _Affinity,
     classify_death,
     isolation,
     parse_reply,
@@ -298,21 +299,48 @@ def double_code() -> str:
     return "defmodule Double do\n  def double(x), do: x * 2\nend\n"
 
 
-def test_a_problems_programs_go_to_the_vm_that_compiled_its_tests() -> None:
-    """`map` runs programs with the same tests on one VM (which compiles them once),
-    the other VM taking another problem's, whatever their order; with one problem
-    left, both VMs run it."""
-    other = TESTS.replace("DoubleTest", "DoubleOtherTest")
-    first = [Program(_vm_candidate("First"), TESTS) for _ in range(4)]
-    second = [Program(_vm_candidate("Second"), other) for _ in range(4)]
+def test_a_problems_programs_go_to_the_worker_that_claimed_its_tests() -> None:
+    """The schedule `map` follows, step by step (which worker asks when is up to the
+    machine's load, so the order is scripted here): a worker runs the programs whose tests
+    it claimed, an idle one claims the next unclaimed tests, then takes the last of
+    another's queue; a dead owner's tests go to whoever asks."""
+    first, second, gone = object(), object(), object()
+    schedule = _Affinity(["a", "a", "a", "a", "b", "b", None, "c", "c"])
+
+    def alive(worker: object) -> bool:
+        return worker is not gone
+
+    taken = [
+        (first, schedule.take(first, alive)),  # claims a
+        (second, schedule.take(second, alive)),  # claims b
+        (second, schedule.take(second, alive)),
+        (gone, schedule.take(gone, alive)),  # the whole program 6 (nothing to keep)
+        (gone, schedule.take(gone, alive)),  # claims c, then dies
+        (second, schedule.take(second, alive)),  # b done: c's owner is dead, claims c
+        (first, schedule.take(first, alive)),
+        (second, schedule.take(second, alive)),  # nothing unclaimed: the last of a's
+        (first, schedule.take(first, alive)),
+        (first, schedule.take(first, alive)),  # a done, nothing left
+    ]
+    assert taken == [
+        (first, 0),
+        (second, 4),
+        (second, 5),
+        (gone, 6),
+        (gone, 7),
+        (second, 8),
+        (first, 1),
+        (second, 3),
+        (first, 2),
+        (first, None),
+    ]
+
+
+def test_one_problems_programs_still_use_both_vms() -> None:
     with SandboxPool(SandboxConfig(workers=2)) as pool:
         pool.map([GOOD, GOOD])  # both VMs booted
-        outcomes = pool.map(first + second)
         alone = pool.map([Program(_vm_candidate("Only"), TESTS) for _ in range(6)])
-    assert [o.status for o in outcomes + alone] == ["passed"] * 14
-    vms = [_vm(o) for o in outcomes]
-    # a VM with nothing left of its own takes another's, last first
-    assert vms[0] == vms[1] != vms[4] == vms[5]
+    assert [o.status for o in alone] == ["passed"] * 6
     assert len({_vm(o) for o in alone}) == 2
 
 

@@ -69,6 +69,9 @@ def crawl(
 def top_registry() -> Iterator[tuple[HexRegistry, tuple[str, str]]]:
     registry = populated(260)
     registry.rate_limit = 60
+    # long enough that the crawl spends each window even on a loaded machine (a client
+    # slower than the budget never waits, which is right but not what is tested)
+    registry.window_s = 4.0
     registry.fail_503["/api/packages"] = 2  # the first listing request fails twice
     registry.fail_503["/api/packages/pkg_0007/releases/1.0.0"] = 3
     registry.fail_503["/repo/tarballs/pkg_0011-1.0.0.tar"] = 2

@@ -40,12 +40,12 @@ their usual shutdown).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -58,6 +58,7 @@ from faust.types import TP
 from exforge.core import anomaly, memory, tracing
 from exforge.core.kafka import LagRow, consumer_lag, create_topics, eta_text, stage_progress
 from exforge.core.settings import Settings
+from exforge.core.stack import port_open
 from exforge.core.telemetry import CONSUMER_LAG, STALLED_PARTITIONS, serve_metrics
 from schemas.catalogue import STAGE_INPUTS, topic_name
 from streams import shard
@@ -78,7 +79,6 @@ PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
 # exit status of a worker that stopped before delivering or committing everything
 # (EX_TEMPFAIL: those inputs are consumed again by the next worker)
 STOP_INCOMPLETE = 75
-BROKER_PROBE_TIMEOUT_S = 1.0
 
 
 def show_progress_lines() -> None:
@@ -206,15 +206,13 @@ class Progress:
 
 def broker_state(bootstrap: str) -> str:
     """Whether the broker at `bootstrap` accepts TCP connections, in words."""
-    failures = []
-    for address in bootstrap.split(","):
-        host, _, port = address.strip().rpartition(":")
-        try:
-            with socket.create_connection((host, int(port)), timeout=BROKER_PROBE_TIMEOUT_S):
+    addresses = [address.strip() for address in bootstrap.split(",")]
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        with contextlib.suppress(OSError, ValueError):  # unresolvable host, no port
+            if port_open(host, int(port)):
                 return f"the broker ({address}) accepts connections"
-        except (OSError, ValueError) as exc:
-            failures.append(f"{address}: {exc}")
-    return f"the broker is unreachable ({'; '.join(failures)})"
+    return f"the broker is unreachable (no connection to {', '.join(addresses)})"
 
 
 def pending_work(ctx: StageContext) -> str:

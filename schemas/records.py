@@ -399,29 +399,37 @@ class DeadLetter(Record):
 
 
 class BandMessage(Record):
-    """On `files.bands`, keyed by the file's sha256 and sent to the partition that owns
-    these LSH buckets (`exforge.elixir.neardup.bucket_partition`): the file enters them."""
+    """On `files.bands`, keyed by the file's sha256: the file's registration in its LSH
+    buckets, one partition after another. Sent to the partition that owns some of
+    `bands` (`exforge.elixir.neardup.bucket_partition`), which enters the file in those
+    and passes the rest on to the next partition owning some, in partition order; the
+    last tells the file `registered`. `earlier` and `later` carry what the partitions
+    before told the file (`exforge.elixir.neardup.Bucket.register`): the smallest
+    smaller file it shares a bucket with, and the files it displaced as their bucket's
+    smallest, so that the file hears one message however many partitions it visits."""
 
     sha256: Sha256 = Field(pattern=r"^[0-9a-f]{64}$")
-    bands: list[str] = Field(min_length=1, description="Bucket keys `band:hash`.")
+    bands: list[str] = Field(min_length=1, description="Bucket keys `band:hash` left.")
+    earlier: Sha256 | None = None
+    later: list[Sha256] = Field(default_factory=list)
 
 
 class NearDupEvent(Record):
     """On `files.neardup`, keyed by the sha256 it concerns (`decide`: sent to a partition).
 
-    From a bucket's partition (`files.bands`), to a file that registered there:
-    `earlier` says a file with a smaller sha256 (`other`) shares an LSH bucket with it;
-    `later` says it displaced `other` as its bucket's smallest, so it must wait for
-    `other`'s `answer`; `registered` says its registration on partition `partition` is
-    processed, every event it caused for the file sent before.
+    `registered`: the file's registration (`BandMessage`) went through every partition
+    owning its buckets; `other` is the smallest file with a smaller sha256 sharing a
+    bucket with it, if any, and `later` the files it displaced as a bucket's smallest,
+    whose `answer` it waits for.
     To a file displaced by a smaller newcomer (`other`): `displaced`, which the file
     answers. `answer`: `other` heard it was displaced by this file; `cluster` is its
-    cluster if it was already decided. `decide` asks a partition to decide its held
-    files.
+    cluster if it was already decided (or the one of an earlier batch's file it collides
+    with). `decide` asks a partition to decide its held files.
     """
 
-    kind: Literal["earlier", "later", "registered", "displaced", "answer", "decide"]
+    kind: Literal["registered", "displaced", "answer", "decide"]
     sha256: Sha256 | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     other: Sha256 | None = None
     cluster: Sha256 | None = None
+    later: list[Sha256] = Field(default_factory=list)
     partition: int | None = Field(None, ge=0)

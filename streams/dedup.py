@@ -6,22 +6,23 @@
   sha256 (`first-seen`); a file identical to one seen before is dropped
   (`exact_duplicate`). A new one is held (`neardup-held`, on the partition its
   `files.neardup` messages go to: the same key, the same partition count) and enters
-  its LSH buckets: one `files.bands` message per partition that owns some of them
-  (`exforge.elixir.neardup.bucket_partition`).
+  its LSH buckets: one `files.bands` message, to the first partition that owns some of
+  them (`exforge.elixir.neardup.bucket_partition`).
 * `neardup-bands` (on `files.bands`): each partition keeps the smallest sha256 of each
-  of its buckets (`neardup-buckets`) and tells the files that collide in them
-  (`exforge.elixir.neardup.Bucket`): a newcomer hears `earlier` of a smaller member; a
-  member displaced by a smaller newcomer hears `displaced`, and the newcomer `later`,
-  so that it waits for the displaced member's `answer`. Last, the partition tells the
-  registering file `registered` (the same key: the same `files.neardup` partition, after
-  the events it sent that file).
+  of its buckets (`neardup-buckets`). `Bucket.register` says what each file concerned
+  hears: a newcomer hears `earlier` of a smaller member; a member displaced by a
+  smaller newcomer hears `displaced` (sent to it at once), and the newcomer `later`,
+  so that it waits for the displaced member's `answer`. What the newcomer hears goes on
+  with the rest of its bands to the next partition owning some, in partition order;
+  the last one tells the file all of it in one `registered` event (one message a file,
+  however many partitions its buckets are on).
 * `neardup` (on `files.neardup`, keyed by sha256): a held file records what it hears;
   a displaced file answers the newcomer: with its cluster if it was decided in an
   earlier batch, so that the newcomer is dropped; if it is held, once it is ready, with
   the cluster of an earlier batch's file it collides with, if any (through it the
   newcomer may collide with that file, which no longer is its bucket's smallest).
 
-A held file is *ready* once every partition it registered with acknowledged it
+A held file is *ready* once its registration went through every partition
 (`registered`) and every file it displaced answered: it has heard everything its own
 registration caused, so no decision depends on when a batch is decided. A batch takes
 only ready files; the others wait for the next one.
@@ -74,6 +75,8 @@ log = logging.getLogger("exforge.dedup")
 # A batch is decided two drain checks after its last input is committed (Faust commits
 # every 0.5 s too): the time from a drained pipeline to the first file reaching instruct.
 DECIDE_INTERVAL_S = 0.5
+# What a held file with bands awaits first: its registration's end (`registered`).
+REGISTERED = "registered"
 # The stages whose inputs must be drained before a batch is decided: all that feed it.
 UPSTREAM = ("ingest", "parse", "dedup", "neardup-bands", "neardup")
 
@@ -129,10 +132,11 @@ class HeldFile:
     """A `neardup-held` value: a file waiting for its batch's decision, and what it
     heard. Stored as a one-line header (read without parsing the file) and the file.
 
-    `awaiting` names what the file must hear before it is decided: the partitions its
-    bands were sent to (their `registered`) and the files it displaced (their `answer`);
-    `received`, what it heard of these; `owed`, the files that displaced it, answered
-    once it is ready. Sets, so that redeliveries change nothing."""
+    `awaiting` names what the file must hear before it is decided: the end of its
+    registration (`REGISTERED`, for a file with bands) and the files it displaced
+    (their `answer`); `received`, what it heard of these; `owed`, the files that
+    displaced it, answered once it is ready. Sets, so that redeliveries change
+    nothing."""
 
     partition: int
     since: float  # wall-clock time the file was first held
@@ -148,19 +152,20 @@ class HeldFile:
         return self.awaiting <= self.received
 
     def hear(self, event: NearDupEvent) -> None:
-        assert event.other is not None or event.kind == "registered"
-        if event.kind in ("earlier", "displaced"):
-            self.heard = self.heard.hear("earlier", event.other)  # type: ignore[arg-type]
-            if event.kind == "displaced":
-                self.owed |= {event.other}  # type: ignore[operator]
-        elif event.kind == "later":
-            self.awaiting |= {event.other}  # type: ignore[operator]
+        if event.kind == "registered":
+            self.received |= {REGISTERED}
+            self.awaiting |= set(event.later)
+            if event.other:
+                self.heard = self.heard.hear("earlier", event.other)
+            return
+        assert event.other is not None
+        if event.kind == "displaced":  # by a smaller file, owed an answer
+            self.heard = self.heard.hear("displaced", event.other)
+            self.owed |= {event.other}
         elif event.kind == "answer":
-            self.received |= {event.other}  # type: ignore[operator]
+            self.received |= {event.other}
             if event.cluster:
                 self.heard = self.heard.hear("settled", event.cluster)
-        elif event.kind == "registered":
-            self.received |= {str(event.partition)}
 
     def dumps(self) -> str:
         sets = (",".join(sorted(s)) for s in (self.awaiting, self.received, self.owed))
@@ -185,18 +190,19 @@ class HeldFile:
             owed,
         )
 
-    def answers(self, sha: str) -> list[Output]:
-        """The answers to the files that displaced this held one (`sha`): once it is
-        ready, it knows the files of earlier batches it collides with (`heard.settled`),
-        which they collide with too (the same bucket) or may (another one: dropping them
-        is safe). It is dropped itself: it heard of them (`earlier`)."""
+    def answers(self, sha: str, to: Iterable[str] | None = None) -> list[Output]:
+        """The answers to the files that displaced this held one (`sha`; `to`: those
+        of them only): once it is ready, it knows the files of earlier batches it
+        collides with (`heard.settled`), which they collide with too (the same bucket)
+        or may (another one: dropping them is safe). It is dropped itself: it heard of
+        them (`earlier`)."""
         return [
             Output(
                 "files.neardup",
                 to,
                 NearDupEvent(kind="answer", sha256=to, other=sha, cluster=self.heard.settled),
             )
-            for to in sorted(self.owed)
+            for to in sorted(self.owed if to is None else to)
         ]
 
 
@@ -238,6 +244,11 @@ class NearDup:
         self.waiting: dict[int, dict[str, float]] = {}
         # the files of each partition's batch not yet decided, in the order decided
         self.batches: dict[int, list[str]] = {}
+        # the files this worker decided whose outputs are not acknowledged yet (then they
+        # are forgotten): decided once here, even if a rebalance leaves it their
+        # partition or their candidate is read again meanwhile (only a restart, or a
+        # worker that takes over their partition, decides them again: at-least-once)
+        self.deciding: set[str] = set()
         self.indexed: frozenset[int] | None = None
         upstream = tuple(STAGE_INPUTS[stage] for stage in UPSTREAM)
         self.drain = DrainWatch(ctx.settings, upstream, watch=ctx.broker)
@@ -266,59 +277,69 @@ class NearDup:
             self.first_seen[file.sha256] = position(file)
         if self.settled[file.sha256]:  # a redelivery of a file decided before
             return result
-        registrations = self.registrations(file)
-        self.hold(file, {str(output.partition) for output in registrations})
-        result.outputs.extend(registrations)
+        registration = self.registration(file)
+        self.hold(file, registering=registration is not None)
+        if registration:
+            result.outputs.append(registration)
         return result
 
-    def hold(self, file: ParsedFile, registered_with: set[str]) -> None:
-        """Hold a file until its batch, awaiting `registered` from `registered_with`."""
+    def hold(self, file: ParsedFile, registering: bool) -> None:
+        """Hold a file until its batch (`registering`: awaiting `registered`)."""
         raw = self.held[file.sha256]
         partition = _event_partition()
         entry = HeldFile.loads(raw) if raw else HeldFile(partition, time.time(), "")
         entry.file = file.model_dump_json(by_alias=True, exclude_none=True)
         entry.trace = tracing.traceparent()
-        entry.awaiting |= registered_with
+        if registering:
+            entry.awaiting |= {REGISTERED}
         self.held[file.sha256] = entry.dumps()
         self.waiting.setdefault(partition, {})[file.sha256] = entry.since
 
-    def registrations(self, file: ParsedFile) -> list[Output]:
-        """One `files.bands` message per partition owning some of the file's buckets."""
-        by_partition: dict[int, list[str]] = {}
-        for band in file.near_dup.bands:
-            by_partition.setdefault(bucket_partition(band, self.partitions), []).append(band)
-        return [
-            Output(
-                "files.bands",
-                file.sha256,
-                BandMessage(sha256=file.sha256, bands=bands),
-                partition=partition,
-            )
-            for partition, bands in sorted(by_partition.items())
-        ]
+    def registration(self, file: ParsedFile) -> Output | None:
+        """The file's registration in its buckets (None: it has none), to the first
+        partition owning some (`registration_step`)."""
+        if not file.near_dup.bands:
+            return None
+        return self.registration_step(BandMessage(sha256=file.sha256, bands=file.near_dup.bands))
+
+    def registration_step(self, message: BandMessage) -> Output:
+        """`message` to the first partition owning some of its bands, in partition order:
+        each partition is visited once."""
+        partition = min(bucket_partition(band, self.partitions) for band in message.bands)
+        return Output("files.bands", message.sha256, message, partition=partition)
 
     async def on_bands(self, value: bytes, key: str | None) -> Result:
-        """Enter a file in buckets of this partition; tell the files that collide, then
-        the file that it is registered here."""
+        """Enter a file in the buckets it has on this partition. Each file concerned
+        hears what `Bucket.register` says: a file it displaced at once; the file itself
+        with the rest of its registration, passed on to the next partition owning some
+        of its bands, or, from the last, in its `registered` event."""
         message = BandMessage.model_validate_json(value)
-        sha = message.sha256
+        sha, here = message.sha256, _event_partition()
+        earlier, later = message.earlier, set(message.later)
+        rest: list[str] = []
         result = Result()
-
-        def event(to: str, kind: str, **fields: Any) -> Output:
-            return Output("files.neardup", to, NearDupEvent(kind=kind, sha256=to, **fields))  # type: ignore[arg-type]
-
         for band in message.bands:
+            if bucket_partition(band, self.partitions) != here:
+                rest.append(band)
+                continue
             bucket = Bucket(self.buckets[band] or None)
-            updated, sends = bucket.register(sha)
+            updated, hears = bucket.register(sha)
             if updated != bucket:
                 self.buckets[band] = updated.smallest
-            for to, _, about in sends:
-                if to == sha:  # a smaller file was there before
-                    result.outputs.append(event(sha, "earlier", other=about))
-                else:  # `sha` displaced `to`: both must hear, `sha` waits for the answer
-                    result.outputs.append(event(to, "displaced", other=sha))
-                    result.outputs.append(event(sha, "later", other=to))
-        result.outputs.append(event(sha, "registered", partition=_event_partition()))
+            for to, kind, about in hears:
+                if to != sha:  # a file `sha` displaced, which owes it an answer
+                    event = NearDupEvent(kind=kind, sha256=to, other=about)  # type: ignore[arg-type]
+                    result.outputs.append(Output("files.neardup", to, event))
+                elif kind == "earlier":
+                    earlier = min(earlier or about, about)
+                else:  # "later": `sha` waits for the answer of the file it displaced
+                    later.add(about)
+        if rest:
+            step = BandMessage(sha256=sha, bands=rest, earlier=earlier, later=sorted(later))
+            result.outputs.append(self.registration_step(step))
+        else:
+            done = NearDupEvent(kind="registered", sha256=sha, other=earlier, later=sorted(later))
+            result.outputs.append(Output("files.neardup", sha, done))
         return result
 
     async def on_neardup(self, value: bytes, key: str | None) -> Result:
@@ -340,8 +361,13 @@ class NearDup:
         entry = HeldFile.loads(raw) if raw else HeldFile(_event_partition(), time.time(), "")
         entry.hear(event)
         self.held[event.sha256] = entry.dumps()
-        # answered again with each event once ready (and when decided): redeliveries
-        return Result(outputs=entry.answers(event.sha256) if entry.ready else [])
+        if not entry.ready:
+            return Result()
+        # a ready file answers a file that displaces it at once; every file it owes on
+        # the event that made it ready, or on a redelivery of it (its answers may be
+        # lost), and once more when it is decided
+        to = [event.other] if event.kind == "displaced" else None
+        return Result(outputs=entry.answers(event.sha256, to))
 
     async def decide_partition(self, partition: int) -> Result:
         """Decide the next chunk of `partition`'s batch: keep or drop each file, and
@@ -357,7 +383,8 @@ class NearDup:
         decided: list[str] = []
         for sha in chunk:
             raw = self.held[sha]
-            if not raw:  # forgotten: decided again after a rebalance, delivered meanwhile
+            # forgotten (delivered meanwhile), or decided here, its outputs on their way
+            if not raw or sha in self.deciding:
                 continue
             entry = HeldFile.loads(raw)
             file = ParsedFile.model_validate_json(entry.file)
@@ -378,6 +405,7 @@ class NearDup:
             # is settled (a crash), when its answers are lost
             result.outputs.extend(entry.answers(sha))
             decided.append(sha)
+            self.deciding.add(sha)
         if outcomes:
             await asyncio.to_thread(record_outcomes, self.ctx, outcomes)
         if self.batches.get(partition):
@@ -413,6 +441,7 @@ class NearDup:
         alive until the outputs are acknowledged (under load, after the stream moved on).
         A file decided twice (after a rebalance) may be forgotten already."""
         for sha in decided:
+            self.deciding.discard(sha)
             if sha in self.held:
                 del self.held[sha]
 
@@ -441,11 +470,12 @@ class NearDup:
     def reindex(self, owned: frozenset[int]) -> None:
         """Rebuild `waiting` from the table (after a rebalance or recovery), batches
         under way included: every held file not yet forgotten, decided or not (a file
-        is settled before its outputs are acknowledged; deciding it again is the same)."""
+        is settled before its outputs are acknowledged; deciding it again is the same),
+        but those this worker decided (`deciding`)."""
         waiting: dict[int, dict[str, float]] = {}
         for sha, raw in self.held.items():
             entry = HeldFile.loads(raw)
-            if entry.partition in owned and entry.file:
+            if entry.partition in owned and entry.file and sha not in self.deciding:
                 waiting.setdefault(entry.partition, {})[sha] = entry.since
         self.waiting = waiting
         self.batches = {}

@@ -254,6 +254,8 @@ def test_steady_inflow_still_gets_decisions_after_the_max_hold(
         worker.kill()
         worker.wait()
     assert "files held over 2 s, deciding now" in log.read_text()
+    # each kept file produced once, though the timer asks for decisions every 0.5 s
+    assert len(parsed(pipeline)) == len(kept)
     kept_shas = {shas[path]: path for path in kept}
     both_kept = sorted(
         (path, kept_shas[other])

@@ -121,7 +121,7 @@ def test_bucket_tells_each_file_of_a_smaller_one() -> None:
     bucket, sends = bucket.register(c)
     assert sends == [(c, "earlier", b)]
     bucket, sends = bucket.register(a)
-    assert (bucket, sends) == (Bucket(a), [(b, "earlier", a)])
+    assert (bucket, sends) == (Bucket(a), [(b, "displaced", a), (a, "later", b)])
     assert bucket.register(a) == (bucket, [])  # a redelivery changes nothing
     assert bucket.register(c) == (bucket, [(c, "earlier", a)])
 

@@ -158,7 +158,8 @@ def one_of_each() -> list[Record]:
             failed_at=AT,
         ),
         BandMessage(sha256=SHA_A, bands=["3:00ff00ff00ff00ff", "7:0123456789abcdef"]),
-        NearDupEvent(kind="earlier", sha256=SHA_A, other=SHA_B),
+        BandMessage(sha256=SHA_B, bands=["3:00ff00ff00ff00ff"], earlier=SHA_A, later=[SHA_A]),
+        NearDupEvent(kind="registered", sha256=SHA_B, other=SHA_A, later=[SHA_A]),
     ]
 
 

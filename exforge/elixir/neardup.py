@@ -15,7 +15,8 @@ are candidates; each band hash is a bucket key `band:hash`.
 The decision is made in the stream (see `streams.dedup`), by these pure rules:
 
 * `Bucket` keeps the smallest sha256 ever registered in it. A newcomer is told about a
-  smaller member; a displaced member is told about the newcomer. So once every file of
+  smaller member (`earlier`); a displaced member is told about the newcomer
+  (`displaced`), and the newcomer waits for its answer (`later`). So once every file of
   a batch is registered, each file knows whether *some* file of a smaller sha256 shares
   a bucket with it, whatever the order the registrations came in; a displaced member
   that was decided in an earlier batch answers the newcomer with its cluster.
@@ -178,12 +179,19 @@ class Bucket:
     smallest: str | None = None
 
     def register(self, sha256: str) -> tuple[Bucket, list[tuple[str, str, str]]]:
-        """Add a file; the messages to send, as (to file, kind, about)."""
+        """Add a file; what each file concerned hears, as (file, kind, about). A newcomer
+        larger than the smallest hears `earlier` of it. A smaller newcomer displaces it:
+        the displaced file hears `displaced` of the newcomer (it has an `earlier` file
+        now, and owes the newcomer an answer), the newcomer `later` of the displaced one
+        (a file it waits for the answer of: that file may know of a decided file)."""
         if self.smallest is None or self.smallest == sha256:
             return Bucket(sha256), []
         if self.smallest < sha256:
             return self, [(sha256, "earlier", self.smallest)]
-        return Bucket(sha256), [(self.smallest, "earlier", sha256)]
+        return Bucket(sha256), [
+            (self.smallest, "displaced", sha256),
+            (sha256, "later", self.smallest),
+        ]
 
 
 @dataclass(frozen=True)
@@ -194,7 +202,10 @@ class Held:
     settled: str | None = None  # smallest cluster of an already decided file in a bucket
 
     def hear(self, kind: str, about: str) -> Held:
-        if kind == "earlier" and (self.earlier is None or about < self.earlier):
+        """What the file knows after hearing `kind` of `about` (`Bucket.register`'s
+        kinds, and `settled`): `earlier` and `displaced` both name a smaller file sharing
+        a bucket; `later` (a file to wait for) changes nothing it knows."""
+        if kind in ("earlier", "displaced") and (self.earlier is None or about < self.earlier):
             return Held(about, self.settled)
         if kind == "settled" and (self.settled is None or about < self.settled):
             return Held(self.earlier, about)

@@ -27,7 +27,7 @@ from exforge.core.db import FileOutcome, Package, engine_for
 from exforge.core.dlq import DeadLetterEntry, select_letters
 from exforge.core.settings import load_settings
 from exforge.core.store import FileStore, ObjectStore, sha256_hex
-from exforge.elixir.neardup import Held
+from exforge.elixir.neardup import Held, bucket_partition
 from schemas.catalogue import topic_name
 from schemas.records import (
     DeadLetter,
@@ -841,8 +841,10 @@ class NearDupBench:
     order in which the broker would have delivered them (any order is possible under
     load)."""
 
-    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-        settings = load_settings(topic_partitions=1, neardup_decide_chunk=2)
+    def __init__(
+        self, engine: Engine, monkeypatch: pytest.MonkeyPatch, partitions: int = 1
+    ) -> None:
+        settings = load_settings(topic_partitions=partitions, neardup_decide_chunk=2)
         topic = topic_name(settings.topic_prefix, "files.neardup")
         app = SimpleNamespace(
             assignor=SimpleNamespace(assigned_actives=lambda: {TopicPartition(topic, 0)}),
@@ -851,7 +853,9 @@ class NearDupBench:
         ctx = SimpleNamespace(
             settings=settings, engine=engine, app=app, broker=None, table=lambda _: Unset()
         )
-        monkeypatch.setattr(dedup, "_event_partition", lambda: 0)
+        # files are held on partition 0; a `files.bands` message is handled on its own
+        self.partition = 0
+        monkeypatch.setattr(dedup, "_event_partition", lambda: self.partition)
         self.stage = dedup.NearDup(ctx)  # type: ignore[arg-type]
         self.pending: list[Output] = []
         self.kept: list[str] = []
@@ -861,6 +865,7 @@ class NearDupBench:
         self.unacknowledged: list[Callable[[], None]] = []
 
     async def handle(self, handler: Any, output: Output) -> None:
+        self.partition = (output.topic == "files.bands" and output.partition) or 0
         result = await handler(output.record.to_bytes(), output.key)
         self.unacknowledged += result.delivered
         if self.acknowledging:
@@ -1053,3 +1058,43 @@ def test_a_kept_file_is_produced_once_while_its_outputs_await_acknowledgement(
     asyncio.run(run())
     assert bench.kept == [SMALL, LARGE, OTHER]
     assert not bench.stage.held and not bench.stage.deciding
+
+
+def test_a_registration_goes_through_each_partition_of_its_buckets_and_tells_the_file_once(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file's buckets on two partitions: one `files.bands` message goes to the first,
+    which passes what the file heard on to the second; the file hears one `registered`
+    (the smaller file it collides with, the files it displaced), not a message per
+    partition and band."""
+    bench = NearDupBench(engine, monkeypatch, partitions=2)
+    band = {
+        p: next(f"0:{i}" for i in range(99) if bucket_partition(f"0:{i}", 2) == p) for p in (0, 1)
+    }
+    smallest = "0" * 64
+
+    def heard(sha: str) -> list[tuple[str, str | None, list[str]]]:
+        events = [o.record for o in bench.pending if o.topic == "files.neardup" and o.key == sha]
+        return [(e.kind, e.other, e.later) for e in events]  # type: ignore[attr-defined]
+
+    async def run() -> None:
+        await bench.candidate(near_dup_file(SMALL, band[0], band[1]))
+        await bench.everything()
+        await bench.decide()
+        await bench.candidate(near_dup_file(LARGE, band[1], band[0], "1:large"))
+        assert [(o.topic, o.partition) for o in bench.pending] == [("files.bands", 0)]
+        await bench.deliver("files.bands")
+        assert heard(LARGE) == [("registered", SMALL, [])]
+        await bench.everything()
+        await bench.decide()
+        await bench.candidate(near_dup_file(smallest, band[0], band[1]))
+        await bench.deliver("files.bands")
+        assert heard(smallest) == [("registered", None, [SMALL])]
+        assert heard(SMALL) == [("displaced", smallest, [])] * 2  # a bucket on each
+        await bench.decide()  # not ready: SMALL has not answered
+        await bench.everything()
+        await bench.decide()
+
+    asyncio.run(run())
+    assert (bench.kept, bench.dropped) == ([SMALL], [LARGE, smallest])
+    assert bench.stage.settled[smallest] == SMALL

@@ -340,7 +340,10 @@ def test_a_kept_protocol_gives_the_verdicts_of_the_whole_program() -> None:
         "top_level_error": same + "nope()\n",
         "defined_before": "defmodule Shape.Before do\nend\n" + same,
     }
-    prelude = f"Code.ensure_loaded!(Protocol)\n:erlang.trace_pattern({PROTOCOL_PROBE}, true, [:call_count])\n"
+    prelude = (
+        "Code.ensure_loaded!(Protocol)\n"
+        f":erlang.trace_pattern({PROTOCOL_PROBE}, true, [:call_count])\n"
+    )
     programs = [Program(code + SHAPE_INFO + probe, SHAPE_TESTS) for code in codes.values()]
     with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0, prelude=prelude)) as pool:
         # one at a time, in order; the second sees the protocol again and keeps it

@@ -483,12 +483,18 @@ defmodule Exforge.Sandbox.Protocols do
   def key(_forms), do: nil
 
   defp plain?({:def, _, [{name, _, args}]}) when is_atom(name) and is_list(args),
-    do: Enum.all?(args, &match?({var, _, context} when is_atom(var) and is_atom(context), &1))
+    do: Enum.all?(args, &variable?/1)
 
   defp plain?({:@, _, [{name, _, [value]}]}) when name in @attributes,
     do: Macro.quoted_literal?(value)
 
   defp plain?(_form), do: false
+
+  # not a special form (__DIR__, __ENV__, ...)
+  defp variable?({name, _, context}) when is_atom(name) and is_atom(context),
+    do: not String.starts_with?(Atom.to_string(name), "__")
+
+  defp variable?(_arg), do: false
 
   defp top_level({:__block__, _, forms}), do: forms
   defp top_level(form), do: [form]

@@ -155,9 +155,10 @@ async def changelog_messages(settings: Settings) -> int:
 
 
 async def stored_batches(settings: Settings) -> dict[str, list[int]]:
-    """[record batches, records] each topic holds, read back with plain fetches: the
-    broker lists every stored batch of a partition on each fetch of it that returns
-    records, so this, not the record count, is what its fetch work grows with."""
+    """[record batches, records, largest batch's keys and values in bytes] each topic
+    holds, read back with plain fetches: the broker lists every stored batch of a
+    partition on each fetch of it that returns records, so this, not the record count,
+    is what its fetch work grows with."""
     async with metadata_consumer(settings) as consumer:
         client = consumer._client
         partitions = [
@@ -166,7 +167,7 @@ async def stored_batches(settings: Settings) -> dict[str, list[int]]:
             for p in sorted(consumer.partitions_for_topic(t) or ())
         ]
         ends = await end_offsets(consumer, partitions)
-        counts: dict[str, list[int]] = {tp.topic: [0, 0] for tp in partitions}
+        counts: dict[str, list[int]] = {tp.topic: [0, 0, 0] for tp in partitions}
         for tp in partitions:
             node = client.cluster.leader_for_partition(tp)
             offset = 0
@@ -183,11 +184,13 @@ async def stored_batches(settings: Settings) -> dict[str, list[int]]:
                     raise RuntimeError(f"fetch {tp} at {offset}: error {error}")
                 found, fetched_from = MemoryRecords(data), offset
                 while (batch := found.next_batch()) is not None:
-                    offsets = [record.offset for record in batch if record.offset >= offset]
-                    if offsets:
+                    records = [r for r in batch if r.offset >= offset]
+                    if records:
+                        size = sum(len(r.key or b"") + len(r.value or b"") for r in records)
                         counts[tp.topic][0] += 1
-                        counts[tp.topic][1] += len(offsets)
-                        offset = offsets[-1] + 1
+                        counts[tp.topic][1] += len(records)
+                        counts[tp.topic][2] = max(counts[tp.topic][2], size)
+                        offset = records[-1].offset + 1
                 if offset == fetched_from:
                     raise RuntimeError(f"fetch {tp} at {offset}: no records before {ends[tp]}")
     return counts
@@ -302,11 +305,13 @@ def main() -> None:
             f"  dedup state: {run['tables_mb']} MB of tables on disk, "
             f"{changelog} changelog messages"
         )
-        listed = sum(b for b, _ in batches.values())
+        listed = sum(b for b, _, _ in batches.values())
         print(
-            f"  stored: {listed} record batches of {sum(r for _, r in batches.values())} "
-            "records; by topic: "
-            + ", ".join(f"{t} {b}/{r}" for t, (b, r) in sorted(batches.items()) if r)
+            f"  stored: {listed} record batches of {sum(r for _, r, _ in batches.values())} "
+            "records; by topic (batches/records, largest batch KiB): "
+            + ", ".join(
+                f"{t} {b}/{r} {m / 1024:.0f}" for t, (b, r, m) in sorted(batches.items()) if r
+            )
         )
         projected = report["projected"]
         print(

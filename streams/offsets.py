@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
@@ -28,6 +28,13 @@ from faust.types import TP, Message
 from exforge.core.kafka import bootstrap_consumer, end_offsets
 
 log = logging.getLogger("exforge.offsets")
+
+
+class Uncommitted(NamedTuple):
+    """A partition's handled offsets that the group has not committed."""
+
+    committed: int | None  # the offset last committed; None: unknown
+    handled: int  # how many offsets past it were handled
 
 
 @dataclass
@@ -86,18 +93,16 @@ class HandledOffsets:
         """The broker took these commits."""
         self.committed.update(offsets)
 
-    def uncommitted(self) -> dict[TP, tuple[int | None, int | None, int]]:
-        """Partitions holding handled offsets the group has not committed → (the offset
-        last committed, None: unknown; the committable offset, None: unknown; how many
-        offsets past that were handled too). A restart reads them again. (Safe to call
-        from another thread: it only copies.)"""
+    def uncommitted(self) -> dict[TP, Uncommitted]:
+        """Partitions holding handled offsets the group has not committed: a restart reads
+        them again. (Safe to call from another thread: it only copies.)"""
         found = {}
         for tp, progress in list(self.partitions.items()):
             committed, base = self.committed.get(tp), progress.base
-            beyond = len(progress.handled)
-            moved = base is not None and committed is not None and base > committed
-            if moved or beyond:
-                found[tp] = (committed, base, beyond)
+            moved = base - committed if base is not None and committed is not None else 0
+            handled = max(moved, 0) + len(progress.handled)
+            if handled:
+                found[tp] = Uncommitted(committed, handled)
         return found
 
     def skip_to(self, tp: TP, offset: int) -> None:

@@ -232,10 +232,7 @@ def pending_work(ctx: StageContext) -> str:
     uncommitted = progress.uncommitted() if isinstance(progress, HandledOffsets) else {}
     if uncommitted:
         counts = []
-        for tp, (committed, base, beyond) in sorted(uncommitted.items()):
-            handled = beyond
-            if committed is not None and base is not None:
-                handled += max(base - committed, 0)
+        for tp, (committed, handled) in sorted(uncommitted.items()):
             since = f" past offset {committed}" if committed is not None else ""
             counts.append(f"{tp.topic}[{tp.partition}] {handled}{since}")
         parts.append(f"handled messages not committed: {', '.join(counts)}")

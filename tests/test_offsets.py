@@ -78,15 +78,15 @@ def test_the_books_say_which_handled_messages_are_not_committed() -> None:
     """What a worker that cannot stop in time reports (streams.worker.pending_work)."""
     books = HandledOffsets()
     books.mark(PARSED, 3)
-    assert books.uncommitted() == {PARSED: (None, None, 1)}  # committed offset unknown
+    assert books.uncommitted() == {PARSED: (None, 1)}  # committed offset unknown
     books.start(PARSED, 2)
-    assert books.uncommitted() == {PARSED: (2, 2, 1)}  # 3 handled, 2 not: 4 not committable
+    assert books.uncommitted() == {PARSED: (2, 1)}  # 3 handled, 2 not: nothing committable
     books.mark(PARSED, 2)
-    assert books.uncommitted() == {PARSED: (2, 4, 0)}
+    assert books.uncommitted() == {PARSED: (2, 2)}
     books.was_committed({PARSED: 4})
     assert books.uncommitted() == {}
     books.mark(PARSED, 4)
-    assert books.uncommitted() == {PARSED: (4, 5, 0)}
+    assert books.uncommitted() == {PARSED: (4, 1)}
     books.forget([PARSED])
     assert books.uncommitted() == {} and books.committed == {}
 

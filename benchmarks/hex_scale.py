@@ -50,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from aiokafka import TopicPartition
+from aiokafka.protocol.fetch import FetchRequest
+from aiokafka.record.memory_records import MemoryRecords
 from servers.hex import HexRegistry, Package, Release, hex_server, hex_tarball
 
 from benchmarks.corpus import REPO, Renaming, renaming, source_files, unpack
@@ -152,6 +154,48 @@ async def changelog_messages(settings: Settings) -> int:
     return sum(ends.values())
 
 
+async def stored_batches(settings: Settings) -> dict[str, list[int]]:
+    """[record batches, records, largest batch's keys and values in bytes] each topic
+    holds, read back with plain fetches: the broker lists every stored batch of a
+    partition on each fetch of it that returns records, so this, not the record count,
+    is what its fetch work grows with."""
+    async with metadata_consumer(settings) as consumer:
+        client = consumer._client
+        partitions = [
+            TopicPartition(t, p)
+            for t in sorted(await consumer.topics())
+            for p in sorted(consumer.partitions_for_topic(t) or ())
+        ]
+        ends = await end_offsets(consumer, partitions)
+        counts: dict[str, list[int]] = {tp.topic: [0, 0, 0] for tp in partitions}
+        for tp in partitions:
+            node = client.cluster.leader_for_partition(tp)
+            offset = 0
+            while offset < ends[tp]:
+                # (Tansu answers a fetch of max_wait 0 with no topics at all)
+                request = FetchRequest(
+                    500, 1, 64 * 2**20, 0, [(tp.topic, [(tp.partition, offset, 64 * 2**20)])]
+                )
+                response = await client.send(node, request)
+                if not response.topics:
+                    raise RuntimeError(f"fetch {tp} at {offset}: {response}")
+                _, error, _, *_, data = response.topics[0][1][0]
+                if error:
+                    raise RuntimeError(f"fetch {tp} at {offset}: error {error}")
+                found, fetched_from = MemoryRecords(data), offset
+                while (batch := found.next_batch()) is not None:
+                    records = [r for r in batch if r.offset >= offset]
+                    if records:
+                        size = sum(len(r.key or b"") + len(r.value or b"") for r in records)
+                        counts[tp.topic][0] += 1
+                        counts[tp.topic][1] += len(records)
+                        counts[tp.topic][2] = max(counts[tp.topic][2], size)
+                        offset = records[-1].offset + 1
+                if offset == fetched_from:
+                    raise RuntimeError(f"fetch {tp} at {offset}: no records before {ends[tp]}")
+    return counts
+
+
 def crawl(
     settings: Settings,
     checkout: Path,
@@ -219,6 +263,7 @@ def main() -> None:
                 args.overrides,
             )
             changelog = asyncio.run(changelog_messages(settings))
+            batches = asyncio.run(stored_batches(settings))
         run = summary(processed, args.processes)
         run.update(
             launch="processes", table_store=args.table_store, copies=1, settings=args.overrides
@@ -234,6 +279,7 @@ def main() -> None:
             "crawl": crawled,
             "run": run,
             "changelog_messages": changelog,
+            "stored_batches": batches,
             "wall_s": round(crawled["seconds"] + processed.wall_s, 1),
             "projected": {
                 "packages": args.project,
@@ -258,6 +304,14 @@ def main() -> None:
         print(
             f"  dedup state: {run['tables_mb']} MB of tables on disk, "
             f"{changelog} changelog messages"
+        )
+        listed = sum(b for b, _, _ in batches.values())
+        print(
+            f"  stored: {listed} record batches of {sum(r for _, r, _ in batches.values())} "
+            "records; by topic (batches/records, largest batch KiB): "
+            + ", ".join(
+                f"{t} {b}/{r} {m / 1024:.0f}" for t, (b, r, m) in sorted(batches.items()) if r
+            )
         )
         projected = report["projected"]
         print(

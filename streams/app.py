@@ -84,6 +84,7 @@ def create_app(settings: Settings, index: int = 0) -> faust.App:
         web_enabled=False,
         producer_acks=-1,
         producer_linger=settings.producer_linger_ms / 1000,
+        producer_max_batch_size=settings.producer_batch_bytes,
     )
     app.transport.Consumer = HandledOffsetsConsumer
     broker = BrokerOffsets(settings.bootstrap, settings.worker_group)

@@ -319,12 +319,14 @@ def mark_published(engine: Engine, shard_id: int) -> None:
         session.execute(update(Shard).where(Shard.id == shard_id).values(published=True))
 
 
+# asked every second by each worker process: answered from `ix_samples_pending` alone
+OLDEST_PENDING = select(func.min(Sample.recorded_at)).where(Sample.shard_index.is_(None))
+
+
 def oldest_pending(engine: Engine) -> datetime | None:
     """When the oldest sample still waiting for a shard was staged (None: none waits)."""
     with Session(engine) as session:
-        oldest = session.scalar(
-            select(func.min(Sample.recorded_at)).where(Sample.shard_index.is_(None))
-        )
+        oldest = session.scalar(OLDEST_PENDING)
     if oldest is not None and oldest.tzinfo is None:  # SQLite forgets the zone
         oldest = oldest.replace(tzinfo=UTC)
     return oldest

@@ -282,6 +282,106 @@ def test_tests_expanding_a_candidates_struct_give_the_verdicts_of_the_whole_prog
     assert "unknown key :y for struct Point" in got["missing_key"].output
 
 
+SHAPE_TESTS = """
+ExUnit.start()
+defmodule ShapeTest do
+  use ExUnit.Case, async: true
+  test "area" do
+    assert Shape.area(3) == 9
+    assert Shape.area([2]) == 4
+  end
+end
+"""
+# the protocol's module_info, its source relative (the candidate's directory varies) and
+# its exports sorted (their order follows the VM's atom table: a reused VM's differs)
+SHAPE_INFO = (
+    "info = Keyword.update!(Shape.module_info(), :compile, fn compile ->\n"
+    "  Keyword.update!(compile, :source, &Path.relative_to_cwd(List.to_string(&1)))\nend)\n"
+    "info = Keyword.update!(info, :exports, &Enum.sort/1)\n"
+    'IO.inspect(info, label: "info", limit: :infinity)\n'
+)
+PROTOCOL_PROBE = "{Protocol, :__before_compile__, 1}"
+
+
+def test_a_kept_protocol_gives_the_verdicts_of_the_whole_program() -> None:
+    """A program that begins with a protocol a VM has kept loads it instead of compiling
+    it: the same module (module_info, the source's directory aside, which is the
+    candidate's own) and the same verdicts, warnings and output as each program compiled
+    whole in a fresh VM. A probe (set by the prelude) counts the protocols compiled,
+    `Protocol.__before_compile__/1` once each: the VM compiles the kept one once more, to
+    keep it, and its candidates then compile none."""
+    protocol = "defprotocol Shape do\n  def area(shape)\nend\n"
+    square = "defimpl Shape, for: Integer do\n  def area(n), do: n * n\nend\n"
+    first = "defimpl Shape, for: List do\n  def area([n]), do: n * n\nend\n"
+    probe = f'IO.inspect(:erlang.trace_info({PROTOCOL_PROBE}, :call_count), label: "probe")\n'
+    same = protocol + square + first
+    codes = {
+        "same": same,
+        "failing": same.replace("do: n * n\nend\n", "do: n + n\nend\n", 1),
+        # implementations for types the kept protocol's candidates did not implement
+        "other_types": protocol
+        + square
+        + "defimpl Shape, for: Tuple do\n  def area({n}), do: n * n\nend\n"
+        + "defimpl Shape, for: Float do\n  def area(x), do: x * x\nend\n",
+        # other protocols of the same module: compiled, the kept one left alone
+        "other_function": same.replace("def area(shape)", "def size(shape)"),
+        "other_arity": same.replace("def area(shape)", "def area(shape, unit)"),
+        "fallback_to_any": same.replace(
+            "do\n  def area(shape)", "do\n  @fallback_to_any true\n  def area(shape)"
+        )
+        + "defimpl Shape, for: Any do\n  def area(_), do: 0\nend\n",
+        # the kept protocol, then another of the same name: redefined, as compiled
+        "redefined": same + "defprotocol Shape do\n  def area(shape, unit)\nend\n",
+        # the same text on other lines is another form
+        "moved": "\n" + same,
+        "syntax_error_later": same.replace("n * n\nend\n", "n *\nend\n", 1),
+        "compile_error_later": same.replace("n * n\nend\n", "nope(n)\nend\n", 1),
+        # the file's top-level code expands before the protocol compiles
+        "top_level_error": same + "nope()\n",
+        "defined_before": "defmodule Shape.Before do\nend\n" + same,
+    }
+    prelude = (
+        "Code.ensure_loaded!(Protocol)\n"
+        f":erlang.trace_pattern({PROTOCOL_PROBE}, true, [:call_count])\n"
+    )
+    programs = [Program(code + SHAPE_INFO + probe, SHAPE_TESTS) for code in codes.values()]
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0, prelude=prelude)) as pool:
+        # one at a time, in order; the second sees the protocol again and keeps it
+        outcomes = [pool.run(p) for p in programs[:1] * 2 + programs]
+    config = SandboxConfig(workers=2, timeout_s=5.0, prelude=prelude, max_uses=1)
+    with SandboxPool(config) as pool:
+        wholes = pool.map([p.text for p in programs])
+
+    def probe_of(outcome: Outcome) -> str | None:
+        found = re.search(r"^probe: \{:call_count, (\d+)\}\n", outcome.output, re.MULTILINE)
+        return found and found.group(1)
+
+    def verdict(outcome: Outcome) -> tuple[object, ...]:
+        return _verdict(replace(outcome, output=re.sub(r"probe: .*\n", "", outcome.output)))
+
+    assert [verdict(o) for o in outcomes[2:]] == [verdict(o) for o in wholes]
+    assert [probe_of(o) for o in wholes] == ["1"] * 6 + ["2", "1", None, None, None, "1"]
+    got = dict(zip(codes, outcomes[2:], strict=True))
+    assert [probe_of(o) for o in outcomes[:2]] == ["1", "2"]
+    assert {name: (o.status, probe_of(o)) for name, o in got.items()} == {
+        "same": ("passed", "2"),
+        "failing": ("failed", "2"),
+        "other_types": ("runtime_error", "2"),
+        "other_function": ("runtime_error", "3"),
+        "other_arity": ("runtime_error", "4"),
+        "fallback_to_any": ("passed", "5"),
+        "redefined": ("runtime_error", "6"),
+        "moved": ("passed", "7"),
+        "syntax_error_later": ("syntax_error", None),
+        "compile_error_later": ("syntax_error", None),
+        "top_level_error": ("syntax_error", None),
+        "defined_before": ("passed", "8"),
+    }
+    assert got["redefined"].warnings >= 1  # redefining module Shape
+    assert re.search(r'source: "candidate.exs"', got["same"].output), got["same"].output
+    assert not any(o.worker_replaced for o in outcomes)
+
+
 def _vm(outcome: Outcome) -> str:
     """Which VM ran a candidate of `_vm_candidate`'s: its time offset, fixed at boot."""
     found = re.search(r"^VM (-?\d+)$", outcome.output, re.MULTILINE)

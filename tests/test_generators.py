@@ -36,6 +36,7 @@ from streams.generators.check import (
     check_lines,
     even_batches,
     pool_program,
+    term_literal,
 )
 from streams.generators.code import WHOLE_FILE_LINES, fim_split
 from streams.generators.common import code_blocks, specs
@@ -342,6 +343,40 @@ COMPILE_CASES = {
     ),
     "a struct no module defines": ("def f(x), do: %NoSuchStruct{a: x}", False),
     "a spec of an undefined type": ("@spec f(nope()) :: term()\n  def f(x), do: x", False),
+    # What the body runs, and the environment it runs in (a lone module's body is
+    # evaluated, not compiled: `ExforgeCheck.evaluate`).
+    "an alias its functions use": ("alias Enum, as: E\n  def f(x), do: E.count(x)", True),
+    "an import its functions use": (
+        "import Enum, only: [count: 1]\n  def f(x), do: count(x)",
+        True,
+    ),
+    "a macro of a required module in its body": (
+        "require Integer\n  @odd Integer.is_odd(3)\n  def f, do: @odd",
+        True,
+    ),
+    "its own struct in its body": (
+        "defstruct [:a]\n  @x %__MODULE__{a: 1}\n  def f, do: @x",
+        False,
+    ),
+    "its own function called in its body": (
+        "def g, do: 1\n  @x __MODULE__.g()\n  def f, do: @x",
+        False,
+    ),
+    "functions from unquote fragments": (
+        "for n <- [:a, :b], do: def(unquote(n)(), do: unquote(n))",
+        True,
+    ),
+    "functions from unquote fragments in a closure": (
+        "Enum.each([:a, :b], fn n -> def unquote(n)(), do: unquote(n) end)",
+        True,
+    ),
+    "an unquote fragment that raises": ('def f, do: unquote(raise "no")', False),
+    "a body that rescues what it raises": (
+        'try do\n    raise "x"\n  rescue\n    _ -> :ok\n  end',
+        True,
+    ),
+    "a closure kept in an attribute": ("@f &(&1 + 1)\n  def f(x), do: @f.(x)", False),
+    "a capture kept in an attribute": ("@f &String.upcase/1\n  def f(x), do: @f.(x)", True),
 }
 
 
@@ -380,6 +415,71 @@ def test_a_lone_module_is_compiled_up_to_code_generation_only(pool: SandboxPool)
     )
     output = pool.run(program).output.splitlines()
     assert "unloaded: true" in output and "options kept: true" in output
+
+
+# A module that makes the module whose body calls `register` have a `@before_compile`
+# callback that defines `g/1` with a call that only the body's imports resolve.
+REGISTERS_BEFORE_COMPILE = """
+defmodule ExforgeRegistersBeforeCompile do
+  defmacro register, do: quote(do: @before_compile(ExforgeRegistersBeforeCompile))
+  defmacro __before_compile__(_env), do: quote(do: def(g(x), do: count(x)))
+end
+"""
+
+
+@pytest.mark.parametrize(
+    ("body", "compiles"),
+    [
+        ("import Enum, only: [count: 1]\n  ExforgeRegistersBeforeCompile.register()", True),
+        ("ExforgeRegistersBeforeCompile.register()", False),
+        ("import Enum, only: [count: 1]\n  @before_compile ExforgeRegistersBeforeCompile", True),
+    ],
+)
+def test_a_before_compile_callback_sees_the_environment_the_body_ends_in(
+    pool: SandboxPool, body: str, compiles: bool
+) -> None:
+    """A `@before_compile` callback expands in the environment the module's body ended
+    in, its imports included, whether the body names it or a macro registers it as the
+    body runs (an evaluated body leaves another environment: it is compiled after all),
+    as in a fresh `elixir`."""
+    requires = "require ExforgeRegistersBeforeCompile"
+    code = f"defmodule ExforgeRefactorCheck do\n  {requires}\n  {body}\nend\n"
+    program = (
+        REGISTERS_BEFORE_COMPILE
+        + check_lines([Check(":ok", "parse")])
+        + "stops = ExforgeCheck.stops?()\n"
+        + f"code = {term_literal([code])} |> elem(0)\n"
+        + 'IO.puts("compiles: #{try do ExforgeCheck.compiles(code, "c.ex", stops) == :ok '
+        + 'rescue _ -> false end} stops: #{stops}")\n'
+    )
+    assert f"compiles: {str(compiles).lower()} stops: true" in pool.run(program).output
+    fresh = REGISTERS_BEFORE_COMPILE + f"Code.compile_string({term_literal([code])} |> elem(0))"
+    done = subprocess.run(["elixir", "-e", fresh], capture_output=True, text=True)
+    assert (done.returncode == 0) == compiles, done.stderr
+
+
+def test_a_lone_module_body_is_evaluated_unless_it_makes_a_closure(pool: SandboxPool) -> None:
+    """The front end evaluates a lone module's body (`erl_eval`, in the module's own
+    environment) instead of compiling it into a throwaway module, but for a body that
+    makes a closure, a loop, a `try` or a `receive` outside its functions, which is
+    compiled as Elixir compiles it."""
+    frames = "elem(Process.info(self(), :current_stacktrace), 1)"
+    route = f"Process.put(:exforge_evaluated, List.keymember?({frames}, :erl_eval, 0))"
+    closure = "\n  @f fn x -> x end"
+    codes = [
+        f"defmodule ExforgeRefactorCheck do\n  {route}{extra}\n  def f(x), do: x\nend\n"
+        for extra in ("", closure)
+    ]
+    program = "".join(
+        check_lines([Check(code, "compile")])
+        + 'IO.puts("evaluated: #{Process.delete(:exforge_evaluated)}")\n'
+        for code in codes
+    )
+    output = pool.run(program).output.splitlines()
+    assert [line for line in output if line.startswith("evaluated:")] == [
+        "evaluated: true",
+        "evaluated: false",
+    ]
 
 
 def test_the_front_end_stop_is_probed_once_per_process(pool: SandboxPool) -> None:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -49,8 +50,10 @@ from streams.parse import (
     parsed_file,
 )
 from streams.shard import (
+    OLDEST_PENDING,
     histogram,
     mark_published,
+    oldest_pending,
     pending_samples,
     seal,
     stage_sample,
@@ -457,6 +460,35 @@ def test_stage_sample_refuses_repeats(engine: Engine) -> None:
     assert stage_sample(engine, "ds", sample) is False
     assert stage_sample(engine, "ds", make_sample(1)) is False, "same content, same id"
     assert pending_samples(engine) == 1
+
+
+def test_the_oldest_pending_sample_is_read_from_an_index_alone(
+    engine: Engine, file_store: FileStore
+) -> None:
+    """Each worker process asks every second when the oldest pending sample was staged;
+    the plan reads the index only, never the rows (with their payloads) of the pending
+    samples, which are all the samples of a run until it drains."""
+    assert oldest_pending(engine) is None
+    staged = []
+    for sample in train_samples(3):
+        stage_sample(engine, "ds", sample)
+        staged.append(datetime.now(UTC))
+    oldest = oldest_pending(engine)
+    assert oldest is not None and oldest <= staged[0]
+    with engine.connect() as connection:
+        query = str(OLDEST_PENDING.compile(dialect=engine.dialect))
+        if engine.dialect.name == "sqlite":
+            plan = " ".join(
+                str(row[-1]) for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {query}")
+            )
+            assert "COVERING INDEX ix_samples_pending" in plan, plan
+        else:  # at this size PostgreSQL would scan the table; asked for an index:
+            connection.exec_driver_sql("SET enable_seqscan = off")
+            connection.exec_driver_sql("SET enable_bitmapscan = off")
+            plan = " ".join(row[0] for row in connection.exec_driver_sql(f"EXPLAIN {query}"))
+            assert "Index Only Scan using ix_samples_pending" in plan, plan
+    seal(engine, file_store, "ds", 4, flush=True)
+    assert oldest_pending(engine) is None
 
 
 def test_seal_full_then_flush(engine: Engine, file_store: FileStore) -> None:

@@ -226,6 +226,14 @@ class Settings(BaseSettings):
             " sending them: fewer, larger record batches, which the broker handles per batch."
         ),
     )
+    producer_batch_bytes: PositiveInt = Field(
+        1024 * 1024,
+        description=(
+            "Largest record batch a worker's producer builds for a partition (the client's"
+            " default is 16 KiB): with `producer_linger_ms`, fewer stored batches, which the"
+            " broker lists again on every fetch of the partition."
+        ),
+    )
     stall_seconds: float = Field(
         10.0,
         gt=0,

@@ -125,7 +125,9 @@ class SandboxConfig:
 class Program:
     """One Elixir file, `code` then `tests`. A worker compiles the same `tests` starting
     on the same line once and reuses them after any `code` that cannot change how they
-    compile, with the outcome of compiling the whole file (sandbox_server.exs says when)."""
+    compile, with the outcome of compiling the whole file (sandbox_server.exs says when);
+    likewise a `defprotocol` that `code` begins with (a prompt's, the same in every
+    sample), loaded rather than compiled again."""
 
     code: str
     tests: str = ""

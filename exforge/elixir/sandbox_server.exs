@@ -312,20 +312,22 @@ defmodule Exforge.Sandbox.Tests do
 
   # The candidate's modules before the tests: reused if `head` is the whole program but
   # for the tests' forms and compiling it changed nothing they depend on.
-  def compile_program(forms, nil, _before, _context), do: compile(forms)
+  # (A protocol the program begins with is loaded where it was kept.)
+  def compile_program(forms, nil, before, context),
+    do: compile(Exforge.Sandbox.Protocols.substitute(forms, before, context))
 
   def compile_program(forms, tests, before, context) do
     count = length(forms) - length(tests.forms)
     {head, rest} = Enum.split(forms, max(count, 0))
 
     if count >= 0 and rest == tests.forms and Enum.all?(head, &module_form?/1) do
-      binaries = Map.new(compile(head))
+      binaries = Map.new(compile(Exforge.Sandbox.Protocols.substitute(head, before, context)))
 
       if unchanged?(tests, before, context) and same_structs?(tests.structs, binaries),
         do: load(tests),
         else: compile(tests.forms)
     else
-      compile(forms)
+      compile(Exforge.Sandbox.Protocols.substitute(forms, before, context))
     end
   end
 
@@ -390,7 +392,7 @@ defmodule Exforge.Sandbox.Tests do
   defp step(form, _binaries, _async), do: {:eval, form}
 
   # what the undefined-function check reads from a module's binary
-  defp module_map(binary, module) do
+  def module_map(binary, module) do
     {:ok, {_, [debug_info: {:debug_info_v1, backend, data}]}} =
       :beam_lib.chunks(binary, [:debug_info])
 
@@ -419,7 +421,7 @@ defmodule Exforge.Sandbox.Tests do
   defp test_module_form?({:test, _, [name, [do: _]]}), do: Macro.quoted_literal?(name)
   defp test_module_form?(_form), do: false
 
-  defp unquotes?(forms) do
+  def unquotes?(forms) do
     forms
     |> Macro.prewalk(false, fn
       {name, _, _} = node, _found when name in [:unquote, :unquote_splicing] -> {node, true}
@@ -442,11 +444,184 @@ defmodule Exforge.Sandbox.Tests do
   defp block(forms), do: {:__block__, [], forms}
 end
 
+defmodule Exforge.Sandbox.Protocols do
+  @moduledoc """
+  A program's leading protocol compiled once per VM and loaded, not compiled again, by
+  later candidates whose program begins with the same `defprotocol` form: the same text on
+  the same lines (the Erlang compiler takes ~120 ms a protocol, most of such a candidate's
+  time). Only protocols whose compilation is a function of their form are kept: `def`
+  heads of plain variables and literal `@doc`, `@moduledoc`, `@typedoc` and
+  `@fallback_to_any` (no code of the candidate's runs as they compile), compiled in a
+  clean VM without output, into one module no object file of the code path defines.
+
+  A candidate's first form is loaded instead of compiled where it equals a kept one and
+  the VM is as the protocol was compiled in (compiler options, Elixir's configuration,
+  every module it had loaded unchanged): the same binary, but for the absolute path of the
+  source that the compiler records (`module_info(:compile)`), set to the candidate's
+  directory, loaded in its place in the program's order, with what compiling it would do
+  besides (the undefined-function check's record of the module, the binary among the
+  file's modules). The protocol's implementations compile as before, against it.
+  """
+
+  @table :exforge_protocols
+  @file_name ~c"candidate.exs"
+  @attributes [:doc, :moduledoc, :typedoc, :fallback_to_any]
+
+  # A protected table the server owns (created before the baseline): {{:form, form}, id}
+  # and {{:id, id}, entry}.
+  def start, do: :ets.new(@table, [:named_table, :protected, :set])
+
+  def clear, do: :ets.delete_all_objects(@table)
+
+  # The program's first form where it is a protocol of the shape kept, else nil.
+  def key([{:defprotocol, _, [{:__aliases__, _, parts}, [do: body]]} = form | _]) do
+    if Enum.all?(parts, &is_atom/1) and Enum.all?(top_level(body), &plain?/1) and
+         not Exforge.Sandbox.Tests.unquotes?(form),
+       do: form
+  end
+
+  def key(_forms), do: nil
+
+  defp plain?({:def, _, [{name, _, args}]}) when is_atom(name) and is_list(args),
+    do: Enum.all?(args, &variable?/1)
+
+  defp plain?({:@, _, [{name, _, [value]}]}) when name in @attributes,
+    do: Macro.quoted_literal?(value)
+
+  defp plain?(_form), do: false
+
+  # not a special form (__DIR__, __ENV__, ...)
+  defp variable?({name, _, context}) when is_atom(name) and is_atom(context),
+    do: not String.starts_with?(Atom.to_string(name), "__")
+
+  defp variable?(_arg), do: false
+
+  defp top_level({:__block__, _, forms}), do: forms
+  defp top_level(form), do: [form]
+
+  # Compiled in the calling process, in a clean VM: the entry to keep, or nil.
+  def build(form, before, context) do
+    {:defprotocol, _, [{:__aliases__, _, parts}, _]} = form
+    module = Module.concat(parts)
+
+    if ready?(module, before, context) do
+      [{^module, binary}] = Exforge.Sandbox.Tests.compile([form])
+      {:ok, ^module, chunks} = :beam_lib.all_chunks(binary)
+      {:ok, cwd} = :file.get_cwd()
+
+      entry = %{
+        module: module,
+        chunks: chunks,
+        map: Exforge.Sandbox.Tests.module_map(binary, module)
+      }
+
+      # the binary is its chunks, with the source this directory gives
+      if ready?(module, before, context, [module]) and
+           binary(entry, :filename.absname(@file_name, cwd)) == binary,
+         do: entry
+    end
+  end
+
+  def put(form, id, entry) do
+    :ets.insert(@table, [{{:form, form}, id}, {{:id, id}, entry}])
+  end
+
+  # The program's forms, the first one loaded from a kept binary where it may be.
+  def substitute([form | rest] = forms, before, context) do
+    with {:defprotocol, meta, [{:__aliases__, _, parts}, _]} <- form,
+         [{_, id}] <- :ets.lookup(@table, {:form, form}),
+         true <- ready?(Module.concat(parts), before, context) do
+      [loaded(form, meta, id) | rest]
+    else
+      _ -> forms
+    end
+  end
+
+  def substitute([], _before, _context), do: []
+
+  # Where loading it fails (it cannot, the VM checked as it is), the form compiles.
+  defp loaded(form, meta, id) do
+    call = {{:., meta, [__MODULE__, :load]}, meta, [id]}
+    var = {:loaded, meta, __MODULE__}
+    {:case, meta, [call, [do: [{:->, meta, [[nil], form]}, {:->, meta, [[var], var]}]]]}
+  end
+
+  # What compiling the protocol in this process would do (:elixir_module.compile/5) but
+  # for its own work: the binary loaded, the undefined-function check told of it, the
+  # binary among the file's modules; its value, as `defmodule`'s, but for the result of
+  # the module body (unused: a top-level form's value is dropped).
+  def load(id) do
+    with [{_, entry}] <- :ets.lookup(@table, {:id, id}),
+         %{module: module} = entry,
+         false <- :erlang.module_loaded(module) or :erlang.check_old_code(module),
+         nil <- Process.get(:elixir_compiler_dest),
+         {:ok, cwd} <- :file.get_cwd(),
+         binary = binary(entry, :filename.absname(@file_name, cwd)),
+         {:module, ^module} <- :code.load_binary(module, ~c"", binary) do
+      case Process.get(:elixir_checker_info) do
+        nil -> :ok
+        _ -> Module.ParallelChecker.spawn(Module.ParallelChecker.get(), module, entry.map)
+      end
+
+      case Process.get(:elixir_module_binaries) do
+        current when is_list(current) ->
+          Process.put(:elixir_module_binaries, [{module, binary} | current])
+
+        _ ->
+          :ok
+      end
+
+      {:module, module, binary, nil}
+    else
+      _ -> nil
+    end
+  end
+
+  defp binary(entry, source) do
+    chunks =
+      Enum.map(entry.chunks, fn
+        {~c"CInf", info} ->
+          info = :erlang.binary_to_term(info)
+          {~c"CInf", :erlang.term_to_binary(List.keyreplace(info, :source, 0, {:source, source}))}
+
+        chunk ->
+          chunk
+      end)
+
+    {:ok, binary} = :beam_lib.build_module(chunks)
+    binary
+  end
+
+  # The VM as a clean one compiles the protocol in: compiler options (no tracers),
+  # Elixir's configuration and the loaded modules as they were (others only Erlang's and
+  # Elixir's own or without code), the protocol's module not among them (but for
+  # `defined`) and in no object file of the code path.
+  defp ready?(module, before, context, defined \\ []) do
+    Code.compiler_options() == before.compiler and Code.get_compiler_option(:tracers) == [] and
+      Application.get_all_env(:elixir) == before.env[:elixir] and
+      (module in defined or not :erlang.module_loaded(module)) and
+      not MapSet.member?(context.available, module) and
+      Enum.all?(:erlang.loaded(), &(&1 in defined or unchanged?(&1, before.modules, context)))
+  end
+
+  defp unchanged?(module, modules, context) do
+    case modules do
+      %{^module => checksum} -> Exforge.Sandbox.Modules.checksum(module) == checksum
+      # the top-level code's modules, deleted once run, keep old code only
+      _ ->
+        Exforge.Sandbox.Modules.autoloaded?(module, context.code_path) or
+          Exforge.Sandbox.Modules.checksum(module) == :old_code_only
+    end
+  end
+end
+
 defmodule Exforge.Sandbox.Server do
   @syntax_errors [SyntaxError, TokenMissingError, CompileError]
   # tests compiled once (Exforge.Sandbox.Tests), kept for this many distinct tests texts
   # at most (then all are dropped: a bound on memory, not a cache policy)
   @tests_kept 256
+  # protocols kept (Exforge.Sandbox.Protocols), distinct forms seen at most (then all dropped)
+  @protocols_kept 64
   # candidates tried to build tests that need a candidate's modules, per VM and tests
   @build_tries 3
   @warm_up """
@@ -465,6 +640,7 @@ defmodule Exforge.Sandbox.Server do
     }
 
     ExUnit.start(autorun: false)
+    Exforge.Sandbox.Protocols.start()
     Code.compile_string(Base.decode64!(prelude), "prelude.ex")
     fds = {:fd, String.to_integer(request_fd), String.to_integer(reply_fd)}
     # :eof: the host closing its end (it exited, even by SIGKILL) ends this VM too.
@@ -478,22 +654,70 @@ defmodule Exforge.Sandbox.Server do
     # catches what changes between candidates.
     baseline = snapshot(config)
     Port.command(port, "READY")
-    serve(port, config, baseline, 1, %{})
+    serve(port, config, baseline, 1, {%{}, %{}})
   end
 
-  defp serve(port, config, baseline, counter, kept) do
+  defp serve(port, config, baseline, counter, {kept, protocols}) do
     receive do
       {^port, {:data, frame}} ->
         [size, rest] = :binary.split(frame, "\n")
         size = String.to_integer(size)
         code = binary_part(rest, 0, size)
         tests = binary_part(rest, size, byte_size(rest) - size)
+        protocols = kept_protocol(code, config, baseline, protocols)
         {compiled, kept} = compiled_tests(tests, code, config, baseline, kept)
         Port.command(port, run_candidate({code <> tests, compiled}, counter, config, baseline))
-        serve(port, config, baseline, counter + 1, kept)
+        serve(port, config, baseline, counter + 1, {kept, protocols})
 
       {^port, :eof} ->
         System.halt(0)
+    end
+  end
+
+  # The protocol the code begins with, kept on its second sight (as tests are), compiled
+  # in a clean VM before the candidate; `seen`: each form's :seen, :kept or :not_kept.
+  defp kept_protocol(code, config, before, seen) do
+    with true <- String.contains?(code, "defprotocol"),
+         form when form != nil <- Exforge.Sandbox.Protocols.key(parse(code)) do
+      case seen do
+        %{^form => :seen} ->
+          entry = build_protocol(form, config, before)
+          if entry, do: Exforge.Sandbox.Protocols.put(form, map_size(seen), entry)
+          Map.put(seen, form, if(entry, do: :kept, else: :not_kept))
+
+        %{^form => _kept_or_not} ->
+          seen
+
+        _ ->
+          if map_size(seen) >= @protocols_kept do
+            Exforge.Sandbox.Protocols.clear()
+            %{form => :seen}
+          else
+            Map.put(seen, form, :seen)
+          end
+      end
+    else
+      _ -> seen
+    end
+  end
+
+  defp parse(code) do
+    Exforge.Sandbox.Tests.parse!(code, 1)
+  rescue
+    _ -> []
+  end
+
+  # nil where it printed anything or left anything running
+  defp build_protocol(form, config, before) do
+    context = %{available: config.available, code_path: :code.get_path()}
+    out = Exforge.Sandbox.Sink.start(config.max_output)
+    err = Exforge.Sandbox.Sink.start(config.max_output)
+    built = in_process(out, err, fn -> Exforge.Sandbox.Protocols.build(form, before, context) end)
+    quiet = Exforge.Sandbox.Sink.contents(out) == "" and Exforge.Sandbox.Sink.contents(err) == ""
+
+    case {clean_up(before, [out, err]), built} do
+      {false, {:ok, %{} = entry}} when quiet -> entry
+      _ -> nil
     end
   end
 
@@ -536,7 +760,9 @@ defmodule Exforge.Sandbox.Server do
       File.cd!(dir)
 
       compiled =
-        build_tests(tests, line, config, before, context, fn -> compile_quietly(head, config) end)
+        build_tests(tests, line, config, before, context, fn ->
+          compile_quietly(head, config, before, context)
+        end)
 
       File.cd!(config.work_dir)
       File.rm_rf(dir)
@@ -578,9 +804,17 @@ defmodule Exforge.Sandbox.Server do
   end
 
   # the candidate's modules compiled, their output and warnings dropped: {:ok, binaries}
-  defp compile_quietly(head, config) do
+  defp compile_quietly(head, config, before, context) do
     sink = Exforge.Sandbox.Sink.start(config.max_output)
-    result = in_process(sink, sink, fn -> Map.new(Exforge.Sandbox.Tests.compile(head)) end)
+
+    result =
+      in_process(sink, sink, fn ->
+        head
+        |> Exforge.Sandbox.Protocols.substitute(before, context)
+        |> Exforge.Sandbox.Tests.compile()
+        |> Map.new()
+      end)
+
     Process.exit(sink, :kill)
     result
   end

@@ -79,7 +79,14 @@ end
 # the code path search behind it (`code:ensure_loaded` of the module, a miss for a
 # module no file defines): a module never loaded by the front end is neither redefined
 # nor looked up again, and any module its body uses is loaded on demand all the same. A
-# module name is expanded as at the top level of a file (no module, no aliases).
+# module name is expanded as at the top level of a file (no module, no aliases). In that
+# front end the module's body is evaluated (`erl_eval`, as `Code.eval_quoted` runs code)
+# in the environment Elixir gives a module body, not compiled into a throwaway Erlang
+# module that is loaded, run and purged, as Elixir 1.14 does for every module body
+# whatever it holds (that was ~45 % of a compile check): a body that makes no closure,
+# loop, `try` or `receive` outside its functions and registers no `@before_compile`
+# (whose callback sees the environment the body ends in); any other is compiled. The
+# probe (`stops?`) also checks that an evaluated body sees Elixir's own `__ENV__`.
 # `ExforgeCheck.check(level, code, file, stops)`: one check of `level` (`:parse`,
 # `:compile`, `:test`), as a batch program checks its units and a single-candidate
 # program its lines (`check_line`).
@@ -96,6 +103,11 @@ defmodule ExforgeCheck do
   @moduledoc false
   @stopped "exforge-front-end"
   @late [:after_compile, :after_verify, :on_load, :compile]
+  @defs [:def, :defp, :defmacro, :defmacrop, :defguard, :defguardp]
+  @body {__MODULE__, :body}
+  @env {__MODULE__, :env}
+  @probe "defmodule ExforgeFrontEndProbe do\\n  Process.put(:exforge_probe, __ENV__)\\n" <>
+           "  def f(x), do: x\\nend"
 
   def compiles(source, file, stops) do
     quoted = Code.string_to_quoted!(source, file: file)
@@ -166,9 +178,18 @@ defmodule ExforgeCheck do
 
   defp batch_stops(%{stops: stops}), do: stops
 
+  # Whether the front end stops where `compiles` expects, and the body it evaluates
+  # runs in the environment Elixir gives a module body (`__ENV__`, but for the lexical
+  # tracker, a process of each compile).
   def stops? do
-    probe = Code.string_to_quoted!("defmodule ExforgeFrontEndProbe do\\n  def f(x), do: x\\nend")
-    front_end(probe, ExforgeFrontEndProbe, "probe.ex") == :accepted
+    probe = Code.string_to_quoted!(@probe)
+    compiled = stopped(probe, ExforgeFrontEndProbe, "probe.ex")
+    compiled_env = Process.delete(:exforge_probe)
+    evaluated = stopped(evaluating(probe), ExforgeFrontEndProbe, "probe.ex")
+    evaluated_env = Process.delete(:exforge_probe)
+
+    compiled == :accepted and evaluated == :accepted and is_map(compiled_env) and
+      %{compiled_env | lexical_tracker: nil} == %{evaluated_env | lexical_tracker: nil}
   rescue
     _ -> false
   end
@@ -207,6 +228,25 @@ defmodule ExforgeCheck do
     found
   end
 
+  # Whether what a module's body runs outside its functions (their bodies are only
+  # stored, unless `unquote` makes parts of them run with it) makes no closure, loop,
+  # `try` or `receive` and names no `@before_compile`: then `front_end` evaluates it.
+  defp evaluates?(body) do
+    {_, evaluates} =
+      Macro.prewalk(body, true, fn
+        _node, false -> {nil, false}
+        {kind, meta, [head, code]} = node, _ when kind in @defs ->
+          if :elixir_quote.has_unquotes(code), do: {node, true}, else: {{kind, meta, [head]}, true}
+        {:@, _, [{:before_compile, _, _}]} = node, _ -> {node, false}
+        {form, _, _} = node, _ when form in [:fn, :for, :try, :receive] -> {node, false}
+        {:&, _, [{:/, _, _}]} = node, _ -> {node, true}
+        {:&, _, _} = node, _ -> {node, false}
+        node, _ -> {node, true}
+      end)
+
+    evaluates
+  end
+
   defp lone_module({:defmodule, _, [name, [do: body]]}) do
     if runs_late?(body), do: nil, else: Macro.expand(name, %{__ENV__ | module: nil, function: nil})
   end
@@ -226,7 +266,45 @@ defmodule ExforgeCheck do
 
   def format_error({:stopped, module}), do: ~c"stopped: #{inspect(module)}"
 
-  defp front_end(quoted, module, file) do
+  # Elixir's front end for `quoted`, a lone module: its body evaluated (`evaluating`)
+  # where it `evaluates?` and registers no `@before_compile` as it runs, else compiled.
+  defp front_end({:defmodule, _, [_, [do: body]]} = quoted, module, file) do
+    result = if evaluates?(body), do: stopped(evaluating(quoted), module, file), else: :compile
+    if result == :compile, do: stopped(quoted, module, file), else: result
+  end
+
+  # `quoted` with a body that `evaluate`s the module's own where it starts, in the
+  # environment it starts in.
+  defp evaluating({:defmodule, meta, [name, [do: body]]}) do
+    Process.put(@body, body)
+    line = [line: Keyword.get(meta, :line, 0)]
+    evaluate = {{:., line, [__MODULE__, :__evaluate__]}, line, []}
+    {:defmodule, meta, [name, [do: {:__block__, [], [{:require, line, [__MODULE__]}, evaluate]}]]}
+  end
+
+  # The module's environment where its body starts (`evaluating`), less the `require`
+  # of this module, for `evaluate`.
+  defmacro __evaluate__ do
+    Process.put(@env, %{__CALLER__ | requires: List.delete(__CALLER__.requires, __MODULE__)})
+    quote do: unquote(__MODULE__).evaluate()
+  end
+
+  # The body that `evaluating` put aside, run as Elixir evaluates code
+  # (`Code.eval_quoted`), in its module's environment, instead of compiled into a
+  # throwaway module and run: Elixir 1.14 compiles, loads and purges one per module
+  # body, whatever it holds, about half of what a front-end check cost. What only a
+  # compiled body could tell apart (a closure's module, a stack trace) it never makes
+  # (`evaluates?`), and the Erlang compiler of a throwaway module rejects nothing that
+  # Elixir made. A `@before_compile` callback gets the environment the body ends in,
+  # which this one's body does not: a body that registers one is compiled after all.
+  def evaluate do
+    env = Process.delete(@env)
+    {value, _binding, _env} = :elixir.eval_forms(Process.delete(@body), [], env)
+    if Module.get_attribute(env.module, :before_compile) != [], do: throw(@body)
+    value
+  end
+
+  defp stopped(quoted, module, file) do
     System.put_env("ERL_COMPILER_OPTIONS", "[{parse_transform, 'Elixir.ExforgeCheck'}]")
     conflicts = Code.get_compiler_option(:ignore_module_conflict)
     Code.put_compiler_option(:ignore_module_conflict, true)
@@ -241,7 +319,11 @@ defmodule ExforgeCheck do
           error.description == "stopped: #{inspect(module)}" -> :accepted
           true -> :elsewhere
         end
+    catch
+      :throw, @body -> :compile
     after
+      Process.delete(@body)
+      Process.delete(@env)
       System.delete_env("ERL_COMPILER_OPTIONS")
       Code.put_compiler_option(:ignore_module_conflict, conflicts)
     end

@@ -123,6 +123,17 @@ def _verdict(outcome: Outcome) -> tuple[object, ...]:
     return outcome.status, outcome.tests, outcome.failures, outcome.warnings, output
 
 
+def _call_count(outcome: Outcome) -> str | None:
+    """The call count a program's `probe: {:call_count, N}` line printed, if any."""
+    found = re.search(r"^probe: \{:call_count, (\d+)\}\n", outcome.output, re.MULTILINE)
+    return found and found.group(1)
+
+
+def _probed_verdict(outcome: Outcome) -> tuple[object, ...]:
+    """`_verdict` of an outcome, less its probe's lines."""
+    return _verdict(replace(outcome, output=re.sub(r"probe: .*\n", "", outcome.output)))
+
+
 def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: SandboxPool) -> None:
     double = "defmodule Double do\n  def double(x) do\n    {}\n  end\nend\n"
     protocol = (
@@ -258,17 +269,10 @@ def test_tests_expanding_a_candidates_struct_give_the_verdicts_of_the_whole_prog
         outcomes = pool.map(programs[:1] * 2 + programs)[2:]
         wholes = pool.map([p.text for p in programs])
 
-    def probe_of(outcome: Outcome) -> str | None:
-        found = re.search(r"^probe: \{:call_count, (\d+)\}\n", outcome.output, re.MULTILINE)
-        return found and found.group(1)
-
-    def verdict(outcome: Outcome) -> tuple[object, ...]:
-        return _verdict(replace(outcome, output=re.sub(r"probe: .*\n", "", outcome.output)))
-
-    assert [verdict(o) for o in outcomes] == [verdict(o) for o in wholes]
-    assert [probe_of(o) for o in wholes] == ["1", "1", "1", "1", None, "1", None, "1", None]
+    assert [_probed_verdict(o) for o in outcomes] == [_probed_verdict(o) for o in wholes]
+    assert [_call_count(o) for o in wholes] == ["1", "1", "1", "1", None, "1", None, "1", None]
     got = {name: outcome for name, outcome in zip(codes, outcomes, strict=True)}
-    assert {name: (o.status, probe_of(o)) for name, o in got.items()} == {
+    assert {name: (o.status, _call_count(o)) for name, o in got.items()} == {
         "same": ("passed", "0"),
         "failing": ("failed", "0"),
         "same_moved": ("passed", "0"),
@@ -352,18 +356,11 @@ def test_a_kept_protocol_gives_the_verdicts_of_the_whole_program() -> None:
     with SandboxPool(config) as pool:
         wholes = pool.map([p.text for p in programs])
 
-    def probe_of(outcome: Outcome) -> str | None:
-        found = re.search(r"^probe: \{:call_count, (\d+)\}\n", outcome.output, re.MULTILINE)
-        return found and found.group(1)
-
-    def verdict(outcome: Outcome) -> tuple[object, ...]:
-        return _verdict(replace(outcome, output=re.sub(r"probe: .*\n", "", outcome.output)))
-
-    assert [verdict(o) for o in outcomes[2:]] == [verdict(o) for o in wholes]
-    assert [probe_of(o) for o in wholes] == ["1"] * 6 + ["2", "1", None, None, None, "1"]
+    assert [_probed_verdict(o) for o in outcomes[2:]] == [_probed_verdict(o) for o in wholes]
+    assert [_call_count(o) for o in wholes] == ["1"] * 6 + ["2", "1", None, None, None, "1"]
     got = dict(zip(codes, outcomes[2:], strict=True))
-    assert [probe_of(o) for o in outcomes[:2]] == ["1", "2"]
-    assert {name: (o.status, probe_of(o)) for name, o in got.items()} == {
+    assert [_call_count(o) for o in outcomes[:2]] == ["1", "2"]
+    assert {name: (o.status, _call_count(o)) for name, o in got.items()} == {
         "same": ("passed", "2"),
         "failing": ("failed", "2"),
         "other_types": ("runtime_error", "2"),

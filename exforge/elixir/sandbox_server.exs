@@ -113,6 +113,15 @@ defmodule Exforge.Sandbox.Modules do
     ArgumentError -> :old_code_only
   end
 
+  # Whether `module`, loaded now, is as the baseline had it (`modules`: its checksums),
+  # or was loaded since from the code path; a module new otherwise is `new_ok?`'s call.
+  def unchanged?(module, modules, code_path, new_ok?) do
+    case modules do
+      %{^module => checksum} -> checksum(module) == checksum
+      _ -> autoloaded?(module, code_path) or new_ok?.(module)
+    end
+  end
+
   # Loaded from an object file in an absolute directory of the code path (not ".").
   def autoloaded?(module, code_path) do
     case :code.is_loaded(module) do
@@ -365,15 +374,10 @@ defmodule Exforge.Sandbox.Tests do
   end
 
   defp harmless?(module, tests, modules, context) do
-    case modules do
-      %{^module => checksum} ->
-        Exforge.Sandbox.Modules.checksum(module) == checksum
-
-      _ ->
-        Exforge.Sandbox.Modules.autoloaded?(module, context.code_path) or
-          not (MapSet.member?(tests.modules, module) or
-                 MapSet.member?(context.available, module) or macros?(module))
-    end
+    Exforge.Sandbox.Modules.unchanged?(module, modules, context.code_path, fn new ->
+      not (MapSet.member?(tests.modules, new) or MapSet.member?(context.available, new) or
+             macros?(new))
+    end)
   end
 
   defp macros?(module) do
@@ -605,13 +609,10 @@ defmodule Exforge.Sandbox.Protocols do
   end
 
   defp unchanged?(module, modules, context) do
-    case modules do
-      %{^module => checksum} -> Exforge.Sandbox.Modules.checksum(module) == checksum
-      # the top-level code's modules, deleted once run, keep old code only
-      _ ->
-        Exforge.Sandbox.Modules.autoloaded?(module, context.code_path) or
-          Exforge.Sandbox.Modules.checksum(module) == :old_code_only
-    end
+    # the top-level code's modules, deleted once run, keep old code only
+    Exforge.Sandbox.Modules.unchanged?(module, modules, context.code_path, fn new ->
+      Exforge.Sandbox.Modules.checksum(new) == :old_code_only
+    end)
   end
 end
 

@@ -423,6 +423,9 @@ class NearDup:
             if not raw or sha in self.deciding:
                 continue
             entry = HeldFile.loads(raw)
+            if not entry.ready:  # it heard of a file to wait for since it joined the batch
+                self.waiting.setdefault(partition, Waiting()).put(sha, entry.since, False)
+                continue
             file = ParsedFile.model_validate_json(entry.file)
             duplicate_of = decide(entry.heard)
             reason = "near_duplicate" if duplicate_of else None

@@ -316,7 +316,13 @@ def _words_in(data: bytes) -> frozenset[str]:
 def _whole_words(data: bytes, words: frozenset[str]) -> list[tuple[int, str]]:
     """(offset in `data`, name) of each call name of `words` as a whole word, in source
     order."""
-    hits = [(start, name) for name in _CALL_NAMES for start in _positions(data, name, words)]
+    # every call name is a word: one the file's words lack occurs nowhere as a whole word
+    hits = [
+        (start, name)
+        for name in _CALL_NAMES
+        if name in words
+        for start in _positions(data, name, words)
+    ]
     hits.sort()
     return hits
 

@@ -1,7 +1,9 @@
 """`exforge worker`: run the stage agents, optionally until the pipeline is idle.
 
 Idle means: every stage input has zero lag for the worker group, no stage has touched a
-message for `idle_seconds`, and the shard stage has nothing left to seal or publish.
+message for `idle_seconds`, the shard stage has nothing left to seal or publish, and the
+group is not rebalancing. A worker stopping for idle stops as fully as on SIGTERM
+(`Worker.stop_soon`), its consumer's thread stopped before the process exits.
 
 Stalls: after a restart, an assigned partition with lag is now and then never consumed
 again (seen on the embedded broker after a SIGKILL). A quiet worker (no stage at work,
@@ -155,7 +157,14 @@ async def rescue_stalls(app: faust.App, rows: Iterable[LagRow]) -> None:
 
 
 async def is_idle(ctx: StageContext, started: float, lag: list[LagRow]) -> bool:
+    """Whether the pipeline is idle (module docstring). Not while the group rebalances
+    (until this worker's tables are recovered): what it owns is changing, and so is what
+    its stages hold back (`ctx.busy`: near-dup files of partitions it takes over); and a
+    consumer stopping then leaves in the middle of the group's join, which only prolongs
+    it for the other members."""
     settings = ctx.settings
+    if ctx.app.rebalancing or ctx.app.in_recovery:
+        return False
     if ctx.activity.quiet_for(time.monotonic(), started) < settings.idle_seconds:
         return False
     if any(check() for check in ctx.busy) or ctx.busy_delivering():
@@ -279,16 +288,38 @@ class StopDeadline:
 
 
 class Worker(faust.Worker):
-    """Faust's worker, whose stop is bounded by a `StopDeadline`."""
+    """Faust's worker, whose stop is bounded by a `StopDeadline`, and which can stop
+    itself (`stop_soon`: the pipeline is idle) as fully as a signal stops it.
+
+    Mode's worker awaits the whole stop only when a signal began it: once a stop begins,
+    the worker's start returns, and its shutdown gathers the loop's tasks for at most a
+    second before it cancels them and closes the loop. A stop begun by a task of ours was
+    one of them: one that took longer (the consumer leaving a group in the middle of a
+    rebalance, waiting for its join) was cut short before it stopped the consumer's
+    thread, which is not a daemon and went on alone (joining the group, then handing its
+    assignment to the closed loop), and the process, done, waited for it at exit until
+    the `StopDeadline` ended it with `STOP_INCOMPLETE`."""
 
     def __init__(self, app: faust.App, deadline: StopDeadline | None, **kwargs: object) -> None:
         super().__init__(app, **kwargs)
         self.deadline = deadline
+        self.stopping: asyncio.Future[None] | None = None
 
     async def stop(self) -> None:
         if self.deadline is not None:
             self.deadline.arm()
         await super().stop()
+
+    def stop_soon(self) -> None:
+        """Begin the stop (once) from the loop, without waiting for it: the shutdown
+        awaits it to its end (`stop_and_shutdown`), as it awaits a signal's."""
+        if self.stopping is None:
+            self.stopping = asyncio.ensure_future(self.stop(), loop=self.loop)
+
+    def stop_and_shutdown(self) -> None:
+        if self.stopping is not None and not self.stopping.done():
+            self.loop.run_until_complete(self.stopping)
+        super().stop_and_shutdown()
 
 
 def faust_worker(
@@ -315,7 +346,6 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
     deadline = StopDeadline(settings.worker_stop_timeout_s, lambda: pending_work(ctx))
     worker = faust_worker(ctx.app, settings, deadline)
     logging.getLogger(TOPIC_LISTINGS).setLevel(logging.WARNING)
-    stopping: list[asyncio.Future[None]] = []  # keeps the stop task referenced
 
     stalls = StallWatch(settings.stall_seconds)
     anomalies = anomaly.StageWatch(anomaly.Monitor(ctx.engine))
@@ -336,7 +366,7 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
     # looks at least as often as the idle time it waits for (tests use 1 s)
     @ctx.app.timer(interval=min(WATCH_INTERVAL_S, settings.idle_seconds), name="lag-and-idle-watch")
     async def watch() -> None:
-        if stopping:
+        if worker.stopping is not None:
             return
         try:
             lag = await input_lag(ctx)
@@ -348,7 +378,7 @@ def run_worker(settings: Settings, stages: Sequence[str], until_idle: bool, inde
                 log.warning("anomaly: %s", change)
             if until_idle and await is_idle(ctx, started, lag):
                 log.info("pipeline idle: stopping the worker")
-                stopping.append(asyncio.ensure_future(worker.stop()))
+                worker.stop_soon()
                 return
             quiet_for = ctx.activity.quiet_for(time.monotonic(), started)
             stalled = stalls.stalled(lag, time.monotonic())

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -461,3 +462,74 @@ def test_a_worker_whose_broker_is_gone_stops_within_its_stop_timeout(
     assert reports, log.read_text()[-3000:]
     assert all("the broker is unreachable" in line for line in reports), reports
     assert any("input messages not acknowledged (ingest " in line for line in reports)
+
+
+# A worker that stops itself, as `--until-idle` does, with a stop that takes a while:
+# `--until-idle` stopping in the middle of a rebalance waits for the group's join before
+# its consumer leaves (seconds, on a loaded machine); here a shutdown hook takes 3 s.
+SLOW_SELF_STOP = """
+import asyncio, sys
+import faust
+from exforge.core.settings import load_settings
+from streams.worker import StopDeadline, faust_worker
+
+settings = load_settings()
+settings.root.mkdir(parents=True, exist_ok=True)
+app = faust.App(
+    settings.worker_group,
+    broker=f"kafka://{settings.bootstrap}",
+    datadir=str(settings.root / "app"),
+    store="memory://",
+    web_enabled=False,
+    broker_session_timeout=settings.kafka_session_timeout_s,
+)
+topic = app.topic(settings.topic_prefix + "self-stop", value_serializer="raw")
+
+@app.agent(topic)
+async def consume(stream):
+    async for _ in stream:
+        pass
+
+worker = faust_worker(app, settings, StopDeadline(20.0, lambda: "a slow stop"))
+
+@app.on_before_shutdown.connect
+async def slow_hook(app, **kwargs):
+    await asyncio.sleep(3.0)
+    print("shutdown hook done", file=sys.__stderr__, flush=True)
+
+@app.timer(interval=0.5)
+async def stop_once_assigned():
+    if not app.rebalancing and app.consumer.assignment():
+        worker.stop_soon()
+
+worker.execute_from_commandline()
+"""
+
+
+def test_a_worker_that_stops_itself_stops_in_full_and_exits(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """The stop a worker begins itself (the pipeline is idle) runs to its end, its
+    consumer's thread stopped, and the process exits 0 as soon as it is done. Mode's
+    shutdown used to cancel such a stop after a second, the consumer's thread (not a
+    daemon) went on alone, and the process waited for it at exit until its stop deadline
+    ended it with status 75."""
+    log = tmp_path / "worker.log"
+    with log.open("wb") as handle:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", SLOW_SELF_STOP],
+            env=pipeline.env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+        code = worker.wait(timeout=CLI_TIMEOUT_S)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert "shutdown hook done" in text, text[-3000:]
+    assert "stop not done" not in text, text[-3000:]

@@ -1251,3 +1251,29 @@ def test_readiness_is_rebuilt_from_the_table_after_a_restart_or_rebalance(
 
     asyncio.run(run())
     assert (bench.kept, bench.dropped) == ([OTHER, SMALL], [LARGE])
+
+
+def test_a_worker_is_not_idle_while_its_group_rebalances(tmp_path: Path) -> None:
+    """All else idle (no lag, nothing held or to seal), a worker waits for the end of a
+    rebalance (and of its tables' recovery) before it stops for idle."""
+    from exforge.core.settings import Settings
+    from streams.stage import Activity
+    from streams.worker import is_idle
+
+    settings = Settings(data_dir=tmp_path, idle_seconds=1)
+    engine = engine_for(f"sqlite:///{tmp_path / 'db.sqlite'}")  # migrated, empty
+    app = SimpleNamespace(rebalancing=False, in_recovery=False)
+    ctx: Any = SimpleNamespace(
+        settings=settings,
+        activity=Activity(),
+        busy=[],
+        busy_delivering=lambda: False,
+        engine=engine,
+        app=app,
+    )
+    long_ago = -1e9  # started: quiet since then
+    assert asyncio.run(is_idle(ctx, long_ago, []))
+    app.rebalancing = True
+    assert not asyncio.run(is_idle(ctx, long_ago, []))
+    app.rebalancing, app.in_recovery = False, True
+    assert not asyncio.run(is_idle(ctx, long_ago, []))

@@ -464,24 +464,28 @@ def test_a_worker_whose_broker_is_gone_stops_within_its_stop_timeout(
     assert any("input messages not acknowledged (ingest " in line for line in reports)
 
 
-# A worker that stops itself, as `--until-idle` does, with a stop that takes a while:
-# `--until-idle` stopping in the middle of a rebalance waits for the group's join before
-# its consumer leaves (seconds, on a loaded machine); here a shutdown hook takes 3 s.
-SLOW_SELF_STOP = """
+# Workers that stop themselves, as `--until-idle` does (argv: a name; when to stop: once
+# assigned partitions ("one"), once the group shares them among "two" workers, or on the
+# "rebalance" after that; how long a shutdown hook takes). A stop that meets a rebalance waits for
+# the group's join before its consumer leaves: seconds.
+SELF_STOP = """
 import asyncio, sys
 import faust
 from exforge.core.settings import load_settings
 from streams.worker import StopDeadline, faust_worker
 
+name, when, hook_s = sys.argv[1], sys.argv[2], float(sys.argv[3])
 settings = load_settings()
-settings.root.mkdir(parents=True, exist_ok=True)
+(settings.root / name).mkdir(parents=True, exist_ok=True)
 app = faust.App(
     settings.worker_group,
     broker=f"kafka://{settings.bootstrap}",
-    datadir=str(settings.root / "app"),
+    datadir=str(settings.root / name),
     store="memory://",
     web_enabled=False,
+    topic_partitions=4,
     broker_session_timeout=settings.kafka_session_timeout_s,
+    broker_heartbeat_interval=settings.kafka_session_timeout_s / 10,
 )
 topic = app.topic(settings.topic_prefix + "self-stop", value_serializer="raw")
 
@@ -490,46 +494,68 @@ async def consume(stream):
     async for _ in stream:
         pass
 
-worker = faust_worker(app, settings, StopDeadline(20.0, lambda: "a slow stop"))
+worker = faust_worker(app, settings, StopDeadline(20.0, lambda: "a stop"))
+shared = []
 
 @app.on_before_shutdown.connect
-async def slow_hook(app, **kwargs):
-    await asyncio.sleep(3.0)
+async def hook(app, **kwargs):
+    await asyncio.sleep(hook_s)
     print("shutdown hook done", file=sys.__stderr__, flush=True)
 
-@app.timer(interval=0.5)
-async def stop_once_assigned():
-    if not app.rebalancing and app.consumer.assignment():
+@app.timer(interval=0.05)
+async def stop_itself():
+    mine = [tp for tp in app.consumer.assignment() if tp.topic == topic.get_topic_name()]
+    if mine and not app.rebalancing:
+        shared.append(len(mine) < 4)
+    if (when == "one" and shared) or (when == "two" and shared and shared[-1]):
+        worker.stop_soon()
+    elif when == "rebalance" and any(shared) and app.rebalancing:
+        print("stopping in a rebalance", file=sys.__stderr__, flush=True)
         worker.stop_soon()
 
 worker.execute_from_commandline()
 """
 
 
-def test_a_worker_that_stops_itself_stops_in_full_and_exits(
-    pipeline: Pipeline, tmp_path: Path
-) -> None:
-    """The stop a worker begins itself (the pipeline is idle) runs to its end, its
-    consumer's thread stopped, and the process exits 0 as soon as it is done. Mode's
-    shutdown used to cancel such a stop after a second, the consumer's thread (not a
-    daemon) went on alone, and the process waited for it at exit until its stop deadline
-    ended it with status 75."""
-    log = tmp_path / "worker.log"
+def self_stopping(pipeline: Pipeline, log: Path, *args: str) -> subprocess.Popen[bytes]:
     with log.open("wb") as handle:
-        worker = subprocess.Popen(
-            [sys.executable, "-c", SLOW_SELF_STOP],
+        return subprocess.Popen(
+            [sys.executable, "-c", SELF_STOP, *args],
             env=pipeline.env,
             stdout=handle,
             stderr=subprocess.STDOUT,
             cwd=REPO,
         )
-    try:
-        code = worker.wait(timeout=CLI_TIMEOUT_S)
-    finally:
-        if worker.poll() is None:
-            worker.kill()
-            worker.wait()
+
+
+def test_a_worker_that_stops_itself_stops_in_full_and_exits(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """The stop a worker begins itself (the pipeline is idle) runs to its end, its
+    consumer's thread stopped, and the process exits 0 once it is done: Mode's shutdown
+    used to cancel such a stop after a second, the consumer's thread (not a daemon) went
+    on alone, and the process waited for it at exit until its stop deadline ended it with
+    status 75. Here a shutdown hook makes the stop take 3 s."""
+    log = tmp_path / "worker.log"
+    finish([(self_stopping(pipeline, log, "w0", "one", "3"), log)])
     text = log.read_text()
-    assert code == 0, text[-3000:]
     assert "shutdown hook done" in text, text[-3000:]
+    assert "stop not done" not in text, text[-3000:]
+
+
+def test_a_worker_that_stops_itself_in_a_rebalance_exits_once_stopped(
+    pipeline: Pipeline, tmp_path: Path
+) -> None:
+    """Two workers of a group stop themselves: the second in the rebalance the first's
+    leaving begins (as `--until-idle` workers do, idle at about the same time). Its stop
+    waits for the group's join, and it exits 0 once stopped, not 75 at its deadline."""
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    finish(
+        [
+            (self_stopping(pipeline, logs[0], "w0", "two", "0"), logs[0]),
+            (self_stopping(pipeline, logs[1], "w1", "rebalance", "0"), logs[1]),
+        ]
+    )
+    text = logs[1].read_text()
+    assert "stopping in a rebalance" in text, text[-3000:]
     assert "stop not done" not in text, text[-3000:]

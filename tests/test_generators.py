@@ -377,6 +377,32 @@ COMPILE_CASES = {
     ),
     "a closure kept in an attribute": ("@f &(&1 + 1)\n  def f(x), do: @f.(x)", False),
     "a capture kept in an attribute": ("@f &String.upcase/1\n  def f(x), do: @f.(x)", True),
+    # A function that quotes what it unquotes (as nimble_parsec's compiler does): only
+    # the unquotes outside its quotes run with the body (`ExforgeCheck.unquoted`).
+    "a closure that quotes and unquotes its own variables": (
+        "def f(x), do: Enum.map(x, fn y -> quote(do: g(unquote(y))) end)",
+        True,
+    ),
+    "a quoted unquote of a variable the function lacks": (
+        "def f(x), do: Enum.map(x, fn _ -> quote(do: g(unquote(y))) end)",
+        False,
+    ),
+    "an unquote fragment beside a quoted unquote": (
+        "@n 2\n  def f(x), do: Enum.map(x, fn y -> {unquote(@n), quote(do: unquote(y))} end)",
+        True,
+    ),
+    "an unquote fragment that raises beside a quoted unquote": (
+        'def f(x), do: Enum.map(x, fn y -> {unquote(raise "no"), quote(do: unquote(y))} end)',
+        False,
+    ),
+    "an unquote fragment with a closure beside a quoted unquote": (
+        "def f(x), do: {unquote(Enum.map([1], fn n -> n end)), quote(do: unquote(x))}",
+        True,
+    ),
+    "an unquote in a nested quote's options": (
+        "def f(x), do: Enum.map(x, fn y -> quote([line: unquote(y)], do: 1) end)",
+        False,
+    ),
 }
 
 
@@ -466,9 +492,13 @@ def test_a_lone_module_body_is_evaluated_unless_it_makes_a_closure(pool: Sandbox
     frames = "elem(Process.info(self(), :current_stacktrace), 1)"
     route = f"Process.put(:exforge_evaluated, List.keymember?({frames}, :erl_eval, 0))"
     closure = "\n  @f fn x -> x end"
+    # a function's own closures that quote and unquote (only the unquotes outside its
+    # quotes run with the body), then one of them outside a quote
+    quoting = "\n  def g(x), do: Enum.map(x, fn y -> quote(do: h(unquote(y))) end)"
+    unquoting = "\n  def g(x), do: {unquote(Enum.map([1], fn n -> n end)), quote(do: unquote(x))}"
     codes = [
         f"defmodule ExforgeRefactorCheck do\n  {route}{extra}\n  def f(x), do: x\nend\n"
-        for extra in ("", closure)
+        for extra in ("", closure, quoting, unquoting)
     ]
     program = "".join(
         check_lines([Check(code, "compile")])
@@ -477,6 +507,8 @@ def test_a_lone_module_body_is_evaluated_unless_it_makes_a_closure(pool: Sandbox
     )
     output = pool.run(program).output.splitlines()
     assert [line for line in output if line.startswith("evaluated:")] == [
+        "evaluated: true",
+        "evaluated: false",
         "evaluated: true",
         "evaluated: false",
     ]

@@ -229,14 +229,16 @@ defmodule ExforgeCheck do
   end
 
   # Whether what a module's body runs outside its functions (their bodies are only
-  # stored, unless `unquote` makes parts of them run with it) makes no closure, loop,
+  # stored, unless `unquote` makes parts of them run with it: `unquoted`) makes no closure, loop,
   # `try` or `receive` and names no `@before_compile`: then `front_end` evaluates it.
   defp evaluates?(body) do
     {_, evaluates} =
       Macro.prewalk(body, true, fn
         _node, false -> {nil, false}
         {kind, meta, [head, code]} = node, _ when kind in @defs ->
-          if :elixir_quote.has_unquotes(code), do: {node, true}, else: {{kind, meta, [head]}, true}
+          if :elixir_quote.has_unquotes(code),
+            do: {{kind, meta, [head, unquoted(code)]}, true},
+            else: {{kind, meta, [head]}, true}
         {:@, _, [{:before_compile, _, _}]} = node, _ -> {node, false}
         {form, _, _} = node, _ when form in [:fn, :for, :try, :receive] -> {node, false}
         {:&, _, [{:/, _, _}]} = node, _ -> {node, true}
@@ -245,6 +247,29 @@ defmodule ExforgeCheck do
       end)
 
     evaluates
+  end
+
+  # What of a function's body runs with its module's body where the body `unquote`s
+  # (`def` then escapes it, running its unquotes as the module body runs): the
+  # arguments of the unquotes outside any `quote`, not the function's own code, nor a
+  # nested `quote` (whose unquotes run when the function does: the closures in
+  # nimble_parsec's compiler, say). The whole code where anything else could unquote
+  # (`:elixir_quote.has_unquotes`: a remote `Kernel.unquote`, say).
+  defp unquoted(code) do
+    {rest, arguments} =
+      Macro.prewalk(code, [], fn
+        # its options, which this Elixir expands where the function runs, are kept to
+        # be safe
+        {:quote, _, [options, _]}, found -> {options, found}
+        {:quote, _, _}, found -> {nil, found}
+        {form, _, [argument]}, found when form in [:unquote, :unquote_splicing] ->
+          {nil, [argument | found]}
+
+        node, found ->
+          {node, found}
+      end)
+
+    if :elixir_quote.has_unquotes(rest), do: code, else: arguments
   end
 
   defp lone_module({:defmodule, _, [name, [do: body]]}) do

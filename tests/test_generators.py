@@ -552,6 +552,28 @@ def test_a_timed_out_check_batch_is_counted_as_a_rerun_timeouts_and_replaced_vms
     assert counted == {"batch_rerun": 1, "timeout": 2, "vm_replaced": 2}
 
 
+def test_a_check_batch_has_the_time_each_of_its_candidates_would_have_alone() -> None:
+    """Three candidates whose module bodies take 1.2 s each share one batch program,
+    3.6 s in all, past the pool's `timeout_s` of 2 s for one candidate but within the 6 s
+    the three would have had alone: the batch runs to its end, with no timeout, rerun or
+    replaced VM."""
+    slow = [
+        f"defmodule ExforgeSlow{n} do\n  Process.sleep(1_200)\n  def f(x), do: x\nend\n"
+        for n in range(3)
+    ]
+    before = check_pool_events()
+    config = SandboxConfig(workers=1, timeout_s=2, prelude=CHECK_PRELUDE)
+    with SandboxPool(config) as pool:
+        reasons = check_all(pool, [[Check(code, "compile")] for code in slow])
+    assert reasons == [None, None, None]
+    after = check_pool_events()
+    assert {event: after[event] - before[event] for event in after} == {
+        "batch_rerun": 0,
+        "timeout": 0,
+        "vm_replaced": 0,
+    }
+
+
 def test_a_check_unit_holds_the_definitions_it_calls_whatever_their_names_end_in(
     pool: SandboxPool,
 ) -> None:

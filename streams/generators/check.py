@@ -50,6 +50,7 @@ from typing import TypeAlias
 
 from exforge.core.telemetry import CHECK_POOL_EVENTS
 from exforge.elixir.sandbox import Outcome, SandboxPool
+from exforge.elixir.sandbox import Program as PoolProgram
 from streams.generators.common import Check
 
 FAILED_CHECK = Outcome("syntax_error")
@@ -617,15 +618,22 @@ def check_all(
     known: UnitResults | None = None,
 ) -> list[str | None]:
     """The failure reason (None: passed) of each candidate's checks, in order; units
-    whose results `known` holds are not run again, and those run are added to it. Its
-    programs' timeouts, the VMs they left to be replaced and the batch programs run again
+    whose results `known` holds are not run again, and those run are added to it. A
+    batch program has the pool's `timeout_s` for each of its candidates, the time each
+    would have had alone (one limit for the whole batch timed out busy batches of sound
+    code on a loaded machine, and each cost a VM and a rerun of its candidates one by
+    one). Its programs' timeouts, the VMs they left to be replaced and the batch programs run again
     one candidate per program count in `exforge_check_pool_events_total`."""
     reasons: dict[int, str | None] = {}
     alone = [i for i, checks in enumerate(candidates) if tested(checks)]
     shared = [i for i, checks in enumerate(candidates) if not tested(checks)]
     batches = even_batches(shared, batch, pool.config.workers)
     programs = [batch_program([candidates[i] for i in group], known) for group in batches]
-    outcomes = pool.map(p.source for p in programs)
+    limit = pool.config.timeout_s
+    outcomes = pool.map(
+        PoolProgram(p.source, timeout_s=limit * len(group))
+        for p, group in zip(programs, batches, strict=True)
+    )
     for group, program, outcome in zip(batches, programs, outcomes, strict=True):
         count_events(outcome)
         verdicts = batch_verdicts(outcome, program, len(group), known)

@@ -143,17 +143,6 @@ def build_packages(
     return registry, counts
 
 
-async def changelog_messages(settings: Settings) -> int:
-    """Messages in the workers' table changelog topics (the dedup state, as replicated)."""
-    async with metadata_consumer(settings) as consumer:
-        topics = [t for t in await consumer.topics() if t.endswith("-changelog")]
-        partitions = [
-            TopicPartition(t, p) for t in topics for p in consumer.partitions_for_topic(t)
-        ]
-        ends = await end_offsets(consumer, partitions)
-    return sum(ends.values())
-
-
 async def stored_batches(settings: Settings) -> dict[str, list[int]]:
     """[record batches, records, largest batch's keys and values in bytes] each topic
     holds, read back with plain fetches: the broker lists every stored batch of a
@@ -262,8 +251,9 @@ def main() -> None:
                 log,
                 args.overrides,
             )
-            changelog = asyncio.run(changelog_messages(settings))
             batches = asyncio.run(stored_batches(settings))
+        # the dedup and near-dup state as replicated
+        changelog = sum(n for t, (_, n, _) in batches.items() if t.endswith("-changelog"))
         run = summary(processed, args.processes)
         run.update(
             launch="processes", table_store=args.table_store, copies=1, settings=args.overrides

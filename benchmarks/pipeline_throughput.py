@@ -75,14 +75,6 @@ RUN_TIMEOUT_S = 3600
 WORKER_STOP_S = 30.0
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
 class Sample:
     """One reading of every worker's metrics."""
@@ -191,7 +183,7 @@ class Usage:
 
 @contextmanager
 def embedded_stack(root: Path) -> Iterator[Settings]:
-    settings = Settings(data_dir=root, embedded_kafka_port=free_port(), metrics_port=0)
+    settings = Settings(data_dir=root, embedded_kafka_port=stack.free_port(), metrics_port=0)
     stack.start_broker(settings)
     try:
         yield settings
@@ -262,7 +254,7 @@ def start_workers(
     """The worker commands, and the metrics port of every worker process."""
     command = [sys.executable, "-m", "exforge", "worker", "--until-idle"]
     env = worker_env(settings, checkout, table_store, overrides)
-    ports = [free_port() for _ in range(processes)]
+    ports = [stack.free_port() for _ in range(processes)]
     procs = []
     with log.open("ab") as handle:
         if launch == "processes":

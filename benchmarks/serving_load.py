@@ -43,11 +43,11 @@ sys.path.insert(0, str(ROOT))
 
 from exforge.core.db import open_database  # noqa: E402
 from exforge.core.settings import ENV_PREFIX, Settings, load_settings  # noqa: E402
+from exforge.core.stack import free_port  # noqa: E402
 from exforge.core.store import open_store  # noqa: E402
 from serving import rollout, triton  # noqa: E402
 from serving.export import export  # noqa: E402
 from serving.keys import create_key  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
 from tests.support.serving import MODEL, register_versions  # noqa: E402
 
 GATEWAY_START_S = 120.0

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from exforge.core.stack import free_port
 from exforge.core.store import FileStore, ObjectStore, S3Store
 from tests.postgres import PostgresServer, running_postgres
 from tests.support.processes import wait_while_logging
@@ -36,13 +36,6 @@ pytest_plugins = ["tests.support.no_skips", "tests.support.groups"]
 
 S3_TEST_KEY = "testing"
 MOTO_START_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _unique_bucket_name() -> str:

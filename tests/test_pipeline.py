@@ -15,12 +15,13 @@ from typing import Any
 
 import psutil
 import pytest
-from conftest import CLI_TIMEOUT_S, REPO, Pipeline, free_port
+from conftest import CLI_TIMEOUT_S, REPO, Pipeline
 
 from exforge.core import stack
 from exforge.core.db import open_database
 from exforge.core.kafka import produce
 from exforge.core.settings import Settings, load_settings
+from exforge.core.stack import free_port
 from exforge.core.store import ObjectStore, open_store, sha256_hex
 from schemas.records import SourceRequest
 from schemas.shards import decode_shard

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Pipeline, free_port
+from conftest import Pipeline
 from servers.hex import (
     HexRegistry,
     Package,
@@ -28,6 +28,7 @@ from servers.hex import (
 from test_sources_books import CODE_BLOCKS, make_pdf
 
 from exforge.core.kafka import read_all
+from exforge.core.stack import free_port
 from schemas.records import ParsedFile
 
 pytestmark = pytest.mark.slow

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,9 +16,9 @@ from pathlib import Path
 import psutil
 import pytest
 from aiokafka import AIOKafkaProducer
-from conftest import CLI_TIMEOUT_S, REPO, Pipeline, free_port
+from conftest import CLI_TIMEOUT_S, REPO, Pipeline
 
-from exforge.core.stack import process_alive
+from exforge.core.stack import ephemeral_ports, free_port, port_open, process_alive
 from exforge.core.store import open_store
 from schemas.catalogue import CATALOGUE
 from schemas.records import SourceRequest
@@ -26,6 +27,21 @@ from tests.support.processes import pidfds, still_running
 
 pytestmark = pytest.mark.slow
 UNSEEN = REPO / "tests" / "fixtures" / "unseen_project"
+
+
+def test_free_ports_are_never_a_connection_source_so_probes_cannot_connect_to_themselves() -> None:
+    """A client polling a server's port before it listens is given an ephemeral source
+    port; were the server's port ephemeral too, the client could connect to itself and
+    read back its own request (a benchmark once did, and failed on `GET /metrics`)."""
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1
+    for port in ports:
+        assert port not in ephemeral_ports()
+        assert not port_open("127.0.0.1", port)
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", port))
+            server.listen()
+            assert port_open("127.0.0.1", port)
 
 
 def test_stack_up_status_down_leaves_no_process(tmp_path: Path) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
 
 from exforge.core.settings import load_settings
+from exforge.core.stack import free_port
 from exforge.core.store import FileStore
 from exforge.llm.lora import adapter_state
 from tests.support.shards import synthetic_samples, write_split

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from exforge.core.settings import load_settings
+from exforge.core.stack import free_port
 from exforge.core.store import FileStore
 from exforge.llm.lora import LoraSettings, adapter_state, apply_lora, load_adapter_state
 from exforge.llm.model import load_model

@@ -20,10 +20,10 @@ from tritonclient.grpc import model_config_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from exforge.core.settings import load_settings
+from exforge.core.stack import free_port
 from serving import triton
 from serving.modelconfig import cpu_config, parse, render
 from serving.trtllm_config import trtllm_configs
-from tests.conftest import free_port
 from tests.support.serving import MODEL, Served, repository
 
 UPSTREAM = json.loads(

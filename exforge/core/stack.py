@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -78,7 +79,34 @@ def running_pid(pid_file: Path) -> int | None:
 def port_open(host: str, port: int) -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
+        if sock.connect_ex((host, port)) != 0:
+            return False
+        # a probe of an unbound port in the ephemeral range can be given that same port
+        # as its source and connect to itself (TCP simultaneous open): nobody listens
+        return sock.getsockname() != sock.getpeername()
+
+
+def ephemeral_ports() -> range:
+    """The ports the kernel hands out as connection sources (Linux's default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return range(32768, 61000)
+    return range(int(low), int(high) + 1)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that nothing listens on now, below the ephemeral range, so
+    that clients polling it before its server starts never connect to themselves."""
+    candidates = range(10_000, ephemeral_ports().start)
+    for port in random.SystemRandom().sample(candidates, min(len(candidates), 500)):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise StackError(f"no free port on {host} in {candidates.start}-{candidates.stop - 1}")
 
 
 def start_broker(settings: Settings) -> int:

@@ -25,6 +25,7 @@ from sqlalchemy import Engine
 
 from exforge.core.db import open_database
 from exforge.core.settings import Settings, load_settings
+from exforge.core.stack import free_port
 from exforge.core.store import ObjectStore, open_store
 from exforge.llm.lora import LoraSettings, adapter_state, apply_lora
 from exforge.llm.model import load_model
@@ -34,7 +35,6 @@ from serving.app import create_app
 from serving.export import export
 from serving.gateway import Gateway
 from serving.keys import create_key
-from tests.conftest import free_port
 
 MODEL = "elixir"
 DIVERGED = 3

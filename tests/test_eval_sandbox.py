@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -385,6 +386,105 @@ def test_a_kept_protocol_gives_the_verdicts_of_the_whole_program() -> None:
     }
     assert got["redefined"].warnings >= 1  # redefining module Shape
     assert re.search(r'source: "candidate.exs"', got["same"].output), got["same"].output
+    assert not any(o.worker_replaced for o in outcomes)
+
+
+BODY_PROBE = "{Exforge.Sandbox.Bodies, :evaluate, 1}"
+BODY_TESTS = f"""
+ExUnit.start()
+defmodule DoubleTest do
+  use ExUnit.Case, async: true
+  test "double" do
+    info = Keyword.update!(Double.module_info(), :compile, fn compile ->
+      Keyword.update!(compile, :source, &Path.relative_to_cwd(List.to_string(&1)))
+    end)
+    IO.inspect(Keyword.update!(info, :exports, &Enum.sort/1), label: "info", limit: :infinity)
+    IO.inspect(:erlang.trace_info({BODY_PROBE}, :call_count), label: "probe")
+    assert Double.double(2) == 4
+  end
+end
+"""
+
+
+def test_module_bodies_evaluated_give_the_verdicts_of_the_whole_program() -> None:
+    """A candidate of nothing but modules whose bodies only store definitions (`def`,
+    `defp`, literal `@doc`, `@moduledoc`, `@impl`) has them evaluated instead of compiled
+    into throwaway modules: the same modules (module_info, the source's directory aside;
+    the VM's boot probe compares whole binaries), verdicts, warnings and output as each
+    program compiled whole in a fresh VM. A probe (set by the prelude) counts the bodies
+    evaluated: one a module of such candidates once their tests are kept, none for other
+    bodies or whole programs."""
+    double = "defmodule Double do\n{}end\n"
+    codes = {
+        "plain": double.format("  def double(x), do: x * 2\n"),
+        "failing": double.format("  def double(x), do: x + 1\n"),
+        "documented": double.format(
+            '  @moduledoc "Doubles."\n  @doc """\n  Twice `x`.\n  """\n'
+            "  def double(x, times \\\\ 2)\n  def double(x, times) when is_integer(x), "
+            "do: twice(x, times)\n  def double(x, _), do: x\n  @doc false\n"
+            "  def unused(y), do: 1\n  defp twice(x, times), do: x * times\n"
+        ),
+        "impl_without_behaviour": double.format("  @impl true\n  def double(x), do: x * 2\n"),
+        "two_modules": "defmodule Helper do\n  def twice(x), do: x * 2\nend\n"
+        + double.format("  def double(x), do: Helper.twice(x)\n"),
+        "clauses_apart": double.format(
+            "  def double(1), do: 2\n  defp other, do: 1\n  def double(x), do: x * 2\n"
+        ),
+        "redefined": double.format("  def double(x), do: x\n")
+        + double.format("  def double(x), do: x * 2\n"),
+        # bodies that run code: compiled as before
+        "attribute_computed": double.format("  @times 1 + 1\n  def double(x), do: x * @times\n"),
+        "struct": double.format("  defstruct [:a]\n  def double(x), do: x * 2\n"),
+        # last: their tests do not run, so they show no count
+        "undefined_function": double.format("  def double(x), do: nope(x)\n"),
+        "undefined_in_guard": double.format("  def double(x) when nope(x), do: x\n"),
+    }
+    evaluated = {name: name not in ("attribute_computed", "struct") for name in codes}
+    modules = {name: code.count("defmodule") for name, code in codes.items()}
+    prelude = f":erlang.trace_pattern({BODY_PROBE}, true, [:call_count])\n"
+    programs = [Program(code, BODY_TESTS) for code in codes.values()]
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0, prelude=prelude)) as pool:
+        # one at a time: the first of each three compiles whole, the others keep its tests
+        outcomes = [pool.run(p) for p in programs for _ in range(3)]
+    config = SandboxConfig(workers=2, timeout_s=5.0, prelude=prelude, max_uses=1)
+    with SandboxPool(config) as pool:
+        wholes = pool.map([p.text for p in programs])
+
+    assert [_probed_verdict(o) for o in outcomes] == [
+        _probed_verdict(o) for o in wholes for _ in range(3)
+    ]
+    # a fresh VM's count is its boot probe's (none shown where the tests did not run)
+    assert {_call_count(o) for o in wholes} == {"1", None}
+    counts, last = [], 1
+    for outcome in outcomes:
+        counts.append(int(_call_count(outcome) or last))
+        last = counts[-1]
+    steps = [after - before for before, after in zip([1, *counts[:-1]], counts, strict=True)]
+    ran = {name: outcomes[3 * i] for i, name in enumerate(codes)}
+    assert {name: (o.status, o.warnings) for name, o in ran.items()} == {
+        "plain": ("passed", 0),
+        "failing": ("failed", 0),
+        "documented": ("passed", 1),  # variable "y" is unused
+        "impl_without_behaviour": ("passed", 1),
+        "two_modules": ("passed", 0),
+        "undefined_function": ("syntax_error", 0),
+        "undefined_in_guard": ("syntax_error", 0),
+        "clauses_apart": ("passed", 2),  # double/1 clauses apart, other/0 unused
+        "redefined": ("passed", 1),  # redefining module Double
+        "attribute_computed": ("passed", 0),
+        "struct": ("passed", 0),
+    }
+    # a VM keeps the tests (for code of as many lines) on their second sight
+    sightings: Counter[int] = Counter()
+    expected = []
+    for name, code in codes.items():
+        for _ in range(3):
+            kept = sightings[code.count("\n")] > 0
+            expected.append(modules[name] if evaluated[name] and kept else 0)
+            sightings[code.count("\n")] += 1
+    shown = [i for i, o in enumerate(outcomes) if o.status != "syntax_error"]
+    assert [steps[i] for i in shown] == [expected[i] for i in shown]
+    assert sum(expected) >= 20
     assert not any(o.worker_replaced for o in outcomes)
 
 

@@ -19,8 +19,8 @@ from tree_sitter import Tree
 
 from exforge.core.store import sha256_hex
 from exforge.elixir import tree
-from exforge.elixir.analysis import analyse
-from exforge.elixir.features import nesting
+from exforge.elixir.analysis import analyse, definitions
+from exforge.elixir.features import grading, grading_of, nesting
 from exforge.elixir.sandbox import SandboxConfig, SandboxPool
 from exforge.elixir.tree import parse, parsed
 from exforge.llm.chat import SHIPPED_TEKKEN
@@ -39,7 +39,7 @@ from streams.generators.check import (
     term_literal,
 )
 from streams.generators.code import WHOLE_FILE_LINES, fim_split
-from streams.generators.common import code_blocks, specs
+from streams.generators.common import code_blocks, module_source, specs
 from streams.generators.grade import difficulty
 from streams.generators.refactor import _rewrite, as_case, module_siblings
 from streams.generators.tokens import token_counter
@@ -717,6 +717,42 @@ def test_difficulty_is_deterministic_and_grows_with_features() -> None:
     assert levels[0] < levels[1] and levels[0] < levels[2] < levels[3]
     assert difficulty(simple, 4) == 2, "concepts count"
     assert difficulty(simple, 0, floor=3) == 3, "a book's own level is a floor"
+
+
+def test_a_grade_reads_what_the_whole_analysis_would_give(tmp_path: Path) -> None:
+    """`difficulty` grades code from the few features a score reads (`grading`), not a
+    whole analysis: on every file of the real corpus, every definition and module of it
+    and every sample's code, they are those of the whole analysis (`grading_of`)."""
+    codes: set[str] = set()
+    for library in unpack(tmp_path):
+        for path in library.files:
+            file = analysed_file(package(), str(path), path.read_text())
+            if file is None:
+                continue
+            text = file.content or ""
+            codes.add(text)
+            codes.update(f.source for f in file.functions)
+            codes.update(module_source(text, m.start_line, m.end_line) for m in file.modules)
+            for c in generate(file, text):
+                codes.update(
+                    block
+                    for turn in c.sample.conversations
+                    if turn.from_ == "gpt"
+                    for block in code_blocks(turn.value)
+                )
+    assert len(codes) > 5_000
+    seen: Counter[str] = Counter()
+    for code in sorted(codes):
+        data = code.encode()
+        root = parse(data)
+        whole = analyse(code, data, root).details
+        assert whole.metrics.nesting is not None
+        expected = grading_of(whole, whole.metrics.nesting)
+        assert grading(code, data, root, definitions(data, root)) == expected, code
+        seen.update(name for name in ("otp", "macros") if getattr(expected, name))
+        seen.update(["complex"] if expected.complexity > 1 else [])
+        seen.update(["long"] if expected.loc > 40 else [])
+    assert min(seen[name] for name in ("otp", "macros", "complex", "long")) > 100, seen
 
 
 def test_a_whole_file_sample_grades_as_its_code_analysed_afresh(

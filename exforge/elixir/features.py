@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from collections import Counter, deque
 from collections.abc import Iterable
-from typing import TypeGuard
+from typing import NamedTuple, TypeGuard
 
 import numpy as np
 from tree_sitter import Node, Query, QueryCursor
@@ -41,7 +41,16 @@ from schemas.records import (
     SupervisionTree,
 )
 
-__all__ = ["OTP_CALLBACKS", "code_metrics", "doctests", "features", "nesting"]
+__all__ = [
+    "OTP_CALLBACKS",
+    "Grading",
+    "code_metrics",
+    "doctests",
+    "features",
+    "grading",
+    "grading_of",
+    "nesting",
+]
 
 NESTING_QUERY = Query(LANGUAGE, "[(do_block) (anonymous_function)] @nesting")
 
@@ -204,6 +213,64 @@ def nesting(node: Node) -> int:
     return best
 
 
+class Grading(NamedTuple):
+    """What a difficulty score (`streams.generators.grade`) reads of a text's features."""
+
+    complexity: int
+    loc: int
+    nesting: int
+    otp: bool  # behaviours, supervisors, or process primitives
+    macros: bool  # defines or expands macros
+
+
+def grading_of(analysis: ElixirAnalysis, nesting: int) -> Grading:
+    """The `Grading` of features `features` made (`nesting` when they lack it)."""
+    processes = analysis.spawns + analysis.sends + analysis.receives > 0
+    return Grading(
+        complexity=analysis.metrics.complexity,
+        loc=analysis.metrics.loc,
+        nesting=nesting,
+        otp=bool(analysis.behaviours or analysis.supervisors) or processes,
+        macros=analysis.macros + analysis.quotes + analysis.unquotes > 0,
+    )
+
+
+def grading(source: str, data: bytes, root: Node, found: Definitions) -> Grading:
+    """`grading_of(features(source, data, root, found))`, at a fraction of the cost: the
+    instruct stage grades each sample's code (a function, a rewrite, a fill-in middle),
+    and a score reads five of the features. Not found here, as the score needs none of
+    them: pipes, `=`/`<-` matches (the most frequent operators), doctests, tests, the
+    supervision trees and behaviours themselves. A supervision tree is a call on
+    `Supervisor`/`DynamicSupervisor` inside a module, which also makes that module a
+    caller of OTP (`_behaviours`, `via="call"`): `otp` needs the calls alone."""
+    words = _words_in(data)
+    finder = Finder(root)
+    operators = _operators(data, finder, words, _LOGIC)
+    local_calls, remotes = _named_calls(data, finder, words)
+    owners = _owners([call for call, _, _ in remotes], found.modules)
+    locals_ = Counter(name for name, _ in local_calls)
+    processes = (
+        any(locals_[name] for name in (*_SPAWNS, "send", "receive"))
+        or any(fun in _SPAWNS and mod in ("Kernel", "Process") for _, mod, fun in remotes)
+        or any(fun == "send" for _, _, fun in remotes)
+    )
+    calls_otp = any(
+        mod in _CALLED_OTP and owner is not None
+        for (_, mod, _), owner in zip(remotes, owners, strict=True)
+    )
+    macros = any(f.kind in ("defmacro", "defmacrop") for f in found.functions) or any(
+        locals_[name] for name in ("quote", "unquote", "unquote_splicing")
+    )
+    _, non_blank, comment_rows = _line_counts(source, data, _comments(data, finder, words))
+    return Grading(
+        complexity=_complexity(found, _fns(data, finder, words), operators, local_calls),
+        loc=non_blank - comment_rows,
+        nesting=nesting(root),
+        otp=bool(found.behaviours) or calls_otp or processes,
+        macros=macros,
+    )
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -249,7 +316,13 @@ def _words_in(data: bytes) -> frozenset[str]:
 def _whole_words(data: bytes, words: frozenset[str]) -> list[tuple[int, str]]:
     """(offset in `data`, name) of each call name of `words` as a whole word, in source
     order."""
-    hits = [(start, name) for name in _CALL_NAMES for start in _positions(data, name, words)]
+    # every call name is a word: one the file's words lack occurs nowhere as a whole word
+    hits = [
+        (start, name)
+        for name in _CALL_NAMES
+        if name in words
+        for start in _positions(data, name, words)
+    ]
     hits.sort()
     return hits
 
@@ -331,14 +404,17 @@ def _positions(data: bytes, text: str, words: frozenset[str]) -> list[int]:
     return found
 
 
-def _operators(data: bytes, finder: Finder, words: frozenset[str]) -> dict[str, list[Node]]:
-    """Binary operator nodes by the operators the features count (`|>`, `=`, `and`...).
+def _operators(
+    data: bytes, finder: Finder, words: frozenset[str], operators: Iterable[str] = _OPERATORS
+) -> dict[str, list[Node]]:
+    """Binary operator nodes by the operators the features count (`|>`, `=`, `and`...),
+    or by those of `operators`.
 
     The operator token is unnamed, so the smallest named node over it is its
     `binary_operator`. All operators are looked up in one pass in source order, where the
     finder moves least from one token to the next."""
-    found: dict[str, list[Node]] = {op: [] for op in _OPERATORS}
-    tokens = sorted((start, op) for op in _OPERATORS for start in _positions(data, op, words))
+    found: dict[str, list[Node]] = {op: [] for op in operators}
+    tokens = sorted((start, op) for op in found for start in _positions(data, op, words))
     for start, token in tokens:
         node = finder.find_named(start, start + len(token))
         if node.type != "binary_operator":
@@ -635,26 +711,17 @@ def code_metrics(
     nesting: int,
 ) -> CodeMetrics:
     """Line metrics of `source` (`data` is its UTF-8 encoding, `comments` its comments)."""
-    lines = source.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
+    lines, non_blank, comment_rows = _line_counts(source, data, comments)
     if not lines:
         return CodeMetrics(complexity=complexity, nesting=nesting)
     lengths = list(map(len, lines))
-    non_blank = len(lines) - lines.count("") - sum(map(str.isspace, lines))
-    comment_rows = set()
-    for comment in comments:
-        start = comment.start_byte
-        row, column = comment.start_point
-        if not data[start - column : start].strip():
-            comment_rows.add(row)
     public = [f for f in functions if f.public]
     alnum = _word_characters(source, data) - source.count("_")
     return CodeMetrics(
         lines=len(lines),
-        loc=non_blank - len(comment_rows),
-        comment_lines=len(comment_rows),
-        comment_ratio=len(comment_rows) / non_blank if non_blank else 0.0,
+        loc=non_blank - comment_rows,
+        comment_lines=comment_rows,
+        comment_ratio=comment_rows / non_blank if non_blank else 0.0,
         doc_coverage=(sum(1 for f in public if f.doc) / len(public)) if public else None,
         max_line_length=max(lengths),
         mean_line_length=sum(lengths) / len(lengths),
@@ -662,3 +729,21 @@ def code_metrics(
         complexity=complexity,
         nesting=nesting,
     )
+
+
+def _line_counts(source: str, data: bytes, comments: Iterable[Node]) -> tuple[list[str], int, int]:
+    """The lines of `source` (without the empty one after a final newline), how many are
+    not blank, and how many are comment lines (only blanks before the comment)."""
+    lines = source.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        return lines, 0, 0
+    non_blank = len(lines) - lines.count("") - sum(map(str.isspace, lines))
+    comment_rows = set()
+    for comment in comments:
+        start = comment.start_byte
+        row, column = comment.start_point
+        if not data[start - column : start].strip():
+            comment_rows.add(row)
+    return lines, non_blank, len(comment_rows)

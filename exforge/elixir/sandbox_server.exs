@@ -165,6 +165,114 @@ defmodule Exforge.Sandbox.Tracer do
   end
 end
 
+defmodule Exforge.Sandbox.Bodies do
+  @moduledoc """
+  Module bodies evaluated, as `Code.eval_quoted/3` runs code, instead of compiled into a
+  throwaway Erlang module that is loaded, run and purged, as Elixir 1.14 does for every
+  `defmodule` whatever its body holds (~15 % of compiling a small module). Only where the
+  body can run nothing but the storing of its definitions: a file of top-level
+  `defmodule`s, `defprotocol`s and `defimpl`s whose bodies are all `def` and `defp` (no
+  `unquote`) and `@doc`, `@moduledoc`, `@impl` and `@fallback_to_any` of literal values,
+  so no code of the candidate runs as they compile and nothing it could set (compiler
+  options, tracers) differs from a clean VM's. Each `defmodule`'s body is then replaced
+  by a macro call that evaluates it in the environment the body starts in, less the
+  `require` of this module; the module compiled from it is the same binary
+  (`probe/0`, at boot: else bodies are compiled as before).
+  """
+
+  @defs [:def, :defp]
+  @attributes [:doc, :moduledoc, :impl, :fallback_to_any]
+  @probe """
+  defmodule Exforge.Sandbox.BodiesProbe do
+    @moduledoc "probe"
+    @doc "first"
+    def first(list, default \\\\ nil)
+    def first([head | _], _default), do: head
+    def first([], default) when is_nil(default) or is_atom(default), do: default
+    def line, do: {__ENV__.line, __ENV__.function, __MODULE__, __ENV__.requires}
+    defp twice(x), do: [x, x]
+    def both(x), do: twice(x)
+  end
+  """
+
+  # `forms` with each `defmodule` rewritten to evaluate its body where every form is
+  # evaluable, else `forms` as they are.
+  def evaluating(forms) do
+    if Enum.all?(forms, &evaluable?/1) do
+      forms
+      |> Enum.with_index()
+      |> Enum.map(fn
+        {{:defmodule, meta, [name, [do: body]]}, index} ->
+          Process.put({__MODULE__, index}, body)
+          line = [line: Keyword.get(meta, :line, 0)]
+          evaluate = {{:., line, [__MODULE__, :__evaluate__]}, line, [index]}
+          block = {:__block__, [], [{:require, line, [__MODULE__]}, evaluate]}
+          {:defmodule, meta, [name, [do: block]]}
+
+        {form, _index} ->
+          form
+      end)
+    else
+      forms
+    end
+  end
+
+  defp evaluable?({kind, _, [{:__aliases__, _, parts}, [do: body]]})
+       when kind in [:defmodule, :defprotocol],
+       do: Enum.all?(parts, &is_atom/1) and stores_only?(body)
+
+  defp evaluable?({:defimpl, _, [{:__aliases__, _, parts}, [for: _], [do: body]]}),
+    do: Enum.all?(parts, &is_atom/1) and stores_only?(body)
+
+  defp evaluable?(_form), do: false
+
+  defp stores_only?({:__block__, _, forms}), do: Enum.all?(forms, &stores_only?/1)
+
+  defp stores_only?({kind, _, [_head | _]} = form) when kind in @defs,
+    do: not Exforge.Sandbox.Tests.unquotes?([form])
+
+  defp stores_only?({:@, _, [{name, _, [value]}]}) when name in @attributes,
+    do: Macro.quoted_literal?(value)
+
+  defp stores_only?(_form), do: false
+
+  # The module's environment where its body starts, less the `require` of this module:
+  # its body evaluated there.
+  defmacro __evaluate__(index) do
+    env = %{__CALLER__ | requires: List.delete(__CALLER__.requires, __MODULE__)}
+    Process.put({__MODULE__, :env, index}, env)
+    quote do: unquote(__MODULE__).evaluate(unquote(index))
+  end
+
+  def evaluate(index) do
+    body = Process.delete({__MODULE__, index})
+    env = Process.delete({__MODULE__, :env, index})
+    {value, _binding, _env} = :elixir.eval_forms(body, [], env)
+    value
+  end
+
+  # Whether the probe module compiles to the same binary with its body evaluated; it is
+  # unloaded either way.
+  def probe do
+    forms = @probe |> Code.string_to_quoted!() |> List.wrap()
+    compiled = Code.compile_quoted({:__block__, [], forms}, "probe.ex")
+    unload(compiled)
+    evaluated = Code.compile_quoted({:__block__, [], evaluating(forms)}, "probe.ex")
+    unload(evaluated)
+    match?([{_, binary}] when is_binary(binary), compiled) and compiled == evaluated
+  rescue
+    _ -> false
+  end
+
+  defp unload(compiled) do
+    for {module, _} <- compiled do
+      :code.purge(module)
+      :code.delete(module)
+      :code.purge(module)
+    end
+  end
+end
+
 defmodule Exforge.Sandbox.Tests do
   @moduledoc """
   A program's tests compiled once per VM and reused after every candidate that cannot
@@ -330,6 +438,7 @@ defmodule Exforge.Sandbox.Tests do
     {head, rest} = Enum.split(forms, max(count, 0))
 
     if count >= 0 and rest == tests.forms and Enum.all?(head, &module_form?/1) do
+      head = if context.bodies, do: Exforge.Sandbox.Bodies.evaluating(head), else: head
       binaries = Map.new(compile(Exforge.Sandbox.Protocols.substitute(head, before, context)))
 
       if unchanged?(tests, before, context) and same_structs?(tests.structs, binaries),
@@ -643,12 +752,26 @@ defmodule Exforge.Sandbox.Server do
     ExUnit.start(autorun: false)
     Exforge.Sandbox.Protocols.start()
     Code.compile_string(Base.decode64!(prelude), "prelude.ex")
+    config = Map.put(config, :bodies, Exforge.Sandbox.Bodies.probe())
     fds = {:fd, String.to_integer(request_fd), String.to_integer(reply_fd)}
     # :eof: the host closing its end (it exited, even by SIGKILL) ends this VM too.
     port = Port.open(fds, [:binary, {:packet, 4}, :eof])
     # Warm up the compiler and ExUnit so that their lazily started state is part of
     # the baseline every later candidate is compared with.
     config = Map.put(config, :available, available_modules())
+    # ExUnit's configuration for every candidate, set once: part of the baseline, so a
+    # candidate that leaves it otherwise leaves its VM dirty.
+    ExUnit.configure(
+      formatters: [ExUnit.CLIFormatter, Exforge.Sandbox.Collector],
+      colors: [enabled: false],
+      exforge_reply_to: self(),
+      timeout: max(config.timeout_ms, 1),
+      exclude: [],
+      include: [],
+      max_failures: :infinity,
+      autorun: false
+    )
+
     run_candidate({@warm_up, nil}, 0, config, snapshot(config))
     # The baseline every candidate is compared with: a clean candidate leaves the VM as
     # it found it, so this is also the state before each candidate; taken once, it also
@@ -861,17 +984,6 @@ defmodule Exforge.Sandbox.Server do
     out = Exforge.Sandbox.Sink.start(config.max_output)
     err = Exforge.Sandbox.Sink.start(config.max_output)
 
-    ExUnit.configure(
-      formatters: [ExUnit.CLIFormatter, Exforge.Sandbox.Collector],
-      colors: [enabled: false],
-      exforge_reply_to: self(),
-      timeout: max(config.timeout_ms, 1),
-      exclude: [],
-      include: [],
-      max_failures: :infinity,
-      autorun: false
-    )
-
     {status, detail} =
       case in_process(out, err, fn -> compile_and_test(program, config, before) end) do
         {:ok, result} -> result
@@ -895,7 +1007,7 @@ defmodule Exforge.Sandbox.Server do
   end
 
   defp compile_and_test({program, tests}, config, before) do
-    context = %{available: config.available, code_path: :code.get_path()}
+    context = %{available: config.available, code_path: :code.get_path(), bodies: config.bodies}
 
     try do
       # as Code.compile_string/2: one parse, every module compiled then checked together
@@ -1009,8 +1121,12 @@ defmodule Exforge.Sandbox.Server do
   defp os_processes(%{own_pid_namespace: false}), do: []
 
   defp os_processes(%{own_pid_namespace: true}) do
-    "/proc" |> File.ls!() |> Enum.filter(&(&1 =~ ~r/^[0-9]+$/)) |> Enum.sort()
+    "/proc" |> File.ls!() |> Enum.filter(&pid_name?/1) |> Enum.sort()
   end
+
+  # all digits (a regex took ~1 µs a name, ~60 names a candidate)
+  defp pid_name?(""), do: false
+  defp pid_name?(name), do: for(<<c <- name>>, reduce: true, do: (ok -> ok and c in ?0..?9))
 
   # Global state a candidate could change to influence a later one; `baseline`: the
   # snapshot modules loaded since are judged against (nil for the baseline itself).

@@ -20,8 +20,8 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from exforge.elixir.analysis import analyse
-from exforge.elixir.features import nesting
+from exforge.elixir.analysis import definitions
+from exforge.elixir.features import Grading, grading, grading_of, nesting
 from exforge.elixir.tree import parse, parsed
 from schemas.records import ElixirAnalysis, InstructionSample, ParsedFile
 from streams.generators.common import code_blocks
@@ -40,19 +40,19 @@ STAGES: dict[str, int] = {
 }
 
 
-def points(features: ElixirAnalysis, depth: int, concepts: int) -> float:
-    otp = bool(features.behaviours or features.supervisors) or (
-        features.spawns + features.sends + features.receives > 0
-    )
-    macros = features.macros + features.quotes + features.unquotes > 0
+def points(grading: Grading, concepts: int) -> float:
     return (
-        min(features.metrics.complexity - 1, 8) / 4
-        + min(max(depth - 2, 0), 2) / 2
-        + (1.0 if otp else 0.0)
-        + (1.5 if macros else 0.0)
-        + (0.5 if features.metrics.loc > 40 else 0.0)
+        min(grading.complexity - 1, 8) / 4
+        + min(max(grading.nesting - 2, 0), 2) / 2
+        + (1.0 if grading.otp else 0.0)
+        + (1.5 if grading.macros else 0.0)
+        + (0.5 if grading.loc > 40 else 0.0)
         + min(concepts, 4) / 4
     )
+
+
+def _level(grading: Grading, concepts: int, floor: int) -> int:
+    return max(floor, min(5, 1 + math.floor(points(grading, concepts))))
 
 
 def score(features: ElixirAnalysis, data: bytes, concepts: int, floor: int) -> int:
@@ -62,7 +62,7 @@ def score(features: ElixirAnalysis, data: bytes, concepts: int, floor: int) -> i
     depth = features.metrics.nesting
     if depth is None:
         depth = nesting(parsed(data))
-    return max(floor, min(5, 1 + math.floor(points(features, depth, concepts))))
+    return _level(grading_of(features, depth), concepts, floor)
 
 
 def _encoded(code: str) -> tuple[str, bytes]:
@@ -72,9 +72,11 @@ def _encoded(code: str) -> tuple[str, bytes]:
 
 @lru_cache(maxsize=4096)
 def difficulty(code: str, concepts: int, floor: int = 1) -> int:
-    """The score of `code` (analysed once; kinds that teach the same code share it)."""
+    """The score of `code` (graded once; kinds that teach the same code share it): the
+    features of its analysis that a score reads (`grading`, not the whole analysis)."""
     source, data = _encoded(code)
-    return score(analyse(source, data, parse(data)).details, data, concepts, floor)
+    root = parse(data)
+    return _level(grading(source, data, root, definitions(data, root)), concepts, floor)
 
 
 def graded(sample: InstructionSample, file: ParsedFile, text: str) -> InstructionSample:

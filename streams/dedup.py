@@ -206,6 +206,38 @@ class HeldFile:
         ]
 
 
+@dataclass
+class Waiting:
+    """A partition's held files not in a batch yet (sha256 → when first held), the
+    ready ones apart: a batch takes `ready` as it is, and the timer looks at `ready`
+    alone, so neither reads the table for a file that is not ready. Kept beside the
+    table by the events that change a file's readiness (`NearDup.hold`,
+    `NearDup.on_neardup`), and rebuilt from the table after a rebalance."""
+
+    ready: dict[str, float] = field(default_factory=dict)
+    unready: dict[str, float] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.ready or self.unready)
+
+    def put(self, sha: str, since: float, ready: bool) -> None:
+        (self.ready if ready else self.unready)[sha] = since
+        (self.unready if ready else self.ready).pop(sha, None)
+
+    def update(self, sha: str, ready: bool) -> None:
+        """A waiting file's readiness (a file not waiting is left alone: in a batch, or
+        held before its candidate came)."""
+        since = self.ready.get(sha, self.unready.get(sha))
+        if since is not None:
+            self.put(sha, since, ready)
+
+    def take_ready(self) -> list[str]:
+        """The ready files, in sha256 order, taken off: a batch."""
+        batch = sorted(self.ready)
+        self.ready = {}
+        return batch
+
+
 def decided_span(trace: str | None, sha256: str, reason: str | None) -> Any:
     """The span of a file's decision, in the file's trace (`trace`, its traceparent)."""
     attributes = {"exforge.sha256": sha256, "exforge.outcome": reason or "kept"}
@@ -239,9 +271,9 @@ class NearDup:
         self.buckets = ctx.table("neardup-buckets")
         self.held = ctx.table("neardup-held")
         self.settled = ctx.table("neardup-settled")
-        # held files of owned partitions not yet in a batch (partition → sha256 → since):
+        # held files of owned partitions not yet in a batch, ready or not (`Waiting`):
         # kept beside the table so the timer need not read it; rebuilt after a rebalance
-        self.waiting: dict[int, dict[str, float]] = {}
+        self.waiting: dict[int, Waiting] = {}
         # the files of each partition's batch not yet decided, in the order decided
         self.batches: dict[int, list[str]] = {}
         # the files this worker decided whose outputs are not acknowledged yet (then they
@@ -249,7 +281,9 @@ class NearDup:
         # partition or their candidate is read again meanwhile (only a restart, or a
         # worker that takes over their partition, decides them again: at-least-once)
         self.deciding: set[str] = set()
-        self.indexed: frozenset[int] | None = None
+        # what `waiting` was indexed for: the owned partitions, and the rebalance (a
+        # partition that left and came back may have changed meanwhile)
+        self.indexed: tuple[frozenset[int], int] | None = None
         upstream = tuple(STAGE_INPUTS[stage] for stage in UPSTREAM)
         self.drain = DrainWatch(ctx.settings, upstream, watch=ctx.broker)
         self.neardup_topic = topic_name(ctx.settings.topic_prefix, "files.neardup")
@@ -258,7 +292,7 @@ class NearDup:
         attach_stage(self.ctx, "dedup", "files.candidates", self.on_candidate)
         attach_stage(self.ctx, "neardup-bands", "files.bands", self.on_bands)
         attach_stage(self.ctx, "neardup", "files.neardup", self.on_neardup)
-        self.ctx.busy.append(lambda: bool(self.owned_waiting()) or any(self.batches.values()))
+        self.ctx.busy.append(self.busy)
         self.ctx.app.timer(interval=DECIDE_INTERVAL_S, name="neardup-decide")(self.ask_to_decide)
 
     # ------------------------------------------------------------------ handlers
@@ -293,7 +327,7 @@ class NearDup:
         if registering:
             entry.awaiting |= {REGISTERED}
         self.held[file.sha256] = entry.dumps()
-        self.waiting.setdefault(partition, {})[file.sha256] = entry.since
+        self.waiting.setdefault(partition, Waiting()).put(file.sha256, entry.since, entry.ready)
 
     def registration(self, file: ParsedFile) -> Output | None:
         """The file's registration in its buckets (None: it has none), to the first
@@ -322,10 +356,10 @@ class NearDup:
             if bucket_partition(band, self.partitions) != here:
                 rest.append(band)
                 continue
-            bucket = Bucket(self.buckets[band] or None)
+            bucket = Bucket.loads(self.buckets[band])
             updated, hears = bucket.register(sha)
             if updated != bucket:
-                self.buckets[band] = updated.smallest
+                self.buckets[band] = updated.dumps()
             for to, kind, about in hears:
                 if to != sha:  # a file `sha` displaced, which owes it an answer
                     event = NearDupEvent(kind=kind, sha256=to, other=about)  # type: ignore[arg-type]
@@ -361,6 +395,8 @@ class NearDup:
         entry = HeldFile.loads(raw) if raw else HeldFile(_event_partition(), time.time(), "")
         entry.hear(event)
         self.held[event.sha256] = entry.dumps()
+        if (waiting := self.waiting.get(entry.partition)) is not None:
+            waiting.update(event.sha256, entry.ready)
         if not entry.ready:
             return Result()
         # a ready file answers a file that displaces it at once; every file it owes on
@@ -387,6 +423,9 @@ class NearDup:
             if not raw or sha in self.deciding:
                 continue
             entry = HeldFile.loads(raw)
+            if not entry.ready:  # it heard of a file to wait for since it joined the batch
+                self.waiting.setdefault(partition, Waiting()).put(sha, entry.since, False)
+                continue
             file = ParsedFile.model_validate_json(entry.file)
             duplicate_of = decide(entry.heard)
             reason = "near_duplicate" if duplicate_of else None
@@ -419,21 +458,15 @@ class NearDup:
         """The next at most `neardup_decide_chunk` files of `partition`'s batch, taken
         off it. A `decide` that finds no batch begins one: the files waiting then that
         are ready, in sha256 order (those held later, or not ready, wait for the next
-        batch)."""
+        batch), known without reading the table (`Waiting`)."""
         self.ensure_indexed()
         batch = self.batches.get(partition)
         if not batch:
-            waiting = self.waiting.get(partition, {})
-            batch = self.batches[partition] = sorted(filter(self.ready, waiting))
-            for sha in batch:
-                del waiting[sha]
+            waiting = self.waiting.get(partition)
+            batch = self.batches[partition] = waiting.take_ready() if waiting else []
         chunk = batch[: self.settings.neardup_decide_chunk]
         del batch[: len(chunk)]
         return chunk
-
-    def ready(self, sha: str) -> bool:
-        raw = self.held[sha]  # the header alone: the file is not read
-        return not raw or HeldFile.loads(raw[: raw.index("\n") + 1]).ready
 
     def forget(self, decided: list[str], event: Any) -> None:
         """Delete decided files from `neardup-held`. A deletion's changelog partition is
@@ -456,33 +489,49 @@ class NearDup:
 
     def ensure_indexed(self) -> frozenset[int]:
         """The partitions owned now, `waiting` and `batches` indexed for them: rebuilt
-        from the table when they changed (a rebalance), unless tables are recovering."""
-        owned = self.owned()
-        if owned != self.indexed and not self.ctx.app.in_recovery:
+        from the table after a rebalance (the partitions owned, or what is in them, may
+        have changed), once it is over (tables recovered)."""
+        owned, app = self.owned(), self.ctx.app
+        generation = (owned, app.rebalancing_count)
+        if generation != self.indexed and not (app.rebalancing or app.in_recovery):
             self.reindex(owned)
+            self.indexed = generation
         return owned
 
-    def owned_waiting(self) -> dict[int, float]:
-        """Owned partitions holding undecided files → when the oldest was first held."""
+    def busy(self) -> bool:
+        """Whether an owned partition holds files not decided yet, ready or not."""
         owned = self.ensure_indexed()
-        return {p: min(files.values()) for p, files in self.waiting.items() if p in owned and files}
+        return any(self.waiting.get(p) or self.batches.get(p) for p in owned)
+
+    def owned_ready(self) -> dict[int, float]:
+        """Owned partitions with ready files waiting → when the oldest was first held:
+        those a `decide` would decide files of (files not ready wait anyway)."""
+        owned = self.ensure_indexed()
+        return {
+            p: min(files.ready.values())
+            for p, files in self.waiting.items()
+            if p in owned and files.ready
+        }
 
     def reindex(self, owned: frozenset[int]) -> None:
         """Rebuild `waiting` from the table (after a rebalance or recovery), batches
         under way included: every held file not yet forgotten, decided or not (a file
         is settled before its outputs are acknowledged; deciding it again is the same),
-        but those this worker decided (`deciding`)."""
-        waiting: dict[int, dict[str, float]] = {}
+        but those this worker decided (`deciding`); each ready or not, as its header
+        says."""
+        waiting: dict[int, Waiting] = {}
         for sha, raw in self.held.items():
             entry = HeldFile.loads(raw)
             if entry.partition in owned and entry.file and sha not in self.deciding:
-                waiting.setdefault(entry.partition, {})[sha] = entry.since
+                waiting.setdefault(entry.partition, Waiting()).put(sha, entry.since, entry.ready)
         self.waiting = waiting
         self.batches = {}
-        self.indexed = owned
 
     async def ask_to_decide(self) -> None:
-        waiting = self.owned_waiting()
+        """Ask each owned partition with ready files to decide, once everything upstream
+        is drained or a ready file waited `neardup_max_hold_s` (a file not ready is
+        decided in the batch after it gets ready: deciding before does nothing for it)."""
+        waiting = self.owned_ready()
         if not waiting:
             self.drain.reset()
             return

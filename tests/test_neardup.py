@@ -121,9 +121,25 @@ def test_bucket_tells_each_file_of_a_smaller_one() -> None:
     bucket, sends = bucket.register(c)
     assert sends == [(c, "earlier", b)]
     bucket, sends = bucket.register(a)
-    assert (bucket, sends) == (Bucket(a), [(b, "displaced", a), (a, "later", b)])
-    assert bucket.register(a) == (bucket, [])  # a redelivery changes nothing
+    assert (bucket, sends) == (Bucket(a, (b,)), [(b, "displaced", a), (a, "later", b)])
     assert bucket.register(c) == (bucket, [(c, "earlier", a)])
+
+
+def test_a_redelivered_registration_says_again_what_it_said() -> None:
+    """A registration delivered again (its first outputs may be lost) leaves the bucket
+    as it is and tells each file concerned what it told it the first time, even once a
+    smaller file displaced the one registering."""
+    a, b, c, d = ("0" * 64, "a" * 64, "b" * 64, "c" * 64)
+    bucket, _ = Bucket().register(c)
+    assert bucket.register(c) == (bucket, [])
+    bucket, said = bucket.register(b)
+    assert bucket.register(b) == (bucket, said) and said == [(c, "displaced", b), (b, "later", c)]
+    bucket, _ = bucket.register(a)
+    assert bucket == Bucket(a, (b, c))
+    assert bucket.register(b) == (bucket, said)
+    assert bucket.register(c) == (bucket, [])
+    assert bucket.register(d) == (bucket, [(d, "earlier", a)])
+    assert Bucket.loads(bucket.dumps()) == bucket and Bucket.loads("") == Bucket()
 
 
 def test_decide() -> None:

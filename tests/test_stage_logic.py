@@ -861,7 +861,16 @@ def test_a_worker_records_nothing_below_its_log_level(level: str, number: int) -
 
 
 class Unset(dict[str, str]):
-    """A Faust table of the stage: a missing key reads as "" (and is not stored)."""
+    """A Faust table of the stage: a missing key reads as "" (and is not stored); the
+    keys read (`reads`), as a probe of the store reads a RocksDB table would make."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[str] = []
+
+    def __getitem__(self, key: str) -> str:
+        self.reads.append(key)
+        return super().__getitem__(key)
 
     def __missing__(self, key: str) -> str:
         return ""
@@ -881,14 +890,21 @@ class NearDupBench:
         app = SimpleNamespace(
             assignor=SimpleNamespace(assigned_actives=lambda: {TopicPartition(topic, 0)}),
             in_recovery=False,
+            rebalancing=False,
+            rebalancing_count=0,
         )
-        ctx = SimpleNamespace(
-            settings=settings, engine=engine, app=app, broker=None, table=lambda _: Unset()
+        self.tables: dict[str, Unset] = {}
+        self.ctx = SimpleNamespace(
+            settings=settings,
+            engine=engine,
+            app=app,
+            broker=None,
+            table=lambda name: self.tables.setdefault(name, Unset()),
         )
         # files are held on partition 0; a `files.bands` message is handled on its own
         self.partition = 0
         monkeypatch.setattr(dedup, "_event_partition", lambda: self.partition)
-        self.stage = dedup.NearDup(ctx)  # type: ignore[arg-type]
+        self.stage = dedup.NearDup(self.ctx)  # type: ignore[arg-type]
         self.pending: list[Output] = []
         self.kept: list[str] = []
         self.dropped: list[str] = []
@@ -911,6 +927,12 @@ class NearDupBench:
     def acknowledge(self) -> None:
         while self.unacknowledged:
             self.unacknowledged.pop(0)()
+
+    def restart(self) -> dedup.NearDup:
+        """A worker restarted (or another one taking the partition over) on the same
+        tables, with nothing in memory; the worker before it is returned."""
+        before, self.stage = self.stage, dedup.NearDup(self.ctx)  # type: ignore[arg-type]
+        return before
 
     async def candidate(self, file: ParsedFile) -> None:
         await self.handle(self.stage.on_candidate, Output("files.candidates", file.sha256, file))
@@ -1000,9 +1022,9 @@ def test_a_newcomer_waits_for_the_answer_of_the_decided_file_it_displaced(
 def test_redelivered_registrations_and_files_without_bands(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A redelivered `files.bands` message changes nothing (at-least-once); a file with
-    no bands registers nowhere and is decided at once; one batch of a pair keeps the
-    smaller file, in chunks."""
+    """A redelivered `files.bands` message says again what it said, which changes
+    nothing (at-least-once); a file with no bands registers nowhere and is decided at
+    once; one batch of a pair keeps the smaller file, in chunks."""
     bench = NearDupBench(engine, monkeypatch)
 
     async def run() -> None:
@@ -1130,3 +1152,102 @@ def test_a_registration_goes_through_each_partition_of_its_buckets_and_tells_the
     asyncio.run(run())
     assert (bench.kept, bench.dropped) == ([SMALL], [LARGE, smallest])
     assert bench.stage.settled[smallest] == SMALL
+
+
+def test_a_registration_redelivered_after_its_outputs_were_lost_tells_each_party_again(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `files.bands` message whose bucket writes persisted but whose outputs were lost
+    (a crash before they were acknowledged) is delivered again: the bucket is as the
+    first delivery left it, and the files it displaced must still hear `displaced`, and
+    the newcomer `later`, or the displaced files would be kept beside it. So too once an
+    even smaller file displaced the newcomer before the redelivery."""
+    bench = NearDupBench(engine, monkeypatch)
+    smallest = "0" * 64
+
+    def registration(sha: str) -> Output:
+        (bands,) = [o for o in bench.pending if o.topic == "files.bands" and o.key == sha]
+        return bands
+
+    async def register_and_lose(sha: str) -> Output:
+        """Register `sha`'s bands and lose what that sent; the message, to deliver again."""
+        bands = registration(sha)
+        await bench.deliver("files.bands", sha)
+        bench.pending = [o for o in bench.pending if o.topic == "files.bands"]
+        return bands
+
+    async def run() -> None:
+        await bench.candidate(near_dup_file(OTHER, "0:shared", "1:other"))
+        await bench.everything()
+        await bench.candidate(near_dup_file(LARGE, "0:shared", "1:large"))
+        again = await register_and_lose(LARGE)  # LARGE displaced OTHER
+        bench.pending.append(again)
+        await bench.everything()
+        await bench.candidate(near_dup_file(SMALL, "0:shared", "1:small"))
+        await bench.candidate(near_dup_file(smallest, "0:shared", "1:smallest"))
+        again = await register_and_lose(SMALL)  # SMALL displaced LARGE
+        await bench.deliver("files.bands", smallest)  # the smallest displaced SMALL
+        bench.pending.append(again)
+        await bench.everything()
+        await bench.decide()
+
+    asyncio.run(run())
+    assert (bench.kept, sorted(bench.dropped)) == ([smallest], [SMALL, LARGE, OTHER])
+    assert not bench.stage.held
+
+
+def test_the_decision_reads_no_held_file_that_is_not_ready(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timer, and each `decide`, know which held files are ready without reading
+    `neardup-held` (a RocksDB store under load): a file whose registration has not gone
+    through is not read however many batches are decided meanwhile (each batch read
+    every waiting file's header before: the neardup stage's busy time under load)."""
+    bench = NearDupBench(engine, monkeypatch)
+    unready = [f"{i:064x}" for i in range(10, 16)]
+    held = bench.tables["neardup-held"]
+
+    async def run() -> None:
+        for sha in unready:
+            await bench.candidate(near_dup_file(sha, "0:shared", f"1:{sha}"))
+        await bench.candidate(near_dup_file(OTHER))  # no bands: ready at once
+        held.reads.clear()
+        for _ in range(3):
+            await bench.decide()
+        assert held.reads == [OTHER]  # the one file decided
+        assert bench.stage.busy() and not bench.stage.owned_ready()  # nothing to ask for
+        await bench.everything()
+        await bench.decide()
+
+    asyncio.run(run())
+    assert bench.kept == [OTHER, unready[0]]
+    assert sorted(bench.dropped) == unready[1:]
+
+
+def test_readiness_is_rebuilt_from_the_table_after_a_restart_or_rebalance(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarted worker knows from the table which held files are ready (and decides
+    those alone); a worker that gets its partition back after a rebalance rebuilds what
+    it knew, though it owns the same partitions: the worker that had the partition
+    meanwhile decided its files."""
+    bench = NearDupBench(engine, monkeypatch)
+
+    async def run() -> None:
+        for sha in (LARGE, SMALL):
+            await bench.candidate(near_dup_file(sha, "0:shared", f"1:{sha[0]}"))
+        await bench.candidate(near_dup_file(OTHER))
+        await bench.deliver("files.bands")
+        assert bench.stage.busy() and bench.stage.owned_ready().keys() == {0}
+        first = bench.restart()
+        assert bench.stage.busy() and bench.stage.owned_ready().keys() == {0}
+        await bench.decide()
+        assert bench.kept == [OTHER]
+        await bench.everything()
+        await bench.decide()
+        assert first.busy()  # what it knew before the partition left it
+        bench.ctx.app.rebalancing_count += 1  # it comes back
+        assert not first.busy() and not first.owned_ready()
+
+    asyncio.run(run())
+    assert (bench.kept, bench.dropped) == ([OTHER, SMALL], [LARGE])

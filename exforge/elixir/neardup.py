@@ -19,7 +19,9 @@ The decision is made in the stream (see `streams.dedup`), by these pure rules:
   (`displaced`), and the newcomer waits for its answer (`later`). So once every file of
   a batch is registered, each file knows whether *some* file of a smaller sha256 shares
   a bucket with it, whatever the order the registrations came in; a displaced member
-  that was decided in an earlier batch answers the newcomer with its cluster.
+  that was decided in an earlier batch answers the newcomer with its cluster. It also
+  keeps the members it displaced, so that a registration delivered again tells each
+  file concerned again what it told it the first time (its outputs may be lost).
 * `decide`: a held file colliding with an already decided file (an earlier batch) is a
   near-duplicate of that file's cluster; otherwise a file with a smaller colliding file
   in its own batch is a near-duplicate of the smallest one it heard of; otherwise it is
@@ -174,24 +176,51 @@ def bucket_partition(band_key: str, partitions: int) -> int:
 
 @dataclass(frozen=True)
 class Bucket:
-    """One LSH bucket's state: the smallest sha256 registered in it."""
+    """One LSH bucket's state: the smallest sha256 registered in it, and the files it
+    displaced in turn (`displaced`, newest first: each larger than the one before), so
+    that a registration delivered again says again what it said the first time."""
 
     smallest: str | None = None
+    displaced: tuple[str, ...] = ()
+
+    @classmethod
+    def loads(cls, raw: str | None) -> Bucket:
+        """A bucket from its table value (`dumps`; empty or None: a new bucket)."""
+        if not raw:
+            return cls()
+        smallest, *displaced = raw.split(" ")
+        return cls(smallest, tuple(displaced))
+
+    def dumps(self) -> str:
+        assert self.smallest is not None
+        return " ".join((self.smallest, *self.displaced))
 
     def register(self, sha256: str) -> tuple[Bucket, list[tuple[str, str, str]]]:
         """Add a file; what each file concerned hears, as (file, kind, about). A newcomer
         larger than the smallest hears `earlier` of it. A smaller newcomer displaces it:
         the displaced file hears `displaced` of the newcomer (it has an `earlier` file
         now, and owes the newcomer an answer), the newcomer `later` of the displaced one
-        (a file it waits for the answer of: that file may know of a decided file)."""
-        if self.smallest is None or self.smallest == sha256:
+        (a file it waits for the answer of: that file may know of a decided file).
+
+        A file registered before (a redelivery, whose first outputs may be lost) leaves
+        the bucket as it is and hears, and has the file it displaced hear, what they
+        heard then, however many files registered since. The files a bucket displaced
+        are its smallest ones in turn: about ln(n) of n files in random order."""
+        if self.smallest is None:
             return Bucket(sha256), []
+        turns = (self.smallest, *self.displaced)  # ascending
+        if sha256 in turns:
+            index = turns.index(sha256)
+            if index + 1 == len(turns):  # it was the bucket's first file
+                return self, []
+            return self, _displacement(turns[index + 1], sha256)
         if self.smallest < sha256:
             return self, [(sha256, "earlier", self.smallest)]
-        return Bucket(sha256), [
-            (self.smallest, "displaced", sha256),
-            (sha256, "later", self.smallest),
-        ]
+        return Bucket(sha256, turns), _displacement(self.smallest, sha256)
+
+
+def _displacement(displaced: str, newcomer: str) -> list[tuple[str, str, str]]:
+    return [(displaced, "displaced", newcomer), (newcomer, "later", displaced)]
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from streams.generators.check import (
     batch_program,
     check_all,
     check_lines,
+    check_program,
     even_batches,
     pool_program,
     term_literal,
@@ -512,6 +513,23 @@ def test_a_lone_module_body_is_evaluated_unless_it_makes_a_closure(pool: Sandbox
         "evaluated: true",
         "evaluated: false",
     ]
+
+
+def test_a_plain_elixir_script_checks_lone_modules_without_the_sandbox_server() -> None:
+    """In a plain `elixir` script (`check_program`), where the sandbox server's
+    `Exforge.Sandbox.Bodies` that evaluates module bodies is absent, the front end still
+    stops (its bodies compiled) and gives Elixir's verdicts, and compiling `ExforgeCheck`
+    there warns of no missing module."""
+    codes = {
+        "defmodule ExforgeRefactorCheck do\n  @x 1\n  def f(y), do: y + @x\nend\n": True,
+        "defmodule ExforgeRefactorCheck do\n  def f(y), do: y + z\nend\n": False,
+    }
+    for code, passes in codes.items():
+        script = check_program([Check(code, "compile")]) + 'IO.puts("stops: #{stops}")\n'
+        done = subprocess.run(["elixir", "-e", script], capture_output=True, text=True)
+        assert (done.returncode == 0) == passes, done.stderr
+        assert "Exforge.Sandbox" not in done.stderr
+        assert ("stops: true" in done.stdout) == passes
 
 
 def test_the_front_end_stop_is_probed_once_per_process(pool: SandboxPool) -> None:

@@ -345,7 +345,7 @@ COMPILE_CASES = {
     "a struct no module defines": ("def f(x), do: %NoSuchStruct{a: x}", False),
     "a spec of an undefined type": ("@spec f(nope()) :: term()\n  def f(x), do: x", False),
     # What the body runs, and the environment it runs in (a lone module's body is
-    # evaluated, not compiled: `ExforgeCheck.evaluate`).
+    # evaluated, not compiled: `Exforge.Sandbox.Bodies.evaluate`).
     "an alias its functions use": ("alias Enum, as: E\n  def f(x), do: E.count(x)", True),
     "an import its functions use": (
         "import Enum, only: [count: 1]\n  def f(x), do: count(x)",

@@ -110,6 +110,15 @@ def test_hostile_candidates_are_contained_and_others_unaffected(pool: SandboxPoo
     assert pool.replaced >= 9
 
 
+def test_a_program_may_have_a_wall_clock_limit_of_its_own(pool: SandboxPool) -> None:
+    """A program that runs past the pool's `timeout_s` (2 s) but within its own limit
+    runs to its end; the same program under the pool's limit times out."""
+    slow = 'Process.sleep(3_000)\nIO.puts("slept")\n'
+    own, pools = pool.map([Program(slow, timeout_s=30.0), Program(slow)])
+    assert own.status != "timeout" and "slept" in own.output and not own.worker_replaced
+    assert pools.status == "timeout" and pools.seconds == 2.0 and pools.worker_replaced
+
+
 def test_output_is_truncated_and_warnings_counted(pool: SandboxPool) -> None:
     spam = program('Enum.each(1..10_000, fn _ -> IO.puts("spam") end)\n    _unused = 1\n    x * 2')
     outcome = pool.run(spam.replace("def double(x) do", "def double(x) do\n    y = 1"))

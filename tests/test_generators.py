@@ -34,6 +34,7 @@ from streams.generators.check import (
     batch_program,
     check_all,
     check_lines,
+    check_program,
     even_batches,
     pool_program,
     term_literal,
@@ -344,7 +345,7 @@ COMPILE_CASES = {
     "a struct no module defines": ("def f(x), do: %NoSuchStruct{a: x}", False),
     "a spec of an undefined type": ("@spec f(nope()) :: term()\n  def f(x), do: x", False),
     # What the body runs, and the environment it runs in (a lone module's body is
-    # evaluated, not compiled: `ExforgeCheck.evaluate`).
+    # evaluated, not compiled: `Exforge.Sandbox.Bodies.evaluate`).
     "an alias its functions use": ("alias Enum, as: E\n  def f(x), do: E.count(x)", True),
     "an import its functions use": (
         "import Enum, only: [count: 1]\n  def f(x), do: count(x)",
@@ -377,6 +378,32 @@ COMPILE_CASES = {
     ),
     "a closure kept in an attribute": ("@f &(&1 + 1)\n  def f(x), do: @f.(x)", False),
     "a capture kept in an attribute": ("@f &String.upcase/1\n  def f(x), do: @f.(x)", True),
+    # A function that quotes what it unquotes (as nimble_parsec's compiler does): only
+    # the unquotes outside its quotes run with the body (`ExforgeCheck.unquoted`).
+    "a closure that quotes and unquotes its own variables": (
+        "def f(x), do: Enum.map(x, fn y -> quote(do: g(unquote(y))) end)",
+        True,
+    ),
+    "a quoted unquote of a variable the function lacks": (
+        "def f(x), do: Enum.map(x, fn _ -> quote(do: g(unquote(y))) end)",
+        False,
+    ),
+    "an unquote fragment beside a quoted unquote": (
+        "@n 2\n  def f(x), do: Enum.map(x, fn y -> {unquote(@n), quote(do: unquote(y))} end)",
+        True,
+    ),
+    "an unquote fragment that raises beside a quoted unquote": (
+        'def f(x), do: Enum.map(x, fn y -> {unquote(raise "no"), quote(do: unquote(y))} end)',
+        False,
+    ),
+    "an unquote fragment with a closure beside a quoted unquote": (
+        "def f(x), do: {unquote(Enum.map([1], fn n -> n end)), quote(do: unquote(x))}",
+        True,
+    ),
+    "an unquote in a nested quote's options": (
+        "def f(x), do: Enum.map(x, fn y -> quote([line: unquote(y)], do: 1) end)",
+        False,
+    ),
 }
 
 
@@ -466,9 +493,13 @@ def test_a_lone_module_body_is_evaluated_unless_it_makes_a_closure(pool: Sandbox
     frames = "elem(Process.info(self(), :current_stacktrace), 1)"
     route = f"Process.put(:exforge_evaluated, List.keymember?({frames}, :erl_eval, 0))"
     closure = "\n  @f fn x -> x end"
+    # a function's own closures that quote and unquote (only the unquotes outside its
+    # quotes run with the body), then one of them outside a quote
+    quoting = "\n  def g(x), do: Enum.map(x, fn y -> quote(do: h(unquote(y))) end)"
+    unquoting = "\n  def g(x), do: {unquote(Enum.map([1], fn n -> n end)), quote(do: unquote(x))}"
     codes = [
         f"defmodule ExforgeRefactorCheck do\n  {route}{extra}\n  def f(x), do: x\nend\n"
-        for extra in ("", closure)
+        for extra in ("", closure, quoting, unquoting)
     ]
     program = "".join(
         check_lines([Check(code, "compile")])
@@ -479,7 +510,26 @@ def test_a_lone_module_body_is_evaluated_unless_it_makes_a_closure(pool: Sandbox
     assert [line for line in output if line.startswith("evaluated:")] == [
         "evaluated: true",
         "evaluated: false",
+        "evaluated: true",
+        "evaluated: false",
     ]
+
+
+def test_a_plain_elixir_script_checks_lone_modules_without_the_sandbox_server() -> None:
+    """In a plain `elixir` script (`check_program`), where the sandbox server's
+    `Exforge.Sandbox.Bodies` that evaluates module bodies is absent, the front end still
+    stops (its bodies compiled) and gives Elixir's verdicts, and compiling `ExforgeCheck`
+    there warns of no missing module."""
+    codes = {
+        "defmodule ExforgeRefactorCheck do\n  @x 1\n  def f(y), do: y + @x\nend\n": True,
+        "defmodule ExforgeRefactorCheck do\n  def f(y), do: y + z\nend\n": False,
+    }
+    for code, passes in codes.items():
+        script = check_program([Check(code, "compile")]) + 'IO.puts("stops: #{stops}")\n'
+        done = subprocess.run(["elixir", "-e", script], capture_output=True, text=True)
+        assert (done.returncode == 0) == passes, done.stderr
+        assert "Exforge.Sandbox" not in done.stderr
+        assert ("stops: true" in done.stdout) == passes
 
 
 def test_the_front_end_stop_is_probed_once_per_process(pool: SandboxPool) -> None:
@@ -518,6 +568,28 @@ def test_a_timed_out_check_batch_is_counted_as_a_rerun_timeouts_and_replaced_vms
     after = check_pool_events()
     counted = {event: after[event] - before[event] for event in after}
     assert counted == {"batch_rerun": 1, "timeout": 2, "vm_replaced": 2}
+
+
+def test_a_check_batch_has_the_time_each_of_its_candidates_would_have_alone() -> None:
+    """Three candidates whose module bodies take 1.2 s each share one batch program,
+    3.6 s in all, past the pool's `timeout_s` of 2 s for one candidate but within the 6 s
+    the three would have had alone: the batch runs to its end, with no timeout, rerun or
+    replaced VM."""
+    slow = [
+        f"defmodule ExforgeSlow{n} do\n  Process.sleep(1_200)\n  def f(x), do: x\nend\n"
+        for n in range(3)
+    ]
+    before = check_pool_events()
+    config = SandboxConfig(workers=1, timeout_s=2, prelude=CHECK_PRELUDE)
+    with SandboxPool(config) as pool:
+        reasons = check_all(pool, [[Check(code, "compile")] for code in slow])
+    assert reasons == [None, None, None]
+    after = check_pool_events()
+    assert {event: after[event] - before[event] for event in after} == {
+        "batch_rerun": 0,
+        "timeout": 0,
+        "vm_replaced": 0,
+    }
 
 
 def test_a_check_unit_holds_the_definitions_it_calls_whatever_their_names_end_in(

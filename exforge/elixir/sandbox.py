@@ -7,7 +7,8 @@ of the system directories and the Elixir installation and nothing else of the ho
 system but a small private home; under `prlimit` limits (address space, file size, no core
 dumps, and OS processes, counted in the sandbox's own user namespace), with a scrubbed
 environment, in its own session (so its own OS process group). The host sends it one
-program at a time over a pipe pair and waits at most `timeout_s` for the reply.
+program at a time over a pipe pair and waits at most `timeout_s` (or the program's own
+limit) for the reply.
 
 Where the kernel refuses the namespaces (or bubblewrap is missing), `isolation()` says so
 and a pool refuses to start unless its config allows unisolated workers: those run with
@@ -131,6 +132,9 @@ class Program:
 
     code: str
     tests: str = ""
+    # its wall-clock limit (None: the pool's `timeout_s`), e.g. the time each of the
+    # candidates that share one program would have had alone
+    timeout_s: float | None = None
 
     @property
     def text(self) -> str:
@@ -392,14 +396,13 @@ class BeamWorker:
             self._await_ready()
         self.uses += 1
         started = time.monotonic()
-        deadline = started + self.config.timeout_s
+        limit = program.timeout_s or self.config.timeout_s
+        deadline = started + limit
         try:
             write_frame(self._request_w, program.request())
             frame = read_frame(self._reply_r, deadline)
         except TimeoutError:
-            return Outcome(
-                "timeout", output="wall-clock timeout", seconds=self.config.timeout_s
-            ), False
+            return Outcome("timeout", output="wall-clock timeout", seconds=limit), False
         except BrokenPipeError:
             frame = None
         seconds = time.monotonic() - started

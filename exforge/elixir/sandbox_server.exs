@@ -176,8 +176,12 @@ defmodule Exforge.Sandbox.Bodies do
   so no code of the candidate runs as they compile and nothing it could set (compiler
   options, tracers) differs from a clean VM's. Each `defmodule`'s body is then replaced
   by a macro call that evaluates it in the environment the body starts in, less the
-  `require` of this module; the module compiled from it is the same binary
-  (`probe/0`, at boot: else bodies are compiled as before).
+  `require` of this module (`evaluating/3`); the module compiled from it is the same
+  binary (`probe/0`, at boot: else bodies are compiled as before).
+
+  `evaluating/3` and `evaluate/1` are also the check pool's (streams/generators/check.py:
+  `ExforgeCheck`, compiled as its VMs' prelude, after this script's modules), which
+  evaluates the bodies its own rule picks and hands a check to run after each.
   """
 
   @defs [:def, :defp]
@@ -202,19 +206,28 @@ defmodule Exforge.Sandbox.Bodies do
       forms
       |> Enum.with_index()
       |> Enum.map(fn
-        {{:defmodule, meta, [name, [do: body]]}, index} ->
-          Process.put({__MODULE__, index}, body)
-          line = [line: Keyword.get(meta, :line, 0)]
-          evaluate = {{:., line, [__MODULE__, :__evaluate__]}, line, [index]}
-          block = {:__block__, [], [{:require, line, [__MODULE__]}, evaluate]}
-          {:defmodule, meta, [name, [do: block]]}
-
-        {form, _index} ->
-          form
+        {{:defmodule, _, _} = form, index} -> evaluating(form, index)
+        {form, _index} -> form
       end)
     else
       forms
     end
+  end
+
+  # The `defmodule` form with its body put aside under `key` (a literal, distinct among
+  # the modules compiled together) and replaced by one that `evaluate`s it where it
+  # starts; `check`, if any, gets the environment the body started in once it ran.
+  def evaluating({:defmodule, meta, [name, [do: body]]}, key, check \\ nil) do
+    Process.put({__MODULE__, key}, {body, check})
+    line = [line: Keyword.get(meta, :line, 0)]
+    evaluate = {{:., line, [__MODULE__, :__evaluate__]}, line, [key]}
+    {:defmodule, meta, [name, [do: {:__block__, [], [{:require, line, [__MODULE__]}, evaluate]}]]}
+  end
+
+  # What `evaluating` left for `key` where its module never ran its body.
+  def forget(key) do
+    Process.delete({__MODULE__, key})
+    Process.delete({__MODULE__, :env, key})
   end
 
   defp evaluable?({kind, _, [{:__aliases__, _, parts}, [do: body]]})
@@ -238,16 +251,17 @@ defmodule Exforge.Sandbox.Bodies do
 
   # The module's environment where its body starts, less the `require` of this module:
   # its body evaluated there.
-  defmacro __evaluate__(index) do
+  defmacro __evaluate__(key) do
     env = %{__CALLER__ | requires: List.delete(__CALLER__.requires, __MODULE__)}
-    Process.put({__MODULE__, :env, index}, env)
-    quote do: unquote(__MODULE__).evaluate(unquote(index))
+    Process.put({__MODULE__, :env, key}, env)
+    quote do: unquote(__MODULE__).evaluate(unquote(key))
   end
 
-  def evaluate(index) do
-    body = Process.delete({__MODULE__, index})
-    env = Process.delete({__MODULE__, :env, index})
+  def evaluate(key) do
+    {body, check} = Process.delete({__MODULE__, key})
+    env = Process.delete({__MODULE__, :env, key})
     {value, _binding, _env} = :elixir.eval_forms(body, [], env)
+    if check, do: check.(env)
     value
   end
 

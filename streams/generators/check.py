@@ -50,6 +50,7 @@ from typing import TypeAlias
 
 from exforge.core.telemetry import CHECK_POOL_EVENTS
 from exforge.elixir.sandbox import Outcome, SandboxPool
+from exforge.elixir.sandbox import Program as PoolProgram
 from streams.generators.common import Check
 
 FAILED_CHECK = Outcome("syntax_error")
@@ -86,7 +87,9 @@ end
 # whatever it holds (that was ~45 % of a compile check): a body that makes no closure,
 # loop, `try` or `receive` outside its functions and registers no `@before_compile`
 # (whose callback sees the environment the body ends in); any other is compiled. The
-# probe (`stops?`) also checks that an evaluated body sees Elixir's own `__ENV__`.
+# evaluation is the sandbox server's (`Exforge.Sandbox.Bodies`, loaded in every pool VM
+# before this prelude): in a plain `elixir` script every body is compiled. The probe
+# (`stops?`) also checks that an evaluated body sees Elixir's own `__ENV__`.
 # `ExforgeCheck.check(level, code, file, stops)`: one check of `level` (`:parse`,
 # `:compile`, `:test`), as a batch program checks its units and a single-candidate
 # program its lines (`check_line`).
@@ -104,8 +107,8 @@ defmodule ExforgeCheck do
   @stopped "exforge-front-end"
   @late [:after_compile, :after_verify, :on_load, :compile]
   @defs [:def, :defp, :defmacro, :defmacrop, :defguard, :defguardp]
-  @body {__MODULE__, :body}
-  @env {__MODULE__, :env}
+  @bodies Exforge.Sandbox.Bodies
+  @compiled {__MODULE__, :compiled}
   @probe "defmodule ExforgeFrontEndProbe do\\n  Process.put(:exforge_probe, __ENV__)\\n" <>
            "  def f(x), do: x\\nend"
 
@@ -185,14 +188,24 @@ defmodule ExforgeCheck do
     probe = Code.string_to_quoted!(@probe)
     compiled = stopped(probe, ExforgeFrontEndProbe, "probe.ex")
     compiled_env = Process.delete(:exforge_probe)
-    evaluated = stopped(evaluating(probe), ExforgeFrontEndProbe, "probe.ex")
-    evaluated_env = Process.delete(:exforge_probe)
 
-    compiled == :accepted and evaluated == :accepted and is_map(compiled_env) and
-      %{compiled_env | lexical_tracker: nil} == %{evaluated_env | lexical_tracker: nil}
+    compiled == :accepted and is_map(compiled_env) and
+      (not bodies?() or evaluates_as_compiled?(probe, compiled_env))
   rescue
     _ -> false
   end
+
+  defp evaluates_as_compiled?(probe, compiled_env) do
+    evaluated = stopped(evaluating(probe), ExforgeFrontEndProbe, "probe.ex")
+    evaluated_env = Process.delete(:exforge_probe)
+
+    evaluated == :accepted and
+      %{compiled_env | lexical_tracker: nil} == %{evaluated_env | lexical_tracker: nil}
+  end
+
+  # Whether module bodies can be evaluated here: `Exforge.Sandbox.Bodies`, of the
+  # sandbox server every pool VM runs, is loaded (not in a plain `elixir` script).
+  defp bodies?, do: :erlang.function_exported(@bodies, :evaluate, 1)
 
   def same_expansion(a, b) do
     expanded(a) == expanded(b)
@@ -229,14 +242,16 @@ defmodule ExforgeCheck do
   end
 
   # Whether what a module's body runs outside its functions (their bodies are only
-  # stored, unless `unquote` makes parts of them run with it) makes no closure, loop,
+  # stored, unless `unquote` makes parts of them run with it: `unquoted`) makes no closure, loop,
   # `try` or `receive` and names no `@before_compile`: then `front_end` evaluates it.
   defp evaluates?(body) do
     {_, evaluates} =
       Macro.prewalk(body, true, fn
         _node, false -> {nil, false}
         {kind, meta, [head, code]} = node, _ when kind in @defs ->
-          if :elixir_quote.has_unquotes(code), do: {node, true}, else: {{kind, meta, [head]}, true}
+          if :elixir_quote.has_unquotes(code),
+            do: {{kind, meta, [head, unquoted(code)]}, true},
+            else: {{kind, meta, [head]}, true}
         {:@, _, [{:before_compile, _, _}]} = node, _ -> {node, false}
         {form, _, _} = node, _ when form in [:fn, :for, :try, :receive] -> {node, false}
         {:&, _, [{:/, _, _}]} = node, _ -> {node, true}
@@ -245,6 +260,29 @@ defmodule ExforgeCheck do
       end)
 
     evaluates
+  end
+
+  # What of a function's body runs with its module's body where the body `unquote`s
+  # (`def` then escapes it, running its unquotes as the module body runs): the
+  # arguments of the unquotes outside any `quote`, not the function's own code, nor a
+  # nested `quote` (whose unquotes run when the function does: the closures in
+  # nimble_parsec's compiler, say). The whole code where anything else could unquote
+  # (`:elixir_quote.has_unquotes`: a remote `Kernel.unquote`, say).
+  defp unquoted(code) do
+    {rest, arguments} =
+      Macro.prewalk(code, [], fn
+        # its options, which this Elixir expands where the function runs, are kept to
+        # be safe
+        {:quote, _, [options, _]}, found -> {options, found}
+        {:quote, _, _}, found -> {nil, found}
+        {form, _, [argument]}, found when form in [:unquote, :unquote_splicing] ->
+          {nil, [argument | found]}
+
+        node, found ->
+          {node, found}
+      end)
+
+    if :elixir_quote.has_unquotes(rest), do: code, else: arguments
   end
 
   defp lone_module({:defmodule, _, [name, [do: body]]}) do
@@ -269,39 +307,29 @@ defmodule ExforgeCheck do
   # Elixir's front end for `quoted`, a lone module: its body evaluated (`evaluating`)
   # where it `evaluates?` and registers no `@before_compile` as it runs, else compiled.
   defp front_end({:defmodule, _, [_, [do: body]]} = quoted, module, file) do
-    result = if evaluates?(body), do: stopped(evaluating(quoted), module, file), else: :compile
+    result =
+      if evaluates?(body) and bodies?(),
+        do: stopped(evaluating(quoted), module, file),
+        else: :compile
+
     if result == :compile, do: stopped(quoted, module, file), else: result
   end
 
-  # `quoted` with a body that `evaluate`s the module's own where it starts, in the
-  # environment it starts in.
-  defp evaluating({:defmodule, meta, [name, [do: body]]}) do
-    Process.put(@body, body)
-    line = [line: Keyword.get(meta, :line, 0)]
-    evaluate = {{:., line, [__MODULE__, :__evaluate__]}, line, []}
-    {:defmodule, meta, [name, [do: {:__block__, [], [{:require, line, [__MODULE__]}, evaluate]}]]}
-  end
-
-  # The module's environment where its body starts (`evaluating`), less the `require`
-  # of this module, for `evaluate`.
-  defmacro __evaluate__ do
-    Process.put(@env, %{__CALLER__ | requires: List.delete(__CALLER__.requires, __MODULE__)})
-    quote do: unquote(__MODULE__).evaluate()
-  end
-
-  # The body that `evaluating` put aside, run as Elixir evaluates code
-  # (`Code.eval_quoted`), in its module's environment, instead of compiled into a
-  # throwaway module and run: Elixir 1.14 compiles, loads and purges one per module
-  # body, whatever it holds, about half of what a front-end check cost. What only a
-  # compiled body could tell apart (a closure's module, a stack trace) it never makes
+  # `quoted` with its body run as Elixir evaluates code (`Code.eval_quoted`), in its
+  # module's environment where it starts (`Exforge.Sandbox.Bodies`), instead of compiled
+  # into a throwaway module and run: Elixir 1.14 compiles, loads and purges one per
+  # module body, whatever it holds, about half of what a front-end check cost. What only
+  # a compiled body could tell apart (a closure's module, a stack trace) it never makes
   # (`evaluates?`), and the Erlang compiler of a throwaway module rejects nothing that
   # Elixir made. A `@before_compile` callback gets the environment the body ends in,
-  # which this one's body does not: a body that registers one is compiled after all.
-  def evaluate do
-    env = Process.delete(@env)
-    {value, _binding, _env} = :elixir.eval_forms(Process.delete(@body), [], env)
-    if Module.get_attribute(env.module, :before_compile) != [], do: throw(@body)
-    value
+  # which this one's body does not: a body that registers one is compiled after all
+  # (`compiled_after_all`).
+  # (`apply`: no warning where the module is absent, in a plain `elixir` script)
+  defp evaluating(quoted),
+    do: apply(@bodies, :evaluating, [quoted, __MODULE__, &compiled_after_all/1])
+
+  defp compiled_after_all(env) do
+    if Module.get_attribute(env.module, :before_compile) != [], do: throw(@compiled)
   end
 
   defp stopped(quoted, module, file) do
@@ -320,10 +348,9 @@ defmodule ExforgeCheck do
           true -> :elsewhere
         end
     catch
-      :throw, @body -> :compile
+      :throw, @compiled -> :compile
     after
-      Process.delete(@body)
-      Process.delete(@env)
+      if bodies?(), do: apply(@bodies, :forget, [__MODULE__])
       System.delete_env("ERL_COMPILER_OPTIONS")
       Code.put_compiler_option(:ignore_module_conflict, conflicts)
     end
@@ -592,15 +619,22 @@ def check_all(
     known: UnitResults | None = None,
 ) -> list[str | None]:
     """The failure reason (None: passed) of each candidate's checks, in order; units
-    whose results `known` holds are not run again, and those run are added to it. Its
-    programs' timeouts, the VMs they left to be replaced and the batch programs run again
+    whose results `known` holds are not run again, and those run are added to it. A
+    batch program has the pool's `timeout_s` for each of its candidates, the time each
+    would have had alone (one limit for the whole batch timed out busy batches of sound
+    code on a loaded machine, and each cost a VM and a rerun of its candidates one by
+    one). Its programs' timeouts, the VMs they left to be replaced and the batch programs run again
     one candidate per program count in `exforge_check_pool_events_total`."""
     reasons: dict[int, str | None] = {}
     alone = [i for i, checks in enumerate(candidates) if tested(checks)]
     shared = [i for i, checks in enumerate(candidates) if not tested(checks)]
     batches = even_batches(shared, batch, pool.config.workers)
     programs = [batch_program([candidates[i] for i in group], known) for group in batches]
-    outcomes = pool.map(p.source for p in programs)
+    limit = pool.config.timeout_s
+    outcomes = pool.map(
+        PoolProgram(p.source, timeout_s=limit * len(group))
+        for p, group in zip(programs, batches, strict=True)
+    )
     for group, program, outcome in zip(batches, programs, outcomes, strict=True):
         count_events(outcome)
         verdicts = batch_verdicts(outcome, program, len(group), known)

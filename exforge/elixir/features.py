@@ -174,13 +174,7 @@ def features(source: str, data: bytes, root: Node, found: Definitions) -> Elixir
         cond=locals_["cond"],
         with_=locals_["with"],
         destructuring=sum(1 for n in patterns if n is not None and n.type in _COMPOSITE),
-        spawns=sum(locals_[s] for s in _SPAWNS)
-        + sum(1 for _, mod, fun in remotes if fun in _SPAWNS and mod in ("Kernel", "Process")),
-        sends=locals_["send"] + sum(1 for _, mod, fun in remotes if fun == "send"),
-        receives=locals_["receive"],
-        macros=sum(1 for f in found.functions if f.kind in ("defmacro", "defmacrop")),
-        quotes=locals_["quote"],
-        unquotes=locals_["unquote"] + locals_["unquote_splicing"],
+        **_uses(locals_, remotes, found)._asdict(),
         test_modules=sorted(
             {b.module for b in found.behaviours if b.via == "use" and b.name == "ExUnit.Case"}
         ),
@@ -223,15 +217,47 @@ class Grading(NamedTuple):
     macros: bool  # defines or expands macros
 
 
+class _Uses(NamedTuple):
+    """How often code spawns, sends and receives, and defines, quotes and unquotes
+    macros: features of their own (`features`), read as two flags by a grade."""
+
+    spawns: int
+    sends: int
+    receives: int
+    macros: int
+    quotes: int
+    unquotes: int
+
+    @property
+    def processes(self) -> bool:
+        return self.spawns + self.sends + self.receives > 0
+
+    @property
+    def metaprogramming(self) -> bool:
+        return self.macros + self.quotes + self.unquotes > 0
+
+
+def _uses(locals_: Counter[str], remotes: list[tuple[Node, str, str]], found: Definitions) -> _Uses:
+    return _Uses(
+        spawns=sum(locals_[s] for s in _SPAWNS)
+        + sum(1 for _, mod, fun in remotes if fun in _SPAWNS and mod in ("Kernel", "Process")),
+        sends=locals_["send"] + sum(1 for _, mod, fun in remotes if fun == "send"),
+        receives=locals_["receive"],
+        macros=sum(1 for f in found.functions if f.kind in ("defmacro", "defmacrop")),
+        quotes=locals_["quote"],
+        unquotes=locals_["unquote"] + locals_["unquote_splicing"],
+    )
+
+
 def grading_of(analysis: ElixirAnalysis, nesting: int) -> Grading:
     """The `Grading` of features `features` made (`nesting` when they lack it)."""
-    processes = analysis.spawns + analysis.sends + analysis.receives > 0
+    uses = _Uses(*(getattr(analysis, name) for name in _Uses._fields))
     return Grading(
         complexity=analysis.metrics.complexity,
         loc=analysis.metrics.loc,
         nesting=nesting,
-        otp=bool(analysis.behaviours or analysis.supervisors) or processes,
-        macros=analysis.macros + analysis.quotes + analysis.unquotes > 0,
+        otp=bool(analysis.behaviours or analysis.supervisors) or uses.processes,
+        macros=uses.metaprogramming,
     )
 
 
@@ -248,26 +274,18 @@ def grading(source: str, data: bytes, root: Node, found: Definitions) -> Grading
     operators = _operators(data, finder, words, _LOGIC)
     local_calls, remotes = _named_calls(data, finder, words)
     owners = _owners([call for call, _, _ in remotes], found.modules)
-    locals_ = Counter(name for name, _ in local_calls)
-    processes = (
-        any(locals_[name] for name in (*_SPAWNS, "send", "receive"))
-        or any(fun in _SPAWNS and mod in ("Kernel", "Process") for _, mod, fun in remotes)
-        or any(fun == "send" for _, _, fun in remotes)
-    )
+    uses = _uses(Counter(name for name, _ in local_calls), remotes, found)
     calls_otp = any(
         mod in _CALLED_OTP and owner is not None
         for (_, mod, _), owner in zip(remotes, owners, strict=True)
-    )
-    macros = any(f.kind in ("defmacro", "defmacrop") for f in found.functions) or any(
-        locals_[name] for name in ("quote", "unquote", "unquote_splicing")
     )
     _, non_blank, comment_rows = _line_counts(source, data, _comments(data, finder, words))
     return Grading(
         complexity=_complexity(found, _fns(data, finder, words), operators, local_calls),
         loc=non_blank - comment_rows,
         nesting=nesting(root),
-        otp=bool(found.behaviours) or calls_otp or processes,
-        macros=macros,
+        otp=bool(found.behaviours) or calls_otp or uses.processes,
+        macros=uses.metaprogramming,
     )
 
 

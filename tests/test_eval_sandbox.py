@@ -144,6 +144,14 @@ def _probed_verdict(outcome: Outcome) -> tuple[object, ...]:
     return _verdict(replace(outcome, output=re.sub(r"probe: .*\n", "", outcome.output)))
 
 
+def _unframed_verdict(outcome: Outcome) -> tuple[object, ...]:
+    """`_probed_verdict` of an outcome, less the frames of a stacktrace it printed: where
+    a module body raised, they show how the server compiled it (whole, or before kept
+    tests: so on main too), not what the candidate did."""
+    frames = r"(?m)^    (\(\w+ [\d.]+\) )?\S+:\d+: .*\n"
+    return _probed_verdict(replace(outcome, output=re.sub(frames, "", outcome.output)))
+
+
 def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: SandboxPool) -> None:
     double = "defmodule Double do\n  def double(x) do\n    {}\n  end\nend\n"
     protocol = (
@@ -408,8 +416,9 @@ end
 
 def test_module_bodies_evaluated_give_the_verdicts_of_the_whole_program() -> None:
     """A candidate of nothing but modules whose bodies only store definitions (`def`,
-    `defp`, literal `@doc`, `@moduledoc`, `@impl`) has them evaluated instead of compiled
-    into throwaway modules: the same modules (module_info, the source's directory aside;
+    `defp`, literal `@doc`, `@moduledoc`, `@impl`, a `defstruct` of distinct literal
+    fields) has them evaluated instead of compiled into throwaway modules, and a
+    `defimpl` of a loaded protocol made the module it defines: the same modules (module_info, the source's directory aside;
     the VM's boot probe compares whole binaries), verdicts, warnings and output as each
     program compiled whole in a fresh VM. A probe (set by the prelude) counts the bodies
     evaluated: one a module of such candidates once their tests are kept, none for other
@@ -432,15 +441,31 @@ def test_module_bodies_evaluated_give_the_verdicts_of_the_whole_program() -> Non
         ),
         "redefined": double.format("  def double(x), do: x\n")
         + double.format("  def double(x), do: x * 2\n"),
+        "struct": double.format("  defstruct [:a]\n  def double(x), do: x * 2\n"),
+        "struct_defaults": double.format(
+            "  defstruct [:a, b: [1], c: %{d: :e}]\n  def double(x), do: x * 2\n"
+        ),
         # bodies that run code: compiled as before
         "attribute_computed": double.format("  @times 1 + 1\n  def double(x), do: x * @times\n"),
-        "struct": double.format("  defstruct [:a]\n  def double(x), do: x * 2\n"),
+        # defstruct that raises or warns (the stacktrace shows where the body ran)
+        "struct_twice": double.format("  defstruct [:a]\n  defstruct [:b]\n  def double(x), do: x * 2\n"),
+        "struct_key_twice": double.format("  defstruct [:a, a: 1]\n  def double(x), do: x * 2\n"),
+        "struct_field_not_atom": double.format('  defstruct ["a"]\n  def double(x), do: x * 2\n'),
+        # an implementation of a protocol of Elixir's, made a module (its body evaluated)
+        "impl": double.format(
+            "  defstruct [:a]\n  def double(x), do: String.length(to_string(%Double{a: x})) * x\n"
+        )
+        + 'defimpl String.Chars, for: Double do\n  def to_string(%Double{}), do: "ab"\nend\n',
         # last: their tests do not run, so they show no count
         "undefined_function": double.format("  def double(x), do: nope(x)\n"),
         "undefined_in_guard": double.format("  def double(x) when nope(x), do: x\n"),
+        # not a protocol: compiled, and its check raises as in a fresh VM
+        "impl_not_a_protocol": double.format("  def double(x), do: x * 2\n")
+        + "defimpl Enum, for: Double do\n  def count(_), do: {:ok, 0}\nend\n",
     }
-    evaluated = {name: name not in ("attribute_computed", "struct") for name in codes}
-    modules = {name: code.count("defmodule") for name, code in codes.items()}
+    compiled = ("attribute_computed", "struct_twice", "struct_key_twice", "struct_field_not_atom")
+    evaluated = {name: name not in compiled for name in codes}
+    modules = {name: len(re.findall(r"defmodule|defimpl String", c)) for name, c in codes.items()}
     prelude = f":erlang.trace_pattern({BODY_PROBE}, true, [:call_count])\n"
     programs = [Program(code, BODY_TESTS) for code in codes.values()]
     with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0, prelude=prelude)) as pool:
@@ -450,16 +475,17 @@ def test_module_bodies_evaluated_give_the_verdicts_of_the_whole_program() -> Non
     with SandboxPool(config) as pool:
         wholes = pool.map([p.text for p in programs])
 
-    assert [_probed_verdict(o) for o in outcomes] == [
-        _probed_verdict(o) for o in wholes for _ in range(3)
+    assert [_unframed_verdict(o) for o in outcomes] == [
+        _unframed_verdict(o) for o in wholes for _ in range(3)
     ]
-    # a fresh VM's count is its boot probe's (none shown where the tests did not run)
-    assert {_call_count(o) for o in wholes} == {"1", None}
-    counts, last = [], 1
+    # a fresh VM's count is its boot probe's, a module and an implementation (none shown
+    # where the tests did not run)
+    assert {_call_count(o) for o in wholes} == {"2", None}
+    counts, last = [], 2
     for outcome in outcomes:
         counts.append(int(_call_count(outcome) or last))
         last = counts[-1]
-    steps = [after - before for before, after in zip([1, *counts[:-1]], counts, strict=True)]
+    steps = [after - before for before, after in zip([2, *counts[:-1]], counts, strict=True)]
     ran = {name: outcomes[3 * i] for i, name in enumerate(codes)}
     assert {name: (o.status, o.warnings) for name, o in ran.items()} == {
         "plain": ("passed", 0),
@@ -473,6 +499,12 @@ def test_module_bodies_evaluated_give_the_verdicts_of_the_whole_program() -> Non
         "redefined": ("passed", 1),  # redefining module Double
         "attribute_computed": ("passed", 0),
         "struct": ("passed", 0),
+        "struct_defaults": ("passed", 0),
+        "struct_twice": ("runtime_error", 0),
+        "struct_key_twice": ("passed", 1),  # duplicate key :a found in struct
+        "struct_field_not_atom": ("runtime_error", 0),
+        "impl": ("passed", 0),
+        "impl_not_a_protocol": ("runtime_error", 0),
     }
     # a VM keeps the tests (for code of as many lines) on their second sight
     sightings: Counter[int] = Counter()
@@ -482,10 +514,67 @@ def test_module_bodies_evaluated_give_the_verdicts_of_the_whole_program() -> Non
             kept = sightings[code.count("\n")] > 0
             expected.append(modules[name] if evaluated[name] and kept else 0)
             sightings[code.count("\n")] += 1
-    shown = [i for i, o in enumerate(outcomes) if o.status != "syntax_error"]
+    shown = [i for i, o in enumerate(outcomes) if _call_count(o) is not None]
     assert [steps[i] for i in shown] == [expected[i] for i in shown]
-    assert sum(expected) >= 20
+    assert sum(expected[i] for i in shown) >= 20
     assert not any(o.worker_replaced for o in outcomes)
+
+
+CHECK_PROBE = "{:code, :get_object_code, 1}"
+CHECK_TESTS = f"""
+ExUnit.start()
+defmodule DoubleTest do
+  use ExUnit.Case, async: true
+  test "double" do
+    IO.inspect(:erlang.trace_info({CHECK_PROBE}, :call_count), label: "probe")
+    assert Double.double(2) == 4
+  end
+end
+"""
+
+
+def test_the_checks_kept_cache_gives_the_verdicts_of_a_fresh_vm() -> None:
+    """The undefined-function check starts with what the VM learnt of the modules earlier
+    candidates called (Exforge.Sandbox.Checker): the same warnings and verdicts as each
+    program compiled whole in a fresh VM, for calls to functions a module has, lacks or
+    deprecates, and for a program whose own module shadows one the cache holds (its own
+    exports, not the kept ones). A probe (set by the prelude) counts the object files the
+    checks read: none once a VM has learnt the modules a candidate calls."""
+    double = "defmodule Double do\n  def double(x), do: {}\nend\n"
+    codes = {
+        "calls": double.format("Integer.floor_div(x * 2, 1)"),
+        "lacks": double.format("Integer.nope(x)"),
+        "deprecates": double.format("x * 2 + length(Integer.to_char_list(0)) - 1"),
+        "shadows": "defmodule Integer do\n  def only, do: 1\nend\n"
+        + double.format("Integer.floor_div(x * 2, 1)"),
+        "calls_again": double.format("Integer.floor_div(x * 2, 1)"),
+    }
+    prelude = f":erlang.trace_pattern({CHECK_PROBE}, true, [:call_count])\n"
+    programs = [Program(code, CHECK_TESTS) for code in codes.values()]
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0, prelude=prelude)) as pool:
+        outcomes = [pool.run(p) for p in programs for _ in range(3)]
+    config = SandboxConfig(workers=2, timeout_s=5.0, prelude=prelude, max_uses=1)
+    with SandboxPool(config) as pool:
+        wholes = pool.map([p.text for p in programs])
+
+    assert [_probed_verdict(o) for o in outcomes] == [
+        _probed_verdict(o) for o in wholes for _ in range(3)
+    ]
+    ran = {name: outcomes[3 * i] for i, name in enumerate(codes)}
+    assert {name: (o.status, o.warnings) for name, o in ran.items()} == {
+        "calls": ("passed", 0),
+        "lacks": ("runtime_error", 1),  # Integer.nope/1 is undefined or private
+        "deprecates": ("passed", 1),  # Integer.to_char_list/1 is deprecated
+        "shadows": ("runtime_error", 2),  # redefining Integer; floor_div/2 undefined
+        "calls_again": ("passed", 0),
+    }
+    reads = [int(_call_count(o) or 0) for o in outcomes]
+    fresh = [int(_call_count(o) or 0) for o in wholes]
+    # a fresh VM's checks read object files; the kept cache's third sight of a program
+    # reads none (its second may: the VM learns after the first)
+    assert fresh[0] > 0
+    assert reads[2] == reads[1]
+    assert reads[1] < reads[0] + fresh[0]
 
 
 def _vm(outcome: Outcome) -> str:

@@ -122,6 +122,12 @@ defmodule Exforge.Sandbox.Modules do
     end
   end
 
+  # Not loaded, or loaded as the baseline (`before`) had it or from the code path since.
+  def as_found?(module, before, context) do
+    not :erlang.module_loaded(module) or
+      unchanged?(module, before.modules, context.code_path, fn _ -> false end)
+  end
+
   # Loaded from an object file in an absolute directory of the code path (not ".").
   def autoloaded?(module, code_path) do
     case :code.is_loaded(module) do
@@ -131,6 +137,115 @@ defmodule Exforge.Sandbox.Modules do
 
       _ ->
         false
+    end
+  end
+end
+
+defmodule Exforge.Sandbox.Checker do
+  @moduledoc """
+  The undefined-function check (`Module.ParallelChecker.verify/1`) with what it caches
+  of the modules a program calls kept from one candidate to the next. Each check starts
+  with an empty cache and fills it from every called module's object file (Kernel, Enum,
+  ExUnit's: read from disk and decoded for every candidate) or loaded exports. Here the
+  server computes a module's entries once, in a clean VM (`learn/2`), and a check starts
+  with those of every module that is still as the server found it: not loaded, or loaded
+  from the code path or as the baseline had it, with the code path the baseline's. A
+  module of the program's own is loaded from a string, so never one of them; the check
+  caches those from the program's own modules as before.
+  """
+
+  @table :exforge_checker_cache
+  # modules learnt at most (then no more: a bound on memory)
+  @kept 2_000
+
+  # A protected table the server owns (created before the baseline): {module, entries}.
+  def start, do: :ets.new(@table, [:named_table, :protected, :set])
+
+  # `Module.ParallelChecker.verify/1` but for the cache its checker starts with, and the
+  # modules it cached besides sent to `server` (`learn/2` computes their entries itself).
+  def verify(fun, server, before, context) do
+    previous = Process.put(:elixir_checker_info, {self(), nil})
+
+    try do
+      result = fun.()
+
+      case Process.get(:elixir_checker_info) do
+        {_, nil} ->
+          :ok
+
+        {_, checker} ->
+          ets = :gen_server.call(checker, :ets)
+          known = prefill(ets, before, context)
+          Module.ParallelChecker.verify(checker, [])
+          cached = :ets.match(ets, {{:cached, :"$1"}, :"$2"})
+
+          fresh =
+            for [module, mode] <- cached,
+                mode,
+                module not in known,
+                Exforge.Sandbox.Modules.as_found?(module, before, context),
+                do: module
+
+          send(server, {__MODULE__, fresh})
+      end
+
+      result
+    after
+      {_, checker} = Process.get(:elixir_checker_info)
+
+      if previous,
+        do: Process.put(:elixir_checker_info, previous),
+        else: Process.delete(:elixir_checker_info)
+
+      if checker, do: Module.ParallelChecker.stop(checker)
+    end
+  end
+
+  # The kept entries of modules as the server found them put in the checker's table:
+  # the modules put.
+  defp prefill(ets, before, context) do
+    if :code.get_path() == context.code_path and context.code_path == before.code_path do
+      for {module, entries} <- :ets.tab2list(@table),
+          Exforge.Sandbox.Modules.as_found?(module, before, context) do
+        :ets.insert(ets, entries)
+        module
+      end
+    else
+      []
+    end
+  end
+
+  # Each of `modules` (atoms a check sent, of a candidate: trusted for nothing but their
+  # names) not kept yet and as found, its entries computed by a checker of its own as a
+  # check would: called in a clean VM, the server's.
+  def learn(modules, before) do
+    context = %{code_path: :code.get_path()}
+
+    fresh =
+      for module <- Enum.uniq(modules),
+          is_atom(module),
+          :ets.lookup(@table, module) == [],
+          context.code_path == before.code_path,
+          Exforge.Sandbox.Modules.as_found?(module, before, context),
+          do: module
+
+    if fresh != [] and :ets.info(@table, :size) + length(fresh) <= @kept do
+      {checker, ets} = Module.ParallelChecker.test_cache()
+
+      for module <- fresh do
+        Module.ParallelChecker.preload_module({checker, ets}, module)
+        entries = :ets.match_object(ets, {{:export, module, :_}, :_, :_})
+
+        case :ets.lookup(ets, {:cached, module}) do
+          [{_, mode} = cached] when mode != false ->
+            :ets.insert(@table, {module, [cached | entries]})
+
+          _ ->
+            :ok
+        end
+      end
+
+      GenServer.stop(checker)
     end
   end
 end
@@ -172,9 +287,11 @@ defmodule Exforge.Sandbox.Bodies do
   `defmodule` whatever its body holds (~15 % of compiling a small module). Only where the
   body can run nothing but the storing of its definitions: a file of top-level
   `defmodule`s, `defprotocol`s and `defimpl`s whose bodies are all `def` and `defp` (no
-  `unquote`) and `@doc`, `@moduledoc`, `@impl` and `@fallback_to_any` of literal values,
-  so no code of the candidate runs as they compile and nothing it could set (compiler
-  options, tracers) differs from a clean VM's. Each `defmodule`'s body is then replaced
+  `unquote`), `@doc`, `@moduledoc`, `@impl` and `@fallback_to_any` of literal values and
+  at most one `defstruct` of distinct literal fields (~35 % of compiling a small struct's
+  module), so no code of the candidate runs as they compile, nothing it could set
+  (compiler options, tracers) differs from a clean VM's and nothing raises or warns with
+  a stacktrace, which would show where the body ran. Each `defmodule`'s body is then replaced
   by a macro call that evaluates it in the environment the body starts in, less the
   `require` of this module (`evaluating/3`); the module compiled from it is the same
   binary (`probe/0`, at boot: else bodies are compiled as before).
@@ -189,6 +306,7 @@ defmodule Exforge.Sandbox.Bodies do
   @probe """
   defmodule Exforge.Sandbox.BodiesProbe do
     @moduledoc "probe"
+    defstruct [:head, tail: [1], kind: :probe]
     @doc "first"
     def first(list, default \\\\ nil)
     def first([head | _], _default), do: head
@@ -198,12 +316,29 @@ defmodule Exforge.Sandbox.Bodies do
     def both(x), do: twice(x)
   end
   """
+  @probe_impl """
+  defimpl String.Chars, for: Exforge.Sandbox.BodiesProbe do
+    @doc "to_string"
+    def to_string(probe), do: twice(probe.head)
+    defp twice(x), do: {x, x, __ENV__.line}
+  end
+  """
 
   # `forms` with each `defmodule` rewritten to evaluate its body where every form is
-  # evaluable, else `forms` as they are.
-  def evaluating(forms) do
+  # evaluable, `defimpl`s of a protocol `ready?` accepts first made the module they define
+  # (`implementing/2`), else `forms` as they are.
+  def evaluating_forms(forms, ready?) do
     if Enum.all?(forms, &evaluable?/1) do
+      # a protocol the file defines again is not the one `ready?` saw
+      defined =
+        for {kind, _, [{:__aliases__, _, parts}, _]} <- forms,
+            kind in [:defmodule, :defprotocol],
+            do: Module.concat(parts)
+
       forms
+      |> Enum.map(
+        &implementing(&1, fn protocol -> protocol not in defined and ready?.(protocol) end)
+      )
       |> Enum.with_index()
       |> Enum.map(fn
         {{:defmodule, _, _} = form, index} -> evaluating(form, index)
@@ -230,6 +365,39 @@ defmodule Exforge.Sandbox.Bodies do
     Process.delete({__MODULE__, :env, key})
   end
 
+  # A `defimpl` of a protocol `ready?` accepts (loaded, not consolidated: its expansion's
+  # checks, Protocol.assert_protocol!/1 and __ensure_defimpl__/3, pass and print nothing)
+  # as the `defmodule` of its expansion, whose top level is those checks and the module
+  # (~3x less work: no top level compiled for them, the impl's body evaluated); else the
+  # form as it is.
+  defp implementing(
+         {:defimpl, meta, [{:__aliases__, _, parts}, [for: {:__aliases__, _, _}], [do: _]]} =
+           form,
+         ready?
+       ) do
+    protocol = Module.concat(parts)
+    line = Keyword.get(meta, :line, 0)
+
+    with true <- ready?.(protocol),
+         # the expansion's shape in Elixir 1.14 (line numbers as a macro call's)
+         {:__block__, _, [set_protocol, set_for, _name, _assert, _ensure, module]} <-
+           :elixir_quote.linify(
+             line,
+             :line,
+             Macro.expand_once(form, %{:elixir_env.new() | line: line})
+           ),
+         {:=, _, [{:protocol, _, Protocol}, _]} <- set_protocol,
+         {:=, _, [{:for, _, Protocol}, for]} when is_atom(for) <- set_for,
+         {:defmodule, _, [{:name, _, Protocol}, [do: body]]} <- module do
+      {:defmodule, meta,
+       [Module.concat(protocol, for), [do: {:__block__, [], [set_protocol, set_for, body]}]]}
+    else
+      _ -> form
+    end
+  end
+
+  defp implementing(form, _ready?), do: form
+
   defp evaluable?({kind, _, [{:__aliases__, _, parts}, [do: body]]})
        when kind in [:defmodule, :defprotocol],
        do: Enum.all?(parts, &is_atom/1) and stores_only?(body)
@@ -239,7 +407,22 @@ defmodule Exforge.Sandbox.Bodies do
 
   defp evaluable?(_form), do: false
 
-  defp stores_only?({:__block__, _, forms}), do: Enum.all?(forms, &stores_only?/1)
+  defp stores_only?({:__block__, _, forms}),
+    do:
+      Enum.all?(forms, &stores_only?/1) and
+        Enum.count(forms, &match?({:defstruct, _, _}, &1)) <= 1
+
+  # defstruct raises or warns on other fields (a second call, a key not an atom, one
+  # given twice)
+  defp stores_only?({:defstruct, _, [fields]}) when is_list(fields) do
+    keys =
+      Enum.map(fields, fn
+        {key, _value} -> key
+        key -> key
+      end)
+
+    Macro.quoted_literal?(fields) and Enum.all?(keys, &is_atom/1) and Enum.uniq(keys) == keys
+  end
 
   defp stores_only?({kind, _, [_head | _]} = form) when kind in @defs,
     do: not Exforge.Sandbox.Tests.unquotes?([form])
@@ -265,15 +448,21 @@ defmodule Exforge.Sandbox.Bodies do
     value
   end
 
-  # Whether the probe module compiles to the same binary with its body evaluated; it is
-  # unloaded either way.
+  # Whether the probe module, and an implementation of String.Chars, compile to the
+  # same binaries with their bodies evaluated; they are unloaded either way.
   def probe do
-    forms = @probe |> Code.string_to_quoted!() |> List.wrap()
-    compiled = Code.compile_quoted({:__block__, [], forms}, "probe.ex")
-    unload(compiled)
-    evaluated = Code.compile_quoted({:__block__, [], evaluating(forms)}, "probe.ex")
-    unload(evaluated)
-    match?([{_, binary}] when is_binary(binary), compiled) and compiled == evaluated
+    # a protocol of Elixir's, as loaded (compiling one would cost each VM ~0.1 s)
+    Code.ensure_loaded!(String.Chars)
+
+    Enum.all?([@probe, @probe_impl], fn probe ->
+      forms = probe |> Code.string_to_quoted!() |> List.wrap()
+      compiled = Code.compile_quoted({:__block__, [], forms}, "probe.ex")
+      unload(compiled)
+      evaluated = evaluating_forms(forms, &(&1 == String.Chars))
+      evaluated = Code.compile_quoted({:__block__, [], evaluated}, "probe.ex")
+      unload(evaluated)
+      match?([{_, binary}] when is_binary(binary), compiled) and compiled == evaluated
+    end)
   rescue
     _ -> false
   end
@@ -452,7 +641,7 @@ defmodule Exforge.Sandbox.Tests do
     {head, rest} = Enum.split(forms, max(count, 0))
 
     if count >= 0 and rest == tests.forms and Enum.all?(head, &module_form?/1) do
-      head = if context.bodies, do: Exforge.Sandbox.Bodies.evaluating(head), else: head
+      head = if context.bodies, do: evaluating(head, before, context), else: head
       binaries = Map.new(compile(Exforge.Sandbox.Protocols.substitute(head, before, context)))
 
       if unchanged?(tests, before, context) and same_structs?(tests.structs, binaries),
@@ -461,6 +650,19 @@ defmodule Exforge.Sandbox.Tests do
     else
       compile(Exforge.Sandbox.Protocols.substitute(forms, before, context))
     end
+  end
+
+  # `head` with its bodies evaluated (Exforge.Sandbox.Bodies) and its `defimpl`s made
+  # modules where their protocol is the kept one it begins with, loaded now, or one as
+  # the baseline had it or loaded from the code path since.
+  defp evaluating(head, before, context) do
+    {loaded, head} = Exforge.Sandbox.Protocols.loading(head, before, context)
+
+    Exforge.Sandbox.Bodies.evaluating_forms(head, fn protocol ->
+      (protocol == loaded or Exforge.Sandbox.Modules.as_found?(protocol, before, context)) and
+        :erlang.module_loaded(protocol) and function_exported?(protocol, :__protocol__, 1) and
+        not Protocol.consolidated?(protocol)
+    end)
   end
 
   defp load(tests) do
@@ -655,16 +857,36 @@ defmodule Exforge.Sandbox.Protocols do
 
   # The program's forms, the first one loaded from a kept binary where it may be.
   def substitute([form | rest] = forms, before, context) do
-    with {:defprotocol, meta, [{:__aliases__, _, parts}, _]} <- form,
-         [{_, id}] <- :ets.lookup(@table, {:form, form}),
-         true <- ready?(Module.concat(parts), before, context) do
-      [loaded(form, meta, id) | rest]
-    else
-      _ -> forms
+    case kept(form, before, context) do
+      nil -> forms
+      id -> [loaded(form, elem(form, 1), id) | rest]
     end
   end
 
   def substitute([], _before, _context), do: []
+
+  # The protocol the program's forms begin with, loaded now from a kept binary, and the
+  # forms after it; else nil and the forms. (As a program compiled, but for the binary's
+  # place among the file's modules.)
+  def loading([form | rest] = forms, before, context) do
+    with id when id != nil <- kept(form, before, context),
+         {:module, module, _binary, _} <- load(id) do
+      {module, rest}
+    else
+      _ -> {nil, forms}
+    end
+  end
+
+  def loading([], _before, _context), do: {nil, []}
+
+  # the id of the kept protocol `form` is, where it may be loaded
+  defp kept(form, before, context) do
+    with {:defprotocol, _, [{:__aliases__, _, parts}, _]} <- form,
+         [{_, id}] <- :ets.lookup(@table, {:form, form}),
+         true <- ready?(Module.concat(parts), before, context),
+         do: id,
+         else: (_ -> nil)
+  end
 
   # Where loading it fails (it cannot, the VM checked as it is), the form compiles.
   defp loaded(form, meta, id) do
@@ -746,6 +968,8 @@ defmodule Exforge.Sandbox.Server do
   @tests_kept 256
   # protocols kept (Exforge.Sandbox.Protocols), distinct forms seen at most (then all dropped)
   @protocols_kept 64
+  # module names a candidate's check may have the server learn (Exforge.Sandbox.Checker)
+  @checked_kept 256
   # candidates tried to build tests that need a candidate's modules, per VM and tests
   @build_tries 3
   @warm_up """
@@ -765,6 +989,7 @@ defmodule Exforge.Sandbox.Server do
 
     ExUnit.start(autorun: false)
     Exforge.Sandbox.Protocols.start()
+    Exforge.Sandbox.Checker.start()
     Code.compile_string(Base.decode64!(prelude), "prelude.ex")
     config = Map.put(config, :bodies, Exforge.Sandbox.Bodies.probe())
     fds = {:fd, String.to_integer(request_fd), String.to_integer(reply_fd)}
@@ -997,9 +1222,10 @@ defmodule Exforge.Sandbox.Server do
     File.cd!(dir)
     out = Exforge.Sandbox.Sink.start(config.max_output)
     err = Exforge.Sandbox.Sink.start(config.max_output)
+    server = self()
 
     {status, detail} =
-      case in_process(out, err, fn -> compile_and_test(program, config, before) end) do
+      case in_process(out, err, fn -> compile_and_test(program, config, before, server) end) do
         {:ok, result} -> result
         {:exit, reason} -> {:runtime_error, inspect(reason)}
       end
@@ -1011,6 +1237,8 @@ defmodule Exforge.Sandbox.Server do
     output = Exforge.Sandbox.Sink.contents(out) <> detail
     leftover = clean_up(before, [out, err])
     dirty = leftover or snapshot(config, before) != before
+    checked = collect_checked([])
+    if not dirty, do: Exforge.Sandbox.Checker.learn(checked, before)
     status = overall(status, tests)
     failures = Enum.count(tests, &(&1 != :passed and &1 != :skipped))
 
@@ -1020,16 +1248,21 @@ defmodule Exforge.Sandbox.Server do
     [header, "\n", binary_part(output, 0, min(byte_size(output), config.max_output))]
   end
 
-  defp compile_and_test({program, tests}, config, before) do
+  defp compile_and_test({program, tests}, config, before, server) do
     context = %{available: config.available, code_path: :code.get_path(), bodies: config.bodies}
 
     try do
       # as Code.compile_string/2: one parse, every module compiled then checked together
-      Module.ParallelChecker.verify(fn ->
-        program
-        |> Exforge.Sandbox.Tests.parse!(1)
-        |> Exforge.Sandbox.Tests.compile_program(tests, before, context)
-      end)
+      Exforge.Sandbox.Checker.verify(
+        fn ->
+          program
+          |> Exforge.Sandbox.Tests.parse!(1)
+          |> Exforge.Sandbox.Tests.compile_program(tests, before, context)
+        end,
+        server,
+        before,
+        context
+      )
 
       ExUnit.Server.modules_loaded()
       ExUnit.run()
@@ -1039,6 +1272,16 @@ defmodule Exforge.Sandbox.Server do
       error -> {:runtime_error, Exception.format(:error, error, __STACKTRACE__)}
     catch
       kind, reason -> {:runtime_error, Exception.format(kind, reason, __STACKTRACE__)}
+    end
+  end
+
+  # the modules the candidate's check cached (Exforge.Sandbox.Checker.verify/4), at most
+  # @checked_kept of them: a candidate could send any
+  defp collect_checked(acc) do
+    receive do
+      {Exforge.Sandbox.Checker, modules} when is_list(modules) -> collect_checked(modules ++ acc)
+    after
+      0 -> Enum.take(acc, @checked_kept)
     end
   end
 

@@ -22,6 +22,7 @@ from exforge.elixir.sandbox import (
     Outcome,
     Program,
     SandboxConfig,
+    SandboxError,
     SandboxPool,
     _Affinity,
     classify_death,
@@ -418,9 +419,10 @@ def test_module_bodies_evaluated_give_the_verdicts_of_the_whole_program() -> Non
     """A candidate of nothing but modules whose bodies only store definitions (`def`,
     `defp`, literal `@doc`, `@moduledoc`, `@impl`, a `defstruct` of distinct literal
     fields) has them evaluated instead of compiled into throwaway modules, and a
-    `defimpl` of a loaded protocol made the module it defines: the same modules (module_info, the source's directory aside;
-    the VM's boot probe compares whole binaries), verdicts, warnings and output as each
-    program compiled whole in a fresh VM. A probe (set by the prelude) counts the bodies
+    `defimpl` of a loaded protocol made the module it defines: the same modules
+    (module_info, the source's directory aside; the VM's boot probe compares whole
+    binaries), verdicts, warnings and output as each program compiled whole in a fresh
+    VM. A probe (set by the prelude) counts the bodies
     evaluated: one a module of such candidates once their tests are kept, none for other
     bodies or whole programs."""
     double = "defmodule Double do\n{}end\n"
@@ -448,7 +450,9 @@ def test_module_bodies_evaluated_give_the_verdicts_of_the_whole_program() -> Non
         # bodies that run code: compiled as before
         "attribute_computed": double.format("  @times 1 + 1\n  def double(x), do: x * @times\n"),
         # defstruct that raises or warns (the stacktrace shows where the body ran)
-        "struct_twice": double.format("  defstruct [:a]\n  defstruct [:b]\n  def double(x), do: x * 2\n"),
+        "struct_twice": double.format(
+            "  defstruct [:a]\n  defstruct [:b]\n  def double(x), do: x * 2\n"
+        ),
         "struct_key_twice": double.format("  defstruct [:a, a: 1]\n  def double(x), do: x * 2\n"),
         "struct_field_not_atom": double.format('  defstruct ["a"]\n  def double(x), do: x * 2\n'),
         # an implementation of a protocol of Elixir's, made a module (its body evaluated)
@@ -717,6 +721,22 @@ def test_a_module_loaded_from_a_file_the_candidate_wrote_is_discarded() -> None:
         outcomes = pool.map([look, plant, look])
     assert [o.status for o in outcomes] == ["passed"] * 3, [o.output for o in outcomes]
     assert [o.worker_replaced for o in outcomes] == [False, True, False]
+
+
+def test_a_worker_that_cannot_be_replaced_fails_the_pool_with_its_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A VM that ends its candidate's run is replaced; where its replacement cannot start
+    (here: no `prlimit` on the PATH any more), that run fails with the reason, and so does
+    every later one, rather than waiting for a worker that will never come."""
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0)) as pool:
+        assert pool.run(GOOD).status == "passed"
+        monkeypatch.setenv("PATH", "/nonexistent")
+        with pytest.raises(SandboxError, match="prlimit"):
+            pool.run("System.halt(0)\n")
+        for later in (lambda: pool.run(GOOD), lambda: pool.map([GOOD, GOOD])):
+            with pytest.raises(SandboxError, match=r"could not be replaced: .*prlimit"):
+                later()
 
 
 def test_strict_mode_gives_every_candidate_a_fresh_vm() -> None:

@@ -446,8 +446,10 @@ class SandboxPool:
         self.isolation = checked_isolation(self.config.allow_unisolated)
         self.replaced = 0
         self._root = Path(tempfile.mkdtemp(prefix="exforge-sandbox-"))
-        self._idle: queue.Queue[BeamWorker] = queue.Queue()
+        # None: a worker could not be replaced (`_broken` says why), for every taker
+        self._idle: queue.Queue[BeamWorker | None] = queue.Queue()
         self._all: set[BeamWorker] = set()
+        self._broken: BaseException | None = None
 
     def __enter__(self) -> SandboxPool:
         for _ in range(self.config.workers):
@@ -467,11 +469,27 @@ class SandboxPool:
         shutil.rmtree(worker.dir, ignore_errors=True)
         self._all.discard(worker)
         self.replaced += 1
-        self._spawn()
+        try:
+            self._spawn()
+        except BaseException as exc:
+            # its slot is gone: whoever waits for a worker would wait forever
+            self._broken = exc
+            self._idle.put(None)
+            raise
+
+    def _take(self) -> BeamWorker:
+        """An idle worker; SandboxError once a worker could not be replaced."""
+        worker = self._idle.get()
+        if worker is None:
+            self._idle.put(None)
+            raise SandboxError(
+                f"a sandbox worker could not be replaced: {self._broken}"
+            ) from self._broken
+        return worker
 
     def run(self, program: str | Program) -> Outcome:
         """One program: a whole file, or code and tests a worker may compile once."""
-        return self._run_on(self._idle.get(), program)
+        return self._run_on(self._take(), program)
 
     def _run_on(self, worker: BeamWorker, program: str | Program) -> Outcome:
         """`program` on `worker`, taken from the idle ones: put back, or replaced."""
@@ -503,7 +521,7 @@ class SandboxPool:
 
         def serve() -> None:
             while True:
-                worker = self._idle.get()
+                worker = self._take()
                 index = schedule.take(worker, lambda owner: owner in self._all)
                 if index is None:
                     self._idle.put(worker)

@@ -103,7 +103,17 @@ defmodule Exforge.Sandbox.Collector do
 end
 
 defmodule Exforge.Sandbox.Modules do
-  @moduledoc "What the VM has loaded, as the baseline and the compiled-once tests see it."
+  @moduledoc """
+  What the VM has loaded and how it is configured, as the baseline and the compiled-once
+  tests and protocols see it.
+  """
+
+  # The compiler's options and the configuration of `apps` as the baseline (`before`)
+  # had them: what compiles alike besides the modules loaded.
+  def configured?(before, apps) do
+    Code.compiler_options() == before.compiler and
+      Enum.all?(apps, &(Application.get_all_env(&1) == before.env[&1]))
+  end
 
   # :erlang.get_module_info/2 (not module_info/1, which would load a deleted module
   # again); a module with only old code left has none.
@@ -294,7 +304,9 @@ defmodule Exforge.Sandbox.Bodies do
   a stacktrace, which would show where the body ran. Each `defmodule`'s body is then replaced
   by a macro call that evaluates it in the environment the body starts in, less the
   `require` of this module (`evaluating/3`); the module compiled from it is the same
-  binary (`probe/0`, at boot: else bodies are compiled as before).
+  binary (`probe/0`, at boot: else bodies are compiled as before). A `defimpl` whose
+  protocol is loaded and ready (`evaluating_forms/2`) is first made the `defmodule` of
+  its own expansion, whose body is then evaluated alike.
 
   `evaluating/3` and `evaluate/1` are also the check pool's (streams/generators/check.py:
   `ExforgeCheck`, compiled as its VMs' prelude, after this script's modules), which
@@ -693,8 +705,7 @@ defmodule Exforge.Sandbox.Tests do
   end
 
   defp unchanged?(tests, before, context) do
-    Code.compiler_options() == before.compiler and
-      Enum.all?([:elixir, :ex_unit], &(Application.get_all_env(&1) == before.env[&1])) and
+    Exforge.Sandbox.Modules.configured?(before, [:elixir, :ex_unit]) and
       Enum.all?(:erlang.loaded(), &harmless?(&1, tests, before.modules, context))
   end
 
@@ -946,8 +957,8 @@ defmodule Exforge.Sandbox.Protocols do
   # Elixir's own or without code), the protocol's module not among them (but for
   # `defined`) and in no object file of the code path.
   defp ready?(module, before, context, defined \\ []) do
-    Code.compiler_options() == before.compiler and Code.get_compiler_option(:tracers) == [] and
-      Application.get_all_env(:elixir) == before.env[:elixir] and
+    Exforge.Sandbox.Modules.configured?(before, [:elixir]) and
+      Code.get_compiler_option(:tracers) == [] and
       (module in defined or not :erlang.module_loaded(module)) and
       not MapSet.member?(context.available, module) and
       Enum.all?(:erlang.loaded(), &(&1 in defined or unchanged?(&1, before.modules, context)))

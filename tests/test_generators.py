@@ -482,6 +482,16 @@ COMPILE_CASES = {
         "defmacrop m(_), do: :ok\n  def f, do: m(h())",
         True,
     ),
+    "an unquote fragment of a variable no fragment binds": ("def unquote(name)(), do: 1", False),
+    "an unquote fragment of a variable a fragment before binds": (
+        "def unquote(n = :a)(), do: 1\n  def g, do: unquote(n)",
+        True,
+    ),
+    "an unquote fragment of a Kernel function": ("def f, do: unquote(node)", True),
+    "an unquote fragment beside a quoted unquote of its variable": (
+        "def unquote(:f)(x), do: quote(do: unquote(x))",
+        True,
+    ),
 }
 
 

@@ -349,37 +349,91 @@ defmodule ExforgeCheck do
   def certain_failure({:defmodule, _, [{:__aliases__, _, parts}, [do: body]]}) do
     forms = List.wrap(with {:__block__, _, forms} <- body, do: forms)
 
-    if Enum.all?(parts, &is_atom/1) and Enum.all?(forms, &plain_definition?/1) and
-         not uncertain?(body) do
-      {calls, structs} =
-        Enum.reduce(forms, {[], []}, fn
-          {_, _, [{:when, _, [{_, _, args}, guards]}, code]}, acc ->
-            expanded([args, guards, code], acc)
+    cond do
+      not Enum.all?(parts, &is_atom/1) or uncertain?(body) ->
+        nil
 
-          {_, _, [{_, _, args}, code]}, acc ->
-            expanded([args, code], acc)
+      Enum.all?(forms, &plain_definition?/1) ->
+        undefined_name(forms, Module.concat(parts))
 
-          _bodiless, acc ->
-            acc
-        end)
+      Enum.all?(forms, &match?({kind, _, [_ | _]} when kind in [:def, :defp], &1)) ->
+        unbound_fragment(forms)
 
-      defined = MapSet.new(Enum.flat_map(forms, &arities/1))
-      module = Module.concat(parts)
-
-      Enum.find_value(calls, fn {name, arity} = call ->
-        if not MapSet.member?(defined, call) and not MapSet.member?(@imported, call),
-          do: "undefined function #{name}/#{arity}"
-      end) ||
-        Enum.find_value(structs, fn name ->
-          with struct when struct != nil <- struct_module(name, module),
-               false <- Code.ensure_loaded?(struct),
-               do: "#{inspect(struct)}.__struct__ is undefined, cannot expand struct",
-               else: (_ -> nil)
-        end)
+      true ->
+        nil
     end
   end
 
   def certain_failure(_), do: nil
+
+  defp undefined_name(forms, module) do
+    {calls, structs} =
+      Enum.reduce(forms, {[], []}, fn
+        {_, _, [{:when, _, [{_, _, args}, guards]}, code]}, acc ->
+          expanded([args, guards, code], acc)
+
+        {_, _, [{_, _, args}, code]}, acc ->
+          expanded([args, code], acc)
+
+        _bodiless, acc ->
+          acc
+      end)
+
+    defined = MapSet.new(Enum.flat_map(forms, &arities/1))
+
+    Enum.find_value(calls, fn {name, arity} = call ->
+      if not MapSet.member?(defined, call) and not MapSet.member?(@imported, call),
+        do: "undefined function #{name}/#{arity}"
+    end) ||
+      Enum.find_value(structs, fn name ->
+        with struct when struct != nil <- struct_module(name, module),
+             false <- Code.ensure_loaded?(struct),
+             do: "#{inspect(struct)}.__struct__ is undefined, cannot expand struct",
+             else: (_ -> nil)
+      end)
+  end
+
+  # A unit of definitions whose unquote fragments (which its body runs as it defines
+  # them) are variables and literals only: none binds a variable, so the first variable
+  # they name (not a call of `Kernel`'s) is unbound, an error (a definition cut from the
+  # loop that bound it).
+  defp unbound_fragment(forms) do
+    fragments = Enum.reduce(forms, [], &fragments/2)
+
+    if Enum.all?(fragments, &(Macro.quoted_literal?(&1) or variable?(&1))) do
+      Enum.find_value(fragments, fn fragment ->
+        with {name, _, _} <- fragment,
+             true <- variable?(fragment),
+             false <- String.starts_with?(Atom.to_string(name), "_"),
+             false <- MapSet.member?(@imported, {name, 0}),
+             do: "undefined variable #{name}",
+             else: (_ -> nil)
+      end)
+    end
+  catch
+    :uncertain -> nil
+  end
+
+  defp variable?({name, meta, context}),
+    do: is_atom(name) and is_list(meta) and is_atom(context)
+
+  defp variable?(_), do: false
+
+  # The arguments of a definition's unquote fragments; throws where another unquote
+  # could be one (inside a `quote`, or a remote `Kernel.unquote`).
+  defp fragments({form, _, [argument]}, found) when form in [:unquote, :unquote_splicing],
+    do: [argument | found]
+
+  defp fragments({:quote, _, args}, found),
+    do: if(fragments(args, []) == [], do: found, else: throw(:uncertain))
+
+  defp fragments({{:., _, [_, form]}, _, _}, _) when form in [:unquote, :unquote_splicing],
+    do: throw(:uncertain)
+
+  defp fragments({call, _, args}, found) when is_list(args), do: fragments([call | args], found)
+  defp fragments({left, right}, found), do: fragments(right, fragments(left, found))
+  defp fragments(list, found) when is_list(list), do: Enum.reduce(list, found, &fragments/2)
+  defp fragments(_, found), do: found
 
   defp plain_definition?({kind, _, [head, code]}) when kind in [:def, :defp] and is_list(code) do
     plain_head?(head) and

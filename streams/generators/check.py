@@ -653,9 +653,14 @@ def tested(checks: Sequence[Check]) -> bool:
 # Whether this Elixir reports a lone module stopped by the parse transform as `compiles`
 # reads it.
 FRONT_END_PROBE = "ExforgeCheck.stops?()"
+# `ExforgeCheck` for a VM that lacks it, in every program: without its comment lines (it
+# holds no multi-line string), which would travel in each program for no VM to read.
+PRELUDE_CODE = "\n".join(
+    line for line in CHECK_PRELUDE.splitlines() if not line.lstrip().startswith("#")
+)
 LOAD_PRELUDE = (
     "unless :erlang.module_loaded(ExforgeCheck),\n"
-    f'  do: Code.compile_string(elem({term_literal([CHECK_PRELUDE])}, 0), "exforge_check.ex")\n'
+    f'  do: Code.compile_string(elem({term_literal([PRELUDE_CODE])}, 0), "exforge_check.ex")\n'
 )
 
 

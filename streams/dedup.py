@@ -351,6 +351,7 @@ class NearDup:
         sha, here = message.sha256, _event_partition()
         earlier, later = message.earlier, set(message.later)
         rest: list[str] = []
+        changed: dict[str, str] = {}
         result = Result()
         for band in message.bands:
             if bucket_partition(band, self.partitions) != here:
@@ -359,7 +360,7 @@ class NearDup:
             bucket = Bucket.loads(self.buckets[band])
             updated, hears = bucket.register(sha)
             if updated != bucket:
-                self.buckets[band] = updated.dumps()
+                changed[band] = updated.dumps()
             for to, kind, about in hears:
                 if to != sha:  # a file `sha` displaced, which owes it an answer
                     event = NearDupEvent(kind=kind, sha256=to, other=about)  # type: ignore[arg-type]
@@ -368,6 +369,8 @@ class NearDup:
                     earlier = min(earlier or about, about)
                 else:  # "later": `sha` waits for the answer of the file it displaced
                     later.add(about)
+        # the buckets it changed here in one changelog record, not one each (~6 a file)
+        self.buckets.write(f"{sha}@{here}", changed)
         if rest:
             step = BandMessage(sha256=sha, bands=rest, earlier=earlier, later=sorted(later))
             result.outputs.append(self.registration_step(step))

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -862,15 +862,27 @@ def test_a_worker_records_nothing_below_its_log_level(level: str, number: int) -
 
 class Unset(dict[str, str]):
     """A Faust table of the stage: a missing key reads as "" (and is not stored); the
-    keys read (`reads`), as a probe of the store reads a RocksDB table would make."""
+    keys read (`reads`), as a probe of the store reads a RocksDB table would make; the
+    groups of keys written with one changelog record each (`writes`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[str] = []
+        self.writes: list[str] = []
 
     def __getitem__(self, key: str) -> str:
         self.reads.append(key)
         return super().__getitem__(key)
+
+    def write(self, group: str, values: Mapping[str, str | None]) -> None:
+        """`streams.tables.BudgetedTable.write`."""
+        if values:
+            self.writes.append(group)
+        for key, value in values.items():
+            if value is None:
+                self.pop(key, None)
+            else:
+                self[key] = value
 
     def __missing__(self, key: str) -> str:
         return ""
@@ -1152,6 +1164,11 @@ def test_a_registration_goes_through_each_partition_of_its_buckets_and_tells_the
     asyncio.run(run())
     assert (bench.kept, bench.dropped) == ([SMALL], [LARGE, smallest])
     assert bench.stage.settled[smallest] == SMALL
+    # one changelog record a partition a file changed buckets on, however many it changed
+    # there: LARGE changed one bucket (its own), the others one on each partition
+    large = bucket_partition("1:large", 2)
+    writes = [f"{SMALL}@0", f"{SMALL}@1", f"{LARGE}@{large}", f"{smallest}@0", f"{smallest}@1"]
+    assert bench.tables["neardup-buckets"].writes == writes
 
 
 def test_a_registration_redelivered_after_its_outputs_were_lost_tells_each_party_again(
@@ -1194,6 +1211,9 @@ def test_a_registration_redelivered_after_its_outputs_were_lost_tells_each_party
     asyncio.run(run())
     assert (bench.kept, sorted(bench.dropped)) == ([smallest], [SMALL, LARGE, OTHER])
     assert not bench.stage.held
+    # a redelivery found its buckets as the first delivery left them: no write again
+    writes = bench.tables["neardup-buckets"].writes
+    assert len(set(writes)) == len(writes) == 4
 
 
 def test_the_decision_reads_no_held_file_that_is_not_ready(

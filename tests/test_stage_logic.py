@@ -863,16 +863,22 @@ def test_a_worker_records_nothing_below_its_log_level(level: str, number: int) -
 class Unset(dict[str, str]):
     """A Faust table of the stage: a missing key reads as "" (and is not stored); the
     keys read (`reads`), as a probe of the store reads a RocksDB table would make; the
-    groups of keys written with one changelog record each (`writes`)."""
+    keys set (`sets`), and the groups of keys written with one changelog record each
+    (`writes`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[str] = []
+        self.sets: list[str] = []
         self.writes: list[str] = []
 
     def __getitem__(self, key: str) -> str:
         self.reads.append(key)
         return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self.sets.append(key)
+        super().__setitem__(key, value)
 
     def write(self, group: str, values: Mapping[str, str | None]) -> None:
         """`streams.tables.BudgetedTable.write`."""
@@ -1053,12 +1059,36 @@ def test_redelivered_registrations_and_files_without_bands(
     assert (bench.kept, sorted(bench.dropped)) == ([OTHER, SMALL], [LARGE])
 
 
+def test_a_held_file_is_written_once_and_what_it_hears_rewrites_its_header_alone(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each event a held file hears (`registered`, `displaced`, `answer`) changes its
+    header; the file (~14 KB, the header ~300 bytes) is written when it is held, with
+    its header in one changelog record, and deleted with it in one once decided."""
+    bench = NearDupBench(engine, monkeypatch)
+    held = bench.tables["neardup-held"]
+
+    async def run() -> None:
+        await bench.candidate(near_dup_file(LARGE, "0:shared", "1:large"))
+        await bench.everything()
+        await bench.candidate(near_dup_file(SMALL, "0:shared", "1:small"))
+        await bench.everything()  # SMALL displaced LARGE, which answered it
+        await bench.decide()
+
+    asyncio.run(run())
+    assert (bench.kept, bench.dropped) == ([SMALL], [LARGE])
+    for sha in (SMALL, LARGE):
+        assert held.sets.count(sha + dedup.FILE) == 1
+        assert held.sets.count(sha) == 3  # held; registered; answer or displaced
+    assert held.writes == [LARGE, SMALL, SMALL, LARGE]  # held; forgotten
+    assert not held
+
+
 def test_held_file_header_round_trips() -> None:
-    bare = dedup.HeldFile(3, 1.5, '{"a": "b\\nc"}')
+    bare = dedup.HeldFile(3, 1.5)
     full = dedup.HeldFile(
         0,
         1733300000.25,
-        "{}\n",
         Held(SMALL, LARGE),
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         frozenset({"0", "3", LARGE}),
@@ -1234,7 +1264,7 @@ def test_the_decision_reads_no_held_file_that_is_not_ready(
         held.reads.clear()
         for _ in range(3):
             await bench.decide()
-        assert held.reads == [OTHER]  # the one file decided
+        assert held.reads == [OTHER, OTHER + dedup.FILE]  # the one file decided
         assert bench.stage.busy() and not bench.stage.owned_ready()  # nothing to ask for
         await bench.everything()
         await bench.decide()

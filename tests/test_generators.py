@@ -404,6 +404,94 @@ COMPILE_CASES = {
         "def f(x), do: Enum.map(x, fn y -> quote([line: unquote(y)], do: 1) end)",
         False,
     ),
+    # Failures told before compiling (`ExforgeCheck.certain_failure`: a struct of no
+    # module, a call of no function, where Elixir expands it for sure), and shapes like
+    # them where Elixir expands nothing, or finds the module or function after all.
+    "a struct no module defines, in a pattern": ("def f(%NoSuchStruct{} = x), do: x", False),
+    "a struct no module defines, in a guard": (
+        "def f(x) when x == %NoSuchStruct{}, do: x",
+        False,
+    ),
+    "a struct no module defines, in a default argument": (
+        "def f(x \\\\ %NoSuchStruct{}), do: x",
+        False,
+    ),
+    "a struct no module defines, in a branch never taken": (
+        "def f(x), do: if(false, do: %NoSuchStruct{}, else: x)",
+        False,
+    ),
+    "a struct no module defines, in a closure's clause": (
+        "def f(x), do: Enum.map(x, fn y -> case y do %NoSuchStruct{} -> 1; _ -> 2 end end)",
+        False,
+    ),
+    "a struct no module defines, in an unused private function": (
+        "def f, do: 1\n  defp g, do: %NoSuchStruct{}",
+        False,
+    ),
+    "a struct no module defines, given to a macro not required": (
+        "def f, do: Logger.debug(%NoSuchStruct{})",
+        False,
+    ),
+    "a struct of a module with no struct": ("def f, do: %Enum{}", False),
+    "a struct of its own module, which defines none": ("def f, do: %__MODULE__{}", False),
+    "a struct of a module nested in its own, which it lacks": (
+        "def f, do: %__MODULE__.Inner{}",
+        False,
+    ),
+    "a struct no module defines, quoted": ("def f, do: quote(do: %NoSuchStruct{})", True),
+    "a struct no module defines, unquoted in a quote": (
+        "def f, do: quote(do: unquote(%NoSuchStruct{}))",
+        False,
+    ),
+    "a struct no module defines, in a sigil": ('def f, do: ~S"%NoSuchStruct{}"', True),
+    "a struct no module defines, given to a macro that drops it": (
+        "defmacrop m(_), do: :ok\n  def f, do: m(%NoSuchStruct{})",
+        True,
+    ),
+    "a struct of a module found on the code path": ("def f(x), do: %URI{host: x}", True),
+    "a struct of a module nested in it, defined before": (
+        "defmodule S, do: defstruct([:a])\n  def f, do: %S{a: 1}",
+        True,
+    ),
+    "a struct of an alias": ("alias URI, as: U\n  def f, do: %U{}", True),
+    "a struct of its own module, which defines one": (
+        "defstruct [:a]\n  def f, do: %__MODULE__{a: 1}",
+        True,
+    ),
+    "an undefined function in an unused private function": (
+        "def f, do: 1\n  defp g, do: h()",
+        False,
+    ),
+    "an undefined function in a capture": ("def f, do: Enum.map([1], &h(&1))", False),
+    "a Kernel function of another arity": ("def f(x), do: length(x, 1)", False),
+    "a piped call of a function of one argument less": (
+        "def f(x), do: x |> g(1)\n  defp g(x), do: x",
+        False,
+    ),
+    "a piped call of its own function": (
+        "def f(x), do: x |> g(1)\n  defp g(x, y), do: x + y",
+        True,
+    ),
+    "a call of a function with a default argument": (
+        "def f(x), do: g(x)\n  defp g(x, y \\\\ 1), do: x + y",
+        True,
+    ),
+    "Kernel's functions and macros": ("def f(x), do: is_nil(x) and to_string(x)", True),
+    "an undefined function, quoted": ("def f, do: quote(do: h())", True),
+    "an undefined function given to a macro that drops it": (
+        "defmacrop m(_), do: :ok\n  def f, do: m(h())",
+        True,
+    ),
+    "an unquote fragment of a variable no fragment binds": ("def unquote(name)(), do: 1", False),
+    "an unquote fragment of a variable a fragment before binds": (
+        "def unquote(n = :a)(), do: 1\n  def g, do: unquote(n)",
+        True,
+    ),
+    "an unquote fragment of a Kernel function": ("def f, do: unquote(node)", True),
+    "an unquote fragment beside a quoted unquote of its variable": (
+        "def unquote(:f)(x), do: quote(do: unquote(x))",
+        True,
+    ),
 }
 
 
@@ -427,6 +515,52 @@ def test_compile_checks_reject_what_elixir_rejects(pool: SandboxPool) -> None:
     done = subprocess.run(["elixir", "-e", script, *encoded], capture_output=True, text=True)
     judged = [line == "ok" for line in done.stdout.split()]
     assert dict(zip(codes, judged, strict=True)) == expected, done.stderr
+
+
+def test_units_failed_before_compiling_fail_to_compile_in_a_fresh_elixir(
+    pool: SandboxPool, tmp_path: Path
+) -> None:
+    """Of every compile unit of the real corpus's refactor pairs, those the check fails
+    without compiling (`ExforgeCheck.certain_failure`: most of the units that fail, a
+    struct or function their file's aliases, imports or other modules gave them) fail
+    to compile in a fresh `elixir` too, each one."""
+    units = sorted(
+        {
+            check.code
+            for library in unpack(tmp_path)
+            for path in library.files
+            if (file := analysed_file(package(), str(path), path.read_text())) is not None
+            for candidate in generate(file, file.content or "", sorted(REFACTORS))
+            for check in candidate.checks
+        }
+    )
+    program = (
+        check_lines([Check(":ok", "parse")])
+        + "units = {units}\n"
+        + "units |> Tuple.to_list() |> Enum.with_index() |> Enum.each(fn {code, i} ->\n"
+        + "  with {:ok, quoted} <- Code.string_to_quoted(code),\n"
+        + "       reason when reason != nil <- ExforgeCheck.certain_failure(quoted),\n"
+        + '       do: IO.puts("failed #{i}")\nend)\n'
+    )
+    groups = [units[i : i + 400] for i in range(0, len(units), 400)]
+    outcomes = pool.map(program.replace("{units}", term_literal(group)) for group in groups)
+    failed = [
+        group[int(i)]
+        for group, outcome in zip(groups, outcomes, strict=True)
+        for i in re.findall(r"^failed (\d+)$", outcome.output, re.MULTILINE)
+    ]
+    assert len(units) > 4_000 and len(failed) > 1_000, (len(units), len(failed))
+    (tmp_path / "failed.term").write_text(term_literal(failed))
+    script = (
+        f'{{:ok, literal}} = Code.string_to_quoted(File.read!("{tmp_path / "failed.term"}"))\n'
+        "{failed, _} = Code.eval_quoted(literal)\n"
+        "failed |> Tuple.to_list() |> Enum.each(fn code ->\n"
+        "  IO.puts(try do Code.compile_string(code) && :compiled rescue _ -> :failed end)\n"
+        "  :code.purge(ExforgeRefactorCheck)\n  :code.delete(ExforgeRefactorCheck)\nend)\n"
+    )
+    done = subprocess.run(["elixir", "-e", script], capture_output=True, text=True)
+    judged = dict(zip(failed, done.stdout.split(), strict=True))
+    assert [code for code, verdict in judged.items() if verdict != "failed"] == []
 
 
 def test_a_lone_module_is_compiled_up_to_code_generation_only(pool: SandboxPool) -> None:

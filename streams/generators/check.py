@@ -93,6 +93,12 @@ end
 # `ExforgeCheck.check(level, code, file, stops)`: one check of `level` (`:parse`,
 # `:compile`, `:test`), as a batch program checks its units and a single-candidate
 # program its lines (`check_line`).
+# A unit that must fail to compile is failed before it is compiled, when it is a module
+# of plain definitions and a struct of no module or a call of no function is there where
+# Elixir expands it for sure (`ExforgeCheck.certain_failure(quoted)`, the reason, or nil):
+# a unit cut from a file lacks the aliases, imports and sibling modules of its file, and
+# such units were half of the pool's compile time, each failing as late as a compile does
+# (a miss in the code path's search, ~1 ms, is all that the struct's check costs).
 # `ExforgeCheck.same_expansion(a, b)`: whether two modules are the same code once Elixir
 # expands their pipes as `Kernel.|>` does (`Macro.pipe`), metadata aside; never when one
 # imports (a local `|>` could replace Kernel's) or cannot be expanded.
@@ -101,7 +107,7 @@ end
 # The check pool's VMs compile this module once, as their prelude (`SandboxConfig`); a
 # program on another VM (or an `elixir` script) compiles it first: compiling it took a
 # program ~6 ms, more than a small module's check.
-CHECK_PRELUDE = """
+CHECK_PRELUDE = """\
 defmodule ExforgeCheck do
   @moduledoc false
   @stopped "exforge-front-end"
@@ -109,11 +115,35 @@ defmodule ExforgeCheck do
   @defs [:def, :defp, :defmacro, :defmacrop, :defguard, :defguardp]
   @bodies Exforge.Sandbox.Bodies
   @compiled {__MODULE__, :compiled}
+  # what makes a unit's own names mean more than their plain reading, or runs its code
+  # as it compiles (`certain_failure`)
+  @uncertain [:defmodule, :import, :require, :use, :alias, :defmacro, :defmacrop] ++
+               [:defguard, :defguardp, :defstruct, :defexception, :defdelegate, :defimpl] ++
+               [:defprotocol, :defoverridable]
+  # Kernel's macros and special forms that expand each of their arguments where they are
+  # called (as code they return, unchanged); any other's arguments may never be
+  @expanding [:!, :&&, :||, :.., :"..//", :<>, :and, :or, :in, :|>, :if, :unless, :is_nil] ++
+               [:is_struct, :is_exception, :match?, :destructure, :get_and_update_in] ++
+               [:pop_in, :put_in, :update_in, :raise, :reraise, :tap, :then, :to_string] ++
+               [:to_charlist, :%, :%{}, :&, :., :<<>>, :=, :^, :__block__, :case, :cond] ++
+               [:fn, :for, :receive, :try, :with, :{}]
+  # (by name: a special form's arity is not its own, `quote do ... end` has one argument)
+  @unexpanded (Kernel.__info__(:macros) ++ Kernel.SpecialForms.__info__(:macros))
+              |> Keyword.keys()
+              |> Enum.reject(&(&1 in @expanding))
+              |> MapSet.new()
+  @imported MapSet.new(Kernel.__info__(:functions) ++ Kernel.__info__(:macros))
+  @not_called Keyword.keys(Kernel.SpecialForms.__info__(:macros)) ++
+                [:when, :->, :\\\\, :<-, :|, :module_info]
   @probe "defmodule ExforgeFrontEndProbe do\\n  Process.put(:exforge_probe, __ENV__)\\n" <>
            "  def f(x), do: x\\nend"
 
   def compiles(source, file, stops) do
     quoted = Code.string_to_quoted!(source, file: file)
+
+    with description when description != nil <- certain_failure(quoted),
+         do: raise(CompileError, file: file, description: description)
+
     module = if stops, do: lone_module(quoted)
 
     if module == nil or front_end(quoted, module, file) != :accepted do
@@ -127,7 +157,12 @@ defmodule ExforgeCheck do
     {nonce, stops, texts, units, verdicts} =
       encoded |> Base.decode64!() |> :erlang.binary_to_term([:safe])
 
-    batch = %{nonce: nonce, stops: stops, texts: List.to_tuple(texts), units: List.to_tuple(units)}
+    batch = %{
+      nonce: nonce,
+      stops: stops,
+      texts: List.to_tuple(texts),
+      units: List.to_tuple(units)
+    }
 
     verdicts
     |> Enum.with_index()
@@ -247,16 +282,28 @@ defmodule ExforgeCheck do
   defp evaluates?(body) do
     {_, evaluates} =
       Macro.prewalk(body, true, fn
-        _node, false -> {nil, false}
-        {kind, meta, [head, code]} = node, _ when kind in @defs ->
+        _node, false ->
+          {nil, false}
+
+        {kind, meta, [head, code]}, _ when kind in @defs ->
           if :elixir_quote.has_unquotes(code),
             do: {{kind, meta, [head, unquoted(code)]}, true},
             else: {{kind, meta, [head]}, true}
-        {:@, _, [{:before_compile, _, _}]} = node, _ -> {node, false}
-        {form, _, _} = node, _ when form in [:fn, :for, :try, :receive] -> {node, false}
-        {:&, _, [{:/, _, _}]} = node, _ -> {node, true}
-        {:&, _, _} = node, _ -> {node, false}
-        node, _ -> {node, true}
+
+        {:@, _, [{:before_compile, _, _}]} = node, _ ->
+          {node, false}
+
+        {form, _, _} = node, _ when form in [:fn, :for, :try, :receive] ->
+          {node, false}
+
+        {:&, _, [{:/, _, _}]} = node, _ ->
+          {node, true}
+
+        {:&, _, _} = node, _ ->
+          {node, false}
+
+        node, _ ->
+          {node, true}
       end)
 
     evaluates
@@ -273,8 +320,12 @@ defmodule ExforgeCheck do
       Macro.prewalk(code, [], fn
         # its options, which this Elixir expands where the function runs, are kept to
         # be safe
-        {:quote, _, [options, _]}, found -> {options, found}
-        {:quote, _, _}, found -> {nil, found}
+        {:quote, _, [options, _]}, found ->
+          {options, found}
+
+        {:quote, _, _}, found ->
+          {nil, found}
+
         {form, _, [argument]}, found when form in [:unquote, :unquote_splicing] ->
           {nil, [argument | found]}
 
@@ -285,8 +336,185 @@ defmodule ExforgeCheck do
     if :elixir_quote.has_unquotes(rest), do: code, else: arguments
   end
 
+  # Why a unit's compile must fail, told before it is compiled (nil: nothing certain). A
+  # unit of plain definitions (`def`, `defp`, no unquote fragment, no `@uncertain` form
+  # anywhere) runs no code of its own as its body runs, and Elixir expands each
+  # definition's head, guards and body as it is defined, the unit's names read as at the
+  # top level of a file (no alias, import or macro of its own). Where a call or struct is
+  # expanded for sure (`expanded`), a local call that no definition of the unit and no
+  # import of `Kernel` matches is an undefined function, and a struct of a module that is
+  # not loaded and no file on the code path holds (`Code.ensure_loaded?`, as Elixir looks
+  # it up; last, as it searches the path) and that the unit cannot define (no nested
+  # module, `defstruct` or `__struct__` of its own) cannot be expanded.
+  def certain_failure({:defmodule, _, [{:__aliases__, _, parts}, [do: body]]}) do
+    forms = List.wrap(with {:__block__, _, forms} <- body, do: forms)
+
+    cond do
+      not Enum.all?(parts, &is_atom/1) or uncertain?(body) ->
+        nil
+
+      Enum.all?(forms, &plain_definition?/1) ->
+        undefined_name(forms, Module.concat(parts))
+
+      Enum.all?(forms, &match?({kind, _, [_ | _]} when kind in [:def, :defp], &1)) ->
+        unbound_fragment(forms)
+
+      true ->
+        nil
+    end
+  end
+
+  def certain_failure(_), do: nil
+
+  defp undefined_name(forms, module) do
+    {calls, structs} =
+      Enum.reduce(forms, {[], []}, fn
+        {_, _, [{:when, _, [{_, _, args}, guards]}, code]}, acc ->
+          expanded([args, guards, code], acc)
+
+        {_, _, [{_, _, args}, code]}, acc ->
+          expanded([args, code], acc)
+
+        _bodiless, acc ->
+          acc
+      end)
+
+    defined = MapSet.new(Enum.flat_map(forms, &arities/1))
+
+    Enum.find_value(calls, fn {name, arity} = call ->
+      if not MapSet.member?(defined, call) and not MapSet.member?(@imported, call),
+        do: "undefined function #{name}/#{arity}"
+    end) ||
+      Enum.find_value(structs, fn name ->
+        with struct when struct != nil <- struct_module(name, module),
+             false <- Code.ensure_loaded?(struct),
+             do: "#{inspect(struct)}.__struct__ is undefined, cannot expand struct",
+             else: (_ -> nil)
+      end)
+  end
+
+  # A unit of definitions whose unquote fragments (which its body runs as it defines
+  # them) are variables and literals only: none binds a variable, so the first variable
+  # they name (not a call of `Kernel`'s) is unbound, an error (a definition cut from the
+  # loop that bound it).
+  defp unbound_fragment(forms) do
+    fragments = Enum.reduce(forms, [], &fragments/2)
+
+    if Enum.all?(fragments, &(Macro.quoted_literal?(&1) or variable?(&1))) do
+      Enum.find_value(fragments, fn fragment ->
+        with {name, _, _} <- fragment,
+             true <- variable?(fragment),
+             false <- String.starts_with?(Atom.to_string(name), "_"),
+             false <- MapSet.member?(@imported, {name, 0}),
+             do: "undefined variable #{name}",
+             else: (_ -> nil)
+      end)
+    end
+  catch
+    :uncertain -> nil
+  end
+
+  defp variable?({name, meta, context}),
+    do: is_atom(name) and is_list(meta) and is_atom(context)
+
+  defp variable?(_), do: false
+
+  # The arguments of a definition's unquote fragments; throws where another unquote
+  # could be one (inside a `quote`, or a remote `Kernel.unquote`).
+  defp fragments({form, _, [argument]}, found) when form in [:unquote, :unquote_splicing],
+    do: [argument | found]
+
+  defp fragments({:quote, _, args}, found),
+    do: if(fragments(args, []) == [], do: found, else: throw(:uncertain))
+
+  defp fragments({{:., _, [_, form]}, _, _}, _) when form in [:unquote, :unquote_splicing],
+    do: throw(:uncertain)
+
+  defp fragments({call, _, args}, found) when is_list(args), do: fragments([call | args], found)
+  defp fragments({left, right}, found), do: fragments(right, fragments(left, found))
+  defp fragments(list, found) when is_list(list), do: Enum.reduce(list, found, &fragments/2)
+  defp fragments(_, found), do: found
+
+  defp plain_definition?({kind, _, [head, code]}) when kind in [:def, :defp] and is_list(code) do
+    plain_head?(head) and
+      not (:elixir_quote.has_unquotes(head) or :elixir_quote.has_unquotes(code))
+  end
+
+  defp plain_definition?({kind, _, [head]}) when kind in [:def, :defp], do: plain_head?(head)
+  defp plain_definition?(_), do: false
+
+  defp plain_head?({:when, _, [head, _guards]}), do: plain_head?(head)
+
+  defp plain_head?({name, _, args}),
+    do: is_atom(name) and name != :__struct__ and (args == nil or is_list(args))
+
+  defp plain_head?(_), do: false
+
+  # The name and arities a definition defines (one more for each default argument).
+  defp arities({_, _, [{:when, _, [head, _]} | _]}), do: arities({nil, nil, [head]})
+
+  defp arities({_, _, [{name, _, args} | _]}) do
+    args = List.wrap(args)
+    defaults = Enum.count(args, &match?({:\\\\, _, _}, &1))
+    for arity <- (length(args) - defaults)..length(args), do: {name, arity}
+  end
+
+  defp uncertain?(body) do
+    {_, found} =
+      Macro.prewalk(body, false, fn
+        {form, _, args} = node, acc when is_list(args) -> {node, acc or form in @uncertain}
+        node, acc -> {node, acc}
+      end)
+
+    found
+  end
+
+  # The local calls (`{name, arity}`) and struct names in `code` that Elixir expands
+  # where it is defined: all but those under a macro or special form not known to
+  # expand every argument where it is called (`@unexpanded`: `quote`, `@`, a sigil,
+  # `::`, `use`, ...); any other call is a function's (the unit imports nothing and
+  # defines no macro), whose arguments are expanded. The right side of `|>` is called
+  # with one argument more than it is written with.
+  defp expanded({:%, _, [name, fields]}, {calls, structs}),
+    do: expanded(fields, {calls, [name | structs]})
+
+  defp expanded({:|>, _, [left, {name, _, args}]}, acc) when is_atom(name) and is_list(args),
+    do: expanded([left | args], called(name, length(args) + 1, acc))
+
+  defp expanded({form, _, args}, acc) when is_atom(form) and is_list(args) do
+    if MapSet.member?(@unexpanded, form),
+      do: acc,
+      else: expanded(args, called(form, length(args), acc))
+  end
+
+  defp expanded({call, _, args}, acc) when is_list(args), do: expanded([call | args], acc)
+  defp expanded({left, right}, acc), do: expanded(right, expanded(left, acc))
+  defp expanded(list, acc) when is_list(list), do: Enum.reduce(list, acc, &expanded/2)
+  defp expanded(_, acc), do: acc
+
+  # A local call, unless `name` is of a special form, or a form that is no call (a
+  # guard's `when`, a clause's `->`, a default's `\\\\`, a generator's `<-`, a list's `|`),
+  # or of a function every module has (`__info__`, `module_info`).
+  defp called(name, arity, {calls, structs} = acc) do
+    if name in @not_called or String.starts_with?(Atom.to_string(name), "__"),
+      do: acc,
+      else: {[{name, arity} | calls], structs}
+  end
+
+  defp struct_module({:__aliases__, _, [{:__MODULE__, _, context} | rest]}, module)
+       when is_atom(context),
+       do: if(Enum.all?(rest, &is_atom/1), do: Module.concat([module | rest]))
+
+  defp struct_module({:__aliases__, _, parts}, _module),
+    do: if(Enum.all?(parts, &is_atom/1), do: Module.concat(parts))
+
+  defp struct_module({:__MODULE__, _, context}, module) when is_atom(context), do: module
+  defp struct_module(_, _), do: nil
+
   defp lone_module({:defmodule, _, [name, [do: body]]}) do
-    if runs_late?(body), do: nil, else: Macro.expand(name, %{__ENV__ | module: nil, function: nil})
+    if runs_late?(body),
+      do: nil,
+      else: Macro.expand(name, %{__ENV__ | module: nil, function: nil})
   end
 
   defp lone_module(_), do: nil
@@ -425,9 +653,14 @@ def tested(checks: Sequence[Check]) -> bool:
 # Whether this Elixir reports a lone module stopped by the parse transform as `compiles`
 # reads it.
 FRONT_END_PROBE = "ExforgeCheck.stops?()"
+# `ExforgeCheck` for a VM that lacks it, in every program: without its comment lines (it
+# holds no multi-line string), which would travel in each program for no VM to read.
+PRELUDE_CODE = "\n".join(
+    line for line in CHECK_PRELUDE.splitlines() if not line.lstrip().startswith("#")
+)
 LOAD_PRELUDE = (
     "unless :erlang.module_loaded(ExforgeCheck),\n"
-    f'  do: Code.compile_string(elem({term_literal([CHECK_PRELUDE])}, 0), "exforge_check.ex")\n'
+    f'  do: Code.compile_string(elem({term_literal([PRELUDE_CODE])}, 0), "exforge_check.ex")\n'
 )
 
 

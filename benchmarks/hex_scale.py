@@ -144,10 +144,10 @@ def build_packages(
 
 
 async def stored_batches(settings: Settings) -> dict[str, list[int]]:
-    """[record batches, records, largest batch's keys and values in bytes] each topic
-    holds, read back with plain fetches: the broker lists every stored batch of a
-    partition on each fetch of it that returns records, so this, not the record count,
-    is what its fetch work grows with."""
+    """[record batches, records, largest batch's keys and values in bytes, all batches'
+    keys and values in bytes] each topic holds, read back with plain fetches: the broker
+    lists every stored batch of a partition on each fetch of it that returns records, so
+    this, not the record count, is what its fetch work grows with."""
     async with metadata_consumer(settings) as consumer:
         client = consumer._client
         partitions = [
@@ -156,7 +156,7 @@ async def stored_batches(settings: Settings) -> dict[str, list[int]]:
             for p in sorted(consumer.partitions_for_topic(t) or ())
         ]
         ends = await end_offsets(consumer, partitions)
-        counts: dict[str, list[int]] = {tp.topic: [0, 0, 0] for tp in partitions}
+        counts: dict[str, list[int]] = {tp.topic: [0, 0, 0, 0] for tp in partitions}
         for tp in partitions:
             node = client.cluster.leader_for_partition(tp)
             offset = 0
@@ -179,6 +179,7 @@ async def stored_batches(settings: Settings) -> dict[str, list[int]]:
                         counts[tp.topic][0] += 1
                         counts[tp.topic][1] += len(records)
                         counts[tp.topic][2] = max(counts[tp.topic][2], size)
+                        counts[tp.topic][3] += size
                         offset = records[-1].offset + 1
                 if offset == fetched_from:
                     raise RuntimeError(f"fetch {tp} at {offset}: no records before {ends[tp]}")
@@ -253,7 +254,7 @@ def main() -> None:
             )
             batches = asyncio.run(stored_batches(settings))
         # the dedup and near-dup state as replicated
-        changelog = sum(n for t, (_, n, _) in batches.items() if t.endswith("-changelog"))
+        changelog = sum(n for t, (_, n, _, _) in batches.items() if t.endswith("-changelog"))
         run = summary(processed, args.processes)
         run.update(
             launch="processes", table_store=args.table_store, copies=1, settings=args.overrides
@@ -295,12 +296,14 @@ def main() -> None:
             f"  dedup state: {run['tables_mb']} MB of tables on disk, "
             f"{changelog} changelog messages"
         )
-        listed = sum(b for b, _, _ in batches.values())
+        listed = sum(b for b, _, _, _ in batches.values())
         print(
-            f"  stored: {listed} record batches of {sum(r for _, r, _ in batches.values())} "
-            "records; by topic (batches/records, largest batch KiB): "
+            f"  stored: {listed} record batches of {sum(r for _, r, _, _ in batches.values())} "
+            "records; by topic (batches/records, largest batch KiB/all MiB): "
             + ", ".join(
-                f"{t} {b}/{r} {m / 1024:.0f}" for t, (b, r, m) in sorted(batches.items()) if r
+                f"{t} {b}/{r} {m / 1024:.0f}/{a / 2**20:.1f}"
+                for t, (b, r, m, a) in sorted(batches.items())
+                if r
             )
         )
         projected = report["projected"]

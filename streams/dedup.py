@@ -77,6 +77,8 @@ log = logging.getLogger("exforge.dedup")
 DECIDE_INTERVAL_S = 0.5
 # What a held file with bands awaits first: its registration's end (`registered`).
 REGISTERED = "registered"
+# The `neardup-held` key of a held file's ParsedFile, beside its header (its sha256)
+FILE = ":file"
 # The stages whose inputs must be drained before a batch is decided: all that feed it.
 UPSTREAM = ("ingest", "parse", "dedup", "neardup-bands", "neardup")
 
@@ -130,7 +132,9 @@ def held_too_long(since: Iterable[float], now: float, max_hold_s: float) -> bool
 @dataclass
 class HeldFile:
     """A `neardup-held` value: a file waiting for its batch's decision, and what it
-    heard. Stored as a one-line header (read without parsing the file) and the file.
+    heard, as a one-line header. The file is apart (key sha256 + `FILE`), written once:
+    each event the file hears rewrites the header (~300 bytes) and its changelog record,
+    not the file's (~14 KB: the held changelog was 2.7 times `files.candidates`).
 
     `awaiting` names what the file must hear before it is decided: the end of its
     registration (`REGISTERED`, for a file with bands) and the files it displaced
@@ -140,7 +144,6 @@ class HeldFile:
 
     partition: int
     since: float  # wall-clock time the file was first held
-    file: str  # ParsedFile JSON
     heard: Held = field(default_factory=Held)
     trace: str | None = None  # the file's trace (traceparent), continued when it is decided
     awaiting: frozenset[str] = frozenset()
@@ -171,18 +174,16 @@ class HeldFile:
         sets = (",".join(sorted(s)) for s in (self.awaiting, self.received, self.owed))
         fields = (self.heard.earlier, self.heard.settled, self.trace, *sets)
         optional = " ".join(value or "-" for value in fields)
-        return f"{self.partition} {self.since!r} {optional}\n{self.file}"
+        return f"{self.partition} {self.since!r} {optional}"
 
     @classmethod
     def loads(cls, raw: str) -> HeldFile:
-        header, file = raw.split("\n", 1)
-        partition, since, *optional = header.split(" ")
+        partition, since, *optional = raw.split(" ")
         earlier, settled, trace, *sets = (None if value == "-" else value for value in optional)
         awaiting, received, owed = (frozenset(s.split(",")) if s else frozenset() for s in sets)
         return cls(
             int(partition),
             float(since),
-            file,
             Held(earlier, settled),
             trace,
             awaiting,
@@ -321,12 +322,12 @@ class NearDup:
         """Hold a file until its batch (`registering`: awaiting `registered`)."""
         raw = self.held[file.sha256]
         partition = _event_partition()
-        entry = HeldFile.loads(raw) if raw else HeldFile(partition, time.time(), "")
-        entry.file = file.model_dump_json(by_alias=True, exclude_none=True)
+        entry = HeldFile.loads(raw) if raw else HeldFile(partition, time.time())
         entry.trace = tracing.traceparent()
         if registering:
             entry.awaiting |= {REGISTERED}
-        self.held[file.sha256] = entry.dumps()
+        content = file.model_dump_json(by_alias=True, exclude_none=True)
+        self.held.write(file.sha256, {file.sha256: entry.dumps(), file.sha256 + FILE: content})
         self.waiting.setdefault(partition, Waiting()).put(file.sha256, entry.since, entry.ready)
 
     def registration(self, file: ParsedFile) -> Output | None:
@@ -351,6 +352,7 @@ class NearDup:
         sha, here = message.sha256, _event_partition()
         earlier, later = message.earlier, set(message.later)
         rest: list[str] = []
+        changed: dict[str, str] = {}
         result = Result()
         for band in message.bands:
             if bucket_partition(band, self.partitions) != here:
@@ -359,7 +361,7 @@ class NearDup:
             bucket = Bucket.loads(self.buckets[band])
             updated, hears = bucket.register(sha)
             if updated != bucket:
-                self.buckets[band] = updated.dumps()
+                changed[band] = updated.dumps()
             for to, kind, about in hears:
                 if to != sha:  # a file `sha` displaced, which owes it an answer
                     event = NearDupEvent(kind=kind, sha256=to, other=about)  # type: ignore[arg-type]
@@ -368,6 +370,8 @@ class NearDup:
                     earlier = min(earlier or about, about)
                 else:  # "later": `sha` waits for the answer of the file it displaced
                     later.add(about)
+        # the buckets it changed here in one changelog record, not one each (~6 a file)
+        self.buckets.write(f"{sha}@{here}", changed)
         if rest:
             step = BandMessage(sha256=sha, bands=rest, earlier=earlier, later=sorted(later))
             result.outputs.append(self.registration_step(step))
@@ -392,7 +396,7 @@ class NearDup:
             )
             return Result(outputs=[Output("files.neardup", event.other, reply)])
         raw = self.held[event.sha256]
-        entry = HeldFile.loads(raw) if raw else HeldFile(_event_partition(), time.time(), "")
+        entry = HeldFile.loads(raw) if raw else HeldFile(_event_partition(), time.time())
         entry.hear(event)
         self.held[event.sha256] = entry.dumps()
         if (waiting := self.waiting.get(entry.partition)) is not None:
@@ -426,7 +430,7 @@ class NearDup:
             if not entry.ready:  # it heard of a file to wait for since it joined the batch
                 self.waiting.setdefault(partition, Waiting()).put(sha, entry.since, False)
                 continue
-            file = ParsedFile.model_validate_json(entry.file)
+            file = ParsedFile.model_validate_json(self.held[sha + FILE])
             duplicate_of = decide(entry.heard)
             reason = "near_duplicate" if duplicate_of else None
             outcomes.append(Outcome.of(file, reason))
@@ -476,7 +480,7 @@ class NearDup:
         for sha in decided:
             self.deciding.discard(sha)
             if sha in self.held:
-                del self.held[sha]
+                self.held.write(sha, {sha: None, sha + FILE: None})
 
     # ------------------------------------------------------------------ the timer
 
@@ -520,9 +524,15 @@ class NearDup:
         but those this worker decided (`deciding`); each ready or not, as its header
         says."""
         waiting: dict[int, Waiting] = {}
-        for sha, raw in self.held.items():
-            entry = HeldFile.loads(raw)
-            if entry.partition in owned and entry.file and sha not in self.deciding:
+        headers: dict[str, HeldFile] = {}
+        filed: set[str] = set()  # whose candidate came (events may come before)
+        for key, raw in self.held.items():
+            if key.endswith(FILE):
+                filed.add(key.removesuffix(FILE))
+            else:
+                headers[key] = HeldFile.loads(raw)
+        for sha, entry in headers.items():
+            if entry.partition in owned and sha in filed and sha not in self.deciding:
                 waiting.setdefault(entry.partition, Waiting()).put(sha, entry.since, entry.ready)
         self.waiting = waiting
         self.batches = {}

@@ -173,7 +173,7 @@ class StageContext:
             )
         return self.topics[name]
 
-    def table(self, name: str) -> faust.Table:
+    def table(self, name: str) -> tables.BudgetedTable:
         """A Faust table of str → str, partitioned like the topics, in the store the
         settings choose (RocksDB within the process's `table_cache_mb`)."""
         rocksdb = self.settings.table_store == "rocksdb"

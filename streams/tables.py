@@ -12,6 +12,8 @@ partitions and whatever the size of the tables on disk.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Iterator, Mapping
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,8 @@ from typing import Any
 import faust
 import rocksdict
 from faust.stores import rocksdb as faust_rocksdb
-from faust.types import StoreT
+from faust.types import EventT, StoreT
+from faust.types.tuples import Message
 from yarl import URL
 
 # a database's memtable: small, as 64 of them share the budget
@@ -72,9 +75,63 @@ class BudgetedOptions(faust_rocksdb.RocksDBOptions):
         return db
 
 
+# The first character of a changelog key that stands for several keys of the table
+# (`BudgetedTable.write`): no key of these tables (sha256s, LSH bucket keys) begins so.
+GROUP = "+"
+
+
 class BudgetedTable(faust.Table):
     """A Faust table whose RocksDB partitions share the process's memory budget
-    (`options["budget_bytes"]`); in memory, a plain table."""
+    (`options["budget_bytes"]`); in memory, a plain table. `write` changes several keys
+    with one changelog message."""
+
+    def write(self, group: str, values: Mapping[str, str | None]) -> None:
+        """Set (a str) or delete (None) the keys of `values` in the current event's
+        partition, with one changelog message for all of them, keyed `GROUP + group`:
+        Faust sends one a key, each its own record on the broker and its own trip
+        through the producer. `group` names what the write is, the same if it is done
+        again (a redelivery): where the changelog is compacted, the last write of a
+        group stands for it."""
+        if not values:
+            return
+        for key, value in values.items():
+            assert not key.startswith(GROUP), key
+            if value is not None:
+                self.data[key] = value
+            elif key in self.data:
+                del self.data[key]
+        self.send_changelog(self.partition_for_key(group), GROUP + group, json.dumps(values))
+
+    def apply_changelog_batch(self, batch: Iterable[EventT]) -> None:
+        """Apply changelog records (recovery, standbys), a `write`'s as one of each of
+        its keys."""
+        super().apply_changelog_batch(self._ungrouped(batch))
+
+    def _ungrouped(self, batch: Iterable[EventT]) -> Iterator[EventT]:
+        serializers = self.app.serializers
+        for event in batch:
+            if not (isinstance(event.key, str) and event.key.startswith(GROUP)):
+                yield event
+                continue
+            grouped = event.message
+            for key, value in json.loads(event.value).items():
+                message = Message(
+                    grouped.topic,
+                    grouped.partition,
+                    grouped.offset,
+                    grouped.timestamp,
+                    grouped.timestamp_type,
+                    grouped.headers,
+                    serializers.dumps_key(self.key_type, key, serializer=self.key_serializer),
+                    None
+                    if value is None
+                    else serializers.dumps_value(
+                        self.value_type, value, serializer=self.value_serializer
+                    ),
+                    None,
+                    tp=grouped.tp,
+                )
+                yield faust.Event(self.app, key, value, None, message)
 
     def _new_store_by_url(self, url: str | URL) -> StoreT:
         total = self.options.get("budget_bytes") if self.options else None
@@ -84,19 +141,21 @@ class BudgetedTable(faust.Table):
         return store
 
 
-def table(app: faust.App, name: str, partitions: int, rocksdb_budget_mb: int | None) -> Any:
+def table(
+    app: faust.App, name: str, partitions: int, rocksdb_budget_mb: int | None
+) -> BudgetedTable:
     """A str → str table, partitioned like the topics; `rocksdb_budget_mb` when the app
     stores tables in RocksDB."""
     options = None if rocksdb_budget_mb is None else {"budget_bytes": rocksdb_budget_mb << 20}
-    return app.tables.add(
-        BudgetedTable(
-            app,
-            name=name,
-            default=str,
-            beacon=app.tables.beacon,
-            partitions=partitions,
-            key_type=str,
-            value_type=str,
-            options=options,
-        )
+    created = BudgetedTable(
+        app,
+        name=name,
+        default=str,
+        beacon=app.tables.beacon,
+        partitions=partitions,
+        key_type=str,
+        value_type=str,
+        options=options,
     )
+    app.tables.add(created)
+    return created

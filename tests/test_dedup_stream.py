@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 import random
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -265,3 +266,41 @@ def test_steady_inflow_still_gets_decisions_after_the_max_hold(
     )
     assert both_kept == [], f"near-duplicates both kept: {both_kept}"
     assert "near_duplicate" in decided.values()
+
+
+@pytest.mark.parametrize("table_store", ["memory", "rocksdb"])
+def test_a_worker_rebuilds_the_near_dup_tables_from_their_changelogs(
+    pipeline: Pipeline, tmp_path: Path, table_store: str
+) -> None:
+    """A worker that starts with no tables of its own (in memory; in RocksDB, with the
+    worker directories gone) rebuilds them from the changelogs, where one record sets
+    the buckets a file changed on a partition, and one sets a held file's header and
+    file, or deletes both: a reordered copy of a file an earlier worker kept is dropped
+    (it collides with it in a rebuilt bucket), and no file the earlier worker decided
+    is held again (each kept file reaches `parsed.files` once)."""
+    base = module(random.Random(2), "Kept")
+    first = write_project(
+        tmp_path / "first",
+        "first",
+        {"lib/kept.ex": base.source(), "lib/other.ex": module(random.Random(3), "Other").source()},
+    )
+    copy = reordered(random.Random(2), base).source()
+    second = write_project(tmp_path / "second", "second", {"lib/copy.ex": copy})
+    signatures, shas = filtered_files([first, second], FileStore(tmp_path / "scratch"))
+    assert shas["lib/kept.ex"] in lsh_candidates(signatures)[shas["lib/copy.ex"]]
+    run = isolated(pipeline, tmp_path, partitions=2)
+    run.env["EXFORGE_TABLE_STORE"] = table_store
+
+    finish(start(run, [first], workers=1, log=tmp_path / "first.log"), WORKER_TIMEOUT_S)
+    shutil.rmtree(run.settings.root / "worker")
+    finish(start(run, [second], workers=1, log=tmp_path / "second.log"), WORKER_TIMEOUT_S)
+
+    decided = {path: reason for (_, path), reason in outcomes(run).items()}
+    assert decided["lib/kept.ex"] == decided["lib/other.ex"] == "kept"
+    assert decided["lib/copy.ex"] == "near_duplicate"
+    assert len(parsed(run)) == 2
+    # one record a registration step that changed buckets: at most a file's partitions
+    bands = asyncio.run(read_all(run.settings, "files.bands"))
+    changelog = asyncio.run(read_all(run.settings, "worker-neardup-buckets-changelog"))
+    assert 0 < len(changelog) <= len(bands)
+    assert all(record.key.startswith(b'"+') for record in changelog)

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -862,15 +862,33 @@ def test_a_worker_records_nothing_below_its_log_level(level: str, number: int) -
 
 class Unset(dict[str, str]):
     """A Faust table of the stage: a missing key reads as "" (and is not stored); the
-    keys read (`reads`), as a probe of the store reads a RocksDB table would make."""
+    keys read (`reads`), as a probe of the store reads a RocksDB table would make; the
+    keys set (`sets`), and the groups of keys written with one changelog record each
+    (`writes`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.reads: list[str] = []
+        self.sets: list[str] = []
+        self.writes: list[str] = []
 
     def __getitem__(self, key: str) -> str:
         self.reads.append(key)
         return super().__getitem__(key)
+
+    def __setitem__(self, key: str, value: str) -> None:
+        self.sets.append(key)
+        super().__setitem__(key, value)
+
+    def write(self, group: str, values: Mapping[str, str | None]) -> None:
+        """`streams.tables.BudgetedTable.write`."""
+        if values:
+            self.writes.append(group)
+        for key, value in values.items():
+            if value is None:
+                self.pop(key, None)
+            else:
+                self[key] = value
 
     def __missing__(self, key: str) -> str:
         return ""
@@ -1041,12 +1059,36 @@ def test_redelivered_registrations_and_files_without_bands(
     assert (bench.kept, sorted(bench.dropped)) == ([OTHER, SMALL], [LARGE])
 
 
+def test_a_held_file_is_written_once_and_what_it_hears_rewrites_its_header_alone(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each event a held file hears (`registered`, `displaced`, `answer`) changes its
+    header; the file (~14 KB, the header ~300 bytes) is written when it is held, with
+    its header in one changelog record, and deleted with it in one once decided."""
+    bench = NearDupBench(engine, monkeypatch)
+    held = bench.tables["neardup-held"]
+
+    async def run() -> None:
+        await bench.candidate(near_dup_file(LARGE, "0:shared", "1:large"))
+        await bench.everything()
+        await bench.candidate(near_dup_file(SMALL, "0:shared", "1:small"))
+        await bench.everything()  # SMALL displaced LARGE, which answered it
+        await bench.decide()
+
+    asyncio.run(run())
+    assert (bench.kept, bench.dropped) == ([SMALL], [LARGE])
+    for sha in (SMALL, LARGE):
+        assert held.sets.count(sha + dedup.FILE) == 1
+        assert held.sets.count(sha) == 3  # held; registered; answer or displaced
+    assert held.writes == [LARGE, SMALL, SMALL, LARGE]  # held; forgotten
+    assert not held
+
+
 def test_held_file_header_round_trips() -> None:
-    bare = dedup.HeldFile(3, 1.5, '{"a": "b\\nc"}')
+    bare = dedup.HeldFile(3, 1.5)
     full = dedup.HeldFile(
         0,
         1733300000.25,
-        "{}\n",
         Held(SMALL, LARGE),
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         frozenset({"0", "3", LARGE}),
@@ -1152,6 +1194,11 @@ def test_a_registration_goes_through_each_partition_of_its_buckets_and_tells_the
     asyncio.run(run())
     assert (bench.kept, bench.dropped) == ([SMALL], [LARGE, smallest])
     assert bench.stage.settled[smallest] == SMALL
+    # one changelog record a partition a file changed buckets on, however many it changed
+    # there: LARGE changed one bucket (its own), the others one on each partition
+    large = bucket_partition("1:large", 2)
+    writes = [f"{SMALL}@0", f"{SMALL}@1", f"{LARGE}@{large}", f"{smallest}@0", f"{smallest}@1"]
+    assert bench.tables["neardup-buckets"].writes == writes
 
 
 def test_a_registration_redelivered_after_its_outputs_were_lost_tells_each_party_again(
@@ -1194,6 +1241,9 @@ def test_a_registration_redelivered_after_its_outputs_were_lost_tells_each_party
     asyncio.run(run())
     assert (bench.kept, sorted(bench.dropped)) == ([smallest], [SMALL, LARGE, OTHER])
     assert not bench.stage.held
+    # a redelivery found its buckets as the first delivery left them: no write again
+    writes = bench.tables["neardup-buckets"].writes
+    assert len(set(writes)) == len(writes) == 4
 
 
 def test_the_decision_reads_no_held_file_that_is_not_ready(
@@ -1214,7 +1264,7 @@ def test_the_decision_reads_no_held_file_that_is_not_ready(
         held.reads.clear()
         for _ in range(3):
             await bench.decide()
-        assert held.reads == [OTHER]  # the one file decided
+        assert held.reads == [OTHER, OTHER + dedup.FILE]  # the one file decided
         assert bench.stage.busy() and not bench.stage.owned_ready()  # nothing to ask for
         await bench.everything()
         await bench.decide()

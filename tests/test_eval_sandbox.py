@@ -153,6 +153,29 @@ def _unframed_verdict(outcome: Outcome) -> tuple[object, ...]:
     return _probed_verdict(replace(outcome, output=re.sub(frames, "", outcome.output)))
 
 
+def _in_turn_and_whole(
+    runs: list[Program], programs: list[Program], prelude: str
+) -> tuple[list[Outcome], list[Outcome]]:
+    """The outcomes of `runs`, one at a time and in order on one VM (which keeps what it
+    may of earlier ones), and of each of `programs` whole on a fresh VM."""
+    with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0, prelude=prelude)) as pool:
+        outcomes = [pool.run(p) for p in runs]
+    config = SandboxConfig(workers=2, timeout_s=5.0, prelude=prelude, max_uses=1)
+    with SandboxPool(config) as pool:
+        wholes = pool.map([p.text for p in programs])
+    return outcomes, wholes
+
+
+def _each_thrice_and_whole(
+    codes: list[str], tests: str, probe: str
+) -> tuple[list[Outcome], list[Outcome]]:
+    """`_in_turn_and_whole` of each code with `tests`, three times in a row, with a
+    prelude that counts calls of `probe` (the `probe:` line `_call_count` reads)."""
+    prelude = f":erlang.trace_pattern({probe}, true, [:call_count])\n"
+    programs = [Program(code, tests) for code in codes]
+    return _in_turn_and_whole([p for p in programs for _ in range(3)], programs, prelude)
+
+
 def test_tests_compiled_once_give_the_verdicts_of_the_whole_program(pool: SandboxPool) -> None:
     double = "defmodule Double do\n  def double(x) do\n    {}\n  end\nend\n"
     protocol = (
@@ -368,12 +391,8 @@ def test_a_kept_protocol_gives_the_verdicts_of_the_whole_program() -> None:
         f":erlang.trace_pattern({PROTOCOL_PROBE}, true, [:call_count])\n"
     )
     programs = [Program(code + SHAPE_INFO + probe, SHAPE_TESTS) for code in codes.values()]
-    with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0, prelude=prelude)) as pool:
-        # one at a time, in order; the second sees the protocol again and keeps it
-        outcomes = [pool.run(p) for p in programs[:1] * 2 + programs]
-    config = SandboxConfig(workers=2, timeout_s=5.0, prelude=prelude, max_uses=1)
-    with SandboxPool(config) as pool:
-        wholes = pool.map([p.text for p in programs])
+    # the second run sees the protocol again and keeps it
+    outcomes, wholes = _in_turn_and_whole(programs[:1] * 2 + programs, programs, prelude)
 
     assert [_probed_verdict(o) for o in outcomes[2:]] == [_probed_verdict(o) for o in wholes]
     assert [_call_count(o) for o in wholes] == ["1"] * 6 + ["2", "1", None, None, None, "1"]
@@ -470,14 +489,8 @@ def test_module_bodies_evaluated_give_the_verdicts_of_the_whole_program() -> Non
     compiled = ("attribute_computed", "struct_twice", "struct_key_twice", "struct_field_not_atom")
     evaluated = {name: name not in compiled for name in codes}
     modules = {name: len(re.findall(r"defmodule|defimpl String", c)) for name, c in codes.items()}
-    prelude = f":erlang.trace_pattern({BODY_PROBE}, true, [:call_count])\n"
-    programs = [Program(code, BODY_TESTS) for code in codes.values()]
-    with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0, prelude=prelude)) as pool:
-        # one at a time: the first of each three compiles whole, the others keep its tests
-        outcomes = [pool.run(p) for p in programs for _ in range(3)]
-    config = SandboxConfig(workers=2, timeout_s=5.0, prelude=prelude, max_uses=1)
-    with SandboxPool(config) as pool:
-        wholes = pool.map([p.text for p in programs])
+    # the first of each three compiles whole, the others keep its tests
+    outcomes, wholes = _each_thrice_and_whole(list(codes.values()), BODY_TESTS, BODY_PROBE)
 
     assert [_unframed_verdict(o) for o in outcomes] == [
         _unframed_verdict(o) for o in wholes for _ in range(3)
@@ -553,13 +566,7 @@ def test_the_checks_kept_cache_gives_the_verdicts_of_a_fresh_vm() -> None:
         + double.format("Integer.floor_div(x * 2, 1)"),
         "calls_again": double.format("Integer.floor_div(x * 2, 1)"),
     }
-    prelude = f":erlang.trace_pattern({CHECK_PROBE}, true, [:call_count])\n"
-    programs = [Program(code, CHECK_TESTS) for code in codes.values()]
-    with SandboxPool(SandboxConfig(workers=1, timeout_s=5.0, prelude=prelude)) as pool:
-        outcomes = [pool.run(p) for p in programs for _ in range(3)]
-    config = SandboxConfig(workers=2, timeout_s=5.0, prelude=prelude, max_uses=1)
-    with SandboxPool(config) as pool:
-        wholes = pool.map([p.text for p in programs])
+    outcomes, wholes = _each_thrice_and_whole(list(codes.values()), CHECK_TESTS, CHECK_PROBE)
 
     assert [_probed_verdict(o) for o in outcomes] == [
         _probed_verdict(o) for o in wholes for _ in range(3)

@@ -232,12 +232,15 @@ defmodule Exforge.Sandbox.Checker do
     context = %{code_path: :code.get_path()}
 
     fresh =
-      for module <- Enum.uniq(modules),
-          is_atom(module),
-          :ets.lookup(@table, module) == [],
-          context.code_path == before.code_path,
-          Exforge.Sandbox.Modules.as_found?(module, before, context),
-          do: module
+      if context.code_path == before.code_path do
+        for module <- Enum.uniq(modules),
+            is_atom(module),
+            :ets.lookup(@table, module) == [],
+            Exforge.Sandbox.Modules.as_found?(module, before, context),
+            do: module
+      else
+        []
+      end
 
     if fresh != [] and :ets.info(@table, :size) + length(fresh) <= @kept do
       {checker, ets} = Module.ParallelChecker.test_cache()

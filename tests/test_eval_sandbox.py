@@ -28,6 +28,7 @@ from exforge.elixir.sandbox import (
     classify_death,
     isolation,
     parse_reply,
+    server_modules,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -752,6 +753,27 @@ def test_strict_mode_gives_every_candidate_a_fresh_vm() -> None:
         assert [o.status for o in outcomes] == ["passed", "failed", "passed"]
         assert all(o.worker_replaced for o in outcomes)
         assert pool.replaced == 3
+
+
+def test_vms_load_the_server_compiled_once_into_the_users_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server is compiled once into the cache, and every VM boots from what it holds:
+    the same file serves fresh VMs, and the VMs no longer boot once it is garbled."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    server_modules.cache_clear()
+    try:
+        with SandboxPool(SandboxConfig(workers=1, max_uses=1)) as pool:
+            assert [o.status for o in pool.map([GOOD, GOOD])] == ["passed"] * 2
+        assert list((tmp_path / "exforge").iterdir()) == [server_modules()]
+        server_modules().write_bytes(b"garbled")
+        with (
+            SandboxPool(SandboxConfig(workers=1)) as pool,
+            pytest.raises(SandboxError, match="did not boot"),
+        ):
+            pool.run(GOOD)
+    finally:
+        server_modules.cache_clear()
 
 
 def test_reply_parsing_and_death_classification() -> None:

@@ -1,5 +1,7 @@
 # exforge sandbox worker: a warm BEAM that compiles and runs candidate programs with
-# their ExUnit tests, one at a time, and reports each outcome.
+# their ExUnit tests, one at a time, and reports each outcome. sandbox.py compiles this
+# file once (`server_modules`); each VM loads the modules and runs
+# Exforge.Sandbox.Server.main/1 with the arguments below.
 #
 # Protocol (a pipe pair passed as two file descriptors, never stdout, so that a candidate writing to the
 # real stdout through `:user` cannot forge a frame): every frame is a 4-byte big-endian
@@ -1428,5 +1430,3 @@ defmodule Exforge.Sandbox.Server do
     }
   end
 end
-
-Exforge.Sandbox.Server.main(System.argv())

@@ -50,10 +50,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import faust
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from exforge.core import tracing
-from exforge.core.db import FileOutcome
+from exforge.core.db import FileOutcome, upsert
 from exforge.core.kafka import DrainWatch
 from exforge.elixir.neardup import Bucket, Held, bucket_partition, decide
 from schemas.catalogue import STAGE_INPUTS, topic_name
@@ -102,21 +103,23 @@ class Outcome:
         return cls(file.source_id, file.path, file.sha256, reason, file.redactions)
 
 
-def record_outcomes(ctx: StageContext, outcomes: Iterable[Outcome]) -> None:
-    """Write what became of files, in one transaction; keyed by position, so replays
-    overwrite."""
-    with Session(ctx.engine) as session, session.begin():
-        for outcome in outcomes:
-            session.merge(
-                FileOutcome(
-                    source_id=outcome.source_id,
-                    path=outcome.path,
-                    sha256=outcome.sha256,
-                    kept=outcome.reason is None,
-                    reason=outcome.reason,
-                    redactions=outcome.redactions,
-                )
-            )
+def record_outcomes(engine: Engine, outcomes: Iterable[Outcome]) -> None:
+    """Write what became of files, in one statement; keyed by position, so replays
+    overwrite (an upsert: `Session.merge` looked each row up first, 4 % of a worker's
+    CPU at 300 packages)."""
+    rows = [
+        {
+            "source_id": outcome.source_id,
+            "path": outcome.path,
+            "sha256": outcome.sha256,
+            "kept": outcome.reason is None,
+            "reason": outcome.reason,
+            "redactions": outcome.redactions,
+        }
+        for outcome in outcomes
+    ]
+    with Session(engine) as session, session.begin():
+        upsert(session, FileOutcome, rows)
 
 
 def held_too_long(since: Iterable[float], now: float, max_hold_s: float) -> bool:
@@ -305,7 +308,7 @@ class NearDup:
         seen = self.first_seen[file.sha256]
         if seen and seen != position(file):
             outcome = Outcome.of(file, "exact_duplicate")
-            await asyncio.to_thread(record_outcomes, self.ctx, [outcome])
+            await asyncio.to_thread(record_outcomes, self.ctx.engine, [outcome])
             result.drop("exact_duplicate")
             return result
         if not seen:
@@ -450,7 +453,7 @@ class NearDup:
             decided.append(sha)
             self.deciding.add(sha)
         if outcomes:
-            await asyncio.to_thread(record_outcomes, self.ctx, outcomes)
+            await asyncio.to_thread(record_outcomes, self.ctx.engine, outcomes)
         if self.batches.get(partition):
             result.outputs.append(decide_output(partition))
         result.count("files", len(decided))

@@ -104,7 +104,7 @@ def attach(ctx: StageContext) -> None:
                 REDACTIONS.labels(kind).inc(count)
             result.outputs.append(Output("files.candidates", outcome.sha256, outcome))
         if dropped:
-            record_outcomes(ctx, dropped)
+            record_outcomes(ctx.engine, dropped)
         return result
 
     attach_stage(ctx, "parse", "raw.packages", handle_package)

@@ -651,6 +651,29 @@ def test_dataset_stats(engine: Engine, file_store: FileStore) -> None:
     assert data["shards"] == {"total": 1, "samples": 4, "unpublished": 1}
 
 
+def test_file_outcomes_are_recorded_once_a_position_the_last_standing(engine: Engine) -> None:
+    """A redelivered file is recorded again at its position (source, path): one row, as
+    the last delivery says, its first time kept."""
+    first = dedup.Outcome("dir:a@1", "lib/a.ex", "1" * 64, None, {"email": 1})
+    dropped = dedup.Outcome("dir:a@1", "lib/b.ex", None, "not_utf8")
+    dedup.record_outcomes(engine, [first, dropped])
+    with Session(engine) as session:
+        recorded_at = session.get(FileOutcome, ("dir:a@1", "lib/a.ex")).recorded_at  # type: ignore[union-attr]
+    again = dedup.Outcome("dir:a@1", "lib/a.ex", "1" * 64, "near_duplicate")
+    dedup.record_outcomes(engine, [again, dropped])
+    with Session(engine) as session:
+        rows = {row.path: row for row in session.query(FileOutcome)}
+    assert set(rows) == {"lib/a.ex", "lib/b.ex"}
+    a, b = rows["lib/a.ex"], rows["lib/b.ex"]
+    assert (a.kept, a.reason, a.redactions, a.recorded_at) == (
+        False,
+        "near_duplicate",
+        None,
+        recorded_at,
+    )
+    assert (b.kept, b.reason, b.sha256, b.redactions) == (False, "not_utf8", None, None)
+
+
 # --- exforge.core.dlq -----------------------------------------------------------------------
 
 

@@ -271,3 +271,28 @@ def test_a_drain_check_the_broker_never_answers_is_abandoned(
             assert asyncio.run(watch.observe()) is False
     assert watch.streak == 0
     assert "drain check abandoned: no answer in 0.5 s" in caplog.text
+
+
+def test_a_drain_watch_of_a_process_holding_input_does_not_ask_the_broker(
+    pipeline: Pipeline,
+) -> None:
+    """While a stage of the process holds input it has not committed, the inputs are not
+    drained: the watch says so without a look at the broker (no client connects), and
+    the streak of drained looks starts again."""
+    settings = pipeline.settings
+    holding = [True]
+
+    async def scenario() -> list[object]:
+        await create_topics(settings)
+        seen: list[object] = []
+        async with counting_forwarder(settings.bootstrap) as (bootstrap, accepted):
+            watched = settings.model_copy(update={"kafka_bootstrap": bootstrap})
+            watch = DrainWatch(watched, ("parsed.files",), checks=1, holding=lambda: holding[0])
+            seen += [await watch.observe(), accepted[0]]
+            holding[0] = False
+            seen += [await watch.observe(), watch.streak, accepted[0] > 0]
+            holding[0] = True
+            seen += [await watch.observe(), watch.streak]
+        return seen
+
+    assert asyncio.run(scenario()) == [False, 0, True, 1, True, False, 0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -494,9 +494,15 @@ class DrainWatch:
     streak: int = 0
     timeout_s: float = ANSWER_TIMEOUT_S
     watch: BrokerWatch | None = None  # the process's; None: clients of its own per look
+    # whether the process holds input it has not committed (a stage at work on it or
+    # delivering its outputs): the inputs are then not drained, without asking the broker
+    holding: Callable[[], bool] = lambda: False
 
     async def observe(self) -> bool:
         """Look once more; True once the inputs were drained `checks` times in a row."""
+        if self.holding():
+            self.streak = 0
+            return False
         try:
             check = drained(self.settings, self.topics, self.watch)
             self.streak = self.streak + 1 if await asyncio.wait_for(check, self.timeout_s) else 0

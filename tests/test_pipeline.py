@@ -332,6 +332,7 @@ def count_samples(engine: Any) -> int:
         return session.scalar(select(func.count()).select_from(Sample)) or 0
 
 
+@pytest.mark.timeout(900)  # a one-process and a two-process deployment at once, on 2 cores
 def test_two_worker_processes_on_rocksdb_tables_make_the_shards_one_makes(
     pipeline: Pipeline, tmp_path: Path
 ) -> None:

@@ -560,7 +560,9 @@ defmodule ExforgeCheck do
     if Module.get_attribute(env.module, :before_compile) != [], do: throw(@compiled)
   end
 
+  # (the VM's own compiler options come back after: a check leaves its VM as it was)
   defp stopped(quoted, module, file) do
+    options = System.get_env("ERL_COMPILER_OPTIONS")
     System.put_env("ERL_COMPILER_OPTIONS", "[{parse_transform, 'Elixir.ExforgeCheck'}]")
     conflicts = Code.get_compiler_option(:ignore_module_conflict)
     Code.put_compiler_option(:ignore_module_conflict, true)
@@ -579,7 +581,11 @@ defmodule ExforgeCheck do
       :throw, @compiled -> :compile
     after
       if bodies?(), do: apply(@bodies, :forget, [__MODULE__])
-      System.delete_env("ERL_COMPILER_OPTIONS")
+
+      if options,
+        do: System.put_env("ERL_COMPILER_OPTIONS", options),
+        else: System.delete_env("ERL_COMPILER_OPTIONS")
+
       Code.put_compiler_option(:ignore_module_conflict, conflicts)
     end
   end

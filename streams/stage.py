@@ -194,7 +194,7 @@ class StageContext:
         producer call cost as much CPU as the call (a worker produces a record per sample)."""
         producer = await self.app.maybe_start_producer()
         pending = await producer.send(
-            self.topic(output.topic).get_topic_name(),
+            topic_name(self.settings.topic_prefix, output.topic),
             output.key.encode(),
             output.record.to_bytes(),
             partition=output.partition,

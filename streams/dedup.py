@@ -288,8 +288,15 @@ class NearDup:
         # what `waiting` was indexed for: the owned partitions, and the rebalance (a
         # partition that left and came back may have changed meanwhile)
         self.indexed: tuple[frozenset[int], int] | None = None
-        upstream = tuple(STAGE_INPUTS[stage] for stage in UPSTREAM)
-        self.drain = DrainWatch(ctx.settings, upstream, watch=ctx.broker)
+        # a process whose upstream stages are at work does not ask the broker: their input
+        # is not committed, so the look could only say no (one look every half second in
+        # each process while ready files waited, the whole parse phase)
+        self.drain = DrainWatch(
+            ctx.settings,
+            tuple(STAGE_INPUTS[stage] for stage in UPSTREAM),
+            watch=ctx.broker,
+            holding=lambda: ctx.holding_input(UPSTREAM),
+        )
         self.neardup_topic = topic_name(ctx.settings.topic_prefix, "files.neardup")
 
     def attach(self) -> None:

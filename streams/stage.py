@@ -20,7 +20,7 @@ import inspect
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -135,8 +135,11 @@ class Activity:
             self.working[stage] -= 1
             self.touch(stage)
 
-    def at_work(self) -> bool:
-        return any(count > 0 for count in self.working.values())
+    def at_work(self, stages: Collection[str] | None = None) -> bool:
+        """Whether a stage (of `stages`; None: any) is at work."""
+        return any(
+            count > 0 for stage, count in self.working.items() if stages is None or stage in stages
+        )
 
     def quiet_for(self, now: float, since: float) -> float:
         """Seconds no stage has worked (none yet: since `since`); 0 while one works."""
@@ -212,13 +215,16 @@ class StageContext:
         """Produce and wait for the broker's acknowledgement (at-least-once)."""
         await (await self.produce(stage, output))
 
-    def busy_delivering(self) -> bool:
-        return any(self.in_flight.values())
+    def busy_delivering(self, stages: Collection[str] | None = None) -> bool:
+        """Whether a stage (of `stages`; None: any) awaits acknowledgements."""
+        return any(
+            tasks for stage, tasks in self.in_flight.items() if stages is None or stage in stages
+        )
 
-    def holding_input(self) -> bool:
-        """Whether a stage holds input it has not committed: at work on it, or delivering
-        its outputs."""
-        return self.activity.at_work() or self.busy_delivering()
+    def holding_input(self, stages: Collection[str] | None = None) -> bool:
+        """Whether a stage (of `stages`; None: any) holds input it has not committed: at
+        work on it, or delivering its outputs."""
+        return self.activity.at_work(stages) or self.busy_delivering(stages)
 
     async def dead_letter(
         self, stage: str, message: Any, failure: Failure, key: str | None

@@ -1326,6 +1326,33 @@ def test_readiness_is_rebuilt_from_the_table_after_a_restart_or_rebalance(
     assert (bench.kept, bench.dropped) == ([OTHER, SMALL], [LARGE])
 
 
+def test_the_near_dup_drain_look_waits_only_for_the_stages_upstream_of_the_decision(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a stage upstream of the decision holds input in this process (at work on
+    it, or delivering its outputs), the decide timer's drain watch counts the inputs as
+    not drained without asking the broker; a stage downstream at work (instruct, shard)
+    does not hold the decision back."""
+    from streams.stage import StageContext
+
+    bench = NearDupBench(engine, monkeypatch)
+    none: Any = None  # what holding input does not use
+    ctx = StageContext(bench.ctx.settings, none, engine, none, none)
+    bench.ctx.holding_input = ctx.holding_input
+    holding = bench.stage.drain.holding
+    seen = [holding()]
+    with ctx.activity.during("instruct"), ctx.activity.during("shard"):
+        seen.append(holding())
+    for stage in dedup.UPSTREAM:
+        with ctx.activity.during(stage):
+            seen.append(holding())
+    ctx.in_flight["instruct"] = {none}
+    seen.append(holding())
+    ctx.in_flight["neardup-bands"] = {none}
+    seen.append(holding())
+    assert seen == [False, False, *[True] * len(dedup.UPSTREAM), False, True]
+
+
 def test_a_worker_is_not_idle_while_its_group_rebalances(tmp_path: Path) -> None:
     """All else idle (no lag, nothing held or to seal), a worker waits for the end of a
     rebalance (and of its tables' recovery) before it stops for idle."""

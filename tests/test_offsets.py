@@ -7,9 +7,11 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import TopicPartition
 from conftest import Pipeline
 from faust.types import TP
@@ -253,6 +255,47 @@ def test_a_watch_looks_again_without_new_clients_and_sees_new_records(
     seen, clients = asyncio.run(scenario())
     assert seen == [[], True, [3], False, [3], False, [5], False, [1], False, [0], True]
     assert clients == 2  # the admin client and the consumer, once
+
+
+def test_a_watch_keeps_the_group_coordinator_while_it_answers_with_commits(
+    pipeline: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A look at committed offsets sent a FindCoordinator request before each
+    OffsetFetch (half the CPU of a worker's looks): the watch asks once and keeps the
+    answer while the coordinator answers with committed offsets; an answer with none
+    (nothing committed yet, or a coordinator that moved) has it asked again."""
+    settings = pipeline.settings
+    partition = TopicPartition(topic_name(settings.topic_prefix, "parsed.files"), 0)
+    finds = [0]
+    find = AIOKafkaAdminClient.find_coordinator
+
+    async def counted(admin: AIOKafkaAdminClient, *args: Any, **kwargs: Any) -> int:
+        finds[0] += 1
+        return await find(admin, *args, **kwargs)
+
+    monkeypatch.setattr(AIOKafkaAdminClient, "find_coordinator", counted)
+
+    async def scenario() -> list[object]:
+        await create_topics(settings)
+        watch = BrokerWatch(settings.bootstrap)
+        seen: list[object] = []
+
+        async def look() -> None:
+            committed = await watch.committed(settings.worker_group, [partition])
+            seen.append((committed[partition], finds[0]))
+
+        try:
+            await look()
+            await look()
+            await commit_as_worker_group(settings, partition, 4)
+            await look()
+            await look()
+            await look()
+        finally:
+            await watch.close()
+        return seen
+
+    assert asyncio.run(scenario()) == [(None, 1), (None, 2), (4, 3), (4, 3), (4, 3)]
 
 
 def test_a_drain_check_the_broker_never_answers_is_abandoned(

@@ -242,15 +242,17 @@ class BrokerWatch:
     started for each look bootstraps with the metadata of every topic, which the
     embedded broker answers by listing every record batch it holds, so looks made that
     way cost the broker more the more data it held (most of its CPU in a hex-scale run).
-    So partitions come from the metadata of the named topics only, and each partition's
-    end is fetched again only once its reported end moved (`end_offsets`). A look that
-    fails or is abandoned stops the clients; the next one starts them afresh."""
+    So partitions come from the metadata of the named topics only, each partition's
+    end is fetched again only once its reported end moved (`end_offsets`), and a group's
+    coordinator is kept between looks (`committed`). A look that fails or is abandoned
+    stops the clients; the next one starts them afresh."""
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
         self._clients: tuple[AIOKafkaAdminClient, AIOKafkaConsumer] | None = None
         self._partitions: dict[str, int] = {}  # topic → partition count
         self._ends: KnownEnds = {}
+        self._coordinators: dict[str, int] = {}  # group → its coordinator's node id
         self._starting = asyncio.Lock()  # looks made at once start one pair of clients
         self._probing = asyncio.Lock()  # the probes share the consumer's assignment
 
@@ -275,6 +277,7 @@ class BrokerWatch:
     async def close(self) -> None:
         clients, self._clients = self._clients, None
         self._ends = {}
+        self._coordinators = {}
         if clients is not None:
             admin, consumer = clients
             await consumer.stop()
@@ -317,10 +320,22 @@ class BrokerWatch:
     ) -> dict[TopicPartition, int | None]:
         """The group's committed offset of each partition; None where it never committed
         (the broker answers -1 or leaves the partition out). The broker here answers
-        OffsetFetch only with explicit partitions."""
+        OffsetFetch only with explicit partitions.
+
+        The group's coordinator is asked for once, not before each OffsetFetch (half of
+        the CPU of a worker's looks at committed offsets): it is kept while it answers
+        with committed offsets. An answer with none (nothing committed yet, or a
+        coordinator that moved and answers nothing) has it looked up again next time."""
         async with self._look() as (admin, _):
-            offsets = await admin.list_consumer_group_offsets(group, partitions=partitions)
-        return {tp: _offset(offsets.get(tp)) for tp in partitions}
+            if group not in self._coordinators:
+                self._coordinators[group] = await admin.find_coordinator(group)
+            offsets = await admin.list_consumer_group_offsets(
+                group, group_coordinator_id=self._coordinators[group], partitions=partitions
+            )
+        committed = {tp: _offset(offsets.get(tp)) for tp in partitions}
+        if all(offset is None for offset in committed.values()):
+            self._coordinators.pop(group, None)
+        return committed
 
 
 def _offset(meta: OffsetAndMetadata | None) -> int | None:

@@ -88,8 +88,11 @@ end
 # loop, `try` or `receive` outside its functions and registers no `@before_compile`
 # (whose callback sees the environment the body ends in); any other is compiled. The
 # evaluation is the sandbox server's (`Exforge.Sandbox.Bodies`, loaded in every pool VM
-# before this prelude): in a plain `elixir` script every body is compiled. The probe
-# (`stops?`) also checks that an evaluated body sees Elixir's own `__ENV__`.
+# before this prelude): in a plain `elixir` script every body is compiled. Elixir would
+# still compile the call that evaluates a body into a throwaway module of its own (half
+# of a passing check's reductions); the check pool's VMs run that call at once
+# (`CHECK_PRELUDE`). The probe (`stops?`) also checks that an evaluated body sees
+# Elixir's own `__ENV__`.
 # `ExforgeCheck.check(level, code, file, stops)`: one check of `level` (`:parse`,
 # `:compile`, `:test`), as a batch program checks its units and a single-candidate
 # program its lines (`check_line`).
@@ -107,7 +110,7 @@ end
 # The check pool's VMs compile this module once, as their prelude (`SandboxConfig`); a
 # program on another VM (or an `elixir` script) compiles it first: compiling it took a
 # program ~6 ms, more than a small module's check.
-CHECK_PRELUDE = """\
+CHECK_MODULE = """\
 defmodule ExforgeCheck do
   @moduledoc false
   @stopped "exforge-front-end"
@@ -591,6 +594,17 @@ defmodule ExforgeCheck do
   end
 end
 """
+# The check pool's prelude: `ExforgeCheck`, then the VM's Elixir made to run each body
+# `front_end` evaluates at once, not after compiling the call that evaluates it into a
+# throwaway module (`Exforge.Sandbox.Bodies.call_stubs`: half of a passing compile
+# check's reductions). Only here, where a VM boots, before the baseline its candidates
+# are held to: a program that compiles `ExforgeCheck` itself (`LOAD_PRELUDE`) leaves
+# Elixir as it found it.
+CHECK_PRELUDE = (
+    CHECK_MODULE
+    + "if :erlang.function_exported(Exforge.Sandbox.Bodies, :call_stubs, 0),\n"
+    + "  do: apply(Exforge.Sandbox.Bodies, :call_stubs, [])\n"
+)
 
 
 def encoded(data: bytes) -> str:
@@ -662,7 +676,7 @@ FRONT_END_PROBE = "ExforgeCheck.stops?()"
 # `ExforgeCheck` for a VM that lacks it, in every program: without its comment lines (it
 # holds no multi-line string), which would travel in each program for no VM to read.
 PRELUDE_CODE = "\n".join(
-    line for line in CHECK_PRELUDE.splitlines() if not line.lstrip().startswith("#")
+    line for line in CHECK_MODULE.splitlines() if not line.lstrip().startswith("#")
 )
 LOAD_PRELUDE = (
     "unless :erlang.module_loaded(ExforgeCheck),\n"

@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,9 +91,23 @@ class Sample:
         return sum(self.messages_in.values())
 
 
+# The samples a reading keeps: asked for by name, so a worker serializes these alone, not
+# its whole registry (its process collector reads /proc on each scrape): at 300 hex-scale
+# packages the full scrape twice a second cost 2.6 % of the workers' CPU.
+SCRAPED = (
+    "exforge_messages_in_total",
+    "exforge_messages_out_total",
+    "exforge_stage_latency_seconds_sum",
+    "exforge_stage_wait_seconds_total",
+    "exforge_check_pool_events_total",
+)
+SCRAPE_QUERY = urllib.parse.urlencode([("name[]", name) for name in SCRAPED])
+
+
 def scrape(port: int, into: Sample) -> None:
+    url = f"http://127.0.0.1:{port}/metrics?{SCRAPE_QUERY}"
     try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+        text = urllib.request.urlopen(url, timeout=2).read()
     except OSError:
         return  # not serving yet, or already gone
     for family in text_string_to_metric_families(text.decode()):

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, Row, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -59,21 +59,22 @@ log = logging.getLogger("exforge.shard")
 
 def sample_row(
     dataset: str, sample: InstructionSample, tokens: int, validation_fraction: float
-) -> Sample:
+) -> dict[str, Any]:
+    """The sample's `Sample` row, as the values of a bulk insert."""
     refs = sample.meta.source_refs
-    return Sample(
-        sample_id=sample.sample_id,
-        dataset=dataset,
-        stage=sample.meta.stage,
-        split=split_for(sample.sample_id, validation_fraction),
-        kind=sample.meta.kind,
-        payload=sharegpt_line(sample),
-        difficulty=sample.meta.difficulty,
-        tokens=tokens,
-        license=sample.meta.license,
-        source_id=refs[0].source_id if refs else None,
-        position=sample.meta.position,
-    )
+    return {
+        "sample_id": sample.sample_id,
+        "dataset": dataset,
+        "stage": sample.meta.stage,
+        "split": split_for(sample.sample_id, validation_fraction),
+        "kind": sample.meta.kind,
+        "payload": sharegpt_line(sample),
+        "difficulty": sample.meta.difficulty,
+        "tokens": tokens,
+        "license": sample.meta.license,
+        "source_id": refs[0].source_id if refs else None,
+        "position": sample.meta.position,
+    }
 
 
 def stage_sample(
@@ -100,11 +101,14 @@ def stage_samples(
         with Session(engine) as session, session.begin():
             staged = set(session.scalars(select(Sample.sample_id).where(Sample.sample_id.in_(ids))))
             fresh: set[str] = set()
+            rows = []
             for sample, tokens in samples:
                 if sample.sample_id in staged or sample.sample_id in fresh:
                     continue
-                session.add(sample_row(dataset, sample, tokens, validation_fraction))
+                rows.append(sample_row(dataset, sample, tokens, validation_fraction))
                 fresh.add(sample.sample_id)
+            if rows:  # one bulk insert, not one object per row through the unit of work
+                session.execute(insert(Sample), rows)
             return fresh
     except IntegrityError:  # a concurrent worker staged some first: one by one
         if len(samples) == 1:
@@ -135,7 +139,21 @@ def pending_groups(
         return [(stage, split) for stage, split in session.execute(query)]
 
 
-def take(rows: list[Sample], max_tokens: int | None) -> list[Sample]:
+# What sealing reads of a pending sample: plain rows, not ORM objects (their identity
+# map and attribute instrumentation cost more than the query)
+SEALED_COLUMNS = (
+    Sample.sample_id,
+    Sample.stage,
+    Sample.difficulty,
+    Sample.position,
+    Sample.tokens,
+    Sample.kind,
+    Sample.payload,
+)
+SealedRow = Row[tuple[str, int, int, int | None, int, str, str]]
+
+
+def take(rows: list[SealedRow], max_tokens: int | None) -> list[SealedRow]:
     """The leading rows up to and including the one that reaches `max_tokens`."""
     if max_tokens is None:
         return rows
@@ -147,7 +165,7 @@ def take(rows: list[Sample], max_tokens: int | None) -> list[Sample]:
     return rows
 
 
-def in_curriculum_order(rows: list[Sample]) -> list[Sample]:
+def in_curriculum_order(rows: list[SealedRow]) -> list[SealedRow]:
     return sorted(
         rows, key=lambda r: curriculum_key(r.stage, r.difficulty, r.position, r.sample_id)
     )
@@ -168,8 +186,8 @@ def seal_group(
     group, if at least `minimum` are pending (or the token limit is reached); return its
     size (0: nothing sealed)."""
     with Session(engine) as session, session.begin():
-        rows = session.scalars(
-            select(Sample)
+        rows = session.execute(
+            select(*SEALED_COLUMNS)
             .where(
                 Sample.dataset == dataset,
                 Sample.stage == stage,

@@ -40,7 +40,7 @@ from streams.generators.check import (
     term_literal,
 )
 from streams.generators.code import WHOLE_FILE_LINES, fim_split
-from streams.generators.common import code_blocks, module_source, specs
+from streams.generators.common import code_blocks, code_bytes, module_source, specs
 from streams.generators.grade import difficulty
 from streams.generators.refactor import _rewrite, as_case, module_siblings
 from streams.generators.tokens import token_counter
@@ -963,16 +963,19 @@ def test_generation_parses_a_file_and_each_function_once(
 ) -> None:
     """A file's text is parsed once for its `@spec`s, however many generators read them,
     and not at all without them (its whole-file grade takes the nesting the parse stage
-    measured); each function's source (one per refactoring) is parsed once."""
+    measured); each function's source is parsed once, for its grade and its refactorings
+    alike (as `code_bytes` spells it, never without its final newline)."""
     code_files = [f for f in files if f.kind == "elixir_file" and f.functions]
     for file in code_files:
         generate(file, file.content or "")
     texts = [(f.content or "").encode() for f in code_files]
     assert [parses[t] for t in texts] == [int(b"@spec" in t) for t in texts]
     assert 0 in [parses[t] for t in texts]
-    sources = {f.source.encode() for file in code_files for f in file.functions}
+    functions = [f for file in code_files for f in file.functions]
+    sources = {code_bytes(f.source)[1] for f in functions}
     assert sum(parses[s] for s in sources) > len(code_files)
     assert max(parses[s] for s in sources) == 1
+    assert not [f.source for f in functions if parses[f.source.encode()]]
 
 
 def test_a_long_file_without_specs_is_not_parsed_again(parses: Counter[bytes]) -> None:
@@ -989,7 +992,7 @@ def test_a_long_file_without_specs_is_not_parsed_again(parses: Counter[bytes]) -
     parses.clear()  # the parse stage's own
     assert "completion" in {c.sample.meta.kind for c in generate(file, text)}
     assert parses[text.encode()] == 0
-    assert parses[b"def a0(x) do\n  x + 0\nend"] == 1, "its functions are parsed"
+    assert parses[b"def a0(x) do\n  x + 0\nend\n"] == 1, "its functions are parsed"
 
 
 def test_nesting_counts_nested_do_blocks_and_anonymous_functions() -> None:

@@ -71,6 +71,14 @@ def code_blocks(text: str) -> list[str]:
     return blocks
 
 
+def code_bytes(code: str) -> tuple[str, bytes]:
+    """Code as it is parsed for a grade or a refactoring: ending in a newline (added when
+    it has none), and its bytes. Both parse the same bytes, so a function's source is
+    parsed once for both (`parsed` remembers the tree)."""
+    source = code if code.endswith("\n") else code + "\n"
+    return source, source.encode("utf-8", "surrogatepass")
+
+
 def ref(file: ParsedFile, start: int | None = None, end: int | None = None) -> SourceRef:
     return SourceRef(
         source_id=file.source_id, path=file.path, sha256=file.sha256, start_line=start, end_line=end

@@ -22,9 +22,9 @@ from functools import lru_cache
 
 from exforge.elixir.analysis import definitions
 from exforge.elixir.features import Grading, grading, grading_of, nesting
-from exforge.elixir.tree import parse, parsed
+from exforge.elixir.tree import parsed
 from schemas.records import ElixirAnalysis, InstructionSample, ParsedFile
-from streams.generators.common import code_blocks
+from streams.generators.common import code_blocks, code_bytes
 
 STAGES: dict[str, int] = {
     "completion": 1,
@@ -65,17 +65,12 @@ def score(features: ElixirAnalysis, data: bytes, concepts: int, floor: int) -> i
     return _level(grading_of(features, depth), concepts, floor)
 
 
-def _encoded(code: str) -> tuple[str, bytes]:
-    source = code if code.endswith("\n") else code + "\n"
-    return source, source.encode("utf-8", "surrogatepass")
-
-
 @lru_cache(maxsize=4096)
 def difficulty(code: str, concepts: int, floor: int = 1) -> int:
     """The score of `code` (graded once; kinds that teach the same code share it): the
     features of its analysis that a score reads (`grading`, not the whole analysis)."""
-    source, data = _encoded(code)
-    root = parse(data)
+    source, data = code_bytes(code)
+    root = parsed(data)  # the refactorings of a function parse its source too
     return _level(grading(source, data, root, definitions(data, root)), concepts, floor)
 
 
@@ -90,7 +85,7 @@ def graded(sample: InstructionSample, file: ParsedFile, text: str) -> Instructio
     )
     floor = file.book.difficulty if file.book is not None else 1
     concepts = len(sample.meta.concepts)
-    source, data = _encoded(code)
+    source, data = code_bytes(code)
     if file.kind == "elixir_file" and source == text:
         level = score(file.analysis, data, concepts, floor)
     else:

@@ -20,7 +20,14 @@ from tree_sitter import Node, Query, QueryCursor
 
 from exforge.elixir.tree import LANGUAGE, arguments, first_named, named, parsed, text
 from schemas.records import FunctionInfo, ParsedFile
-from streams.generators.common import Candidate, Check, candidate, fenced, function_ref
+from streams.generators.common import (
+    Candidate,
+    Check,
+    candidate,
+    code_bytes,
+    fenced,
+    function_ref,
+)
 
 NOT_PIPEABLE = frozenset(
     {
@@ -135,7 +142,7 @@ def _rewrite(source: str, pick: str) -> str | None:
     """Rewrite the outermost pipes (`pick="unpipe"`) or nested calls of two stages or more
     (`"pipe"`) of a source. A query finds the pipes or calls (rather than a walk of every
     node from Python); a call that is not rewritten may hold one that is."""
-    data = source.encode()
+    ended, data = code_bytes(source)
     root = parsed(data)
     if root.has_error:
         return None
@@ -160,7 +167,8 @@ def _rewrite(source: str, pick: str) -> str | None:
     out = data
     for start, end, replacement in sorted(edits, reverse=True):
         out = out[:start] + replacement.encode() + out[end:]
-    return out.decode()
+    rewritten = out.decode()
+    return rewritten if ended == source else rewritten.removesuffix("\n")
 
 
 def _calls(source: str, function: FunctionInfo) -> bool:
@@ -305,7 +313,7 @@ def refactor_pipes(file: ParsedFile, text: str) -> list[Candidate]:
 
 def _clauses(source: str) -> list[tuple[list[str], str | None, str]] | None:
     """(argument patterns, guard, body) of every clause; None when one is not simple."""
-    data = source.encode()
+    data = code_bytes(source)[1]
     root = parsed(data)
     if root.has_error:
         return None

@@ -7,10 +7,11 @@ marks the messages in between as done). The embedded broker also leaves real hol
 offsets after a producer is killed, so jumps cannot simply be refused either.
 
 So the worker keeps its own books: an agent marks an offset *handled* once its outputs
-are acknowledged (`streams.stage.attach_stage`), the committable offset of a partition
-only moves over handled offsets, and a jump is passed only when the broker confirms that
-the offsets in it do not exist (`BrokerOffsets.first_offset`). Faust's commit timer,
-revocation and shutdown still decide *when* to commit; this module decides *what*.
+are acknowledged (`streams.stage.deliver`; *delivering* until then), the committable
+offset of a partition only moves over handled offsets, and a jump is passed only when
+the broker confirms that the offsets in it do not exist (`BrokerOffsets.first_offset`).
+Faust's commit timer, revocation and shutdown still decide *when* to commit; this
+module decides *what*.
 """
 
 from __future__ import annotations
@@ -40,20 +41,33 @@ class Uncommitted(NamedTuple):
 @dataclass
 class PartitionProgress:
     """`base`: the next offset to commit (None until the committed offset is known);
-    `handled`: offsets at or above it that an agent finished."""
+    `handled`: offsets at or above it that an agent finished; `delivering`: offsets whose
+    outputs wait for the broker's acknowledgements."""
 
     base: int | None = None
     handled: set[int] = field(default_factory=set)
+    delivering: set[int] = field(default_factory=set)
+
+    def deliver(self, offset: int) -> None:
+        if self.base is None or offset >= self.base:
+            self.delivering.add(offset)
 
     def mark(self, offset: int) -> None:
+        self.delivering.discard(offset)
         if self.base is None or offset >= self.base:  # below it: a redelivery, done
             self.handled.add(offset)
             self.advance()
+
+    def abandon(self, offset: int) -> None:
+        """The offset's outputs were not acknowledged: it is neither handled nor on its
+        way, so a jump over it is a skip (and rewound)."""
+        self.delivering.discard(offset)
 
     def move_base(self, base: int) -> None:
         """Start counting at `base` (a committed offset, or past a confirmed hole)."""
         self.base = base
         self.handled = {offset for offset in self.handled if offset >= base}
+        self.delivering = {offset for offset in self.delivering if offset >= base}
         self.advance()
 
     def advance(self) -> None:
@@ -65,8 +79,15 @@ class PartitionProgress:
             self.base += 1
 
     def jump(self) -> int | None:
-        """The base, when the next handled offset lies past it."""
-        if self.base is not None and self.handled and min(self.handled) > self.base:
+        """The base, when the next handled offset lies past it and the base is not on its
+        way: a message without outputs is handled at once, while an earlier one of its
+        partition may still wait for acknowledgements, and that gap is no skip."""
+        if (
+            self.base is not None
+            and self.base not in self.delivering
+            and self.handled
+            and min(self.handled) > self.base
+        ):
             return self.base
         return None
 
@@ -79,8 +100,16 @@ class HandledOffsets:
         # the offset the group last committed, as far as this process knows
         self.committed: dict[TP, int] = {}
 
+    def deliver(self, tp: TP, offset: int) -> None:
+        self.partitions.setdefault(tp, PartitionProgress()).deliver(offset)
+
     def mark(self, tp: TP, offset: int) -> None:
         self.partitions.setdefault(tp, PartitionProgress()).mark(offset)
+
+    def abandon(self, tp: TP, offset: int) -> None:
+        progress = self.partitions.get(tp)
+        if progress is not None:
+            progress.abandon(offset)
 
     def start(self, tp: TP, committed: int) -> None:
         """The partition's committed offset is `committed`: count from there."""
@@ -147,9 +176,16 @@ class HandledOffsetsConsumer(FaustAIOKafkaConsumer):
             self._unacked_messages.discard(message)
         return False
 
+    def mark_delivering(self, message: Message) -> None:
+        if message.tp in self.assignment():
+            self.progress.deliver(message.tp, message.offset)
+
     def mark_handled(self, message: Message) -> None:
         if message.tp in self.assignment():
             self.progress.mark(message.tp, message.offset)
+
+    def mark_abandoned(self, message: Message) -> None:
+        self.progress.abandon(message.tp, message.offset)
 
     def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
         return (

@@ -301,6 +301,7 @@ async def deliver(ctx: StageContext, stage: str, message: Any, result: Result) -
     all of them, run its `delivered` callbacks and mark it handled. Returns as soon as
     the outputs are handed to the producer (at most `MAX_IN_FLIGHT` messages wait)."""
     acks = [await ctx.produce(stage, output) for output in result.outputs]
+    ctx.app.consumer.mark_delivering(message)  # no later message is handled before this
     for reason, count in result.dropped.items():
         DROPPED.labels(stage, reason).inc(count)
     for unit, count in result.items.items():
@@ -324,6 +325,7 @@ async def deliver(ctx: StageContext, stage: str, message: Any, result: Result) -
                 message.offset,
                 exc,
             )
+            ctx.app.consumer.mark_abandoned(message)
             return
         for callback in result.delivered:
             callback()

@@ -62,6 +62,25 @@ def test_a_confirmed_hole_is_passed_and_an_unhandled_message_is_not() -> None:
     assert books.committable(PARSED) == 16
 
 
+def test_a_message_still_delivering_is_no_skip_until_its_delivery_fails() -> None:
+    """A message without outputs is handled at once, while the one before it in its
+    partition may still wait for acknowledgements (streams.stage.deliver): not a skip."""
+    books = HandledOffsets()
+    books.deliver(PARSED, 5)
+    books.start(PARSED, 5)
+    books.deliver(PARSED, 6)
+    books.mark(PARSED, 6)
+    assert books.jumps() == {}
+    assert books.committable(PARSED) == 5
+    books.mark(PARSED, 5)
+    assert books.committable(PARSED) == 7
+    books.deliver(PARSED, 7)
+    books.mark(PARSED, 8)
+    assert books.jumps() == {}
+    books.abandon(PARSED, 7)  # its outputs were not acknowledged: fetch it again
+    assert books.jumps() == {PARSED: 7}
+
+
 def test_redelivered_offsets_below_the_base_are_ignored_and_forget_resets() -> None:
     books = HandledOffsets()
     books.mark(PARSED, 2)  # handled before the committed offset was known
@@ -129,6 +148,11 @@ def test_the_broker_decides_jumps_and_committed_offsets(pipeline: Pipeline) -> N
             skipped = await resolve(books, broker)
             assert skipped == {tp: 0}  # and offset 0 must be fetched again
             unhandled = books.committable(tp)
+            waiting = HandledOffsets()
+            waiting.deliver(tp, 0)  # its outputs wait for acknowledgements
+            waiting.mark(tp, 1)
+            assert await resolve(waiting, broker) == {}  # no rewind for that
+            assert waiting.committable(tp) == 0
             # a commit by the group is what a restarted worker starts from
             await commit_as_worker_group(settings, TopicPartition(name, 0), 3)
             return never_committed, unhandled, first, await broker.committed(tp)

@@ -478,14 +478,17 @@ defmodule Exforge.Sandbox.Bodies do
       Args = list_to_tuple(ArgsList),
       {dispatch(Module, Fun, Args, Purgeable), EE}.
   """
-  # The same, but a body `evaluating` left, once expanded, calls `evaluate` at once.
+  # The same, but a body `evaluating` left, once expanded, calls `evaluate` at once, and
+  # a file that is one call of literals makes it at once (`at_once/3`).
   @compile_calling ~S"""
   compile(Quoted, ArgsList, E) ->
       {Expanded, SE, EE} = elixir_expand:expand(Quoted, elixir_env:env_to_ex(E), E),
       elixir_env:check_unused_vars(SE, EE),
-      case 'Elixir.Exforge.Sandbox.Bodies':stub_key(Expanded, ArgsList) of
-          {ok, Key} ->
+      case 'Elixir.Exforge.Sandbox.Bodies':at_once(Expanded, ArgsList, E) of
+          {evaluate, Key} ->
               {'Elixir.Exforge.Sandbox.Bodies':evaluate(Key), EE};
+          {call, M, F, A} ->
+              {apply(M, F, A), EE};
           compile ->
               {Module, Fun, Purgeable} =
                   elixir_erl_compiler:spawn(fun() -> spawned_compile(Expanded, E) end),
@@ -518,10 +521,24 @@ defmodule Exforge.Sandbox.Bodies do
     end
   end
 
-  # The key of the `evaluate` call a body `evaluating` left, as `defmodule` at a file's
-  # top level expands it (its value bound, Elixir's no-op call, the value), with no
-  # arguments; else :compile.
-  def stub_key(
+  # What `compile/3` runs at once: {:evaluate, key} for the `evaluate` call a body
+  # `evaluating` left, as `defmodule` at a file's top level expands it (its value bound,
+  # Elixir's no-op call, the value), with no arguments; {:call, module, function, args}
+  # for a file whose top level is one remote call of literals (the check pool's batch
+  # program: its throwaway module, mostly the Erlang compiler's passes over its data,
+  # ~10 ms a program, cost more than parsing the file); else :compile.
+  def at_once(
+        {{:., _, [module, function]}, _, args},
+        [],
+        %{module: nil, function: nil}
+      )
+      when is_atom(module) and is_atom(function) and is_list(args) do
+    if Enum.all?(args, &(is_binary(&1) or is_atom(&1) or is_number(&1))),
+      do: {:call, module, function, args},
+      else: :compile
+  end
+
+  def at_once(
         {:__block__, _,
          [
            {:=, _,
@@ -529,11 +546,12 @@ defmodule Exforge.Sandbox.Bodies do
            {{:., _, [:elixir_utils, :noop]}, _, []},
            value
          ]},
-        []
+        [],
+        _env
       ),
-      do: {:ok, key}
+      do: {:evaluate, key}
 
-  def stub_key(_expanded, _args), do: :compile
+  def at_once(_expanded, _args, _env), do: :compile
 
   defp erlang_form(text) do
     {:ok, tokens, _} = text |> String.to_charlist() |> :erl_scan.string()

@@ -116,11 +116,13 @@ defmodule ExforgeCheck do
   @stopped "exforge-front-end"
   @late [:after_compile, :after_verify, :on_load, :compile]
   @defs [:def, :defp, :defmacro, :defmacrop, :defguard, :defguardp]
+  # what `unbound_fragment` reads a unit of (each defines as `def` does, fragments alike)
+  @defined [:def, :defp, :defmacro, :defmacrop]
   @bodies Exforge.Sandbox.Bodies
   @compiled {__MODULE__, :compiled}
   # what makes a unit's own names mean more than their plain reading, or runs its code
   # as it compiles (`certain_failure`)
-  @uncertain [:defmodule, :import, :require, :use, :alias, :defmacro, :defmacrop] ++
+  @uncertain [:defmodule, :import, :require, :use, :alias] ++
                [:defguard, :defguardp, :defstruct, :defexception, :defdelegate, :defimpl] ++
                [:defprotocol, :defoverridable]
   # Kernel's macros and special forms that expand each of their arguments where they are
@@ -359,7 +361,7 @@ defmodule ExforgeCheck do
       Enum.all?(forms, &plain_definition?/1) ->
         undefined_name(forms, Module.concat(parts))
 
-      Enum.all?(forms, &match?({kind, _, [_ | _]} when kind in [:def, :defp], &1)) ->
+      Enum.all?(forms, &match?({kind, _, [_ | _]} when kind in @defined, &1)) ->
         unbound_fragment(forms)
 
       true ->
@@ -396,12 +398,13 @@ defmodule ExforgeCheck do
       end)
   end
 
-  # A unit of definitions whose unquote fragments (which its body runs as it defines
-  # them) are variables and literals only: none binds a variable, so the first variable
-  # they name (not a call of `Kernel`'s) is unbound, an error (a definition cut from the
-  # loop that bound it).
+  # A unit of definitions (functions, macros) whose unquote fragments (which its body
+  # runs as it defines them) are variables and literals only: none binds a variable, so
+  # the first variable they name (not a call of `Kernel`'s, nor named as a macro of the
+  # unit) is unbound, an error (a definition cut from the loop that bound it).
   defp unbound_fragment(forms) do
     fragments = Enum.reduce(forms, [], &fragments/2)
+    macros = for {kind, _, [head | _]} <- forms, kind in [:defmacro, :defmacrop], do: name(head)
 
     if Enum.all?(fragments, &(Macro.quoted_literal?(&1) or variable?(&1))) do
       Enum.find_value(fragments, fn fragment ->
@@ -409,6 +412,7 @@ defmodule ExforgeCheck do
              true <- variable?(fragment),
              false <- String.starts_with?(Atom.to_string(name), "_"),
              false <- MapSet.member?(@imported, {name, 0}),
+             false <- name in macros,
              do: "undefined variable #{name}",
              else: (_ -> nil)
       end)
@@ -416,6 +420,10 @@ defmodule ExforgeCheck do
   catch
     :uncertain -> nil
   end
+
+  defp name({:when, _, [head | _]}), do: name(head)
+  defp name({name, _, _}), do: name
+  defp name(_), do: nil
 
   defp variable?({name, meta, context}),
     do: is_atom(name) and is_list(meta) and is_atom(context)

@@ -274,6 +274,21 @@ def test_a_batch_program_is_the_same_code_whatever_it_checks(
         assert check_all(pool, batch) == [check_all(pool, [c], batch=1)[0] for c in batch]
 
 
+def test_a_check_vm_makes_a_file_of_one_call_of_literals_at_once(pool: SandboxPool) -> None:
+    """For the check pool's VMs (`CHECK_PRELUDE`) a batch program is one call of
+    `ExforgeCheck.batch` alone, which their Elixir makes at once: no throwaway module
+    (the `(file)` frame of a stack) runs a file of one call of literals there, as one
+    does a file of more, or that call on a VM without the prelude."""
+    program = batch_program([[Check(":ok", "parse")]], preluded=True)
+    assert program.source.count("\n") == 1 and program.source.startswith("ExforgeCheck.batch(")
+    assert f"{program.nonce} done" in pool.run(program.source).output
+    one_call = ':erlang.error("boom")\n'
+    assert "(file)" not in pool.run(one_call).output
+    assert "(file)" in pool.run('reason = "boom"\n:erlang.error(reason)\n').output
+    with SandboxPool(SandboxConfig(workers=1)) as plain:
+        assert "(file)" in plain.run(one_call).output
+
+
 def test_pipes_rewrites_elixir_expands_like_their_function_are_not_compiled_again(
     pool: SandboxPool, tmp_path: Path
 ) -> None:
@@ -488,6 +503,14 @@ COMPILE_CASES = {
         True,
     ),
     "an unquote fragment of a Kernel function": ("def f, do: unquote(node)", True),
+    "an unquote fragment of a variable no fragment binds, beside a macro": (
+        "defmacrop m(x), do: quote(do: unquote(x) + 1)\n  def unquote(name)(), do: m(1)",
+        False,
+    ),
+    "an unquote fragment named as a macro of the unit": (
+        "defmacrop name, do: :f\n  def unquote(name)(), do: 1",
+        False,
+    ),
     "an unquote fragment beside a quoted unquote of its variable": (
         "def unquote(:f)(x), do: quote(do: unquote(x))",
         True,

@@ -666,7 +666,8 @@ def external_term(value: Term) -> str:
 
 def term_literal(texts: Sequence[str]) -> str:
     """Elixir for the tuple of `texts`, from one literal (`external_term`)."""
-    return f'List.to_tuple(:erlang.binary_to_term(Base.decode64!(~S"{external_term(list(texts))}")))'
+    data = external_term(list(texts))
+    return f'List.to_tuple(:erlang.binary_to_term(Base.decode64!(~S"{data}")))'
 
 
 def check_line(index: int, check: Check, source: str) -> str:

@@ -900,9 +900,7 @@ def check_all(
     shared = [i for i, checks in enumerate(candidates) if not tested(checks)]
     batches = even_batches(shared, batch, pool.config.workers)
     preluded = pool.config.prelude == CHECK_PRELUDE
-    programs = [
-        batch_program([candidates[i] for i in group], known, preluded) for group in batches
-    ]
+    programs = [batch_program([candidates[i] for i in group], known, preluded) for group in batches]
     limit = pool.config.timeout_s
     outcomes = pool.map(
         PoolProgram(p.source, timeout_s=limit * len(group))

@@ -323,21 +323,21 @@ class NearDup:
         if self.settled[file.sha256]:  # a redelivery of a file decided before
             return result
         registration = self.registration(file)
-        self.hold(file, registering=registration is not None)
+        self.hold(file, value.decode(), registering=registration is not None)
         if registration:
             result.outputs.append(registration)
         return result
 
-    def hold(self, file: ParsedFile, registering: bool) -> None:
-        """Hold a file until its batch (`registering`: awaiting `registered`)."""
+    def hold(self, file: ParsedFile, raw_file: str, registering: bool) -> None:
+        """Hold a file (`raw_file`: its candidate's JSON, as it came) until its batch
+        (`registering`: awaiting `registered`)."""
         raw = self.held[file.sha256]
         partition = _event_partition()
         entry = HeldFile.loads(raw) if raw else HeldFile(partition, time.time())
         entry.trace = tracing.traceparent()
         if registering:
             entry.awaiting |= {REGISTERED}
-        content = file.model_dump_json(by_alias=True, exclude_none=True)
-        self.held.write(file.sha256, {file.sha256: entry.dumps(), file.sha256 + FILE: content})
+        self.held.write(file.sha256, {file.sha256: entry.dumps(), file.sha256 + FILE: raw_file})
         self.waiting.setdefault(partition, Waiting()).put(file.sha256, entry.since, entry.ready)
 
     def registration(self, file: ParsedFile) -> Output | None:

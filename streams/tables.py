@@ -80,6 +80,28 @@ class BudgetedOptions(faust_rocksdb.RocksDBOptions):
 GROUP = "+"
 
 
+def pack(values: Mapping[str, str | None]) -> str:
+    """Several keys' values (None: deleted) as one changelog value: a JSON line of each
+    key's length (None), then the values as they are. Not a JSON object: a value that is
+    JSON itself (a held file, ~14 KB) would be escaped, a third larger."""
+    lengths = {key: None if value is None else len(value) for key, value in values.items()}
+    return json.dumps(lengths) + "\n" + "".join(v for v in values.values() if v is not None)
+
+
+def unpack(packed: str) -> dict[str, str | None]:
+    """The values `pack` packed."""
+    header, _, rest = packed.partition("\n")
+    values: dict[str, str | None] = {}
+    start = 0
+    for key, length in json.loads(header).items():
+        if length is None:
+            values[key] = None
+        else:
+            values[key] = rest[start : start + length]
+            start += length
+    return values
+
+
 class BudgetedTable(faust.Table):
     """A Faust table whose RocksDB partitions share the process's memory budget
     (`options["budget_bytes"]`); in memory, a plain table. `write` changes several keys
@@ -100,7 +122,12 @@ class BudgetedTable(faust.Table):
                 self.data[key] = value
             elif key in self.data:
                 del self.data[key]
-        self.send_changelog(self.partition_for_key(group), GROUP + group, json.dumps(values))
+        self.send_changelog(self.partition_for_key(group), GROUP + group, pack(values))
+
+    def _serializer_from_type(self, typ: Any) -> Any:
+        """Strings as they are, in RocksDB and on the changelog: Faust's JSON would quote
+        and escape them."""
+        return "raw" if typ is str else super()._serializer_from_type(typ)
 
     def apply_changelog_batch(self, batch: Iterable[EventT]) -> None:
         """Apply changelog records (recovery, standbys), a `write`'s as one of each of
@@ -114,7 +141,7 @@ class BudgetedTable(faust.Table):
                 yield event
                 continue
             grouped = event.message
-            for key, value in json.loads(event.value).items():
+            for key, value in unpack(event.value).items():
                 message = Message(
                     grouped.topic,
                     grouped.partition,

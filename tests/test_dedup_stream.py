@@ -275,9 +275,10 @@ def test_a_worker_rebuilds_the_near_dup_tables_from_their_changelogs(
     """A worker that starts with no tables of its own (in memory; in RocksDB, with the
     worker directories gone) rebuilds them from the changelogs, where one record sets
     the buckets a file changed on a partition, and one sets a held file's header and
-    file, or deletes both: a reordered copy of a file an earlier worker kept is dropped
-    (it collides with it in a rebuilt bucket), and no file the earlier worker decided
-    is held again (each kept file reaches `parsed.files` once)."""
+    file (the candidate's bytes as they came), or deletes both: a reordered copy of a
+    file an earlier worker kept is dropped (it collides with it in a rebuilt bucket),
+    and no file the earlier worker decided is held again (each kept file reaches
+    `parsed.files` once)."""
     base = module(random.Random(2), "Kept")
     first = write_project(
         tmp_path / "first",
@@ -303,4 +304,9 @@ def test_a_worker_rebuilds_the_near_dup_tables_from_their_changelogs(
     bands = asyncio.run(read_all(run.settings, "files.bands"))
     changelog = asyncio.run(read_all(run.settings, "worker-neardup-buckets-changelog"))
     assert 0 < len(changelog) <= len(bands)
-    assert all(record.key.startswith(b'"+') for record in changelog)
+    assert all(record.key.startswith(b"+") for record in changelog)
+    # a held file's record carries its candidate as it came, not escaped into JSON
+    candidates = {r.value for r in asyncio.run(read_all(run.settings, "files.candidates"))}
+    held = asyncio.run(read_all(run.settings, "worker-neardup-held-changelog"))
+    stored = [record.value for record in held if record.value and len(record.value) > 1000]
+    assert stored and all(any(c in value for c in candidates) for value in stored)

@@ -39,7 +39,7 @@ from schemas.records import (
     TrainingShard,
 )
 from schemas.shards import decode_shard, encode_shard, shard_key, split_for
-from streams import dedup
+from streams import dedup, tables
 from streams.dataset import stats
 from streams.ingest import ChecksumMismatch, parse_request, raw_package, verify_archive
 from streams.instruct import doc_to_code_samples, file_text
@@ -1121,6 +1121,16 @@ def test_held_file_header_round_trips() -> None:
     for held in (bare, full):
         assert dedup.HeldFile.loads(held.dumps()) == held
     assert not full.ready and bare.ready
+
+
+def test_a_table_write_packs_its_values_as_they_are() -> None:
+    """One changelog value for several keys (`BudgetedTable.write`): values that are
+    JSON, or hold the separator, come back as they were; a held file is not escaped."""
+    file = json.dumps({"content": 'x = "y"\nz'})
+    values = {SMALL: "0 1.5 -", SMALL + dedup.FILE: file, "a": "1\n2", LARGE: None, "e": ""}
+    packed = tables.pack(values)
+    assert tables.unpack(packed) == values
+    assert file in packed
 
 
 def test_a_file_decided_earlier_reaches_newcomers_through_a_held_file(

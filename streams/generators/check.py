@@ -772,15 +772,24 @@ class Units:
         self.index: dict[tuple[str, str], int] = {}
         self.texts: dict[str, int] = {}
         self.known = known
+        # each unit's cache key, hashed once: the candidates of a file share the unit of
+        # its whole text (`Check.within`), which `of` looks up for each of them
+        self._keys: dict[tuple[str, str], str] = {}
 
     def text(self, code: str) -> int:
         return self.texts.setdefault(code, len(self.texts))
+
+    def key(self, code: str, level: str) -> str:
+        unit = (code, level)
+        if unit not in self._keys:
+            self._keys[unit] = UnitResults.key(code, level)
+        return self._keys[unit]
 
     def of(self, check: Check) -> Term:
         """A term that holds when the unit of `check` passes: its known result, or the
         unit to run (`{:unit, index}`)."""
         if self.known is not None:
-            passed = self.known.get(UnitResults.key(check.code, check.level))
+            passed = self.known.get(self.key(check.code, check.level))
             if passed is not None:
                 return passed
         if check.level == "test":
@@ -805,7 +814,7 @@ class Units:
 
     def keys(self) -> list[str]:
         """The cache key of each unit, by index."""
-        return [UnitResults.key(code, level) for (code, level) in self.index]
+        return [self.key(code, level) for (code, level) in self.index]
 
 
 @dataclass(frozen=True)
